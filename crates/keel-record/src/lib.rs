@@ -298,7 +298,7 @@ impl Batch {
     }
 
     /// Iterates the records; each is a zero-copy view into the batch.
-    pub fn records(&self) -> Records {
+    pub fn records(&self) -> Records<'_> {
         let body_end = if self.header.attributes.is_raft_entry() { HEADER_LEN } else { self.bytes.len() };
         Records { batch: self, pos: HEADER_LEN, end: body_end, next_index: 0 }
     }

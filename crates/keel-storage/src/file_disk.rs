@@ -1,0 +1,226 @@
+//! `FileDisk`: the production disk. Files are mapped with memmap2; writes copy into the map and
+//! `flush` is msync of the range, so a batch is durable when `flush` returns.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::disk::{Disk, DiskFile};
+
+/// The real file system, through mmap and msync.
+#[derive(Debug, Clone, Default)]
+pub struct FileDisk {
+    /// Pre-fault pages when mapping (MAP_POPULATE): msync over fresh pages measured ~2.3× slower
+    /// than over touched ones on this kind of machine.
+    populate: bool,
+}
+
+impl FileDisk {
+    /// A disk that pre-faults mappings of preallocated files.
+    pub fn new() -> FileDisk {
+        FileDisk { populate: true }
+    }
+}
+
+impl Disk for FileDisk {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn DiskFile>> {
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        Ok(Arc::new(MappedFile::new(file, path.to_path_buf(), self.populate)?))
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn DiskFile>> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Arc::new(MappedFile::new(file, path.to_path_buf(), self.populate)?))
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                if let Some(name) = entry.file_name().to_str() {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
+    }
+}
+
+/// A file and its current mapping. Growing the file replaces the mapping; readers keep the old
+/// one alive through their `Bytes`, and the pages they see stay valid because the log never
+/// shrinks a file below bytes it has handed out.
+#[derive(Debug)]
+struct MappedFile {
+    file: File,
+    path: PathBuf,
+    populate: bool,
+    map: RwLock<Option<Arc<MmapRaw>>>,
+    len: AtomicU64,
+    /// The length changed since the last flush: flush must also sync the inode.
+    metadata_dirty: AtomicBool,
+}
+
+impl MappedFile {
+    fn new(file: File, path: PathBuf, populate: bool) -> io::Result<MappedFile> {
+        let len = file.metadata()?.len();
+        let this = MappedFile {
+            file,
+            path,
+            populate,
+            map: RwLock::new(None),
+            len: AtomicU64::new(len),
+            metadata_dirty: AtomicBool::new(false),
+        };
+        this.remap(len, false)?;
+        Ok(this)
+    }
+
+    fn remap(&self, len: u64, populate: bool) -> io::Result<()> {
+        let map = if len == 0 {
+            None
+        } else {
+            let len = usize::try_from(len).map_err(|_| io::Error::other("file larger than the address space"))?;
+            let mut options = MmapOptions::new();
+            options.len(len);
+            if populate {
+                options.populate();
+            }
+            Some(Arc::new(options.map_raw(&self.file)?))
+        };
+        *self.map.write().map_err(|_| poisoned(&self.path))? = map;
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn mapping(&self) -> io::Result<Option<Arc<MmapRaw>>> {
+        Ok(self.map.read().map_err(|_| poisoned(&self.path))?.clone())
+    }
+
+    fn check_range(&self, offset: u64, len: u64, map_len: usize) -> io::Result<usize> {
+        let end = offset.checked_add(len).ok_or_else(|| io::Error::other("range overflows"))?;
+        if end > map_len as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{}: range {offset}..{end} is past the end ({map_len} bytes)", self.path.display()),
+            ));
+        }
+        Ok(offset as usize)
+    }
+}
+
+fn poisoned(path: &Path) -> io::Error {
+    io::Error::other(format!("{}: mapping lock poisoned", path.display()))
+}
+
+/// A zero-copy view of part of a mapping; keeps the mapping alive while any `Bytes` uses it.
+struct MapSlice {
+    map: Arc<MmapRaw>,
+    offset: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `offset + len <= map.len()` was checked when the slice was made, and the
+        // mapping lives as long as `self`. The log never writes to a range it has handed to a
+        // reader except to truncate an uncommitted suffix, which readers above the commit point
+        // re-validate by CRC before use.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset), self.len) }
+    }
+}
+
+impl DiskFile for MappedFile {
+    fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.metadata_dirty.store(true, Ordering::Release);
+        self.remap(len, false)
+    }
+
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        if len <= self.len() {
+            return Ok(());
+        }
+        let off_t = libc::off_t::try_from(len).map_err(|_| io::Error::other("length too large"))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_t) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        self.metadata_dirty.store(true, Ordering::Release);
+        self.remap(len, self.populate)
+    }
+
+    fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let Some(map) = self.mapping()? else {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read from an empty file"));
+        };
+        let start = self.check_range(offset, len as u64, map.len())?;
+        Ok(Bytes::from_owner(MapSlice { map, offset: start, len }))
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let Some(map) = self.mapping()? else {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "write to an empty file"));
+        };
+        let start = self.check_range(offset, data.len() as u64, map.len())?;
+        // SAFETY: the range is inside the mapping (checked above). The log is the only writer of
+        // its files and never writes a range a reader may be looking at (see MapSlice).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), map.as_mut_ptr().add(start), data.len()) };
+        Ok(())
+    }
+
+    fn flush(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(map) = self.mapping()? {
+            let end = offset.saturating_add(len).min(map.len() as u64);
+            if end > offset {
+                map.flush_range(offset as usize, (end - offset) as usize)?;
+            }
+        }
+        // msync covers the data; a length change also needs the inode on disk.
+        if self.metadata_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.metadata_dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
