@@ -255,16 +255,14 @@ impl SegmentLog {
             let len = file.len();
             let bytes = if len == 0 { Bytes::new() } else { file.read(0, len as usize).ctx("read", &path)? };
             let corrupt = |position: u64, reason: String| StorageError::Corrupt { segment: path.clone(), position, reason };
+            // Segments get their final name only once their header is durable (see
+            // `create_segment`), so a bad header is damage, never an unfinished creation.
             let Some(header) = segment::decode_header(&bytes) else {
-                if last && segment::is_zero(&bytes[(SEGMENT_HEADER_BYTES as usize).min(bytes.len())..]) {
-                    // Created but not yet initialised when the node stopped: it holds nothing.
-                    warn!(path = %path.display(), "removing a segment whose creation did not finish");
-                    self.disk.remove(&path).ctx("remove", &path)?;
-                    self.disk.sync_dir(&self.dir).ctx("sync dir", &self.dir)?;
-                    continue;
-                }
                 return Err(corrupt(0, "invalid segment header".into()));
             };
+            if len < SEGMENT_HEADER_BYTES {
+                return Err(corrupt(len, "segment shorter than its header page".into()));
+            }
             if header.base_offset != base {
                 return Err(corrupt(0, format!("header says base offset {}, name says {base}", header.base_offset)));
             }
@@ -497,19 +495,25 @@ impl SegmentLog {
     fn create_segment(&mut self, base: LogPosition) -> Result<()> {
         let path = self.dir.join(format!("{:020}.log", base.offset));
         let index_path = self.dir.join(format!("{:020}.index", base.offset));
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        // Built under a temporary name and renamed once its header is durable, so a crash never
+        // leaves a segment-named file without a valid header.
         let res: Result<Arc<dyn DiskFile>> = (|| {
-            for stale in [&path, &index_path] {
+            for stale in [&path, &index_path, &tmp] {
                 // Left by a truncation or reset that removed it from the log before a crash.
                 if self.disk.exists(stale).ctx("stat", stale)? {
                     self.disk.remove(stale).ctx("remove", stale)?;
                 }
             }
-            let file = self.disk.create(&path).ctx("create", &path)?;
-            file.preallocate(self.config.segment_bytes_max).ctx("preallocate", &path)?;
+            let file = self.disk.create(&tmp).ctx("create", &tmp)?;
+            file.preallocate(self.config.segment_bytes_max).ctx("preallocate", &tmp)?;
             file.write(0, &segment::encode_header(SegmentHeader { base_offset: base.offset, base_index: base.index }))
-                .ctx("write header", &path)?;
-            file.write(segment::HINT_POSITION, &segment::encode_hint(SEGMENT_HEADER_BYTES)).ctx("write header", &path)?;
-            file.flush(0, SEGMENT_HEADER_BYTES).ctx("flush", &path)?;
+                .ctx("write header", &tmp)?;
+            file.write(segment::HINT_POSITION, &segment::encode_hint(SEGMENT_HEADER_BYTES)).ctx("write header", &tmp)?;
+            file.flush(0, SEGMENT_HEADER_BYTES).ctx("flush", &tmp)?;
+            self.disk.rename(&tmp, &path).ctx("rename", &path)?;
             self.disk.sync_dir(&self.dir).ctx("sync dir", &self.dir)?;
             Ok(file)
         })();

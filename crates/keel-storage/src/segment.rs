@@ -27,8 +27,9 @@ pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 const SEGMENT_MAGIC: &[u8; 8] = b"KEELSEG1";
 const HINT_AT: usize = 64;
 
-/// Page size used to recognise pages lost in a crash.
-const PAGE: u64 = 4096;
+/// The unit a crash loses or keeps: disks tear writes at sector granularity, so even a 4 KiB
+/// page can come back with some sectors old (zero) and some new.
+const SECTOR: u64 = 512;
 
 /// The static part of a segment header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,9 +179,9 @@ fn classify(file: &Bytes, pos: u64, offset: u64, index: u64, durable_end: u64, r
     }
     match next_valid_batch(file, pos + 1, offset, index) {
         None => ScanEnd::TornTail { position: pos, garbage_end: last_nonzero_end(file, pos), reason },
-        Some(q) if lost_page_between(file, pos, q) => {
-            // A page in [pos, q) never reached the disk, so nothing from `pos` on was ever
-            // flushed: the valid batch at `q` is an unflushed page that write-back happened to
+        Some(q) if lost_sector_between(file, pos, q) => {
+            // A sector in [pos, q) never reached the disk, so nothing from `pos` on was ever
+            // flushed: the valid batch at `q` is unflushed data that write-back happened to
             // keep. Serving it would leave a hole in the offsets.
             ScanEnd::TornTail { position: pos, garbage_end: last_nonzero_end(file, pos), reason }
         }
@@ -221,20 +222,23 @@ fn next_valid_batch(file: &Bytes, from: u64, offset: u64, index: u64) -> Option<
     None
 }
 
-/// True if some stretch of `[pos, q)` that a lost page would leave behind is all zeros: the rest
-/// of the page at `pos`, or a whole page inside the range. A flushed batch that only rotted a bit
-/// never looks like that (its first bytes, the length, are never zero).
-fn lost_page_between(file: &Bytes, pos: u64, q: u64) -> bool {
-    let page_end = (pos / PAGE + 1) * PAGE;
-    if page_end <= q && is_zero(&file[pos as usize..page_end as usize]) {
+/// True if some stretch of `[pos, q)` that a lost sector would leave behind is all zeros: the rest
+/// of the sector at `pos`, or a whole sector inside the range. (Data is only ever written over
+/// zeros: fresh preallocated space, or space that truncation zeroed and flushed.) A flushed batch
+/// that merely rotted a bit does not look like that, unless its own records hold a zeroed
+/// sector: that double coincidence, above the durable end only, is the one case recovery
+/// cannot tell apart, and it errs towards treating it as a crash tail.
+fn lost_sector_between(file: &Bytes, pos: u64, q: u64) -> bool {
+    let sector_end = (pos / SECTOR + 1) * SECTOR;
+    if sector_end <= q && is_zero(&file[pos as usize..sector_end as usize]) {
         return true;
     }
-    let mut page = page_end;
-    while page + PAGE <= q {
-        if is_zero(&file[page as usize..(page + PAGE) as usize]) {
+    let mut sector = sector_end;
+    while sector + SECTOR <= q {
+        if is_zero(&file[sector as usize..(sector + SECTOR) as usize]) {
             return true;
         }
-        page += PAGE;
+        sector += SECTOR;
     }
     false
 }

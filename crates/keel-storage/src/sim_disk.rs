@@ -55,6 +55,10 @@ struct State {
     dirs: BTreeSet<PathBuf>,
     /// Counters tests use to prove that flushes happened.
     flushes: u64,
+    /// Mutating operations left before the power goes out (`None`: no outage scheduled).
+    ops_until_outage: Option<u64>,
+    /// The power is out: every operation fails until `crash` resolves what survived.
+    dead: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -63,7 +67,7 @@ enum NameOp {
     Unlink(PathBuf),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Inode {
     volatile: Vec<u8>,
     durable: Vec<u8>,
@@ -86,6 +90,8 @@ impl SimDisk {
                 pending: BTreeMap::new(),
                 dirs: BTreeSet::new(),
                 flushes: 0,
+                ops_until_outage: None,
+                dead: false,
             })),
         }
     }
@@ -93,6 +99,38 @@ impl SimDisk {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock already failed the test; keep going to report it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An independent copy of this disk (same files, same pending state, same RNG position), for
+    /// trying many faults on one prepared state.
+    pub fn fork(&self) -> SimDisk {
+        let s = self.lock();
+        let copy = State {
+            rng: s.rng.clone(),
+            generation: s.generation,
+            next_inode: s.next_inode,
+            inodes: s.inodes.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            names: s.names.clone(),
+            durable_names: s.durable_names.clone(),
+            pending: s.pending.clone(),
+            dirs: s.dirs.clone(),
+            flushes: s.flushes,
+            ops_until_outage: s.ops_until_outage,
+            dead: s.dead,
+        };
+        SimDisk { state: Arc::new(Mutex::new(copy)) }
+    }
+
+    /// Schedules a power outage in the middle of whatever the code under test is doing: after
+    /// `ops` more mutating operations (write, flush, set_len, create, remove, rename, sync_dir)
+    /// every operation fails, as on a dead machine, until [`SimDisk::crash`] is called.
+    pub fn crash_after(&self, ops: u64) {
+        self.lock().ops_until_outage = Some(ops);
+    }
+
+    /// True once a scheduled outage has happened (and `crash` has not yet been called).
+    pub fn is_dead(&self) -> bool {
+        self.lock().dead
     }
 
     /// Power loss, with the crash mode chosen by the seeded RNG.
@@ -112,6 +150,8 @@ impl SimDisk {
         let mut s = self.lock();
         let s = &mut *s;
         s.generation += 1;
+        s.dead = false;
+        s.ops_until_outage = None;
         for inode in s.inodes.values_mut() {
             match mode {
                 CrashMode::DropUnflushed => {}
@@ -206,6 +246,22 @@ fn not_found(path: &Path) -> io::Error {
 }
 
 impl State {
+    /// Counts a mutating operation; fails once the power is out.
+    fn tick(&mut self) -> io::Result<()> {
+        if let Some(left) = self.ops_until_outage {
+            if left == 0 {
+                self.dead = true;
+            } else {
+                self.ops_until_outage = Some(left - 1);
+            }
+        }
+        self.alive()
+    }
+
+    fn alive(&self) -> io::Result<()> {
+        if self.dead { Err(io::Error::other("simulated power outage")) } else { Ok(()) }
+    }
+
     fn record(&mut self, path: &Path, op: NameOp) {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         self.pending.entry(dir).or_default().push(op);
@@ -251,6 +307,7 @@ impl Disk for SimDisk {
 
     fn create(&self, path: &Path) -> io::Result<Arc<dyn DiskFile>> {
         let mut s = self.lock();
+        s.tick()?;
         s.check_dir(path)?;
         if s.names.contains_key(path) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", path.display())));
@@ -267,6 +324,7 @@ impl Disk for SimDisk {
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn DiskFile>> {
         let s = self.lock();
+        s.alive()?;
         let ino = *s.names.get(path).ok_or_else(|| not_found(path))?;
         let generation = s.generation;
         drop(s);
@@ -275,6 +333,7 @@ impl Disk for SimDisk {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
+        s.tick()?;
         s.names.remove(path).ok_or_else(|| not_found(path))?;
         s.record(path, NameOp::Unlink(path.to_path_buf()));
         // The inode stays while durable names or open handles may use it; crash() collects it.
@@ -283,6 +342,7 @@ impl Disk for SimDisk {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut s = self.lock();
+        s.tick()?;
         if from.parent() != to.parent() {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "SimDisk renames only within a directory"));
         }
@@ -298,6 +358,7 @@ impl Disk for SimDisk {
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let s = self.lock();
+        s.alive()?;
         if !s.dirs.contains(dir) {
             return Err(not_found(dir));
         }
@@ -310,6 +371,7 @@ impl Disk for SimDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.lock();
+        s.tick()?;
         if !s.dirs.contains(dir) {
             return Err(not_found(dir));
         }
@@ -323,6 +385,7 @@ impl Disk for SimDisk {
 
     fn exists(&self, path: &Path) -> io::Result<bool> {
         let s = self.lock();
+        s.alive()?;
         Ok(s.names.contains_key(path) || s.dirs.contains(path))
     }
 }
@@ -337,8 +400,9 @@ struct SimFile {
 }
 
 impl SimFile {
-    fn with<T>(&self, f: impl FnOnce(&mut Inode, &mut u64) -> io::Result<T>) -> io::Result<T> {
+    fn with<T>(&self, mutating: bool, f: impl FnOnce(&mut Inode, &mut u64) -> io::Result<T>) -> io::Result<T> {
         let mut s = self.disk.lock();
+        if mutating { s.tick()? } else { s.alive()? }
         if s.generation != self.generation {
             return Err(io::Error::other(format!("{}: handle from before a crash", self.path.display())));
         }
@@ -358,12 +422,12 @@ fn mark_dirty(inode: &mut Inode, start: u64, end: u64) {
 
 impl DiskFile for SimFile {
     fn len(&self) -> u64 {
-        self.with(|i, _| Ok(i.volatile.len() as u64)).unwrap_or(0)
+        self.with(false, |i, _| Ok(i.volatile.len() as u64)).unwrap_or(0)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
-        self.with(|i, _| {
+        self.with(true, |i, _| {
             let old = i.volatile.len();
             i.volatile.resize(len, 0);
             mark_dirty(i, old.min(len) as u64, old.max(len) as u64);
@@ -377,7 +441,7 @@ impl DiskFile for SimFile {
     }
 
     fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        self.with(|i, _| {
+        self.with(false, |i, _| {
             let start = usize::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
             let end = start.checked_add(len).filter(|&e| e <= i.volatile.len());
             let Some(end) = end else {
@@ -388,7 +452,7 @@ impl DiskFile for SimFile {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.with(|i, _| {
+        self.with(true, |i, _| {
             let start = usize::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
             let end = start.checked_add(data.len()).filter(|&e| e <= i.volatile.len());
             let Some(end) = end else {
@@ -402,7 +466,7 @@ impl DiskFile for SimFile {
     }
 
     fn flush(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.with(|i, flushes| {
+        self.with(true, |i, flushes| {
             *flushes += 1;
             // fdatasync semantics: the length is made durable with the data.
             i.durable.resize(i.volatile.len(), 0);
