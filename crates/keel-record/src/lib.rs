@@ -290,11 +290,7 @@ impl Batch {
 
     /// The opaque payload of a raft-only entry (empty for other batches).
     pub fn raft_payload(&self) -> Bytes {
-        if self.header.attributes.is_raft_entry() {
-            self.bytes.slice(HEADER_LEN..)
-        } else {
-            Bytes::new()
-        }
+        if self.header.attributes.is_raft_entry() { self.bytes.slice(HEADER_LEN..) } else { Bytes::new() }
     }
 
     /// Iterates the records; each is a zero-copy view into the batch.
@@ -459,7 +455,13 @@ impl Records<'_> {
             .first_timestamp_ms
             .checked_add(timestamp_delta)
             .ok_or(DecodeError::Malformed("timestamp overflows"))?;
-        Ok(Record { offset: self.batch.header.base_offset + u64::from(self.next_index), timestamp_ms, key, value, headers })
+        Ok(Record {
+            offset: self.batch.header.base_offset + u64::from(self.next_index),
+            timestamp_ms,
+            key,
+            value,
+            headers,
+        })
     }
 
     fn nullable_bytes(&mut self, end: usize) -> Result<Option<Bytes>, DecodeError> {

@@ -4,11 +4,21 @@ use super::*;
 use proptest::prelude::*;
 
 fn sample() -> Bytes {
-    let mut b = BatchBuilder::new(BATCH_BYTES_MAX).producer(ProducerStamp { producer_id: 7, producer_epoch: 2, base_sequence: 40 });
-    b.push(NewRecord { timestamp_ms: 1_000, key: Some(b"k1"), value: Some(b"v1"), headers: &[("h", Some(b"x"))] }).unwrap();
-    b.push(NewRecord { timestamp_ms: 1_005, key: None, value: None, headers: &[] }).unwrap();
-    b.push(NewRecord { timestamp_ms: 1_002, key: Some(b""), value: Some(&[0u8; 300]), headers: &[("a", None), ("b", Some(b""))] })
+    let mut b = BatchBuilder::new(BATCH_BYTES_MAX).producer(ProducerStamp {
+        producer_id: 7,
+        producer_epoch: 2,
+        base_sequence: 40,
+    });
+    b.push(NewRecord { timestamp_ms: 1_000, key: Some(b"k1"), value: Some(b"v1"), headers: &[("h", Some(b"x"))] })
         .unwrap();
+    b.push(NewRecord { timestamp_ms: 1_005, key: None, value: None, headers: &[] }).unwrap();
+    b.push(NewRecord {
+        timestamp_ms: 1_002,
+        key: Some(b""),
+        value: Some(&[0u8; 300]),
+        headers: &[("a", None), ("b", Some(b""))],
+    })
+    .unwrap();
     b.build()
 }
 
@@ -24,7 +34,10 @@ fn round_trip_fields() {
     let records: Vec<Record> = batch.records().collect::<Result<_, _>>().unwrap();
     assert_eq!(records.len(), 3);
     assert_eq!(records[0].key.as_deref(), Some(&b"k1"[..]));
-    assert_eq!(records[0].headers, vec![RecordHeader { key: Bytes::from_static(b"h"), value: Some(Bytes::from_static(b"x")) }]);
+    assert_eq!(
+        records[0].headers,
+        vec![RecordHeader { key: Bytes::from_static(b"h"), value: Some(Bytes::from_static(b"x")) }]
+    );
     assert_eq!((records[1].key.clone(), records[1].value.clone(), records[1].timestamp_ms), (None, None, 1_005));
     assert_eq!(records[2].value.as_ref().map(|v| v.len()), Some(300));
     assert_eq!(records[2].headers[0].value, None);
@@ -59,10 +72,15 @@ fn raft_entry_has_payload_and_no_records() {
 fn rejects_table() {
     let good = sample().to_vec();
     type Mutate = fn(&mut Vec<u8>);
-    let cases: &[(&str, Mutate, fn(&DecodeError) -> bool)] = &[
+    type Expect = fn(&DecodeError) -> bool;
+    let cases: &[(&str, Mutate, Expect)] = &[
         ("empty", |b| b.clear(), |e| matches!(e, DecodeError::Incomplete { .. })),
         ("short", |b| b.truncate(30), |e| matches!(e, DecodeError::Incomplete { .. })),
-        ("4 GiB length", |b| b[..4].copy_from_slice(&u32::MAX.to_be_bytes()), |e| matches!(e, DecodeError::BadLength(_))),
+        (
+            "4 GiB length",
+            |b| b[..4].copy_from_slice(&u32::MAX.to_be_bytes()),
+            |e| matches!(e, DecodeError::BadLength(_)),
+        ),
         ("zero length", |b| b[..4].copy_from_slice(&0u32.to_be_bytes()), |e| matches!(e, DecodeError::BadLength(_))),
         ("flipped value bit", |b| *b.last_mut().unwrap() ^= 1, |e| matches!(e, DecodeError::Crc { .. })),
         ("flipped offset bit", |b| b[20] ^= 0x10, |e| matches!(e, DecodeError::Crc { .. })),
@@ -112,12 +130,18 @@ fn batches_iterates_back_to_back() {
     assert!(got[2].is_err());
 }
 
-fn arb_record() -> impl Strategy<Value = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Option<Vec<u8>>)>)> {
+/// (timestamp delta, key, value, headers)
+type ArbRecord = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Option<Vec<u8>>)>);
+
+fn arb_record() -> impl Strategy<Value = ArbRecord> {
     (
         0i64..1_000_000,
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
-        proptest::collection::vec(("[a-z]{0,8}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..10))), 0..3),
+        proptest::collection::vec(
+            ("[a-z]{0,8}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..10))),
+            0..3,
+        ),
     )
 }
 

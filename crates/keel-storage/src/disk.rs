@@ -8,6 +8,7 @@
 //! - `flush` also makes the file's length durable (fdatasync semantics).
 //! - `create`, `rename` and `remove` are durable only after `sync_dir` of the parent directory.
 //! - Reads past the end of a file are errors, never zeros.
+//! - A write tears only between 512-byte sectors ([`SECTOR_BYTES`]), as drives guarantee.
 
 use std::fmt;
 use std::io;
@@ -15,6 +16,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+/// The unit a drive writes atomically: a crash tears a write between sectors, never inside one.
+pub const SECTOR_BYTES: u64 = 512;
 
 /// A file system: real ([`crate::FileDisk`]) or simulated ([`crate::SimDisk`]).
 pub trait Disk: Send + Sync + fmt::Debug + 'static {

@@ -93,12 +93,14 @@ impl IndexCheckpoint {
 
     /// Entries ascend in every coordinate and lie below the covered end.
     fn is_consistent(&self) -> bool {
-        let ascending = self.entries.windows(2).all(|w| {
-            w[0].offset <= w[1].offset && w[0].index < w[1].index && w[0].position < w[1].position
-        });
-        let below = self.entries.last().is_none_or(|e| {
-            e.position < self.covered_end && e.index < self.next_index && e.offset <= self.next_offset
-        });
+        let ascending = self
+            .entries
+            .windows(2)
+            .all(|w| w[0].offset <= w[1].offset && w[0].index < w[1].index && w[0].position < w[1].position);
+        let below = self
+            .entries
+            .last()
+            .is_none_or(|e| e.position < self.covered_end && e.index < self.next_index && e.offset <= self.next_offset);
         ascending && below
     }
 }

@@ -125,7 +125,9 @@ impl Segment {
 
     fn write_hint(&mut self, durable_end: u64) -> Result<()> {
         if self.hint != durable_end {
-            self.file.write(segment::HINT_POSITION, &segment::encode_hint(durable_end)).ctx("write hint", &self.path)?;
+            self.file
+                .write(segment::HINT_POSITION, &segment::encode_hint(durable_end))
+                .ctx("write hint", &self.path)?;
             self.hint = durable_end;
         }
         Ok(())
@@ -254,7 +256,8 @@ impl SegmentLog {
             let file = self.disk.open(&path).ctx("open", &path)?;
             let len = file.len();
             let bytes = if len == 0 { Bytes::new() } else { file.read(0, len as usize).ctx("read", &path)? };
-            let corrupt = |position: u64, reason: String| StorageError::Corrupt { segment: path.clone(), position, reason };
+            let corrupt =
+                |position: u64, reason: String| StorageError::Corrupt { segment: path.clone(), position, reason };
             // Segments get their final name only once their header is durable (see
             // `create_segment`), so a bad header is damage, never an unfinished creation.
             let Some(header) = segment::decode_header(&bytes) else {
@@ -267,15 +270,23 @@ impl SegmentLog {
                 return Err(corrupt(0, format!("header says base offset {}, name says {base}", header.base_offset)));
             }
             let base_pos = LogPosition { offset: header.base_offset, index: header.base_index };
-            if let Some(prev) = self.segments.last() {
-                if prev.end != base_pos {
-                    return Err(corrupt(0, format!("segment starts at {base_pos:?} but the previous one ends at {:?}", prev.end)));
-                }
+            if let Some(prev) = self.segments.last()
+                && prev.end != base_pos
+            {
+                return Err(corrupt(
+                    0,
+                    format!("segment starts at {base_pos:?} but the previous one ends at {:?}", prev.end),
+                ));
             }
             let hint = segment::decode_hint(&bytes);
             let checkpoint = self.load_checkpoint(&index_path, base_pos, hint, &bytes);
             let (mut entries, from, next, mut max_ts) = match checkpoint {
-                Some(c) => (c.entries, c.covered_end, LogPosition { offset: c.next_offset, index: c.next_index }, c.max_timestamp_ms),
+                Some(c) => (
+                    c.entries,
+                    c.covered_end,
+                    LogPosition { offset: c.next_offset, index: c.next_index },
+                    c.max_timestamp_ms,
+                ),
                 None => (Vec::new(), SEGMENT_HEADER_BYTES, base_pos, i64::MIN),
             };
             let scan = segment::scan(&bytes, from, next.offset, next.index, hint);
@@ -337,7 +348,9 @@ impl SegmentLog {
             && c.covered_end <= bytes.len() as u64
             && c.next_offset >= base.offset
             && c.next_index >= base.index
-            && c.entries.first().is_none_or(|e| e.position == SEGMENT_HEADER_BYTES && e.offset == base.offset && e.index == base.index);
+            && c.entries
+                .first()
+                .is_none_or(|e| e.position == SEGMENT_HEADER_BYTES && e.offset == base.offset && e.index == base.index);
         let last_ok = c.entries.last().is_none_or(|e| {
             keel_record::check(&bytes[e.position as usize..])
                 .is_ok_and(|h| h.base_offset == e.offset && h.raft_index == e.index)
@@ -480,7 +493,8 @@ impl SegmentLog {
             seg.file.flush(0, SEGMENT_HEADER_BYTES).ctx("flush", &seg.path)?;
             seg.file.set_len(seg.data_end).ctx("trim", &seg.path)?;
             seg.file.flush(0, 0).ctx("flush", &seg.path)?;
-            disk::write_atomic(&*disk, &seg.index_path, &seg.checkpoint().encode()).ctx("write index", &seg.index_path)?;
+            disk::write_atomic(&*disk, &seg.index_path, &seg.checkpoint().encode())
+                .ctx("write index", &seg.index_path)?;
             Ok(())
         })();
         if let Err(e) = res {
@@ -511,7 +525,8 @@ impl SegmentLog {
             file.preallocate(self.config.segment_bytes_max).ctx("preallocate", &tmp)?;
             file.write(0, &segment::encode_header(SegmentHeader { base_offset: base.offset, base_index: base.index }))
                 .ctx("write header", &tmp)?;
-            file.write(segment::HINT_POSITION, &segment::encode_hint(SEGMENT_HEADER_BYTES)).ctx("write header", &tmp)?;
+            file.write(segment::HINT_POSITION, &segment::encode_hint(SEGMENT_HEADER_BYTES))
+                .ctx("write header", &tmp)?;
             file.flush(0, SEGMENT_HEADER_BYTES).ctx("flush", &tmp)?;
             self.disk.rename(&tmp, &path).ctx("rename", &path)?;
             self.disk.sync_dir(&self.dir).ctx("sync dir", &self.dir)?;
@@ -599,7 +614,8 @@ impl SegmentLog {
         if let Some(seg) = self.segments.last_mut() {
             seg.write_hint(seg.durable_data_end)?;
             seg.file.flush(0, SEGMENT_HEADER_BYTES).ctx("flush", &seg.path)?;
-            disk::write_atomic(&*disk, &seg.index_path, &seg.checkpoint().encode()).ctx("write index", &seg.index_path)?;
+            disk::write_atomic(&*disk, &seg.index_path, &seg.checkpoint().encode())
+                .ctx("write index", &seg.index_path)?;
         }
         Ok(())
     }
@@ -702,10 +718,8 @@ impl SegmentLog {
             return Ok(());
         }
         let (slot, position, _) = self.locate_index(from_index)?;
-        let cut = LogPosition {
-            offset: self.segments[slot].batch_at(position)?.header().base_offset,
-            index: from_index,
-        };
+        let cut =
+            LogPosition { offset: self.segments[slot].batch_at(position)?.header().base_offset, index: from_index };
         if let Err(e) = self.cut(slot, position, cut) {
             return self.fail(e);
         }

@@ -29,7 +29,7 @@ const HINT_AT: usize = 64;
 
 /// The unit a crash loses or keeps: disks tear writes at sector granularity, so even a 4 KiB
 /// page can come back with some sectors old (zero) and some new.
-const SECTOR: u64 = 512;
+const SECTOR: u64 = crate::disk::SECTOR_BYTES;
 
 /// The static part of a segment header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,32 +210,31 @@ fn next_valid_batch(file: &Bytes, from: u64, offset: u64, index: u64) -> Option<
                 None => return None,
             }
         }
-        if bytes[q + 8] == MAGIC {
-            if let Ok(h) = keel_record::check(&bytes[q..]) {
-                if h.base_offset >= offset && h.raft_index >= index {
-                    return Some(q as u64);
-                }
-            }
+        if bytes[q + 8] == MAGIC
+            && let Ok(h) = keel_record::check(&bytes[q..])
+            && h.base_offset >= offset
+            && h.raft_index >= index
+        {
+            return Some(q as u64);
         }
         q += 1;
     }
     None
 }
 
-/// True if some stretch of `[pos, q)` that a lost sector would leave behind is all zeros: the rest
-/// of the sector at `pos`, or a whole sector inside the range. (Data is only ever written over
-/// zeros: fresh preallocated space, or space that truncation zeroed and flushed.) A flushed batch
-/// that merely rotted a bit does not look like that, unless its own records hold a zeroed
-/// sector: that double coincidence, above the durable end only, is the one case recovery
-/// cannot tell apart, and it errs towards treating it as a crash tail.
+/// True if a sector that starts before `q` reads as all zeros from `pos` on: what a sector that
+/// never reached the disk leaves behind. (Data is only ever written over zeros: fresh
+/// preallocated space, or space that truncation zeroed and flushed. The zeros may run into the
+/// batch at `q`, whose length field starts with zero bytes.) A flushed batch that merely rotted a
+/// bit does not look like that, unless its own records hold a zeroed sector: that double
+/// coincidence, above the durable end only, is the one case recovery cannot tell apart, and it
+/// errs towards treating it as a crash tail.
 fn lost_sector_between(file: &Bytes, pos: u64, q: u64) -> bool {
-    let sector_end = (pos / SECTOR + 1) * SECTOR;
-    if sector_end <= q && is_zero(&file[pos as usize..sector_end as usize]) {
-        return true;
-    }
-    let mut sector = sector_end;
-    while sector + SECTOR <= q {
-        if is_zero(&file[sector as usize..(sector + SECTOR) as usize]) {
+    let len = file.len() as u64;
+    let mut sector = pos / SECTOR * SECTOR;
+    while sector < q {
+        let (a, b) = (sector.max(pos), (sector + SECTOR).min(len));
+        if a < b && is_zero(&file[a as usize..b as usize]) {
             return true;
         }
         sector += SECTOR;

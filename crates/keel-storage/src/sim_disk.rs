@@ -4,7 +4,7 @@
 //! power loss (durable), and per directory the namespace operations not yet made durable. A
 //! [`SimDisk::crash`] throws the volatile state away the way a kernel can: unflushed writes are
 //! lost, or a random subset of their 4 KiB pages reached the disk (write-back has no order), or
-//! the last write was torn; unsynced creates, renames and removes are kept only as a prefix, in
+//! the last write was torn (between sectors: drives write a 512-byte sector atomically); unsynced creates, renames and removes are kept only as a prefix, in
 //! order, as a journaling file system does. Bit flips are injected on demand. Every choice comes
 //! from one seeded RNG, so a run is a function of its seed.
 
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::disk::{Disk, DiskFile};
+use crate::disk::{Disk, DiskFile, SECTOR_BYTES};
 
 /// Page size used to model write-back.
 pub const PAGE_BYTES: u64 = 4096;
@@ -29,7 +29,8 @@ pub enum CrashMode {
     DropUnflushed,
     /// Each dirty page independently did or did not reach the disk.
     RandomPages,
-    /// Unflushed writes are lost, except a random prefix of the last write of each file.
+    /// Unflushed writes are lost, except a random prefix (whole sectors) of the last write of
+    /// each file.
     TornLastWrite,
 }
 
@@ -59,6 +60,8 @@ struct State {
     ops_until_outage: Option<u64>,
     /// The power is out: every operation fails until `crash` resolves what survived.
     dead: bool,
+    /// A broken disk for negative controls: `flush` reports success and persists nothing.
+    lying_flush: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +95,7 @@ impl SimDisk {
                 flushes: 0,
                 ops_until_outage: None,
                 dead: false,
+                lying_flush: false,
             })),
         }
     }
@@ -117,6 +121,7 @@ impl SimDisk {
             flushes: s.flushes,
             ops_until_outage: s.ops_until_outage,
             dead: s.dead,
+            lying_flush: s.lying_flush,
         };
         SimDisk { state: Arc::new(Mutex::new(copy)) }
     }
@@ -126,6 +131,12 @@ impl SimDisk {
     /// every operation fails, as on a dead machine, until [`SimDisk::crash`] is called.
     pub fn crash_after(&self, ops: u64) {
         self.lock().ops_until_outage = Some(ops);
+    }
+
+    /// Makes `flush` lie: it reports success and persists nothing, as a drive with a volatile
+    /// cache that ignores flush commands would. Only for proving that checkers can fail.
+    pub fn set_lying_flush(&self, lying: bool) {
+        self.lock().lying_flush = lying;
     }
 
     /// True once a scheduled outage has happened (and `crash` has not yet been called).
@@ -166,8 +177,15 @@ impl SimDisk {
                 }
                 CrashMode::TornLastWrite => {
                     if let Some((offset, len)) = inode.last_write {
-                        let kept = s.rng.random_range(0..=len);
-                        inode.persist_bytes(offset, kept);
+                        // Drives write whole sectors atomically, so a torn write keeps the
+                        // sectors up to some boundary inside it (or all of it).
+                        // The sectors go out whole, with whatever else the page cache holds in
+                        // them, so the kept part starts at the first sector's start.
+                        let end = offset + len as u64;
+                        let first = offset / SECTOR_BYTES * SECTOR_BYTES;
+                        let sectors = end.div_ceil(SECTOR_BYTES) - offset / SECTOR_BYTES;
+                        let kept = s.rng.random_range(0..=sectors) * SECTOR_BYTES;
+                        inode.persist_bytes(first, kept as usize);
                     }
                 }
             }
@@ -402,7 +420,11 @@ struct SimFile {
 impl SimFile {
     fn with<T>(&self, mutating: bool, f: impl FnOnce(&mut Inode, &mut u64) -> io::Result<T>) -> io::Result<T> {
         let mut s = self.disk.lock();
-        if mutating { s.tick()? } else { s.alive()? }
+        if mutating {
+            s.tick()?
+        } else {
+            s.alive()?
+        }
         if s.generation != self.generation {
             return Err(io::Error::other(format!("{}: handle from before a crash", self.path.display())));
         }
@@ -466,13 +488,20 @@ impl DiskFile for SimFile {
     }
 
     fn flush(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.disk.lock().lying_flush {
+            return self.with(true, |_, flushes| {
+                *flushes += 1;
+                Ok(())
+            });
+        }
         self.with(true, |i, flushes| {
             *flushes += 1;
             // fdatasync semantics: the length is made durable with the data.
             i.durable.resize(i.volatile.len(), 0);
             let end = offset.saturating_add(len).min(i.volatile.len() as u64);
             if end > offset {
-                let pages: Vec<u64> = i.dirty_pages.range(offset / PAGE_BYTES..=(end - 1) / PAGE_BYTES).copied().collect();
+                let pages: Vec<u64> =
+                    i.dirty_pages.range(offset / PAGE_BYTES..=(end - 1) / PAGE_BYTES).copied().collect();
                 for page in pages {
                     let start = (page * PAGE_BYTES) as usize;
                     let stop = (start + PAGE_BYTES as usize).min(i.volatile.len());
@@ -483,10 +512,11 @@ impl DiskFile for SimFile {
             // Pages past the new end are gone for good.
             let pages_in_file = (i.volatile.len() as u64).div_ceil(PAGE_BYTES);
             i.dirty_pages.retain(|&p| p < pages_in_file);
-            if let Some((w, l)) = i.last_write {
-                if w >= offset && w + l as u64 <= end {
-                    i.last_write = None;
-                }
+            if let Some((w, l)) = i.last_write
+                && w >= offset
+                && w + l as u64 <= end
+            {
+                i.last_write = None;
             }
             Ok(())
         })

@@ -1,6 +1,7 @@
 //! Exhaustive damage to a small segment: the file cut at every byte, and one bit flipped at every
 //! byte. Recovery must never panic, must serve only valid batches, must keep every durable one
 //! or refuse loudly with `Corrupt`, and must flag damage inside the durable part as `Corrupt`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 mod common;
 

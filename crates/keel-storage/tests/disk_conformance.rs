@@ -1,4 +1,5 @@
 //! One conformance suite for the `Disk` contract, run against FileDisk and SimDisk alike.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -160,7 +161,7 @@ fn sim_disk_crash_keeps_only_what_was_made_durable() {
         assert!(page.iter().all(|&b| b == v) || page.iter().all(|&b| b == 0), "page {i} is whole or absent");
     }
 
-    // TornLastWrite: a prefix of the last write survives.
+    // TornLastWrite: a prefix of the last write survives, ending on a sector boundary.
     let f = disk.open(&dir.join("synced")).unwrap();
     f.flush(0, 3 * 4096).unwrap();
     f.write(100, &[9u8; 1000]).unwrap();
@@ -169,6 +170,7 @@ fn sim_disk_crash_keeps_only_what_was_made_durable() {
     let got = f.read(100, 1000).unwrap();
     let kept = got.iter().take_while(|&&b| b == 9).count();
     assert!(got[kept..].iter().all(|&b| b != 9), "only a prefix of a torn write survives");
+    assert!(kept == 0 || kept == 1000 || (100 + kept) % 512 == 0, "tears fall between sectors: kept {kept}");
 }
 
 /// Same seed, same crash decisions.

@@ -1,5 +1,6 @@
 //! The segment log against a model (a Vec of batches), plus its unit behaviours: dense offsets,
 //! rolls, bounded reads, truncation, retention, reset and bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 mod common;
 
@@ -11,7 +12,10 @@ use proptest::prelude::*;
 fn offsets_are_dense_and_reads_are_bounded() {
     let disk = SimDisk::new(1);
     let mut log = sim_log(&disk, small_config()).unwrap();
-    assert_eq!((log.start(), log.written(), log.durable()), (LogPosition::default(), LogPosition::default(), LogPosition::default()));
+    assert_eq!(
+        (log.start(), log.written(), log.durable()),
+        (LogPosition::default(), LogPosition::default(), LogPosition::default())
+    );
     let mut expect_offset = 0;
     for tag in 0..50u64 {
         let count = (tag % 5 + 1) as u32;
@@ -39,7 +43,11 @@ fn offsets_are_dense_and_reads_are_bounded() {
     assert!(some.iter().map(|b| b.bytes().len()).sum::<usize>() <= 2000 || some.len() == 1);
     let below_hw = log.read(0, usize::MAX, 7).unwrap();
     assert!(below_hw.iter().all(|b| b.header().next_offset() <= 7));
-    assert_eq!(log.read(expect_offset, 1000, u64::MAX).unwrap().len(), 0, "reading at the end waits, it is not an error");
+    assert_eq!(
+        log.read(expect_offset, 1000, u64::MAX).unwrap().len(),
+        0,
+        "reading at the end waits, it is not an error"
+    );
     assert!(matches!(log.read(expect_offset + 1, 1000, u64::MAX), Err(StorageError::OutOfRange { .. })));
 }
 

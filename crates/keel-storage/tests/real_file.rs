@@ -1,5 +1,6 @@
 //! The production disk end to end: write through mmap, flush, drop all process state, reopen from
 //! the files alone and read everything back.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 mod common;
 
@@ -34,7 +35,8 @@ fn write_flush_reopen_read() {
     let mut log = open(&dir);
     assert_eq!(log.written(), written);
     assert_eq!(all_batches(&log), expect);
-    let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert!(names.iter().any(|n| n == "00000000000000000000.log"), "segments are named by base offset: {names:?}");
     assert!(names.iter().any(|n| n.ends_with(".index")), "sealed segments have an index checkpoint");
 
