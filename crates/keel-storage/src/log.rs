@@ -804,6 +804,18 @@ impl SegmentLog {
     /// raft no longer need). Returns the new start of the log.
     pub fn apply_retention(&mut self, now_ms: i64, upto_offset: u64) -> Result<LogPosition> {
         self.check_usable()?;
+        let remove = self.retainable(now_ms, upto_offset);
+        self.remove_oldest(remove)
+    }
+
+    /// Where the log would start after `apply_retention(now_ms, upto_offset)`, without changing
+    /// anything (raft purges through its own path, up to this point).
+    pub fn retention_point(&self, now_ms: i64, upto_offset: u64) -> LogPosition {
+        self.segments.get(self.retainable(now_ms, upto_offset)).map_or(self.start(), |s| s.base)
+    }
+
+    /// How many of the oldest segments retention allows deleting.
+    fn retainable(&self, now_ms: i64, upto_offset: u64) -> usize {
         let mut total = self.size_bytes();
         let mut remove = 0;
         for seg in &self.segments[..self.segments.len().saturating_sub(1)] {
@@ -819,16 +831,25 @@ impl SegmentLog {
             total -= size;
             remove += 1;
         }
-        self.remove_oldest(remove)
+        remove
     }
 
     /// Deletes whole segments whose batches all have raft indexes below `index` (raft purge after
     /// a snapshot). Returns the new start.
     pub fn purge_before_index(&mut self, index: u64) -> Result<LogPosition> {
         self.check_usable()?;
-        let n = self.segments.len().saturating_sub(1);
-        let remove = self.segments[..n].iter().take_while(|s| s.end.index <= index).count();
+        let remove = self.purgeable(index);
         self.remove_oldest(remove)
+    }
+
+    /// Where the log would start after `purge_before_index(index)`, without changing anything.
+    pub fn purge_point(&self, index: u64) -> LogPosition {
+        self.segments.get(self.purgeable(index)).map_or(self.start(), |s| s.base)
+    }
+
+    fn purgeable(&self, index: u64) -> usize {
+        let n = self.segments.len().saturating_sub(1);
+        self.segments[..n].iter().take_while(|s| s.end.index <= index).count()
     }
 
     fn remove_oldest(&mut self, count: usize) -> Result<LogPosition> {

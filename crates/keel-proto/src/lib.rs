@@ -1,0 +1,12 @@
+//! Keel's protobuf messages and gRPC services, generated from `proto/keel/v1`. Nothing here is
+//! written by hand; conversions to domain types live beside those types (one file per crate).
+
+#![allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)] // Generated code.
+
+/// Package `keel.v1`.
+pub mod v1 {
+    tonic::include_proto!("keel.v1");
+}
+
+/// The encoded file descriptor set of every Keel proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");

@@ -1,0 +1,22 @@
+//! Keel's replication: one openraft group per partition, whose raft log IS the partition's
+//! segment log, and multi-raft over one gRPC service per node.
+//!
+//! - [`store`]: openraft's log storage and state machine over `keel-storage` (group commit: one
+//!   flush covers many entries; callbacks only after the flush);
+//! - [`state_machine`]: the pure partition state (high watermark, producers, snapshots);
+//! - [`network`]: the raft RPC client (deadlines, reconnects, per-peer backoff, real pre-vote)
+//!   and server (routing by group id);
+//! - [`node`]: a node hosting many groups and the `append` API the broker uses;
+//! - [`convert`]: every conversion between protobuf, openraft and the batch encoding.
+
+pub mod convert;
+pub mod network;
+pub mod node;
+pub mod state_machine;
+pub mod store;
+pub mod types;
+
+pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
+pub use node::{AppendError, NodeConfig, NodeError, RaftNode, RaftTimings};
+pub use store::{IoMode, PartitionStore};
+pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};

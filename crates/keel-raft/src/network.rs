@@ -1,0 +1,484 @@
+//! Multi-raft over gRPC: the raft RPCs of every group on a node share one tonic server and one
+//! connection per peer, each request naming its group.
+//!
+//! Found the hard way in a prototype of this stack, and handled here: every RPC has a deadline; a
+//! failed or timed-out connection is dropped and dialled again (a simulated TCP connection never
+//! retransmits, so a stream that lost a packet in a partition stays stuck forever); dialling a
+//! peer that refuses is backed off per peer; HTTP/2 keepalive finds dead connections.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use keel_proto::v1 as pb;
+use keel_proto::v1::raft_client::RaftClient;
+use openraft::OptionalSend;
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::type_config::alias::SnapshotOf;
+use openraft_multi::{GroupNetworkAdapter, GroupRouter};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::convert::{self, ConvertError};
+use crate::types::{GroupId, KeelRaft, Node, NodeId, Raft, Vote};
+
+/// How this node dials a peer. Production dials TCP; the simulation hands in turmoil's network.
+pub trait Connector: Send + Sync + 'static {
+    /// A lazily connecting channel to `addr` (`host:port`).
+    fn channel(&self, addr: &str) -> Result<Channel, String>;
+}
+
+/// Dials peers over TCP with tokio.
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    /// Deadline for establishing a connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for TcpConnector {
+    fn default() -> TcpConnector {
+        TcpConnector { connect_timeout: Duration::from_millis(500) }
+    }
+}
+
+impl Connector for TcpConnector {
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+        Ok(endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy())
+    }
+}
+
+/// Network settings.
+#[derive(Debug, Clone, Copy)]
+pub struct NetworkConfig {
+    /// Deadline of one raft RPC (capped by openraft's own TTL for it).
+    pub rpc_timeout: Duration,
+    /// First delay before dialling a peer again after a failure; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest delay between dials of a failing peer.
+    pub backoff_max: Duration,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> NetworkConfig {
+        NetworkConfig {
+            rpc_timeout: Duration::from_millis(1_000),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Peer {
+    addr: String,
+    client: Option<RaftClient<Channel>>,
+    failures: u32,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// This node's connections to its peers, shared by every raft group on the node.
+#[derive(Clone)]
+pub struct Peers {
+    inner: Arc<PeersInner>,
+}
+
+struct PeersInner {
+    connector: Arc<dyn Connector>,
+    config: NetworkConfig,
+    peers: Mutex<BTreeMap<NodeId, Peer>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NetError(String);
+
+impl Peers {
+    /// Connections made through `connector`.
+    pub fn new(connector: Arc<dyn Connector>, config: NetworkConfig) -> Peers {
+        Peers { inner: Arc::new(PeersInner { connector, config, peers: Mutex::new(BTreeMap::new()) }) }
+    }
+
+    /// Records (or updates) where a peer listens.
+    pub fn set_addr(&self, node: NodeId, addr: &str) {
+        let mut peers = self.lock();
+        let peer = peers.entry(node).or_insert_with(|| Peer {
+            addr: addr.to_owned(),
+            client: None,
+            failures: 0,
+            retry_at: None,
+        });
+        if peer.addr != addr {
+            peer.addr = addr.to_owned();
+            peer.client = None;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Peer>> {
+        self.inner.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn client(&self, target: NodeId) -> Result<RaftClient<Channel>, Unreachable<KeelRaft>> {
+        let mut peers = self.lock();
+        let Some(peer) = peers.get_mut(&target) else {
+            return Err(Unreachable::new(&NetError(format!("no address for node {target}"))));
+        };
+        if let Some(client) = &peer.client {
+            return Ok(client.clone());
+        }
+        if peer.retry_at.is_some_and(|at| tokio::time::Instant::now() < at) {
+            return Err(Unreachable::new(&NetError(format!(
+                "node {target}: backing off after {} failures",
+                peer.failures
+            ))));
+        }
+        let channel = self
+            .inner
+            .connector
+            .channel(&peer.addr)
+            .map_err(|e| Unreachable::new(&NetError(format!("node {target} at {}: {e}", peer.addr))))?;
+        let client = RaftClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        peer.client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// A failure drops the connection and backs the peer off, doubling the wait each time.
+    fn failed(&self, target: NodeId, why: &str) {
+        let mut peers = self.lock();
+        if let Some(peer) = peers.get_mut(&target) {
+            peer.client = None;
+            peer.failures = peer.failures.saturating_add(1);
+            let shift = peer.failures.min(16) - 1;
+            let wait = self.inner.config.backoff_min.saturating_mul(1 << shift).min(self.inner.config.backoff_max);
+            peer.retry_at = Some(tokio::time::Instant::now() + wait);
+            debug!(target, failures = peer.failures, ?wait, why, "peer connection dropped");
+        }
+    }
+
+    fn succeeded(&self, target: NodeId) {
+        if let Some(peer) = self.lock().get_mut(&target) {
+            peer.failures = 0;
+            peer.retry_at = None;
+        }
+    }
+
+    /// Runs one RPC with a deadline; transport failures and timeouts drop the connection.
+    async fn call<T, F, Fut>(&self, target: NodeId, option: &RPCOption, rpc: F) -> Result<T, RPCError<KeelRaft>>
+    where
+        F: FnOnce(RaftClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let client = self.client(target)?;
+        let deadline = self.inner.config.rpc_timeout.min(option.hard_ttl());
+        match tokio::time::timeout(deadline, rpc(client)).await {
+            Ok(Ok(response)) => {
+                self.succeeded(target);
+                Ok(response.into_inner())
+            }
+            Ok(Err(status)) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) {
+                    self.failed(target, status.message());
+                    Err(RPCError::Unreachable(Unreachable::new(&NetError(format!("node {target}: {status}")))))
+                } else {
+                    Err(RPCError::Network(NetworkError::new(&NetError(format!("node {target}: {status}")))))
+                }
+            }
+            Err(_) => {
+                self.failed(target, "deadline");
+                Err(RPCError::Unreachable(Unreachable::new(&NetError(format!(
+                    "node {target}: no answer within {deadline:?}"
+                )))))
+            }
+        }
+    }
+}
+
+fn convert_err(e: ConvertError) -> RPCError<KeelRaft> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+fn bad_response(what: &str) -> RPCError<KeelRaft> {
+    RPCError::Network(NetworkError::new(&NetError(format!("malformed response: {what}"))))
+}
+
+fn vote_request_to_pb(group_id: GroupId, rpc: &VoteRequest<KeelRaft>) -> pb::VoteRequest {
+    pb::VoteRequest {
+        group_id,
+        vote: Some(convert::vote_to_pb(&rpc.vote)),
+        last_log_id: rpc.last_log_id.as_ref().map(convert::log_id_to_pb),
+        leadership_transfer: rpc.leadership_transfer,
+    }
+}
+
+fn vote_response_from_pb(r: pb::VoteResponse) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
+    let vote = convert::vote_from_pb(r.vote.as_ref()).map_err(convert_err)?;
+    Ok(VoteResponse {
+        vote,
+        vote_granted: r.vote_granted,
+        last_log_id: r.last_log_id.as_ref().map(convert::log_id_from_pb),
+    })
+}
+
+impl GroupRouter<KeelRaft, GroupId> for Peers {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &self,
+        target: NodeId,
+        group_id: GroupId,
+        rpc: AppendEntriesRequest<KeelRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<KeelRaft>, RPCError<KeelRaft>> {
+        let request = pb::AppendEntriesRequest {
+            group_id,
+            vote: Some(convert::vote_to_pb(&rpc.vote)),
+            prev_log_id: rpc.prev_log_id.as_ref().map(convert::log_id_to_pb),
+            entries: convert::entries_to_pb(&rpc.entries).map_err(convert_err)?,
+            leader_commit: rpc.leader_commit.as_ref().map(convert::log_id_to_pb),
+        };
+        let response = self.call(target, &option, |mut c| async move { c.append_entries(request).await }).await?;
+        use pb::append_entries_response::Result as R;
+        match response.result {
+            Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
+            Some(R::PartialSuccess(p)) => {
+                Ok(AppendEntriesResponse::PartialSuccess(p.matching.as_ref().map(convert::log_id_from_pb)))
+            }
+            Some(R::Conflict(_)) => Ok(AppendEntriesResponse::Conflict),
+            Some(R::HigherVote(v)) => {
+                Ok(AppendEntriesResponse::HigherVote(convert::vote_from_pb(Some(&v)).map_err(convert_err)?))
+            }
+            None => Err(bad_response("append entries without a result")),
+        }
+    }
+
+    async fn vote(
+        &self,
+        target: NodeId,
+        group_id: GroupId,
+        rpc: VoteRequest<KeelRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
+        let request = vote_request_to_pb(group_id, &rpc);
+        let response = self.call(target, &option, |mut c| async move { c.vote(request).await }).await?;
+        vote_response_from_pb(response)
+    }
+
+    /// A real RPC: openraft's default grants every pre-vote without asking, which defeats the
+    /// point (a node rejoining after a partition would disrupt a healthy leader).
+    async fn pre_vote(
+        &self,
+        target: NodeId,
+        group_id: GroupId,
+        rpc: VoteRequest<KeelRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
+        let request = vote_request_to_pb(group_id, &rpc);
+        let response = self.call(target, &option, |mut c| async move { c.pre_vote(request).await }).await?;
+        vote_response_from_pb(response)
+    }
+
+    async fn full_snapshot(
+        &self,
+        target: NodeId,
+        group_id: GroupId,
+        vote: Vote,
+        snapshot: SnapshotOf<KeelRaft, Vec<u8>>,
+        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<KeelRaft>, StreamingError<KeelRaft>> {
+        let request = pb::InstallSnapshotRequest {
+            group_id,
+            vote: Some(convert::vote_to_pb(&vote)),
+            meta: Some(convert::snapshot_meta_to_pb(&snapshot.meta)),
+            data: snapshot.snapshot.into(),
+        };
+        let response = self
+            .call(target, &option, |mut c| async move { c.install_snapshot(request).await })
+            .await
+            .map_err(|e| match e {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&NetError(r.to_string()))),
+            })?;
+        let vote = convert::vote_from_pb(response.vote.as_ref())
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        Ok(SnapshotResponse { vote })
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        // openraft's own pacing of retries to an unreachable follower.
+        let (min, max) = (self.inner.config.backoff_min, self.inner.config.backoff_max);
+        Some(Backoff::new(std::iter::successors(Some(min), move |d| Some((*d * 2).min(max)))))
+    }
+}
+
+/// The network factory of one group: records peer addresses from the membership and hands
+/// openraft a per-target adapter over the shared [`Peers`].
+#[derive(Clone)]
+pub struct GroupNetwork {
+    peers: Peers,
+    group_id: GroupId,
+}
+
+impl GroupNetwork {
+    /// The factory for `group_id`.
+    pub fn new(peers: Peers, group_id: GroupId) -> GroupNetwork {
+        GroupNetwork { peers, group_id }
+    }
+}
+
+impl RaftNetworkFactory<KeelRaft> for GroupNetwork {
+    type Network = GroupNetworkAdapter<KeelRaft, GroupId, Peers>;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
+        self.peers.set_addr(target, &node.addr);
+        GroupNetworkAdapter::new(self.peers.clone(), target, self.group_id)
+    }
+}
+
+/// The groups hosted on this node, by id: where incoming raft RPCs are routed.
+#[derive(Clone, Default)]
+pub struct Groups {
+    inner: Arc<RwLock<BTreeMap<GroupId, Raft>>>,
+}
+
+impl Groups {
+    /// Adds (or replaces) a group.
+    pub fn insert(&self, group_id: GroupId, raft: Raft) {
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).insert(group_id, raft);
+    }
+
+    /// Removes a group.
+    pub fn remove(&self, group_id: GroupId) -> Option<Raft> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).remove(&group_id)
+    }
+
+    /// The raft handle of a group.
+    pub fn get(&self, group_id: GroupId) -> Result<Raft, Status> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&group_id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("raft group {group_id} is not hosted on this node")))
+    }
+
+    /// Every hosted group.
+    pub fn all(&self) -> Vec<(GroupId, Raft)> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(g, r)| (*g, r.clone())).collect()
+    }
+}
+
+/// The gRPC service that receives raft RPCs for every group on this node.
+#[derive(Clone)]
+pub struct RaftService {
+    groups: Groups,
+}
+
+impl RaftService {
+    /// A service routing to `groups`.
+    pub fn new(groups: Groups) -> RaftService {
+        RaftService { groups }
+    }
+
+    /// The tonic server for it.
+    pub fn into_server(self) -> pb::raft_server::RaftServer<RaftService> {
+        pb::raft_server::RaftServer::new(self).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+    }
+}
+
+fn invalid(e: ConvertError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn raft_failed(e: impl std::fmt::Display) -> Status {
+    warn!(error = %e, "raft rpc failed");
+    Status::unavailable(e.to_string())
+}
+
+fn vote_request_from_pb(r: pb::VoteRequest) -> Result<VoteRequest<KeelRaft>, Status> {
+    Ok(VoteRequest {
+        vote: convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?,
+        last_log_id: r.last_log_id.as_ref().map(convert::log_id_from_pb),
+        leadership_transfer: r.leadership_transfer,
+    })
+}
+
+fn vote_response_to_pb(r: VoteResponse<KeelRaft>) -> pb::VoteResponse {
+    pb::VoteResponse {
+        vote: Some(convert::vote_to_pb(&r.vote)),
+        vote_granted: r.vote_granted,
+        last_log_id: r.last_log_id.as_ref().map(convert::log_id_to_pb),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let r = request.into_inner();
+        let raft = self.groups.get(r.group_id)?;
+        let rpc = AppendEntriesRequest {
+            vote: convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?,
+            prev_log_id: r.prev_log_id.as_ref().map(convert::log_id_from_pb),
+            entries: convert::entries_from_pb(r.entries).map_err(invalid)?,
+            leader_commit: r.leader_commit.as_ref().map(convert::log_id_from_pb),
+        };
+        let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        use pb::append_entries_response::{Conflict, PartialSuccess, Result as R, Success};
+        let result = match response {
+            AppendEntriesResponse::Success => R::Success(Success {}),
+            AppendEntriesResponse::PartialSuccess(m) => {
+                R::PartialSuccess(PartialSuccess { matching: m.as_ref().map(convert::log_id_to_pb) })
+            }
+            AppendEntriesResponse::Conflict => R::Conflict(Conflict {}),
+            AppendEntriesResponse::HigherVote(v) => R::HigherVote(convert::vote_to_pb(&v)),
+        };
+        Ok(Response::new(pb::AppendEntriesResponse { result: Some(result) }))
+    }
+
+    async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
+        let r = request.into_inner();
+        let raft = self.groups.get(r.group_id)?;
+        let response = raft.vote(vote_request_from_pb(r)?).await.map_err(raft_failed)?;
+        Ok(Response::new(vote_response_to_pb(response)))
+    }
+
+    async fn pre_vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
+        let r = request.into_inner();
+        let raft = self.groups.get(r.group_id)?;
+        let response = raft.pre_vote(vote_request_from_pb(r)?).await.map_err(raft_failed)?;
+        Ok(Response::new(vote_response_to_pb(response)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        let r = request.into_inner();
+        let raft = self.groups.get(r.group_id)?;
+        let vote = convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?;
+        let meta = convert::snapshot_meta_from_pb(r.meta).map_err(invalid)?;
+        let snapshot = openraft::storage::Snapshot { meta, snapshot: r.data.to_vec() };
+        let response = raft.install_full_snapshot(vote, snapshot).await.map_err(raft_failed)?;
+        Ok(Response::new(pb::InstallSnapshotResponse { vote: Some(convert::vote_to_pb(&response.vote)) }))
+    }
+}

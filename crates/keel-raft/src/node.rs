@@ -1,0 +1,310 @@
+//! A node hosting many raft groups (one per partition), and the write API the broker uses.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_storage::{Disk, LogConfig};
+use openraft::Config;
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::ClientWriteError;
+use tracing::{Instrument, info, info_span};
+
+use crate::network::{Connector, GroupNetwork, Groups, NetworkConfig, Peers, RaftService};
+use crate::store::{IoMode, PartitionStore};
+use crate::types::{Appended, BatchData, GroupId, Node, NodeId, Raft, Runtime};
+
+/// Raft timing, in milliseconds. openraft does not coalesce heartbeats across groups, so with
+/// hundreds of groups per node the heartbeat interval is what idle CPU costs: the defaults trade
+/// some failover time (an election starts 1.5–3 s after a leader is lost) for a quiet node.
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTimings {
+    /// Leader → follower heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Shortest election timeout.
+    pub election_min_ms: u64,
+    /// Longest election timeout.
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> RaftTimings {
+        RaftTimings { heartbeat_ms: 500, election_min_ms: 1_500, election_max_ms: 3_000 }
+    }
+}
+
+/// Settings of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The address peers reach this node at.
+    pub advertised_addr: String,
+    /// Where partitions live: one directory per group.
+    pub data_dir: PathBuf,
+    /// Raft timing.
+    pub timings: RaftTimings,
+    /// Segment log settings of every partition.
+    pub log: LogConfig,
+    /// How blocking disk work runs.
+    pub io: IoMode,
+    /// Network settings.
+    pub network: NetworkConfig,
+    /// How long an append may wait for its commit before it reports `Timeout`.
+    pub append_timeout: Duration,
+    /// Seed of openraft's randomness (election timeouts). Production takes it from the OS; the
+    /// simulation from its run seed.
+    pub seed: u64,
+}
+
+/// Why an append was not acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// This node does not lead the group; retry at the leader, if one is known.
+    #[error("not the leader; leader is {leader:?}")]
+    NotLeader {
+        /// The leader's id and address, when known.
+        leader: Option<(NodeId, String)>,
+    },
+    /// No answer within the append timeout: the batch may or may not be committed.
+    #[error("append timed out; it may or may not have been written")]
+    Timeout,
+    /// Leadership changed while the batch was in flight: it may or may not be committed.
+    #[error("leadership changed during the append; it may or may not have been written (leader {leader:?})")]
+    Unknown {
+        /// The new leader, when known.
+        leader: Option<(NodeId, String)>,
+    },
+    /// The batch is not valid; nothing was written.
+    #[error("invalid batch: {0}")]
+    Invalid(String),
+    /// No such group on this node.
+    #[error("raft group {0} is not hosted on this node")]
+    UnknownGroup(GroupId),
+    /// The group stopped (storage failure or a broken invariant); it must be repaired.
+    #[error("raft group failed: {0}")]
+    Fatal(String),
+}
+
+impl AppendError {
+    /// True when retrying (possibly elsewhere) may succeed. With `Timeout` and `Unknown` the
+    /// first attempt may also have succeeded: the idempotent producer makes the retry safe.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, AppendError::NotLeader { .. } | AppendError::Timeout | AppendError::Unknown { .. })
+    }
+}
+
+/// Errors of group management.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Opening a partition's storage failed.
+    #[error("opening group {group}: {source}")]
+    Storage {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// openraft refused.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The group is not hosted here.
+    #[error("raft group {0} is not hosted on this node")]
+    UnknownGroup(GroupId),
+}
+
+/// One node: its raft groups, their storage, and its connections to peers.
+pub struct RaftNode {
+    config: NodeConfig,
+    disk: Arc<dyn Disk>,
+    peers: Peers,
+    groups: Groups,
+    stores: Mutex<BTreeMap<GroupId, PartitionStore>>,
+    /// Advances per group started, so every group draws its own election timeouts.
+    seed: Mutex<u64>,
+}
+
+impl RaftNode {
+    /// A node with no groups yet. Mount [`RaftNode::service`] on a gRPC server to receive peers.
+    pub fn new(config: NodeConfig, disk: Arc<dyn Disk>, connector: Arc<dyn Connector>) -> RaftNode {
+        let peers = Peers::new(connector, config.network);
+        peers.set_addr(config.node_id, &config.advertised_addr);
+        let seed = Mutex::new(config.seed);
+        RaftNode { config, disk, peers, groups: Groups::default(), stores: Mutex::new(BTreeMap::new()), seed }
+    }
+
+    /// The gRPC service receiving raft RPCs for every group on this node.
+    pub fn service(&self) -> RaftService {
+        RaftService::new(self.groups.clone())
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    fn raft_config(&self) -> Result<Arc<Config>, NodeError> {
+        let t = self.config.timings;
+        let config = Config {
+            cluster_name: "keel".into(),
+            heartbeat_interval: t.heartbeat_ms,
+            election_timeout_min: t.election_min_ms,
+            election_timeout_max: t.election_max_ms,
+            enable_pre_vote: Some(true),
+            // Snapshots are tiny (offsets and producer state) and taken when retention purges;
+            // openraft must not purge the log on its own: consumers read it.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
+            ..Config::default()
+        };
+        config.validate().map(Arc::new).map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
+    /// Opens (recovering) the group's partition and starts its raft core. A group that was
+    /// initialized before resumes; a new one waits for [`RaftNode::initialize_group`] on one
+    /// node, or for a leader to reach it.
+    pub async fn open_group(&self, group: GroupId) -> Result<(), NodeError> {
+        if self.groups.get(group).is_ok() {
+            return Ok(());
+        }
+        let dir = self.config.data_dir.join(format!("group-{group}"));
+        let store = PartitionStore::open(Arc::clone(&self.disk), dir, self.config.log.clone(), self.config.io)
+            .map_err(|source| NodeError::Storage { group, source })?;
+        let network = GroupNetwork::new(self.peers.clone(), group);
+        let config = self.raft_config()?;
+        let seed = {
+            let mut s = self.seed.lock().unwrap_or_else(|e| e.into_inner());
+            *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407 ^ group);
+            *s
+        };
+        let span = info_span!("group", node = self.config.node_id, group);
+        // openraft draws election timeouts from the runtime's RNG, seeded in this scope and
+        // inherited by every task the raft core spawns.
+        let raft = Runtime::scope(
+            seed,
+            Raft::new(self.config.node_id, config, network, store.log_store(), store.state_machine()).instrument(span),
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        self.groups.insert(group, raft);
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(group, store);
+        info!(node = self.config.node_id, group, "group opened");
+        Ok(())
+    }
+
+    /// Makes `members` the first membership of a new group (call on one member only).
+    pub async fn initialize_group(&self, group: GroupId, members: BTreeMap<NodeId, Node>) -> Result<(), NodeError> {
+        let raft = self.groups.get(group).map_err(|_| NodeError::UnknownGroup(group))?;
+        for (id, node) in &members {
+            self.peers.set_addr(*id, &node.addr);
+        }
+        match raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.api_error(), Some(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Appends one record batch to a group and returns once a quorum has it durably and it is
+    /// committed. Concurrent appends share raft entries' flushes (group commit).
+    pub async fn append(&self, group: GroupId, batch: Bytes) -> Result<Appended, AppendError> {
+        let header = keel_record::check(&batch).map_err(|e| AppendError::Invalid(e.to_string()))?;
+        if header.total_len() != batch.len() || header.attributes.is_raft_entry() {
+            return Err(AppendError::Invalid("expected exactly one data batch".into()));
+        }
+        let max = self.config.log.batch_bytes_max();
+        if batch.len() > max {
+            return Err(AppendError::Invalid(format!("batch of {} bytes exceeds the limit of {max}", batch.len())));
+        }
+        let raft = self.groups.get(group).map_err(|_| AppendError::UnknownGroup(group))?;
+        let write = raft.client_write(BatchData(batch));
+        let result = match tokio::time::timeout(self.config.append_timeout, write).await {
+            Err(_) => return Err(AppendError::Timeout),
+            Ok(result) => result,
+        };
+        let leader_of = |f: &openraft::error::ForwardToLeader<crate::types::KeelRaft>| {
+            f.leader_id.map(|id| (id, f.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default()))
+        };
+        match result {
+            Ok(response) => Ok(response.data),
+            Err(e) => match e.into_api_error() {
+                Some(ClientWriteError::ForwardToLeader(f)) => Err(AppendError::NotLeader { leader: leader_of(&f) }),
+                Some(ClientWriteError::LogEntryDiscarded(f)) => Err(AppendError::Unknown { leader: leader_of(&f) }),
+                Some(other) => Err(AppendError::Fatal(other.to_string())),
+                None => Err(AppendError::Fatal("the raft core stopped".into())),
+            },
+        }
+    }
+
+    /// Reads committed batches of a group from `from_offset`, up to `bytes_max` (at least one).
+    pub fn read(
+        &self,
+        group: GroupId,
+        from_offset: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<keel_record::Batch>, NodeError> {
+        let store = self.store(group)?;
+        store
+            .read_committed(from_offset, bytes_max)
+            .map_err(|e| NodeError::Storage { group, source: std::io::Error::other(e) })
+    }
+
+    /// The partition store of a group (positions, high watermark).
+    pub fn store(&self, group: GroupId) -> Result<PartitionStore, NodeError> {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).get(&group).cloned().ok_or(NodeError::UnknownGroup(group))
+    }
+
+    /// The raft handle of a group (metrics, membership changes).
+    pub fn raft(&self, group: GroupId) -> Result<Raft, NodeError> {
+        self.groups.get(group).map_err(|_| NodeError::UnknownGroup(group))
+    }
+
+    /// The current leader of a group, as this node knows it.
+    pub fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.groups.get(group).ok().and_then(|r| r.metrics().borrow_watched().current_leader)
+    }
+
+    /// Groups hosted here.
+    pub fn group_ids(&self) -> BTreeSet<GroupId> {
+        self.groups.all().into_iter().map(|(g, _)| g).collect()
+    }
+
+    /// Triggers a snapshot of a group's small state and lets raft purge the log up to the
+    /// retention point: whole segments that retention allows go, and a follower that needs them
+    /// later catches up from the snapshot.
+    pub async fn apply_retention(&self, group: GroupId, now_ms: i64) -> Result<(), NodeError> {
+        let raft = self.raft(group)?;
+        let store = self.store(group)?;
+        raft.trigger().snapshot().await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        let upto = store.retention_point(now_ms);
+        if let Some(index) = upto {
+            raft.trigger().purge_log(index).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every raft core at once, flushing nothing: what a killed process leaves behind (the
+    /// simulation then drops the disk's unflushed writes).
+    pub async fn halt(&self) {
+        for (group, raft) in self.groups.all() {
+            let _ = raft.shutdown().await;
+            self.groups.remove(group);
+        }
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Stops every group's raft core and flushes its storage.
+    pub async fn shutdown(&self) {
+        for (group, raft) in self.groups.all() {
+            let _ = raft.shutdown().await;
+            self.groups.remove(group);
+        }
+        let stores = std::mem::take(&mut *self.stores.lock().unwrap_or_else(|e| e.into_inner()));
+        for store in stores.values() {
+            store.close();
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! openraft's storage over the segment log: the raft log IS the partition log (the same bytes),
+//! the vote is a small file written atomically, and the state machine is the pure
+//! [`PartitionState`] with its snapshot in another small file.
+//!
+//! Group commit: `append` copies entries into the log and returns at once; a per-partition flusher
+//! task flushes everything written so far with one msync and only then calls every callback the
+//! flush covered. openraft counts an entry as replicated on this node only after its callback, so
+//! no entry is acknowledged before it is durable.
+
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::{Stream, StreamExt};
+use keel_storage::{Disk, LogConfig, LogPosition, SegmentLog};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::type_config::alias::SnapshotOf;
+use openraft::{EntryPayload, OptionalSend};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::convert;
+use crate::state_machine::PartitionState;
+use crate::types::{Appended, BatchData, Entry, KeelRaft, LogId, SnapshotMeta, StoredMembership, Vote};
+
+/// Files of a partition's raft state, next to its segments.
+const VOTE_FILE: &str = "raft.vote";
+const PURGED_FILE: &str = "raft.purged";
+const SNAPSHOT_FILE: &str = "raft.snapshot";
+
+/// How a partition's store does blocking disk work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// On tokio's blocking pool (msync can take milliseconds): production.
+    Blocking,
+    /// Inline on the task: the simulated disk is memory, and a thread pool would break
+    /// determinism.
+    Inline,
+}
+
+/// The shared state of one partition's storage.
+struct Shared {
+    dir: PathBuf,
+    disk: Arc<dyn Disk>,
+    io: IoMode,
+    log: Mutex<SegmentLog>,
+    /// Flush callbacks waiting for the durable end to reach a raft index (exclusive).
+    waiters: Mutex<VecDeque<(u64, IOFlushed<KeelRaft>)>>,
+    /// Wakes the flusher; shared with it apart from `Shared`, so that dropping the store wakes
+    /// it to exit.
+    flush_needed: Arc<Notify>,
+    sm: Mutex<SmState>,
+    /// The high watermark (next offset after the last applied entry), for readers that wait.
+    high_watermark: watch::Sender<u64>,
+    last_purged: Mutex<Option<LogId>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+struct SmState {
+    state: PartitionState,
+    snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a partition lock already stopped that partition's raft core; the
+    // data behind the lock is still consistent (every mutation is checked before it is made).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// One partition's storage; clones share it. Hand [`PartitionStore::log_store`] and
+/// [`PartitionStore::state_machine`] to openraft.
+#[derive(Clone)]
+pub struct PartitionStore {
+    shared: Arc<Shared>,
+}
+
+impl Debug for PartitionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PartitionStore({})", self.shared.dir.display())
+    }
+}
+
+impl PartitionStore {
+    /// Opens (recovering) the partition in `dir` and starts its flusher task on the current
+    /// tokio runtime.
+    pub fn open(disk: Arc<dyn Disk>, dir: impl Into<PathBuf>, config: LogConfig, io: IoMode) -> io::Result<Self> {
+        let dir = dir.into();
+        let log = SegmentLog::open(Arc::clone(&disk), &dir, config).map_err(io_err)?;
+        let snapshot = read_optional(&*disk, &dir.join(SNAPSHOT_FILE))?;
+        let (state, snapshot) = match snapshot {
+            Some(bytes) => {
+                let state = PartitionState::decode_snapshot(&bytes).map_err(io_err)?;
+                let meta = state.snapshot_meta();
+                (state, Some((meta, bytes.to_vec())))
+            }
+            None => (PartitionState::default(), None),
+        };
+        let last_purged = match read_optional(&*disk, &dir.join(PURGED_FILE))? {
+            Some(bytes) => {
+                let id = <keel_proto::v1::LogId as prost::Message>::decode(bytes).map_err(io_err)?;
+                Some(convert::log_id_from_pb(&id))
+            }
+            None => None,
+        };
+        let (high_watermark, _) = watch::channel(state.next_offset);
+        info!(dir = %dir.display(), written = ?log.written(), applied = ?state.last_applied, "partition store opened");
+        let shared = Arc::new(Shared {
+            dir,
+            disk,
+            io,
+            log: Mutex::new(log),
+            waiters: Mutex::new(VecDeque::new()),
+            flush_needed: Arc::new(Notify::new()),
+            sm: Mutex::new(SmState { state, snapshot }),
+            high_watermark,
+            last_purged: Mutex::new(last_purged),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(flusher(Arc::downgrade(&shared), Arc::clone(&shared.flush_needed)));
+        Ok(PartitionStore { shared })
+    }
+
+    /// openraft's log storage for this partition.
+    pub fn log_store(&self) -> LogStore {
+        LogStore { shared: Arc::clone(&self.shared) }
+    }
+
+    /// openraft's state machine for this partition.
+    pub fn state_machine(&self) -> StateMachine {
+        StateMachine { shared: Arc::clone(&self.shared) }
+    }
+
+    /// The high watermark: every offset below it is committed. Watch it to wait for new data.
+    pub fn high_watermark(&self) -> watch::Receiver<u64> {
+        self.shared.high_watermark.subscribe()
+    }
+
+    /// The log's written, durable and start positions.
+    pub fn positions(&self) -> (LogPosition, LogPosition, LogPosition) {
+        let log = lock(&self.shared.log);
+        (log.start(), log.durable(), log.written())
+    }
+
+    /// Reads committed batches from `from_offset`, at most `bytes_max` (at least one batch).
+    pub fn read_committed(
+        &self,
+        from_offset: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<keel_record::Batch>, keel_storage::StorageError> {
+        let high_watermark = *self.shared.high_watermark.borrow();
+        lock(&self.shared.log).read(from_offset, bytes_max, high_watermark)
+    }
+
+    /// The last raft index that retention allows purging, if any: whole segments below the high
+    /// watermark that are too old or beyond the size limit.
+    pub fn retention_point(&self, now_ms: i64) -> Option<u64> {
+        let high_watermark = *self.shared.high_watermark.borrow();
+        let log = lock(&self.shared.log);
+        let point = log.retention_point(now_ms, high_watermark);
+        (point.index > log.start().index).then(|| point.index - 1)
+    }
+
+    /// Stops the flusher task. The log is flushed first.
+    pub fn close(&self) {
+        let _ = self.shared.flush_now();
+        self.shared.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.shared.flush_needed.notify_one();
+    }
+
+    /// The partition's directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.flush_needed.notify_one();
+    }
+}
+
+impl Shared {
+    /// Completes every waiter the durable end covers (or fails them all on error).
+    fn complete_waiters(&self, durable: Result<LogPosition, String>) {
+        let mut done = Vec::new();
+        {
+            let mut waiters = lock(&self.waiters);
+            match &durable {
+                Ok(pos) => {
+                    while waiters.front().is_some_and(|(index, _)| *index <= pos.index) {
+                        if let Some(w) = waiters.pop_front() {
+                            done.push((w.1, Ok(())));
+                        }
+                    }
+                }
+                Err(why) => {
+                    for (_, cb) in waiters.drain(..) {
+                        done.push((cb, Err(io::Error::other(why.clone()))));
+                    }
+                }
+            }
+        }
+        for (cb, result) in done {
+            cb.io_completed(result);
+        }
+    }
+
+    /// Flushes everything written, synchronously, and completes the waiters it covers. Used before
+    /// IO that must not overtake earlier appends (truncation, vote, snapshot install).
+    fn flush_now(&self) -> io::Result<LogPosition> {
+        let result = lock(&self.log).flush().map_err(|e| e.to_string());
+        self.complete_waiters(result.clone());
+        result.map_err(io::Error::other)
+    }
+
+    fn write_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        keel_storage::write_atomic(&*self.disk, &self.dir.join(name), bytes)
+    }
+}
+
+/// Runs flushes while there is unflushed data: one msync covers every append made before it.
+async fn flusher(weak: std::sync::Weak<Shared>, notify: Arc<Notify>) {
+    loop {
+        notify.notified().await;
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        loop {
+            let ticket = lock(&shared.log).begin_flush();
+            let ticket = match ticket {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    let durable = lock(&shared.log).durable();
+                    shared.complete_waiters(Ok(durable));
+                    break;
+                }
+                Err(e) => {
+                    shared.complete_waiters(Err(e.to_string()));
+                    break;
+                }
+            };
+            let (ticket, result) = match shared.io {
+                IoMode::Inline => {
+                    let r = ticket.run();
+                    (ticket, r)
+                }
+                IoMode::Blocking => {
+                    match tokio::task::spawn_blocking(move || {
+                        let r = ticket.run();
+                        (ticket, r)
+                    })
+                    .await
+                    {
+                        Ok(done) => done,
+                        Err(e) => {
+                            shared.complete_waiters(Err(format!("flush task failed: {e}")));
+                            break;
+                        }
+                    }
+                }
+            };
+            let durable = lock(&shared.log).complete_flush(ticket, result).map_err(|e| e.to_string());
+            let failed = durable.is_err();
+            shared.complete_waiters(durable);
+            if failed {
+                break;
+            }
+        }
+    }
+}
+
+fn read_optional(disk: &dyn Disk, path: &Path) -> io::Result<Option<bytes::Bytes>> {
+    if disk.exists(path)? { keel_storage::read_whole(disk, path).map(Some) } else { Ok(None) }
+}
+
+fn range_to(range: &impl RangeBounds<u64>, start: u64, end: u64) -> (u64, u64) {
+    let from = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => start,
+    };
+    let to = match range.end_bound() {
+        Bound::Included(&e) => e + 1,
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => end,
+    };
+    (from.max(start), to.min(end))
+}
+
+/// openraft's log storage (and reader) for one partition.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
+
+impl RaftLogReader<KeelRaft> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let log = lock(&self.shared.log);
+        let (from, to) = range_to(&range, log.start().index, log.written().index);
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let batches = log.read_entries(from, to, usize::MAX).map_err(io_err)?;
+        drop(log);
+        batches.iter().map(|b| convert::batch_to_entry(b).map_err(io_err)).collect()
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        match read_optional(&*self.shared.disk, &self.shared.dir.join(VOTE_FILE))? {
+            Some(bytes) => convert::decode_vote(&bytes).map(Some).map_err(io_err),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogStorage<KeelRaft> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<KeelRaft>, io::Error> {
+        let last_purged_log_id = *lock(&self.shared.last_purged);
+        let log = lock(&self.shared.log);
+        let (start, end) = (log.start(), log.written());
+        let last_log_id = if end.index > start.index {
+            let h = log.header_at(end.index - 1).map_err(io_err)?;
+            Some(crate::types::log_id(h.raft_term, h.raft_index))
+        } else {
+            last_purged_log_id
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        // Serialised after earlier appends (openraft's contract): flush them first.
+        self.shared.flush_now()?;
+        self.shared.write_file(VOTE_FILE, &convert::encode_vote(vote))?;
+        debug!(dir = %self.shared.dir.display(), %vote, "vote saved");
+        Ok(())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<KeelRaft>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let target = {
+            let mut log = lock(&self.shared.log);
+            for entry in entries {
+                let next = log.written();
+                if next.index != entry.log_id.index {
+                    if log.start() == next {
+                        // An empty log starts wherever raft's first entry is.
+                        log.reset(LogPosition { offset: next.offset, index: entry.log_id.index }).map_err(io_err)?;
+                    } else {
+                        return Err(io::Error::other(format!(
+                            "append of {} would leave a hole after index {}",
+                            entry.log_id,
+                            next.index.saturating_sub(1)
+                        )));
+                    }
+                }
+                let batch = convert::entry_to_batch(&entry, log.written().offset).map_err(io_err)?;
+                log.append_stamped(&batch).map_err(io_err)?;
+            }
+            log.written().index
+        };
+        lock(&self.shared.waiters).push_back((target, callback));
+        self.shared.flush_needed.notify_one();
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        self.shared.flush_now()?;
+        let mut log = lock(&self.shared.log);
+        let from = match last_log_id {
+            Some(id) => id.index + 1,
+            None => log.start().index,
+        };
+        if from < log.written().index {
+            warn!(dir = %self.shared.dir.display(), from, "truncating uncommitted entries");
+            log.truncate_from_index(from).map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let mut log = lock(&self.shared.log);
+        let point = log.purge_point(log_id.index + 1);
+        if point.index <= log.start().index {
+            return Ok(());
+        }
+        let h = log.header_at(point.index - 1).map_err(io_err)?;
+        let purged = crate::types::log_id(h.raft_term, h.raft_index);
+        // Record the purge point first: a crash after it but before the segments go leaves them
+        // readable, which is harmless; the reverse would lose the purged log id.
+        self.shared.write_file(PURGED_FILE, &prost::Message::encode_to_vec(&convert::log_id_to_pb(&purged)))?;
+        *lock(&self.shared.last_purged) = Some(purged);
+        let start = log.purge_before_index(point.index).map_err(io_err)?;
+        drop(log);
+        let mut sm = lock(&self.shared.sm);
+        sm.state.log_start_offset = sm.state.log_start_offset.max(start.offset);
+        debug!(dir = %self.shared.dir.display(), %purged, "log purged");
+        Ok(())
+    }
+}
+
+/// openraft's state machine for one partition: [`PartitionState`] behind a lock.
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<KeelRaft> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<KeelRaft, Vec<u8>>, io::Error> {
+        let (meta, bytes) = {
+            let sm = lock(&self.shared.sm);
+            (sm.state.snapshot_meta(), sm.state.encode_snapshot())
+        };
+        self.shared.write_file(SNAPSHOT_FILE, &bytes)?;
+        lock(&self.shared.sm).snapshot = Some((meta.clone(), bytes.clone()));
+        Ok(openraft::storage::Snapshot { meta, snapshot: bytes })
+    }
+}
+
+impl RaftStateMachine<KeelRaft> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let sm = lock(&self.shared.sm);
+        Ok((sm.state.last_applied, sm.state.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<openraft::storage::EntryResponder<KeelRaft>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let response = {
+                let mut sm = lock(&self.shared.sm);
+                let state = &mut sm.state;
+                match entry.payload {
+                    EntryPayload::Normal(BatchData(bytes)) => {
+                        let header = keel_record::check(&bytes).map_err(io_err)?;
+                        state.apply_batch(entry.log_id, &header)
+                    }
+                    EntryPayload::Blank => {
+                        state.apply_blank(entry.log_id);
+                        Appended { base_offset: state.next_offset, next_offset: state.next_offset }
+                    }
+                    EntryPayload::Membership(m) => {
+                        state.apply_membership(entry.log_id, StoredMembership::new(Some(entry.log_id), m));
+                        Appended { base_offset: state.next_offset, next_offset: state.next_offset }
+                    }
+                }
+            };
+            self.shared.high_watermark.send_replace(response.next_offset);
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        let state = PartitionState::decode_snapshot(&snapshot).map_err(io_err)?;
+        if state.last_applied != meta.last_log_id {
+            return Err(io::Error::other("snapshot data does not match its metadata"));
+        }
+        self.shared.flush_now()?;
+        self.shared.write_file(SNAPSHOT_FILE, &snapshot)?;
+        if let Some(last) = meta.last_log_id {
+            let mut log = lock(&self.shared.log);
+            let holds_last = last.index >= log.start().index
+                && last.index < log.written().index
+                && log.header_at(last.index).is_ok_and(|h| h.raft_term == last.leader_id.term);
+            if !holds_last {
+                // The log does not reach the snapshot (or disagrees with it): it restarts right
+                // after it, at the offsets the snapshot says come next.
+                self.shared.write_file(PURGED_FILE, &prost::Message::encode_to_vec(&convert::log_id_to_pb(&last)))?;
+                *lock(&self.shared.last_purged) = Some(last);
+                log.reset(LogPosition { offset: state.next_offset, index: last.index + 1 }).map_err(io_err)?;
+                info!(dir = %self.shared.dir.display(), %last, next_offset = state.next_offset, "log reset to a snapshot");
+            }
+        }
+        let next_offset = state.next_offset;
+        {
+            let mut sm = lock(&self.shared.sm);
+            sm.state = state;
+            sm.snapshot = Some((meta.clone(), snapshot));
+        }
+        self.shared.high_watermark.send_replace(next_offset);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<KeelRaft, Vec<u8>>>, io::Error> {
+        let sm = lock(&self.shared.sm);
+        Ok(sm.snapshot.clone().map(|(meta, snapshot)| openraft::storage::Snapshot { meta, snapshot }))
+    }
+}

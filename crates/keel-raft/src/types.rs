@@ -1,0 +1,75 @@
+//! The openraft type configuration, kept behind Keel's own names: openraft's API churns between
+//! alphas, and only this crate should have to follow it.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+/// The async runtime: tokio, with openraft's randomness (election timeouts) drawn from a seed
+/// carried in task-local scope, so that a simulation run is a function of its seed.
+pub type Runtime = openraft_rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>;
+
+openraft::declare_raft_types!(
+    /// Keel's raft types: entries carry record batches; standard raft terms (a leader id is a term).
+    pub KeelRaft:
+        D = BatchData,
+        R = Appended,
+        NodeId = u64,
+        Node = openraft::impls::BasicNode,
+        Term = u64,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
+        AsyncRuntime = Runtime,
+);
+
+/// A node's id in the cluster.
+pub type NodeId = u64;
+/// A raft group's id: one per partition (and later one for the metadata controller).
+pub type GroupId = u64;
+/// A raft log id (term, index).
+pub type LogId = openraft::type_config::alias::LogIdOf<KeelRaft>;
+/// A vote (term, voted-for node, committed).
+pub type Vote = openraft::type_config::alias::VoteOf<KeelRaft>;
+/// A raft log entry.
+pub type Entry = openraft::type_config::alias::EntryOf<KeelRaft>;
+/// Membership of a group.
+pub type Membership = openraft::Membership<NodeId, Node>;
+/// Membership with the log id that introduced it.
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<KeelRaft>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<KeelRaft>;
+/// A node's address book entry.
+pub type Node = openraft::impls::BasicNode;
+/// The raft handle of one group.
+pub type Raft = openraft::Raft<KeelRaft, crate::store::StateMachine>;
+/// The committed part of a leader id: the term.
+pub type CommittedLeaderId = openraft::type_config::alias::CommittedLeaderIdOf<KeelRaft>;
+
+/// The application data of a raft entry: one encoded record batch (the bytes that go on disk).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BatchData(pub Bytes);
+
+impl fmt::Debug for BatchData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BatchData({} bytes)", self.0.len())
+    }
+}
+
+impl fmt::Display for BatchData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "batch of {} bytes", self.0.len())
+    }
+}
+
+/// Where a committed batch landed: the answer to an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Appended {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// The offset after its last record (the high watermark once it is committed).
+    pub next_offset: u64,
+}
+
+/// A log id from a term and an index.
+pub fn log_id(term: u64, index: u64) -> LogId {
+    openraft::LogId { leader_id: CommittedLeaderId::new(term), index }
+}
