@@ -62,6 +62,13 @@ struct Shared {
 struct SmState {
     state: PartitionState,
     snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+    /// The state as it was just before each segment's first entry, by that entry's index: a
+    /// snapshot for purging up to a segment boundary must describe the state there, not now, so
+    /// that a follower installing it restarts its log exactly where the leader's log starts and
+    /// loses none of the data retention kept (Kafka keeps producer snapshots per segment too).
+    checkpoints: std::collections::BTreeMap<u64, PartitionState>,
+    /// Where the next snapshot should be cut (a segment's first index), set by retention.
+    snapshot_target: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,7 +125,7 @@ impl PartitionStore {
             log: Mutex::new(log),
             waiters: Mutex::new(VecDeque::new()),
             flush_needed: Arc::new(Notify::new()),
-            sm: Mutex::new(SmState { state, snapshot }),
+            sm: Mutex::new(SmState { state, snapshot, checkpoints: Default::default(), snapshot_target: None }),
             high_watermark,
             last_purged: Mutex::new(last_purged),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -158,13 +165,20 @@ impl PartitionStore {
         lock(&self.shared.log).read(from_offset, bytes_max, high_watermark)
     }
 
-    /// The last raft index that retention allows purging, if any: whole segments below the high
-    /// watermark that are too old or beyond the size limit.
+    /// The last raft index that retention allows purging, if any (whole segments below the high
+    /// watermark that are too old or beyond the size limit), and aims the next snapshot there.
     pub fn retention_point(&self, now_ms: i64) -> Option<u64> {
         let high_watermark = *self.shared.high_watermark.borrow();
-        let log = lock(&self.shared.log);
-        let point = log.retention_point(now_ms, high_watermark);
-        (point.index > log.start().index).then(|| point.index - 1)
+        let point = {
+            let log = lock(&self.shared.log);
+            let point = log.retention_point(now_ms, high_watermark);
+            if point.index <= log.start().index {
+                return None;
+            }
+            point
+        };
+        lock(&self.shared.sm).snapshot_target = Some(point.index);
+        Some(point.index - 1)
     }
 
     /// Stops the flusher task. The log is flushed first.
@@ -429,8 +443,16 @@ impl RaftSnapshotBuilder<KeelRaft> for StateMachine {
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<KeelRaft, Vec<u8>>, io::Error> {
         let (meta, bytes) = {
-            let sm = lock(&self.shared.sm);
-            (sm.state.snapshot_meta(), sm.state.encode_snapshot())
+            let mut sm = lock(&self.shared.sm);
+            let target = sm.snapshot_target.and_then(|t| sm.checkpoints.get(&t).map(|c| (t, c.clone())));
+            match target {
+                Some((t, checkpoint)) => {
+                    // Older checkpoints can never be wanted again: the log will start at `t`.
+                    sm.checkpoints = sm.checkpoints.split_off(&t);
+                    (checkpoint.snapshot_meta(), checkpoint.encode_snapshot())
+                }
+                None => (sm.state.snapshot_meta(), sm.state.encode_snapshot()),
+            }
         };
         self.shared.write_file(SNAPSHOT_FILE, &bytes)?;
         lock(&self.shared.sm).snapshot = Some((meta.clone(), bytes.clone()));
@@ -453,8 +475,13 @@ impl RaftStateMachine<KeelRaft> for StateMachine {
     {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            let segment_base = lock(&self.shared.log).is_segment_base(entry.log_id.index);
             let response = {
                 let mut sm = lock(&self.shared.sm);
+                if segment_base {
+                    let before = sm.state.clone();
+                    sm.checkpoints.insert(entry.log_id.index, before);
+                }
                 let state = &mut sm.state;
                 match entry.payload {
                     EntryPayload::Normal(BatchData(bytes)) => {

@@ -842,6 +842,11 @@ impl SegmentLog {
         self.remove_oldest(remove)
     }
 
+    /// True when a segment starts at raft index `index`.
+    pub fn is_segment_base(&self, index: u64) -> bool {
+        self.segments.binary_search_by_key(&index, |s| s.base.index).is_ok()
+    }
+
     /// Where the log would start after `purge_before_index(index)`, without changing anything.
     pub fn purge_point(&self, index: u64) -> LogPosition {
         self.segments.get(self.purgeable(index)).map_or(self.start(), |s| s.base)
