@@ -1,9 +1,11 @@
 //! Deterministic simulation runs: a run is a function of its seed, its trace is hashed so that
 //! determinism can be checked, and a failure names the seed that replays it.
 //!
-//! Workloads today: `storage` (one segment log on SimDisk under power loss between and inside
-//! operations, checked by `keel_storage::testing`). Whole clusters under turmoil join when
-//! replication exists.
+//! Workloads: `storage` (one segment log on SimDisk under power loss between and inside
+//! operations, checked by `keel_storage::testing`) and `cluster` (three raft nodes under turmoil
+//! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]).
+
+pub mod cluster;
 
 use std::fmt;
 
@@ -12,6 +14,21 @@ use std::fmt;
 pub enum Workload {
     /// The segment log under crashes.
     Storage,
+    /// A three-node raft cluster under crashes and partitions.
+    Cluster,
+    /// The cluster with an injected ack-before-flush bug: the checker must fail it.
+    ClusterAckBeforeFlush,
+}
+
+impl Workload {
+    /// The name the driver's `--workload` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Storage => "storage",
+            Workload::Cluster => "cluster",
+            Workload::ClusterAckBeforeFlush => "cluster-ack-before-flush",
+        }
+    }
 }
 
 /// The outcome of one seed.
@@ -40,22 +57,53 @@ const TAIL_LINES: usize = 12;
 
 /// Runs one seed of `workload`.
 pub fn run(workload: Workload, seed: u64) -> RunReport {
+    run_keeping(workload, seed, TAIL_LINES)
+}
+
+/// Runs one seed, keeping the last `tail_lines` events for the report.
+pub fn run_keeping(workload: Workload, seed: u64, tail_lines: usize) -> RunReport {
     let mut hasher = Fnv::new();
     let mut events = 0u64;
-    let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
+    let mut tail = std::collections::VecDeque::with_capacity(tail_lines.min(1 << 16));
     let mut trace = |line: String| {
         hasher.write(line.as_bytes());
         hasher.write(b"\n");
         events += 1;
-        if tail.len() == TAIL_LINES {
+        if tail.len() == tail_lines {
             tail.pop_front();
         }
         tail.push_back(line);
     };
-    let violation = match workload {
-        Workload::Storage => keel_storage::testing::crash_workload(seed, &mut trace).err(),
+    // A panic inside the simulated cluster is a broken invariant (openraft and Keel assert
+    // theirs): report it against the seed like any other violation.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_workload(workload, seed, &mut trace)));
+    let violation = match outcome {
+        Ok(violation) => violation,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "non-string panic".to_owned());
+            Some(format!("seed {seed}: panicked: {message}"))
+        }
     };
     RunReport { seed, trace_hash: hasher.finish(), events, violation, tail: tail.into_iter().collect() }
+}
+
+fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) -> Option<String> {
+    match workload {
+        Workload::Storage => keel_storage::testing::crash_workload(seed, trace).err(),
+        Workload::Cluster => cluster::run_cluster(seed, cluster::ClusterSim::default(), trace).err(),
+        Workload::ClusterAckBeforeFlush => {
+            let config = cluster::ClusterSim {
+                faults: keel_raft::Faults { ack_before_flush: true },
+                crash_all_weight: 6,
+                ..cluster::ClusterSim::default()
+            };
+            cluster::run_cluster(seed, config, trace).err()
+        }
+    }
 }
 
 /// 64-bit FNV-1a: tiny, stable across platforms and Rust versions (unlike `DefaultHasher`).

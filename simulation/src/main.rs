@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use keel_simulation::{Workload, run};
+use keel_simulation::{Workload, run, run_keeping};
 
 /// Deterministic simulation of Keel: every run is a function of its seed.
 #[derive(Debug, Parser)]
@@ -18,6 +18,9 @@ struct Args {
     /// Sweep a half-open range of seeds, e.g. `0..1000`.
     #[arg(long)]
     seeds: Option<String>,
+    /// Print the history of every run, not only the end of failed ones.
+    #[arg(long)]
+    verbose: bool,
     /// What to simulate.
     #[arg(long, value_enum, default_value_t = WorkloadArg::Storage)]
     workload: WorkloadArg,
@@ -25,7 +28,12 @@ struct Args {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum WorkloadArg {
+    /// One segment log under power loss.
     Storage,
+    /// Three raft nodes under crashes and partitions.
+    Cluster,
+    /// The negative control: the cluster with an ack-before-flush bug (must fail).
+    ClusterAckBeforeFlush,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -41,6 +49,8 @@ fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let workload = match args.workload {
         WorkloadArg::Storage => Workload::Storage,
+        WorkloadArg::Cluster => Workload::Cluster,
+        WorkloadArg::ClusterAckBeforeFlush => Workload::ClusterAckBeforeFlush,
     };
     let seeds = match (args.seed, &args.seeds) {
         (Some(s), _) => s..s + 1,
@@ -49,14 +59,25 @@ fn main() -> anyhow::Result<ExitCode> {
     };
     let (mut passed, mut failed) = (0u64, 0u64);
     for seed in seeds {
-        let report = run(workload, seed);
+        // Named before it runs: should a run abort the process, the seed is still on record.
+        eprintln!("running seed {seed}");
+        let report = if args.verbose { run_keeping(workload, seed, usize::MAX) } else { run(workload, seed) };
         println!("{report}");
+        if args.verbose {
+            println!("  {} events; last ones:", report.events);
+            for line in &report.tail {
+                println!("    {line}");
+            }
+        }
         match &report.violation {
             None => passed += 1,
             Some(violation) => {
                 failed += 1;
                 println!("FAILED: {violation}");
-                println!("  replay: cargo run -p keel-simulation --release -- --seed {seed}");
+                println!(
+                    "  replay: cargo run -p keel-simulation --release -- --workload {} --seed {seed}",
+                    workload.name()
+                );
                 println!("  last events:");
                 for line in &report.tail {
                     println!("    {line}");

@@ -18,5 +18,5 @@ pub mod types;
 
 pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
 pub use node::{AppendError, NodeConfig, NodeError, RaftNode, RaftTimings};
-pub use store::{IoMode, PartitionStore};
+pub use store::{Faults, IoMode, PartitionStore};
 pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};

@@ -13,7 +13,7 @@ use openraft::error::ClientWriteError;
 use tracing::{Instrument, info, info_span};
 
 use crate::network::{Connector, GroupNetwork, Groups, NetworkConfig, Peers, RaftService};
-use crate::store::{IoMode, PartitionStore};
+use crate::store::{Faults, IoMode, PartitionStore};
 use crate::types::{Appended, BatchData, GroupId, Node, NodeId, Raft, Runtime};
 
 /// Raft timing, in milliseconds. openraft does not coalesce heartbeats across groups, so with
@@ -125,6 +125,7 @@ pub struct RaftNode {
     stores: Mutex<BTreeMap<GroupId, PartitionStore>>,
     /// Advances per group started, so every group draws its own election timeouts.
     seed: Mutex<u64>,
+    faults: Mutex<Faults>,
 }
 
 impl RaftNode {
@@ -133,7 +134,20 @@ impl RaftNode {
         let peers = Peers::new(connector, config.network);
         peers.set_addr(config.node_id, &config.advertised_addr);
         let seed = Mutex::new(config.seed);
-        RaftNode { config, disk, peers, groups: Groups::default(), stores: Mutex::new(BTreeMap::new()), seed }
+        RaftNode {
+            config,
+            disk,
+            peers,
+            groups: Groups::default(),
+            stores: Mutex::new(BTreeMap::new()),
+            seed,
+            faults: Mutex::new(Faults::default()),
+        }
+    }
+
+    /// Injects bugs into groups opened from now on: for negative controls only.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
     }
 
     /// The gRPC service receiving raft RPCs for every group on this node.
@@ -158,6 +172,10 @@ impl RaftNode {
             // openraft must not purge the log on its own: consumers read it.
             snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: u64::MAX,
+            // A follower's log only goes backwards if acknowledged entries were lost: with the
+            // injected ack-before-flush bug, let the checker see the damage instead of openraft's
+            // debug assertion stopping the run.
+            allow_log_reversion: Some(self.faults.lock().unwrap_or_else(|e| e.into_inner()).ack_before_flush),
             ..Config::default()
         };
         config.validate().map(Arc::new).map_err(|e| NodeError::Raft(e.to_string()))
@@ -171,8 +189,15 @@ impl RaftNode {
             return Ok(());
         }
         let dir = self.config.data_dir.join(format!("group-{group}"));
-        let store = PartitionStore::open(Arc::clone(&self.disk), dir, self.config.log.clone(), self.config.io)
-            .map_err(|source| NodeError::Storage { group, source })?;
+        let faults = *self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let store = PartitionStore::open_with_faults(
+            Arc::clone(&self.disk),
+            dir,
+            self.config.log.clone(),
+            self.config.io,
+            faults,
+        )
+        .map_err(|source| NodeError::Storage { group, source })?;
         let network = GroupNetwork::new(self.peers.clone(), group);
         let config = self.raft_config()?;
         let seed = {

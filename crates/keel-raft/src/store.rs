@@ -41,6 +41,15 @@ pub enum IoMode {
     Inline,
 }
 
+/// Injected bugs, for negative controls only: a checker that never sees these fail proves
+/// nothing. Never set in production.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Report appended entries as persisted at once and flush only once a second: the classic
+    /// acknowledge-before-fsync bug (what `flush = async` would do under raft).
+    pub ack_before_flush: bool,
+}
+
 /// The shared state of one partition's storage.
 struct Shared {
     dir: PathBuf,
@@ -57,6 +66,7 @@ struct Shared {
     high_watermark: watch::Sender<u64>,
     last_purged: Mutex<Option<LogId>>,
     closed: std::sync::atomic::AtomicBool,
+    faults: Faults,
 }
 
 struct SmState {
@@ -98,6 +108,17 @@ impl PartitionStore {
     /// Opens (recovering) the partition in `dir` and starts its flusher task on the current
     /// tokio runtime.
     pub fn open(disk: Arc<dyn Disk>, dir: impl Into<PathBuf>, config: LogConfig, io: IoMode) -> io::Result<Self> {
+        Self::open_with_faults(disk, dir, config, io, Faults::default())
+    }
+
+    /// [`PartitionStore::open`] with injected bugs (negative controls only).
+    pub fn open_with_faults(
+        disk: Arc<dyn Disk>,
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        io: IoMode,
+        faults: Faults,
+    ) -> io::Result<Self> {
         let dir = dir.into();
         let log = SegmentLog::open(Arc::clone(&disk), &dir, config).map_err(io_err)?;
         let snapshot = read_optional(&*disk, &dir.join(SNAPSHOT_FILE))?;
@@ -129,6 +150,7 @@ impl PartitionStore {
             high_watermark,
             last_purged: Mutex::new(last_purged),
             closed: std::sync::atomic::AtomicBool::new(false),
+            faults,
         });
         tokio::spawn(flusher(Arc::downgrade(&shared), Arc::clone(&shared.flush_needed)));
         Ok(PartitionStore { shared })
@@ -243,50 +265,60 @@ impl Shared {
 async fn flusher(weak: std::sync::Weak<Shared>, notify: Arc<Notify>) {
     loop {
         notify.notified().await;
-        let Some(shared) = weak.upgrade() else { return };
-        if shared.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return;
+        let delayed = match weak.upgrade() {
+            None => return,
+            Some(shared) if shared.closed.load(std::sync::atomic::Ordering::Acquire) => return,
+            Some(shared) => shared.faults.ack_before_flush,
+        };
+        if delayed {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
-        loop {
-            let ticket = lock(&shared.log).begin_flush();
-            let ticket = match ticket {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    let durable = lock(&shared.log).durable();
-                    shared.complete_waiters(Ok(durable));
-                    break;
-                }
-                Err(e) => {
-                    shared.complete_waiters(Err(e.to_string()));
-                    break;
-                }
-            };
-            let (ticket, result) = match shared.io {
-                IoMode::Inline => {
-                    let r = ticket.run();
-                    (ticket, r)
-                }
-                IoMode::Blocking => {
-                    match tokio::task::spawn_blocking(move || {
-                        let r = ticket.run();
-                        (ticket, r)
-                    })
-                    .await
-                    {
-                        Ok(done) => done,
-                        Err(e) => {
-                            shared.complete_waiters(Err(format!("flush task failed: {e}")));
-                            break;
-                        }
-                    }
-                }
-            };
-            let durable = lock(&shared.log).complete_flush(ticket, result).map_err(|e| e.to_string());
-            let failed = durable.is_err();
-            shared.complete_waiters(durable);
-            if failed {
+        let Some(shared) = weak.upgrade() else { return };
+        flush_all(&shared).await;
+    }
+}
+
+/// Flushes until everything written is durable, completing waiters as it goes.
+async fn flush_all(shared: &Arc<Shared>) {
+    loop {
+        let ticket = lock(&shared.log).begin_flush();
+        let ticket = match ticket {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                let durable = lock(&shared.log).durable();
+                shared.complete_waiters(Ok(durable));
                 break;
             }
+            Err(e) => {
+                shared.complete_waiters(Err(e.to_string()));
+                break;
+            }
+        };
+        let (ticket, result) = match shared.io {
+            IoMode::Inline => {
+                let r = ticket.run();
+                (ticket, r)
+            }
+            IoMode::Blocking => {
+                match tokio::task::spawn_blocking(move || {
+                    let r = ticket.run();
+                    (ticket, r)
+                })
+                .await
+                {
+                    Ok(done) => done,
+                    Err(e) => {
+                        shared.complete_waiters(Err(format!("flush task failed: {e}")));
+                        break;
+                    }
+                }
+            }
+        };
+        let durable = lock(&shared.log).complete_flush(ticket, result).map_err(|e| e.to_string());
+        let failed = durable.is_err();
+        shared.complete_waiters(durable);
+        if failed {
+            break;
         }
     }
 }
@@ -392,7 +424,11 @@ impl RaftLogStorage<KeelRaft> for LogStore {
             }
             log.written().index
         };
-        lock(&self.shared.waiters).push_back((target, callback));
+        if self.shared.faults.ack_before_flush {
+            callback.io_completed(Ok(()));
+        } else {
+            lock(&self.shared.waiters).push_back((target, callback));
+        }
         self.shared.flush_needed.notify_one();
         Ok(())
     }
