@@ -173,6 +173,33 @@ fn batch(value: &str) -> Bytes {
     b.build()
 }
 
+/// White-box check at the moment of an ack: how many nodes' disks hold the acknowledged batch
+/// durably (as it would be found after a power loss right now).
+fn durable_copies(disks: &[SimDisk], group: u64, base_offset: u64, value: &str) -> usize {
+    let dir = PathBuf::from(format!("/data/group-{group}"));
+    disks
+        .iter()
+        .filter(|disk| {
+            disk.durable_files(&dir).iter().filter(|p| p.extension().is_some_and(|e| e == "log")).any(|path| {
+                let Some(bytes) = disk.durable_bytes(path) else { return false };
+                let bytes = Bytes::from(bytes);
+                let mut pos = keel_storage::segment::SEGMENT_HEADER_BYTES as usize;
+                while pos < bytes.len() {
+                    let Ok((b, len)) = keel_record::Batch::split_first(&bytes.slice(pos..)) else { break };
+                    if b.header().base_offset == base_offset && b.header().record_count > 0 {
+                        let first = b.records().next().and_then(|r| r.ok()).and_then(|r| r.value);
+                        if first.as_deref() == Some(value.as_bytes()) {
+                            return true;
+                        }
+                    }
+                    pos += len;
+                }
+                false
+            })
+        })
+        .count()
+}
+
 /// Appends through whichever node the client picks, following "not leader" hints once.
 async fn client_append(registry: &Registry, rng: &mut ChaCha8Rng, group: u64, value: &str) -> Outcome {
     let mut target = rng.random_range(1..=NODES);
@@ -237,8 +264,10 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
 
     let history: Rc<RefCell<Vec<Op>>> = Rc::new(RefCell::new(Vec::new()));
     let done = Rc::new(RefCell::new(false));
+    let under_quorum: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(Vec::new()));
     {
         let (registry, history, done) = (Rc::clone(&registry), Rc::clone(&history), Rc::clone(&done));
+        let (disks, under_quorum) = (disks.clone(), Rc::clone(&under_quorum));
         let ops = config.ops;
         sim.client("client", async move {
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc11e);
@@ -253,6 +282,14 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
                     h.len() - 1
                 };
                 let outcome = client_append(&registry, &mut rng, group, &value).await;
+                if let Outcome::Ok(offset) = outcome {
+                    let copies = durable_copies(&disks, group, offset, &value);
+                    if copies < (NODES as usize) / 2 + 1 {
+                        under_quorum
+                            .borrow_mut()
+                            .push(format!("{value} acked at {offset} of group {group} on {copies} disks"));
+                    }
+                }
                 history.borrow_mut()[index].outcome = Some(outcome);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(5..80))).await;
             }
@@ -278,20 +315,21 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
             return Err(format!("seed {seed}: the workload did not finish in 400 simulated seconds"));
         }
         if let Some(at) = heal_at
-            && now >= at {
-                for id in std::mem::take(&mut crashed) {
-                    trace(format!("{now:?} restart n{id}"));
-                    sim.bounce(host_name(id));
-                }
-                if partitioned {
-                    trace(format!("{now:?} heal network"));
-                    sim.repair("n1", "n2");
-                    sim.repair("n1", "n3");
-                    sim.repair("n2", "n3");
-                    partitioned = false;
-                }
-                heal_at = None;
+            && now >= at
+        {
+            for id in std::mem::take(&mut crashed) {
+                trace(format!("{now:?} restart n{id}"));
+                sim.bounce(host_name(id));
             }
+            if partitioned {
+                trace(format!("{now:?} heal network"));
+                sim.repair("n1", "n2");
+                sim.repair("n1", "n3");
+                sim.repair("n2", "n3");
+                partitioned = false;
+            }
+            heal_at = None;
+        }
         if config.nemesis && heal_at.is_none() && now >= next_fault {
             stats.faults += 1;
             let weight_all = config.crash_all_weight;
@@ -377,6 +415,9 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
             Some(Outcome::Fail) => stats.failed += 1,
             _ => stats.unknown += 1,
         }
+    }
+    if let Some(first) = under_quorum.borrow().first() {
+        return Err(format!("seed {seed}: acknowledged without a durable quorum: {first}"));
     }
     check(seed, &history, &registry.borrow(), &final_writes.borrow())?;
     Ok(stats)

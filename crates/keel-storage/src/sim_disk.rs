@@ -236,6 +236,12 @@ impl SimDisk {
         self.lock().flushes
     }
 
+    /// Files of `dir` that would survive a crash now (names made durable by a directory sync).
+    pub fn durable_files(&self, dir: &Path) -> Vec<PathBuf> {
+        let s = self.lock();
+        s.durable_names.keys().filter(|p| p.parent() == Some(dir)).cloned().collect()
+    }
+
     /// A copy of the durable bytes of a file, as they would be after a crash.
     pub fn durable_bytes(&self, path: &Path) -> Option<Vec<u8>> {
         let s = self.lock();
