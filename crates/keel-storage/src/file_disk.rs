@@ -28,23 +28,39 @@ impl FileDisk {
     }
 }
 
+/// How far ahead of the write position space is pre-faulted: enough that appends never fault,
+/// little enough that hundreds of partitions do not pin gigabytes of page cache up front.
+pub const PREFAULT_AHEAD_BYTES: u64 = 8 << 20;
+
+type PrefaultJob = (Arc<MmapRaw>, usize, usize);
+
 /// Pre-faults `[from, to)` of `map` readable (MADV_POPULATE_READ: page cache pages and page table
-/// entries, no dirty pages and so no extra disk writes), in chunks, on a background thread, so
-/// the cost is paid off the append path. Best effort: on kernels without the advice it stops.
+/// entries, no dirty pages and so no extra disk writes) on one background thread shared by every
+/// file, so the cost is paid off the append path. Best effort: without the thread or on kernels
+/// without the advice, pages fault on first write instead (slower, never wrong).
 fn prefault_in_background(map: Arc<MmapRaw>, from: usize, to: usize) {
-    const CHUNK: usize = 4 << 20;
-    let spawned = std::thread::Builder::new().name("keel-prefault".into()).spawn(move || {
-        let mut at = from;
-        while at < to {
-            let len = CHUNK.min(to - at);
-            if map.advise_range(memmap2::Advice::PopulateRead, at, len).is_err() {
-                return;
+    static QUEUE: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<PrefaultJob>>>> =
+        std::sync::OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<PrefaultJob>();
+        let worker = std::thread::Builder::new().name("keel-prefault".into()).spawn(move || {
+            const CHUNK: usize = 1 << 20;
+            for (map, from, to) in rx {
+                let mut at = from;
+                while at < to {
+                    let len = CHUNK.min(to - at);
+                    if map.advise_range(memmap2::Advice::PopulateRead, at, len).is_err() {
+                        break;
+                    }
+                    at += len;
+                }
             }
-            at += len;
-        }
+        });
+        worker.ok().map(|_| std::sync::Mutex::new(tx))
     });
-    // Without a thread the pages fault on first write instead: slower, never wrong.
-    drop(spawned);
+    if let Some(tx) = queue {
+        let _ = tx.lock().map(|tx| tx.send((map, from, to)));
+    }
 }
 
 impl Disk for FileDisk {
@@ -197,9 +213,21 @@ impl DiskFile for MappedFile {
         self.metadata_dirty.store(true, Ordering::Release);
         let map = self.remap(len)?;
         if let (true, Some(map)) = (self.prefault, map) {
-            prefault_in_background(map, old as usize, len as usize);
+            prefault_in_background(map, old as usize, len.min(old + PREFAULT_AHEAD_BYTES) as usize);
         }
         Ok(())
+    }
+
+    fn will_write(&self, offset: u64, len: u64) {
+        if !self.prefault {
+            return;
+        }
+        if let Ok(Some(map)) = self.mapping() {
+            let end = offset.saturating_add(len).min(map.len() as u64);
+            if end > offset {
+                prefault_in_background(map, offset as usize, end as usize);
+            }
+        }
     }
 
     fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
