@@ -29,6 +29,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 const PORT: u16 = 9000;
 const NODES: u64 = 3;
 const GROUPS: u64 = 3;
+const NORMAL_LATENCY_MAX: Duration = Duration::from_millis(5);
 
 /// Settings of one cluster run.
 #[derive(Debug, Clone, Copy)]
@@ -117,10 +118,18 @@ fn members() -> BTreeMap<NodeId, Node> {
     (1..=NODES).map(|id| (id, Node { addr: format!("{}:{PORT}", host_name(id)) })).collect()
 }
 
-type Registry = Rc<RefCell<BTreeMap<NodeId, Arc<RaftNode>>>>;
+/// The running nodes, with the boot number of each (a restarted node is a new boot).
+type Registry = Rc<RefCell<BTreeMap<NodeId, (u64, Arc<RaftNode>)>>>;
 
 /// One node's life: serve raft, open the groups, initialise them on the first boot of node 1.
-async fn node_main(id: NodeId, disk: SimDisk, seed: u64, faults: Faults, registry: Registry) -> turmoil::Result {
+async fn node_main(
+    id: NodeId,
+    boot: u64,
+    disk: SimDisk,
+    seed: u64,
+    faults: Faults,
+    registry: Registry,
+) -> turmoil::Result {
     let config = NodeConfig {
         node_id: id,
         advertised_addr: format!("{}:{PORT}", host_name(id)),
@@ -149,7 +158,7 @@ async fn node_main(id: NodeId, disk: SimDisk, seed: u64, faults: Faults, registr
             let _ = node.initialize_group(group, members()).await;
         }
     }
-    registry.borrow_mut().insert(id, Arc::clone(&node));
+    registry.borrow_mut().insert(id, (boot, Arc::clone(&node)));
     // The host lives until the simulation crashes it.
     std::future::pending::<()>().await;
     Ok(())
@@ -204,7 +213,7 @@ fn durable_copies(disks: &[SimDisk], group: u64, base_offset: u64, value: &str) 
 async fn client_append(registry: &Registry, rng: &mut ChaCha8Rng, group: u64, value: &str) -> Outcome {
     let mut target = rng.random_range(1..=NODES);
     for _ in 0..3 {
-        let node = registry.borrow().get(&target).cloned();
+        let node = registry.borrow().get(&target).map(|(_, n)| Arc::clone(n));
         let Some(node) = node else {
             target = rng.random_range(1..=NODES);
             continue;
@@ -242,7 +251,7 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
         .simulation_duration(Duration::from_secs(600))
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(5))
+        .max_message_latency(NORMAL_LATENCY_MAX)
         .rng_seed(seed)
         .build();
     let disks: Vec<SimDisk> = (1..=NODES).map(|id| SimDisk::new(seed.wrapping_mul(31).wrapping_add(id))).collect();
@@ -258,7 +267,7 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
                 *b += 1;
                 *b
             };
-            node_main(id, disk.clone(), seed ^ (id << 32) ^ boot, faults, Rc::clone(&registry))
+            node_main(id, boot, disk.clone(), seed ^ (id << 32) ^ boot, faults, Rc::clone(&registry))
         });
     }
 
@@ -298,12 +307,36 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
         });
     }
 
+    // A consumer reads committed records from any live replica, in offset order, the whole
+    // time; what it saw is checked against the final state, and high watermarks are sampled.
+    let consumed: Rc<RefCell<Consumed>> = Rc::new(RefCell::new(Consumed::default()));
+    {
+        let (registry, consumed, done) = (Rc::clone(&registry), Rc::clone(&consumed), Rc::clone(&done));
+        sim.client("consumer", async move {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc0de);
+            while !*done.borrow() {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
+                let nodes: Vec<(NodeId, u64, Arc<RaftNode>)> =
+                    registry.borrow().iter().map(|(i, (boot, n))| (*i, *boot, Arc::clone(n))).collect();
+                if nodes.is_empty() {
+                    continue;
+                }
+                let (id, boot, node) = &nodes[rng.random_range(0..nodes.len())];
+                for group in 1..=GROUPS {
+                    consumed.borrow_mut().poll(*id, *boot, node, group);
+                }
+            }
+            Ok(())
+        });
+    }
+
     // The nemesis runs between simulation steps, on the same seed.
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7e4e);
     let mut stats = ClusterStats::default();
     let mut next_fault = Duration::from_secs(4);
     let mut crashed: BTreeSet<NodeId> = BTreeSet::new();
     let mut partitioned = false;
+    let mut slow = false;
     let mut heal_at: Option<Duration> = None;
     loop {
         let finished = sim.step().map_err(|e| format!("seed {seed}: simulation failed: {e}"))?;
@@ -328,12 +361,43 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
                 sim.repair("n2", "n3");
                 partitioned = false;
             }
+            if slow {
+                trace(format!("{now:?} network speed restored"));
+                sim.set_max_message_latency(NORMAL_LATENCY_MAX);
+                slow = false;
+            }
             heal_at = None;
         }
         if config.nemesis && heal_at.is_none() && now >= next_fault {
             stats.faults += 1;
             let weight_all = config.crash_all_weight;
-            match rng.random_range(0..(3 + weight_all)) {
+            match rng.random_range(0..(6 + weight_all)) {
+                3 => {
+                    // A bridge: two nodes cannot talk to each other, the third talks to both.
+                    let bridge = rng.random_range(1..=NODES);
+                    let others: Vec<u64> = (1..=NODES).filter(|o| *o != bridge).collect();
+                    trace(format!("{now:?} bridge through n{bridge}"));
+                    sim.partition(host_name(others[0]), host_name(others[1]));
+                    partitioned = true;
+                }
+                4 => {
+                    // Isolate whoever leads a random partition right now.
+                    let group = rng.random_range(1..=GROUPS);
+                    let leader = registry.borrow().values().find_map(|(_, n)| n.leader(group));
+                    if let Some(id) = leader {
+                        trace(format!("{now:?} isolate the leader of group {group}: n{id}"));
+                        for other in (1..=NODES).filter(|o| *o != id) {
+                            sim.partition(host_name(id), host_name(other));
+                        }
+                        partitioned = true;
+                    }
+                }
+                5 => {
+                    let max = Duration::from_millis(rng.random_range(50..400));
+                    trace(format!("{now:?} slow network: up to {max:?} per message, reordered"));
+                    sim.set_max_message_latency(max);
+                    slow = true;
+                }
                 0 => {
                     let id = rng.random_range(1..=NODES);
                     let mode = crash_node(&mut sim, &disks, &registry, id);
@@ -376,6 +440,7 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
     sim.repair("n1", "n2");
     sim.repair("n1", "n3");
     sim.repair("n2", "n3");
+    sim.set_max_message_latency(NORMAL_LATENCY_MAX);
     trace("heal all".into());
     let final_writes: Rc<RefCell<BTreeMap<u64, u64>>> = Rc::new(RefCell::new(BTreeMap::new()));
     {
@@ -419,7 +484,13 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
     if let Some(first) = under_quorum.borrow().first() {
         return Err(format!("seed {seed}: acknowledged without a durable quorum: {first}"));
     }
-    check(seed, &history, &registry.borrow(), &final_writes.borrow())?;
+    if let Some(first) = consumed.borrow().violations.first() {
+        return Err(format!("seed {seed}: consumer: {first}"));
+    }
+    let seen = consumed.borrow().seen.clone();
+    let nodes: BTreeMap<NodeId, Arc<RaftNode>> =
+        registry.borrow().iter().map(|(i, (_, n))| (*i, Arc::clone(n))).collect();
+    check(seed, &history, &nodes, &final_writes.borrow(), &seen)?;
     Ok(stats)
 }
 
@@ -435,6 +506,7 @@ fn check(
     history: &[Op],
     nodes: &BTreeMap<NodeId, Arc<RaftNode>>,
     final_writes: &BTreeMap<u64, u64>,
+    seen: &BTreeMap<(u64, u64), String>,
 ) -> Result<(), String> {
     for group in 1..=GROUPS {
         let final_offset = final_writes.get(&group).copied().unwrap_or(0);
@@ -454,8 +526,84 @@ fn check(
         check_no_lost_write(seed, group, &ops, &longest)?;
         check_no_duplicates(seed, group, &longest)?;
         check_no_aborted_reads(seed, group, &ops, &longest)?;
+        check_consumer_saw_committed(seed, group, seen, &longest)?;
     }
     Ok(())
+}
+
+/// What the consumer read during the run agrees with the final committed state, offset by
+/// offset: nothing it was served was later lost or replaced.
+fn check_consumer_saw_committed(
+    seed: u64,
+    group: u64,
+    seen: &BTreeMap<(u64, u64), String>,
+    records: &[(u64, String)],
+) -> Result<(), String> {
+    let at: BTreeMap<u64, &String> = records.iter().map(|(o, v)| (*o, v)).collect();
+    for ((g, offset), value) in seen.range((group, 0)..=(group, u64::MAX)) {
+        debug_assert_eq!(*g, group);
+        match at.get(offset) {
+            Some(v) if *v == value => {}
+            other => {
+                return Err(format!(
+                    "seed {seed} group {group}: a consumer read {value:?} at {offset}, which finally holds {other:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the consumer observed: records by (group, offset), its position per group, and the high
+/// watermark each node boot reported per group (which must never move backwards).
+#[derive(Default)]
+struct Consumed {
+    seen: BTreeMap<(u64, u64), String>,
+    next: BTreeMap<u64, u64>,
+    high_watermarks: BTreeMap<(NodeId, u64, u64), u64>,
+    violations: Vec<String>,
+}
+
+impl Consumed {
+    fn poll(&mut self, id: NodeId, boot: u64, node: &RaftNode, group: u64) {
+        let Ok(store) = node.store(group) else { return };
+        let high_watermark = *store.high_watermark().borrow();
+        let last = self.high_watermarks.entry((id, boot, group)).or_insert(high_watermark);
+        if high_watermark < *last {
+            self.violations
+                .push(format!("n{id} group {group}: high watermark went back from {last} to {high_watermark}"));
+        }
+        *last = high_watermark;
+        let next = self.next.entry(group).or_insert(0);
+        let Ok(batches) = store.read_committed(*next, 64 << 10) else { return };
+        for batch in batches {
+            if batch.header().next_offset() > high_watermark {
+                self.violations
+                    .push(format!("n{id} group {group}: served offsets above its high watermark {high_watermark}"));
+            }
+            for record in batch.records() {
+                let Ok(record) = record else {
+                    self.violations.push(format!("n{id} group {group}: served an undecodable record"));
+                    return;
+                };
+                if record.offset != *next {
+                    self.violations
+                        .push(format!("n{id} group {group}: expected offset {next}, was served {}", record.offset));
+                    return;
+                }
+                let value = record.value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+                if let Some(previous) = self.seen.insert((group, record.offset), value.clone()) {
+                    if previous != value {
+                        self.violations.push(format!(
+                            "group {group} offset {}: read {previous:?}, later {value:?}",
+                            record.offset
+                        ));
+                    }
+                }
+                *next += 1;
+            }
+        }
+    }
 }
 
 /// Every committed record a node holds for a group, in offset order, from its log start.

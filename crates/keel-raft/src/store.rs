@@ -65,6 +65,9 @@ struct Shared {
     /// The high watermark (next offset after the last applied entry), for readers that wait.
     high_watermark: watch::Sender<u64>,
     last_purged: Mutex<Option<LogId>>,
+    /// The vote as last saved: replication reads it twice per batch it sends, so it is served
+    /// from memory; the file is the durable copy.
+    vote: Mutex<Option<Vote>>,
     closed: std::sync::atomic::AtomicBool,
     faults: Faults,
 }
@@ -137,6 +140,10 @@ impl PartitionStore {
             }
             None => None,
         };
+        let vote = match read_optional(&*disk, &dir.join(VOTE_FILE))? {
+            Some(bytes) => Some(convert::decode_vote(&bytes).map_err(io_err)?),
+            None => None,
+        };
         let (high_watermark, _) = watch::channel(state.next_offset);
         info!(dir = %dir.display(), written = ?log.written(), applied = ?state.last_applied, "partition store opened");
         let shared = Arc::new(Shared {
@@ -149,6 +156,7 @@ impl PartitionStore {
             sm: Mutex::new(SmState { state, snapshot, checkpoints: Default::default(), snapshot_target: None }),
             high_watermark,
             last_purged: Mutex::new(last_purged),
+            vote: Mutex::new(vote),
             closed: std::sync::atomic::AtomicBool::new(false),
             faults,
         });
@@ -363,10 +371,7 @@ impl RaftLogReader<KeelRaft> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        match read_optional(&*self.shared.disk, &self.shared.dir.join(VOTE_FILE))? {
-            Some(bytes) => convert::decode_vote(&bytes).map(Some).map_err(io_err),
-            None => Ok(None),
-        }
+        Ok(*lock(&self.shared.vote))
     }
 }
 
@@ -394,6 +399,7 @@ impl RaftLogStorage<KeelRaft> for LogStore {
         // Serialised after earlier appends (openraft's contract): flush them first.
         self.shared.flush_now()?;
         self.shared.write_file(VOTE_FILE, &convert::encode_vote(vote))?;
+        *lock(&self.shared.vote) = Some(*vote);
         debug!(dir = %self.shared.dir.display(), %vote, "vote saved");
         Ok(())
     }
