@@ -592,13 +592,11 @@ impl Consumed {
                     return;
                 }
                 let value = record.value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
-                if let Some(previous) = self.seen.insert((group, record.offset), value.clone()) {
-                    if previous != value {
-                        self.violations.push(format!(
-                            "group {group} offset {}: read {previous:?}, later {value:?}",
-                            record.offset
-                        ));
-                    }
+                if let Some(previous) = self.seen.insert((group, record.offset), value.clone())
+                    && previous != value
+                {
+                    self.violations
+                        .push(format!("group {group} offset {}: read {previous:?}, later {value:?}", record.offset));
                 }
                 *next += 1;
             }
