@@ -45,6 +45,9 @@ pub struct LogConfig {
     pub retention_ms: Option<i64>,
     /// Where an empty log starts.
     pub initial: LogPosition,
+    /// Segment files grow in steps of this size (fallocate), not all at once: a node with
+    /// hundreds of partitions must not reserve `segment_bytes_max` of disk for each up front.
+    pub preallocate_step_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -55,6 +58,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_ms: None,
             initial: LogPosition::default(),
+            preallocate_step_bytes: 16 << 20,
         }
     }
 }
@@ -72,6 +76,11 @@ impl LogConfig {
         }
         if self.index_interval_bytes == 0 {
             return Err(StorageError::InvalidArgument("index_interval_bytes must be > 0".into()));
+        }
+        if self.preallocate_step_bytes < SEGMENT_HEADER_BYTES {
+            return Err(StorageError::InvalidArgument(format!(
+                "preallocate_step_bytes must be at least {SEGMENT_HEADER_BYTES}"
+            )));
         }
         Ok(())
     }
@@ -328,8 +337,8 @@ impl SegmentLog {
                 // be on disk yet: make them durable before anyone is told they are.
                 seg.file.flush(0, seg.data_end).ctx("flush", &path)?;
                 seg.durable_data_end = seg.data_end;
-                let capacity = self.config.segment_bytes_max.max(seg.data_end);
-                seg.file.preallocate(capacity).ctx("preallocate", &path)?;
+                // The file may have been trimmed (sealed) or never grown: appends grow it again
+                // in steps (`ensure_room`).
             }
             debug!(path = %path.display(), base = ?seg.base, end = ?seg.end, batches = scan.batches.len(), "segment recovered");
             self.segments.push(seg);
@@ -463,26 +472,27 @@ impl SegmentLog {
         Ok(Appended { header: h, written })
     }
 
-    /// Makes room for `len` more bytes: rolls a segment that holds records, grows one that does
-    /// not (its successor would need the same base offset, and names must be unique).
+    /// Makes room for `len` more bytes: rolls a segment that holds records past its size limit
+    /// (one without records keeps growing: its successor would need the same base offset, and
+    /// names must be unique), and grows the active file in preallocation steps.
     fn ensure_room(&mut self, len: u64) -> Result<()> {
         let max = self.config.segment_bytes_max;
         let Some(seg) = self.segments.last() else { return Ok(()) };
-        if seg.data_end + len <= max {
-            return Ok(());
-        }
-        if seg.records() > 0 {
+        if seg.data_end + len > max && seg.records() > 0 {
             let next = seg.end;
             self.seal_active()?;
-            self.create_segment(next)
-        } else {
-            let need = seg.data_end + len;
-            let path = seg.path.clone();
-            let res = seg.file.preallocate(need.max(seg.file.len() + max / 4));
-            match res {
-                Ok(()) => Ok(()),
-                Err(e) => self.fail(StorageError::Io { op: "preallocate", path, source: e }),
-            }
+            self.create_segment(next)?;
+        }
+        let Some(seg) = self.segments.last() else { return Ok(()) };
+        let need = seg.data_end + len;
+        if need <= seg.file.len() {
+            return Ok(());
+        }
+        let path = seg.path.clone();
+        let target = need.next_multiple_of(self.config.preallocate_step_bytes).min(max.max(need));
+        match seg.file.preallocate(target) {
+            Ok(()) => Ok(()),
+            Err(e) => self.fail(StorageError::Io { op: "preallocate", path, source: e }),
         }
     }
 
@@ -527,7 +537,8 @@ impl SegmentLog {
                 }
             }
             let file = self.disk.create(&tmp).ctx("create", &tmp)?;
-            file.preallocate(self.config.segment_bytes_max).ctx("preallocate", &tmp)?;
+            let first = self.config.preallocate_step_bytes.min(self.config.segment_bytes_max).max(SEGMENT_HEADER_BYTES);
+            file.preallocate(first).ctx("preallocate", &tmp)?;
             file.write(0, &segment::encode_header(SegmentHeader { base_offset: base.offset, base_index: base.index }))
                 .ctx("write header", &tmp)?;
             file.write(segment::HINT_POSITION, &segment::encode_hint(SEGMENT_HEADER_BYTES))
@@ -788,10 +799,8 @@ impl SegmentLog {
             seg.write_hint(position)?;
             seg.file.flush(0, SEGMENT_HEADER_BYTES).ctx("flush", &seg.path)?;
         }
-        if seg.sealed {
-            seg.file.preallocate(self.config.segment_bytes_max.max(seg.data_end)).ctx("preallocate", &seg.path)?;
-            seg.sealed = false;
-        }
+        // A sealed segment becomes the active one again; appends grow its file as needed.
+        seg.sealed = false;
         zero_range(&*seg.file, &seg.path, position, seg.data_end)?;
         seg.file.flush(position, seg.data_end - position).ctx("flush", &seg.path)?;
         seg.data_end = position;

@@ -39,6 +39,17 @@ pub fn small_config() -> LogConfig {
     LogConfig { segment_bytes_max: SEGMENT_BYTES_MIN, index_interval_bytes: 512, ..LogConfig::default() }
 }
 
+/// Larger segments than [`small_config`] that grow their files in small steps, so that workloads
+/// exercise growth, rolls and recovery of partly grown files.
+pub fn growing_config() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 4 * SEGMENT_BYTES_MIN,
+        index_interval_bytes: 512,
+        preallocate_step_bytes: 12 * 1024,
+        ..LogConfig::default()
+    }
+}
+
 /// What one crash-workload run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CrashRunStats {
@@ -74,7 +85,8 @@ pub fn crash_workload_with(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let disk = SimDisk::new(seed);
     disk.set_lying_flush(sabotage.lying_flush);
-    let config = small_config();
+    // Odd seeds grow segment files in small steps; even seeds preallocate whole segments.
+    let config = if seed % 2 == 1 { growing_config() } else { small_config() };
     let open =
         |disk: &SimDisk| SegmentLog::open(Arc::new(disk.clone()) as Arc<dyn Disk>, PathBuf::from("/p"), config.clone());
     let mut log = open(&disk).map_err(|e| format!("seed {seed}: open failed: {e}"))?;
