@@ -264,6 +264,23 @@ impl Shared {
         result.map_err(io::Error::other)
     }
 
+    /// Runs blocking disk work (flushes, fsyncs) off the async workers in production, inline in
+    /// the simulation.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Shared) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        match self.io {
+            IoMode::Inline => work(self),
+            IoMode::Blocking => {
+                let shared = Arc::clone(self);
+                tokio::task::spawn_blocking(move || work(&shared))
+                    .await
+                    .map_err(|e| io::Error::other(format!("blocking disk task failed: {e}")))?
+            }
+        }
+    }
+
     fn write_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         keel_storage::write_atomic(&*self.disk, &self.dir.join(name), bytes)
     }
@@ -396,12 +413,17 @@ impl RaftLogStorage<KeelRaft> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        // Serialised after earlier appends (openraft's contract): flush them first.
-        self.shared.flush_now()?;
-        self.shared.write_file(VOTE_FILE, &convert::encode_vote(vote))?;
-        *lock(&self.shared.vote) = Some(*vote);
-        debug!(dir = %self.shared.dir.display(), %vote, "vote saved");
-        Ok(())
+        let vote = *vote;
+        self.shared
+            .blocking(move |shared| {
+                // Serialised after earlier appends (openraft's contract): flush them first.
+                shared.flush_now()?;
+                shared.write_file(VOTE_FILE, &convert::encode_vote(&vote))?;
+                *lock(&shared.vote) = Some(vote);
+                debug!(dir = %shared.dir.display(), %vote, "vote saved");
+                Ok(())
+            })
+            .await
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<KeelRaft>) -> Result<(), io::Error>
@@ -440,17 +462,21 @@ impl RaftLogStorage<KeelRaft> for LogStore {
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
-        self.shared.flush_now()?;
-        let mut log = lock(&self.shared.log);
-        let from = match last_log_id {
-            Some(id) => id.index + 1,
-            None => log.start().index,
-        };
-        if from < log.written().index {
-            warn!(dir = %self.shared.dir.display(), from, "truncating uncommitted entries");
-            log.truncate_from_index(from).map_err(io_err)?;
-        }
-        Ok(())
+        self.shared
+            .blocking(move |shared| {
+                shared.flush_now()?;
+                let mut log = lock(&shared.log);
+                let from = match last_log_id {
+                    Some(id) => id.index + 1,
+                    None => log.start().index,
+                };
+                if from < log.written().index {
+                    warn!(dir = %shared.dir.display(), from, "truncating uncommitted entries");
+                    log.truncate_from_index(from).map_err(io_err)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
