@@ -234,6 +234,35 @@ fn vote_response_from_pb(r: pb::VoteResponse) -> Result<VoteResponse<KeelRaft>, 
     })
 }
 
+/// Which of the two vote RPCs to send; they carry the same messages.
+#[derive(Debug, Clone, Copy)]
+enum Ballot {
+    Vote,
+    PreVote,
+}
+
+impl Peers {
+    async fn ask_for_vote(
+        &self,
+        ballot: Ballot,
+        target: NodeId,
+        group_id: GroupId,
+        rpc: &VoteRequest<KeelRaft>,
+        option: &RPCOption,
+    ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
+        let request = vote_request_to_pb(group_id, rpc);
+        let response = self
+            .call(target, option, |mut c| async move {
+                match ballot {
+                    Ballot::Vote => c.vote(request).await,
+                    Ballot::PreVote => c.pre_vote(request).await,
+                }
+            })
+            .await?;
+        vote_response_from_pb(response)
+    }
+}
+
 impl GroupRouter<KeelRaft, GroupId> for Peers {
     type SnapshotData = Vec<u8>;
 
@@ -273,9 +302,7 @@ impl GroupRouter<KeelRaft, GroupId> for Peers {
         rpc: VoteRequest<KeelRaft>,
         option: RPCOption,
     ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let request = vote_request_to_pb(group_id, &rpc);
-        let response = self.call(target, &option, |mut c| async move { c.vote(request).await }).await?;
-        vote_response_from_pb(response)
+        self.ask_for_vote(Ballot::Vote, target, group_id, &rpc, &option).await
     }
 
     /// A real RPC: openraft's default grants every pre-vote without asking, which defeats the
@@ -287,9 +314,7 @@ impl GroupRouter<KeelRaft, GroupId> for Peers {
         rpc: VoteRequest<KeelRaft>,
         option: RPCOption,
     ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let request = vote_request_to_pb(group_id, &rpc);
-        let response = self.call(target, &option, |mut c| async move { c.pre_vote(request).await }).await?;
-        vote_response_from_pb(response)
+        self.ask_for_vote(Ballot::PreVote, target, group_id, &rpc, &option).await
     }
 
     async fn full_snapshot(
