@@ -20,3 +20,14 @@ impl Stopwatch {
         self.0.elapsed()
     }
 }
+
+/// Wall-clock time for record timestamps and retention.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock;
+
+impl keel_broker::Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // The production shell owns the clock.
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
+}

@@ -1,8 +1,10 @@
-//! `keel`: one binary for the node, the local dev cluster and the user tools. Today it holds the
-//! storage tools; the broker subcommands arrive with the broker.
+//! `keel`: one binary for the node, the local dev cluster and the user tools.
 
 mod bench;
 mod clock;
+mod dev;
+mod health;
+mod server;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -25,6 +27,10 @@ enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one Keel node.
+    Server(server::ServerArgs),
+    /// Run a local cluster (3 nodes on 127.0.0.1) until Ctrl-C: the quick start.
+    Dev(dev::DevArgs),
     /// Measure Keel's speed.
     Bench {
         #[command(subcommand)]
@@ -33,13 +39,18 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // A node logs its life at info; the user tools only speak up when something is wrong.
+    let default = if matches!(cli.command, Command::Server(_)) { "info,openraft=warn" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| default.into()))
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench { what } => bench::run(what, cli.output),
+        Command::Server(args) => server::run(args),
+        Command::Dev(args) => dev::run(args, cli.output),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

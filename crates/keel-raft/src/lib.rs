@@ -17,6 +17,6 @@ pub mod store;
 pub mod types;
 
 pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
-pub use node::{AppendError, NodeConfig, NodeError, RaftNode, RaftTimings};
+pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
 pub use store::{Faults, IoMode, PartitionStore};
 pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};

@@ -96,6 +96,34 @@ impl AppendError {
     }
 }
 
+/// A batch handed to raft, waiting for its commit.
+pub struct PendingAppend {
+    rx: openraft::type_config::alias::OneshotReceiverOf<crate::types::KeelRaft, ClientWriteResult>,
+    timeout: Duration,
+}
+
+type ClientWriteResult = Result<openraft::raft::ClientWriteResponse<crate::types::KeelRaft>, ClientWriteError<crate::types::KeelRaft>>;
+
+impl PendingAppend {
+    /// Waits until the batch is committed (a quorum has it durably), or fails.
+    pub async fn wait(self) -> Result<Appended, AppendError> {
+        let result = match tokio::time::timeout(self.timeout, self.rx).await {
+            Err(_) => return Err(AppendError::Timeout),
+            Ok(Err(_)) => return Err(AppendError::Fatal("the raft core stopped".into())),
+            Ok(Ok(result)) => result,
+        };
+        let leader_of = |f: &openraft::error::ForwardToLeader<crate::types::KeelRaft>| {
+            f.leader_id.map(|id| (id, f.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default()))
+        };
+        match result {
+            Ok(response) => Ok(response.data),
+            Err(ClientWriteError::ForwardToLeader(f)) => Err(AppendError::NotLeader { leader: leader_of(&f) }),
+            Err(ClientWriteError::LogEntryDiscarded(f)) => Err(AppendError::Unknown { leader: leader_of(&f) }),
+            Err(other) => Err(AppendError::Fatal(other.to_string())),
+        }
+    }
+}
+
 /// Errors of group management.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -185,15 +213,20 @@ impl RaftNode {
     /// initialized before resumes; a new one waits for [`RaftNode::initialize_group`] on one
     /// node, or for a leader to reach it.
     pub async fn open_group(&self, group: GroupId) -> Result<(), NodeError> {
+        self.open_group_with(group, self.config.log.clone()).await
+    }
+
+    /// [`RaftNode::open_group`] with this partition's own log settings (its topic's retention).
+    pub async fn open_group_with(&self, group: GroupId, log: LogConfig) -> Result<(), NodeError> {
         if self.groups.get(group).is_ok() {
             return Ok(());
         }
-        let dir = self.config.data_dir.join(format!("group-{group}"));
+        let dir = self.group_dir(group);
         let faults = *self.faults.lock().unwrap_or_else(|e| e.into_inner());
         let store = PartitionStore::open_with_faults(
             Arc::clone(&self.disk),
             dir,
-            self.config.log.clone(),
+            log,
             self.config.io,
             faults,
         )
@@ -220,6 +253,43 @@ impl RaftNode {
         Ok(())
     }
 
+    /// Stops a group and deletes its data: the partition was deleted from the cluster.
+    pub async fn remove_group(&self, group: GroupId) -> Result<(), NodeError> {
+        if let Some(raft) = self.groups.remove(group) {
+            let _ = raft.shutdown().await;
+        }
+        let store = self.stores.lock().unwrap_or_else(|e| e.into_inner()).remove(&group);
+        if let Some(store) = &store {
+            store.close();
+        }
+        let dir = self.group_dir(group);
+        let storage = |source| NodeError::Storage { group, source };
+        if !self.disk.exists(&dir).map_err(storage)? {
+            return Ok(());
+        }
+        for name in self.disk.list(&dir).map_err(storage)? {
+            self.disk.remove(&dir.join(name)).map_err(storage)?;
+        }
+        self.disk.sync_dir(&dir).map_err(storage)?;
+        info!(node = self.config.node_id, group, "group removed");
+        Ok(())
+    }
+
+    fn group_dir(&self, group: GroupId) -> PathBuf {
+        self.config.data_dir.join(format!("group-{group}"))
+    }
+
+    /// Tells the network where a node is (addresses can change when a node restarts).
+    pub fn set_peer_addr(&self, node: NodeId, addr: &str) {
+        self.peers.set_addr(node, addr);
+    }
+
+    /// Whether the group has a membership yet (initialized here, or reached by a leader).
+    pub async fn is_initialized(&self, group: GroupId) -> Result<bool, NodeError> {
+        let raft = self.raft(group)?;
+        raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
     /// Makes `members` the first membership of a new group (call on one member only).
     pub async fn initialize_group(&self, group: GroupId, members: BTreeMap<NodeId, Node>) -> Result<(), NodeError> {
         let raft = self.groups.get(group).map_err(|_| NodeError::UnknownGroup(group))?;
@@ -236,6 +306,13 @@ impl RaftNode {
     /// Appends one record batch to a group and returns once a quorum has it durably and it is
     /// committed. Concurrent appends share raft entries' flushes (group commit).
     pub async fn append(&self, group: GroupId, batch: Bytes) -> Result<Appended, AppendError> {
+        self.submit(group, batch).await?.wait().await
+    }
+
+    /// Hands one record batch to the group's leader and returns as soon as it is queued, in
+    /// call order; [`PendingAppend::wait`] then waits for the commit. Pipelined producers submit
+    /// in order and wait concurrently, so a partition's batches keep their order.
+    pub async fn submit(&self, group: GroupId, batch: Bytes) -> Result<PendingAppend, AppendError> {
         let header = keel_record::check(&batch).map_err(|e| AppendError::Invalid(e.to_string()))?;
         if header.total_len() != batch.len() || header.attributes.is_raft_entry() {
             return Err(AppendError::Invalid("expected exactly one data batch".into()));
@@ -245,23 +322,11 @@ impl RaftNode {
             return Err(AppendError::Invalid(format!("batch of {} bytes exceeds the limit of {max}", batch.len())));
         }
         let raft = self.groups.get(group).map_err(|_| AppendError::UnknownGroup(group))?;
-        let write = raft.client_write(BatchData(batch));
-        let result = match tokio::time::timeout(self.config.append_timeout, write).await {
-            Err(_) => return Err(AppendError::Timeout),
-            Ok(result) => result,
-        };
-        let leader_of = |f: &openraft::error::ForwardToLeader<crate::types::KeelRaft>| {
-            f.leader_id.map(|id| (id, f.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default()))
-        };
-        match result {
-            Ok(response) => Ok(response.data),
-            Err(e) => match e.into_api_error() {
-                Some(ClientWriteError::ForwardToLeader(f)) => Err(AppendError::NotLeader { leader: leader_of(&f) }),
-                Some(ClientWriteError::LogEntryDiscarded(f)) => Err(AppendError::Unknown { leader: leader_of(&f) }),
-                Some(other) => Err(AppendError::Fatal(other.to_string())),
-                None => Err(AppendError::Fatal("the raft core stopped".into())),
-            },
-        }
+        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+        raft.client_write_ff(BatchData(batch), Some(responder))
+            .await
+            .map_err(|e| AppendError::Fatal(e.to_string()))?;
+        Ok(PendingAppend { rx, timeout: self.config.append_timeout })
     }
 
     /// Reads committed batches of a group from `from_offset`, up to `bytes_max` (at least one).
@@ -285,6 +350,12 @@ impl RaftNode {
     /// The raft handle of a group (metrics, membership changes).
     pub fn raft(&self, group: GroupId) -> Result<Raft, NodeError> {
         self.groups.get(group).map_err(|_| NodeError::UnknownGroup(group))
+    }
+
+    /// A group's raft metrics now (leader, replication progress, applied index).
+    pub fn metrics(&self, group: GroupId) -> Result<crate::types::Metrics, NodeError> {
+        let raft = self.groups.get(group).map_err(|_| NodeError::UnknownGroup(group))?;
+        Ok(raft.metrics().borrow_watched().clone())
     }
 
     /// The current leader of a group, as this node knows it.

@@ -21,6 +21,12 @@ openraft::declare_raft_types!(
         AsyncRuntime = Runtime,
 );
 
+/// How a leader confirms its leadership before a linearizable read.
+pub use openraft::ReadPolicy;
+
+/// A group's raft metrics (leader, replication progress, applied index).
+pub type Metrics = openraft::RaftMetrics<KeelRaft>;
+
 /// A node's id in the cluster.
 pub type NodeId = u64;
 /// A raft group's id: one per partition (and later one for the metadata controller).

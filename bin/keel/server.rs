@@ -1,0 +1,194 @@
+//! `keel server`: runs one node. Settings come from a TOML file, then `KEEL_*` environment
+//! variables, then flags (each overriding the one before).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use keel_broker::{Broker, BrokerConfig, Clock, Limits};
+use keel_raft::{NetworkConfig, RaftTimings, TcpConnector};
+use keel_storage::{FileDisk, LogConfig};
+use serde::Deserialize;
+use tracing::{error, info};
+
+use crate::clock::SystemClock;
+
+/// Flags of `keel server` (each also readable from the `KEEL_…` variable named beside it).
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// TOML config file (see README "Configuration").
+    #[arg(long, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id (unique in the cluster, ≥ 1).
+    #[arg(long, env = "KEEL_NODE_ID")]
+    node_id: Option<u64>,
+    /// Address to listen on (host:port).
+    #[arg(long, env = "KEEL_LISTEN")]
+    listen: Option<String>,
+    /// Address clients and peers reach this node at (defaults to --listen).
+    #[arg(long, env = "KEEL_ADVERTISE")]
+    advertise: Option<String>,
+    /// The metadata voters, the same on every node: `1@host:port,2@host:port,3@host:port`.
+    /// Defaults to this node alone (a one-node cluster).
+    #[arg(long, env = "KEEL_VOTERS")]
+    voters: Option<String>,
+    /// Where this node keeps its data.
+    #[arg(long, env = "KEEL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// The TOML file, every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    voters: Option<String>,
+    data_dir: Option<PathBuf>,
+    /// A segment is rolled beyond this size.
+    segment_bytes_max: Option<u64>,
+    /// Default retention of every topic (0 = forever).
+    retention_ms: Option<i64>,
+    retention_bytes: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    election_min_ms: Option<u64>,
+    election_max_ms: Option<u64>,
+    /// How long a produce waits for its commit.
+    append_timeout_ms: Option<u64>,
+    fetch_bytes_max: Option<usize>,
+    fetch_wait_ms_max: Option<u32>,
+}
+
+/// Parses `1@host:port,2@host:port`.
+pub fn parse_voters(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut voters = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('@').with_context(|| format!("voter {part:?} is not ID@HOST:PORT"))?;
+        let id: u64 = id.parse().with_context(|| format!("voter id {id:?} is not a number"))?;
+        if addr.is_empty() || !addr.contains(':') {
+            bail!("voter {part:?}: address must be HOST:PORT");
+        }
+        if voters.insert(id, addr.to_owned()).is_some() {
+            bail!("voter {id} is listed twice");
+        }
+    }
+    if voters.is_empty() {
+        bail!("the voter list is empty");
+    }
+    Ok(voters)
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Merges file, environment and flags into a node's config.
+fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
+    let file = match &args.config {
+        Some(path) => load_file(path)?,
+        None => FileConfig::default(),
+    };
+    let node_id = args.node_id.or(file.node_id).context("--node-id (or node_id in the config file) is required")?;
+    if node_id == 0 {
+        bail!("node ids start at 1");
+    }
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:9092".into());
+    let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.clone());
+    let voters = match args.voters.or(file.voters) {
+        Some(v) => parse_voters(&v)?,
+        None => BTreeMap::from([(node_id, advertise.clone())]),
+    };
+    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("keel-data/node-{node_id}")));
+    let defaults = RaftTimings::default();
+    let timings = RaftTimings {
+        heartbeat_ms: file.heartbeat_ms.unwrap_or(defaults.heartbeat_ms),
+        election_min_ms: file.election_min_ms.unwrap_or(defaults.election_min_ms),
+        election_max_ms: file.election_max_ms.unwrap_or(defaults.election_max_ms),
+    };
+    let log = LogConfig {
+        segment_bytes_max: file.segment_bytes_max.unwrap_or(LogConfig::default().segment_bytes_max),
+        retention_ms: file.retention_ms.filter(|&ms| ms > 0),
+        retention_bytes: file.retention_bytes.filter(|&b| b > 0),
+        ..LogConfig::default()
+    };
+    let mut limits = Limits::default();
+    if let Some(b) = file.fetch_bytes_max {
+        limits.fetch_bytes_max = b;
+    }
+    if let Some(ms) = file.fetch_wait_ms_max {
+        limits.fetch_wait_ms_max = ms;
+    }
+    let config = BrokerConfig {
+        node_id,
+        advertised_addr: advertise,
+        data_dir,
+        voters,
+        timings,
+        log,
+        network: NetworkConfig::default(),
+        append_timeout: Duration::from_millis(file.append_timeout_ms.unwrap_or(10_000)),
+        retention_interval: Duration::from_secs(30),
+        limits,
+        seed: os_seed(),
+    };
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((config, listen))
+}
+
+/// Production randomness (election timeouts, the cluster id): from the OS, unlike the
+/// simulation, which hands every node a seed.
+#[allow(clippy::disallowed_methods)] // The production shell owns the clock and the entropy.
+fn os_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Runs a node until Ctrl-C / SIGTERM, or until it must stop.
+pub fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let (config, listen) = resolve(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(serve(config, listen))
+}
+
+async fn serve(config: BrokerConfig, listen: String) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+    let node_id = config.node_id;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let broker = Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), clock)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let routes = broker.router().map_err(|e| anyhow::anyhow!("{e}"))?;
+    info!(node = node_id, %listen, "serving");
+    let mut fatal = broker.fatal();
+    let stop = async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot watch SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
+            _ = term.recv() => info!("terminated; stopping"),
+            _ = fatal.wait_for(Option::is_some) => {}
+        }
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await
+        .context("serving gRPC")?;
+    broker.shutdown().await;
+    if let Some(reason) = broker.fatal().borrow().clone() {
+        bail!("node {node_id} stopped: {reason}");
+    }
+    Ok(())
+}

@@ -1,0 +1,791 @@
+//! A node: the metadata log and its follower, the reconciler that opens and removes partition
+//! groups to match it, and the controller operations (create/delete topics, register nodes).
+//!
+//! The metadata controller is an ordinary Keel partition, raft group 0 (`__meta`), replicated on
+//! the configured voters; each record is one metadata command. Every voter replays its own
+//! replica's committed records into [`Metadata`]; other nodes fetch `__meta` from a voter. Only
+//! the leader of group 0 proposes commands, one at a time, after catching up with the log, so
+//! validation runs against the latest state; `Metadata::apply` refuses anything invalid the same
+//! way on every node, so a command proposed by a deposed leader cannot diverge the replicas.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_proto::v1 as pb;
+use keel_raft::{AppendError, Connector, GroupId, Node, NodeConfig, NodeId, RaftNode};
+use keel_record::{BatchBuilder, NewRecord};
+use keel_storage::{Disk, LogConfig};
+use keel_raft::types::{Raft, ReadPolicy};
+use rand::{RngCore, SeedableRng};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::{BrokerConfig, Identity, claim_data_dir};
+use crate::error::{BrokerError, append_status, meta_status, not_leader};
+use crate::metadata::{self, Command, META_GROUP, META_TOPIC, Metadata, Partition, Topic};
+
+/// The wall clock (record timestamps, retention): the only source of "now" in a broker.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The request header that counts how often a request was forwarded between nodes.
+pub(crate) const HOPS_HEADER: &str = "keel-hops";
+/// Requests are forwarded at most this often (client → follower → leader).
+const HOPS_MAX: u32 = 2;
+
+/// A running node; clones share it.
+#[derive(Clone)]
+pub struct Broker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: BrokerConfig,
+    pub(crate) node: Arc<RaftNode>,
+    pub(crate) disk: Arc<dyn Disk>,
+    pub(crate) connector: Arc<dyn Connector>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) meta: watch::Sender<Arc<Metadata>>,
+    /// Admin writes run one at a time on the controller leader.
+    admin_lock: tokio::sync::Mutex<()>,
+    channels: Mutex<BTreeMap<String, Channel>>,
+    rng: Mutex<rand_chacha::ChaCha8Rng>,
+    identity: Mutex<Identity>,
+    /// Set when the node must stop (e.g. its data dir belongs to another cluster).
+    pub(crate) fatal: watch::Sender<Option<String>>,
+    /// Serving once the node knows the cluster and is registered in it.
+    pub(crate) ready: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Broker {
+    /// Starts a node: claims its data dir, opens the metadata group (voters), and starts the
+    /// follower, reconciler, registration and retention tasks. Serve [`Broker::router`] next.
+    pub async fn start(
+        config: BrokerConfig,
+        disk: Arc<dyn Disk>,
+        connector: Arc<dyn Connector>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker, BrokerError> {
+        config.validate()?;
+        let (identity, new_dir) = claim_data_dir(&*disk, &config.data_dir, config.node_id)?;
+        info!(node = config.node_id, new_dir, cluster = ?identity.cluster_id, "starting");
+        let node_config = NodeConfig {
+            node_id: config.node_id,
+            advertised_addr: config.advertised_addr.clone(),
+            data_dir: config.data_dir.clone(),
+            timings: config.timings,
+            log: config.log.clone(),
+            io: keel_raft::IoMode::Blocking,
+            network: config.network,
+            append_timeout: config.append_timeout,
+            seed: config.seed,
+        };
+        let node = Arc::new(RaftNode::new(node_config, Arc::clone(&disk), Arc::clone(&connector)));
+        for (id, addr) in &config.voters {
+            node.set_peer_addr(*id, addr);
+        }
+        let (meta, _) = watch::channel(Arc::new(Metadata::new()));
+        let (fatal, _) = watch::channel(None);
+        let (ready, _) = watch::channel(false);
+        let rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ 0x6b65_656c);
+        let inner = Arc::new(Inner {
+            config,
+            node,
+            disk,
+            connector,
+            clock,
+            meta,
+            admin_lock: tokio::sync::Mutex::new(()),
+            channels: Mutex::new(BTreeMap::new()),
+            rng: Mutex::new(rng),
+            identity: Mutex::new(identity),
+            fatal,
+            ready,
+            tasks: Mutex::new(Vec::new()),
+        });
+        if inner.config.is_voter() {
+            let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
+            inner.node.open_group_with(META_GROUP, log).await?;
+            let members: Vec<NodeId> = inner.config.voters.keys().copied().collect();
+            inner.spawn("meta-init", Arc::clone(&inner).ensure_initialized(META_GROUP, members));
+            inner.spawn("meta-follow", Arc::clone(&inner).follow_local_meta());
+            inner.spawn("cluster-id", Arc::clone(&inner).name_cluster());
+        } else {
+            inner.spawn("meta-follow", Arc::clone(&inner).follow_remote_meta());
+        }
+        inner.spawn("reconcile", Arc::clone(&inner).reconcile_loop());
+        inner.spawn("register", Arc::clone(&inner).register());
+        inner.spawn("retention", Arc::clone(&inner).retention_loop());
+        Ok(Broker { inner })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    /// The raft node (groups, stores): for tests and the simulation.
+    pub fn raft_node(&self) -> &Arc<RaftNode> {
+        &self.inner.node
+    }
+
+    /// The metadata as this node applied it.
+    pub fn metadata(&self) -> Arc<Metadata> {
+        self.inner.meta.borrow().clone()
+    }
+
+    /// Becomes `true` once the node knows its cluster and is registered in it.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.inner.ready.subscribe()
+    }
+
+    /// Becomes `Some(reason)` when the node must stop.
+    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+        self.inner.fatal.subscribe()
+    }
+
+    /// Stops the background tasks and every raft group, flushing storage.
+    pub async fn shutdown(&self) {
+        self.inner.stop_tasks();
+        self.inner.node.shutdown().await;
+    }
+
+    /// Stops everything without flushing: what a killed process leaves behind (simulation).
+    pub async fn halt(&self) {
+        self.inner.stop_tasks();
+        self.inner.node.halt().await;
+    }
+}
+
+impl Inner {
+    fn spawn(&self, name: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let span = info_span!("task", node = self.config.node_id, name);
+        let handle = tokio::spawn(task.instrument(span));
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    }
+
+    fn stop_tasks(&self) {
+        for task in std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner())) {
+            task.abort();
+        }
+    }
+
+    pub(crate) fn metadata(&self) -> Arc<Metadata> {
+        self.meta.borrow().clone()
+    }
+
+    fn fail(&self, reason: String) {
+        warn!(node = self.config.node_id, %reason, "node must stop");
+        self.fatal.send_replace(Some(reason));
+    }
+
+    /// A cached channel to another node's gRPC server.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = self.connector.channel(addr).map_err(|e| Status::unavailable(format!("dialling {addr}: {e}")))?;
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets a channel that failed, so the next call dials again (a simulated connection
+    /// that lost a packet never recovers on its own).
+    pub(crate) fn drop_channel(&self, addr: &str) {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+    }
+
+    /// The address of a node, from the metadata or the voter list.
+    pub(crate) fn addr_of(&self, node: NodeId) -> Option<String> {
+        if node == self.config.node_id {
+            return Some(self.config.advertised_addr.clone());
+        }
+        self.metadata().nodes.get(&node).map(|n| n.addr.clone()).or_else(|| self.config.voters.get(&node).cloned())
+    }
+
+    /// The leader of the metadata group, as far as this node knows.
+    pub(crate) fn meta_leader(&self) -> Option<NodeId> {
+        if self.config.is_voter() { self.node.leader(META_GROUP) } else { None }
+    }
+
+    pub(crate) fn leads_meta(&self) -> bool {
+        self.meta_leader() == Some(self.config.node_id)
+    }
+
+    /// Where to forward a controller request: the metadata leader, or (from a non-voter) each
+    /// voter in turn.
+    pub(crate) fn controller_candidates(&self) -> Vec<(NodeId, String)> {
+        if let Some(leader) = self.meta_leader()
+            && let Some(addr) = self.addr_of(leader)
+        {
+            return vec![(leader, addr)];
+        }
+        if self.config.is_voter() {
+            return Vec::new();
+        }
+        self.config.voters.iter().map(|(id, a)| (*id, a.clone())).collect()
+    }
+
+    /// Initializes a new group's first membership. The preferred (first) replica does it at
+    /// once, so it usually becomes the first leader; the others wait a few election timeouts and
+    /// do it only if nobody reached them — initializing with the same membership on several
+    /// replicas is safe.
+    async fn ensure_initialized(self: Arc<Self>, group: GroupId, replicas: Vec<NodeId>) {
+        let me = self.config.node_id;
+        if replicas.first() != Some(&me) {
+            tokio::time::sleep(Duration::from_millis(self.config.timings.election_max_ms * 2)).await;
+        }
+        match self.node.is_initialized(group).await {
+            Ok(true) | Err(_) => return,
+            Ok(false) => {}
+        }
+        let mut members = BTreeMap::new();
+        for id in &replicas {
+            let Some(addr) = self.addr_of(*id) else {
+                warn!(group, node = id, "no address for a replica; the group waits for its peers");
+                return;
+            };
+            members.insert(*id, Node::new(addr));
+        }
+        match self.node.initialize_group(group, members).await {
+            Ok(()) => info!(group, ?replicas, "group initialized"),
+            Err(e) => warn!(group, error = %e, "initializing a group failed"),
+        }
+    }
+
+    /// Applies committed `__meta` batches to the metadata, in order.
+    fn apply_meta_batches(&self, batches: &[keel_record::Batch]) {
+        let mut next = (*self.metadata()).clone();
+        let before = next.applied_offset;
+        for batch in batches {
+            for record in batch.records() {
+                let record = match record {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The batch's CRC held, so this is a bug in whoever wrote it.
+                        self.fail(format!("undecodable __meta record: {e}"));
+                        return;
+                    }
+                };
+                if record.offset < next.applied_offset {
+                    continue;
+                }
+                let outcome = match metadata::decode_command(record.value.as_deref().unwrap_or_default()) {
+                    Ok(command) => next.apply(record.offset, &command),
+                    Err(e) => {
+                        next.applied_offset = record.offset + 1;
+                        Err(e)
+                    }
+                };
+                if let Err(e) = outcome {
+                    debug!(offset = record.offset, error = %e, "metadata command refused");
+                }
+            }
+        }
+        if next.applied_offset != before {
+            self.check_cluster_id(&next);
+            self.meta.send_replace(Arc::new(next));
+        }
+    }
+
+    /// A data dir remembers its cluster; a node never joins another one with it.
+    fn check_cluster_id(&self, meta: &Metadata) {
+        let Some(cluster) = &meta.cluster_id else { return };
+        let mut identity = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        match &identity.cluster_id {
+            Some(mine) if mine != cluster => {
+                let reason = format!(
+                    "data dir {} belongs to cluster {mine}, but this cluster is {cluster}",
+                    self.config.data_dir.display()
+                );
+                drop(identity);
+                self.fail(reason);
+            }
+            Some(_) => {}
+            None => {
+                identity.cluster_id = Some(cluster.clone());
+                if let Err(e) = identity.store(&*self.disk, &self.config.data_dir) {
+                    let reason = format!("recording the cluster id: {e}");
+                    drop(identity);
+                    self.fail(reason);
+                }
+            }
+        }
+    }
+
+    /// Voters replay their own replica of `__meta` as it commits.
+    async fn follow_local_meta(self: Arc<Self>) {
+        let Ok(store) = self.node.store(META_GROUP) else { return };
+        let mut hw = store.high_watermark();
+        loop {
+            let target = *hw.borrow_and_update();
+            let applied = self.metadata().applied_offset;
+            if applied < target {
+                match store.read_committed(applied, 1 << 20) {
+                    Ok(batches) if !batches.is_empty() => {
+                        self.apply_meta_batches(&batches);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.fail(format!("reading __meta: {e}"));
+                        return;
+                    }
+                }
+            }
+            if hw.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Other nodes fetch `__meta` from the voters (long poll).
+    async fn follow_remote_meta(self: Arc<Self>) {
+        let voters: Vec<String> = self.config.voters.values().cloned().collect();
+        let mut turn = 0usize;
+        loop {
+            let addr = &voters[turn % voters.len()];
+            let request = pb::FetchRequest {
+                topic: META_TOPIC.into(),
+                partition: 0,
+                offset: self.metadata().applied_offset,
+                max_bytes: 1 << 20,
+                max_wait_ms: 5_000,
+                format: pb::FetchFormat::Batches as i32,
+            };
+            let result = match self.channel(addr) {
+                Ok(channel) => {
+                    let mut client = pb::consumer_client::ConsumerClient::new(channel);
+                    tokio::time::timeout(Duration::from_secs(10), client.fetch(request)).await
+                }
+                Err(e) => Ok(Err(e)),
+            };
+            match result {
+                Ok(Ok(response)) => {
+                    let batches: Vec<_> = response
+                        .into_inner()
+                        .batches
+                        .into_iter()
+                        .filter_map(|b| keel_record::Batch::from_bytes(b).ok())
+                        .collect();
+                    self.apply_meta_batches(&batches);
+                    continue;
+                }
+                Ok(Err(status)) => debug!(addr, %status, "fetching __meta failed"),
+                Err(_) => {
+                    debug!(addr, "fetching __meta timed out");
+                    self.drop_channel(addr);
+                }
+            }
+            turn += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The leader of `__meta` names a new cluster.
+    async fn name_cluster(self: Arc<Self>) {
+        loop {
+            if self.metadata().cluster_id.is_some() {
+                return;
+            }
+            if self.leads_meta() {
+                let id = {
+                    let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+                    format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+                };
+                match self.propose(&Command::InitCluster { cluster_id: id }).await {
+                    Ok(_) => continue,
+                    Err(status) => debug!(%status, "naming the cluster failed; retrying"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Registers this node (id and address) in the metadata, then reports ready.
+    async fn register(self: Arc<Self>) {
+        let me = self.config.node_id;
+        loop {
+            let meta = self.metadata();
+            let registered = meta.nodes.get(&me).is_some_and(|n| n.addr == self.config.advertised_addr);
+            if registered && meta.cluster_id.is_some() {
+                self.ready.send_replace(true);
+                info!(node = me, cluster = ?meta.cluster_id, "node registered and serving");
+                return;
+            }
+            if !registered && meta.cluster_id.is_some() {
+                let request = pb::RegisterNodeRequest {
+                    node_id: me,
+                    addr: self.config.advertised_addr.clone(),
+                    cluster_id: String::new(),
+                };
+                if let Err(status) = self.register_node(request, 0).await {
+                    debug!(%status, "registration failed; retrying");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Handles a RegisterNode request: on the controller leader, appends it; elsewhere forwards.
+    pub(crate) async fn register_node(&self, request: pb::RegisterNodeRequest, hops: u32) -> Result<(), Status> {
+        if request.addr.is_empty() {
+            return Err(Status::invalid_argument("a node must register with an address"));
+        }
+        if !self.leads_meta() {
+            let request = self.forwardable(request, hops)?;
+            return self
+                .forward_to_controller(request, |channel, request| async move {
+                    pb::controller_client::ControllerClient::new(channel).register_node(request).await.map(|_| ())
+                })
+                .await;
+        }
+        let meta = self.metadata();
+        if meta.nodes.get(&request.node_id).is_some_and(|n| n.addr == request.addr) {
+            return Ok(());
+        }
+        self.propose(&Command::RegisterNode { node_id: request.node_id, addr: request.addr }).await.map(|_| ())
+    }
+
+    /// Wraps a request for forwarding, counting the hop; refuses a request that went too far.
+    pub(crate) fn forwardable<T>(&self, message: T, hops: u32) -> Result<Request<T>, Status> {
+        if hops >= HOPS_MAX {
+            return Err(not_leader("the metadata log", None));
+        }
+        let mut request = Request::new(message);
+        request.set_timeout(self.config.append_timeout + Duration::from_secs(1));
+        if let Ok(value) = (hops + 1).to_string().parse() {
+            request.metadata_mut().insert(HOPS_HEADER, value);
+        }
+        Ok(request)
+    }
+
+    /// Sends a request to the controller leader (or each voter in turn) and returns its answer.
+    pub(crate) async fn forward_to_controller<T, R, F, Fut>(&self, request: Request<T>, call: F) -> Result<R, Status>
+    where
+        T: Clone,
+        F: Fn(Channel, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<R, Status>>,
+    {
+        let candidates = self.controller_candidates();
+        if candidates.is_empty() {
+            return Err(not_leader("the metadata log", None));
+        }
+        let mut last = Status::unavailable("no controller reachable");
+        for (_, addr) in candidates {
+            let channel = self.channel(&addr)?;
+            let mut attempt = Request::new(request.get_ref().clone());
+            *attempt.metadata_mut() = request.metadata().clone();
+            let deadline = self.config.append_timeout + Duration::from_secs(2);
+            match tokio::time::timeout(deadline, call(channel, attempt)).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                    if status.message().contains("transport") {
+                        self.drop_channel(&addr);
+                    }
+                    last = status;
+                }
+                Ok(Err(status)) => return Err(status),
+                Err(_) => {
+                    self.drop_channel(&addr);
+                    last = Status::deadline_exceeded(format!("the controller at {addr} did not answer in time"));
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Appends one command to `__meta` (this node must lead it) and waits until it is applied
+    /// here. Returns its offset.
+    pub(crate) async fn propose(&self, command: &Command) -> Result<u64, Status> {
+        let value = metadata::encode_command(command);
+        let mut builder = BatchBuilder::new(self.config.log.batch_bytes_max());
+        builder
+            .push(NewRecord { timestamp_ms: self.clock.now_ms(), key: None, value: Some(&value), headers: &[] })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let appended =
+            self.node.append(META_GROUP, builder.build()).await.map_err(|e| append_status("the metadata log", e))?;
+        self.wait_applied(appended.next_offset).await?;
+        Ok(appended.base_offset)
+    }
+
+    /// Waits until the metadata is applied up to `offset` (exclusive).
+    pub(crate) async fn wait_applied(&self, offset: u64) -> Result<(), Status> {
+        let mut rx = self.meta.subscribe();
+        let deadline = tokio::time::Instant::now() + self.config.append_timeout;
+        loop {
+            if rx.borrow_and_update().applied_offset >= offset {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("the node is stopping")),
+                Err(_) => return Err(Status::deadline_exceeded("the metadata did not catch up in time")),
+            }
+        }
+    }
+
+    /// On the controller leader: waits until everything committed before now is applied, so
+    /// validation sees the latest metadata. Holds the admin lock for the caller.
+    pub(crate) async fn controller_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
+        let guard = self.admin_lock.lock().await;
+        let raft: Raft = self.node.raft(META_GROUP).map_err(|_| not_leader("the metadata log", None))?;
+        let read = tokio::time::timeout(
+            self.config.append_timeout,
+            raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("the metadata leader could not confirm its leadership in time"))?
+        .map_err(|_| not_leader("the metadata log", self.meta_leader().and_then(|l| Some((l, self.addr_of(l)?)))))?;
+        raft.wait(Some(self.config.append_timeout))
+            .applied_index_at_least(Some(read.log_id().index), "metadata read index")
+            .await
+            .map_err(|e| Status::deadline_exceeded(format!("metadata did not apply in time: {e}")))?;
+        let store = self.node.store(META_GROUP).map_err(|_| not_leader("the metadata log", None))?;
+        let hw = *store.high_watermark().borrow();
+        self.wait_applied(hw).await?;
+        Ok(guard)
+    }
+
+    /// Creates a topic (controller leader only); returns its metadata once applied.
+    pub(crate) async fn create_topic(
+        &self,
+        name: String,
+        partitions: u32,
+        replication_factor: u32,
+        settings: metadata::TopicSettings,
+    ) -> Result<Topic, Status> {
+        let _turn = self.controller_turn().await?;
+        let meta = self.metadata();
+        if meta.topics.contains_key(&name) {
+            return Err(meta_status(metadata::MetaError::TopicExists(name)));
+        }
+        let replication_factor =
+            if replication_factor == 0 { (meta.nodes.len() as u32).clamp(1, 3) } else { replication_factor };
+        let assignment = meta.plan_assignment(partitions, replication_factor).map_err(meta_status)?;
+        let command =
+            Command::CreateTopic { name: name.clone(), replication_factor, settings, assignment: assignment.clone() };
+        self.propose(&command).await?;
+        let meta = self.metadata();
+        match meta.topics.get(&name) {
+            Some(t) if t.partitions.iter().map(|p| &p.replicas).eq(assignment.iter()) => Ok(t.clone()),
+            _ => Err(Status::aborted("the topic changed concurrently; describe it and retry")),
+        }
+    }
+
+    /// Deletes a topic (controller leader only).
+    pub(crate) async fn delete_topic(&self, name: String) -> Result<(), Status> {
+        let _turn = self.controller_turn().await?;
+        if !self.metadata().topics.contains_key(&name) {
+            return Err(meta_status(metadata::MetaError::UnknownTopic(name)));
+        }
+        self.propose(&Command::DeleteTopic { name }).await.map(|_| ())
+    }
+
+    /// Adds partitions to a topic (controller leader only).
+    pub(crate) async fn add_partitions(&self, name: String, count: u32) -> Result<Topic, Status> {
+        let _turn = self.controller_turn().await?;
+        let meta = self.metadata();
+        let topic = meta.topics.get(&name).ok_or_else(|| meta_status(metadata::MetaError::UnknownTopic(name.clone())))?;
+        let before = topic.partitions.len();
+        let assignment = meta.plan_assignment(count, topic.replication_factor).map_err(meta_status)?;
+        self.propose(&Command::AddPartitions { name: name.clone(), assignment }).await?;
+        match self.metadata().topics.get(&name) {
+            Some(t) if t.partitions.len() == before + count as usize => Ok(t.clone()),
+            _ => Err(Status::aborted("the topic changed concurrently; describe it and retry")),
+        }
+    }
+
+    /// Keeps the local partition groups equal to the metadata's assignment.
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut rx = self.meta.subscribe();
+        let mut cleaned_upto: GroupId = META_GROUP + 1;
+        loop {
+            let meta = rx.borrow_and_update().clone();
+            self.reconcile(&meta, &mut cleaned_upto).await;
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn reconcile(self: &Arc<Self>, meta: &Metadata, cleaned_upto: &mut GroupId) {
+        let me = self.config.node_id;
+        for (id, node) in &meta.nodes {
+            if *id != me {
+                self.node.set_peer_addr(*id, &node.addr);
+            }
+        }
+        let wanted = meta.groups_of(me);
+        let open = self.node.group_ids();
+        for (group, (topic_name, partition, topic)) in &wanted {
+            if open.contains(group) {
+                continue;
+            }
+            let log = self.log_config(topic);
+            let span = info_span!("partition", topic = topic_name, partition, group);
+            match self.node.open_group_with(*group, log).instrument(span).await {
+                Ok(()) => {
+                    let replicas = topic.partitions[*partition as usize].replicas.clone();
+                    self.spawn("group-init", Arc::clone(self).ensure_initialized(*group, replicas));
+                }
+                Err(e) => warn!(group, error = %e, "opening a partition failed"),
+            }
+        }
+        for group in open {
+            if group != META_GROUP && !wanted.contains_key(&group) {
+                if let Err(e) = self.node.remove_group(group).await {
+                    warn!(group, error = %e, "removing a deleted partition failed");
+                }
+            }
+        }
+        // Group ids are never reused: one below `next_group` that is not ours is a partition
+        // deleted (possibly while this node was down), whose leftover data can go.
+        while *cleaned_upto < meta.next_group {
+            let group = *cleaned_upto;
+            if !wanted.contains_key(&group)
+                && let Err(e) = self.node.remove_group(group).await
+            {
+                warn!(group, error = %e, "removing a deleted partition failed");
+            }
+            *cleaned_upto += 1;
+        }
+    }
+
+    fn log_config(&self, topic: &Topic) -> LogConfig {
+        let mut log = self.config.log.clone();
+        if let Some(ms) = topic.settings.retention_ms {
+            log.retention_ms = Some(ms);
+        }
+        if let Some(bytes) = topic.settings.retention_bytes {
+            log.retention_bytes = Some(bytes);
+        }
+        log
+    }
+
+    /// Applies retention to every local partition now and then.
+    async fn retention_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.config.retention_interval).await;
+            let now = self.clock.now_ms();
+            for group in self.node.group_ids() {
+                if group == META_GROUP {
+                    continue;
+                }
+                if let Err(e) = self.node.apply_retention(group, now).await {
+                    debug!(group, error = %e, "retention skipped");
+                }
+            }
+        }
+    }
+
+    /// Resolves a (topic, partition) to its group and replicas; `__meta` is group 0.
+    pub(crate) fn resolve(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>, Option<u32>), Status> {
+        if topic == META_TOPIC {
+            if partition != 0 {
+                return Err(Status::not_found("__meta has one partition, 0"));
+            }
+            return Ok((META_GROUP, self.config.voters.keys().copied().collect(), None));
+        }
+        if topic.is_empty() {
+            return Err(Status::invalid_argument("topic name must not be empty"));
+        }
+        let meta = self.metadata();
+        let t = meta.topics.get(topic).ok_or_else(|| Status::not_found(format!("topic {topic:?} does not exist")))?;
+        let p: &Partition = t.partitions.get(partition as usize).ok_or_else(|| {
+            Status::not_found(format!("topic {topic:?} has {} partitions; {partition} is not one", t.partitions.len()))
+        })?;
+        Ok((p.group, p.replicas.clone(), t.settings.batch_bytes_max))
+    }
+
+    /// The largest batch a partition accepts.
+    pub(crate) fn batch_limit(&self, topic_limit: Option<u32>) -> usize {
+        let node = self.config.log.batch_bytes_max();
+        topic_limit.map_or(node, |t| (t as usize).min(node))
+    }
+
+    /// Encodes a produce request's records into one batch, or checks the batch it carries.
+    pub(crate) fn batch_of(&self, request: &pb::ProduceRequest, limit: usize) -> Result<Bytes, Status> {
+        match (request.records.is_empty(), request.batch.is_empty()) {
+            (true, true) => Err(Status::invalid_argument("a produce request needs records (or one encoded batch)")),
+            (false, false) => Err(Status::invalid_argument("send records or one encoded batch, not both")),
+            (true, false) => {
+                let batch = keel_record::Batch::from_bytes(request.batch.clone())
+                    .map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+                if batch.bytes().len() > limit {
+                    return Err(too_large(batch.bytes().len(), limit));
+                }
+                let h = batch.header();
+                if h.attributes.is_raft_entry() || h.record_count == 0 {
+                    return Err(Status::invalid_argument("a produced batch must hold at least one record"));
+                }
+                batch.validate_records().map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+                Ok(batch.into_bytes())
+            }
+            (false, true) => {
+                let mut builder = BatchBuilder::new(limit);
+                if request.producer_id >= 0 {
+                    let stamp = keel_record::ProducerStamp {
+                        producer_id: request.producer_id,
+                        producer_epoch: i16::try_from(request.producer_epoch)
+                            .map_err(|_| Status::invalid_argument("producer_epoch out of range"))?,
+                        base_sequence: request.base_sequence,
+                    };
+                    builder = builder.producer(stamp);
+                }
+                let now = self.clock.now_ms();
+                for r in &request.records {
+                    if r.timestamp_ms < 0 {
+                        return Err(Status::invalid_argument("record timestamps must not be negative"));
+                    }
+                    let headers: Vec<(&str, Option<&[u8]>)> =
+                        r.headers.iter().map(|h| (h.key.as_str(), h.value.as_deref())).collect();
+                    let record = NewRecord {
+                        timestamp_ms: if r.timestamp_ms == 0 { now } else { r.timestamp_ms },
+                        key: r.key.as_deref(),
+                        value: r.value.as_deref(),
+                        headers: &headers,
+                    };
+                    builder.push(record).map_err(|e| match e {
+                        keel_record::EncodeError::TooLarge { size, limit } => too_large(size, limit),
+                        other => Status::invalid_argument(other.to_string()),
+                    })?;
+                }
+                Ok(builder.build())
+            }
+        }
+    }
+
+    /// Hands a produce request to its partition's raft group (this node must host it).
+    pub(crate) async fn submit(&self, request: &pb::ProduceRequest) -> Result<keel_raft::PendingAppend, Status> {
+        if request.topic == META_TOPIC {
+            return Err(Status::invalid_argument("__meta is written by the controller only"));
+        }
+        let (group, replicas, topic_limit) = self.resolve(&request.topic, request.partition)?;
+        let batch = self.batch_of(request, self.batch_limit(topic_limit))?;
+        let what = format!("{}/{}", request.topic, request.partition);
+        match self.node.submit(group, batch).await {
+            Ok(pending) => Ok(pending),
+            Err(AppendError::UnknownGroup(_)) if !replicas.contains(&self.config.node_id) => {
+                let leader = replicas.first().and_then(|id| Some((*id, self.addr_of(*id)?)));
+                Err(not_leader(&what, leader))
+            }
+            Err(e) => Err(append_status(&what, e)),
+        }
+    }
+}
+
+fn too_large(size: usize, limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "batch of {size} bytes exceeds the partition's limit of {limit} bytes; send fewer or smaller records"
+    ))
+}

@@ -1,0 +1,132 @@
+//! A node's settings and the identity its data directory remembers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keel_raft::{NetworkConfig, NodeId, RaftTimings};
+use keel_storage::{Disk, LogConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::BrokerError;
+
+/// Limits the broker enforces on requests (checked before any allocation or write).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest fetch response, in bytes.
+    pub fetch_bytes_max: usize,
+    /// Longest a fetch may wait for records.
+    pub fetch_wait_ms_max: u32,
+    /// Most produce requests in flight on one ProduceStream.
+    pub stream_in_flight_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { fetch_bytes_max: 8 << 20, fetch_wait_ms_max: 30_000, stream_in_flight_max: 1_024 }
+    }
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// This node's id (unique in the cluster).
+    pub node_id: NodeId,
+    /// Where clients and peers reach this node.
+    pub advertised_addr: String,
+    /// Where its data lives.
+    pub data_dir: PathBuf,
+    /// The voters of the metadata group (`id → address`): the same on every node. A node whose
+    /// id is among them hosts a replica of `__meta`; the others follow it from a voter.
+    pub voters: BTreeMap<NodeId, String>,
+    /// Raft timing of every group.
+    pub timings: RaftTimings,
+    /// Segment log defaults of every partition (topics may override retention).
+    pub log: LogConfig,
+    /// Raft network settings.
+    pub network: NetworkConfig,
+    /// How long a produce waits for its commit before answering DEADLINE_EXCEEDED.
+    pub append_timeout: Duration,
+    /// How often retention runs over the local partitions.
+    pub retention_interval: Duration,
+    /// Request limits.
+    pub limits: Limits,
+    /// Seed of this node's randomness (election timeouts, the cluster id it may coin).
+    pub seed: u64,
+}
+
+impl BrokerConfig {
+    /// Checks the settings that depend on each other.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        if self.voters.is_empty() {
+            return Err(BrokerError::Config("at least one metadata voter is needed".into()));
+        }
+        if self.advertised_addr.is_empty() {
+            return Err(BrokerError::Config("the advertised address must not be empty".into()));
+        }
+        if let Some(addr) = self.voters.get(&self.node_id)
+            && addr != &self.advertised_addr
+        {
+            return Err(BrokerError::Config(format!(
+                "node {} is a voter at {addr} but advertises {}",
+                self.node_id, self.advertised_addr
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this node votes in the metadata group.
+    pub fn is_voter(&self) -> bool {
+        self.voters.contains_key(&self.node_id)
+    }
+}
+
+/// What a data directory remembers about whom it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The node the directory belongs to.
+    pub node_id: NodeId,
+    /// The cluster, once known.
+    pub cluster_id: Option<String>,
+}
+
+const IDENTITY_FILE: &str = "keel.id";
+
+impl Identity {
+    /// Reads the directory's identity, or `None` for a new directory.
+    pub fn load(disk: &dyn Disk, data_dir: &Path) -> Result<Option<Identity>, BrokerError> {
+        let path = data_dir.join(IDENTITY_FILE);
+        if !disk.exists(&path).map_err(BrokerError::Io)? {
+            return Ok(None);
+        }
+        let bytes = keel_storage::read_whole(disk, &path).map_err(BrokerError::Io)?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| BrokerError::Config(format!("{} is unreadable: {e}", path.display())))
+    }
+
+    /// Writes the identity durably.
+    pub fn store(&self, disk: &dyn Disk, data_dir: &Path) -> Result<(), BrokerError> {
+        disk.create_dir_all(data_dir).map_err(BrokerError::Io)?;
+        let bytes = serde_json::to_vec(self).map_err(|e| BrokerError::Config(e.to_string()))?;
+        keel_storage::write_atomic(disk, &data_dir.join(IDENTITY_FILE), &bytes).map_err(BrokerError::Io)
+    }
+}
+
+/// Claims `data_dir` for `node_id`, refusing a directory that belongs to another node.
+/// Returns the identity and whether the directory was new.
+pub fn claim_data_dir(disk: &dyn Disk, data_dir: &Path, node_id: NodeId) -> Result<(Identity, bool), BrokerError> {
+    match Identity::load(disk, data_dir)? {
+        Some(identity) if identity.node_id != node_id => Err(BrokerError::Config(format!(
+            "data dir {} belongs to node {}, not node {node_id}; use that node id or another directory",
+            data_dir.display(),
+            identity.node_id
+        ))),
+        Some(identity) => Ok((identity, false)),
+        None => {
+            let identity = Identity { node_id, cluster_id: None };
+            identity.store(disk, data_dir)?;
+            Ok((identity, true))
+        }
+    }
+}

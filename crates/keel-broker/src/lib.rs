@@ -1,0 +1,18 @@
+//! A Keel node: the metadata controller (raft group 0, `__meta`), the partition groups its
+//! assignment gives this node, and the gRPC services clients and peers talk to.
+//!
+//! - [`metadata`]: the pure metadata state machine (nodes, topics, assignment);
+//! - [`broker`]: the node's life: metadata follower, reconciler, controller operations;
+//! - [`service`]: Producer, Consumer, Admin, Controller and NodeStatus over gRPC;
+//! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
+
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod metadata;
+pub mod service;
+
+pub use broker::{Broker, Clock};
+pub use config::{BrokerConfig, Identity, Limits};
+pub use error::BrokerError;
+pub use metadata::{META_GROUP, META_TOPIC, Metadata};

@@ -1,0 +1,464 @@
+//! The cluster's metadata as a pure state machine: nodes, topics and the partition → replicas
+//! assignment. It is the applied state of the `__meta` log (one command per record), so every
+//! node that replays the same log holds the same metadata. No I/O, no clock.
+
+use std::collections::BTreeMap;
+
+use keel_raft::{GroupId, NodeId};
+use serde::{Deserialize, Serialize};
+
+/// The raft group of the metadata log itself.
+pub const META_GROUP: GroupId = 0;
+/// The name under which the metadata log can be fetched like a topic (one partition).
+pub const META_TOPIC: &str = "__meta";
+/// Longest topic name (as in Kafka: it must fit in file names with room to spare).
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+/// Most partitions one topic may have.
+pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
+
+/// A node as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Where clients and peers reach it (`host:port`).
+    pub addr: String,
+}
+
+/// A topic's own settings; `None` means the cluster default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicSettings {
+    /// Delete whole segments older than this.
+    pub retention_ms: Option<i64>,
+    /// Delete whole segments beyond this many bytes per partition.
+    pub retention_bytes: Option<u64>,
+    /// Largest batch accepted, in bytes.
+    pub batch_bytes_max: Option<u32>,
+}
+
+/// One partition: its raft group and its replicas (the first is the preferred leader).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// Its raft group id (never reused, even after the topic is deleted).
+    pub group: GroupId,
+    /// Node ids of the replicas; the first is the preferred leader.
+    pub replicas: Vec<NodeId>,
+}
+
+/// A topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topic {
+    /// Replicas per partition.
+    pub replication_factor: u32,
+    /// Settings.
+    pub settings: TopicSettings,
+    /// Partitions by number.
+    pub partitions: Vec<Partition>,
+}
+
+/// A change to the metadata: one record of the `__meta` log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Names the cluster (only the first one counts).
+    InitCluster {
+        /// The cluster id.
+        cluster_id: String,
+    },
+    /// A node joined or changed its address.
+    RegisterNode {
+        /// Its id.
+        node_id: NodeId,
+        /// Its advertised address.
+        addr: String,
+    },
+    /// A new topic with its assignment (computed by the controller leader).
+    CreateTopic {
+        /// Name.
+        name: String,
+        /// Replicas per partition.
+        replication_factor: u32,
+        /// Settings.
+        settings: TopicSettings,
+        /// Replicas of each partition.
+        assignment: Vec<Vec<NodeId>>,
+    },
+    /// Deletes a topic and, on every replica, its data.
+    DeleteTopic {
+        /// Name.
+        name: String,
+    },
+    /// Adds partitions to a topic.
+    AddPartitions {
+        /// Name.
+        name: String,
+        /// Replicas of each new partition.
+        assignment: Vec<Vec<NodeId>>,
+    },
+}
+
+/// Why a command or a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    /// Bad input.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such topic.
+    #[error("topic {0:?} does not exist")]
+    UnknownTopic(String),
+    /// The topic exists already.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    /// The cluster cannot do it in its current state (e.g. too few nodes).
+    #[error("{0}")]
+    Precondition(String),
+}
+
+/// The applied metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// The cluster's id, once named.
+    pub cluster_id: Option<String>,
+    /// Nodes by id.
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
+    /// Topics by name.
+    pub topics: BTreeMap<String, Topic>,
+    /// The group id the next partition gets (0 is the metadata log's own).
+    pub next_group: GroupId,
+    /// The `__meta` offset up to which commands are applied.
+    pub applied_offset: u64,
+}
+
+impl Metadata {
+    /// Empty metadata, before any command.
+    pub fn new() -> Metadata {
+        Metadata { next_group: META_GROUP + 1, ..Metadata::default() }
+    }
+
+    /// Applies the command at `offset`. A refused command changes nothing but the applied
+    /// offset: every replica refuses it the same way.
+    pub fn apply(&mut self, offset: u64, command: &Command) -> Result<(), MetaError> {
+        debug_assert!(offset >= self.applied_offset, "metadata applied out of order");
+        self.applied_offset = offset + 1;
+        match command {
+            Command::InitCluster { cluster_id } => {
+                if self.cluster_id.is_none() {
+                    self.cluster_id = Some(cluster_id.clone());
+                }
+                Ok(())
+            }
+            Command::RegisterNode { node_id, addr } => {
+                self.nodes.insert(*node_id, NodeInfo { addr: addr.clone() });
+                Ok(())
+            }
+            Command::CreateTopic { name, replication_factor, settings, assignment } => {
+                validate_topic_name(name)?;
+                if self.topics.contains_key(name) {
+                    return Err(MetaError::TopicExists(name.clone()));
+                }
+                self.check_assignment(assignment, *replication_factor)?;
+                let partitions = self.allocate(assignment);
+                let topic = Topic { replication_factor: *replication_factor, settings: settings.clone(), partitions };
+                self.topics.insert(name.clone(), topic);
+                Ok(())
+            }
+            Command::DeleteTopic { name } => {
+                self.topics.remove(name).map(|_| ()).ok_or_else(|| MetaError::UnknownTopic(name.clone()))
+            }
+            Command::AddPartitions { name, assignment } => {
+                let topic = self.topics.get(name).ok_or_else(|| MetaError::UnknownTopic(name.clone()))?;
+                let total = topic.partitions.len() + assignment.len();
+                if total > PARTITIONS_PER_TOPIC_MAX as usize {
+                    return Err(MetaError::Invalid(format!(
+                        "a topic has at most {PARTITIONS_PER_TOPIC_MAX} partitions"
+                    )));
+                }
+                self.check_assignment(assignment, topic.replication_factor)?;
+                let partitions = self.allocate(assignment);
+                if let Some(topic) = self.topics.get_mut(name) {
+                    topic.partitions.extend(partitions);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn allocate(&mut self, assignment: &[Vec<NodeId>]) -> Vec<Partition> {
+        assignment
+            .iter()
+            .map(|replicas| {
+                let group = self.next_group;
+                self.next_group += 1;
+                Partition { group, replicas: replicas.clone() }
+            })
+            .collect()
+    }
+
+    fn check_assignment(&self, assignment: &[Vec<NodeId>], replication_factor: u32) -> Result<(), MetaError> {
+        if assignment.is_empty() {
+            return Err(MetaError::Invalid("at least one partition is needed".into()));
+        }
+        if assignment.len() > PARTITIONS_PER_TOPIC_MAX as usize {
+            return Err(MetaError::Invalid(format!("a topic has at most {PARTITIONS_PER_TOPIC_MAX} partitions")));
+        }
+        for replicas in assignment {
+            if replicas.len() != replication_factor as usize {
+                return Err(MetaError::Invalid("every partition needs replication_factor replicas".into()));
+            }
+            let mut seen = replicas.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            if seen.len() != replicas.len() {
+                return Err(MetaError::Invalid("a partition's replicas must be distinct nodes".into()));
+            }
+            if let Some(unknown) = replicas.iter().find(|n| !self.nodes.contains_key(n)) {
+                return Err(MetaError::Precondition(format!("node {unknown} is not registered")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The partition → group of a topic.
+    pub fn partition(&self, topic: &str, partition: u32) -> Result<&Partition, MetaError> {
+        let t = self.topics.get(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
+        t.partitions.get(partition as usize).ok_or_else(|| {
+            MetaError::Invalid(format!("topic {topic:?} has {} partitions; {partition} is not one", t.partitions.len()))
+        })
+    }
+
+    /// Every (group, replicas) hosted by `node`, excluding the metadata group.
+    pub fn groups_of(&self, node: NodeId) -> BTreeMap<GroupId, (&str, u32, &Topic)> {
+        let mut out = BTreeMap::new();
+        for (name, topic) in &self.topics {
+            for (i, p) in topic.partitions.iter().enumerate() {
+                if p.replicas.contains(&node) {
+                    out.insert(p.group, (name.as_str(), i as u32, topic));
+                }
+            }
+        }
+        out
+    }
+
+    /// Plans the replicas of `count` new partitions: each partition's preferred leader is the
+    /// node leading the fewest partitions, its followers the nodes holding the fewest replicas
+    /// (ties by id), so replicas and leaders spread evenly as topics come and go.
+    pub fn plan_assignment(&self, count: u32, replication_factor: u32) -> Result<Vec<Vec<NodeId>>, MetaError> {
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
+        if replication_factor == 0 {
+            return Err(MetaError::Invalid("replication factor must be at least 1".into()));
+        }
+        if replication_factor as usize > nodes.len() {
+            return Err(MetaError::Precondition(format!(
+                "replication factor {replication_factor} needs {replication_factor} nodes; the cluster has {}",
+                nodes.len()
+            )));
+        }
+        let mut leaders: BTreeMap<NodeId, usize> = nodes.iter().map(|&n| (n, 0)).collect();
+        let mut replicas: BTreeMap<NodeId, usize> = leaders.clone();
+        for topic in self.topics.values() {
+            for p in &topic.partitions {
+                for (i, n) in p.replicas.iter().enumerate() {
+                    if let Some(c) = replicas.get_mut(n) {
+                        *c += 1;
+                    }
+                    if i == 0
+                        && let Some(c) = leaders.get_mut(n)
+                    {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        let mut plan = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let Some(leader) = nodes.iter().copied().min_by_key(|n| (leaders[n], replicas[n], *n)) else {
+                return Err(MetaError::Precondition("the cluster has no nodes".into()));
+            };
+            let mut chosen = vec![leader];
+            while chosen.len() < replication_factor as usize {
+                let next = nodes
+                    .iter()
+                    .copied()
+                    .filter(|n| !chosen.contains(n))
+                    .min_by_key(|n| (replicas[n], leaders[n], *n))
+                    .ok_or_else(|| MetaError::Precondition("not enough nodes".into()))?;
+                chosen.push(next);
+            }
+            *leaders.entry(leader).or_default() += 1;
+            for n in &chosen {
+                *replicas.entry(*n).or_default() += 1;
+            }
+            plan.push(chosen);
+        }
+        Ok(plan)
+    }
+}
+
+/// Checks a topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`, and not
+/// starting with `__` (reserved for Keel's internal topics).
+pub fn validate_topic_name(name: &str) -> Result<(), MetaError> {
+    if name.is_empty() {
+        return Err(MetaError::Invalid("topic name must not be empty".into()));
+    }
+    if name.len() > TOPIC_NAME_BYTES_MAX {
+        return Err(MetaError::Invalid(format!("topic name is longer than {TOPIC_NAME_BYTES_MAX} characters")));
+    }
+    if name == "." || name == ".." {
+        return Err(MetaError::Invalid(format!("topic name {name:?} is not allowed")));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(MetaError::Invalid(format!(
+            "topic name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+        )));
+    }
+    if name.starts_with("__") {
+        return Err(MetaError::Invalid(format!("topic names starting with \"__\" are reserved ({name:?})")));
+    }
+    Ok(())
+}
+
+/// Encodes a command as the value of a `__meta` record.
+pub fn encode_command(command: &Command) -> Vec<u8> {
+    // A derived Serialize of plain strings and integers cannot fail.
+    serde_json::to_vec(command).unwrap_or_default()
+}
+
+/// Decodes a `__meta` record's value.
+pub fn decode_command(bytes: &[u8]) -> Result<Command, MetaError> {
+    serde_json::from_slice(bytes).map_err(|e| MetaError::Invalid(format!("undecodable metadata command: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn cluster(nodes: u64) -> Metadata {
+        let mut m = Metadata::new();
+        for (i, n) in (1..=nodes).enumerate() {
+            m.apply(i as u64, &Command::RegisterNode { node_id: n, addr: format!("127.0.0.1:{}", 9000 + n) })
+                .unwrap();
+        }
+        m
+    }
+
+    fn create(m: &mut Metadata, name: &str, partitions: u32, rf: u32) -> Result<(), MetaError> {
+        let assignment = m.plan_assignment(partitions, rf)?;
+        let offset = m.applied_offset;
+        m.apply(
+            offset,
+            &Command::CreateTopic {
+                name: name.into(),
+                replication_factor: rf,
+                settings: TopicSettings::default(),
+                assignment,
+            },
+        )
+    }
+
+    #[test]
+    fn replicas_and_leaders_spread_evenly() {
+        let mut m = cluster(5);
+        create(&mut m, "a", 7, 3).unwrap();
+        create(&mut m, "b", 3, 3).unwrap();
+        let mut leaders = BTreeMap::<NodeId, usize>::new();
+        let mut replicas = BTreeMap::<NodeId, usize>::new();
+        for t in m.topics.values() {
+            for p in &t.partitions {
+                *leaders.entry(p.replicas[0]).or_default() += 1;
+                for r in &p.replicas {
+                    *replicas.entry(*r).or_default() += 1;
+                }
+            }
+        }
+        assert_eq!(leaders.values().copied().collect::<Vec<_>>(), vec![2; 5]);
+        assert_eq!(replicas.values().copied().collect::<Vec<_>>(), vec![6; 5]);
+    }
+
+    #[test]
+    fn groups_are_allocated_once_and_never_reused() {
+        let mut m = cluster(3);
+        create(&mut m, "a", 2, 3).unwrap();
+        let offset = m.applied_offset;
+        m.apply(offset, &Command::DeleteTopic { name: "a".into() }).unwrap();
+        create(&mut m, "a", 1, 1).unwrap();
+        assert_eq!(m.topics["a"].partitions[0].group, 3);
+        assert_eq!(m.next_group, 4);
+    }
+
+    #[test]
+    fn refused_commands_change_nothing() {
+        let mut m = cluster(3);
+        create(&mut m, "a", 2, 3).unwrap();
+        let before = m.clone();
+        let cases = [
+            Command::CreateTopic {
+                name: "a".into(),
+                replication_factor: 1,
+                settings: TopicSettings::default(),
+                assignment: vec![vec![1]],
+            },
+            Command::CreateTopic {
+                name: "b".into(),
+                replication_factor: 2,
+                settings: TopicSettings::default(),
+                assignment: vec![vec![1, 1]],
+            },
+            Command::CreateTopic {
+                name: "b".into(),
+                replication_factor: 1,
+                settings: TopicSettings::default(),
+                assignment: vec![vec![9]],
+            },
+            Command::CreateTopic {
+                name: "b".into(),
+                replication_factor: 1,
+                settings: TopicSettings::default(),
+                assignment: vec![],
+            },
+            Command::CreateTopic {
+                name: "b/c".into(),
+                replication_factor: 1,
+                settings: TopicSettings::default(),
+                assignment: vec![vec![1]],
+            },
+            Command::DeleteTopic { name: "nope".into() },
+            Command::AddPartitions { name: "nope".into(), assignment: vec![vec![1, 2, 3]] },
+            Command::AddPartitions { name: "a".into(), assignment: vec![vec![1]] },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let offset = m.applied_offset;
+            assert!(m.apply(offset, c).is_err(), "case {i} must be refused");
+            assert_eq!(m.topics, before.topics, "case {i}");
+            assert_eq!(m.next_group, before.next_group, "case {i}");
+        }
+    }
+
+    #[test]
+    fn replication_factor_beyond_nodes_is_refused() {
+        let m = cluster(2);
+        assert!(matches!(m.plan_assignment(1, 3), Err(MetaError::Precondition(_))));
+        assert!(matches!(m.plan_assignment(1, 0), Err(MetaError::Invalid(_))));
+    }
+
+    #[test]
+    fn topic_names() {
+        for ok in ["a", "orders", "a.b_c-D9", &"x".repeat(249)] {
+            validate_topic_name(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "__meta", "a b", "a/b", "é", &"x".repeat(250)] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn commands_round_trip() {
+        let c = Command::CreateTopic {
+            name: "t".into(),
+            replication_factor: 3,
+            settings: TopicSettings { retention_ms: Some(5), ..TopicSettings::default() },
+            assignment: vec![vec![1, 2, 3]],
+        };
+        assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
+        assert!(decode_command(b"{\"op\":\"nope\"}").is_err());
+    }
+}

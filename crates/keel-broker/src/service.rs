@@ -1,0 +1,708 @@
+//! The gRPC services of a node: Producer, Consumer, Admin (public), Controller and NodeStatus
+//! (between nodes), plus grpc.health.v1 and reflection, all on one server beside the raft RPC.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use keel_proto::v1 as pb;
+use keel_raft::{GroupId, NodeId};
+use tokio::sync::{Semaphore, mpsc};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info_span};
+
+use crate::broker::{Broker, HOPS_HEADER, Inner};
+use crate::error::{append_status, not_leader, to_pb_error};
+use crate::metadata::{self, META_GROUP, Metadata, Topic, TopicSettings};
+
+/// Default size bound of a fetch response when the request leaves it 0.
+const FETCH_BYTES_DEFAULT: usize = 1 << 20;
+/// How long one Subscribe round waits for records before it looks again.
+const SUBSCRIBE_WAIT_MS: u32 = 1_000;
+
+/// Every service of a node, over the shared broker state.
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+fn hops<T>(request: &Request<T>) -> u32 {
+    request.metadata().get(HOPS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A stream fed by a channel (the sending task stops when the client goes away).
+fn channel_stream<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> BoxStream<T> {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
+}
+
+impl Broker {
+    /// Every gRPC service of this node on one tonic router: raft, Producer, Consumer, Admin,
+    /// Controller, NodeStatus, grpc.health.v1 and reflection (v1 and v1alpha).
+    pub fn router(&self) -> Result<tonic::service::Routes, crate::error::BrokerError> {
+        let api = Api { inner: Arc::clone(&self.inner) };
+        let message_max = self.inner.config.log.batch_bytes_max() + (1 << 20);
+        let reflection = |e: tonic_reflection::server::Error| crate::error::BrokerError::Config(e.to_string());
+        let v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(reflection)?;
+        let v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(reflection)?;
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        let mut ready = self.ready();
+        tokio::spawn(async move {
+            // NOT_SERVING until the node knows its cluster and is registered in it.
+            for name in ["", "keel.v1.Producer", "keel.v1.Consumer", "keel.v1.Admin"] {
+                health_reporter.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+            }
+            while !*ready.borrow_and_update() {
+                if ready.changed().await.is_err() {
+                    return;
+                }
+            }
+            for name in ["", "keel.v1.Producer", "keel.v1.Consumer", "keel.v1.Admin"] {
+                health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+            }
+        });
+        let mut routes = tonic::service::Routes::default();
+        routes = routes
+            .add_service(self.inner.node.service().into_server())
+            .add_service(
+                pb::producer_server::ProducerServer::new(api.clone())
+                    .max_decoding_message_size(message_max)
+                    .max_encoding_message_size(message_max),
+            )
+            .add_service(
+                pb::consumer_server::ConsumerServer::new(api.clone())
+                    .max_decoding_message_size(message_max)
+                    .max_encoding_message_size(message_max + self.inner.config.limits.fetch_bytes_max),
+            )
+            .add_service(pb::admin_server::AdminServer::new(api.clone()))
+            .add_service(pb::controller_server::ControllerServer::new(api.clone()))
+            .add_service(pb::node_status_server::NodeStatusServer::new(api))
+            .add_service(health)
+            .add_service(v1)
+            .add_service(v1alpha);
+        Ok(routes)
+    }
+}
+
+impl Api {
+    async fn produce_unary(&self, request: pb::ProduceRequest, hops: u32) -> Result<pb::ProduceResponse, Status> {
+        let inner = &self.inner;
+        let what = format!("{}/{}", request.topic, request.partition);
+        let submitted = inner.submit(&request).await;
+        let status = match submitted {
+            Ok(pending) => match pending.wait().await {
+                Ok(appended) => {
+                    return Ok(pb::ProduceResponse {
+                        request_id: request.request_id,
+                        base_offset: appended.base_offset,
+                        record_count: (appended.next_offset - appended.base_offset) as u32,
+                        error: None,
+                    });
+                }
+                Err(e) => append_status(&what, e),
+            },
+            Err(status) => status,
+        };
+        // A generic client that reached a follower is served by forwarding once to the leader.
+        let error = to_pb_error(&status);
+        match (error.leader_id, hops) {
+            (Some(leader), 0) if leader != inner.config.node_id && !error.leader_addr.is_empty() => {
+                let addr = error.leader_addr.clone();
+                let channel = inner.channel(&addr)?;
+                let mut forwarded = Request::new(request);
+                forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+                let deadline = inner.config.append_timeout + Duration::from_secs(1);
+                let mut client = pb::producer_client::ProducerClient::new(channel);
+                let call = client.produce(forwarded);
+                match tokio::time::timeout(deadline, call).await {
+                    Ok(result) => result.map(Response::into_inner),
+                    Err(_) => {
+                        inner.drop_channel(&addr);
+                        Err(Status::deadline_exceeded(format!(
+                            "{what}: the leader at {addr} did not answer in time; the batch may or may not have been written"
+                        )))
+                    }
+                }
+            }
+            _ => Err(status),
+        }
+    }
+
+    /// Reads committed records, waiting up to `wait_ms` for some to commit.
+    async fn fetch(&self, request: pb::FetchRequest, wait_ms: u32, hops: u32) -> Result<pb::FetchResponse, Status> {
+        let inner = &self.inner;
+        let (group, replicas, _) = inner.resolve(&request.topic, request.partition)?;
+        let Ok(store) = inner.node.store(group) else {
+            return self.forward_fetch(request, &replicas, hops).await;
+        };
+        let bytes_max = match request.max_bytes {
+            0 => FETCH_BYTES_DEFAULT,
+            n => n as usize,
+        }
+        .min(inner.config.limits.fetch_bytes_max);
+        let wait_ms = wait_ms.min(inner.config.limits.fetch_wait_ms_max);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(wait_ms));
+        let mut hw_rx = store.high_watermark();
+        let format = pb::FetchFormat::try_from(request.format)
+            .map_err(|_| Status::invalid_argument(format!("unknown fetch format {}", request.format)))?;
+        loop {
+            let high_watermark = *hw_rx.borrow_and_update();
+            let (start, _, written) = store.positions();
+            let mut response = pb::FetchResponse {
+                topic: request.topic.clone(),
+                partition: request.partition,
+                records: Vec::new(),
+                batches: Vec::new(),
+                high_watermark,
+                log_start_offset: start.offset,
+                next_offset: request.offset,
+            };
+            if request.offset < start.offset {
+                return Err(Status::out_of_range(format!(
+                    "offset {} is below the log start {} of {}/{}",
+                    request.offset, start.offset, request.topic, request.partition
+                )));
+            }
+            let leads = inner.node.leader(group) == Some(inner.config.node_id);
+            if request.offset > written.offset.max(high_watermark) && leads {
+                return Err(Status::out_of_range(format!(
+                    "offset {} is beyond the end {} of {}/{}",
+                    request.offset, high_watermark, request.topic, request.partition
+                )));
+            }
+            if request.offset < high_watermark {
+                let batches = store.read_committed(request.offset, bytes_max).map_err(|e| match e {
+                    keel_storage::StorageError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
+                    other => Status::unavailable(format!("this replica cannot read: {other}; try another")),
+                })?;
+                fill(&mut response, batches, request.offset, format)?;
+                return Ok(response);
+            }
+            match tokio::time::timeout_at(deadline, hw_rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("the partition closed on this node; retry")),
+                Err(_) => return Ok(response),
+            }
+        }
+    }
+
+    /// A node that hosts no replica asks one that does (the preferred leader first).
+    async fn forward_fetch(
+        &self,
+        request: pb::FetchRequest,
+        replicas: &[NodeId],
+        hops: u32,
+    ) -> Result<pb::FetchResponse, Status> {
+        let inner = &self.inner;
+        let what = format!("{}/{}", request.topic, request.partition);
+        if hops > 0 {
+            return Err(Status::unavailable(format!("{what} is not open on this node yet; retry")));
+        }
+        let Some(addr) = replicas.first().and_then(|id| inner.addr_of(*id)) else {
+            return Err(not_leader(&what, None));
+        };
+        let channel = inner.channel(&addr)?;
+        let mut forwarded = Request::new(request.clone());
+        forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        let deadline = Duration::from_millis(u64::from(request.max_wait_ms)) + Duration::from_secs(5);
+        match tokio::time::timeout(deadline, pb::consumer_client::ConsumerClient::new(channel).fetch(forwarded)).await {
+            Ok(result) => result.map(Response::into_inner),
+            Err(_) => {
+                inner.drop_channel(&addr);
+                Err(Status::unavailable(format!("the replica of {what} at {addr} did not answer in time")))
+            }
+        }
+    }
+
+    fn describe(&self, name: &str, topic: &Topic, status: &Statuses) -> pb::TopicDescription {
+        let partitions = topic
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let s = status.get(&p.group);
+                let leader_id = s.and_then(|s| s.leader);
+                pb::PartitionDescription {
+                    partition: i as u32,
+                    replicas: p.replicas.clone(),
+                    leader_id,
+                    leader_addr: leader_id.and_then(|l| self.inner.addr_of(l)).unwrap_or_default(),
+                    high_watermark: s.map_or(0, |s| s.high_watermark),
+                    log_start_offset: s.map_or(0, |s| s.log_start_offset),
+                    in_sync: s.map(|s| s.in_sync.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        pb::TopicDescription {
+            name: name.to_owned(),
+            replication_factor: topic.replication_factor,
+            config: Some(settings_to_pb(&topic.settings)),
+            partitions,
+        }
+    }
+
+    /// Asks every node what it knows about the groups it hosts (1 s deadline each) and merges
+    /// the answers: a group's leader is the node that says it leads it.
+    async fn gather(&self, meta: &Metadata) -> (Statuses, BTreeMap<NodeId, bool>) {
+        let inner = &self.inner;
+        let mut nodes: BTreeMap<NodeId, String> = meta.nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect();
+        for (id, addr) in &inner.config.voters {
+            nodes.entry(*id).or_insert_with(|| addr.clone());
+        }
+        let calls = nodes.iter().map(|(id, addr)| {
+            let (id, addr) = (*id, addr.clone());
+            async move {
+                if id == inner.config.node_id {
+                    return (id, Some(local_status(inner)));
+                }
+                let Ok(channel) = inner.channel(&addr) else { return (id, None) };
+                let mut client = pb::node_status_client::NodeStatusClient::new(channel);
+                let call = client.local_status(pb::LocalStatusRequest {});
+                match tokio::time::timeout(Duration::from_secs(1), call).await {
+                    Ok(Ok(r)) => (id, Some(r.into_inner())),
+                    Ok(Err(_)) => (id, None),
+                    Err(_) => {
+                        inner.drop_channel(&addr);
+                        (id, None)
+                    }
+                }
+            }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let mut statuses = Statuses::new();
+        let mut reachable = BTreeMap::new();
+        for (id, answer) in answers {
+            reachable.insert(id, answer.is_some());
+            let Some(answer) = answer else { continue };
+            for g in answer.groups {
+                let entry = statuses.entry(g.group).or_insert_with(|| GroupView {
+                    leader: None,
+                    high_watermark: 0,
+                    log_start_offset: 0,
+                    in_sync: Vec::new(),
+                });
+                if g.leader {
+                    entry.leader = Some(answer.node_id);
+                    entry.high_watermark = g.high_watermark;
+                    entry.log_start_offset = g.log_start_offset;
+                    entry.in_sync = g.in_sync;
+                } else if entry.leader.is_none() {
+                    entry.high_watermark = entry.high_watermark.max(g.high_watermark);
+                    entry.log_start_offset = entry.log_start_offset.max(g.log_start_offset);
+                }
+            }
+        }
+        (statuses, reachable)
+    }
+}
+
+struct GroupView {
+    leader: Option<NodeId>,
+    high_watermark: u64,
+    log_start_offset: u64,
+    in_sync: Vec<NodeId>,
+}
+
+type Statuses = BTreeMap<GroupId, GroupView>;
+
+/// What this node knows about each group it hosts.
+fn local_status(inner: &Inner) -> pb::LocalStatusResponse {
+    let me = inner.config.node_id;
+    let mut groups = Vec::new();
+    for group in inner.node.group_ids() {
+        let (Ok(metrics), Ok(store)) = (inner.node.metrics(group), inner.node.store(group)) else { continue };
+        let leader = metrics.current_leader == Some(me);
+        let high_watermark = *store.high_watermark().borrow();
+        let (start, _, _) = store.positions();
+        let mut in_sync = Vec::new();
+        if leader && let Some(replication) = &metrics.replication {
+            let committed = metrics.last_applied.as_ref().map_or(0, |l| l.index);
+            for (node, matched) in replication {
+                if matched.as_ref().is_some_and(|m| m.index >= committed) {
+                    in_sync.push(*node);
+                }
+            }
+        }
+        groups.push(pb::GroupStatus {
+            group,
+            leader,
+            leader_id: metrics.current_leader,
+            high_watermark,
+            log_start_offset: start.offset,
+            in_sync,
+        });
+    }
+    pb::LocalStatusResponse { node_id: me, groups }
+}
+
+/// Fills a fetch response from committed batches (records below `from` are left out).
+fn fill(
+    response: &mut pb::FetchResponse,
+    batches: Vec<keel_record::Batch>,
+    from: u64,
+    format: pb::FetchFormat,
+) -> Result<(), Status> {
+    for batch in batches {
+        response.next_offset = response.next_offset.max(batch.header().next_offset());
+        match format {
+            pb::FetchFormat::Batches => response.batches.push(batch.into_bytes()),
+            pb::FetchFormat::Records => {
+                for record in batch.records() {
+                    let record = record.map_err(|e| Status::internal(format!("a committed batch is unreadable: {e}")))?;
+                    if record.offset < from {
+                        continue;
+                    }
+                    response.records.push(pb::ConsumedRecord {
+                        offset: record.offset,
+                        timestamp_ms: record.timestamp_ms,
+                        key: record.key,
+                        value: record.value,
+                        headers: record
+                            .headers
+                            .into_iter()
+                            .map(|h| pb::Header { key: String::from_utf8_lossy(&h.key).into_owned(), value: h.value })
+                            .collect(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn settings_to_pb(s: &TopicSettings) -> pb::TopicConfig {
+    pb::TopicConfig {
+        retention_ms: s.retention_ms.unwrap_or(0),
+        retention_bytes: s.retention_bytes.unwrap_or(0),
+        max_batch_bytes: s.batch_bytes_max.unwrap_or(0),
+    }
+}
+
+fn settings_from_pb(c: Option<pb::TopicConfig>, batch_bytes_max: usize) -> Result<TopicSettings, Status> {
+    let c = c.unwrap_or_default();
+    if c.retention_ms < 0 {
+        return Err(Status::invalid_argument("retention_ms must not be negative (0 keeps records forever)"));
+    }
+    if c.max_batch_bytes as usize > batch_bytes_max {
+        return Err(Status::invalid_argument(format!(
+            "max_batch_bytes {} exceeds the cluster's limit of {batch_bytes_max}",
+            c.max_batch_bytes
+        )));
+    }
+    if c.max_batch_bytes != 0 && c.max_batch_bytes < 1024 {
+        return Err(Status::invalid_argument("max_batch_bytes must be at least 1024 (0 = the cluster's limit)"));
+    }
+    Ok(TopicSettings {
+        retention_ms: (c.retention_ms > 0).then_some(c.retention_ms),
+        retention_bytes: (c.retention_bytes > 0).then_some(c.retention_bytes),
+        batch_bytes_max: (c.max_batch_bytes > 0).then_some(c.max_batch_bytes),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::producer_server::Producer for Api {
+    async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+        let hops = hops(&request);
+        let request = request.into_inner();
+        let span = info_span!("produce", topic = %request.topic, partition = request.partition);
+        self.produce_unary(request, hops).instrument(span).await.map(Response::new)
+    }
+
+    type ProduceStreamStream = BoxStream<pb::ProduceResponse>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<pb::ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let inner = Arc::clone(&self.inner);
+        let in_flight = inner.config.limits.stream_in_flight_max;
+        let (tx, rx) = mpsc::channel(in_flight);
+        let permits = Arc::new(Semaphore::new(in_flight));
+        tokio::spawn(async move {
+            // Requests are submitted to raft one by one, in arrival order, and their commits
+            // awaited concurrently: pipelining without reordering a partition's batches.
+            loop {
+                let request = match inbound.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(status) => {
+                        debug!(%status, "produce stream ended");
+                        return;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+                let id = request.request_id;
+                let what = format!("{}/{}", request.topic, request.partition);
+                match inner.submit(&request).await {
+                    Ok(pending) => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let response = match pending.wait().await {
+                                Ok(a) => pb::ProduceResponse {
+                                    request_id: id,
+                                    base_offset: a.base_offset,
+                                    record_count: (a.next_offset - a.base_offset) as u32,
+                                    error: None,
+                                },
+                                Err(e) => error_response(id, &append_status(&what, e)),
+                            };
+                            let _ = tx.send(Ok(response)).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(status) => {
+                        if tx.send(Ok(error_response(id, &status))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(channel_stream(rx)))
+    }
+}
+
+fn error_response(request_id: u64, status: &Status) -> pb::ProduceResponse {
+    pb::ProduceResponse { request_id, base_offset: 0, record_count: 0, error: Some(to_pb_error(status)) }
+}
+
+#[tonic::async_trait]
+impl pb::consumer_server::Consumer for Api {
+    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        let hops = hops(&request);
+        let request = request.into_inner();
+        let wait = request.max_wait_ms;
+        let span = info_span!("fetch", topic = %request.topic, partition = request.partition, offset = request.offset);
+        self.fetch(request, wait, hops).instrument(span).await.map(Response::new)
+    }
+
+    type SubscribeStream = BoxStream<pb::FetchResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let api = self.clone();
+        // Fail fast on a bad topic or partition, before the stream starts.
+        self.inner.resolve(&request.topic, request.partition)?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut offset = request.offset;
+            loop {
+                let fetch = pb::FetchRequest {
+                    topic: request.topic.clone(),
+                    partition: request.partition,
+                    offset,
+                    max_bytes: request.max_bytes,
+                    max_wait_ms: SUBSCRIBE_WAIT_MS,
+                    format: request.format,
+                };
+                let result = api.fetch(fetch, SUBSCRIBE_WAIT_MS, 0).await;
+                match result {
+                    Ok(response) => {
+                        if response.next_offset == offset {
+                            if tx.is_closed() {
+                                return;
+                            }
+                            continue;
+                        }
+                        offset = response.next_offset;
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(channel_stream(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Api {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let hops = hops(&request);
+        let inner = &self.inner;
+        let r = request.get_ref();
+        metadata::validate_topic_name(&r.name).map_err(crate::error::meta_status)?;
+        if r.partitions == 0 || r.partitions > metadata::PARTITIONS_PER_TOPIC_MAX {
+            return Err(Status::invalid_argument(format!(
+                "partitions must be between 1 and {}",
+                metadata::PARTITIONS_PER_TOPIC_MAX
+            )));
+        }
+        let settings = settings_from_pb(r.config, inner.config.log.batch_bytes_max())?;
+        if !inner.leads_meta() {
+            let request = inner.forwardable(request.into_inner(), hops)?;
+            return inner
+                .forward_to_controller(request, |channel, request| async move {
+                    pb::admin_client::AdminClient::new(channel).create_topic(request).await
+                })
+                .await;
+        }
+        let r = request.into_inner();
+        let topic = inner.create_topic(r.name.clone(), r.partitions, r.replication_factor, settings).await?;
+        let description = self.describe(&r.name, &topic, &Statuses::new());
+        Ok(Response::new(pb::CreateTopicResponse { topic: Some(description) }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let hops = hops(&request);
+        let inner = &self.inner;
+        if request.get_ref().name.is_empty() {
+            return Err(Status::invalid_argument("topic name must not be empty"));
+        }
+        if !inner.leads_meta() {
+            let request = inner.forwardable(request.into_inner(), hops)?;
+            return inner
+                .forward_to_controller(request, |channel, request| async move {
+                    pb::admin_client::AdminClient::new(channel).delete_topic(request).await
+                })
+                .await;
+        }
+        inner.delete_topic(request.into_inner().name).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let meta = self.inner.metadata();
+        let (statuses, _) = self.gather(&meta).await;
+        let topics = meta.topics.iter().map(|(name, t)| self.describe(name, t, &statuses)).collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let name = request.into_inner().name;
+        let meta = self.inner.metadata();
+        let topic =
+            meta.topics.get(&name).ok_or_else(|| Status::not_found(format!("topic {name:?} does not exist")))?;
+        let (statuses, _) = self.gather(&meta).await;
+        Ok(Response::new(pb::DescribeTopicResponse { topic: Some(self.describe(&name, topic, &statuses)) }))
+    }
+
+    async fn add_partitions(
+        &self,
+        request: Request<pb::AddPartitionsRequest>,
+    ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
+        let hops = hops(&request);
+        let inner = &self.inner;
+        let r = request.get_ref();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("topic name must not be empty"));
+        }
+        if r.count == 0 || r.count > metadata::PARTITIONS_PER_TOPIC_MAX {
+            return Err(Status::invalid_argument("count must be at least 1"));
+        }
+        if !inner.leads_meta() {
+            let request = inner.forwardable(request.into_inner(), hops)?;
+            return inner
+                .forward_to_controller(request, |channel, request| async move {
+                    pb::admin_client::AdminClient::new(channel).add_partitions(request).await
+                })
+                .await;
+        }
+        let r = request.into_inner();
+        let topic = inner.add_partitions(r.name.clone(), r.count).await?;
+        Ok(Response::new(pb::AddPartitionsResponse { topic: Some(self.describe(&r.name, &topic, &Statuses::new())) }))
+    }
+
+    async fn describe_cluster(
+        &self,
+        _request: Request<pb::DescribeClusterRequest>,
+    ) -> Result<Response<pb::DescribeClusterResponse>, Status> {
+        let inner = &self.inner;
+        let meta = inner.metadata();
+        let (statuses, reachable) = self.gather(&meta).await;
+        let mut nodes: BTreeMap<NodeId, pb::NodeDescription> = BTreeMap::new();
+        for (id, addr) in &inner.config.voters {
+            nodes.insert(
+                *id,
+                pb::NodeDescription { node_id: *id, addr: addr.clone(), controller_voter: true, reachable: false },
+            );
+        }
+        for (id, n) in &meta.nodes {
+            let entry = nodes.entry(*id).or_insert_with(|| pb::NodeDescription {
+                node_id: *id,
+                addr: String::new(),
+                controller_voter: false,
+                reachable: false,
+            });
+            entry.addr = n.addr.clone();
+        }
+        for (id, node) in nodes.iter_mut() {
+            node.reachable = reachable.get(id).copied().unwrap_or(false);
+        }
+        let topics: Vec<_> = meta.topics.iter().map(|(name, t)| self.describe(name, t, &statuses)).collect();
+        let mut under_replicated = 0;
+        let mut leaderless = 0;
+        for p in topics.iter().flat_map(|t| &t.partitions) {
+            if p.leader_id.is_none() {
+                leaderless += 1;
+            } else if p.in_sync.len() < p.replicas.len() {
+                under_replicated += 1;
+            }
+        }
+        let controller_leader = statuses.get(&META_GROUP).and_then(|s| s.leader);
+        Ok(Response::new(pb::DescribeClusterResponse {
+            cluster_id: meta.cluster_id.clone().unwrap_or_default(),
+            answered_by: inner.config.node_id,
+            controller_leader,
+            nodes: nodes.into_values().collect(),
+            topics,
+            under_replicated,
+            leaderless,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::controller_server::Controller for Api {
+    async fn register_node(
+        &self,
+        request: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let hops = hops(&request);
+        self.inner.register_node(request.into_inner(), hops).await?;
+        let cluster_id = self.inner.metadata().cluster_id.clone().unwrap_or_default();
+        Ok(Response::new(pb::RegisterNodeResponse { cluster_id }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_status_server::NodeStatus for Api {
+    async fn local_status(
+        &self,
+        _request: Request<pb::LocalStatusRequest>,
+    ) -> Result<Response<pb::LocalStatusResponse>, Status> {
+        Ok(Response::new(local_status(&self.inner)))
+    }
+}
