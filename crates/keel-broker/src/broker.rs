@@ -534,6 +534,13 @@ impl Inner {
         }
     }
 
+    /// Waits (bounded) until this node's metadata satisfies `done`: after a forwarded admin
+    /// write, so that the client reads its own write from the node it asked.
+    pub(crate) async fn wait_meta(&self, done: impl Fn(&Metadata) -> bool) {
+        let mut rx = self.meta.subscribe();
+        let _ = tokio::time::timeout(self.config.append_timeout, rx.wait_for(|m| done(m))).await;
+    }
+
     /// On the controller leader: waits until everything committed before now is applied, so
     /// validation sees the latest metadata. Holds the admin lock for the caller.
     pub(crate) async fn controller_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
@@ -642,10 +649,11 @@ impl Inner {
             }
         }
         for group in open {
-            if group != META_GROUP && !wanted.contains_key(&group) {
-                if let Err(e) = self.node.remove_group(group).await {
-                    warn!(group, error = %e, "removing a deleted partition failed");
-                }
+            if group != META_GROUP
+                && !wanted.contains_key(&group)
+                && let Err(e) = self.node.remove_group(group).await
+            {
+                warn!(group, error = %e, "removing a deleted partition failed");
             }
         }
         // Group ids are never reused: one below `next_group` that is not ours is a partition

@@ -237,9 +237,10 @@ impl Metadata {
         out
     }
 
-    /// Plans the replicas of `count` new partitions: each partition's preferred leader is the
-    /// node leading the fewest partitions, its followers the nodes holding the fewest replicas
-    /// (ties by id), so replicas and leaders spread evenly as topics come and go.
+    /// Plans the replicas of `count` new partitions, Kafka style: partition `p` takes the
+    /// `replication_factor` nodes that follow `start + p` in id order, where `start` is the node
+    /// that leads the fewest partitions (then holds the fewest replicas) — so replicas and
+    /// preferred leaders spread evenly as topics come and go.
     pub fn plan_assignment(&self, count: u32, replication_factor: u32) -> Result<Vec<Vec<NodeId>>, MetaError> {
         let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
         if replication_factor == 0 {
@@ -251,43 +252,39 @@ impl Metadata {
                 nodes.len()
             )));
         }
-        let mut leaders: BTreeMap<NodeId, usize> = nodes.iter().map(|&n| (n, 0)).collect();
-        let mut replicas: BTreeMap<NodeId, usize> = leaders.clone();
-        for topic in self.topics.values() {
-            for p in &topic.partitions {
-                for (i, n) in p.replicas.iter().enumerate() {
-                    if let Some(c) = replicas.get_mut(n) {
-                        *c += 1;
-                    }
-                    if i == 0
-                        && let Some(c) = leaders.get_mut(n)
-                    {
-                        *c += 1;
-                    }
+        let mut load: BTreeMap<NodeId, (usize, usize)> = nodes.iter().map(|&n| (n, (0, 0))).collect();
+        for p in self.topics.values().flat_map(|t| &t.partitions) {
+            for (i, n) in p.replicas.iter().enumerate() {
+                if let Some((leaders, replicas)) = load.get_mut(n) {
+                    *leaders += usize::from(i == 0);
+                    *replicas += 1;
                 }
             }
         }
-        let mut plan = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let Some(leader) = nodes.iter().copied().min_by_key(|n| (leaders[n], replicas[n], *n)) else {
-                return Err(MetaError::Precondition("the cluster has no nodes".into()));
-            };
-            let mut chosen = vec![leader];
-            while chosen.len() < replication_factor as usize {
-                let next = nodes
-                    .iter()
-                    .copied()
-                    .filter(|n| !chosen.contains(n))
-                    .min_by_key(|n| (replicas[n], leaders[n], *n))
-                    .ok_or_else(|| MetaError::Precondition("not enough nodes".into()))?;
-                chosen.push(next);
+        let place = |start: usize| -> Vec<Vec<NodeId>> {
+            (0..count as usize)
+                .map(|p| (0..replication_factor as usize).map(|r| nodes[(start + p + r) % nodes.len()]).collect())
+                .collect()
+        };
+        // Try every rotation; keep the one whose result is most even (fewest leaders on the
+        // busiest node, then fewest replicas, then the smallest spread).
+        let score = |plan: &[Vec<NodeId>]| {
+            let mut after = load.clone();
+            for replicas in plan {
+                for (i, n) in replicas.iter().enumerate() {
+                    if let Some((leaders, count)) = after.get_mut(n) {
+                        *leaders += usize::from(i == 0);
+                        *count += 1;
+                    }
+                }
             }
-            *leaders.entry(leader).or_default() += 1;
-            for n in &chosen {
-                *replicas.entry(*n).or_default() += 1;
-            }
-            plan.push(chosen);
-        }
+            let leaders_max = after.values().map(|l| l.0).max().unwrap_or(0);
+            let replicas_max = after.values().map(|l| l.1).max().unwrap_or(0);
+            let spread: usize = after.values().map(|l| l.0 * l.0 + l.1 * l.1).sum();
+            (leaders_max, replicas_max, spread)
+        };
+        let start = (0..nodes.len()).min_by_key(|&s| (score(&place(s)), s)).unwrap_or(0);
+        let plan = place(start);
         Ok(plan)
     }
 }

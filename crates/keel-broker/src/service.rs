@@ -553,12 +553,15 @@ impl pb::admin_server::Admin for Api {
         }
         let settings = settings_from_pb(r.config, inner.config.log.batch_bytes_max())?;
         if !inner.leads_meta() {
+            let name = request.get_ref().name.clone();
             let request = inner.forwardable(request.into_inner(), hops)?;
-            return inner
+            let response = inner
                 .forward_to_controller(request, |channel, request| async move {
                     pb::admin_client::AdminClient::new(channel).create_topic(request).await
                 })
-                .await;
+                .await?;
+            inner.wait_meta(|m| m.topics.contains_key(&name)).await;
+            return Ok(response);
         }
         let r = request.into_inner();
         let topic = inner.create_topic(r.name.clone(), r.partitions, r.replication_factor, settings).await?;
@@ -576,12 +579,15 @@ impl pb::admin_server::Admin for Api {
             return Err(Status::invalid_argument("topic name must not be empty"));
         }
         if !inner.leads_meta() {
+            let name = request.get_ref().name.clone();
             let request = inner.forwardable(request.into_inner(), hops)?;
-            return inner
+            let response = inner
                 .forward_to_controller(request, |channel, request| async move {
                     pb::admin_client::AdminClient::new(channel).delete_topic(request).await
                 })
-                .await;
+                .await?;
+            inner.wait_meta(|m| !m.topics.contains_key(&name)).await;
+            return Ok(response);
         }
         inner.delete_topic(request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
@@ -623,12 +629,16 @@ impl pb::admin_server::Admin for Api {
             return Err(Status::invalid_argument("count must be at least 1"));
         }
         if !inner.leads_meta() {
+            let name = request.get_ref().name.clone();
             let request = inner.forwardable(request.into_inner(), hops)?;
-            return inner
+            let response = inner
                 .forward_to_controller(request, |channel, request| async move {
                     pb::admin_client::AdminClient::new(channel).add_partitions(request).await
                 })
-                .await;
+                .await?;
+            let count = response.get_ref().topic.as_ref().map_or(0, |t| t.partitions.len());
+            inner.wait_meta(|m| m.topics.get(&name).is_some_and(|t| t.partitions.len() >= count)).await;
+            return Ok(response);
         }
         let r = request.into_inner();
         let topic = inner.add_partitions(r.name.clone(), r.count).await?;

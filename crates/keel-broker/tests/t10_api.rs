@@ -1,0 +1,362 @@
+//! The public gRPC API against three in-process nodes on 127.0.0.1: topics, produce (unary,
+//! forwarded, streamed), fetch (records, batches, long poll), and every bad input refused with
+//! the right status and no change.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_broker::{Broker, BrokerConfig, Clock, Limits};
+use keel_proto::v1 as pb;
+use keel_raft::{NetworkConfig, RaftTimings, TcpConnector};
+use keel_storage::{FileDisk, LogConfig};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+struct FixedClock;
+impl Clock for FixedClock {
+    fn now_ms(&self) -> i64 {
+        1_700_000_000_000
+    }
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    brokers: Vec<Broker>,
+    addrs: Vec<String>,
+}
+
+async fn start(nodes: u64) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..nodes {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let voters: BTreeMap<u64, String> = addrs.iter().enumerate().map(|(i, a)| (i as u64 + 1, a.clone())).collect();
+    let mut brokers = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let id = i as u64 + 1;
+        let config = BrokerConfig {
+            node_id: id,
+            advertised_addr: addrs[i].clone(),
+            data_dir: dir.path().join(format!("node-{id}")),
+            voters: voters.clone(),
+            timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800 },
+            log: LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: 1 << 20, ..LogConfig::default() },
+            network: NetworkConfig::default(),
+            append_timeout: Duration::from_secs(5),
+            retention_interval: Duration::from_secs(3600),
+            limits: Limits::default(),
+            seed: id,
+        };
+        let broker = Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), Arc::new(FixedClock))
+            .await
+            .unwrap();
+        let routes = broker.router().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming));
+        brokers.push(broker);
+    }
+    for b in &brokers {
+        let mut ready = b.ready();
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r)).await.unwrap().unwrap();
+    }
+    Cluster { _dir: dir, brokers, addrs }
+}
+
+async fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+fn record(value: &str) -> pb::Record {
+    pb::Record { key: None, value: Some(value.as_bytes().to_vec().into()), headers: vec![], timestamp_ms: 0 }
+}
+
+fn produce(topic: &str, partition: u32, values: &[&str]) -> pb::ProduceRequest {
+    pb::ProduceRequest {
+        request_id: 0,
+        topic: topic.into(),
+        partition,
+        records: values.iter().map(|v| record(v)).collect(),
+        batch: Default::default(),
+        producer_id: -1,
+        producer_epoch: -1,
+        base_sequence: -1,
+    }
+}
+
+/// Waits until every partition of `topic` has a leader (as node 1 sees it).
+async fn wait_leaders(admin: &mut pb::admin_client::AdminClient<Channel>, topic: &str) -> pb::TopicDescription {
+    for _ in 0..200 {
+        let t = admin.describe_topic(pb::DescribeTopicRequest { name: topic.into() }).await.unwrap().into_inner();
+        let t = t.topic.unwrap();
+        if t.partitions.iter().all(|p| p.leader_id.is_some()) {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("partitions of {topic} got no leaders");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_produce_and_fetch() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[1]).await);
+    let created = admin
+        .create_topic(pb::CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 3,
+            replication_factor: 3,
+            config: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap();
+    assert_eq!(created.partitions.len(), 3);
+    let leaders: Vec<u64> = created.partitions.iter().map(|p| p.replicas[0]).collect();
+    assert_eq!(leaders.iter().collect::<std::collections::BTreeSet<_>>().len(), 3, "preferred leaders spread");
+    wait_leaders(&mut admin, "orders").await;
+
+    // Unary produce to every node: followers forward to the leader.
+    for (i, addr) in cluster.addrs.iter().enumerate() {
+        let mut producer = pb::producer_client::ProducerClient::new(channel(addr).await);
+        let values: Vec<String> = (0..5).map(|j| format!("n{i}-{j}")).collect();
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        let r = producer.produce(produce("orders", 0, &refs)).await.unwrap().into_inner();
+        assert_eq!(r.base_offset, i as u64 * 5);
+        assert_eq!(r.record_count, 5);
+    }
+
+    // Fetch the records back from each node.
+    for addr in &cluster.addrs {
+        let mut consumer = pb::consumer_client::ConsumerClient::new(channel(addr).await);
+        let mut got = Vec::new();
+        let mut offset = 3;
+        while got.len() < 12 {
+            let r = consumer
+                .fetch(pb::FetchRequest {
+                    topic: "orders".into(),
+                    partition: 0,
+                    offset,
+                    max_bytes: 0,
+                    max_wait_ms: 1_000,
+                    format: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for rec in &r.records {
+                got.push((rec.offset, String::from_utf8(rec.value.clone().unwrap().to_vec()).unwrap()));
+            }
+            offset = r.next_offset;
+        }
+        assert_eq!(got[0], (3, "n0-3".to_owned()));
+        assert_eq!(got[11], (14, "n2-4".to_owned()));
+        assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1));
+        assert!(got.iter().all(|(_, v)| !v.is_empty()));
+        let first = &consumer
+            .fetch(pb::FetchRequest {
+                topic: "orders".into(),
+                partition: 0,
+                offset: 0,
+                max_bytes: 0,
+                max_wait_ms: 0,
+                format: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records[0];
+        assert_eq!(first.timestamp_ms, 1_700_000_000_000, "timestamp 0 takes the broker's clock");
+    }
+
+    // A long poll returns as soon as records commit.
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[0]).await);
+    let poll = tokio::spawn(async move {
+        consumer
+            .fetch(pb::FetchRequest {
+                topic: "orders".into(),
+                partition: 1,
+                offset: 0,
+                max_bytes: 0,
+                max_wait_ms: 10_000,
+                format: pb::FetchFormat::Batches as i32,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[2]).await);
+    producer.produce(produce("orders", 1, &["late"])).await.unwrap();
+    let r = poll.await.unwrap().unwrap().into_inner();
+    assert_eq!(r.batches.len(), 1);
+    assert_eq!(r.next_offset, 1);
+    assert_eq!(r.high_watermark, 1);
+
+    // The cluster view.
+    let view = admin.describe_cluster(pb::DescribeClusterRequest {}).await.unwrap().into_inner();
+    assert_eq!(view.nodes.len(), 3);
+    assert!(view.nodes.iter().all(|n| n.reachable && n.controller_voter));
+    assert!(!view.cluster_id.is_empty());
+    assert_eq!(view.leaderless, 0);
+    let p0 = &view.topics[0].partitions[0];
+    assert_eq!(p0.high_watermark, 15);
+    for b in &cluster.brokers {
+        assert_eq!(b.metadata().topics.len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    let create = |name: &str, partitions: u32, rf: u32, config: Option<pb::TopicConfig>| pb::CreateTopicRequest {
+        name: name.into(),
+        partitions,
+        replication_factor: rf,
+        config,
+    };
+    admin.create_topic(create("t", 1, 3, None)).await.unwrap();
+    let bad_config = pb::TopicConfig { retention_ms: -1, retention_bytes: 0, max_batch_bytes: 0 };
+    let huge_config = pb::TopicConfig { retention_ms: 0, retention_bytes: 0, max_batch_bytes: u32::MAX };
+    let cases = [
+        (create("", 1, 3, None), Code::InvalidArgument),
+        (create("a/b", 1, 3, None), Code::InvalidArgument),
+        (create("__meta", 1, 3, None), Code::InvalidArgument),
+        (create("x", 0, 3, None), Code::InvalidArgument),
+        (create("x", 1, 4, None), Code::FailedPrecondition),
+        (create("x", 1, 3, Some(bad_config)), Code::InvalidArgument),
+        (create("x", 1, 3, Some(huge_config)), Code::InvalidArgument),
+        (create("t", 1, 3, None), Code::AlreadyExists),
+    ];
+    for (i, (request, code)) in cases.into_iter().enumerate() {
+        let status = admin.create_topic(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "case {i}: {status:?}");
+        assert!(!status.message().is_empty());
+    }
+    let topics = admin.list_topics(pb::ListTopicsRequest {}).await.unwrap().into_inner().topics;
+    assert_eq!(topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["t"]);
+    wait_leaders(&mut admin, "t").await;
+
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
+    let oversized = pb::Record {
+        key: None,
+        value: Some(vec![7u8; 1_536 << 10].into()),
+        headers: vec![],
+        timestamp_ms: 0,
+    };
+    let mut both = produce("t", 0, &["a"]);
+    both.batch = vec![1, 2, 3].into();
+    let mut garbage = produce("t", 0, &[]);
+    garbage.batch = vec![0u8; 100].into();
+    let mut negative_time = produce("t", 0, &["a"]);
+    negative_time.records[0].timestamp_ms = -5;
+    let cases = [
+        (produce("nope", 0, &["a"]), Code::NotFound),
+        (produce("t", 1, &["a"]), Code::NotFound),
+        (produce("", 0, &["a"]), Code::InvalidArgument),
+        (produce("t", 0, &[]), Code::InvalidArgument),
+        (produce("__meta", 0, &["a"]), Code::InvalidArgument),
+        (pb::ProduceRequest { records: vec![oversized], ..produce("t", 0, &[]) }, Code::ResourceExhausted),
+        (both, Code::InvalidArgument),
+        (garbage, Code::InvalidArgument),
+        (negative_time, Code::InvalidArgument),
+    ];
+    for (i, (request, code)) in cases.into_iter().enumerate() {
+        let status = producer.produce(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "case {i}: {status:?}");
+    }
+    let r = producer.produce(produce("t", 0, &["ok"])).await.unwrap().into_inner();
+    assert_eq!(r.base_offset, 0, "refused produces wrote nothing");
+
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[0]).await);
+    let fetch = |offset| pb::FetchRequest {
+        topic: "t".into(),
+        partition: 0,
+        offset,
+        max_bytes: 0,
+        max_wait_ms: 0,
+        format: 0,
+    };
+    let leader = wait_leaders(&mut admin, "t").await.partitions[0].leader_addr.clone();
+    let mut on_leader = pb::consumer_client::ConsumerClient::new(channel(&leader).await);
+    assert_eq!(on_leader.fetch(fetch(5)).await.unwrap_err().code(), Code::OutOfRange);
+    assert_eq!(consumer.fetch(pb::FetchRequest { format: 9, ..fetch(0) }).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(consumer.fetch(pb::FetchRequest { partition: 3, ..fetch(0) }).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pipeline_and_name_the_leader() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    admin
+        .create_topic(pb::CreateTopicRequest { name: "s".into(), partitions: 1, replication_factor: 3, config: None })
+        .await
+        .unwrap();
+    let t = wait_leaders(&mut admin, "s").await;
+    let leader = t.partitions[0].leader_id.unwrap();
+    let follower = cluster.addrs[(leader as usize) % 3].clone();
+
+    // A follower answers each streamed request with NOT_LEADER and the leader's address.
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&follower).await);
+    let requests = (0..3).map(|i| pb::ProduceRequest { request_id: i, ..produce("s", 0, &["x"]) }).collect::<Vec<_>>();
+    let mut responses = producer.produce_stream(futures_util::stream::iter(requests)).await.unwrap().into_inner();
+    for _ in 0..3 {
+        let r = responses.message().await.unwrap().unwrap();
+        let e = r.error.unwrap();
+        assert_eq!(e.code, Code::Unavailable as i32);
+        assert_eq!(e.leader_id, Some(leader));
+        assert_eq!(e.leader_addr, t.partitions[0].leader_addr);
+    }
+
+    // The unary call's status carries the same hint as a google.rpc.ErrorInfo... unless it is
+    // forwarded; a forwarded call succeeds.
+    let r = producer.produce(produce("s", 0, &["fwd"])).await.unwrap().into_inner();
+    assert_eq!(r.base_offset, 0);
+
+    // The leader pipelines 200 requests on one stream.
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&t.partitions[0].leader_addr).await);
+    let requests = (0..200).map(|i| pb::ProduceRequest { request_id: i, ..produce("s", 0, &["a", "b"]) }).collect::<Vec<_>>();
+    let mut responses = producer.produce_stream(futures_util::stream::iter(requests)).await.unwrap().into_inner();
+    let mut offsets = BTreeMap::new();
+    while let Some(r) = responses.message().await.unwrap() {
+        assert!(r.error.is_none(), "{:?}", r.error);
+        offsets.insert(r.request_id, r.base_offset);
+        if offsets.len() == 200 {
+            break;
+        }
+    }
+    let bases: Vec<u64> = offsets.values().copied().collect();
+    assert_eq!(bases, (0..200).map(|i| 1 + 2 * i).collect::<Vec<_>>(), "one partition's batches keep their order");
+
+    // Delete: gone from the metadata and from every replica's disk.
+    admin.delete_topic(pb::DeleteTopicRequest { name: "s".into() }).await.unwrap();
+    let status = admin.describe_topic(pb::DescribeTopicRequest { name: "s".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(admin.delete_topic(pb::DeleteTopicRequest { name: "s".into() }).await.unwrap_err().code(), Code::NotFound);
+    for b in &cluster.brokers {
+        for _ in 0..100 {
+            if !b.raft_node().group_ids().contains(&1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!b.raft_node().group_ids().contains(&1));
+    }
+
+    // Add partitions.
+    admin
+        .create_topic(pb::CreateTopicRequest { name: "g".into(), partitions: 1, replication_factor: 1, config: None })
+        .await
+        .unwrap();
+    let t = admin.add_partitions(pb::AddPartitionsRequest { name: "g".into(), count: 2 }).await.unwrap().into_inner();
+    assert_eq!(t.topic.unwrap().partitions.len(), 3);
+    let status = admin.add_partitions(pb::AddPartitionsRequest { name: "nope".into(), count: 2 }).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let _ = status.get_details_error_info();
+}
