@@ -1,0 +1,309 @@
+//! The client's error type and its mapping from gRPC statuses (the error table of keel.proto).
+
+use std::time::Duration;
+
+use keel_proto::v1 as pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// The `ErrorInfo.reason` a broker sets when it does not lead the partition.
+pub const NOT_LEADER_REASON: &str = "NOT_LEADER";
+
+/// Why a client call failed.
+///
+/// [`ClientError::is_retriable`] separates errors that a later attempt may cure (the cluster
+/// moved, a connection broke) from those it will not (bad input, missing topic).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The node does not lead the partition; the hint names the leader when the node knows it.
+    #[error("not the leader: {message} (leader hint: {leader_addr:?})")]
+    NotLeader {
+        /// The broker's message.
+        message: String,
+        /// The leader's node id, if known.
+        leader_id: Option<u64>,
+        /// The leader's `host:port`, if known.
+        leader_addr: Option<String>,
+    },
+    /// UNAVAILABLE: retry the call. A produce that failed this way may still have been written.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// NOT_FOUND: no such topic or partition.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// INVALID_ARGUMENT: bad input; nothing was changed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// ALREADY_EXISTS: the topic exists.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// FAILED_PRECONDITION: do not retry until the cluster's state changes.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// OUT_OF_RANGE: the offset is outside the partition's log.
+    #[error("offset out of range: {0}")]
+    OutOfRange(String),
+    /// RESOURCE_EXHAUSTED: a configured limit was hit.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// DEADLINE_EXCEEDED from the server: the write may or may not have been committed.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// No answer within the client's own deadline: as ambiguous as `DeadlineExceeded`.
+    #[error("timed out after {after:?}: {what}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after: Duration,
+    },
+    /// The connection failed or was reset (also the catch-all for CANCELLED, ABORTED, UNKNOWN).
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// Any other status (INTERNAL, UNIMPLEMENTED, ...): a bug or a version mismatch.
+    #[error("server error ({code:?}): {message}")]
+    Server {
+        /// The gRPC code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// A record does not fit in a batch of `batch_bytes_max` bytes.
+    #[error("record of {size} bytes does not fit in a batch of at most {limit} bytes")]
+    RecordTooLarge {
+        /// Encoded size of the batch holding only this record.
+        size: usize,
+        /// The producer's `batch_bytes_max`.
+        limit: usize,
+    },
+    /// The client's configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The server answered with something the client cannot use (a corrupt batch, a wrong count).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The producer or consumer was closed or dropped before the operation finished.
+    #[error("the client was closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// True when the same call may succeed later without anything else changing.
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NotLeader { .. }
+                | ClientError::Unavailable(_)
+                | ClientError::DeadlineExceeded(_)
+                | ClientError::Timeout { .. }
+                | ClientError::Transport(_)
+        )
+    }
+
+    /// True when the outcome of a write is unknown: it may have been committed.
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unavailable(_)
+                | ClientError::DeadlineExceeded(_)
+                | ClientError::Timeout { .. }
+                | ClientError::Transport(_)
+        )
+    }
+
+    /// True when the cached connection to the node should be dropped and dialled again: a
+    /// simulated (or broken) TCP connection that lost a packet never recovers by itself. Statuses
+    /// the broker sent arrived over a working connection, so they keep it.
+    pub(crate) fn breaks_connection(&self) -> bool {
+        matches!(self, ClientError::Timeout { .. } | ClientError::Transport(_))
+    }
+
+    /// True when the partition's leader may have moved, so cached metadata must be refreshed.
+    pub(crate) fn stale_metadata(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NotLeader { .. }
+                | ClientError::NotFound(_)
+                | ClientError::Unavailable(_)
+                | ClientError::Timeout { .. }
+                | ClientError::Transport(_)
+        )
+    }
+
+    /// The leader hint of a NOT_LEADER error, if it names an address.
+    pub fn leader_hint(&self) -> Option<&str> {
+        match self {
+            ClientError::NotLeader { leader_addr: Some(addr), .. } => Some(addr),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn timeout(what: impl Into<String>, after: Duration) -> ClientError {
+        ClientError::Timeout { what: what.into(), after }
+    }
+
+    /// Maps a gRPC code, message and optional not-leader hint, as the error table says.
+    fn from_parts(code: Code, message: String, not_leader: Option<(Option<u64>, Option<String>)>) -> ClientError {
+        match code {
+            Code::Unavailable => match not_leader {
+                Some((leader_id, leader_addr)) => ClientError::NotLeader { message, leader_id, leader_addr },
+                None => ClientError::Unavailable(message),
+            },
+            Code::NotFound => ClientError::NotFound(message),
+            Code::InvalidArgument => ClientError::InvalidArgument(message),
+            Code::AlreadyExists => ClientError::AlreadyExists(message),
+            Code::FailedPrecondition => ClientError::FailedPrecondition(message),
+            Code::OutOfRange => ClientError::OutOfRange(message),
+            Code::ResourceExhausted => ClientError::ResourceExhausted(message),
+            Code::DeadlineExceeded => ClientError::DeadlineExceeded(message),
+            // Tonic reports broken connections and reset streams with these codes.
+            Code::Cancelled | Code::Aborted | Code::Unknown => ClientError::Transport(format!("{code:?}: {message}")),
+            code => ClientError::Server { code, message },
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> ClientError {
+        // Tonic builds statuses of local failures (refused connections, resets, keepalive
+        // timeouts) from an error it keeps as the source; statuses sent by a broker have none.
+        if std::error::Error::source(&status).is_some() {
+            return ClientError::Transport(format!("{:?}: {}", status.code(), status.message()));
+        }
+        let not_leader = if status.code() == Code::Unavailable {
+            status.get_error_details().error_info().filter(|info| info.reason == NOT_LEADER_REASON).map(|info| {
+                let leader_id = info.metadata.get("leader_id").and_then(|id| id.parse::<u64>().ok());
+                let leader_addr = info.metadata.get("leader_addr").filter(|addr| !addr.is_empty()).cloned();
+                (leader_id, leader_addr)
+            })
+        } else {
+            None
+        };
+        ClientError::from_parts(status.code(), status.message().to_owned(), not_leader)
+    }
+}
+
+impl From<&pb::Error> for ClientError {
+    /// A per-request error of ProduceStream: a leader id or address makes it a NOT_LEADER.
+    fn from(error: &pb::Error) -> ClientError {
+        let code = Code::from_i32(error.code);
+        let leader_addr = (!error.leader_addr.is_empty()).then(|| error.leader_addr.clone());
+        let not_leader = (error.leader_id.is_some() || leader_addr.is_some()).then_some((error.leader_id, leader_addr));
+        // An OK code on an error message is a broker bug; do not let it pass as success.
+        let code = if code == Code::Ok { Code::Internal } else { code };
+        ClientError::from_parts(code, error.message.clone(), not_leader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::HashMap;
+
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    fn not_leader_status(metadata: &[(&str, &str)]) -> tonic::Status {
+        let metadata: HashMap<String, String> =
+            metadata.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let details = ErrorDetails::with_error_info(NOT_LEADER_REASON, "keel", metadata);
+        tonic::Status::with_error_details(Code::Unavailable, "not the leader of t/0", details)
+    }
+
+    #[test]
+    fn not_leader_error_info_round_trips() {
+        let e = ClientError::from(not_leader_status(&[("leader_id", "3"), ("leader_addr", "n3:9092")]));
+        assert_eq!(
+            e,
+            ClientError::NotLeader {
+                message: "not the leader of t/0".into(),
+                leader_id: Some(3),
+                leader_addr: Some("n3:9092".into())
+            }
+        );
+        assert!(e.is_retriable());
+        assert!(!e.is_ambiguous(), "a NOT_LEADER rejection wrote nothing");
+        assert_eq!(e.leader_hint(), Some("n3:9092"));
+    }
+
+    #[test]
+    fn not_leader_without_a_known_leader() {
+        let e = ClientError::from(not_leader_status(&[("leader_id", ""), ("leader_addr", "")]));
+        assert_eq!(
+            e,
+            ClientError::NotLeader { message: "not the leader of t/0".into(), leader_id: None, leader_addr: None }
+        );
+        assert_eq!(e.leader_hint(), None);
+    }
+
+    #[test]
+    fn other_error_info_reasons_stay_unavailable() {
+        let details = ErrorDetails::with_error_info("SHUTTING_DOWN", "keel", HashMap::new());
+        let e = ClientError::from(tonic::Status::with_error_details(Code::Unavailable, "bye", details));
+        assert_eq!(e, ClientError::Unavailable("bye".into()));
+    }
+
+    #[test]
+    fn status_codes_map_per_the_error_table() {
+        let table = [
+            (Code::Unavailable, ClientError::Unavailable("m".into()), true),
+            (Code::NotFound, ClientError::NotFound("m".into()), false),
+            (Code::InvalidArgument, ClientError::InvalidArgument("m".into()), false),
+            (Code::AlreadyExists, ClientError::AlreadyExists("m".into()), false),
+            (Code::FailedPrecondition, ClientError::FailedPrecondition("m".into()), false),
+            (Code::OutOfRange, ClientError::OutOfRange("m".into()), false),
+            (Code::ResourceExhausted, ClientError::ResourceExhausted("m".into()), false),
+            (Code::DeadlineExceeded, ClientError::DeadlineExceeded("m".into()), true),
+            (Code::Cancelled, ClientError::Transport("Cancelled: m".into()), true),
+            (Code::Internal, ClientError::Server { code: Code::Internal, message: "m".into() }, false),
+        ];
+        for (code, want, retriable) in table {
+            let got = ClientError::from(tonic::Status::new(code, "m"));
+            assert_eq!(got, want, "{code:?}");
+            assert_eq!(got.is_retriable(), retriable, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn local_transport_failures_are_transport_errors() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = ClientError::from(tonic::Status::from_error(Box::new(refused)));
+        assert!(matches!(e, ClientError::Transport(_)), "{e}");
+        assert!(e.is_retriable() && e.breaks_connection());
+        let sent = ClientError::from(tonic::Status::unavailable("partition not open yet"));
+        assert!(sent.is_retriable() && !sent.breaks_connection(), "a broker's answer keeps the connection");
+    }
+
+    #[test]
+    fn stream_errors_map_like_statuses() {
+        let e = ClientError::from(&pb::Error {
+            code: Code::Unavailable as i32,
+            message: "moved".into(),
+            leader_id: Some(2),
+            leader_addr: "n2:1".into(),
+        });
+        assert_eq!(
+            e,
+            ClientError::NotLeader { message: "moved".into(), leader_id: Some(2), leader_addr: Some("n2:1".into()) }
+        );
+        let e = ClientError::from(&pb::Error {
+            code: Code::Unavailable as i32,
+            message: "busy".into(),
+            leader_id: None,
+            leader_addr: String::new(),
+        });
+        assert_eq!(e, ClientError::Unavailable("busy".into()));
+        let e = ClientError::from(&pb::Error {
+            code: Code::NotFound as i32,
+            message: "no t".into(),
+            leader_id: None,
+            leader_addr: String::new(),
+        });
+        assert_eq!(e, ClientError::NotFound("no t".into()));
+        let e =
+            ClientError::from(&pb::Error { code: 0, message: "?".into(), leader_id: None, leader_addr: String::new() });
+        assert!(matches!(e, ClientError::Server { code: Code::Internal, .. }));
+    }
+}

@@ -1,0 +1,701 @@
+//! The producer's bookkeeping without I/O: records accumulate into one open batch per partition,
+//! closed batches wait in order, at most `in_flight_max` are sent per partition, and answers
+//! resolve, retry or fail them. The sender task drives it with the time and the metadata; the
+//! unit tests drive it by hand.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_proto::v1 as pb;
+use keel_record::{BatchBuilder, EncodeError, NewRecord};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::time::Instant;
+
+use super::{ProducerRecord, RecordMetadata};
+use crate::core::Lookup;
+use crate::error::ClientError;
+
+/// Where a record's outcome is sent.
+pub(crate) type Reply = oneshot::Sender<Result<RecordMetadata, ClientError>>;
+
+/// "Not idempotent" in the producer fields of a request (see keel.proto).
+const NO_PRODUCER: i64 = -1;
+
+/// The producer settings the accumulator enforces.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) batch_bytes_max: usize,
+    pub(crate) linger: Duration,
+    pub(crate) in_flight_max: usize,
+    pub(crate) delivery_timeout: Duration,
+}
+
+/// The batch being filled.
+struct OpenBatch {
+    builder: BatchBuilder,
+    replies: Vec<Reply>,
+    created: Instant,
+}
+
+/// A closed batch: encoded once, re-sent unchanged on every retry.
+struct Batch {
+    /// Closing order within the producer; a partition's batches are sent in this order.
+    seq: u64,
+    topic: String,
+    partition: u32,
+    bytes: Bytes,
+    /// One per record, in record order: record i gets offset `base_offset + i`.
+    replies: Vec<Reply>,
+    created: Instant,
+    last_error: Option<ClientError>,
+    /// Dropped when the batch is resolved, which is what `flush` waits for.
+    flush_waiters: Vec<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct PartitionQueue {
+    open: Option<OpenBatch>,
+    /// Closed batches waiting to be sent, in `seq` order (retries go back to their place).
+    ready: VecDeque<Batch>,
+    in_flight: usize,
+    /// No sending before this (backoff after a failure).
+    retry_at: Option<Instant>,
+    /// Consecutive failed rounds, for the backoff.
+    failures: u32,
+    /// A batch failed: send nothing more until everything in flight has answered, so that the
+    /// failed batch and those behind it go out again in order.
+    draining: bool,
+    /// The metadata version at which the cache first did not know this partition.
+    unknown_since: Option<u64>,
+}
+
+#[derive(Default)]
+struct TopicQueues {
+    partitions: BTreeMap<u32, PartitionQueue>,
+    /// Where unkeyed records go; moves on when that partition's batch closes.
+    sticky: Option<u32>,
+}
+
+/// Requests to send now, each with its leader's address.
+#[derive(Debug, Default)]
+pub(crate) struct Dispatch {
+    pub(crate) requests: Vec<(String, pb::ProduceRequest)>,
+    /// Some partition needs fresher metadata than the cache has.
+    pub(crate) wants_refresh: bool,
+}
+
+/// The outcome of one answered request.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    /// `None` when acknowledged; the error when it failed (and was retried or given up).
+    pub(crate) error: Option<ClientError>,
+}
+
+/// Every partition's batches of one producer.
+pub(crate) struct Accumulator {
+    limits: Limits,
+    /// Permits of buffered records; a resolved record gives its permit back.
+    buffer: Arc<Semaphore>,
+    topics: BTreeMap<String, TopicQueues>,
+    in_flight: BTreeMap<u64, Batch>,
+    next_seq: u64,
+    next_request_id: u64,
+}
+
+fn succeed(buffer: &Semaphore, batch: Batch, base_offset: u64) {
+    let count = batch.replies.len();
+    for (i, reply) in batch.replies.into_iter().enumerate() {
+        let metadata =
+            RecordMetadata { topic: batch.topic.clone(), partition: batch.partition, offset: base_offset + i as u64 };
+        // The caller may have dropped its DeliveryFuture: nobody to tell.
+        let _ = reply.send(Ok(metadata));
+    }
+    buffer.add_permits(count);
+}
+
+fn fail(buffer: &Semaphore, batch: Batch, error: &ClientError) {
+    let count = batch.replies.len();
+    for reply in batch.replies {
+        let _ = reply.send(Err(error.clone()));
+    }
+    buffer.add_permits(count);
+}
+
+impl PartitionQueue {
+    /// Closes the open batch, if any; returns whether there was one.
+    fn close(&mut self, next_seq: &mut u64, topic: &str, partition: u32) -> bool {
+        let Some(open) = self.open.take() else { return false };
+        debug_assert!(!open.builder.is_empty(), "an open batch holds at least one record");
+        let seq = *next_seq;
+        *next_seq += 1;
+        debug_assert!(self.ready.back().is_none_or(|b| b.seq < seq));
+        self.ready.push_back(Batch {
+            seq,
+            topic: topic.to_owned(),
+            partition,
+            bytes: open.builder.build(),
+            replies: open.replies,
+            created: open.created,
+            last_error: None,
+            flush_waiters: Vec::new(),
+        });
+        true
+    }
+
+    fn expire(&mut self, buffer: &Semaphore, delivery_timeout: Duration, now: Instant) {
+        if !self.ready.iter().any(|b| now >= b.created + delivery_timeout) {
+            return;
+        }
+        let (expired, kept): (VecDeque<Batch>, VecDeque<Batch>) =
+            std::mem::take(&mut self.ready).into_iter().partition(|b| now >= b.created + delivery_timeout);
+        self.ready = kept;
+        for mut batch in expired {
+            let error = batch
+                .last_error
+                .take()
+                .unwrap_or_else(|| ClientError::timeout("delivery (no leader to send to)", delivery_timeout));
+            fail(buffer, batch, &error);
+        }
+    }
+}
+
+fn advance_sticky(sticky: &mut Option<u32>, partition: u32) {
+    if *sticky == Some(partition) {
+        *sticky = Some(partition.wrapping_add(1));
+    }
+}
+
+impl Accumulator {
+    pub(crate) fn new(limits: Limits, buffer: Arc<Semaphore>) -> Accumulator {
+        Accumulator {
+            limits,
+            buffer,
+            topics: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            next_seq: 0,
+            next_request_id: 1,
+        }
+    }
+
+    /// The limits it enforces.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn topic_mut(&mut self, topic: &str) -> &mut TopicQueues {
+        // Looked up by `&str` so that only a topic's first record allocates its name.
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(topic.to_owned(), TopicQueues::default());
+        }
+        match self.topics.get_mut(topic) {
+            Some(t) => t,
+            None => unreachable!("inserted just above"),
+        }
+    }
+
+    /// The partition for an unkeyed record: the topic's sticky partition, which starts at
+    /// `start` (random) and moves to the next partition whenever its batch closes.
+    pub(crate) fn sticky_partition(&mut self, topic: &str, count: u32, start: impl FnOnce() -> u32) -> u32 {
+        debug_assert!(count > 0);
+        let t = self.topic_mut(topic);
+        *t.sticky.get_or_insert_with(start) % count
+    }
+
+    /// Adds a record to the open batch of its partition, closing that batch first if the record
+    /// does not fit. Returns true when the sender task has new work (a batch was opened, whose
+    /// linger must be timed, or one was closed).
+    pub(crate) fn append(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        record: &ProducerRecord,
+        reply: Reply,
+        now: Instant,
+    ) -> Result<bool, ClientError> {
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            record.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        let new = NewRecord {
+            timestamp_ms: record.timestamp_ms,
+            key: record.key.as_deref(),
+            value: record.value.as_deref(),
+            headers: &headers,
+        };
+        let bytes_max = self.limits.batch_bytes_max;
+        let mut next_seq = self.next_seq;
+        let t = self.topic_mut(topic);
+        let q = t.partitions.entry(partition).or_default();
+        let mut closed = false;
+        if let Some(open) = &mut q.open {
+            if open.builder.push(new).is_ok() {
+                open.replies.push(reply);
+                return Ok(false);
+            }
+            // Full (or a timestamp too far from the batch's first): start a new batch, where a
+            // record that cannot fit even alone is reported.
+            closed = q.close(&mut next_seq, topic, partition);
+        }
+        let mut builder = BatchBuilder::new(bytes_max);
+        let pushed = builder.push(new);
+        if closed {
+            advance_sticky(&mut t.sticky, partition);
+        }
+        self.next_seq = next_seq;
+        match pushed {
+            Ok(()) => {}
+            Err(EncodeError::TooLarge { size, limit }) => return Err(ClientError::RecordTooLarge { size, limit }),
+            Err(EncodeError::Invalid(why)) => return Err(ClientError::InvalidArgument(why.to_owned())),
+        }
+        let t = self.topic_mut(topic);
+        let q = t.partitions.entry(partition).or_default();
+        q.open = Some(OpenBatch { builder, replies: vec![reply], created: now });
+        Ok(true)
+    }
+
+    /// Closes every open batch whose linger has passed.
+    pub(crate) fn close_lingering(&mut self, now: Instant) {
+        let linger = self.limits.linger;
+        for (topic, t) in &mut self.topics {
+            for (&partition, q) in &mut t.partitions {
+                if q.open.as_ref().is_some_and(|o| now >= o.created + linger)
+                    && q.close(&mut self.next_seq, topic, partition)
+                {
+                    advance_sticky(&mut t.sticky, partition);
+                }
+            }
+        }
+    }
+
+    /// Closes every open batch and returns receivers that complete once each batch not yet
+    /// resolved is resolved (acknowledged or failed).
+    pub(crate) fn flush(&mut self) -> Vec<oneshot::Receiver<()>> {
+        let mut waiters = Vec::new();
+        let mut watch = |batch: &mut Batch| {
+            let (tx, rx) = oneshot::channel();
+            batch.flush_waiters.push(tx);
+            waiters.push(rx);
+        };
+        for (topic, t) in &mut self.topics {
+            for (&partition, q) in &mut t.partitions {
+                if q.close(&mut self.next_seq, topic, partition) {
+                    advance_sticky(&mut t.sticky, partition);
+                }
+                q.ready.iter_mut().for_each(&mut watch);
+            }
+        }
+        self.in_flight.values_mut().for_each(&mut watch);
+        waiters
+    }
+
+    /// Fails expired batches and picks the batches to send now. `lookup` gives a partition's
+    /// leader and whether the cache is old; `version` is the metadata version, so that a partition
+    /// the cache still does not know after a refresh fails with NOT_FOUND.
+    pub(crate) fn dispatch(
+        &mut self,
+        now: Instant,
+        version: u64,
+        mut lookup: impl FnMut(&str, u32) -> (Lookup, bool),
+    ) -> Dispatch {
+        let mut out = Dispatch::default();
+        for (topic, t) in &mut self.topics {
+            for (&partition, q) in &mut t.partitions {
+                q.expire(&self.buffer, self.limits.delivery_timeout, now);
+                if q.ready.is_empty() || q.retry_at.is_some_and(|at| now < at) {
+                    continue;
+                }
+                if q.draining {
+                    if q.in_flight > 0 {
+                        continue;
+                    }
+                    q.draining = false;
+                }
+                let (found, stale) = lookup(topic, partition);
+                out.wants_refresh |= stale;
+                let addr = match found {
+                    Lookup::Leader(addr) => addr,
+                    Lookup::NoLeader => {
+                        q.unknown_since = None;
+                        out.wants_refresh = true;
+                        continue;
+                    }
+                    Lookup::Unknown => {
+                        out.wants_refresh = true;
+                        match q.unknown_since {
+                            Some(since) if version > since => {
+                                let error =
+                                    ClientError::NotFound(format!("no partition {partition} in topic {topic:?}"));
+                                for batch in q.ready.drain(..) {
+                                    fail(&self.buffer, batch, &error);
+                                }
+                                q.unknown_since = None;
+                            }
+                            Some(_) => {}
+                            None => q.unknown_since = Some(version),
+                        }
+                        continue;
+                    }
+                };
+                q.unknown_since = None;
+                while q.in_flight < self.limits.in_flight_max {
+                    let Some(batch) = q.ready.pop_front() else { break };
+                    let request_id = self.next_request_id;
+                    self.next_request_id += 1;
+                    let request = pb::ProduceRequest {
+                        request_id,
+                        topic: topic.clone(),
+                        partition,
+                        records: Vec::new(),
+                        batch: batch.bytes.clone(),
+                        producer_id: NO_PRODUCER,
+                        producer_epoch: -1,
+                        base_sequence: -1,
+                    };
+                    q.in_flight += 1;
+                    self.in_flight.insert(request_id, batch);
+                    out.requests.push((addr.clone(), request));
+                }
+            }
+        }
+        out
+    }
+
+    /// Resolves, re-queues or fails the batch of an answered request. `backoff(n)` is the delay
+    /// after the n-th consecutive failed round. Unknown ids (answered twice) are ignored.
+    pub(crate) fn complete(
+        &mut self,
+        request_id: u64,
+        result: Result<pb::ProduceResponse, ClientError>,
+        now: Instant,
+        backoff: impl FnOnce(u32) -> Duration,
+    ) -> Option<Completion> {
+        let mut batch = self.in_flight.remove(&request_id)?;
+        let topic = batch.topic.clone();
+        let partition = batch.partition;
+        let q = self.topics.get_mut(&topic).and_then(|t| t.partitions.get_mut(&partition));
+        let Some(q) = q else {
+            // Unreachable (queues are never removed); failing beats losing the records.
+            debug_assert!(false, "in-flight batch without a partition queue");
+            let error = ClientError::Protocol("lost partition queue".into());
+            fail(&self.buffer, batch, &error);
+            return Some(Completion { topic, partition, error: Some(error) });
+        };
+        debug_assert!(q.in_flight > 0);
+        q.in_flight = q.in_flight.saturating_sub(1);
+        let result = result.and_then(|r| match &r.error {
+            Some(e) => Err(ClientError::from(e)),
+            None => Ok(r),
+        });
+        let error = match result {
+            Ok(r) if r.record_count as usize == batch.replies.len() => {
+                q.failures = 0;
+                succeed(&self.buffer, batch, r.base_offset);
+                return Some(Completion { topic, partition, error: None });
+            }
+            Ok(r) => ClientError::Protocol(format!(
+                "{topic}/{partition}: acknowledged {} records of a batch of {}",
+                r.record_count,
+                batch.replies.len()
+            )),
+            Err(e) => e,
+        };
+        // NOT_FOUND is retried too: a new partition's leader may not know it yet, and the
+        // metadata refresh that follows decides whether the partition exists at all.
+        let retriable = error.is_retriable() || matches!(error, ClientError::NotFound(_));
+        if retriable && now < batch.created + self.limits.delivery_timeout {
+            if !q.draining {
+                q.draining = true;
+                // A named leader is worth trying at once; anything else waits.
+                let wait =
+                    if error.leader_hint().is_some() && q.failures == 0 { Duration::ZERO } else { backoff(q.failures) };
+                q.failures = q.failures.saturating_add(1);
+                q.retry_at = Some(now + wait);
+            }
+            batch.last_error = Some(error.clone());
+            let at = q.ready.partition_point(|b| b.seq < batch.seq);
+            q.ready.insert(at, batch);
+        } else {
+            fail(&self.buffer, batch, &error);
+        }
+        Some(Completion { topic, partition, error: Some(error) })
+    }
+
+    /// When the sender task must look again even if nothing happens: a linger ending, a backoff
+    /// ending, a batch expiring.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
+        for t in self.topics.values() {
+            for q in t.partitions.values() {
+                if let Some(open) = &q.open {
+                    consider(open.created + self.limits.linger);
+                }
+                if !q.ready.is_empty() {
+                    if let Some(at) = q.retry_at {
+                        consider(at);
+                    }
+                    if let Some(oldest) = q.ready.iter().map(|b| b.created).min() {
+                        consider(oldest + self.limits.delivery_timeout);
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    /// True when no record waits or is in flight.
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.topics.values().all(|t| t.partitions.values().all(|q| q.open.is_none() && q.ready.is_empty()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use keel_record::Batch as Decoded;
+
+    use super::*;
+
+    type Outcome = oneshot::Receiver<Result<RecordMetadata, ClientError>>;
+
+    const LINGER: Duration = Duration::from_millis(5);
+
+    fn acc(batch_bytes_max: usize, in_flight_max: usize) -> Accumulator {
+        let limits =
+            Limits { batch_bytes_max, linger: LINGER, in_flight_max, delivery_timeout: Duration::from_secs(60) };
+        Accumulator::new(limits, Arc::new(Semaphore::new(0)))
+    }
+
+    fn record(value: &str) -> ProducerRecord {
+        ProducerRecord::new(Bytes::copy_from_slice(value.as_bytes()))
+    }
+
+    fn push(a: &mut Accumulator, partition: u32, value: &str, now: Instant) -> Outcome {
+        let (tx, rx) = oneshot::channel();
+        a.append("t", partition, &record(value), tx, now).unwrap();
+        rx
+    }
+
+    fn leader(_: &str, _: u32) -> (Lookup, bool) {
+        (Lookup::Leader("n1:1".into()), false)
+    }
+
+    fn values(request: &pb::ProduceRequest) -> Vec<String> {
+        let batch = Decoded::from_bytes(request.batch.clone()).unwrap();
+        batch.records().map(|r| String::from_utf8(r.unwrap().value.unwrap().to_vec()).unwrap()).collect()
+    }
+
+    fn ok(request_id: u64, base_offset: u64, record_count: u32) -> Result<pb::ProduceResponse, ClientError> {
+        Ok(pb::ProduceResponse { request_id, base_offset, record_count, error: None })
+    }
+
+    fn offset(rx: &mut Outcome) -> u64 {
+        rx.try_recv().unwrap().unwrap().offset
+    }
+
+    #[test]
+    fn records_accumulate_until_linger() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let _r: Vec<Outcome> = ["a", "b", "c"].iter().map(|v| push(&mut a, 0, v, t0)).collect();
+        a.close_lingering(t0 + LINGER / 2);
+        assert!(a.dispatch(t0, 1, leader).requests.is_empty(), "an open batch is not sent before its linger");
+        assert_eq!(a.next_deadline(), Some(t0 + LINGER));
+        a.close_lingering(t0 + LINGER);
+        let d = a.dispatch(t0 + LINGER, 1, leader);
+        assert_eq!(d.requests.len(), 1);
+        let (addr, request) = &d.requests[0];
+        assert_eq!(addr, "n1:1");
+        assert_eq!((request.topic.as_str(), request.partition, request.producer_id), ("t", 0, -1));
+        assert_eq!(values(request), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn size_limit_splits_batches_in_order() {
+        let mut a = acc(200, 100);
+        let t0 = Instant::now();
+        let all: Vec<String> = (0..20).map(|i| format!("value-{i:02}-{}", "x".repeat(20))).collect();
+        let _r: Vec<Outcome> = all.iter().map(|v| push(&mut a, 0, v, t0)).collect();
+        a.flush();
+        let d = a.dispatch(t0, 1, leader);
+        assert!(d.requests.len() > 1, "20 records of ~40 bytes do not fit in 200 bytes");
+        let mut seen = Vec::new();
+        for (_, request) in &d.requests {
+            assert!(request.batch.len() <= 200, "batch of {} bytes", request.batch.len());
+            seen.extend(values(request));
+        }
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn a_record_larger_than_a_batch_is_refused() {
+        let mut a = acc(200, 5);
+        let (tx, _rx) = oneshot::channel();
+        let big = ProducerRecord::new(Bytes::from(vec![0u8; 300]));
+        let err = a.append("t", 0, &big, tx, Instant::now()).unwrap_err();
+        assert!(matches!(err, ClientError::RecordTooLarge { limit: 200, .. }), "{err}");
+        assert!(a.is_idle());
+    }
+
+    #[test]
+    fn record_index_gives_the_offset() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let mut r: Vec<Outcome> = ["a", "b", "c"].iter().map(|v| push(&mut a, 2, v, t0)).collect();
+        a.flush();
+        let d = a.dispatch(t0, 1, leader);
+        let id = d.requests[0].1.request_id;
+        let done = a.complete(id, ok(id, 100, 3), t0, |_| Duration::ZERO).unwrap();
+        assert!(done.error.is_none());
+        let offsets: Vec<u64> = r.iter_mut().map(offset).collect();
+        assert_eq!(offsets, [100, 101, 102]);
+        assert!(a.is_idle());
+        assert_eq!(a.buffer.available_permits(), 3, "resolved records free their buffer room");
+    }
+
+    #[test]
+    fn a_wrong_record_count_fails_the_batch() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let mut r = push(&mut a, 0, "a", t0);
+        a.flush();
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        a.complete(id, ok(id, 0, 2), t0, |_| Duration::ZERO);
+        assert!(matches!(r.try_recv().unwrap(), Err(ClientError::Protocol(_))));
+    }
+
+    #[test]
+    fn failed_batches_are_retried_in_order_after_in_flight_drains() {
+        let mut a = acc(1 << 20, 2);
+        let t0 = Instant::now();
+        let mut outcomes = Vec::new();
+        for v in ["b0", "b1", "b2"] {
+            outcomes.push(push(&mut a, 0, v, t0));
+            a.flush();
+        }
+        let first = a.dispatch(t0, 1, leader).requests;
+        assert_eq!(first.len(), 2, "in_flight_max bounds the pipeline");
+        let moved =
+            ClientError::NotLeader { message: String::new(), leader_id: Some(2), leader_addr: Some("n2:1".into()) };
+        let e = a.complete(first[0].1.request_id, Err(moved.clone()), t0, |_| Duration::from_secs(1)).unwrap();
+        assert_eq!(e.error, Some(moved.clone()));
+        // While b1 is still in flight nothing new goes out, not even b2.
+        assert!(a.dispatch(t0, 1, leader).requests.is_empty());
+        a.complete(first[1].1.request_id, Err(moved), t0, |_| Duration::from_secs(1));
+        let n2 = |_: &str, _: u32| (Lookup::Leader("n2:1".into()), false);
+        let again = a.dispatch(t0, 1, n2).requests;
+        let sent: Vec<Vec<String>> = again.iter().map(|(_, r)| values(r)).collect();
+        assert_eq!(sent, [["b0"], ["b1"]], "a hinted leader is retried at once, in the original order");
+        assert!(again.iter().all(|(addr, _)| addr == "n2:1"));
+        for (i, (_, r)) in again.iter().enumerate() {
+            a.complete(r.request_id, ok(r.request_id, 10 + i as u64, 1), t0, |_| Duration::ZERO);
+        }
+        let last = a.dispatch(t0, 1, n2).requests;
+        assert_eq!(values(&last[0].1), ["b2"]);
+        a.complete(last[0].1.request_id, ok(last[0].1.request_id, 12, 1), t0, |_| Duration::ZERO);
+        let offsets: Vec<u64> = outcomes.iter_mut().map(offset).collect();
+        assert_eq!(offsets, [10, 11, 12]);
+    }
+
+    #[test]
+    fn retries_back_off_and_stop_at_the_delivery_timeout() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let mut r = push(&mut a, 0, "a", t0);
+        a.flush();
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        let down = ClientError::Unavailable("down".into());
+        a.complete(id, Err(down.clone()), t0, |n| Duration::from_millis(100 << n));
+        assert!(a.dispatch(t0 + Duration::from_millis(99), 1, leader).requests.is_empty(), "backing off");
+        assert_eq!(a.next_deadline(), Some(t0 + Duration::from_millis(100)));
+        let id = a.dispatch(t0 + Duration::from_millis(100), 1, leader).requests[0].1.request_id;
+        // The answer arrives after the delivery timeout: no more retries, the last error wins.
+        a.complete(id, Err(down.clone()), t0 + Duration::from_secs(61), |_| Duration::ZERO);
+        assert_eq!(r.try_recv().unwrap(), Err(down));
+        assert!(a.is_idle());
+    }
+
+    #[test]
+    fn batches_without_a_leader_expire() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let mut r = push(&mut a, 0, "a", t0);
+        a.flush();
+        let none = |_: &str, _: u32| (Lookup::NoLeader, false);
+        assert!(a.dispatch(t0, 1, none).wants_refresh);
+        assert_eq!(a.next_deadline(), Some(t0 + Duration::from_secs(60)));
+        a.dispatch(t0 + Duration::from_secs(60), 1, none);
+        assert!(matches!(r.try_recv().unwrap(), Err(ClientError::Timeout { .. })));
+    }
+
+    #[test]
+    fn unknown_partitions_fail_after_a_refresh() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let mut r = push(&mut a, 7, "a", t0);
+        a.flush();
+        let unknown = |_: &str, _: u32| (Lookup::Unknown, false);
+        assert!(a.dispatch(t0, 1, unknown).wants_refresh);
+        a.dispatch(t0, 1, unknown);
+        assert!(r.try_recv().is_err(), "no verdict before the cache was refreshed");
+        a.dispatch(t0, 2, unknown);
+        assert!(matches!(r.try_recv().unwrap(), Err(ClientError::NotFound(_))));
+    }
+
+    #[test]
+    fn non_retriable_errors_fail_at_once() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let mut r = push(&mut a, 0, "a", t0);
+        a.flush();
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        let stream_error = pb::ProduceResponse {
+            request_id: id,
+            error: Some(pb::Error {
+                code: tonic::Code::InvalidArgument as i32,
+                message: "bad".into(),
+                leader_id: None,
+                leader_addr: String::new(),
+            }),
+            ..Default::default()
+        };
+        a.complete(id, Ok(stream_error), t0, |_| Duration::ZERO);
+        assert_eq!(r.try_recv().unwrap(), Err(ClientError::InvalidArgument("bad".into())));
+    }
+
+    #[test]
+    fn sticky_partition_moves_when_its_batch_closes() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let p = a.sticky_partition("t", 3, || 2);
+        assert_eq!(p, 2);
+        let _r = push(&mut a, p, "a", t0);
+        assert_eq!(a.sticky_partition("t", 3, || 0), 2, "stays while the batch is open");
+        a.close_lingering(t0 + LINGER);
+        assert_eq!(a.sticky_partition("t", 3, || 0), 0, "moves on (wrapping) once it closed");
+    }
+
+    #[test]
+    fn flush_waits_for_every_unresolved_batch() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let _r0 = push(&mut a, 0, "a", t0);
+        let _r1 = push(&mut a, 1, "b", t0);
+        let mut waiters = a.flush();
+        assert_eq!(waiters.len(), 2);
+        let pending = |w: &mut oneshot::Receiver<()>| w.try_recv() == Err(oneshot::error::TryRecvError::Empty);
+        let d = a.dispatch(t0, 1, leader);
+        assert!(waiters.iter_mut().all(pending), "nothing is resolved before an answer");
+        let (_, first) = &d.requests[0];
+        a.complete(first.request_id, ok(first.request_id, 0, 1), t0, |_| Duration::ZERO);
+        assert_eq!(waiters.iter_mut().map(pending).filter(|p| *p).count(), 1, "one batch still in flight");
+        let (_, second) = &d.requests[1];
+        a.complete(second.request_id, Err(ClientError::InvalidArgument("no".into())), t0, |_| Duration::ZERO);
+        assert!(waiters.iter_mut().all(|w| w.try_recv() == Err(oneshot::error::TryRecvError::Closed)));
+    }
+}

@@ -1,0 +1,443 @@
+//! The producer: records accumulate into one batch per partition, batches are pipelined to the
+//! partition leaders over `ProduceStream`, and each record's future resolves with its offset.
+//!
+//! Delivery is at least once: a batch whose answer was lost (timeout, broken connection,
+//! UNAVAILABLE) is sent again and may then be stored twice. That ends with the idempotent
+//! producer (producer id, epoch and sequence numbers), which this client does not implement yet.
+//!
+//! Ordering: a partition's batches are sent, and retried, in the order they were closed. When a
+//! batch fails, nothing more is sent to its partition until every request in flight there has
+//! answered, and then the failed batches go out again in their order. Batches that were
+//! acknowledged meanwhile stay where they are, so a failure in the middle of a pipeline can
+//! reorder batches (as in Kafka without idempotence); `in_flight_max: 1` avoids that.
+
+mod accumulator;
+mod stream;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use self::accumulator::{Accumulator, Limits};
+use self::stream::{Event, StreamHandle};
+use crate::config::ClientConfig;
+use crate::core::Core;
+use crate::error::ClientError;
+use crate::partitioner::partition_for_key;
+
+/// Salt of the producer's random stream (see [`Core::new`]).
+const SALT: u64 = 0x9e0d;
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// How long a batch waits for more records before it is sent.
+    pub linger: Duration,
+    /// Largest encoded batch; must not exceed the brokers' limit. A record that does not fit in
+    /// a batch of its own is refused.
+    pub batch_bytes_max: usize,
+    /// Most unacknowledged requests per partition.
+    pub in_flight_max: usize,
+    /// Most records buffered or in flight; `send` waits for room beyond it.
+    pub buffer_records_max: usize,
+    /// How long a batch is retried, counted from its first record; then its records fail with
+    /// the last error.
+    pub delivery_timeout: Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> ProducerConfig {
+        ProducerConfig {
+            linger: Duration::from_millis(5),
+            batch_bytes_max: 1 << 20,
+            in_flight_max: 5,
+            buffer_records_max: 100_000,
+            delivery_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ProducerConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        let batch_min = keel_record::HEADER_LEN + 16;
+        if !(batch_min..=keel_record::BATCH_BYTES_MAX).contains(&self.batch_bytes_max) {
+            return Err(ClientError::Config(format!(
+                "batch_bytes_max {} is outside {batch_min}..={}",
+                self.batch_bytes_max,
+                keel_record::BATCH_BYTES_MAX
+            )));
+        }
+        if self.in_flight_max == 0 {
+            return Err(ClientError::Config("in_flight_max must be at least 1".into()));
+        }
+        if self.buffer_records_max == 0 || self.buffer_records_max > Semaphore::MAX_PERMITS {
+            return Err(ClientError::Config(format!("buffer_records_max must be in 1..={}", Semaphore::MAX_PERMITS)));
+        }
+        if self.delivery_timeout.is_zero() {
+            return Err(ClientError::Config("delivery_timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A record to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerRecord {
+    /// The key; keyed records go to `fnv1a_64(key) mod partition_count`.
+    pub key: Option<Bytes>,
+    /// The value; `None` is a tombstone.
+    pub value: Option<Bytes>,
+    /// Headers, in order.
+    pub headers: Vec<(String, Option<Bytes>)>,
+    /// Milliseconds since the Unix epoch; 0 lets the broker stamp its own time.
+    pub timestamp_ms: i64,
+    /// An explicit partition, overriding the key.
+    pub partition: Option<u32>,
+}
+
+impl ProducerRecord {
+    /// A record with a value and nothing else.
+    pub fn new(value: impl Into<Bytes>) -> ProducerRecord {
+        ProducerRecord { value: Some(value.into()), ..ProducerRecord::default() }
+    }
+
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> ProducerRecord {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets an explicit partition.
+    pub fn with_partition(mut self, partition: u32) -> ProducerRecord {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, key: impl Into<String>, value: Option<Bytes>) -> ProducerRecord {
+        self.headers.push((key.into(), value));
+        self
+    }
+
+    /// Sets the timestamp (ms since the Unix epoch).
+    pub fn with_timestamp_ms(mut self, timestamp_ms: i64) -> ProducerRecord {
+        self.timestamp_ms = timestamp_ms;
+        self
+    }
+}
+
+/// Where an acknowledged record was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The record's offset in the partition.
+    pub offset: u64,
+}
+
+/// Resolves once the record is acknowledged (or has failed for good).
+#[derive(Debug)]
+#[must_use = "a record's outcome is only known by awaiting its DeliveryFuture"]
+pub struct DeliveryFuture {
+    rx: oneshot::Receiver<Result<RecordMetadata, ClientError>>,
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<RecordMetadata, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A dropped sender means the producer went away with the record unresolved.
+        Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
+struct Shared {
+    core: Arc<Core>,
+    config: ProducerConfig,
+    acc: Mutex<Accumulator>,
+    buffer: Arc<Semaphore>,
+    /// Wakes the sender task: a batch opened or closed, a flush, a stop.
+    wake: Notify,
+    /// No more sends (close started).
+    closing: AtomicBool,
+    /// The sender task must exit.
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends records to Keel. Cheap to share behind an `Arc`; `send` takes `&self`.
+pub struct Producer {
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("config", &self.shared.config).finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    /// A producer; its sender task starts at once on the current tokio runtime, and nothing is
+    /// dialled until the first record.
+    pub fn new(config: ClientConfig, producer: ProducerConfig) -> Result<Producer, ClientError> {
+        producer.validate()?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| ClientError::Config("a Producer must be created inside a tokio runtime".into()))?;
+        let core = Arc::new(Core::new(config, SALT)?);
+        let buffer = Arc::new(Semaphore::new(producer.buffer_records_max));
+        let limits = Limits {
+            batch_bytes_max: producer.batch_bytes_max,
+            linger: producer.linger,
+            in_flight_max: producer.in_flight_max,
+            delivery_timeout: producer.delivery_timeout,
+        };
+        let shared = Arc::new(Shared {
+            core,
+            config: producer,
+            acc: Mutex::new(Accumulator::new(limits, buffer.clone())),
+            buffer,
+            wake: Notify::new(),
+            closing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let task = runtime.spawn(Sender::new(shared.clone()).run());
+        Ok(Producer { shared, task: Mutex::new(Some(task)) })
+    }
+
+    /// Queues a record, waiting while `buffer_records_max` records are unresolved. The returned
+    /// future resolves when the record is acknowledged; an error here means the record was not
+    /// queued (too large, unknown topic or partition, producer closed).
+    pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture, ClientError> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(ClientError::Closed);
+        }
+        let permit = self.shared.buffer.acquire().await.map_err(|_| ClientError::Closed)?;
+        let partition = self.partition_for(topic, &record).await?;
+        let (tx, rx) = oneshot::channel();
+        let wake = lock(&self.shared.acc).append(topic, partition, &record, tx, Instant::now())?;
+        // The permit now belongs to the record; the accumulator gives it back on resolution.
+        permit.forget();
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(DeliveryFuture { rx })
+    }
+
+    async fn partition_for(&self, topic: &str, record: &ProducerRecord) -> Result<u32, ClientError> {
+        let core = &self.shared.core;
+        let count = core.partition_count(topic).await?;
+        match (record.partition, &record.key) {
+            (Some(p), _) if p < count => Ok(p),
+            (Some(p), _) => {
+                // Partitions may have been added since the cache was filled.
+                core.refresh().await?;
+                let count = core.partition_count(topic).await?;
+                if p < count {
+                    Ok(p)
+                } else {
+                    Err(ClientError::NotFound(format!("topic {topic:?} has {count} partitions, not {}", p + 1)))
+                }
+            }
+            (None, Some(key)) => Ok(partition_for_key(key, count)),
+            (None, None) => Ok(lock(&self.shared.acc).sticky_partition(topic, count, || core.random_below(count))),
+        }
+    }
+
+    /// Sends every buffered record now and waits until everything sent before this call is
+    /// acknowledged or has failed.
+    pub async fn flush(&self) {
+        let waiters = lock(&self.shared.acc).flush();
+        self.shared.wake.notify_one();
+        for waiter in waiters {
+            // An error only means the batch was dropped, which also resolves it.
+            let _ = waiter.await;
+        }
+    }
+
+    /// Refuses new records, flushes, and stops the background tasks. Records that raced with
+    /// the close fail with [`ClientError::Closed`].
+    pub async fn close(&self) {
+        self.shared.closing.store(true, Ordering::Release);
+        self.flush().await;
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        // Whatever is left now can never be sent: dropping it resolves its futures as Closed.
+        let leftover = {
+            let mut acc = lock(&self.shared.acc);
+            let limits_source = Accumulator::new(acc.limits(), self.shared.buffer.clone());
+            std::mem::replace(&mut *acc, limits_source)
+        };
+        drop(leftover);
+        self.shared.buffer.close();
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // Aborting drops the sender task's streams, which ends the stream tasks; unresolved
+        // futures then resolve as Closed. Nothing here waits.
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+}
+
+/// The sender task: closes lingering batches, sends ready ones, and processes answers.
+struct Sender {
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    streams: BTreeMap<String, StreamHandle>,
+    next_stream_id: u64,
+    refresh_running: bool,
+    refresh_wanted: bool,
+    refresh_not_before: Instant,
+    /// Refreshes in a row that did not leave every partition with a leader: they back off.
+    refresh_streak: u32,
+}
+
+impl Sender {
+    fn new(shared: Arc<Shared>) -> Sender {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Sender {
+            shared,
+            events,
+            events_tx,
+            streams: BTreeMap::new(),
+            next_stream_id: 0,
+            refresh_running: false,
+            refresh_wanted: false,
+            refresh_not_before: Instant::now(),
+            refresh_streak: 0,
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let now = Instant::now();
+            let (dispatch, next) = {
+                let core = &self.shared.core;
+                let mut acc = lock(&self.shared.acc);
+                acc.close_lingering(now);
+                let dispatch = acc.dispatch(now, core.metadata_version(), |t, p| core.cached_leader(t, p));
+                (dispatch, acc.next_deadline())
+            };
+            for (addr, request) in dispatch.requests {
+                self.send_to(addr, request);
+            }
+            if dispatch.wants_refresh {
+                self.refresh_wanted = true;
+            } else if !self.refresh_running {
+                self.refresh_streak = 0;
+            }
+            self.maybe_refresh(now);
+            let refresh_at = (self.refresh_wanted && !self.refresh_running).then_some(self.refresh_not_before);
+            let wake_at = match (next, refresh_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                biased;
+                event = self.events.recv() => {
+                    if let Some(event) = event {
+                        self.handle(event);
+                    }
+                }
+                () = self.shared.wake.notified() => {}
+                () = tokio::time::sleep_until(wake_at.unwrap_or(now)), if wake_at.is_some() => {}
+            }
+            // Answers come in bursts; take them all before the next dispatch.
+            while let Ok(event) = self.events.try_recv() {
+                self.handle(event);
+            }
+        }
+        debug!("producer sender task stopped");
+    }
+
+    fn send_to(&mut self, addr: String, request: keel_proto::v1::ProduceRequest) {
+        let handle = self.streams.entry(addr.clone()).or_insert_with(|| {
+            let id = self.next_stream_id;
+            self.next_stream_id += 1;
+            stream::start(self.shared.core.clone(), addr.clone(), id, self.events_tx.clone())
+        });
+        if let Err(mpsc::error::SendError(request)) = handle.tx.send(request) {
+            // The stream just ended and is failing its requests; failing this one too (rather
+            // than sending it on a new stream) keeps the partition's batches in order, because
+            // the partition then drains and re-sends all of them in sequence.
+            self.streams.remove(&addr);
+            let error = ClientError::Transport(format!("produce stream to {addr} closed"));
+            let _ = self.events_tx.send(Event::Answered { request_id: request.request_id, result: Err(error) });
+        }
+    }
+
+    fn maybe_refresh(&mut self, now: Instant) {
+        if !self.refresh_wanted || self.refresh_running || now < self.refresh_not_before {
+            return;
+        }
+        self.refresh_wanted = false;
+        self.refresh_running = true;
+        self.refresh_not_before = now + self.shared.core.backoff(self.refresh_streak);
+        self.refresh_streak = self.refresh_streak.saturating_add(1);
+        let core = self.shared.core.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = core.refresh().await;
+            let _ = events.send(Event::Refreshed(result));
+        });
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Answered { request_id, result } => {
+                let core = &self.shared.core;
+                let completion =
+                    lock(&self.shared.acc).complete(request_id, result, Instant::now(), |n| core.backoff(n));
+                let Some(completion) = completion else { return };
+                let Some(error) = completion.error else { return };
+                debug!(topic = completion.topic, partition = completion.partition, %error, "produce failed");
+                if matches!(error, ClientError::NotLeader { .. }) {
+                    core.leader_moved(&completion.topic, completion.partition, &error);
+                    self.refresh_wanted |= error.leader_hint().is_none();
+                } else if error.stale_metadata() {
+                    self.refresh_wanted = true;
+                }
+            }
+            Event::StreamClosed { addr, id } => {
+                if self.streams.get(&addr).is_some_and(|s| s.id == id) {
+                    self.streams.remove(&addr);
+                }
+            }
+            Event::Refreshed(result) => {
+                self.refresh_running = false;
+                if let Err(error) = result {
+                    warn!(%error, "metadata refresh failed");
+                    self.refresh_wanted = true;
+                }
+            }
+        }
+    }
+}
