@@ -159,7 +159,12 @@ impl Consumer {
     /// previous assignment. New partitions start at `offset_default`; partitions already
     /// assigned keep their position.
     pub async fn assign(&mut self, topic: &str, partitions: &[u32]) -> Result<(), ClientError> {
-        let all = self.core.partitions(topic).await?;
+        let mut all = self.core.partitions(topic).await?;
+        if partitions.iter().any(|p| !all.contains(p)) {
+            // The cache may predate added partitions.
+            self.core.refresh().await?;
+            all = self.core.partitions(topic).await?;
+        }
         let wanted: Vec<u32> = if partitions.is_empty() { all.clone() } else { partitions.to_vec() };
         if let Some(missing) = wanted.iter().find(|p| !all.contains(p)) {
             return Err(ClientError::NotFound(format!("no partition {missing} in topic {topic:?}")));
@@ -517,6 +522,7 @@ impl PartitionTask {
         }
         let mut attempt = 0u32;
         let mut not_found = 0u32;
+        let mut beyond_end_since: Option<Instant> = None;
         loop {
             let (error, progressed) = match self.subscribe(&mut next).await {
                 Ended::Stop => return,
@@ -526,6 +532,7 @@ impl PartitionTask {
             if progressed {
                 attempt = 0;
                 not_found = 0;
+                beyond_end_since = None;
             }
             debug!(topic = self.topic, partition = self.partition, next, %error, "subscription ended");
             if error.stale_metadata() {
@@ -539,7 +546,10 @@ impl PartitionTask {
                     not_found += 1;
                     not_found < 2
                 }
-                ClientError::OutOfRange(_) => self.still_in_range(next).await,
+                ClientError::OutOfRange(_) => {
+                    let since = *beyond_end_since.get_or_insert_with(Instant::now);
+                    self.still_in_range(next, since).await
+                }
                 _ => false,
             };
             if !retriable {
@@ -551,9 +561,13 @@ impl PartitionTask {
         }
     }
 
-    /// An offset above the high watermark is transient (a new leader's watermark lags the old
-    /// one's until it commits in its term); one below the log start is gone for good.
-    async fn still_in_range(&self, next: u64) -> bool {
+    /// An offset below the log start is gone for good. One above the high watermark is
+    /// transient for a while (a new leader's watermark lags the old one's until it commits in its
+    /// term), but not for longer than `request_timeout`: then it was sought past the end.
+    async fn still_in_range(&self, next: u64, out_of_range_since: Instant) -> bool {
+        if out_of_range_since.elapsed() >= self.core.config.request_timeout {
+            return false;
+        }
         match watermarks(&self.core, &self.topic, self.partition).await {
             Ok((log_start, _)) => next >= log_start,
             Err(e) => e.is_retriable(),

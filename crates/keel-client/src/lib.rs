@@ -5,6 +5,29 @@
 //! jitter, and requests follow partition leaders (NOT_LEADER hints are used directly). Time comes
 //! from `tokio::time` and randomness from [`ClientConfig::seed`], so the client runs unchanged
 //! in a deterministic simulation once [`ClientConfig::connect`] dials the simulated network.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use keel_client::{Admin, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord};
+//!
+//! # async fn example() -> Result<(), keel_client::ClientError> {
+//! let config = ClientConfig::from_bootstrap("127.0.0.1:9091,127.0.0.1:9092")?;
+//! Admin::new(config.clone())?.create_topic("orders", 3, 0, Default::default()).await?;
+//!
+//! let producer = Producer::new(config.clone(), ProducerConfig::default())?;
+//! let delivery = producer.send("orders", ProducerRecord::new("hello").with_key("customer-7")).await?;
+//! let stored = delivery.await?;
+//! println!("stored at {}/{} offset {}", stored.topic, stored.partition, stored.offset);
+//! producer.close().await;
+//!
+//! let mut consumer = Consumer::new(config, ConsumerConfig::default())?;
+//! consumer.assign("orders", &[]).await?;
+//! for record in consumer.poll(Duration::from_secs(1)).await? {
+//!     println!("{}/{} @{}: {:?}", record.topic, record.partition, record.offset, record.value);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod admin;
 mod config;

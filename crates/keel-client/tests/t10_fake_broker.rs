@@ -333,3 +333,17 @@ async fn throughput() {
     let requests = cluster.state.lock().unwrap().produce_requests;
     println!("{n} records in {secs:.2} s: {:.0} records/s, {requests} requests", n as f64 / secs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_reports_a_seek_past_the_end() {
+    let cluster = Cluster::start(1).await;
+    cluster.create("t", 1);
+    let mut consumer = Consumer::new(config(&cluster), ConsumerConfig::default()).unwrap();
+    consumer.assign("t", &[0]).await.unwrap();
+    consumer.seek("t", 0, Offset::At(1000)).unwrap();
+    // Past the end is retried for a request timeout (a new leader's watermark may lag), then reported.
+    let started = tokio::time::Instant::now();
+    let err = consumer.poll(Duration::from_secs(10)).await.unwrap_err();
+    assert!(matches!(err, ClientError::OutOfRange(_)), "{err}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "gave up after {:?}", started.elapsed());
+}

@@ -285,8 +285,8 @@ impl Producer {
         // Whatever is left now can never be sent: dropping it resolves its futures as Closed.
         let leftover = {
             let mut acc = lock(&self.shared.acc);
-            let limits_source = Accumulator::new(acc.limits(), self.shared.buffer.clone());
-            std::mem::replace(&mut *acc, limits_source)
+            let empty = Accumulator::new(acc.limits(), self.shared.buffer.clone());
+            std::mem::replace(&mut *acc, empty)
         };
         drop(leftover);
         self.shared.buffer.close();
