@@ -31,3 +31,11 @@ impl keel_broker::Clock for SystemClock {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
     }
 }
+
+/// Production randomness (election timeouts, the cluster id, client jitter): from the clock and
+/// the pid, unlike the simulation, which hands every node and client a seed.
+#[allow(clippy::disallowed_methods)] // The production shell owns the clock and the entropy.
+pub fn entropy() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}

@@ -5,6 +5,7 @@ mod clock;
 mod dev;
 mod health;
 mod server;
+mod tools;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -31,6 +32,34 @@ enum Command {
     Server(server::ServerArgs),
     /// Run a local cluster (3 nodes on 127.0.0.1) until Ctrl-C: the quick start.
     Dev(dev::DevArgs),
+    /// Create, list, describe, delete topics and add partitions.
+    Topic {
+        #[command(subcommand)]
+        command: tools::TopicCommand,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
+    /// Produce stdin lines as records; prints each record's partition and offset once acknowledged.
+    Produce {
+        #[command(flatten)]
+        args: tools::ProduceArgs,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
+    /// Print records of a topic (committed records only).
+    Consume {
+        #[command(flatten)]
+        args: tools::ConsumeArgs,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
+    /// The cluster's health.
+    Cluster {
+        #[command(subcommand)]
+        command: tools::ClusterCommand,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
     /// Measure Keel's speed.
     Bench {
         #[command(subcommand)]
@@ -51,6 +80,14 @@ fn main() -> std::process::ExitCode {
         Command::Bench { what } => bench::run(what, cli.output),
         Command::Server(args) => server::run(args),
         Command::Dev(args) => dev::run(args, cli.output),
+        Command::Topic { command, connection } => tools::topic(command, &connection, cli.output),
+        Command::Produce { args, connection } => tools::produce(args, &connection, cli.output),
+        Command::Consume { args, connection } => tools::consume(args, &connection),
+        Command::Cluster { command, connection } => match tools::cluster(command, &connection, cli.output) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

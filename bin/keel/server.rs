@@ -134,18 +134,10 @@ fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
         append_timeout: Duration::from_millis(file.append_timeout_ms.unwrap_or(10_000)),
         retention_interval: Duration::from_secs(30),
         limits,
-        seed: os_seed(),
+        seed: crate::clock::entropy(),
     };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((config, listen))
-}
-
-/// Production randomness (election timeouts, the cluster id): from the OS, unlike the
-/// simulation, which hands every node a seed.
-#[allow(clippy::disallowed_methods)] // The production shell owns the clock and the entropy.
-fn os_seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 /// Runs a node until Ctrl-C / SIGTERM, or until it must stop.

@@ -1,0 +1,443 @@
+//! The user tools: `keel topic …`, `keel produce`, `keel consume`, `keel cluster status`. Each
+//! finds the cluster through `--bootstrap` or `KEEL_BOOTSTRAP` and speaks the public gRPC API
+//! through `keel-client`.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand, ValueEnum};
+use comfy_table::Table;
+use keel_client::{Admin, ClientConfig, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord};
+use serde_json::{Value, json};
+
+use crate::Output;
+
+/// Where the cluster is (shared by every client command).
+#[derive(Debug, Args, Clone)]
+pub struct Connection {
+    /// Brokers to contact first: `HOST:PORT,HOST:PORT`. Defaults to the `keel dev` cluster.
+    #[arg(long, env = "KEEL_BOOTSTRAP", default_value = "127.0.0.1:9091,127.0.0.1:9092,127.0.0.1:9093")]
+    pub bootstrap: String,
+}
+
+impl Connection {
+    /// The client settings for this cluster.
+    pub fn config(&self) -> anyhow::Result<ClientConfig> {
+        Ok(ClientConfig::from_bootstrap(&self.bootstrap)?.with_seed(crate::clock::entropy()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Number of partitions.
+        #[arg(short, long, default_value_t = 1)]
+        partitions: u32,
+        /// Replicas per partition (default: 3, or fewer if the cluster is smaller).
+        #[arg(short, long, default_value_t = 0)]
+        replicas: u32,
+        /// Delete whole segments older than this (0 = keep forever).
+        #[arg(long, default_value_t = 0)]
+        retention_ms: i64,
+        /// Delete whole segments beyond this many bytes per partition (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        retention_bytes: u64,
+        /// Largest batch accepted, in bytes (0 = the cluster's limit).
+        #[arg(long, default_value_t = 0)]
+        max_batch_bytes: u32,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's partitions: leaders, replicas, in-sync replicas, offsets.
+    Describe { name: String },
+    /// Delete a topic and its data.
+    Delete { name: String },
+    /// Add partitions to a topic.
+    AddPartitions {
+        name: String,
+        /// How many partitions to add.
+        #[arg(long)]
+        count: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Nodes, controller, leaderless and under-replicated partitions. Exits 1 when unhealthy.
+    Status,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// The topic.
+    topic: String,
+    /// Split each line at the first occurrence of this into key and value.
+    #[arg(long)]
+    key_separator: Option<String>,
+    /// Send every record to this partition (default: by key, or spread).
+    #[arg(long)]
+    partition: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON object per record.
+    Json,
+    /// The value only, one per line.
+    Value,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// The topic.
+    topic: String,
+    /// Where to start: `beginning`, `end`, or an offset.
+    #[arg(long, default_value = "beginning")]
+    from: String,
+    /// Stop after this many records (default: run until interrupted).
+    #[arg(short = 'n', long)]
+    count: Option<u64>,
+    /// Read only this partition (default: all).
+    #[arg(long)]
+    partition: Option<u32>,
+    /// How to print records.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")
+}
+
+fn table() -> Table {
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    t
+}
+
+fn ids(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn topic_json(t: &keel_client::TopicDescription) -> Value {
+    let config = t.config.clone().unwrap_or_default();
+    json!({
+        "name": t.name,
+        "replication_factor": t.replication_factor,
+        "config": {
+            "retention_ms": config.retention_ms,
+            "retention_bytes": config.retention_bytes,
+            "max_batch_bytes": config.max_batch_bytes,
+        },
+        "partitions": t.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "leader": p.leader_id,
+            "leader_addr": p.leader_addr,
+            "replicas": p.replicas,
+            "in_sync": p.in_sync,
+            "log_start_offset": p.log_start_offset,
+            "high_watermark": p.high_watermark,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_partitions(t: &keel_client::TopicDescription) {
+    let mut table = table();
+    table.set_header(["partition", "leader", "replicas", "in-sync", "log start", "high watermark"]);
+    for p in &t.partitions {
+        table.add_row([
+            p.partition.to_string(),
+            p.leader_id.map_or("none".into(), |l| l.to_string()),
+            ids(&p.replicas),
+            ids(&p.in_sync),
+            p.log_start_offset.to_string(),
+            p.high_watermark.to_string(),
+        ]);
+    }
+    println!("{table}");
+}
+
+pub fn topic(command: TopicCommand, connection: &Connection, output: Output) -> anyhow::Result<()> {
+    let admin = Admin::new(connection.config()?)?;
+    runtime()?.block_on(async move {
+        match command {
+            TopicCommand::Create { name, partitions, replicas, retention_ms, retention_bytes, max_batch_bytes } => {
+                let config = keel_client::TopicConfig { retention_ms, retention_bytes, max_batch_bytes };
+                let t = admin.create_topic(&name, partitions, replicas, config).await?;
+                match output {
+                    Output::Json => println!("{}", topic_json(&t)),
+                    Output::Text => println!(
+                        "created topic {} ({} partitions, {} replicas each)",
+                        t.name,
+                        t.partitions.len(),
+                        t.replication_factor
+                    ),
+                }
+            }
+            TopicCommand::List => {
+                let topics = admin.list_topics().await?;
+                match output {
+                    Output::Json => println!("{}", Value::Array(topics.iter().map(topic_json).collect())),
+                    Output::Text => {
+                        let mut table = table();
+                        table.set_header(["topic", "partitions", "replicas", "leaderless", "under-replicated"]);
+                        for t in &topics {
+                            let leaderless = t.partitions.iter().filter(|p| p.leader_id.is_none()).count();
+                            let under = t
+                                .partitions
+                                .iter()
+                                .filter(|p| p.leader_id.is_some() && p.in_sync.len() < p.replicas.len())
+                                .count();
+                            table.add_row([
+                                t.name.clone(),
+                                t.partitions.len().to_string(),
+                                t.replication_factor.to_string(),
+                                leaderless.to_string(),
+                                under.to_string(),
+                            ]);
+                        }
+                        println!("{table}");
+                    }
+                }
+            }
+            TopicCommand::Describe { name } => {
+                let t = admin.describe_topic(&name).await?;
+                match output {
+                    Output::Json => println!("{}", topic_json(&t)),
+                    Output::Text => {
+                        let c = t.config.clone().unwrap_or_default();
+                        println!(
+                            "topic {}: {} partitions, {} replicas each, retention_ms {}, retention_bytes {}",
+                            t.name,
+                            t.partitions.len(),
+                            t.replication_factor,
+                            c.retention_ms,
+                            c.retention_bytes
+                        );
+                        print_partitions(&t);
+                    }
+                }
+            }
+            TopicCommand::Delete { name } => {
+                admin.delete_topic(&name).await?;
+                match output {
+                    Output::Json => println!("{}", json!({ "deleted": name })),
+                    Output::Text => println!("deleted topic {name}"),
+                }
+            }
+            TopicCommand::AddPartitions { name, count } => {
+                let t = admin.add_partitions(&name, count).await?;
+                match output {
+                    Output::Json => println!("{}", topic_json(&t)),
+                    Output::Text => println!("topic {} now has {} partitions", t.name, t.partitions.len()),
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `keel cluster status`: returns whether the cluster is healthy.
+pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output) -> anyhow::Result<bool> {
+    let ClusterCommand::Status = command;
+    let admin = Admin::new(connection.config()?)?;
+    let view = runtime()?.block_on(admin.describe_cluster())?;
+    let unreachable: Vec<u64> = view.nodes.iter().filter(|n| !n.reachable).map(|n| n.node_id).collect();
+    let partitions: usize = view.topics.iter().map(|t| t.partitions.len()).sum();
+    let mut problems = Vec::new();
+    if view.controller_leader.is_none() {
+        problems.push("the metadata controller has no leader".to_owned());
+    }
+    if !unreachable.is_empty() {
+        problems.push(format!("unreachable nodes: {}", ids(&unreachable)));
+    }
+    if view.leaderless > 0 {
+        problems.push(format!("{} partitions have no leader", view.leaderless));
+    }
+    if view.under_replicated > 0 {
+        problems.push(format!("{} partitions are under-replicated", view.under_replicated));
+    }
+    let healthy = problems.is_empty();
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "cluster_id": view.cluster_id,
+                "healthy": healthy,
+                "problems": problems,
+                "controller_leader": view.controller_leader,
+                "nodes": view.nodes.iter().map(|n| json!({
+                    "node_id": n.node_id, "addr": n.addr, "voter": n.controller_voter, "reachable": n.reachable,
+                })).collect::<Vec<_>>(),
+                "topics": view.topics.len(),
+                "partitions": partitions,
+                "leaderless": view.leaderless,
+                "under_replicated": view.under_replicated,
+            })
+        ),
+        Output::Text => {
+            println!("cluster {}", view.cluster_id);
+            let mut table = table();
+            table.set_header(["node", "address", "controller", "reachable"]);
+            for n in &view.nodes {
+                let role = match (n.controller_voter, view.controller_leader == Some(n.node_id)) {
+                    (_, true) => "leader",
+                    (true, false) => "voter",
+                    (false, false) => "-",
+                };
+                table.add_row([
+                    n.node_id.to_string(),
+                    n.addr.clone(),
+                    role.to_owned(),
+                    if n.reachable { "yes" } else { "NO" }.to_owned(),
+                ]);
+            }
+            println!("{table}");
+            println!(
+                "{} topics, {partitions} partitions, {} leaderless, {} under-replicated",
+                view.topics.len(),
+                view.leaderless,
+                view.under_replicated
+            );
+            if healthy {
+                println!("healthy");
+            } else {
+                for p in &problems {
+                    println!("UNHEALTHY: {p}");
+                }
+            }
+        }
+    }
+    Ok(healthy)
+}
+
+pub fn produce(args: ProduceArgs, connection: &Connection, output: Output) -> anyhow::Result<()> {
+    let config = connection.config()?;
+    runtime()?.block_on(async move {
+        let producer = Producer::new(config, ProducerConfig::default())?;
+        // Acknowledgements are printed in input order by a second task, so reading stdin never
+        // waits for the cluster (records are batched and pipelined).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, keel_client::DeliveryFuture)>(10_000);
+        let printer = tokio::spawn(async move {
+            let mut failed = 0u64;
+            let stdout = std::io::stdout();
+            while let Some((line, delivery)) = rx.recv().await {
+                match delivery.await {
+                    Ok(m) => {
+                        let mut stdout = stdout.lock();
+                        let _ = match output {
+                            Output::Json => writeln!(
+                                stdout,
+                                "{}",
+                                json!({"line": line, "topic": m.topic, "partition": m.partition, "offset": m.offset})
+                            ),
+                            Output::Text => writeln!(stdout, "partition {} offset {}", m.partition, m.offset),
+                        };
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("line {line}: not acknowledged: {e}");
+                    }
+                }
+            }
+            failed
+        });
+        let stdin = std::io::stdin();
+        for (i, line) in stdin.lock().lines().enumerate() {
+            let line = line.context("reading stdin")?;
+            let (key, value) = match &args.key_separator {
+                Some(sep) => match line.split_once(sep.as_str()) {
+                    Some((k, v)) => (Some(Bytes::from(k.to_owned())), v.to_owned()),
+                    None => (None, line),
+                },
+                None => (None, line),
+            };
+            let mut record = ProducerRecord::new(Bytes::from(value));
+            if let Some(k) = key {
+                record = record.with_key(k);
+            }
+            if let Some(p) = args.partition {
+                record = record.with_partition(p);
+            }
+            let delivery = producer.send(&args.topic, record).await?;
+            if tx.send((i as u64 + 1, delivery)).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        producer.flush().await;
+        let failed = printer.await.context("the printer task failed")?;
+        producer.close().await;
+        if failed > 0 {
+            bail!("{failed} records were not acknowledged");
+        }
+        Ok(())
+    })
+}
+
+fn bytes_json(b: &Option<Bytes>) -> Value {
+    match b {
+        None => Value::Null,
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => Value::String(s.to_owned()),
+            Err(_) => json!({ "hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
+        },
+    }
+}
+
+pub fn consume(args: ConsumeArgs, connection: &Connection) -> anyhow::Result<()> {
+    let from = match args.from.as_str() {
+        "beginning" => Offset::Beginning,
+        "end" => Offset::End,
+        n => Offset::At(n.parse().with_context(|| format!("--from {n:?}: expected beginning, end or an offset"))?),
+    };
+    let config = ConsumerConfig { offset_default: from, ..ConsumerConfig::default() };
+    let client = connection.config()?;
+    runtime()?.block_on(async move {
+        let mut consumer = Consumer::new(client, config)?;
+        let partitions: Vec<u32> = args.partition.into_iter().collect();
+        consumer.assign(&args.topic, &partitions).await?;
+        let mut printed = 0u64;
+        let mut stdout = std::io::stdout().lock();
+        loop {
+            if args.count.is_some_and(|n| printed >= n) {
+                return Ok(());
+            }
+            let records = tokio::select! {
+                r = consumer.poll(Duration::from_millis(500)) => r?,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            for r in records {
+                if args.count.is_some_and(|n| printed >= n) {
+                    break;
+                }
+                match args.format {
+                    Format::Json => {
+                        let headers: Vec<Value> =
+                            r.headers.iter().map(|(k, v)| json!({"key": k, "value": bytes_json(v)})).collect();
+                        let line = json!({
+                            "topic": r.topic,
+                            "partition": r.partition,
+                            "offset": r.offset,
+                            "key": bytes_json(&r.key),
+                            "value": bytes_json(&r.value),
+                            "timestamp": r.timestamp_ms,
+                            "headers": headers,
+                        });
+                        writeln!(stdout, "{line}")?;
+                    }
+                    Format::Value => {
+                        stdout.write_all(r.value.as_deref().unwrap_or_default())?;
+                        stdout.write_all(b"\n")?;
+                    }
+                }
+                printed += 1;
+            }
+            stdout.flush()?;
+        }
+    })
+}
