@@ -124,7 +124,7 @@ fn ids(ids: &[u64]) -> String {
 }
 
 fn topic_json(t: &keel_client::TopicDescription) -> Value {
-    let config = t.config.clone().unwrap_or_default();
+    let config = t.config.unwrap_or_default();
     json!({
         "name": t.name,
         "replication_factor": t.replication_factor,
@@ -209,7 +209,7 @@ pub fn topic(command: TopicCommand, connection: &Connection, output: Output) -> 
                 match output {
                     Output::Json => println!("{}", topic_json(&t)),
                     Output::Text => {
-                        let c = t.config.clone().unwrap_or_default();
+                        let c = t.config.unwrap_or_default();
                         println!(
                             "topic {}: {} partitions, {} replicas each, retention_ms {}, retention_bytes {}",
                             t.name,
