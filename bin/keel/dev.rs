@@ -107,7 +107,13 @@ pub fn run(args: DevArgs, output: Output) -> anyhow::Result<()> {
             table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
             table.set_header(["node", "address", "pid", "data", "log"]);
             for n in &nodes {
-                table.add_row([n.node_id.to_string(), n.addr.clone(), n.pid.to_string(), n.data_dir.clone(), n.log.clone()]);
+                table.add_row([
+                    n.node_id.to_string(),
+                    n.addr.clone(),
+                    n.pid.to_string(),
+                    n.data_dir.clone(),
+                    n.log.clone(),
+                ]);
             }
             println!("{table}");
             println!("Keel is running. In another shell:\n");

@@ -103,7 +103,8 @@ fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
         Some(v) => parse_voters(&v)?,
         None => BTreeMap::from([(node_id, advertise.clone())]),
     };
-    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("keel-data/node-{node_id}")));
+    let data_dir =
+        args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("keel-data/node-{node_id}")));
     let defaults = RaftTimings::default();
     let timings = RaftTimings {
         heartbeat_ms: file.heartbeat_ms.unwrap_or(defaults.heartbeat_ms),

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_proto::v1 as pb;
-use keel_raft::{AppendError, Connector, GroupId, Node, NodeConfig, NodeId, RaftNode};
+use keel_raft::types::{Raft, ReadPolicy};
+use keel_raft::{AppendError, Connector, Faults, GroupId, IoMode, Node, NodeConfig, NodeId, RaftNode};
 use keel_record::{BatchBuilder, NewRecord};
 use keel_storage::{Disk, LogConfig};
-use keel_raft::types::{Raft, ReadPolicy};
 use rand::{RngCore, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -65,11 +65,39 @@ pub(crate) struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// How a node's partitions do their disk work, and bugs injected for negative controls. The
+/// default is production's; the simulation runs disk work inline (a thread pool would break its
+/// determinism) and, to prove its checker can fail, acknowledges before the flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageMode {
+    /// Where blocking disk work (flushes, fsyncs) runs.
+    pub io: IoMode,
+    /// Injected bugs (negative controls only).
+    pub faults: Faults,
+}
+
+impl Default for StorageMode {
+    fn default() -> StorageMode {
+        StorageMode { io: IoMode::Blocking, faults: Faults::default() }
+    }
+}
+
 impl Broker {
     /// Starts a node: claims its data dir, opens the metadata group (voters), and starts the
     /// follower, reconciler, registration and retention tasks. Serve [`Broker::router`] next.
     pub async fn start(
         config: BrokerConfig,
+        disk: Arc<dyn Disk>,
+        connector: Arc<dyn Connector>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker, BrokerError> {
+        Broker::start_with(config, StorageMode::default(), disk, connector, clock).await
+    }
+
+    /// [`Broker::start`] with another [`StorageMode`] (the simulation's).
+    pub async fn start_with(
+        config: BrokerConfig,
+        storage: StorageMode,
         disk: Arc<dyn Disk>,
         connector: Arc<dyn Connector>,
         clock: Arc<dyn Clock>,
@@ -83,12 +111,14 @@ impl Broker {
             data_dir: config.data_dir.clone(),
             timings: config.timings,
             log: config.log.clone(),
-            io: keel_raft::IoMode::Blocking,
+            io: storage.io,
             network: config.network,
             append_timeout: config.append_timeout,
             seed: config.seed,
         };
         let node = Arc::new(RaftNode::new(node_config, Arc::clone(&disk), Arc::clone(&connector)));
+        // Before any group opens: faults apply to groups opened from then on.
+        node.set_faults(storage.faults);
         for (id, addr) in &config.voters {
             node.set_peer_addr(*id, addr);
         }
@@ -552,13 +582,12 @@ impl Inner {
     pub(crate) async fn controller_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
         let guard = self.admin_lock.lock().await;
         let raft: Raft = self.node.raft(META_GROUP).map_err(|_| not_leader("the metadata log", None))?;
-        let read = tokio::time::timeout(
-            self.config.append_timeout,
-            raft.ensure_linearizable(ReadPolicy::ReadIndex),
-        )
-        .await
-        .map_err(|_| Status::deadline_exceeded("the metadata leader could not confirm its leadership in time"))?
-        .map_err(|_| not_leader("the metadata log", self.meta_leader().and_then(|l| Some((l, self.addr_of(l)?)))))?;
+        let read = tokio::time::timeout(self.config.append_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the metadata leader could not confirm its leadership in time"))?
+            .map_err(|_| {
+                not_leader("the metadata log", self.meta_leader().and_then(|l| Some((l, self.addr_of(l)?))))
+            })?;
         raft.wait(Some(self.config.append_timeout))
             .applied_index_at_least(Some(read.log_id().index), "metadata read index")
             .await
@@ -608,7 +637,8 @@ impl Inner {
     pub(crate) async fn add_partitions(&self, name: String, count: u32) -> Result<Topic, Status> {
         let _turn = self.controller_turn().await?;
         let meta = self.metadata();
-        let topic = meta.topics.get(&name).ok_or_else(|| meta_status(metadata::MetaError::UnknownTopic(name.clone())))?;
+        let topic =
+            meta.topics.get(&name).ok_or_else(|| meta_status(metadata::MetaError::UnknownTopic(name.clone())))?;
         let before = topic.partitions.len();
         let assignment = meta.plan_assignment(count, topic.replication_factor).map_err(meta_status)?;
         self.propose(&Command::AddPartitions { name: name.clone(), assignment }).await?;

@@ -12,7 +12,7 @@ pub mod error;
 pub mod metadata;
 pub mod service;
 
-pub use broker::{Broker, Clock};
+pub use broker::{Broker, Clock, StorageMode};
 pub use config::{BrokerConfig, Identity, Limits};
 pub use error::BrokerError;
 pub use metadata::{META_GROUP, META_TOPIC, Metadata};

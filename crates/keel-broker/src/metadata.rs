@@ -332,8 +332,7 @@ mod tests {
     fn cluster(nodes: u64) -> Metadata {
         let mut m = Metadata::new();
         for (i, n) in (1..=nodes).enumerate() {
-            m.apply(i as u64, &Command::RegisterNode { node_id: n, addr: format!("127.0.0.1:{}", 9000 + n) })
-                .unwrap();
+            m.apply(i as u64, &Command::RegisterNode { node_id: n, addr: format!("127.0.0.1:{}", 9000 + n) }).unwrap();
         }
         m
     }

@@ -359,7 +359,8 @@ fn fill(
             pb::FetchFormat::Batches => response.batches.push(batch.into_bytes()),
             pb::FetchFormat::Records => {
                 for record in batch.records() {
-                    let record = record.map_err(|e| Status::internal(format!("a committed batch is unreadable: {e}")))?;
+                    let record =
+                        record.map_err(|e| Status::internal(format!("a committed batch is unreadable: {e}")))?;
                     if record.offset < from {
                         continue;
                     }

@@ -53,9 +53,10 @@ async fn start(nodes: u64) -> Cluster {
             limits: Limits::default(),
             seed: id,
         };
-        let broker = Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), Arc::new(FixedClock))
-            .await
-            .unwrap();
+        let broker =
+            Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), Arc::new(FixedClock))
+                .await
+                .unwrap();
         let routes = broker.router().unwrap();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming));
@@ -244,12 +245,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
     wait_leaders(&mut admin, "t").await;
 
     let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
-    let oversized = pb::Record {
-        key: None,
-        value: Some(vec![7u8; 1_536 << 10].into()),
-        headers: vec![],
-        timestamp_ms: 0,
-    };
+    let oversized =
+        pb::Record { key: None, value: Some(vec![7u8; 1_536 << 10].into()), headers: vec![], timestamp_ms: 0 };
     let mut both = produce("t", 0, &["a"]);
     both.batch = vec![1, 2, 3].into();
     let mut garbage = produce("t", 0, &[]);
@@ -275,18 +272,15 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(r.base_offset, 0, "refused produces wrote nothing");
 
     let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[0]).await);
-    let fetch = |offset| pb::FetchRequest {
-        topic: "t".into(),
-        partition: 0,
-        offset,
-        max_bytes: 0,
-        max_wait_ms: 0,
-        format: 0,
-    };
+    let fetch =
+        |offset| pb::FetchRequest { topic: "t".into(), partition: 0, offset, max_bytes: 0, max_wait_ms: 0, format: 0 };
     let leader = wait_leaders(&mut admin, "t").await.partitions[0].leader_addr.clone();
     let mut on_leader = pb::consumer_client::ConsumerClient::new(channel(&leader).await);
     assert_eq!(on_leader.fetch(fetch(5)).await.unwrap_err().code(), Code::OutOfRange);
-    assert_eq!(consumer.fetch(pb::FetchRequest { format: 9, ..fetch(0) }).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        consumer.fetch(pb::FetchRequest { format: 9, ..fetch(0) }).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     assert_eq!(consumer.fetch(pb::FetchRequest { partition: 3, ..fetch(0) }).await.unwrap_err().code(), Code::NotFound);
 }
 
@@ -321,7 +315,8 @@ async fn streams_pipeline_and_name_the_leader() {
 
     // The leader pipelines 200 requests on one stream.
     let mut producer = pb::producer_client::ProducerClient::new(channel(&t.partitions[0].leader_addr).await);
-    let requests = (0..200).map(|i| pb::ProduceRequest { request_id: i, ..produce("s", 0, &["a", "b"]) }).collect::<Vec<_>>();
+    let requests =
+        (0..200).map(|i| pb::ProduceRequest { request_id: i, ..produce("s", 0, &["a", "b"]) }).collect::<Vec<_>>();
     let mut responses = producer.produce_stream(futures_util::stream::iter(requests)).await.unwrap().into_inner();
     let mut offsets = BTreeMap::new();
     while let Some(r) = responses.message().await.unwrap() {
@@ -338,7 +333,10 @@ async fn streams_pipeline_and_name_the_leader() {
     admin.delete_topic(pb::DeleteTopicRequest { name: "s".into() }).await.unwrap();
     let status = admin.describe_topic(pb::DescribeTopicRequest { name: "s".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    assert_eq!(admin.delete_topic(pb::DeleteTopicRequest { name: "s".into() }).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        admin.delete_topic(pb::DeleteTopicRequest { name: "s".into() }).await.unwrap_err().code(),
+        Code::NotFound
+    );
     for b in &cluster.brokers {
         for _ in 0..100 {
             if !b.raft_node().group_ids().contains(&1) {

@@ -1,0 +1,202 @@
+//! A real cluster for end-to-end tests: `keel server` processes on 127.0.0.x, each with its own
+//! loopback address, data dir and log file; nodes can be killed (SIGKILL) and restarted.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+// Real processes run on real time.
+#![allow(clippy::disallowed_methods)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keel_client::{Admin, ClientConfig};
+
+/// One node's process and where it lives.
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+/// Nodes of one cluster; dropping it kills them all.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+/// A free port on `ip` (the port is released before the node binds it; tests on one machine
+/// never race for the same 127.0.0.x address).
+fn free_port(ip: &str) -> u16 {
+    let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// Starts `n` nodes (all metadata voters) and waits until every one is healthy. `first_ip`
+    /// picks the loopback addresses (127.0.0.first_ip …), so tests running at once never collide.
+    pub async fn start(n: u64, first_ip: u8) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let ip = format!("127.0.0.{}", u64::from(first_ip) + i);
+            let addr = format!("{ip}:{}", free_port(&ip));
+            let id = i + 1;
+            nodes.push(Node {
+                id,
+                addr,
+                data_dir: dir.path().join(format!("node-{id}")),
+                config: dir.path().join(format!("node-{id}.toml")),
+                log: dir.path().join(format!("node-{id}.log")),
+                child: None,
+            });
+        }
+        let voters = nodes.iter().map(|n| format!("{}@{}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+        for node in &nodes {
+            // The config file path is part of what is tested: flags only name the file.
+            let toml = format!(
+                "node_id = {}\nlisten = \"{}\"\nvoters = \"{voters}\"\ndata_dir = \"{}\"\n\
+                 heartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nappend_timeout_ms = 5000\n\
+                 segment_bytes_max = 4194304\n",
+                node.id,
+                node.addr,
+                node.data_dir.display()
+            );
+            std::fs::write(&node.config, toml).unwrap();
+        }
+        let mut cluster = Cluster { dir, nodes };
+        for i in 0..n as usize {
+            cluster.spawn(i);
+        }
+        cluster.wait_healthy(Duration::from_secs(60)).await;
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("server")
+            .arg("--config")
+            .arg(&node.config)
+            .env("KEEL_LOG", "info,openraft=warn")
+            .env_remove("KEEL_NODE_ID")
+            .env_remove("KEEL_VOTERS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    /// Kills node `id` with SIGKILL: no shutdown, no flush.
+    pub fn kill(&mut self, id: u64) {
+        let node = &mut self.nodes[id as usize - 1];
+        if let Some(mut child) = node.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Restarts node `id` from its data dir.
+    pub fn restart(&mut self, id: u64) {
+        assert!(self.nodes[id as usize - 1].child.is_none(), "node {id} is running");
+        self.spawn(id as usize - 1);
+    }
+
+    /// Waits until every running node answers SERVING.
+    pub async fn wait_healthy(&mut self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        for node in &mut self.nodes {
+            let Some(child) = node.child.as_mut() else { continue };
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("node {} exited ({status}):\n{}", node.id, std::fs::read_to_string(&node.log).unwrap());
+                }
+                if serving(&node.addr).await {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "node {} not healthy in time", node.id);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// The `KEEL_BOOTSTRAP` string of the cluster.
+    pub fn bootstrap(&self) -> String {
+        self.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Client settings for this cluster.
+    pub fn client(&self, seed: u64) -> ClientConfig {
+        ClientConfig::from_bootstrap(&self.bootstrap()).unwrap().with_seed(seed)
+    }
+
+    /// An admin client.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.client(0)).unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+async fn serving(addr: &str) -> bool {
+    use tonic_health::pb::health_client::HealthClient;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let probe = async {
+        let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let response = HealthClient::new(channel).check(request).await.ok()?;
+        Some(response.into_inner().status == 1)
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Some(true)))
+}
+
+/// Waits until every partition of `topic` has a leader.
+pub async fn wait_leaders(admin: &Admin, topic: &str) -> keel_client::TopicDescription {
+    for _ in 0..300 {
+        if let Ok(t) = admin.describe_topic(topic).await
+            && t.partitions.iter().all(|p| p.leader_id.is_some())
+        {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("partitions of {topic} got no leaders");
+}
+
+/// Reads every partition of `topic` from the beginning until each reaches `until[p]` (exclusive).
+pub async fn read_all(
+    config: ClientConfig,
+    topic: &str,
+    until: &std::collections::BTreeMap<u32, u64>,
+) -> std::collections::BTreeMap<(u32, u64), String> {
+    let mut consumer = keel_client::Consumer::new(config, keel_client::ConsumerConfig::default()).unwrap();
+    consumer.assign(topic, &[]).await.unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    let mut next: std::collections::BTreeMap<u32, u64> = until.keys().map(|p| (*p, 0)).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while next.iter().any(|(p, n)| *n < until[p]) {
+        assert!(tokio::time::Instant::now() < deadline, "read only up to {next:?} of {until:?}");
+        for r in consumer.poll(Duration::from_millis(500)).await.unwrap() {
+            let expected = next.get(&r.partition).copied().unwrap_or(0);
+            assert_eq!(r.offset, expected, "partition {} read out of order", r.partition);
+            next.insert(r.partition, r.offset + 1);
+            let value = String::from_utf8(r.value.unwrap_or_default().to_vec()).unwrap();
+            got.insert((r.partition, r.offset), value);
+        }
+    }
+    got
+}
