@@ -19,6 +19,10 @@ use crate::clock::Stopwatch;
 pub enum BenchCommand {
     /// Durable appends to one segment log on this disk: append a batch, flush it (msync), repeat.
     Storage(StorageArgs),
+    /// Produce to a running cluster: records/s, MB/s and acknowledgement latency.
+    Produce(crate::bench_net::ProduceBenchArgs),
+    /// Consume a topic from the beginning: records/s and MB/s of catch-up reads.
+    Consume(crate::bench_net::ConsumeBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +70,8 @@ struct StorageReport {
 pub fn run(what: BenchCommand, output: Output) -> anyhow::Result<()> {
     match what {
         BenchCommand::Storage(args) => storage(args, output),
+        BenchCommand::Produce(args) => crate::bench_net::produce(args, output),
+        BenchCommand::Consume(args) => crate::bench_net::consume(args, output),
     }
 }
 
