@@ -8,28 +8,25 @@
 //! every replica and checks the history of client operations against what the replicas hold.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::pin::Pin;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::TokioIo;
 use keel_raft::{AppendError, Faults, IoMode, Node, NodeConfig, NodeId, RaftNode, RaftTimings};
 use keel_record::{BatchBuilder, NewRecord};
 use keel_storage::{CrashMode, Disk, SimDisk};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::{Channel, Endpoint, Uri};
 
-const PORT: u16 = 9000;
+use crate::checker::{self, HighWatermarks, Op, Outcome};
+use crate::nemesis::{NORMAL_LATENCY_MAX, Nemesis, Target, host_name};
+use crate::net::{PORT, TurmoilConnector, incoming};
+
 const NODES: u64 = 3;
 const GROUPS: u64 = 3;
-const NORMAL_LATENCY_MAX: Duration = Duration::from_millis(5);
 
 /// Settings of one cluster run.
 #[derive(Debug, Clone, Copy)]
@@ -48,70 +45,6 @@ impl Default for ClusterSim {
     fn default() -> ClusterSim {
         ClusterSim { ops: 400, nemesis: true, faults: Faults::default(), crash_all_weight: 1 }
     }
-}
-
-/// One client operation, Jepsen style.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    /// Acknowledged at this base offset.
-    Ok(u64),
-    /// Definitely not written.
-    Fail,
-    /// May or may not have been written.
-    Info,
-}
-
-#[derive(Debug, Clone)]
-struct Op {
-    group: u64,
-    value: String,
-    outcome: Option<Outcome>,
-}
-
-/// turmoil's TCP for tonic's client: dials `host:port` through the simulated network.
-struct TurmoilConnector;
-
-impl keel_raft::Connector for TurmoilConnector {
-    fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
-        let connector = tower::service_fn(|uri: Uri| async move {
-            let host = uri.host().unwrap_or_default().to_owned();
-            let port = uri.port_u16().unwrap_or(PORT);
-            let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        });
-        Ok(endpoint.connect_timeout(Duration::from_millis(500)).connect_with_connector_lazy(connector))
-    }
-}
-
-/// An accepted simulated connection, as tonic's server wants it.
-struct Accepted(turmoil::net::TcpStream);
-
-impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
-
-impl AsyncRead for Accepted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Accepted {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-fn host_name(id: NodeId) -> String {
-    format!("n{id}")
 }
 
 fn members() -> BTreeMap<NodeId, Node> {
@@ -146,8 +79,7 @@ async fn node_main(
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
     let service = node.service().into_server();
     tokio::spawn(async move {
-        let incoming = futures_stream(listener);
-        let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+        let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming(listener)).await;
     });
     for group in 1..=GROUPS {
         node.open_group(group).await?;
@@ -164,16 +96,6 @@ async fn node_main(
     Ok(())
 }
 
-/// The accept loop as a stream of connections.
-fn futures_stream(
-    listener: turmoil::net::TcpListener,
-) -> impl futures_util::Stream<Item = Result<Accepted, std::io::Error>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        let next = listener.accept().await.map(|(s, _)| Accepted(s));
-        Some((next, listener))
-    })
-}
-
 fn batch(value: &str) -> Bytes {
     let mut b = BatchBuilder::new(1 << 16);
     // A record that does not fit cannot happen with these short values; an empty batch would be
@@ -182,31 +104,9 @@ fn batch(value: &str) -> Bytes {
     b.build()
 }
 
-/// White-box check at the moment of an ack: how many nodes' disks hold the acknowledged batch
-/// durably (as it would be found after a power loss right now).
-fn durable_copies(disks: &[SimDisk], group: u64, base_offset: u64, value: &str) -> usize {
-    let dir = PathBuf::from(format!("/data/group-{group}"));
-    disks
-        .iter()
-        .filter(|disk| {
-            disk.durable_files(&dir).iter().filter(|p| p.extension().is_some_and(|e| e == "log")).any(|path| {
-                let Some(bytes) = disk.durable_bytes(path) else { return false };
-                let bytes = Bytes::from(bytes);
-                let mut pos = keel_storage::segment::SEGMENT_HEADER_BYTES as usize;
-                while pos < bytes.len() {
-                    let Ok((b, len)) = keel_record::Batch::split_first(&bytes.slice(pos..)) else { break };
-                    if b.header().base_offset == base_offset && b.header().record_count > 0 {
-                        let first = b.records().next().and_then(|r| r.ok()).and_then(|r| r.value);
-                        if first.as_deref() == Some(value.as_bytes()) {
-                            return true;
-                        }
-                    }
-                    pos += len;
-                }
-                false
-            })
-        })
-        .count()
+/// Where a group's segments live on every node's disk.
+fn group_dir(group: u64) -> PathBuf {
+    Path::new("/data").join(format!("group-{group}"))
 }
 
 /// Appends through whichever node the client picks, following "not leader" hints once.
@@ -243,6 +143,24 @@ pub struct ClusterStats {
     pub unknown: u64,
     /// Faults injected.
     pub faults: u64,
+}
+
+/// The nemesis's view of the raft cluster.
+struct Nodes<'a> {
+    disks: &'a [SimDisk],
+    registry: &'a Registry,
+}
+
+impl Target for Nodes<'_> {
+    fn crash(&mut self, sim: &mut turmoil::Sim<'_>, id: NodeId) -> CrashMode {
+        sim.crash(host_name(id));
+        self.registry.borrow_mut().remove(&id);
+        self.disks[(id - 1) as usize].crash()
+    }
+
+    fn leader(&self, group: u64) -> Option<NodeId> {
+        self.registry.borrow().values().find_map(|(_, n)| n.leader(group))
+    }
 }
 
 /// Runs one seed; `trace` receives the history and the nemesis's actions.
@@ -287,12 +205,12 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
                 let value = format!("v{i}");
                 let index = {
                     let mut h = history.borrow_mut();
-                    h.push(Op { group, value: value.clone(), outcome: None });
+                    h.push(Op { partition: group, value: value.clone(), outcome: None });
                     h.len() - 1
                 };
                 let outcome = client_append(&registry, &mut rng, group, &value).await;
                 if let Outcome::Ok(offset) = outcome {
-                    let copies = durable_copies(&disks, group, offset, &value);
+                    let copies = checker::durable_copies(&disks, &group_dir(group), offset, &value);
                     if copies < (NODES as usize) / 2 + 1 {
                         under_quorum
                             .borrow_mut()
@@ -331,13 +249,13 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
     }
 
     // The nemesis runs between simulation steps, on the same seed.
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7e4e);
-    let mut stats = ClusterStats::default();
-    let mut next_fault = Duration::from_secs(4);
-    let mut crashed: BTreeSet<NodeId> = BTreeSet::new();
-    let mut partitioned = false;
-    let mut slow = false;
-    let mut heal_at: Option<Duration> = None;
+    let mut nemesis = Nemesis::new(
+        ChaCha8Rng::seed_from_u64(seed ^ 0x7e4e),
+        NODES,
+        GROUPS,
+        Duration::from_secs(4),
+        config.crash_all_weight,
+    );
     loop {
         let finished = sim.step().map_err(|e| format!("seed {seed}: simulation failed: {e}"))?;
         let now = sim.elapsed();
@@ -347,101 +265,12 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
         if now > Duration::from_secs(400) {
             return Err(format!("seed {seed}: the workload did not finish in 400 simulated seconds"));
         }
-        if let Some(at) = heal_at
-            && now >= at
-        {
-            for id in std::mem::take(&mut crashed) {
-                trace(format!("{now:?} restart n{id}"));
-                sim.bounce(host_name(id));
-            }
-            if partitioned {
-                trace(format!("{now:?} heal network"));
-                sim.repair("n1", "n2");
-                sim.repair("n1", "n3");
-                sim.repair("n2", "n3");
-                partitioned = false;
-            }
-            if slow {
-                trace(format!("{now:?} network speed restored"));
-                sim.set_max_message_latency(NORMAL_LATENCY_MAX);
-                slow = false;
-            }
-            heal_at = None;
-        }
-        if config.nemesis && heal_at.is_none() && now >= next_fault {
-            stats.faults += 1;
-            let weight_all = config.crash_all_weight;
-            match rng.random_range(0..(6 + weight_all)) {
-                3 => {
-                    // A bridge: two nodes cannot talk to each other, the third talks to both.
-                    let bridge = rng.random_range(1..=NODES);
-                    let others: Vec<u64> = (1..=NODES).filter(|o| *o != bridge).collect();
-                    trace(format!("{now:?} bridge through n{bridge}"));
-                    sim.partition(host_name(others[0]), host_name(others[1]));
-                    partitioned = true;
-                }
-                4 => {
-                    // Isolate whoever leads a random partition right now.
-                    let group = rng.random_range(1..=GROUPS);
-                    let leader = registry.borrow().values().find_map(|(_, n)| n.leader(group));
-                    if let Some(id) = leader {
-                        trace(format!("{now:?} isolate the leader of group {group}: n{id}"));
-                        for other in (1..=NODES).filter(|o| *o != id) {
-                            sim.partition(host_name(id), host_name(other));
-                        }
-                        partitioned = true;
-                    }
-                }
-                5 => {
-                    let max = Duration::from_millis(rng.random_range(50..400));
-                    trace(format!("{now:?} slow network: up to {max:?} per message, reordered"));
-                    sim.set_max_message_latency(max);
-                    slow = true;
-                }
-                0 => {
-                    let id = rng.random_range(1..=NODES);
-                    let mode = crash_node(&mut sim, &disks, &registry, id);
-                    trace(format!("{now:?} crash n{id} ({mode:?})"));
-                    crashed.insert(id);
-                }
-                1 => {
-                    let id = rng.random_range(1..=NODES);
-                    trace(format!("{now:?} isolate n{id}"));
-                    for other in (1..=NODES).filter(|o| *o != id) {
-                        sim.partition(host_name(id), host_name(other));
-                    }
-                    partitioned = true;
-                }
-                2 => {
-                    let (a, b) = (rng.random_range(1..=NODES), rng.random_range(1..=NODES));
-                    if a != b {
-                        trace(format!("{now:?} cut n{a} from n{b} one way"));
-                        sim.partition_oneway(host_name(a), host_name(b));
-                        partitioned = true;
-                    }
-                }
-                _ => {
-                    trace(format!("{now:?} crash every node"));
-                    for id in 1..=NODES {
-                        let mode = crash_node(&mut sim, &disks, &registry, id);
-                        trace(format!("{now:?}   n{id} {mode:?}"));
-                        crashed.insert(id);
-                    }
-                }
-            }
-            heal_at = Some(now + Duration::from_millis(rng.random_range(500..4_000)));
-            next_fault = now + Duration::from_millis(rng.random_range(2_000..6_000));
+        if config.nemesis {
+            nemesis.step(&mut sim, now, &mut Nodes { disks: &disks, registry: &registry }, trace);
         }
     }
     // Liveness phase: everything healed.
-    for id in std::mem::take(&mut crashed) {
-        sim.bounce(host_name(id));
-    }
-    sim.repair("n1", "n2");
-    sim.repair("n1", "n3");
-    sim.repair("n2", "n3");
-    sim.set_max_message_latency(NORMAL_LATENCY_MAX);
-    trace("heal all".into());
+    nemesis.heal_all(&mut sim, trace);
     let final_writes: Rc<RefCell<BTreeMap<u64, u64>>> = Rc::new(RefCell::new(BTreeMap::new()));
     {
         let (registry, final_writes) = (Rc::clone(&registry), Rc::clone(&final_writes));
@@ -472,8 +301,9 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
 
     let history = history.borrow().clone();
     for op in &history {
-        trace(format!("op {} group {} {:?}", op.value, op.group, op.outcome));
+        trace(format!("op {} group {} {:?}", op.value, op.partition, op.outcome));
     }
+    let mut stats = ClusterStats { faults: nemesis.faults, ..ClusterStats::default() };
     for o in &history {
         match o.outcome {
             Some(Outcome::Ok(_)) => stats.acked += 1,
@@ -487,80 +317,50 @@ pub fn run_cluster(seed: u64, config: ClusterSim, trace: &mut dyn FnMut(String))
     if let Some(first) = consumed.borrow().violations.first() {
         return Err(format!("seed {seed}: consumer: {first}"));
     }
-    let seen = consumed.borrow().seen.clone();
     let nodes: BTreeMap<NodeId, Arc<RaftNode>> =
         registry.borrow().iter().map(|(i, (_, n))| (*i, Arc::clone(n))).collect();
-    check(seed, &history, &nodes, &final_writes.borrow(), &seen)?;
+    check(&history, &nodes, &final_writes.borrow(), &consumed.borrow().seen)
+        .map_err(|violation| format!("seed {seed}: {violation}"))?;
     Ok(stats)
 }
 
-fn crash_node(sim: &mut turmoil::Sim<'_>, disks: &[SimDisk], registry: &Registry, id: NodeId) -> CrashMode {
-    sim.crash(host_name(id));
-    registry.borrow_mut().remove(&id);
-    disks[(id - 1) as usize].crash()
-}
-
-/// The checker: one function per invariant, over the history and every replica's final state.
+/// The checker: every invariant of [`checker`], per group, over the history and every replica's
+/// final state.
 fn check(
-    seed: u64,
     history: &[Op],
     nodes: &BTreeMap<NodeId, Arc<RaftNode>>,
     final_writes: &BTreeMap<u64, u64>,
-    seen: &BTreeMap<(u64, u64), String>,
+    seen: &BTreeMap<u64, BTreeMap<u64, String>>,
 ) -> Result<(), String> {
     for group in 1..=GROUPS {
         let final_offset = final_writes.get(&group).copied().unwrap_or(0);
-        let mut replicas: BTreeMap<NodeId, Vec<(u64, String)>> = BTreeMap::new();
+        let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
         for (id, node) in nodes {
-            replicas.insert(
-                *id,
-                read_committed(node, group).map_err(|e| format!("seed {seed}: n{id} group {group}: {e}"))?,
-            );
+            replicas
+                .insert(*id, checker::read_committed(node, group).map_err(|e| format!("n{id} group {group}: {e}"))?);
         }
-        let ops: Vec<&Op> = history.iter().filter(|o| o.group == group).collect();
-        check_replicas_agree(seed, group, &replicas)?;
+        let ops: Vec<&Op> = history.iter().filter(|o| o.partition == group).collect();
+        checker::check_replicas_agree(group, &replicas)?;
         let longest = replicas.values().max_by_key(|r| r.len()).cloned().unwrap_or_default();
         if longest.last().is_none_or(|(o, _)| *o < final_offset) {
-            return Err(format!("seed {seed} group {group}: no replica holds the final write at {final_offset}"));
+            return Err(format!("group {group}: no replica holds the final write at {final_offset}"));
         }
-        check_no_lost_write(seed, group, &ops, &longest)?;
-        check_no_duplicates(seed, group, &longest)?;
-        check_no_aborted_reads(seed, group, &ops, &longest)?;
-        check_consumer_saw_committed(seed, group, seen, &longest)?;
+        checker::check_no_lost_write(group, &ops, &longest)?;
+        checker::check_no_duplicates(group, &longest)?;
+        checker::check_no_aborted_reads(group, &ops, &longest)?;
+        let empty = BTreeMap::new();
+        checker::check_consumer_saw_committed(group, seen.get(&group).unwrap_or(&empty), &longest)?;
     }
     Ok(())
 }
 
-/// What the consumer read during the run agrees with the final committed state, offset by
-/// offset: nothing it was served was later lost or replaced.
-fn check_consumer_saw_committed(
-    seed: u64,
-    group: u64,
-    seen: &BTreeMap<(u64, u64), String>,
-    records: &[(u64, String)],
-) -> Result<(), String> {
-    let at: BTreeMap<u64, &String> = records.iter().map(|(o, v)| (*o, v)).collect();
-    for ((g, offset), value) in seen.range((group, 0)..=(group, u64::MAX)) {
-        debug_assert_eq!(*g, group);
-        match at.get(offset) {
-            Some(v) if *v == value => {}
-            other => {
-                return Err(format!(
-                    "seed {seed} group {group}: a consumer read {value:?} at {offset}, which finally holds {other:?}"
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// What the consumer observed: records by (group, offset), its position per group, and the high
-/// watermark each node boot reported per group (which must never move backwards).
+/// What the white-box consumer observed: records by group and offset, its position per group,
+/// and the high watermark of every node boot per group (which must never move backwards).
 #[derive(Default)]
 struct Consumed {
-    seen: BTreeMap<(u64, u64), String>,
+    seen: BTreeMap<u64, BTreeMap<u64, String>>,
     next: BTreeMap<u64, u64>,
-    high_watermarks: BTreeMap<(NodeId, u64, u64), u64>,
+    high_watermarks: HighWatermarks,
     violations: Vec<String>,
 }
 
@@ -568,12 +368,9 @@ impl Consumed {
     fn poll(&mut self, id: NodeId, boot: u64, node: &RaftNode, group: u64) {
         let Ok(store) = node.store(group) else { return };
         let high_watermark = *store.high_watermark().borrow();
-        let last = self.high_watermarks.entry((id, boot, group)).or_insert(high_watermark);
-        if high_watermark < *last {
-            self.violations
-                .push(format!("n{id} group {group}: high watermark went back from {last} to {high_watermark}"));
+        if let Some(violation) = self.high_watermarks.observe(id, boot, group, high_watermark) {
+            self.violations.push(violation);
         }
-        *last = high_watermark;
         let next = self.next.entry(group).or_insert(0);
         let Ok(batches) = store.read_committed(*next, 64 << 10) else { return };
         for batch in batches {
@@ -591,8 +388,8 @@ impl Consumed {
                         .push(format!("n{id} group {group}: expected offset {next}, was served {}", record.offset));
                     return;
                 }
-                let value = record.value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
-                if let Some(previous) = self.seen.insert((group, record.offset), value.clone())
+                let value = checker::text(record.value.as_deref());
+                if let Some(previous) = self.seen.entry(group).or_default().insert(record.offset, value.clone())
                     && previous != value
                 {
                     self.violations
@@ -602,97 +399,4 @@ impl Consumed {
             }
         }
     }
-}
-
-/// Every committed record a node holds for a group, in offset order, from its log start.
-fn read_committed(node: &RaftNode, group: u64) -> Result<Vec<(u64, String)>, String> {
-    let store = node.store(group).map_err(|e| e.to_string())?;
-    let (start, _, _) = store.positions();
-    let high_watermark = *store.high_watermark().borrow();
-    let mut out = Vec::new();
-    let mut next = start.offset;
-    while next < high_watermark {
-        let batches = store.read_committed(next, 1 << 20).map_err(|e| e.to_string())?;
-        if batches.is_empty() {
-            return Err(format!("nothing readable at {next} below the high watermark {high_watermark}"));
-        }
-        for b in batches {
-            if b.header().base_offset != next {
-                return Err(format!("offsets not dense: expected {next}, found {}", b.header().base_offset));
-            }
-            for r in b.records() {
-                let r = r.map_err(|e| e.to_string())?;
-                let value = r.value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
-                out.push((r.offset, value));
-            }
-            next = b.header().next_offset();
-        }
-    }
-    Ok(out)
-}
-
-/// No inconsistent offsets: replicas agree on every offset they both hold.
-fn check_replicas_agree(seed: u64, group: u64, replicas: &BTreeMap<NodeId, Vec<(u64, String)>>) -> Result<(), String> {
-    let mut by_offset: BTreeMap<u64, (NodeId, &String)> = BTreeMap::new();
-    for (id, records) in replicas {
-        for (offset, value) in records {
-            if let Some((other, v)) = by_offset.get(offset) {
-                if *v != value {
-                    return Err(format!(
-                        "seed {seed} group {group}: offset {offset} is {v:?} on n{other} but {value:?} on n{id}"
-                    ));
-                }
-            } else {
-                by_offset.insert(*offset, (*id, value));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// No lost write: every acknowledged append is readable at its acknowledged offset.
-fn check_no_lost_write(seed: u64, group: u64, ops: &[&Op], records: &[(u64, String)]) -> Result<(), String> {
-    let at: BTreeMap<u64, &String> = records.iter().map(|(o, v)| (*o, v)).collect();
-    for op in ops {
-        if let Some(Outcome::Ok(offset)) = op.outcome {
-            match at.get(&offset) {
-                Some(v) if **v == op.value => {}
-                Some(v) => {
-                    return Err(format!(
-                        "seed {seed} group {group}: lost write: {} was acked at {offset}, which holds {v:?}",
-                        op.value
-                    ));
-                }
-                None => {
-                    return Err(format!(
-                        "seed {seed} group {group}: lost write: {} was acked at {offset}, which no replica holds",
-                        op.value
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// No duplicates: every value is written once by the client, so it appears at most once.
-fn check_no_duplicates(seed: u64, group: u64, records: &[(u64, String)]) -> Result<(), String> {
-    let mut seen: BTreeMap<&String, u64> = BTreeMap::new();
-    for (offset, value) in records {
-        if let Some(first) = seen.insert(value, *offset) {
-            return Err(format!("seed {seed} group {group}: {value:?} appears at {first} and at {offset}"));
-        }
-    }
-    Ok(())
-}
-
-/// No aborted reads: a definitely failed append is never read.
-fn check_no_aborted_reads(seed: u64, group: u64, ops: &[&Op], records: &[(u64, String)]) -> Result<(), String> {
-    let failed: BTreeSet<&String> = ops.iter().filter(|o| o.outcome == Some(Outcome::Fail)).map(|o| &o.value).collect();
-    for (offset, value) in records {
-        if failed.contains(value) {
-            return Err(format!("seed {seed} group {group}: {value:?} failed, yet is read at {offset}"));
-        }
-    }
-    Ok(())
 }

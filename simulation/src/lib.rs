@@ -5,7 +5,10 @@
 //! operations, checked by `keel_storage::testing`) and `cluster` (three raft nodes under turmoil
 //! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]).
 
+pub mod checker;
 pub mod cluster;
+pub mod nemesis;
+pub mod net;
 
 use std::fmt;
 

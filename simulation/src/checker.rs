@@ -1,0 +1,256 @@
+//! The invariants every simulated workload checks, one function each, over a Jepsen-style
+//! history of client operations and the final state of every replica; and the white-box probes
+//! they need (what a node's disk holds durably, what a replica has committed).
+//!
+//! A "partition" here is one replicated log: a raft group of the `cluster` workload, a topic
+//! partition of the `broker` workload. Values are unique per write, so a value names its write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use bytes::Bytes;
+use keel_raft::{GroupId, NodeId, RaftNode};
+use keel_storage::SimDisk;
+
+/// How one client write ended, as in Jepsen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Acknowledged at this offset.
+    Ok(u64),
+    /// Definitely not written.
+    Fail,
+    /// May or may not have been written.
+    Info,
+}
+
+/// One client write: invoked with `value` on `partition`, completed with `outcome` (`None`
+/// while it is still in flight).
+#[derive(Debug, Clone)]
+pub struct Op {
+    /// The log written to.
+    pub partition: u64,
+    /// The unique value written.
+    pub value: String,
+    /// How it ended.
+    pub outcome: Option<Outcome>,
+}
+
+/// A log's records as `(offset, value)`, in offset order.
+pub type Records = Vec<(u64, String)>;
+
+/// White-box, at the moment of an ack: on how many of the disks the record at `offset` of the
+/// partition in `dir` holds `value` durably (as it would be found after a power loss right now).
+pub fn durable_copies(disks: &[SimDisk], dir: &Path, offset: u64, value: &str) -> usize {
+    disks
+        .iter()
+        .filter(|disk| {
+            disk.durable_files(dir)
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .any(|path| disk.durable_bytes(path).is_some_and(|bytes| holds(Bytes::from(bytes), offset, value)))
+        })
+        .count()
+}
+
+/// Whether a segment file's bytes hold `value` at `offset`. Batches are walked from the segment
+/// header up to the first one that does not decode (the torn or unwritten tail).
+fn holds(bytes: Bytes, offset: u64, value: &str) -> bool {
+    let mut pos = keel_storage::segment::SEGMENT_HEADER_BYTES as usize;
+    while pos < bytes.len() {
+        let Ok((batch, len)) = keel_record::Batch::split_first(&bytes.slice(pos..)) else { return false };
+        let header = batch.header();
+        if header.base_offset <= offset && offset < header.next_offset() && header.record_count > 0 {
+            let found = batch.records().filter_map(Result::ok).find(|r| r.offset == offset).and_then(|r| r.value);
+            if found.as_deref() == Some(value.as_bytes()) {
+                return true;
+            }
+        }
+        pos += len;
+    }
+    false
+}
+
+/// Every committed record a node holds for a group, in offset order, from its log start.
+pub fn read_committed(node: &RaftNode, group: GroupId) -> Result<Records, String> {
+    let store = node.store(group).map_err(|e| e.to_string())?;
+    let (start, _, _) = store.positions();
+    let high_watermark = *store.high_watermark().borrow();
+    let mut out = Vec::new();
+    let mut next = start.offset;
+    while next < high_watermark {
+        let batches = store.read_committed(next, 1 << 20).map_err(|e| e.to_string())?;
+        if batches.is_empty() {
+            return Err(format!("nothing readable at {next} below the high watermark {high_watermark}"));
+        }
+        for b in batches {
+            if b.header().base_offset != next {
+                return Err(format!("offsets not dense: expected {next}, found {}", b.header().base_offset));
+            }
+            for r in b.records() {
+                let r = r.map_err(|e| e.to_string())?;
+                out.push((r.offset, text(r.value.as_deref())));
+            }
+            next = b.header().next_offset();
+        }
+    }
+    Ok(out)
+}
+
+/// A record value as the history writes it (values are ASCII; anything else is shown lossily).
+pub fn text(value: Option<&[u8]>) -> String {
+    value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+}
+
+/// The high watermark of every (node, boot, group) seen so far: it must never move backwards
+/// within one boot of a node (a restart recomputes it from the log, which may start lower).
+#[derive(Debug, Default)]
+pub struct HighWatermarks {
+    seen: BTreeMap<(NodeId, u64, GroupId), u64>,
+}
+
+impl HighWatermarks {
+    /// Records a sample; returns the violation if it went backwards.
+    pub fn observe(&mut self, node: NodeId, boot: u64, group: GroupId, high_watermark: u64) -> Option<String> {
+        let last = self.seen.entry((node, boot, group)).or_insert(high_watermark);
+        let violation = (high_watermark < *last).then(|| {
+            format!("n{node} (boot {boot}) group {group}: high watermark went back from {last} to {high_watermark}")
+        });
+        *last = high_watermark;
+        violation
+    }
+}
+
+/// No inconsistent offsets: replicas agree on every offset they both hold.
+pub fn check_replicas_agree(partition: u64, replicas: &BTreeMap<NodeId, Records>) -> Result<(), String> {
+    let mut by_offset: BTreeMap<u64, (NodeId, &String)> = BTreeMap::new();
+    for (id, records) in replicas {
+        for (offset, value) in records {
+            match by_offset.get(offset) {
+                Some((other, v)) if *v != value => {
+                    return Err(format!(
+                        "partition {partition}: offset {offset} is {v:?} on n{other} but {value:?} on n{id}"
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    by_offset.insert(*offset, (*id, value));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// No lost write: every acknowledged write is readable at its acknowledged offset.
+pub fn check_no_lost_write(partition: u64, ops: &[&Op], records: &[(u64, String)]) -> Result<(), String> {
+    let at: BTreeMap<u64, &String> = records.iter().map(|(o, v)| (*o, v)).collect();
+    for op in ops {
+        if let Some(Outcome::Ok(offset)) = op.outcome {
+            match at.get(&offset) {
+                Some(v) if **v == op.value => {}
+                Some(v) => {
+                    return Err(format!(
+                        "partition {partition}: lost write: {} was acked at {offset}, which holds {v:?}",
+                        op.value
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "partition {partition}: lost write: {} was acked at {offset}, which no replica holds",
+                        op.value
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// No duplicates: every value is written once by the client, so it appears at most once.
+pub fn check_no_duplicates(partition: u64, records: &[(u64, String)]) -> Result<(), String> {
+    let mut seen: BTreeMap<&String, u64> = BTreeMap::new();
+    for (offset, value) in records {
+        if let Some(first) = seen.insert(value, *offset) {
+            return Err(format!("partition {partition}: {value:?} appears at {first} and at {offset}"));
+        }
+    }
+    Ok(())
+}
+
+/// Records that repeat an earlier record's value: retries of a write whose answer was lost
+/// (allowed without the idempotent producer, and counted).
+pub fn count_duplicates(records: &[(u64, String)]) -> u64 {
+    let mut seen: BTreeSet<&String> = BTreeSet::new();
+    records.iter().filter(|(_, value)| !seen.insert(value)).count() as u64
+}
+
+/// No aborted reads: a definitely failed write is never read.
+pub fn check_no_aborted_reads(partition: u64, ops: &[&Op], records: &[(u64, String)]) -> Result<(), String> {
+    let failed: BTreeSet<&String> = ops.iter().filter(|o| o.outcome == Some(Outcome::Fail)).map(|o| &o.value).collect();
+    for (offset, value) in records {
+        if failed.contains(value) {
+            return Err(format!("partition {partition}: {value:?} definitely failed, yet is read at {offset}"));
+        }
+    }
+    Ok(())
+}
+
+/// What a consumer read during the run agrees with the final committed state, offset by
+/// offset: nothing it was served was later lost or replaced.
+pub fn check_consumer_saw_committed(
+    partition: u64,
+    seen: &BTreeMap<u64, String>,
+    records: &[(u64, String)],
+) -> Result<(), String> {
+    let at: BTreeMap<u64, &String> = records.iter().map(|(o, v)| (*o, v)).collect();
+    for (offset, value) in seen {
+        match at.get(offset) {
+            Some(v) if *v == value => {}
+            other => {
+                return Err(format!(
+                    "partition {partition}: a consumer read {value:?} at {offset}, which finally holds {other:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(value: &str, outcome: Outcome) -> Op {
+        Op { partition: 0, value: value.into(), outcome: Some(outcome) }
+    }
+
+    fn records(values: &[&str]) -> Records {
+        values.iter().enumerate().map(|(i, v)| (i as u64, (*v).to_owned())).collect()
+    }
+
+    /// Every invariant must be able to fail: each gets a history that breaks it.
+    #[test]
+    fn each_check_can_fail() {
+        let log = records(&["a", "b", "a"]);
+        let (acked, lost, failed) = (op("b", Outcome::Ok(1)), op("c", Outcome::Ok(3)), op("b", Outcome::Fail));
+        assert!(check_no_lost_write(0, &[&acked], &log).is_ok());
+        assert!(check_no_lost_write(0, &[&lost], &log).is_err());
+        assert!(check_no_lost_write(0, &[&op("b", Outcome::Ok(0))], &log).is_err(), "acked at another offset");
+        assert!(check_no_aborted_reads(0, &[&acked], &log).is_ok());
+        assert!(check_no_aborted_reads(0, &[&failed], &log).is_err());
+        assert!(check_no_duplicates(0, &log[..2]).is_ok());
+        assert!(check_no_duplicates(0, &log).is_err());
+        assert_eq!(count_duplicates(&log), 1);
+        let mut replicas = BTreeMap::from([(1, log.clone()), (2, records(&["a", "b"]))]);
+        assert!(check_replicas_agree(0, &replicas).is_ok());
+        replicas.insert(3, records(&["a", "x"]));
+        assert!(check_replicas_agree(0, &replicas).is_err());
+        let seen = BTreeMap::from([(0, "a".to_owned()), (1, "b".to_owned())]);
+        assert!(check_consumer_saw_committed(0, &seen, &log).is_ok());
+        assert!(check_consumer_saw_committed(0, &seen, &records(&["a"])).is_err(), "read, then lost");
+        let mut hw = HighWatermarks::default();
+        assert!(hw.observe(1, 1, 1, 5).is_none());
+        assert!(hw.observe(1, 2, 1, 3).is_none(), "a new boot starts over");
+        assert!(hw.observe(1, 2, 1, 2).is_some());
+    }
+}
