@@ -44,9 +44,10 @@ pub struct ProduceBenchArgs {
     /// Bytes of each record's value.
     #[arg(long, default_value_t = 1024)]
     value_bytes: usize,
-    /// How long the producer waits to fill a batch, in ms.
-    #[arg(long, default_value_t = 1)]
-    linger_ms: u64,
+    /// How long the producer waits to fill a batch, in ms (default: 1, or 0 with --in-flight 1,
+    /// where there is nothing to batch).
+    #[arg(long)]
+    linger_ms: Option<u64>,
     /// Largest batch the producer sends, in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     batch_bytes: usize,
@@ -112,7 +113,7 @@ pub fn produce(args: ProduceBenchArgs, output: Output) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("creating the bench topic"),
         }
         let config = ProducerConfig {
-            linger: Duration::from_millis(args.linger_ms),
+            linger: Duration::from_millis(args.linger_ms.unwrap_or(if args.in_flight == 1 { 0 } else { 1 })),
             batch_bytes_max: args.batch_bytes,
             buffer_records_max: args.in_flight.max(1),
             ..ProducerConfig::default()
