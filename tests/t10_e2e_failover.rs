@@ -1,6 +1,6 @@
 //! End to end, with real `keel server` processes: the leader of a partition is killed with
 //! SIGKILL while 10,000 records stream in, restarted, and every acknowledged record is then read
-//! back exactly at its acknowledged offset.
+//! back exactly at its acknowledged offset; the restarted node then leads its partition again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -83,7 +83,16 @@ async fn acknowledged_records_survive_a_killed_leader() {
     let distinct: std::collections::BTreeSet<&String> = got.values().collect();
     assert!(distinct.len() as u64 >= RECORDS);
 
-    // The restarted node caught up: its replicas of every partition hold the same records.
+    // The restarted node catches up and, as the preferred replica, gets its leadership back.
+    let mut leader = None;
+    for _ in 0..300 {
+        leader = admin.describe_topic("e2e").await.unwrap().partitions[0].leader_id;
+        if leader == Some(victim) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leader, Some(victim), "partition 0 returns to its preferred leader");
     let status = admin.describe_cluster().await.unwrap();
     assert!(status.nodes.iter().all(|n| n.reachable));
     assert_eq!(status.leaderless, 0);

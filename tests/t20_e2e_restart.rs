@@ -82,4 +82,17 @@ async fn topics_offsets_and_data_survive_a_full_restart() {
     assert_eq!(got, acked_a);
     let got_b = common::read_all(cluster.client(10), "b", &[(0, 300)].into()).await;
     assert_eq!(got_b, acked_b);
+
+    // A data dir belongs to one node: starting another node id on it is refused, loudly.
+    cluster.kill(1);
+    let node = &cluster.nodes[0];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["server", "--node-id", "7", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&node.data_dir)
+        .env_remove("KEEL_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("belongs to node 1"), "{stderr}");
 }

@@ -154,6 +154,7 @@ impl Broker {
         inner.spawn("reconcile", Arc::clone(&inner).reconcile_loop());
         inner.spawn("register", Arc::clone(&inner).register());
         inner.spawn("retention", Arc::clone(&inner).retention_loop());
+        inner.spawn("leader-balance", Arc::clone(&inner).leader_balance_loop());
         Ok(Broker { inner })
     }
 
@@ -727,6 +728,37 @@ impl Inner {
                 }
                 if let Err(e) = self.node.apply_retention(group, now).await {
                     debug!(group, error = %e, "retention skipped");
+                }
+            }
+        }
+    }
+
+    /// Hands leadership back to each partition's preferred (first) replica once it is back in
+    /// sync, so that leaders stay spread after failovers (Kafka's preferred-leader election).
+    async fn leader_balance_loop(self: Arc<Self>) {
+        let me = self.config.node_id;
+        let interval = Duration::from_millis(self.config.timings.election_max_ms.saturating_mul(10).max(1_000));
+        loop {
+            tokio::time::sleep(interval).await;
+            let meta = self.metadata();
+            for (group, (_, partition, topic)) in meta.groups_of(me) {
+                let preferred = topic.partitions[partition as usize].replicas[0];
+                if preferred == me {
+                    continue;
+                }
+                let Ok(metrics) = self.node.metrics(group) else { continue };
+                if metrics.current_leader != Some(me) {
+                    continue;
+                }
+                let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
+                let caught_up = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&preferred))
+                    .is_some_and(|m| m.as_ref().is_some_and(|m| m.index >= applied));
+                if caught_up && let Ok(raft) = self.node.raft(group) {
+                    info!(group, to = preferred, "handing leadership back to the preferred replica");
+                    let _ = raft.trigger().transfer_leader(preferred).await;
                 }
             }
         }

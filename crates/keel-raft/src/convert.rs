@@ -14,7 +14,7 @@ use keel_record::Batch;
 use openraft::EntryPayload;
 use prost::Message;
 
-use crate::types::{BatchData, Entry, LogId, Membership, Node, SnapshotMeta, StoredMembership, Vote, log_id};
+use crate::types::{BatchData, Entry, KeelRaft, LogId, Membership, Node, SnapshotMeta, StoredMembership, Vote, log_id};
 
 /// A message that cannot become a valid openraft value.
 #[derive(Debug, thiserror::Error)]
@@ -240,4 +240,64 @@ mod tests {
         let bad = keel_record::raft_entry(&[9, 9], 1, 1, 0).unwrap();
         assert!(batch_to_entry(&Batch::from_bytes(bad).unwrap()).is_err());
     }
+}
+
+/// A transfer-leader request to protobuf.
+pub fn transfer_leader_to_pb(
+    group_id: u64,
+    r: &openraft::raft::TransferLeaderRequest<KeelRaft>,
+) -> pb::TransferLeaderRequest {
+    pb::TransferLeaderRequest {
+        group_id,
+        from_leader: Some(vote_to_pb(r.from_leader())),
+        to_node_id: *r.to_node_id(),
+        last_log_id: r.last_log_id().map(log_id_to_pb),
+    }
+}
+
+/// A transfer-leader request from protobuf.
+pub fn transfer_leader_from_pb(
+    r: &pb::TransferLeaderRequest,
+) -> Result<openraft::raft::TransferLeaderRequest<KeelRaft>, ConvertError> {
+    let from = vote_from_pb(r.from_leader.as_ref())?;
+    Ok(openraft::raft::TransferLeaderRequest::new(from, r.to_node_id, r.last_log_id.as_ref().map(log_id_from_pb)))
+}
+
+/// A transfer-leader answer to protobuf.
+pub fn transfer_leader_response_to_pb(
+    r: &openraft::raft::TransferLeaderResponse<KeelRaft>,
+) -> pb::TransferLeaderResponse {
+    use openraft::raft::TransferLeaderError as E;
+    use pb::transfer_leader_response::Rejected;
+    let rejected = match r {
+        Ok(()) => None,
+        Err(E::VoteChanged { expected, actual }) => Some(Rejected::VoteChanged(pb::VoteChanged {
+            expected: Some(vote_to_pb(expected)),
+            actual: Some(vote_to_pb(actual)),
+        })),
+        Err(E::LogNotFlushed { expected, actual }) => Some(Rejected::LogNotFlushed(pb::LogNotFlushed {
+            expected: expected.as_ref().map(log_id_to_pb),
+            actual: actual.as_ref().map(log_id_to_pb),
+        })),
+    };
+    pb::TransferLeaderResponse { rejected }
+}
+
+/// A transfer-leader answer from protobuf.
+pub fn transfer_leader_response_from_pb(
+    r: pb::TransferLeaderResponse,
+) -> Result<openraft::raft::TransferLeaderResponse<KeelRaft>, ConvertError> {
+    use openraft::raft::TransferLeaderError as E;
+    use pb::transfer_leader_response::Rejected;
+    Ok(match r.rejected {
+        None => Ok(()),
+        Some(Rejected::VoteChanged(v)) => Err(E::VoteChanged {
+            expected: vote_from_pb(v.expected.as_ref())?,
+            actual: vote_from_pb(v.actual.as_ref())?,
+        }),
+        Some(Rejected::LogNotFlushed(l)) => Err(E::LogNotFlushed {
+            expected: l.expected.as_ref().map(log_id_from_pb),
+            actual: l.actual.as_ref().map(log_id_from_pb),
+        }),
+    })
 }

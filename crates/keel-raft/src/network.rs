@@ -16,7 +16,10 @@ use keel_proto::v1::raft_client::RaftClient;
 use openraft::OptionalSend;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::type_config::alias::SnapshotOf;
 use openraft_multi::{GroupNetworkAdapter, GroupRouter};
 use tonic::transport::{Channel, Endpoint};
@@ -346,6 +349,18 @@ impl GroupRouter<KeelRaft, GroupId> for Peers {
         Ok(SnapshotResponse { vote })
     }
 
+    async fn transfer_leader(
+        &self,
+        target: NodeId,
+        group_id: GroupId,
+        rpc: TransferLeaderRequest<KeelRaft>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<KeelRaft>, RPCError<KeelRaft>> {
+        let request = convert::transfer_leader_to_pb(group_id, &rpc);
+        let response = self.call(target, &option, |mut c| async move { c.transfer_leader(request).await }).await?;
+        convert::transfer_leader_response_from_pb(response).map_err(convert_err)
+    }
+
     fn backoff(&self) -> Option<Backoff> {
         // openraft's own pacing of retries to an unreachable follower.
         let (min, max) = (self.inner.config.backoff_min, self.inner.config.backoff_max);
@@ -505,5 +520,16 @@ impl pb::raft_server::Raft for RaftService {
         let snapshot = openraft::storage::Snapshot { meta, snapshot: r.data.to_vec() };
         let response = raft.install_full_snapshot(vote, snapshot).await.map_err(raft_failed)?;
         Ok(Response::new(pb::InstallSnapshotResponse { vote: Some(convert::vote_to_pb(&response.vote)) }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let r = request.into_inner();
+        let raft = self.groups.get(r.group_id)?;
+        let request = convert::transfer_leader_from_pb(&r).map_err(invalid)?;
+        let response = raft.handle_transfer_leader(request).await.map_err(raft_failed)?;
+        Ok(Response::new(convert::transfer_leader_response_to_pb(&response)))
     }
 }

@@ -102,7 +102,8 @@ pub struct PendingAppend {
     timeout: Duration,
 }
 
-type ClientWriteResult = Result<openraft::raft::ClientWriteResponse<crate::types::KeelRaft>, ClientWriteError<crate::types::KeelRaft>>;
+type ClientWriteResult =
+    Result<openraft::raft::ClientWriteResponse<crate::types::KeelRaft>, ClientWriteError<crate::types::KeelRaft>>;
 
 impl PendingAppend {
     /// Waits until the batch is committed (a quorum has it durably), or fails.
@@ -223,14 +224,8 @@ impl RaftNode {
         }
         let dir = self.group_dir(group);
         let faults = *self.faults.lock().unwrap_or_else(|e| e.into_inner());
-        let store = PartitionStore::open_with_faults(
-            Arc::clone(&self.disk),
-            dir,
-            log,
-            self.config.io,
-            faults,
-        )
-        .map_err(|source| NodeError::Storage { group, source })?;
+        let store = PartitionStore::open_with_faults(Arc::clone(&self.disk), dir, log, self.config.io, faults)
+            .map_err(|source| NodeError::Storage { group, source })?;
         let network = GroupNetwork::new(self.peers.clone(), group);
         let config = self.raft_config()?;
         let seed = {
@@ -323,9 +318,7 @@ impl RaftNode {
         }
         let raft = self.groups.get(group).map_err(|_| AppendError::UnknownGroup(group))?;
         let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
-        raft.client_write_ff(BatchData(batch), Some(responder))
-            .await
-            .map_err(|e| AppendError::Fatal(e.to_string()))?;
+        raft.client_write_ff(BatchData(batch), Some(responder)).await.map_err(|e| AppendError::Fatal(e.to_string()))?;
         Ok(PendingAppend { rx, timeout: self.config.append_timeout })
     }
 
