@@ -188,60 +188,6 @@ pub fn decode_vote(bytes: &[u8]) -> Result<Vote, ConvertError> {
     vote_from_pb(Some(&v))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn membership() -> Membership {
-        let nodes: BTreeMap<u64, Node> =
-            [(1, Node { addr: "a:1".into() }), (2, Node { addr: "b:2".into() }), (3, Node { addr: "c:3".into() })]
-                .into();
-        Membership::new(vec![[1, 2, 3].into()], nodes).unwrap()
-    }
-
-    #[test]
-    fn entries_round_trip_through_batches() {
-        let mut b = keel_record::BatchBuilder::new(1 << 20);
-        b.push(keel_record::NewRecord { timestamp_ms: 5, value: Some(b"v"), ..Default::default() }).unwrap();
-        let entries = vec![
-            Entry { log_id: log_id(1, 0), payload: EntryPayload::Membership(membership()) },
-            Entry { log_id: log_id(2, 1), payload: EntryPayload::Blank },
-            Entry { log_id: log_id(2, 2), payload: EntryPayload::Normal(BatchData(b.build())) },
-        ];
-        let wire = entries_to_pb(&entries).unwrap();
-        let back = entries_from_pb(wire).unwrap();
-        assert_eq!(back.len(), 3);
-        for (a, b) in entries.iter().zip(&back) {
-            assert_eq!(a.log_id, b.log_id);
-        }
-        assert!(matches!(&back[0].payload, EntryPayload::Membership(m) if *m == membership()));
-        assert!(matches!(back[1].payload, EntryPayload::Blank));
-        assert!(
-            matches!(&back[2].payload, EntryPayload::Normal(BatchData(bytes)) if keel_record::check(bytes).unwrap().record_count == 1)
-        );
-    }
-
-    #[test]
-    fn vote_and_meta_round_trip() {
-        let v = vote_from_pb(Some(&pb::Vote { term: 7, node_id: 3, committed: true })).unwrap();
-        assert_eq!(decode_vote(&encode_vote(&v)).unwrap(), v);
-        let meta = SnapshotMeta {
-            last_log_id: Some(log_id(3, 40)),
-            last_membership: StoredMembership::new(Some(log_id(1, 0)), membership()),
-        };
-        assert_eq!(snapshot_meta_from_pb(Some(snapshot_meta_to_pb(&meta))).unwrap(), meta);
-    }
-
-    #[test]
-    fn garbage_is_an_error_not_a_panic() {
-        assert!(entries_from_pb(vec![Bytes::from_static(b"not a batch")]).is_err());
-        assert!(vote_from_pb(None).is_err());
-        assert!(decode_vote(&[0xff, 0xff, 0xff]).is_err());
-        let bad = keel_record::raft_entry(&[9, 9], 1, 1, 0).unwrap();
-        assert!(batch_to_entry(&Batch::from_bytes(bad).unwrap()).is_err());
-    }
-}
-
 /// A transfer-leader request to protobuf.
 pub fn transfer_leader_to_pb(
     group_id: u64,
@@ -300,4 +246,58 @@ pub fn transfer_leader_response_from_pb(
             actual: l.actual.as_ref().map(log_id_from_pb),
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn membership() -> Membership {
+        let nodes: BTreeMap<u64, Node> =
+            [(1, Node { addr: "a:1".into() }), (2, Node { addr: "b:2".into() }), (3, Node { addr: "c:3".into() })]
+                .into();
+        Membership::new(vec![[1, 2, 3].into()], nodes).unwrap()
+    }
+
+    #[test]
+    fn entries_round_trip_through_batches() {
+        let mut b = keel_record::BatchBuilder::new(1 << 20);
+        b.push(keel_record::NewRecord { timestamp_ms: 5, value: Some(b"v"), ..Default::default() }).unwrap();
+        let entries = vec![
+            Entry { log_id: log_id(1, 0), payload: EntryPayload::Membership(membership()) },
+            Entry { log_id: log_id(2, 1), payload: EntryPayload::Blank },
+            Entry { log_id: log_id(2, 2), payload: EntryPayload::Normal(BatchData(b.build())) },
+        ];
+        let wire = entries_to_pb(&entries).unwrap();
+        let back = entries_from_pb(wire).unwrap();
+        assert_eq!(back.len(), 3);
+        for (a, b) in entries.iter().zip(&back) {
+            assert_eq!(a.log_id, b.log_id);
+        }
+        assert!(matches!(&back[0].payload, EntryPayload::Membership(m) if *m == membership()));
+        assert!(matches!(back[1].payload, EntryPayload::Blank));
+        assert!(
+            matches!(&back[2].payload, EntryPayload::Normal(BatchData(bytes)) if keel_record::check(bytes).unwrap().record_count == 1)
+        );
+    }
+
+    #[test]
+    fn vote_and_meta_round_trip() {
+        let v = vote_from_pb(Some(&pb::Vote { term: 7, node_id: 3, committed: true })).unwrap();
+        assert_eq!(decode_vote(&encode_vote(&v)).unwrap(), v);
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(3, 40)),
+            last_membership: StoredMembership::new(Some(log_id(1, 0)), membership()),
+        };
+        assert_eq!(snapshot_meta_from_pb(Some(snapshot_meta_to_pb(&meta))).unwrap(), meta);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(entries_from_pb(vec![Bytes::from_static(b"not a batch")]).is_err());
+        assert!(vote_from_pb(None).is_err());
+        assert!(decode_vote(&[0xff, 0xff, 0xff]).is_err());
+        let bad = keel_record::raft_entry(&[9, 9], 1, 1, 0).unwrap();
+        assert!(batch_to_entry(&Batch::from_bytes(bad).unwrap()).is_err());
+    }
 }
