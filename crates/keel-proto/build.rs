@@ -2,7 +2,8 @@
 //! ships, so that a fresh clone builds on a machine without protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["../../proto/keel/v1/raft.proto", "../../proto/keel/v1/keel.proto", "../../proto/keel/v1/controller.proto"];
+    let protos =
+        ["../../proto/keel/v1/raft.proto", "../../proto/keel/v1/keel.proto", "../../proto/keel/v1/controller.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
