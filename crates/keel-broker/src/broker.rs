@@ -805,6 +805,14 @@ impl Inner {
                     return Err(Status::invalid_argument("a produced batch must hold at least one record"));
                 }
                 batch.validate_records().map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+                if h.first_timestamp_ms == 0 && h.max_timestamp_ms == 0 {
+                    // Timestamp 0 means "the broker's clock at append", as for records sent one
+                    // by one.
+                    let mut buf = batch.into_bytes().to_vec();
+                    keel_record::stamp_append_time(&mut buf, self.clock.now_ms())
+                        .map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+                    return Ok(Bytes::from(buf));
+                }
                 Ok(batch.into_bytes())
             }
             (false, true) => {

@@ -177,6 +177,27 @@ async fn topics_produce_and_fetch() {
         assert_eq!(first.timestamp_ms, 1_700_000_000_000, "timestamp 0 takes the broker's clock");
     }
 
+    // A pre-encoded batch (what keel-client sends) with timestamps 0 gets the broker's clock too.
+    let mut builder = keel_record::BatchBuilder::new(1 << 16);
+    builder.push(keel_record::NewRecord { timestamp_ms: 0, key: None, value: Some(b"enc"), headers: &[] }).unwrap();
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
+    let request = pb::ProduceRequest { batch: builder.build(), ..produce("orders", 2, &[]) };
+    let r = producer.produce(request).await.unwrap().into_inner();
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[0]).await);
+    let fetched = consumer
+        .fetch(pb::FetchRequest {
+            topic: "orders".into(),
+            partition: 2,
+            offset: r.base_offset,
+            max_bytes: 0,
+            max_wait_ms: 1_000,
+            format: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.records[0].timestamp_ms, 1_700_000_000_000);
+
     // A long poll returns as soon as records commit.
     let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[0]).await);
     let poll = tokio::spawn(async move {

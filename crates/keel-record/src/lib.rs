@@ -249,6 +249,26 @@ pub fn stamp(buf: &mut [u8], base_offset: u64, raft_term: u64, raft_index: u64) 
     Ok(BatchHeader { crc, base_offset, raft_term, raft_index, ..header })
 }
 
+/// Gives a batch whose records all carry timestamp 0 ("the broker's clock") the append time
+/// `now_ms`, and recomputes its CRC; any other batch is left as it is. Returns whether it changed.
+/// `buf` must hold exactly one checked batch.
+pub fn stamp_append_time(buf: &mut [u8], now_ms: i64) -> Result<bool, DecodeError> {
+    let header = check(buf)?;
+    if header.total_len() != buf.len() {
+        return Err(DecodeError::Malformed("stamp expects exactly one batch"));
+    }
+    if header.first_timestamp_ms != 0 || header.max_timestamp_ms != 0 || header.record_count == 0 {
+        return Ok(false);
+    }
+    // Every record's timestamp is the first timestamp plus a delta of 0: moving the first and
+    // the max moves them all.
+    buf[39..47].copy_from_slice(&now_ms.to_be_bytes());
+    buf[47..55].copy_from_slice(&now_ms.to_be_bytes());
+    let crc = crc32fast::hash(&buf[CRC_START..]);
+    buf[4..8].copy_from_slice(&crc.to_be_bytes());
+    Ok(true)
+}
+
 /// A checked batch: its length, CRC and header are valid. A zero-copy view of its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {

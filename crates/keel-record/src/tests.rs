@@ -214,3 +214,24 @@ proptest! {
         prop_assert!(Batch::from_bytes(Bytes::from(buf)).is_err());
     }
 }
+
+#[test]
+fn append_time_replaces_zero_timestamps_only() {
+    let mut zero = BatchBuilder::new(1 << 16);
+    for v in [&b"a"[..], b"b"] {
+        zero.push(NewRecord { timestamp_ms: 0, key: None, value: Some(v), headers: &[] }).unwrap();
+    }
+    let mut buf = zero.build().to_vec();
+    assert!(stamp_append_time(&mut buf, 1_700_000_000_123).unwrap());
+    let batch = Batch::from_bytes(Bytes::from(buf)).unwrap();
+    let times: Vec<i64> = batch.records().map(|r| r.unwrap().timestamp_ms).collect();
+    assert_eq!(times, [1_700_000_000_123; 2]);
+    assert_eq!(batch.header().max_timestamp_ms, 1_700_000_000_123);
+
+    let mut own = BatchBuilder::new(1 << 16);
+    own.push(NewRecord { timestamp_ms: 5, key: None, value: Some(b"x"), headers: &[] }).unwrap();
+    let original = own.build().to_vec();
+    let mut buf = original.clone();
+    assert!(!stamp_append_time(&mut buf, 99).unwrap(), "a producer's own timestamps stay");
+    assert_eq!(buf, original);
+}
