@@ -60,7 +60,8 @@ struct PartitionQueue {
     /// Closed batches waiting to be sent, in `seq` order (retries go back to their place).
     ready: VecDeque<Batch>,
     in_flight: usize,
-    /// No sending before this (backoff after a failure).
+    /// No sending before this (backoff after a failure); cleared once it has passed, so that it
+    /// never names a wake-up time in the past.
     retry_at: Option<Instant>,
     /// Consecutive failed rounds, for the backoff.
     failures: u32,
@@ -306,6 +307,10 @@ impl Accumulator {
                 if q.ready.is_empty() || q.retry_at.is_some_and(|at| now < at) {
                     continue;
                 }
+                // The backoff is over. Left set, it would stay the earliest deadline while the
+                // pipeline is full or drains, and the sender task would spin on a timer that
+                // has already fired until an answer came.
+                q.retry_at = None;
                 if q.draining {
                     if q.in_flight > 0 {
                         continue;
@@ -618,6 +623,32 @@ mod tests {
         a.complete(id, Err(down.clone()), t0 + Duration::from_secs(61), |_| Duration::ZERO);
         assert_eq!(r.try_recv().unwrap(), Err(down));
         assert!(a.is_idle());
+    }
+
+    #[test]
+    fn a_passed_backoff_is_no_deadline() {
+        let mut a = acc(1 << 20, 1);
+        let t0 = Instant::now();
+        let _r: Vec<Outcome> = ["b0", "b1"]
+            .iter()
+            .map(|v| {
+                let rx = push(&mut a, 0, v, t0);
+                a.flush();
+                rx
+            })
+            .collect();
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        a.complete(id, Err(ClientError::Unavailable("down".into())), t0, |_| Duration::from_millis(100));
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(a.next_deadline(), Some(t1), "the backoff");
+        assert_eq!(a.dispatch(t1, 1, leader).requests.len(), 1, "b0 again; b1 waits for room in the pipeline");
+        let later = t1 + Duration::from_secs(1);
+        assert!(a.dispatch(later, 1, leader).requests.is_empty(), "the pipeline is full");
+        assert_eq!(
+            a.next_deadline(),
+            Some(t0 + Duration::from_secs(60)),
+            "only b1's delivery timeout: a deadline in the past would make the sender spin"
+        );
     }
 
     #[test]
