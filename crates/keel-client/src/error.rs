@@ -85,11 +85,18 @@ pub enum ClientError {
     /// The producer or consumer was closed or dropped before the operation finished.
     #[error("the client was closed")]
     Closed,
+    /// A produce gave up with this error after an earlier attempt whose answer was lost: the
+    /// records may have been stored all the same.
+    #[error("{0} (an earlier attempt may have stored the records)")]
+    MaybeWritten(Box<ClientError>),
 }
 
 impl ClientError {
     /// True when the same call may succeed later without anything else changing.
     pub fn is_retriable(&self) -> bool {
+        if let ClientError::MaybeWritten(last) = self {
+            return last.is_retriable();
+        }
         matches!(
             self,
             ClientError::NotLeader { .. }
@@ -104,7 +111,8 @@ impl ClientError {
     pub fn is_ambiguous(&self) -> bool {
         matches!(
             self,
-            ClientError::Unavailable(_)
+            ClientError::MaybeWritten(_)
+                | ClientError::Unavailable(_)
                 | ClientError::DeadlineExceeded(_)
                 | ClientError::Timeout { .. }
                 | ClientError::Transport(_)

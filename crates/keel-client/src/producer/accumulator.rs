@@ -50,6 +50,9 @@ struct Batch {
     replies: Vec<Reply>,
     created: Instant,
     last_error: Option<ClientError>,
+    /// An attempt ended without a definite answer (timeout, broken connection, UNAVAILABLE): the
+    /// records may be stored, whatever later attempts say.
+    maybe_written: bool,
     /// Dropped when the batch is resolved, which is what `flush` waits for.
     flush_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -118,8 +121,15 @@ fn succeed(buffer: &Semaphore, batch: Batch, base_offset: u64) {
     buffer.add_permits(count);
 }
 
+/// Gives up on a batch. A definite error after an attempt that may have written the batch would
+/// tell the caller "not stored" when it may be: that error is reported as ambiguous instead.
 fn fail(buffer: &Semaphore, batch: Batch, error: &ClientError) {
     let count = batch.replies.len();
+    let error = if batch.maybe_written && !error.is_ambiguous() {
+        ClientError::MaybeWritten(Box::new(error.clone()))
+    } else {
+        error.clone()
+    };
     for reply in batch.replies {
         let _ = reply.send(Err(error.clone()));
     }
@@ -142,6 +152,7 @@ impl PartitionQueue {
             replies: open.replies,
             created: open.created,
             last_error: None,
+            maybe_written: false,
             flush_waiters: Vec::new(),
         });
         true
@@ -406,6 +417,8 @@ impl Accumulator {
             )),
             Err(e) => e,
         };
+        // A wrong record count means the broker stored something.
+        batch.maybe_written |= error.is_ambiguous() || matches!(error, ClientError::Protocol(_));
         // NOT_FOUND is retried too: a new partition's leader may not know it yet, and the
         // metadata refresh that follows decides whether the partition exists at all.
         let retriable = error.is_retriable() || matches!(error, ClientError::NotFound(_));
@@ -571,7 +584,9 @@ mod tests {
         a.flush();
         let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
         a.complete(id, ok(id, 0, 2), t0, |_| Duration::ZERO);
-        assert!(matches!(r.try_recv().unwrap(), Err(ClientError::Protocol(_))));
+        let err = r.try_recv().unwrap().unwrap_err();
+        // The broker stored something: what exactly is unknown.
+        assert!(matches!(&err, ClientError::MaybeWritten(e) if matches!(**e, ClientError::Protocol(_))), "{err}");
     }
 
     #[test]
@@ -623,6 +638,31 @@ mod tests {
         a.complete(id, Err(down.clone()), t0 + Duration::from_secs(61), |_| Duration::ZERO);
         assert_eq!(r.try_recv().unwrap(), Err(down));
         assert!(a.is_idle());
+    }
+
+    #[test]
+    fn a_definite_error_after_an_ambiguous_attempt_is_ambiguous() {
+        let mut a = acc(1 << 20, 5);
+        let t0 = Instant::now();
+        let mut lost = push(&mut a, 0, "answer lost", t0);
+        a.flush();
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        a.complete(id, Err(ClientError::timeout("produce answer", Duration::from_secs(1))), t0, |_| Duration::ZERO);
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        let refused = ClientError::InvalidArgument("no".into());
+        a.complete(id, Err(refused.clone()), t0, |_| Duration::ZERO);
+        let err = lost.try_recv().unwrap().unwrap_err();
+        assert_eq!(err, ClientError::MaybeWritten(Box::new(refused.clone())));
+        assert!(err.is_ambiguous(), "the first attempt may have stored it");
+
+        let mut moved = push(&mut a, 0, "refused twice", t0);
+        a.flush();
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        let not_leader = ClientError::NotLeader { message: String::new(), leader_id: None, leader_addr: None };
+        a.complete(id, Err(not_leader), t0, |_| Duration::ZERO);
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        a.complete(id, Err(refused.clone()), t0, |_| Duration::ZERO);
+        assert_eq!(moved.try_recv().unwrap(), Err(refused), "no attempt could have stored it");
     }
 
     #[test]

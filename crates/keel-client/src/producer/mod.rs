@@ -148,7 +148,8 @@ pub struct RecordMetadata {
     pub offset: u64,
 }
 
-/// Resolves once the record is acknowledged (or has failed for good).
+/// Resolves once the record is acknowledged (or has failed for good). After a failure for which
+/// [`ClientError::is_ambiguous`] holds, the record may be stored all the same.
 #[derive(Debug)]
 #[must_use = "a record's outcome is only known by awaiting its DeliveryFuture"]
 pub struct DeliveryFuture {
