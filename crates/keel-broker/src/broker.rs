@@ -764,6 +764,20 @@ impl Inner {
         }
     }
 
+    /// Refuses (UNAVAILABLE, so clients ask another node) while this node is not ready: a node
+    /// that just restarted replays `__meta` from scratch, and until then its metadata lacks
+    /// topics that exist; answering NOT_FOUND from it would tell clients they do not.
+    pub(crate) fn check_serving(&self) -> Result<(), Status> {
+        if *self.ready.borrow() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "node {} is starting: it has not caught up with the cluster's metadata yet; ask another node",
+                self.config.node_id
+            )))
+        }
+    }
+
     /// Resolves a (topic, partition) to its group and replicas; `__meta` is group 0.
     pub(crate) fn resolve(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>, Option<u32>), Status> {
         if topic == META_TOPIC {
@@ -775,6 +789,7 @@ impl Inner {
         if topic.is_empty() {
             return Err(Status::invalid_argument("topic name must not be empty"));
         }
+        self.check_serving()?;
         let meta = self.metadata();
         let t = meta.topics.get(topic).ok_or_else(|| Status::not_found(format!("topic {topic:?} does not exist")))?;
         let p: &Partition = t.partitions.get(partition as usize).ok_or_else(|| {

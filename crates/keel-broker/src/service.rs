@@ -598,6 +598,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         _request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        self.inner.check_serving()?;
         let meta = self.inner.metadata();
         let (statuses, _) = self.gather(&meta).await;
         let topics = meta.topics.iter().map(|(name, t)| self.describe(name, t, &statuses)).collect();
@@ -608,6 +609,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        self.inner.check_serving()?;
         let name = request.into_inner().name;
         let meta = self.inner.metadata();
         let topic =
@@ -650,6 +652,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         _request: Request<pb::DescribeClusterRequest>,
     ) -> Result<Response<pb::DescribeClusterResponse>, Status> {
+        self.inner.check_serving()?;
         let inner = &self.inner;
         let meta = inner.metadata();
         let (statuses, reachable) = self.gather(&meta).await;
