@@ -30,13 +30,19 @@ struct Cluster {
 }
 
 async fn start(nodes: u64) -> Cluster {
+    start_with_voters(nodes, nodes).await
+}
+
+/// `nodes` nodes of which the first `voters` vote in the metadata group.
+async fn start_with_voters(nodes: u64, voters: u64) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut listeners = Vec::new();
     for _ in 0..nodes {
         listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     }
     let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    let voters: BTreeMap<u64, String> = addrs.iter().enumerate().map(|(i, a)| (i as u64 + 1, a.clone())).collect();
+    let voters: BTreeMap<u64, String> =
+        addrs.iter().enumerate().take(voters as usize).map(|(i, a)| (i as u64 + 1, a.clone())).collect();
     let mut brokers = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;
@@ -378,4 +384,58 @@ async fn streams_pipeline_and_name_the_leader() {
     let status = admin.add_partitions(pb::AddPartitionsRequest { name: "nope".into(), count: 2 }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let _ = status.get_details_error_info();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_beyond_the_voters_join_and_serve() {
+    let cluster = start_with_voters(4, 3).await;
+    // Node 4 follows __meta from the voters and registered itself.
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[3]).await);
+    let view = admin.describe_cluster(pb::DescribeClusterRequest {}).await.unwrap().into_inner();
+    assert_eq!(view.nodes.len(), 4);
+    let node4 = view.nodes.iter().find(|n| n.node_id == 4).unwrap();
+    assert!(!node4.controller_voter && node4.reachable);
+
+    // Admin writes through a non-voter are forwarded to the controller; 4 partitions × 3
+    // replicas over 4 nodes put 3 replicas and 1 preferred leadership on each.
+    let t = admin
+        .create_topic(pb::CreateTopicRequest { name: "w".into(), partitions: 4, replication_factor: 3, config: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap();
+    let mut leaders = BTreeMap::<u64, usize>::new();
+    let mut replicas = BTreeMap::<u64, usize>::new();
+    for p in &t.partitions {
+        *leaders.entry(p.replicas[0]).or_default() += 1;
+        for r in &p.replicas {
+            *replicas.entry(*r).or_default() += 1;
+        }
+    }
+    assert_eq!(leaders.values().copied().collect::<Vec<_>>(), [1; 4]);
+    assert_eq!(replicas.values().copied().collect::<Vec<_>>(), [3; 4]);
+    let t = wait_leaders(&mut admin, "w").await;
+
+    // Every partition takes writes through node 4 and reads back through it.
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[3]).await);
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[3]).await);
+    for p in &t.partitions {
+        let r = producer.produce(produce("w", p.partition, &["x", "y"])).await.unwrap().into_inner();
+        assert_eq!(r.base_offset, 0);
+        let fetched = consumer
+            .fetch(pb::FetchRequest {
+                topic: "w".into(),
+                partition: p.partition,
+                offset: 0,
+                max_bytes: 0,
+                max_wait_ms: 2_000,
+                format: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(fetched.records.len(), 2, "partition {}", p.partition);
+    }
+    assert_eq!(cluster.brokers[3].metadata().topics.len(), 1);
 }
