@@ -75,7 +75,19 @@ pub fn run(args: DevArgs, output: Output) -> anyhow::Result<()> {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent; it runs in
+        // the forked child before exec. It makes the node stop if `keel dev` itself dies, even
+        // by SIGKILL, so no orphaned nodes keep the ports.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .arg("server")
             .args(["--node-id", &id.to_string(), "--listen", addr, "--voters", &voters])
             .arg("--data-dir")
