@@ -153,7 +153,8 @@ struct Nodes<'a> {
 
 impl Target for Nodes<'_> {
     fn crash(&mut self, sim: &mut turmoil::Sim<'_>, id: NodeId) -> CrashMode {
-        sim.crash(host_name(id));
+        let hosts: Vec<String> = (1..=NODES).map(host_name).chain(["client".into(), "consumer".into()]).collect();
+        crate::nemesis::power_off(sim, &host_name(id), &hosts);
         self.registry.borrow_mut().remove(&id);
         self.disks[(id - 1) as usize].crash()
     }

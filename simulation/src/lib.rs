@@ -2,9 +2,13 @@
 //! determinism can be checked, and a failure names the seed that replays it.
 //!
 //! Workloads: `storage` (one segment log on SimDisk under power loss between and inside
-//! operations, checked by `keel_storage::testing`) and `cluster` (three raft nodes under turmoil
-//! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]).
+//! operations, checked by `keel_storage::testing`), `cluster` (three raft nodes under turmoil
+//! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]) and `broker` (three
+//! real brokers and real clients under the same faults, checked by [`broker`]). The pieces they
+//! share: the network door ([`net`]), the fault schedule ([`nemesis`]) and the invariants
+//! ([`checker`]).
 
+pub mod broker;
 pub mod checker;
 pub mod cluster;
 pub mod nemesis;
@@ -21,6 +25,10 @@ pub enum Workload {
     Cluster,
     /// The cluster with an injected ack-before-flush bug: the checker must fail it.
     ClusterAckBeforeFlush,
+    /// Three brokers and their clients under crashes and partitions.
+    Broker,
+    /// The brokers with an injected ack-before-flush bug: the checker must fail it.
+    BrokerAckBeforeFlush,
 }
 
 impl Workload {
@@ -30,6 +38,8 @@ impl Workload {
             Workload::Storage => "storage",
             Workload::Cluster => "cluster",
             Workload::ClusterAckBeforeFlush => "cluster-ack-before-flush",
+            Workload::Broker => "broker",
+            Workload::BrokerAckBeforeFlush => "broker-ack-before-flush",
         }
     }
 }
@@ -65,6 +75,12 @@ pub fn run(workload: Workload, seed: u64) -> RunReport {
 
 /// Runs one seed, keeping the last `tail_lines` events for the report.
 pub fn run_keeping(workload: Workload, seed: u64, tail_lines: usize) -> RunReport {
+    run_watching(workload, seed, tail_lines, &mut |_| {})
+}
+
+/// Runs one seed, handing every trace line to `watch` as it happens (a run that hangs can then
+/// be watched while it hangs), and keeping the last `tail_lines` for the report.
+pub fn run_watching(workload: Workload, seed: u64, tail_lines: usize, watch: &mut dyn FnMut(&str)) -> RunReport {
     let mut hasher = Fnv::new();
     let mut events = 0u64;
     let mut tail = std::collections::VecDeque::with_capacity(tail_lines.min(1 << 16));
@@ -72,10 +88,13 @@ pub fn run_keeping(workload: Workload, seed: u64, tail_lines: usize) -> RunRepor
         hasher.write(line.as_bytes());
         hasher.write(b"\n");
         events += 1;
-        if tail.len() == tail_lines {
-            tail.pop_front();
+        watch(&line);
+        if tail_lines > 0 {
+            if tail.len() == tail_lines {
+                tail.pop_front();
+            }
+            tail.push_back(line);
         }
-        tail.push_back(line);
     };
     // A panic inside the simulated cluster is a broken invariant (openraft and Keel assert
     // theirs): report it against the seed like any other violation.
@@ -105,6 +124,15 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
                 ..cluster::ClusterSim::default()
             };
             cluster::run_cluster(seed, config, trace).err()
+        }
+        Workload::Broker => broker::run_broker(seed, broker::BrokerSim::default(), trace).err(),
+        Workload::BrokerAckBeforeFlush => {
+            let config = broker::BrokerSim {
+                faults: keel_raft::Faults { ack_before_flush: true },
+                crash_all_weight: 6,
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
         }
     }
 }

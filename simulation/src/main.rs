@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use keel_simulation::{Workload, run, run_keeping};
+use keel_simulation::{Workload, run, run_watching};
 
 /// Deterministic simulation of Keel: every run is a function of its seed.
 #[derive(Debug, Parser)]
@@ -18,7 +18,7 @@ struct Args {
     /// Sweep a half-open range of seeds, e.g. `0..1000`.
     #[arg(long)]
     seeds: Option<String>,
-    /// Print the history of every run, not only the end of failed ones.
+    /// Print the history of every run as it happens, not only the end of failed ones.
     #[arg(long)]
     verbose: bool,
     /// What to simulate.
@@ -34,6 +34,10 @@ enum WorkloadArg {
     Cluster,
     /// The negative control: the cluster with an ack-before-flush bug (must fail).
     ClusterAckBeforeFlush,
+    /// Three brokers and their clients under crashes and partitions.
+    Broker,
+    /// The negative control: the brokers with an ack-before-flush bug (must fail).
+    BrokerAckBeforeFlush,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -51,6 +55,8 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::Storage => Workload::Storage,
         WorkloadArg::Cluster => Workload::Cluster,
         WorkloadArg::ClusterAckBeforeFlush => Workload::ClusterAckBeforeFlush,
+        WorkloadArg::Broker => Workload::Broker,
+        WorkloadArg::BrokerAckBeforeFlush => Workload::BrokerAckBeforeFlush,
     };
     let seeds = match (args.seed, &args.seeds) {
         (Some(s), _) => s..s + 1,
@@ -61,13 +67,15 @@ fn main() -> anyhow::Result<ExitCode> {
     for seed in seeds {
         // Named before it runs: should a run abort the process, the seed is still on record.
         eprintln!("running seed {seed}");
-        let report = if args.verbose { run_keeping(workload, seed, usize::MAX) } else { run(workload, seed) };
+        let report = if args.verbose {
+            // Printed as it happens, so that a run that hangs shows where.
+            run_watching(workload, seed, 12, &mut |line| println!("    {line}"))
+        } else {
+            run(workload, seed)
+        };
         println!("{report}");
         if args.verbose {
-            println!("  {} events; last ones:", report.events);
-            for line in &report.tail {
-                println!("    {line}");
-            }
+            println!("  {} events", report.events);
         }
         match &report.violation {
             None => passed += 1,

@@ -19,6 +19,24 @@ pub fn host_name(id: NodeId) -> String {
     format!("n{id}")
 }
 
+/// Stops host `name` as a power loss does: first cut it off from every host in `others`, so that
+/// the connections its dying tasks drop send nothing (a machine that loses power sends no FIN
+/// or RST), then crash it, then mend the links for its restart.
+///
+/// Cutting it off also keeps runs replayable within one process: tokio drops a runtime's tasks
+/// in an order that depends on process-wide task ids, so the FINs they would send (and the
+/// random latencies turmoil would draw for them) would come in a different order in a second
+/// run of the same seed.
+pub fn power_off(sim: &mut turmoil::Sim<'_>, name: &str, others: &[String]) {
+    for other in others.iter().filter(|o| o.as_str() != name) {
+        sim.partition(name, other.as_str());
+    }
+    sim.crash(name);
+    for other in others.iter().filter(|o| o.as_str() != name) {
+        sim.repair(name, other.as_str());
+    }
+}
+
 /// What the nemesis acts on: the nodes of a workload.
 pub trait Target {
     /// Crashes node `id`: its host stops and its disk keeps only what survives a power loss.

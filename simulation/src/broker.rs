@@ -1,0 +1,702 @@
+//! Whole Keel clusters under turmoil at the level users see them: three real brokers
+//! (`keel-broker`: metadata controller, reconciler, gRPC services) and real clients
+//! (`keel-client`: admin, pipelined producers, a subscribing consumer), over simulated TCP, each
+//! node with a `SimDisk` that survives its crashes, turmoil's clock, and every choice drawn from
+//! the run's seed.
+//!
+//! A run creates a topic, then has a safety phase (producers write unique values while the
+//! nemesis crashes nodes, crashes all of them at once, partitions the network and slows it) and a
+//! liveness phase (all faults healed: every partition must accept a write within a bound, and the
+//! consumer must catch up with every acknowledged record). The checker then holds the history of
+//! client operations and what the consumer read against every replica's final log.
+//!
+//! The producer is not idempotent yet: a retried batch may be stored twice. Duplicates are
+//! therefore counted, not refused.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use keel_broker::{Broker, BrokerConfig, Clock, Limits, StorageMode};
+use keel_client::{
+    Admin, ClientConfig, ClientError, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord,
+    RecordMetadata,
+};
+use keel_raft::{Faults, GroupId, IoMode, NodeId, RaftTimings};
+use keel_storage::{CrashMode, Disk, SimDisk};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::checker::{self, HighWatermarks, Op, Outcome};
+use crate::nemesis::{NORMAL_LATENCY_MAX, Nemesis, Target, host_name};
+use crate::net::{PORT, TurmoilConnector, incoming};
+
+const NODES: u64 = 3;
+const PARTITIONS: u32 = 3;
+const TOPIC: &str = "sim";
+/// Where every node keeps its data, on its own disk.
+const DATA_DIR: &str = "/data";
+/// Records each producer keeps unresolved at once: enough to pipeline several batches.
+const WINDOW: usize = 6;
+/// The simulation starts at a fixed wall-clock time (turmoil's default is the real time, which
+/// would reach record timestamps and break replay).
+const EPOCH_SECS: u64 = 1_700_000_000;
+/// How often the driver samples every replica's high watermark.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Liveness bounds, once every fault is healed.
+const WRITE_BOUND: Duration = Duration::from_secs(30);
+const CATCH_UP_BOUND: Duration = Duration::from_secs(60);
+
+/// Settings of one broker-level run.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerSim {
+    /// Producers, each a client host of its own.
+    pub producers: u64,
+    /// Records each producer writes in the safety phase.
+    pub records: u64,
+    /// Inject faults during the safety phase.
+    pub nemesis: bool,
+    /// A deliberately broken build (acknowledge before flush), for the negative control.
+    pub faults: Faults,
+    /// Weight of a crash of every node at once among the faults (the others weigh 6).
+    pub crash_all_weight: u32,
+}
+
+impl Default for BrokerSim {
+    fn default() -> BrokerSim {
+        BrokerSim { producers: 3, records: 100, nemesis: true, faults: Faults::default(), crash_all_weight: 1 }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BrokerStats {
+    /// Acknowledged records.
+    pub acked: u64,
+    /// Records that definitely were not written.
+    pub failed: u64,
+    /// Records whose outcome is unknown.
+    pub unknown: u64,
+    /// Records stored more than once (retries of a batch whose answer was lost).
+    pub duplicates: u64,
+    /// Records the consumer read.
+    pub consumed: u64,
+    /// Faults injected.
+    pub faults: u64,
+}
+
+/// The wall clock of a simulated broker: turmoil's, which starts at [`EPOCH_SECS`].
+struct SimClock;
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> i64 {
+        let since = turmoil::since_epoch().unwrap_or(Duration::from_secs(EPOCH_SECS));
+        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// The running brokers, with the boot number of each (a restarted node is a new boot).
+type Registry = Rc<RefCell<BTreeMap<NodeId, (u64, Broker)>>>;
+
+/// What the consumer read: values by partition and offset, the next offset it expects of each
+/// partition, and how often it was re-subscribed or its poll failed.
+#[derive(Debug, Default)]
+struct ConsumerView {
+    seen: BTreeMap<u64, BTreeMap<u64, String>>,
+    next: BTreeMap<u64, u64>,
+    records: u64,
+}
+
+/// Everything the hosts and the driver share (one thread: turmoil runs every host on it).
+#[derive(Debug, Default)]
+struct State {
+    history: Vec<Op>,
+    /// Trace lines not yet handed to the driver's trace.
+    events: Vec<String>,
+    /// Partition → raft group, once the topic exists.
+    groups: BTreeMap<u64, GroupId>,
+    topic_ready: bool,
+    producers_done: u64,
+    consumer: ConsumerView,
+    stop_consumer: bool,
+    /// Broken invariants found during the run (the first one is reported).
+    violations: Vec<String>,
+    /// Node boots seen ready (registered in the metadata they replayed), traced once each.
+    ready: BTreeSet<(NodeId, u64)>,
+}
+
+type Shared = Rc<RefCell<State>>;
+
+fn log(state: &Shared, line: String) {
+    let now = turmoil::sim_elapsed().unwrap_or_default();
+    state.borrow_mut().events.push(format!("{now:?} {line}"));
+}
+
+fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
+    let addr = |id: NodeId| format!("{}:{PORT}", host_name(id));
+    BrokerConfig {
+        node_id: id,
+        advertised_addr: addr(id),
+        data_dir: PathBuf::from(DATA_DIR),
+        voters: (1..=NODES).map(|id| (id, addr(id))).collect(),
+        timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 300, election_max_ms: 600 },
+        // Small segments, so that runs roll them; preallocation steps no larger than a segment.
+        log: keel_storage::LogConfig {
+            segment_bytes_max: keel_storage::SEGMENT_BYTES_MIN,
+            preallocate_step_bytes: 16 << 10,
+            ..Default::default()
+        },
+        network: keel_raft::NetworkConfig::default(),
+        append_timeout: Duration::from_secs(2),
+        retention_interval: Duration::from_secs(3_600),
+        limits: Limits::default(),
+        seed,
+    }
+}
+
+/// One node's life: start the broker on its disk, serve every gRPC service, and register it so
+/// the driver and the checker can look inside.
+async fn broker_main(
+    id: NodeId,
+    boot: u64,
+    disk: SimDisk,
+    seed: u64,
+    faults: Faults,
+    registry: Registry,
+) -> turmoil::Result {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+    let storage = StorageMode { io: IoMode::Inline, faults };
+    let broker = Broker::start_with(
+        broker_config(id, seed),
+        storage,
+        Arc::new(disk) as Arc<dyn Disk>,
+        Arc::new(TurmoilConnector),
+        Arc::new(SimClock),
+    )
+    .await?;
+    let routes = broker.router()?;
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming(listener)).await;
+    });
+    registry.borrow_mut().insert(id, (boot, broker));
+    // The host lives until the simulation crashes it.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+fn client_config(seed: u64) -> ClientConfig {
+    let mut config = ClientConfig::new((1..=NODES).map(|id| format!("{}:{PORT}", host_name(id))))
+        .with_seed(seed)
+        .with_connect(Arc::new(TurmoilConnector));
+    // Longer than a broker's append timeout (2 s): an append that times out is answered, not cut.
+    config.request_timeout = Duration::from_secs(4);
+    config
+}
+
+fn producer_config(delivery_timeout: Duration) -> ProducerConfig {
+    ProducerConfig {
+        linger: Duration::from_millis(5),
+        // Below the brokers' batch limit, which the small segments set.
+        batch_bytes_max: 16 << 10,
+        in_flight_max: 5,
+        buffer_records_max: 1_000,
+        delivery_timeout,
+    }
+}
+
+/// Creates the topic (an answer lost in transit makes the retry find it), then learns which
+/// raft group each partition is, white-box, for the durable-quorum check.
+async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Result {
+    let admin = Admin::new(client_config(seed))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match admin.create_topic(TOPIC, PARTITIONS, 3, keel_client::TopicConfig::default()).await {
+            Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
+            Err(e) => {
+                log(&state, format!("create topic: {e}"));
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!("the topic could not be created in 60 s: {e}").into());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    loop {
+        let groups: Option<BTreeMap<u64, GroupId>> = registry.borrow().values().find_map(|(_, broker)| {
+            let meta = broker.metadata();
+            let topic = meta.topics.get(TOPIC)?;
+            Some(topic.partitions.iter().enumerate().map(|(i, p)| (i as u64, p.group)).collect())
+        });
+        if let Some(groups) = groups {
+            log(&state, format!("topic {TOPIC} created: partition → group {groups:?}"));
+            let mut s = state.borrow_mut();
+            s.groups = groups;
+            s.topic_ready = true;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_topic(state: &Shared) {
+    while !state.borrow().topic_ready {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Records the outcome of one write, and checks white-box that an acknowledged record was on a
+/// quorum of disks, durably, when the client learnt of the ack.
+fn complete(state: &Shared, disks: &[SimDisk], index: usize, result: &Result<RecordMetadata, ClientError>) {
+    let (partition, value) = {
+        let s = state.borrow();
+        (s.history[index].partition, s.history[index].value.clone())
+    };
+    let outcome = match result {
+        Ok(stored) if u64::from(stored.partition) != partition || stored.topic != TOPIC => {
+            state.borrow_mut().violations.push(format!(
+                "{value} was sent to {TOPIC}/{partition} but acknowledged on {}/{}",
+                stored.topic, stored.partition
+            ));
+            Outcome::Info
+        }
+        Ok(stored) => {
+            let group = state.borrow().groups.get(&partition).copied();
+            let copies = group.map_or(0, |g| {
+                checker::durable_copies(disks, &Path::new(DATA_DIR).join(format!("group-{g}")), stored.offset, &value)
+            });
+            if copies < (NODES as usize) / 2 + 1 {
+                state.borrow_mut().violations.push(format!(
+                    "acknowledged without a durable quorum: {value} at {} of partition {partition} on {copies} disks",
+                    stored.offset
+                ));
+            }
+            Outcome::Ok(stored.offset)
+        }
+        // A producer that went away may have sent the record before it did.
+        Err(e) if e.is_ambiguous() || *e == ClientError::Closed => Outcome::Info,
+        Err(_) => Outcome::Fail,
+    };
+    let line = match (&outcome, result) {
+        (Outcome::Ok(offset), _) => format!("{value} ok {partition}@{offset}"),
+        (other, Err(e)) => format!("{value} {other:?}: {e}"),
+        (other, Ok(_)) => format!("{value} {other:?}"),
+    };
+    log(state, line);
+    state.borrow_mut().history[index].outcome = Some(outcome);
+}
+
+/// Appends an operation to the history; returns its index.
+fn invoke(state: &Shared, partition: u64, value: &str) -> usize {
+    log(state, format!("{value} invoke {partition}"));
+    let mut s = state.borrow_mut();
+    s.history.push(Op { partition, value: value.to_owned(), outcome: None });
+    s.history.len() - 1
+}
+
+/// One producer: unique values `p{k}-{n}` to random partitions, up to [`WINDOW`] unresolved at
+/// once, every outcome recorded.
+async fn producer_main(k: u64, seed: u64, records: u64, state: Shared, disks: Vec<SimDisk>) -> turmoil::Result {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e4d);
+    wait_topic(&state).await;
+    // Short delivery timeouts give up on records in the middle of a fault (outcomes the checker
+    // must classify); long ones retry through it.
+    let delivery_timeout = Duration::from_millis(rng.random_range(2_000..20_000));
+    log(&state, format!("producer {k}: delivery timeout {delivery_timeout:?}"));
+    let producer = Producer::new(client_config(seed), producer_config(delivery_timeout))?;
+    let mut unresolved = FuturesUnordered::new();
+    for n in 0..records {
+        while unresolved.len() >= WINDOW {
+            if let Some((index, result)) = unresolved.next().await {
+                complete(&state, &disks, index, &result);
+            }
+        }
+        let partition = rng.random_range(0..PARTITIONS);
+        let value = format!("p{k}-{n}");
+        let index = invoke(&state, u64::from(partition), &value);
+        let record = ProducerRecord::new(value.clone().into_bytes()).with_partition(partition);
+        match producer.send(TOPIC, record).await {
+            Ok(delivery) => unresolved.push(async move { (index, delivery.await) }),
+            // Refused before it was queued: definitely not written.
+            Err(e) => {
+                log(&state, format!("{value} not queued: {e}"));
+                state.borrow_mut().history[index].outcome = Some(Outcome::Fail);
+            }
+        }
+        // Bursts (batches fill up, pipelines deepen) between pauses (faults land in between).
+        let pause_ms = if rng.random_ratio(1, 4) { rng.random_range(200..1_500) } else { rng.random_range(1..20) };
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+    }
+    while let Some((index, result)) = unresolved.next().await {
+        complete(&state, &disks, index, &result);
+    }
+    producer.close().await;
+    state.borrow_mut().producers_done += 1;
+    Ok(())
+}
+
+/// Records what the consumer was handed: each partition in strictly increasing, dense offset
+/// order (no skip, no repeat, also across re-subscriptions), one value per offset.
+fn observe(state: &Shared, partition: u64, offset: u64, value: String) {
+    let mut s = state.borrow_mut();
+    let s = &mut *s;
+    let next = s.consumer.next.entry(partition).or_insert(0);
+    if offset != *next {
+        let what = if offset < *next { "repeated" } else { "skipped to" };
+        s.violations.push(format!("consumer: partition {partition} expected offset {next}, {what} {offset}"));
+    }
+    *next = offset + 1;
+    s.consumer.records += 1;
+    if let Some(previous) = s.consumer.seen.entry(partition).or_default().insert(offset, value.clone())
+        && previous != value
+    {
+        s.violations
+            .push(format!("consumer: partition {partition} offset {offset} read {previous:?}, later {value:?}"));
+    }
+}
+
+/// The consumer: every partition from the beginning, polled until the liveness phase says it has
+/// caught up. Now and then it re-subscribes a partition at its position, as an application
+/// that restarts would.
+async fn consumer_main(seed: u64, state: Shared) -> turmoil::Result {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc0de);
+    wait_topic(&state).await;
+    let config = ConsumerConfig {
+        fetch_bytes_max: 64 << 10,
+        fetch_wait_max: Duration::from_millis(500),
+        offset_default: Offset::Beginning,
+    };
+    let mut consumer = Consumer::new(client_config(seed), config)?;
+    loop {
+        match consumer.assign(TOPIC, &[]).await {
+            Ok(()) => break,
+            Err(e) => {
+                log(&state, format!("consumer: assign: {e}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    while !state.borrow().stop_consumer {
+        match consumer.poll(Duration::from_millis(200)).await {
+            Ok(records) => {
+                for r in records {
+                    observe(&state, u64::from(r.partition), r.offset, checker::text(r.value.as_deref()));
+                }
+            }
+            Err(e) => {
+                // A partition that failed for good stays silent until sought: seek them all to
+                // where the consumer is, which must neither skip nor repeat anything.
+                log(&state, format!("consumer: poll: {e}; re-subscribing every partition"));
+                for p in 0..PARTITIONS {
+                    let at = state.borrow().consumer.next.get(&u64::from(p)).copied().unwrap_or(0);
+                    consumer.seek(TOPIC, p, Offset::At(at))?;
+                }
+            }
+        }
+        if rng.random_ratio(1, 40) {
+            let p = rng.random_range(0..PARTITIONS);
+            let at = state.borrow().consumer.next.get(&u64::from(p)).copied().unwrap_or(0);
+            log(&state, format!("consumer: re-subscribe partition {p} at {at}"));
+            consumer.seek(TOPIC, p, Offset::At(at))?;
+        }
+    }
+    Ok(())
+}
+
+/// The liveness phase: every partition accepts a write within [`WRITE_BOUND`], then the consumer
+/// catches up with every acknowledged record within [`CATCH_UP_BOUND`].
+async fn liveness_main(seed: u64, state: Shared, disks: Vec<SimDisk>) -> turmoil::Result {
+    let producer = Producer::new(client_config(seed), producer_config(Duration::from_secs(10)))?;
+    for p in 0..PARTITIONS {
+        let deadline = tokio::time::Instant::now() + WRITE_BOUND;
+        for attempt in 0.. {
+            let value = format!("final-{p}-{attempt}");
+            let index = invoke(&state, u64::from(p), &value);
+            let result = match producer.send(TOPIC, ProducerRecord::new(value.into_bytes()).with_partition(p)).await {
+                Ok(delivery) => delivery.await,
+                Err(e) => Err(e),
+            };
+            complete(&state, &disks, index, &result);
+            if result.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("partition {p} accepted no write within {WRITE_BOUND:?} after healing").into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    producer.close().await;
+    let deadline = tokio::time::Instant::now() + CATCH_UP_BOUND;
+    loop {
+        let behind: Vec<String> = {
+            let s = state.borrow();
+            let mut wanted: BTreeMap<u64, u64> = BTreeMap::new();
+            for op in &s.history {
+                if let Some(Outcome::Ok(offset)) = op.outcome {
+                    let end = wanted.entry(op.partition).or_default();
+                    *end = (*end).max(offset + 1);
+                }
+            }
+            wanted
+                .iter()
+                .filter(|(p, end)| s.consumer.next.get(p).copied().unwrap_or(0) < **end)
+                .map(|(p, end)| format!("partition {p}: read up to {:?} of {end}", s.consumer.next.get(p)))
+                .collect()
+        };
+        if behind.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the consumer did not catch up in {CATCH_UP_BOUND:?}: {}", behind.join("; ")).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log(&state, "consumer caught up".into());
+    state.borrow_mut().stop_consumer = true;
+    // Let every replica catch up with the last writes before the checker reads them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(())
+}
+
+/// The nemesis's view of the brokers.
+struct Nodes<'a> {
+    /// Every host of the run (brokers and clients).
+    hosts: &'a [String],
+    disks: &'a [SimDisk],
+    registry: &'a Registry,
+    state: &'a Shared,
+}
+
+impl Target for Nodes<'_> {
+    fn crash(&mut self, sim: &mut turmoil::Sim<'_>, id: NodeId) -> CrashMode {
+        crate::nemesis::power_off(sim, &host_name(id), self.hosts);
+        self.registry.borrow_mut().remove(&id);
+        self.disks[(id - 1) as usize].crash()
+    }
+
+    fn leader(&self, index: u64) -> Option<NodeId> {
+        let group = *self.state.borrow().groups.get(&(index - 1))?;
+        self.registry.borrow().values().find_map(|(_, b)| b.raft_node().leader(group))
+    }
+}
+
+/// Samples every live replica: high watermarks never go back within a boot, and no node has
+/// stopped itself.
+fn sample(registry: &Registry, state: &Shared, high_watermarks: &mut HighWatermarks) {
+    let groups: Vec<GroupId> = state.borrow().groups.values().copied().collect();
+    for (id, (boot, broker)) in registry.borrow().iter() {
+        if *broker.ready().borrow() && state.borrow_mut().ready.insert((*id, *boot)) {
+            state.borrow_mut().events.push(format!("n{id} (boot {boot}) ready"));
+        }
+        if let Some(reason) = broker.fatal().borrow().clone() {
+            state.borrow_mut().violations.push(format!("n{id} stopped: {reason}"));
+        }
+        for group in groups.iter().copied().chain([keel_broker::META_GROUP]) {
+            let Ok(store) = broker.raft_node().store(group) else { continue };
+            let high_watermark = *store.high_watermark().borrow();
+            if let Some(violation) = high_watermarks.observe(*id, *boot, group, high_watermark) {
+                state.borrow_mut().violations.push(violation);
+            }
+        }
+    }
+}
+
+/// Steps the simulation until `done`, handing trace lines over and sampling replicas as it goes.
+fn drive(
+    sim: &mut turmoil::Sim<'_>,
+    ctx: &mut Driver<'_>,
+    limit: Duration,
+    mut done: impl FnMut(&State) -> bool,
+    mut between: impl FnMut(&mut turmoil::Sim<'_>, Duration, &mut Driver<'_>),
+) -> Result<(), String> {
+    loop {
+        let finished = sim.step().map_err(|e| format!("simulation failed: {e}"));
+        ctx.drain();
+        let now = sim.elapsed();
+        if finished? || done(&ctx.state.borrow()) {
+            return Ok(());
+        }
+        if now >= ctx.next_sample {
+            sample(ctx.registry, ctx.state, &mut ctx.high_watermarks);
+            ctx.next_sample = now + SAMPLE_EVERY;
+        }
+        if now > limit {
+            return Err(format!("not done after {limit:?} of simulated time"));
+        }
+        between(sim, now, ctx);
+    }
+}
+
+/// The driver's side of a run.
+struct Driver<'a> {
+    state: &'a Shared,
+    registry: &'a Registry,
+    disks: &'a [SimDisk],
+    trace: &'a mut dyn FnMut(String),
+    high_watermarks: HighWatermarks,
+    next_sample: Duration,
+}
+
+impl Driver<'_> {
+    fn drain(&mut self) {
+        let events = std::mem::take(&mut self.state.borrow_mut().events);
+        for line in events {
+            (self.trace)(line);
+        }
+    }
+}
+
+/// Runs one seed; `trace` receives the history and the nemesis's actions as they happen.
+pub fn run_broker(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<BrokerStats, String> {
+    run(seed, config, trace).map_err(|violation| format!("seed {seed}: {violation}"))
+}
+
+fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<BrokerStats, String> {
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(Duration::from_secs(900))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(NORMAL_LATENCY_MAX)
+        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
+        .rng_seed(seed)
+        .build();
+    let disks: Vec<SimDisk> = (1..=NODES).map(|id| SimDisk::new(seed.wrapping_mul(31).wrapping_add(id))).collect();
+    let registry: Registry = Rc::new(RefCell::new(BTreeMap::new()));
+    let state: Shared = Rc::new(RefCell::new(State::default()));
+    for id in 1..=NODES {
+        let (disk, registry) = (disks[(id - 1) as usize].clone(), Rc::clone(&registry));
+        let boots = Rc::new(RefCell::new(0u64));
+        let faults = config.faults;
+        sim.host(host_name(id), move || {
+            let boot = {
+                let mut b = boots.borrow_mut();
+                *b += 1;
+                *b
+            };
+            broker_main(id, boot, disk.clone(), seed ^ (id << 32) ^ (boot << 48), faults, Rc::clone(&registry))
+        });
+    }
+    sim.client("admin", admin_main(seed ^ 0xad, Rc::clone(&state), Rc::clone(&registry)));
+    for k in 1..=config.producers {
+        let producer = producer_main(k, seed ^ (k << 40), config.records, Rc::clone(&state), disks.clone());
+        sim.client(format!("producer{k}"), producer);
+    }
+    sim.client("consumer", consumer_main(seed ^ 0xc0, Rc::clone(&state)));
+    let mut hosts: Vec<String> = (1..=NODES).map(host_name).collect();
+    hosts.push("admin".into());
+    hosts.extend((1..=config.producers).map(|k| format!("producer{k}")));
+    hosts.push("consumer".into());
+
+    let mut ctx = Driver {
+        state: &state,
+        registry: &registry,
+        disks: &disks,
+        trace,
+        high_watermarks: HighWatermarks::default(),
+        next_sample: Duration::ZERO,
+    };
+    // Safety phase: the nemesis acts (once the topic exists) until every producer is done.
+    let mut nemesis = Nemesis::new(
+        ChaCha8Rng::seed_from_u64(seed ^ 0x7e4e),
+        NODES,
+        u64::from(PARTITIONS),
+        Duration::from_secs(4),
+        config.crash_all_weight,
+    );
+    let producers = config.producers;
+    let safety = drive(
+        &mut sim,
+        &mut ctx,
+        Duration::from_secs(500),
+        |s| s.producers_done == producers,
+        |sim, now, ctx| {
+            if config.nemesis && ctx.state.borrow().topic_ready {
+                let mut nodes = Nodes { hosts: &hosts, disks: ctx.disks, registry: ctx.registry, state: ctx.state };
+                nemesis.step(sim, now, &mut nodes, &mut *ctx.trace);
+            }
+        },
+    )
+    .map_err(|e| format!("safety phase: {e}"));
+    let phases = safety.and_then(|()| {
+        // Liveness phase: everything healed.
+        nemesis.heal_all(&mut sim, &mut *ctx.trace);
+        sim.client("liveness", liveness_main(seed ^ 0x11fe, Rc::clone(&state), disks.clone()));
+        let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND + Duration::from_secs(30);
+        drive(&mut sim, &mut ctx, limit, |_| false, |_, _, _| {}).map_err(|e| format!("liveness phase: {e}"))
+    });
+    sample(&registry, &state, &mut ctx.high_watermarks);
+    ctx.drain();
+
+    let s = state.borrow();
+    let mut stats = BrokerStats { faults: nemesis.faults, consumed: s.consumer.records, ..BrokerStats::default() };
+    for op in &s.history {
+        match op.outcome {
+            Some(Outcome::Ok(_)) => stats.acked += 1,
+            Some(Outcome::Fail) => stats.failed += 1,
+            _ => stats.unknown += 1,
+        }
+    }
+    (ctx.trace)(format!("stats {stats:?}"));
+    // The checker runs even when a phase failed (a cluster that lost writes may also stall), as
+    // long as every replica is there to be read: what was lost is the more useful report.
+    let registry = registry.borrow();
+    let checked = if registry.len() == NODES as usize { check(&s, &registry).map(Some) } else { Ok(None) };
+    let mut problems: Vec<String> = Vec::new();
+    if let Err(e) = &checked {
+        problems.push(e.clone());
+    }
+    if let Some(first) = s.violations.first() {
+        problems.push(format!("{first} ({} found during the run)", s.violations.len()));
+    }
+    if let Err(e) = phases {
+        problems.push(e);
+    }
+    if !problems.is_empty() {
+        return Err(problems.join(" | "));
+    }
+    match checked {
+        Ok(Some(duplicates)) => stats.duplicates = duplicates,
+        _ => return Err(format!("only {} of {NODES} brokers are up at the end", registry.len())),
+    }
+    (ctx.trace)(format!("duplicates {}", stats.duplicates));
+    Ok(stats)
+}
+
+/// The checker, per partition, over the history, what the consumer read, and every replica's
+/// final log. Returns the number of duplicated records.
+fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u64, String> {
+    let mut duplicates = 0;
+    for (&partition, &group) in &state.groups {
+        let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
+        for (id, (_, broker)) in registry {
+            let records = checker::read_committed(broker.raft_node(), group)
+                .map_err(|e| format!("n{id} partition {partition} (group {group}): {e}"))?;
+            replicas.insert(*id, records);
+        }
+        let longest = replicas.values().max_by_key(|r| r.len()).cloned().unwrap_or_default();
+        let ops: Vec<&Op> = state.history.iter().filter(|o| o.partition == partition).collect();
+        // Every replica that has caught up must hold every acknowledged write (one that lags
+        // merely lacks the newest records, which the other checks cover).
+        for (id, records) in &replicas {
+            if records.last() == longest.last() {
+                checker::check_no_lost_write(partition, &ops, records).map_err(|e| format!("n{id}: {e}"))?;
+            }
+        }
+        checker::check_replicas_agree(partition, &replicas)?;
+        checker::check_no_aborted_reads(partition, &ops, &longest)?;
+        let empty = BTreeMap::new();
+        let seen = state.consumer.seen.get(&partition).unwrap_or(&empty);
+        checker::check_consumer_saw_committed(partition, seen, &longest)?;
+        // No lost write, as the consumer saw it: every ack read back at its offset.
+        let consumed: Vec<(u64, String)> = seen.iter().map(|(o, v)| (*o, v.clone())).collect();
+        checker::check_no_lost_write(partition, &ops, &consumed).map_err(|e| format!("consumer: {e}"))?;
+        checker::check_no_aborted_reads(partition, &ops, &consumed).map_err(|e| format!("consumer: {e}"))?;
+        duplicates += checker::count_duplicates(&longest);
+    }
+    Ok(duplicates)
+}
