@@ -51,6 +51,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 /// Liveness bounds, once every fault is healed.
 const WRITE_BOUND: Duration = Duration::from_secs(30);
 const CATCH_UP_BOUND: Duration = Duration::from_secs(60);
+const CONVERGE_BOUND: Duration = Duration::from_secs(30);
 
 /// Settings of one broker-level run.
 #[derive(Debug, Clone, Copy)]
@@ -407,9 +408,10 @@ async fn consumer_main(seed: u64, state: Shared) -> turmoil::Result {
     Ok(())
 }
 
-/// The liveness phase: every partition accepts a write within [`WRITE_BOUND`], then the consumer
-/// catches up with every acknowledged record within [`CATCH_UP_BOUND`].
-async fn liveness_main(seed: u64, state: Shared, disks: Vec<SimDisk>) -> turmoil::Result {
+/// The liveness phase: every partition accepts a write within [`WRITE_BOUND`], the consumer
+/// catches up with every acknowledged record within [`CATCH_UP_BOUND`], and every node rejoins,
+/// its replicas as far as their leaders', within [`CONVERGE_BOUND`].
+async fn liveness_main(seed: u64, state: Shared, registry: Registry, disks: Vec<SimDisk>) -> turmoil::Result {
     let producer = Producer::new(client_config(seed), producer_config(Duration::from_secs(10)))?;
     for p in 0..PARTITIONS {
         let deadline = tokio::time::Instant::now() + WRITE_BOUND;
@@ -458,9 +460,50 @@ async fn liveness_main(seed: u64, state: Shared, disks: Vec<SimDisk>) -> turmoil
     }
     log(&state, "consumer caught up".into());
     state.borrow_mut().stop_consumer = true;
-    // Let every replica catch up with the last writes before the checker reads them.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every node must rejoin: ready, hosting its partitions, each replica as far as its leader.
+    let deadline = tokio::time::Instant::now() + CONVERGE_BOUND;
+    loop {
+        let lagging = lagging(&state, &registry);
+        if lagging.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the cluster did not converge in {CONVERGE_BOUND:?}: {}", lagging.join("; ")).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log(&state, "every replica caught up".into());
     Ok(())
+}
+
+/// What keeps the cluster from having converged: nodes down or not ready, partitions not open on
+/// a replica, replicas whose high watermark is behind another's.
+fn lagging(state: &Shared, registry: &Registry) -> Vec<String> {
+    let groups: Vec<GroupId> = state.borrow().groups.values().copied().collect();
+    let registry = registry.borrow();
+    let mut out: Vec<String> =
+        (1..=NODES).filter(|id| !registry.contains_key(id)).map(|id| format!("n{id} is down")).collect();
+    for (id, (_, broker)) in registry.iter() {
+        if !*broker.ready().borrow() {
+            out.push(format!("n{id} is not ready"));
+        }
+    }
+    for group in groups.iter().copied().chain([keel_broker::META_GROUP]) {
+        let mut ends: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for (id, (_, broker)) in registry.iter() {
+            match broker.raft_node().store(group) {
+                Ok(store) => {
+                    ends.insert(*id, *store.high_watermark().borrow());
+                }
+                Err(_) => out.push(format!("group {group} is not open on n{id}")),
+            }
+        }
+        let max = ends.values().copied().max().unwrap_or(0);
+        for (id, end) in ends.iter().filter(|(_, end)| **end < max) {
+            out.push(format!("group {group} on n{id} is at {end} of {max}"));
+        }
+    }
+    out
 }
 
 /// The nemesis's view of the brokers.
@@ -625,8 +668,8 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     let phases = safety.and_then(|()| {
         // Liveness phase: everything healed.
         nemesis.heal_all(&mut sim, &mut *ctx.trace);
-        sim.client("liveness", liveness_main(seed ^ 0x11fe, Rc::clone(&state), disks.clone()));
-        let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND + Duration::from_secs(30);
+        sim.client("liveness", liveness_main(seed ^ 0x11fe, Rc::clone(&state), Rc::clone(&registry), disks.clone()));
+        let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND + CONVERGE_BOUND;
         drive(&mut sim, &mut ctx, limit, |_| false, |_, _, _| {}).map_err(|e| format!("liveness phase: {e}"))
     });
     sample(&registry, &state, &mut ctx.high_watermarks);
