@@ -105,7 +105,7 @@ impl Clock for SimClock {
 type Registry = Rc<RefCell<BTreeMap<NodeId, (u64, Broker)>>>;
 
 /// What the consumer read: values by partition and offset, the next offset it expects of each
-/// partition, and how often it was re-subscribed or its poll failed.
+/// partition, and how many records it was handed.
 #[derive(Debug, Default)]
 struct ConsumerView {
     seen: BTreeMap<u64, BTreeMap<u64, String>>,
