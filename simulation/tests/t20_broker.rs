@@ -5,14 +5,14 @@
 
 use keel_simulation::{Workload, run};
 
-/// Seeds run by `cargo test`: about 3 s each in a debug test build on 2 cores (dependencies are
-/// optimised even there), 0.5 s in release. `cargo run -p keel-simulation --release --
-/// --workload broker --seeds 0..2000` sweeps more.
-const SEEDS: u64 = 20;
+/// Seeds run by `cargo test`, in four tests so that the test harness runs them on both cores:
+/// about 3 s each in a debug test build (dependencies are optimised even there), 0.5 s in
+/// release. `cargo run -p keel-simulation --release -- --workload broker --seeds 0..10000`
+/// sweeps more.
+const SEEDS_PER_TEST: u64 = 20;
 
-#[test]
-fn broker_seeds_pass() {
-    for seed in 0..SEEDS {
+fn sweep(first: u64) {
+    for seed in first..first + SEEDS_PER_TEST {
         let report = run(Workload::Broker, seed);
         assert!(
             report.violation.is_none(),
@@ -21,6 +21,26 @@ fn broker_seeds_pass() {
             report.tail
         );
     }
+}
+
+#[test]
+fn broker_seeds_0_to_19_pass() {
+    sweep(0);
+}
+
+#[test]
+fn broker_seeds_20_to_39_pass() {
+    sweep(20);
+}
+
+#[test]
+fn broker_seeds_40_to_59_pass() {
+    sweep(40);
+}
+
+#[test]
+fn broker_seeds_60_to_79_pass() {
+    sweep(60);
 }
 
 /// Seeds that once failed, each for a bug since fixed: 0 hung (the producer spun after a retry's
