@@ -455,9 +455,20 @@ impl Inner {
             let meta = self.metadata();
             let registered = meta.nodes.get(&me).is_some_and(|n| n.addr == self.config.advertised_addr);
             if registered && meta.cluster_id.is_some() {
-                self.ready.send_replace(true);
-                info!(node = me, cluster = ?meta.cluster_id, "node registered and serving");
-                return;
+                // A restarted node replays `__meta` from its own replica (or a voter); until it
+                // has caught up with what is committed now, it would answer from old metadata
+                // (a topic created since would look missing).
+                match self.meta_position(0).await {
+                    Ok(committed) => match self.wait_applied(committed).await {
+                        Ok(()) => {
+                            self.ready.send_replace(true);
+                            info!(node = me, cluster = ?meta.cluster_id, "node registered, caught up and serving");
+                            return;
+                        }
+                        Err(status) => debug!(%status, "metadata not caught up yet; retrying"),
+                    },
+                    Err(status) => debug!(%status, "asking the controller for its position failed; retrying"),
+                }
             }
             if !registered && meta.cluster_id.is_some() {
                 let request = pb::RegisterNodeRequest {
@@ -471,6 +482,21 @@ impl Inner {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// How far `__meta` is committed, from the controller leader (forwarded if need be).
+    pub(crate) async fn meta_position(&self, hops: u32) -> Result<u64, Status> {
+        if !self.leads_meta() {
+            let request = self.forwardable(pb::MetaPositionRequest {}, hops)?;
+            return self
+                .forward_to_controller(request, |channel, request| async move {
+                    let mut client = pb::controller_client::ControllerClient::new(channel);
+                    client.meta_position(request).await.map(|r| r.into_inner().committed_offset)
+                })
+                .await;
+        }
+        let _turn = self.controller_turn().await?;
+        Ok(self.metadata().applied_offset)
     }
 
     /// Handles a RegisterNode request: on the controller leader, appends it; elsewhere forwards.

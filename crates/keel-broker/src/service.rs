@@ -709,6 +709,15 @@ impl pb::controller_server::Controller for Api {
         let cluster_id = self.inner.metadata().cluster_id.clone().unwrap_or_default();
         Ok(Response::new(pb::RegisterNodeResponse { cluster_id }))
     }
+
+    async fn meta_position(
+        &self,
+        request: Request<pb::MetaPositionRequest>,
+    ) -> Result<Response<pb::MetaPositionResponse>, Status> {
+        let hops = hops(&request);
+        let committed_offset = self.inner.meta_position(hops).await?;
+        Ok(Response::new(pb::MetaPositionResponse { committed_offset }))
+    }
 }
 
 #[tonic::async_trait]
