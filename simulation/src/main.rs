@@ -50,6 +50,11 @@ fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
+    // Logs of the simulated nodes, when asked for (`KEEL_LOG=keel_broker=debug`): for replaying a
+    // failing seed; they do not change the run.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG") {
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    }
     let args = Args::parse();
     let workload = match args.workload {
         WorkloadArg::Storage => Workload::Storage,

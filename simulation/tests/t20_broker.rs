@@ -46,10 +46,11 @@ fn broker_seeds_60_to_79_pass() {
 /// Seeds that once failed, each for a bug since fixed: 0 hung (the producer spun after a retry's
 /// backoff and simulated time stopped), 13 read a record the producer had reported as failed (a
 /// definite error after an ambiguous attempt; nodes answering from metadata not yet replayed),
-/// 679 checked a node before it had rejoined (convergence is now part of the liveness phase).
+/// 679 checked a node before it had rejoined (convergence is now part of the liveness phase),
+/// 847 restarted a node that kept a dead cached channel to the controller and never turned ready.
 #[test]
 fn pinned_seeds_pass() {
-    for seed in [0, 13, 679] {
+    for seed in [0, 13, 679, 847] {
         let report = run(Workload::Broker, seed);
         assert!(
             report.violation.is_none(),

@@ -229,6 +229,14 @@ impl Inner {
         Ok(channel)
     }
 
+    /// Forgets the channel to `addr` when `status` came from the connection rather than from the
+    /// peer (a broken or timed-out transport, which a simulated network never repairs).
+    pub(crate) fn forget_broken(&self, addr: &str, status: &Status) {
+        if is_transport_failure(status) {
+            self.drop_channel(addr);
+        }
+    }
+
     /// Forgets a channel that failed, so the next call dials again (a simulated connection
     /// that lost a packet never recovers on its own).
     pub(crate) fn drop_channel(&self, addr: &str) {
@@ -417,7 +425,10 @@ impl Inner {
                     self.apply_meta_batches(&batches);
                     continue;
                 }
-                Ok(Err(status)) => debug!(addr, %status, "fetching __meta failed"),
+                Ok(Err(status)) => {
+                    self.forget_broken(addr, &status);
+                    debug!(addr, %status, "fetching __meta failed");
+                }
                 Err(_) => {
                     debug!(addr, "fetching __meta timed out");
                     self.drop_channel(addr);
@@ -551,10 +562,8 @@ impl Inner {
             let deadline = self.config.append_timeout + Duration::from_secs(2);
             match tokio::time::timeout(deadline, call(channel, attempt)).await {
                 Ok(Ok(r)) => return Ok(r),
-                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                    if status.message().contains("transport") {
-                        self.drop_channel(&addr);
-                    }
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable || is_transport_failure(&status) => {
+                    self.forget_broken(&addr, &status);
                     last = status;
                 }
                 Ok(Err(status)) => return Err(status),
@@ -907,6 +916,13 @@ impl Inner {
             Err(e) => Err(append_status(&what, e)),
         }
     }
+}
+
+/// Whether a status was made by the client side of the connection (transport error, local
+/// timeout, cancelled stream) rather than sent by the peer.
+pub(crate) fn is_transport_failure(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
 }
 
 fn too_large(size: usize, limit: usize) -> Status {

@@ -126,7 +126,7 @@ impl Api {
                 let mut client = pb::producer_client::ProducerClient::new(channel);
                 let call = client.produce(forwarded);
                 match tokio::time::timeout(deadline, call).await {
-                    Ok(result) => result.map(Response::into_inner),
+                    Ok(result) => result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)),
                     Err(_) => {
                         inner.drop_channel(&addr);
                         Err(Status::deadline_exceeded(format!(
@@ -217,7 +217,7 @@ impl Api {
         forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         let deadline = Duration::from_millis(u64::from(request.max_wait_ms)) + Duration::from_secs(5);
         match tokio::time::timeout(deadline, pb::consumer_client::ConsumerClient::new(channel).fetch(forwarded)).await {
-            Ok(result) => result.map(Response::into_inner),
+            Ok(result) => result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)),
             Err(_) => {
                 inner.drop_channel(&addr);
                 Err(Status::unavailable(format!("the replica of {what} at {addr} did not answer in time")))
@@ -271,7 +271,10 @@ impl Api {
                 let call = client.local_status(pb::LocalStatusRequest {});
                 match tokio::time::timeout(Duration::from_secs(1), call).await {
                     Ok(Ok(r)) => (id, Some(r.into_inner())),
-                    Ok(Err(_)) => (id, None),
+                    Ok(Err(status)) => {
+                        inner.forget_broken(&addr, &status);
+                        (id, None)
+                    }
                     Err(_) => {
                         inner.drop_channel(&addr);
                         (id, None)
