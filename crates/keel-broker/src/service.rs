@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use keel_proto::v1 as pb;
+use keel_proto::v1::admin_client::AdminClient;
 use keel_raft::{GroupId, NodeId};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
@@ -96,6 +97,27 @@ impl Broker {
 }
 
 impl Api {
+    /// Sends an admin write to the controller leader, then waits (bounded) until this node's own
+    /// metadata shows its effect, so that the client reads its write from the node it asked.
+    async fn forward_admin<T, R, F, Fut>(
+        &self,
+        request: Request<T>,
+        hops: u32,
+        call: F,
+        applied: impl Fn(&Metadata, &R) -> bool,
+    ) -> Result<Response<R>, Status>
+    where
+        T: Clone,
+        F: Fn(tonic::transport::Channel, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let inner = &self.inner;
+        let request = inner.forwardable(request.into_inner(), hops)?;
+        let response = inner.forward_to_controller(request, call).await?;
+        inner.wait_meta(|m| applied(m, response.get_ref())).await;
+        Ok(response)
+    }
+
     async fn produce_unary(&self, request: pb::ProduceRequest, hops: u32) -> Result<pb::ProduceResponse, Status> {
         let inner = &self.inner;
         let what = format!("{}/{}", request.topic, request.partition);
@@ -558,14 +580,8 @@ impl pb::admin_server::Admin for Api {
         let settings = settings_from_pb(r.config, inner.config.log.batch_bytes_max())?;
         if !inner.leads_meta() {
             let name = request.get_ref().name.clone();
-            let request = inner.forwardable(request.into_inner(), hops)?;
-            let response = inner
-                .forward_to_controller(request, |channel, request| async move {
-                    pb::admin_client::AdminClient::new(channel).create_topic(request).await
-                })
-                .await?;
-            inner.wait_meta(|m| m.topics.contains_key(&name)).await;
-            return Ok(response);
+            let call = |channel, request| async move { AdminClient::new(channel).create_topic(request).await };
+            return self.forward_admin(request, hops, call, |m, _| m.topics.contains_key(&name)).await;
         }
         let r = request.into_inner();
         let topic = inner.create_topic(r.name.clone(), r.partitions, r.replication_factor, settings).await?;
@@ -584,14 +600,8 @@ impl pb::admin_server::Admin for Api {
         }
         if !inner.leads_meta() {
             let name = request.get_ref().name.clone();
-            let request = inner.forwardable(request.into_inner(), hops)?;
-            let response = inner
-                .forward_to_controller(request, |channel, request| async move {
-                    pb::admin_client::AdminClient::new(channel).delete_topic(request).await
-                })
-                .await?;
-            inner.wait_meta(|m| !m.topics.contains_key(&name)).await;
-            return Ok(response);
+            let call = |channel, request| async move { AdminClient::new(channel).delete_topic(request).await };
+            return self.forward_admin(request, hops, call, |m, _| !m.topics.contains_key(&name)).await;
         }
         inner.delete_topic(request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
@@ -636,15 +646,12 @@ impl pb::admin_server::Admin for Api {
         }
         if !inner.leads_meta() {
             let name = request.get_ref().name.clone();
-            let request = inner.forwardable(request.into_inner(), hops)?;
-            let response = inner
-                .forward_to_controller(request, |channel, request| async move {
-                    pb::admin_client::AdminClient::new(channel).add_partitions(request).await
-                })
-                .await?;
-            let count = response.get_ref().topic.as_ref().map_or(0, |t| t.partitions.len());
-            inner.wait_meta(|m| m.topics.get(&name).is_some_and(|t| t.partitions.len() >= count)).await;
-            return Ok(response);
+            let call = |channel, request| async move { AdminClient::new(channel).add_partitions(request).await };
+            let applied = |m: &Metadata, r: &pb::AddPartitionsResponse| {
+                let count = r.topic.as_ref().map_or(0, |t| t.partitions.len());
+                m.topics.get(&name).is_some_and(|t| t.partitions.len() >= count)
+            };
+            return self.forward_admin(request, hops, call, applied).await;
         }
         let r = request.into_inner();
         let topic = inner.add_partitions(r.name.clone(), r.count).await?;
