@@ -36,8 +36,11 @@ use crate::checker::{self, HighWatermarks, Op, Outcome};
 use crate::nemesis::{NORMAL_LATENCY_MAX, Nemesis, Target, host_name};
 use crate::net::{PORT, TurmoilConnector, incoming};
 
-const NODES: u64 = 3;
+/// Metadata voters; a five-node run has two more brokers that follow the metadata from them.
+const VOTERS: u64 = 3;
 const PARTITIONS: u32 = 3;
+/// Replicas of each partition: with five nodes, every partition lives on three of them.
+const REPLICATION: u32 = 3;
 const TOPIC: &str = "sim";
 /// Where every node keeps its data, on its own disk.
 const DATA_DIR: &str = "/data";
@@ -53,13 +56,20 @@ const WRITE_BOUND: Duration = Duration::from_secs(30);
 const CATCH_UP_BOUND: Duration = Duration::from_secs(60);
 const CONVERGE_BOUND: Duration = Duration::from_secs(30);
 
+/// Brokers in the run of `seed`: one seed in four runs five nodes (three metadata voters and two
+/// brokers that are not, each partition on three of the five), the others three.
+pub fn nodes_for(seed: u64) -> u64 {
+    if seed % 4 == 3 { 5 } else { 3 }
+}
+
 /// Settings of one broker-level run.
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerSim {
     /// Producers, each a client host of its own.
     pub producers: u64,
-    /// Records each producer writes in the safety phase.
-    pub records: u64,
+    /// How long the safety phase lasts, in simulated time from the start: producers keep
+    /// writing until then, and the nemesis keeps acting until they are done.
+    pub safety: Duration,
     /// Inject faults during the safety phase.
     pub nemesis: bool,
     /// A deliberately broken build (acknowledge before flush), for the negative control.
@@ -70,7 +80,13 @@ pub struct BrokerSim {
 
 impl Default for BrokerSim {
     fn default() -> BrokerSim {
-        BrokerSim { producers: 3, records: 100, nemesis: true, faults: Faults::default(), crash_all_weight: 1 }
+        BrokerSim {
+            producers: 3,
+            safety: Duration::from_secs(120),
+            nemesis: true,
+            faults: Faults::default(),
+            crash_all_weight: 1,
+        }
     }
 }
 
@@ -121,6 +137,10 @@ struct State {
     events: Vec<String>,
     /// Partition → raft group, once the topic exists.
     groups: BTreeMap<u64, GroupId>,
+    /// Raft group → the nodes that hold a replica of it (the metadata group included).
+    replicas: BTreeMap<GroupId, Vec<NodeId>>,
+    /// Brokers in the run.
+    nodes: u64,
     topic_ready: bool,
     producers_done: u64,
     consumer: ConsumerView,
@@ -139,12 +159,13 @@ fn log(state: &Shared, line: String) {
 }
 
 fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
+    // Every node knows the voters; the others find the rest through the metadata.
     let addr = |id: NodeId| format!("{}:{PORT}", host_name(id));
     BrokerConfig {
         node_id: id,
         advertised_addr: addr(id),
         data_dir: PathBuf::from(DATA_DIR),
-        voters: (1..=NODES).map(|id| (id, addr(id))).collect(),
+        voters: (1..=VOTERS).map(|id| (id, addr(id))).collect(),
         timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 300, election_max_ms: 600 },
         // Small segments, so that runs roll them; preallocation steps no larger than a segment.
         log: keel_storage::LogConfig {
@@ -190,8 +211,8 @@ async fn broker_main(
     Ok(())
 }
 
-fn client_config(seed: u64) -> ClientConfig {
-    let mut config = ClientConfig::new((1..=NODES).map(|id| format!("{}:{PORT}", host_name(id))))
+fn client_config(seed: u64, nodes: u64) -> ClientConfig {
+    let mut config = ClientConfig::new((1..=nodes).map(|id| format!("{}:{PORT}", host_name(id))))
         .with_seed(seed)
         .with_connect(Arc::new(TurmoilConnector));
     // Longer than a broker's append timeout (2 s): an append that times out is answered, not cut.
@@ -213,10 +234,11 @@ fn producer_config(delivery_timeout: Duration) -> ProducerConfig {
 /// Creates the topic (an answer lost in transit makes the retry find it), then learns which
 /// raft group each partition is, white-box, for the durable-quorum check.
 async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Result {
-    let admin = Admin::new(client_config(seed))?;
+    let nodes = state.borrow().nodes;
+    let admin = Admin::new(client_config(seed, nodes))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match admin.create_topic(TOPIC, PARTITIONS, 3, keel_client::TopicConfig::default()).await {
+        match admin.create_topic(TOPIC, PARTITIONS, REPLICATION, keel_client::TopicConfig::default()).await {
             Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
             Err(e) => {
                 log(&state, format!("create topic: {e}"));
@@ -228,15 +250,16 @@ async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Re
         }
     }
     loop {
-        let groups: Option<BTreeMap<u64, GroupId>> = registry.borrow().values().find_map(|(_, broker)| {
+        let partitions: Option<Vec<(GroupId, Vec<NodeId>)>> = registry.borrow().values().find_map(|(_, broker)| {
             let meta = broker.metadata();
             let topic = meta.topics.get(TOPIC)?;
-            Some(topic.partitions.iter().enumerate().map(|(i, p)| (i as u64, p.group)).collect())
+            Some(topic.partitions.iter().map(|p| (p.group, p.replicas.clone())).collect())
         });
-        if let Some(groups) = groups {
-            log(&state, format!("topic {TOPIC} created: partition → group {groups:?}"));
+        if let Some(partitions) = partitions {
+            log(&state, format!("topic {TOPIC} created: (group, replicas) by partition {partitions:?}"));
             let mut s = state.borrow_mut();
-            s.groups = groups;
+            s.groups = partitions.iter().enumerate().map(|(i, (group, _))| (i as u64, *group)).collect();
+            s.replicas.extend(partitions);
             s.topic_ready = true;
             return Ok(());
         }
@@ -270,7 +293,7 @@ fn complete(state: &Shared, disks: &[SimDisk], index: usize, result: &Result<Rec
             let copies = group.map_or(0, |g| {
                 checker::durable_copies(disks, &Path::new(DATA_DIR).join(format!("group-{g}")), stored.offset, &value)
             });
-            if copies < (NODES as usize) / 2 + 1 {
+            if copies < (REPLICATION as usize) / 2 + 1 {
                 state.borrow_mut().violations.push(format!(
                     "acknowledged without a durable quorum: {value} at {} of partition {partition} on {copies} disks",
                     stored.offset
@@ -299,18 +322,23 @@ fn invoke(state: &Shared, partition: u64, value: &str) -> usize {
     s.history.len() - 1
 }
 
-/// One producer: unique values `p{k}-{n}` to random partitions, up to [`WINDOW`] unresolved at
-/// once, every outcome recorded.
-async fn producer_main(k: u64, seed: u64, records: u64, state: Shared, disks: Vec<SimDisk>) -> turmoil::Result {
+/// One producer: unique values `p{k}-{n}` to random partitions until the safety phase ends
+/// (`until`, simulated time since the start), up to [`WINDOW`] unresolved at once, every outcome
+/// recorded.
+async fn producer_main(k: u64, seed: u64, until: Duration, state: Shared, disks: Vec<SimDisk>) -> turmoil::Result {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e4d);
     wait_topic(&state).await;
     // Short delivery timeouts give up on records in the middle of a fault (outcomes the checker
     // must classify); long ones retry through it.
     let delivery_timeout = Duration::from_millis(rng.random_range(2_000..20_000));
     log(&state, format!("producer {k}: delivery timeout {delivery_timeout:?}"));
-    let producer = Producer::new(client_config(seed), producer_config(delivery_timeout))?;
+    let nodes = state.borrow().nodes;
+    let producer = Producer::new(client_config(seed, nodes), producer_config(delivery_timeout))?;
     let mut unresolved = FuturesUnordered::new();
-    for n in 0..records {
+    for n in 0.. {
+        if turmoil::sim_elapsed().unwrap_or_default() >= until {
+            break;
+        }
         while unresolved.len() >= WINDOW {
             if let Some((index, result)) = unresolved.next().await {
                 complete(&state, &disks, index, &result);
@@ -371,7 +399,8 @@ async fn consumer_main(seed: u64, state: Shared) -> turmoil::Result {
         fetch_wait_max: Duration::from_millis(500),
         offset_default: Offset::Beginning,
     };
-    let mut consumer = Consumer::new(client_config(seed), config)?;
+    let nodes = state.borrow().nodes;
+    let mut consumer = Consumer::new(client_config(seed, nodes), config)?;
     loop {
         match consumer.assign(TOPIC, &[]).await {
             Ok(()) => break,
@@ -412,7 +441,8 @@ async fn consumer_main(seed: u64, state: Shared) -> turmoil::Result {
 /// catches up with every acknowledged record within [`CATCH_UP_BOUND`], and every node rejoins,
 /// its replicas as far as their leaders', within [`CONVERGE_BOUND`].
 async fn liveness_main(seed: u64, state: Shared, registry: Registry, disks: Vec<SimDisk>) -> turmoil::Result {
-    let producer = Producer::new(client_config(seed), producer_config(Duration::from_secs(10)))?;
+    let nodes = state.borrow().nodes;
+    let producer = Producer::new(client_config(seed, nodes), producer_config(Duration::from_secs(10)))?;
     for p in 0..PARTITIONS {
         let deadline = tokio::time::Instant::now() + WRITE_BOUND;
         for attempt in 0.. {
@@ -477,25 +507,31 @@ async fn liveness_main(seed: u64, state: Shared, registry: Registry, disks: Vec<
 }
 
 /// What keeps the cluster from having converged: nodes down or not ready, partitions not open on
-/// a replica, replicas whose high watermark is behind another's.
+/// a replica (or still open on a node that is not one), replicas whose high watermark is behind
+/// another's.
 fn lagging(state: &Shared, registry: &Registry) -> Vec<String> {
-    let groups: Vec<GroupId> = state.borrow().groups.values().copied().collect();
+    let (nodes, replicas) = {
+        let s = state.borrow();
+        (s.nodes, s.replicas.clone())
+    };
     let registry = registry.borrow();
     let mut out: Vec<String> =
-        (1..=NODES).filter(|id| !registry.contains_key(id)).map(|id| format!("n{id} is down")).collect();
+        (1..=nodes).filter(|id| !registry.contains_key(id)).map(|id| format!("n{id} is down")).collect();
     for (id, (_, broker)) in registry.iter() {
         if !*broker.ready().borrow() {
             out.push(format!("n{id} is not ready"));
         }
     }
-    for group in groups.iter().copied().chain([keel_broker::META_GROUP]) {
+    for (&group, holders) in &replicas {
         let mut ends: BTreeMap<NodeId, u64> = BTreeMap::new();
         for (id, (_, broker)) in registry.iter() {
-            match broker.raft_node().store(group) {
-                Ok(store) => {
+            match (broker.raft_node().store(group), holders.contains(id)) {
+                (Ok(store), true) => {
                     ends.insert(*id, *store.high_watermark().borrow());
                 }
-                Err(_) => out.push(format!("group {group} is not open on n{id}")),
+                (Err(_), true) => out.push(format!("group {group} is not open on n{id}")),
+                (Ok(_), false) => out.push(format!("group {group} is open on n{id}, not one of its replicas")),
+                (Err(_), false) => {}
             }
         }
         let max = ends.values().copied().max().unwrap_or(0);
@@ -524,7 +560,9 @@ impl Target for Nodes<'_> {
 
     fn leader(&self, index: u64) -> Option<NodeId> {
         let group = *self.state.borrow().groups.get(&(index - 1))?;
-        self.registry.borrow().values().find_map(|(_, b)| b.raft_node().leader(group))
+        crate::nemesis::freshest_leader(
+            self.registry.borrow().values().filter_map(|(_, b)| b.raft_node().metrics(group).ok()),
+        )
     }
 }
 
@@ -601,17 +639,23 @@ pub fn run_broker(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -
 
 fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<BrokerStats, String> {
     let mut sim = turmoil::Builder::new()
-        .simulation_duration(Duration::from_secs(900))
+        .simulation_duration(config.safety + Duration::from_secs(600))
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(NORMAL_LATENCY_MAX)
         .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
         .rng_seed(seed)
         .build();
-    let disks: Vec<SimDisk> = (1..=NODES).map(|id| SimDisk::new(seed.wrapping_mul(31).wrapping_add(id))).collect();
+    let nodes = nodes_for(seed);
+    let disks: Vec<SimDisk> = (1..=nodes).map(|id| SimDisk::new(seed.wrapping_mul(31).wrapping_add(id))).collect();
     let registry: Registry = Rc::new(RefCell::new(BTreeMap::new()));
-    let state: Shared = Rc::new(RefCell::new(State::default()));
-    for id in 1..=NODES {
+    let state: Shared = Rc::new(RefCell::new(State {
+        nodes,
+        replicas: [(keel_broker::META_GROUP, (1..=VOTERS).collect())].into(),
+        ..State::default()
+    }));
+    trace(format!("{nodes} nodes, {VOTERS} of them metadata voters"));
+    for id in 1..=nodes {
         let (disk, registry) = (disks[(id - 1) as usize].clone(), Rc::clone(&registry));
         let boots = Rc::new(RefCell::new(0u64));
         let faults = config.faults;
@@ -626,11 +670,11 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     }
     sim.client("admin", admin_main(seed ^ 0xad, Rc::clone(&state), Rc::clone(&registry)));
     for k in 1..=config.producers {
-        let producer = producer_main(k, seed ^ (k << 40), config.records, Rc::clone(&state), disks.clone());
+        let producer = producer_main(k, seed ^ (k << 40), config.safety, Rc::clone(&state), disks.clone());
         sim.client(format!("producer{k}"), producer);
     }
     sim.client("consumer", consumer_main(seed ^ 0xc0, Rc::clone(&state)));
-    let mut hosts: Vec<String> = (1..=NODES).map(host_name).collect();
+    let mut hosts: Vec<String> = (1..=nodes).map(host_name).collect();
     hosts.push("admin".into());
     hosts.extend((1..=config.producers).map(|k| format!("producer{k}")));
     hosts.push("consumer".into());
@@ -646,16 +690,18 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     // Safety phase: the nemesis acts (once the topic exists) until every producer is done.
     let mut nemesis = Nemesis::new(
         ChaCha8Rng::seed_from_u64(seed ^ 0x7e4e),
-        NODES,
+        nodes,
         u64::from(PARTITIONS),
         Duration::from_secs(4),
         config.crash_all_weight,
     );
     let producers = config.producers;
+    // Producers stop at `config.safety`, then wait out their last records (delivery timeouts are
+    // at most 20 s).
     let safety = drive(
         &mut sim,
         &mut ctx,
-        Duration::from_secs(500),
+        config.safety + Duration::from_secs(120),
         |s| s.producers_done == producers,
         |sim, now, ctx| {
             if config.nemesis && ctx.state.borrow().topic_ready {
@@ -688,7 +734,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     // The checker runs even when a phase failed (a cluster that lost writes may also stall), as
     // long as every replica is there to be read: what was lost is the more useful report.
     let registry = registry.borrow();
-    let checked = if registry.len() == NODES as usize { check(&s, &registry).map(Some) } else { Ok(None) };
+    let checked = if registry.len() == nodes as usize { check(&s, &registry).map(Some) } else { Ok(None) };
     let mut problems: Vec<String> = Vec::new();
     if let Err(e) = &checked {
         problems.push(e.clone());
@@ -704,7 +750,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     }
     match checked {
         Ok(Some(duplicates)) => stats.duplicates = duplicates,
-        _ => return Err(format!("only {} of {NODES} brokers are up at the end", registry.len())),
+        _ => return Err(format!("only {} of {nodes} brokers are up at the end", registry.len())),
     }
     (ctx.trace)(format!("duplicates {}", stats.duplicates));
     Ok(stats)
@@ -716,7 +762,8 @@ fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u6
     let mut duplicates = 0;
     for (&partition, &group) in &state.groups {
         let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
-        for (id, (_, broker)) in registry {
+        let holders = state.replicas.get(&group).cloned().unwrap_or_default();
+        for (id, (_, broker)) in registry.iter().filter(|(id, _)| holders.contains(id)) {
             let records = checker::read_committed(broker.raft_node(), group)
                 .map_err(|e| format!("n{id} partition {partition} (group {group}): {e}"))?;
             replicas.insert(*id, records);

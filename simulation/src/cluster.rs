@@ -160,7 +160,7 @@ impl Target for Nodes<'_> {
     }
 
     fn leader(&self, group: u64) -> Option<NodeId> {
-        self.registry.borrow().values().find_map(|(_, n)| n.leader(group))
+        crate::nemesis::freshest_leader(self.registry.borrow().values().filter_map(|(_, n)| n.metrics(group).ok()))
     }
 }
 

@@ -65,6 +65,36 @@ impl fmt::Display for RunReport {
     }
 }
 
+/// Runs every seed of `seeds` on `jobs` threads (each run is single-threaded and independent of
+/// the others), handing each report to `done` as it finishes, in the order they finish.
+pub fn sweep(workload: Workload, seeds: std::ops::Range<u64>, jobs: usize, done: &mut dyn FnMut(RunReport)) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let next = AtomicU64::new(seeds.start);
+    let (tx, rx) = std::sync::mpsc::channel::<RunReport>();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            let (tx, next, end) = (tx.clone(), &next, seeds.end);
+            scope.spawn(move || {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= end {
+                        return;
+                    }
+                    // Named before it runs: should a run abort the process, the seed is on record.
+                    eprintln!("running seed {seed}");
+                    if tx.send(run(workload, seed)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for report in rx {
+            done(report);
+        }
+    });
+}
+
 /// Lines of history kept for a failure report.
 const TAIL_LINES: usize = 12;
 
@@ -130,6 +160,8 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
             let config = broker::BrokerSim {
                 faults: keel_raft::Faults { ack_before_flush: true },
                 crash_all_weight: 6,
+                // Crashes of every node come often: a short run is enough to lose writes.
+                safety: std::time::Duration::from_secs(40),
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

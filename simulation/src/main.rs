@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use keel_simulation::{Workload, run, run_watching};
+use keel_simulation::{RunReport, Workload, run_watching, sweep};
 
 /// Deterministic simulation of Keel: every run is a function of its seed.
 #[derive(Debug, Parser)]
@@ -21,6 +21,9 @@ struct Args {
     /// Print the history of every run as it happens, not only the end of failed ones.
     #[arg(long)]
     verbose: bool,
+    /// Seeds run at once (each run is single-threaded); defaults to the number of cores.
+    #[arg(long)]
+    jobs: Option<usize>,
     /// What to simulate.
     #[arg(long, value_enum, default_value_t = WorkloadArg::Storage)]
     workload: WorkloadArg,
@@ -69,15 +72,7 @@ fn main() -> anyhow::Result<ExitCode> {
         (None, None) => 0..100,
     };
     let (mut passed, mut failed) = (0u64, 0u64);
-    for seed in seeds {
-        // Named before it runs: should a run abort the process, the seed is still on record.
-        eprintln!("running seed {seed}");
-        let report = if args.verbose {
-            // Printed as it happens, so that a run that hangs shows where.
-            run_watching(workload, seed, 12, &mut |line| println!("    {line}"))
-        } else {
-            run(workload, seed)
-        };
+    let mut report_one = |report: RunReport| {
         println!("{report}");
         if args.verbose {
             println!("  {} events", report.events);
@@ -88,8 +83,9 @@ fn main() -> anyhow::Result<ExitCode> {
                 failed += 1;
                 println!("FAILED: {violation}");
                 println!(
-                    "  replay: cargo run -p keel-simulation --release -- --workload {} --seed {seed}",
-                    workload.name()
+                    "  replay: cargo run -p keel-simulation --release -- --workload {} --seed {}",
+                    workload.name(),
+                    report.seed
                 );
                 println!("  last events:");
                 for line in &report.tail {
@@ -97,6 +93,15 @@ fn main() -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    };
+    if args.verbose {
+        // One at a time, printed as it happens, so that a run that hangs shows where.
+        for seed in seeds {
+            report_one(run_watching(workload, seed, 12, &mut |line| println!("    {line}")));
+        }
+    } else {
+        let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+        sweep(workload, seeds, jobs, &mut report_one);
     }
     println!("simulation: {passed} passed, {failed} failed");
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -1,7 +1,7 @@
 //! The nemesis: faults drawn from the run's seed and injected between simulation steps, one at a
 //! time, each healed after a while. Crashes (one node or all at once, the disk keeping only what
-//! was flushed), isolation of a node or of a partition's leader, bridges, one-way cuts, and a
-//! slow network that reorders messages.
+//! was flushed), isolation of a node or of a partition's leader, repeated isolation of whoever
+//! leads a partition next, bridges, one-way cuts, and a slow network that reorders messages.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use keel_raft::NodeId;
 use keel_storage::CrashMode;
 use rand::Rng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 /// The largest message latency of a healthy network.
@@ -45,6 +46,20 @@ pub trait Target {
     fn leader(&self, index: u64) -> Option<NodeId>;
 }
 
+/// The leader named by the node that has seen the highest term: a deposed leader that was cut
+/// off may still believe it leads, in an older term.
+pub fn freshest_leader(metrics: impl IntoIterator<Item = keel_raft::types::Metrics>) -> Option<NodeId> {
+    metrics.into_iter().filter(|m| m.current_leader.is_some()).max_by_key(|m| m.current_term)?.current_leader
+}
+
+/// Repeated leader isolation in progress: each round isolates whoever leads the partition now,
+/// so that every new leader is cut off soon after it wins (elections pile up, terms race).
+struct Chase {
+    index: u64,
+    rounds_left: u32,
+    next_round: Duration,
+}
+
 /// The fault schedule of one run.
 pub struct Nemesis {
     rng: ChaCha8Rng,
@@ -55,6 +70,7 @@ pub struct Nemesis {
     crashed: BTreeSet<NodeId>,
     partitioned: bool,
     slow: bool,
+    chase: Option<Chase>,
     heal_at: Option<Duration>,
     /// Faults injected so far.
     pub faults: u64,
@@ -62,7 +78,7 @@ pub struct Nemesis {
 
 impl Nemesis {
     /// A schedule over `nodes` nodes and `partitions` partitions whose first fault comes at
-    /// `first_fault`; a crash of every node at once weighs `crash_all_weight` against 6 for the
+    /// `first_fault`; a crash of every node at once weighs `crash_all_weight` against 7 for the
     /// other faults together.
     pub fn new(rng: ChaCha8Rng, nodes: u64, partitions: u64, first_fault: Duration, crash_all_weight: u32) -> Nemesis {
         Nemesis {
@@ -74,6 +90,7 @@ impl Nemesis {
             crashed: BTreeSet::new(),
             partitioned: false,
             slow: false,
+            chase: None,
             heal_at: None,
             faults: 0,
         }
@@ -88,6 +105,7 @@ impl Nemesis {
         target: &mut dyn Target,
         trace: &mut dyn FnMut(String),
     ) {
+        self.chase_round(sim, now, target, trace);
         if let Some(at) = self.heal_at
             && now >= at
         {
@@ -96,12 +114,51 @@ impl Nemesis {
         }
         if self.heal_at.is_none() && now >= self.next_fault {
             self.inject(sim, now, target, trace);
-            self.heal_at = Some(now + Duration::from_millis(self.rng.random_range(500..4_000)));
+            let mut heal_at = now + Duration::from_millis(self.rng.random_range(500..4_000));
+            if let Some(chase) = &self.chase {
+                heal_at = heal_at.max(chase.next_round + Duration::from_millis(1));
+            }
+            self.heal_at = Some(heal_at);
             self.next_fault = now + Duration::from_millis(self.rng.random_range(2_000..6_000));
         }
     }
 
+    /// The next round of a repeated leader isolation, when it is due: heal, then cut off the
+    /// partition's leader of the moment (the heal stays pending until the last round is over).
+    fn chase_round(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        now: Duration,
+        target: &mut dyn Target,
+        trace: &mut dyn FnMut(String),
+    ) {
+        let Some(chase) = &mut self.chase else { return };
+        if now < chase.next_round {
+            return;
+        }
+        let index = chase.index;
+        chase.rounds_left -= 1;
+        chase.next_round = now + Duration::from_millis(self.rng.random_range(800..2_000));
+        if chase.rounds_left == 0 {
+            self.chase = None;
+        }
+        self.repair_all(sim);
+        match target.leader(index) {
+            Some(id) => {
+                trace(format!("{now:?} isolate the new leader of partition {index}: n{id}"));
+                self.isolate(sim, id);
+            }
+            None => trace(format!("{now:?} partition {index} has no leader to isolate")),
+        }
+        if let Some(chase) = &self.chase
+            && let Some(heal_at) = &mut self.heal_at
+        {
+            *heal_at = (*heal_at).max(chase.next_round + Duration::from_millis(1));
+        }
+    }
+
     fn heal(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration, trace: &mut dyn FnMut(String)) {
+        self.chase = None;
         for id in std::mem::take(&mut self.crashed) {
             trace(format!("{now:?} restart n{id}"));
             sim.bounce(host_name(id));
@@ -127,8 +184,16 @@ impl Nemesis {
     }
 
     fn isolate(&mut self, sim: &mut turmoil::Sim<'_>, id: NodeId) {
-        for other in (1..=self.nodes).filter(|o| *o != id) {
-            sim.partition(host_name(id), host_name(other));
+        let others: Vec<NodeId> = (1..=self.nodes).filter(|o| *o != id).collect();
+        self.split(sim, &[id], &others);
+    }
+
+    /// Cuts every link between the two sides.
+    fn split(&mut self, sim: &mut turmoil::Sim<'_>, left: &[NodeId], right: &[NodeId]) {
+        for a in left {
+            for b in right {
+                sim.partition(host_name(*a), host_name(*b));
+            }
         }
         self.partitioned = true;
     }
@@ -142,7 +207,7 @@ impl Nemesis {
     ) {
         self.faults += 1;
         let nodes = self.nodes;
-        match self.rng.random_range(0..(6 + self.crash_all_weight)) {
+        match self.rng.random_range(0..(7 + self.crash_all_weight)) {
             0 => {
                 let id = self.rng.random_range(1..=nodes);
                 let mode = target.crash(sim, id);
@@ -150,9 +215,13 @@ impl Nemesis {
                 self.crashed.insert(id);
             }
             1 => {
-                let id = self.rng.random_range(1..=nodes);
-                trace(format!("{now:?} isolate n{id}"));
-                self.isolate(sim, id);
+                // A minority (one node of three; one or two of five) cut off from the majority.
+                let mut ids: Vec<NodeId> = (1..=nodes).collect();
+                ids.shuffle(&mut self.rng);
+                let minority = self.rng.random_range(1..=(nodes - 1) / 2) as usize;
+                let (small, large) = ids.split_at(minority);
+                trace(format!("{now:?} partition {small:?} from {large:?}"));
+                self.split(sim, small, large);
             }
             2 => {
                 let (a, b) = (self.rng.random_range(1..=nodes), self.rng.random_range(1..=nodes));
@@ -163,12 +232,14 @@ impl Nemesis {
                 }
             }
             3 => {
-                // A bridge: two nodes cannot talk to each other, the third talks to both.
+                // A bridge: the others form two sides that cannot talk to each other; the bridge
+                // talks to both.
                 let bridge = self.rng.random_range(1..=nodes);
-                let others: Vec<u64> = (1..=nodes).filter(|o| *o != bridge).collect();
-                trace(format!("{now:?} bridge through n{bridge}"));
-                sim.partition(host_name(others[0]), host_name(others[1]));
-                self.partitioned = true;
+                let mut others: Vec<NodeId> = (1..=nodes).filter(|o| *o != bridge).collect();
+                others.shuffle(&mut self.rng);
+                let (left, right) = others.split_at(others.len() / 2);
+                trace(format!("{now:?} bridge through n{bridge} between {left:?} and {right:?}"));
+                self.split(sim, left, right);
             }
             4 => {
                 // Isolate whoever leads a random partition right now.
@@ -183,6 +254,16 @@ impl Nemesis {
                 trace(format!("{now:?} slow network: up to {max:?} per message, reordered"));
                 sim.set_max_message_latency(max);
                 self.slow = true;
+            }
+            6 => {
+                let index = self.rng.random_range(1..=self.partitions);
+                if let Some(id) = target.leader(index) {
+                    let rounds = self.rng.random_range(2..=5);
+                    trace(format!("{now:?} isolate each leader of partition {index} in turn ({rounds} rounds): n{id}"));
+                    self.isolate(sim, id);
+                    let next_round = now + Duration::from_millis(self.rng.random_range(800..2_000));
+                    self.chase = Some(Chase { index, rounds_left: rounds - 1, next_round });
+                }
             }
             _ => {
                 trace(format!("{now:?} crash every node"));
@@ -204,6 +285,7 @@ impl Nemesis {
         sim.set_max_message_latency(NORMAL_LATENCY_MAX);
         self.partitioned = false;
         self.slow = false;
+        self.chase = None;
         self.heal_at = None;
         trace("heal all".into());
     }

@@ -3,44 +3,26 @@
 //! acknowledges before the flush must be caught losing writes when every node crashes).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-use keel_simulation::{Workload, run};
+use keel_simulation::{Workload, run, sweep};
 
-/// Seeds run by `cargo test`, in four tests so that the test harness runs them on both cores:
-/// about 3 s each in a debug test build (dependencies are optimised even there), 0.5 s in
-/// release. `cargo run -p keel-simulation --release -- --workload broker --seeds 0..10000`
-/// sweeps more.
-const SEEDS_PER_TEST: u64 = 20;
-
-fn sweep(first: u64) {
-    for seed in first..first + SEEDS_PER_TEST {
-        let report = run(Workload::Broker, seed);
-        assert!(
-            report.violation.is_none(),
-            "{report}: {:?}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload broker --seed {seed} --verbose",
-            report.violation,
-            report.tail
-        );
-    }
-}
+/// Seeds run by `cargo test`, each a run of about two and a half simulated minutes (150 s of
+/// faults, then healing) on every core: ~6 s per seed and core in a test build.
+/// `cargo run -p keel-simulation --release -- --workload broker --seeds 0..10000` sweeps more.
+const SEEDS: u64 = 200;
 
 #[test]
-fn broker_seeds_0_to_19_pass() {
-    sweep(0);
-}
-
-#[test]
-fn broker_seeds_20_to_39_pass() {
-    sweep(20);
-}
-
-#[test]
-fn broker_seeds_40_to_59_pass() {
-    sweep(40);
-}
-
-#[test]
-fn broker_seeds_60_to_79_pass() {
-    sweep(60);
+fn broker_seeds_pass() {
+    let jobs = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut failures = Vec::new();
+    sweep(Workload::Broker, 0..SEEDS, jobs, &mut |report| {
+        if let Some(violation) = &report.violation {
+            failures.push(format!(
+                "{report}: {violation}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload broker --seed {} --verbose",
+                report.tail, report.seed
+            ));
+        }
+    });
+    assert!(failures.is_empty(), "{} of {SEEDS} seeds failed:\n{}", failures.len(), failures.join("\n\n"));
 }
 
 /// Seeds that once failed, each for a bug since fixed: 0 hung (the producer spun after a retry's
@@ -48,6 +30,9 @@ fn broker_seeds_60_to_79_pass() {
 /// definite error after an ambiguous attempt; nodes answering from metadata not yet replayed),
 /// 679 checked a node before it had rejoined (convergence is now part of the liveness phase),
 /// 847 restarted a node that kept a dead cached channel to the controller and never turned ready.
+/// Their histories were those of the 30-second runs with six kinds of fault; the runs have grown
+/// since (120 s, repeated leader isolation, five-node seeds), so these seeds now replay other
+/// histories and guard the fixes less directly than they did.
 #[test]
 fn pinned_seeds_pass() {
     for seed in [0, 13, 679, 847] {
