@@ -24,8 +24,8 @@ struct Args {
     /// Seeds run at once (each run is single-threaded); defaults to the number of cores.
     #[arg(long)]
     jobs: Option<usize>,
-    /// What to simulate.
-    #[arg(long, value_enum, default_value_t = WorkloadArg::Storage)]
+    /// What to simulate (the whole system by default).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Broker)]
     workload: WorkloadArg,
 }
 

@@ -58,7 +58,13 @@ struct Chase {
     index: u64,
     rounds_left: u32,
     next_round: Duration,
+    /// The leader cut off last, and since when.
+    isolated: NodeId,
+    since: Duration,
 }
+
+/// How long a chase waits for the others to elect a leader before it isolates the same one again.
+const CHASE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The fault schedule of one run.
 pub struct Nemesis {
@@ -136,24 +142,36 @@ impl Nemesis {
         if now < chase.next_round {
             return;
         }
+        let leader = target.leader(chase.index);
+        if leader == Some(chase.isolated) && now < chase.since + CHASE_PATIENCE {
+            // The others have not elected a new leader yet: look again shortly.
+            chase.next_round = now + Duration::from_millis(200);
+            if let Some(heal_at) = &mut self.heal_at {
+                *heal_at = (*heal_at).max(chase.next_round + Duration::from_millis(1));
+            }
+            return;
+        }
         let index = chase.index;
         chase.rounds_left -= 1;
-        chase.next_round = now + Duration::from_millis(self.rng.random_range(800..2_000));
-        if chase.rounds_left == 0 {
-            self.chase = None;
+        let next_round = now + Duration::from_millis(self.rng.random_range(800..2_000));
+        chase.next_round = next_round;
+        if let Some(id) = leader {
+            (chase.isolated, chase.since) = (id, now);
         }
         self.repair_all(sim);
-        match target.leader(index) {
+        match leader {
             Some(id) => {
                 trace(format!("{now:?} isolate the new leader of partition {index}: n{id}"));
                 self.isolate(sim, id);
             }
             None => trace(format!("{now:?} partition {index} has no leader to isolate")),
         }
-        if let Some(chase) = &self.chase
-            && let Some(heal_at) = &mut self.heal_at
-        {
-            *heal_at = (*heal_at).max(chase.next_round + Duration::from_millis(1));
+        if self.chase.as_ref().is_some_and(|c| c.rounds_left == 0) {
+            self.chase = None;
+        }
+        // This round's isolation lasts until the next round, or, after the last, as long again.
+        if let Some(heal_at) = &mut self.heal_at {
+            *heal_at = (*heal_at).max(next_round + Duration::from_millis(1));
         }
     }
 
@@ -262,7 +280,7 @@ impl Nemesis {
                     trace(format!("{now:?} isolate each leader of partition {index} in turn ({rounds} rounds): n{id}"));
                     self.isolate(sim, id);
                     let next_round = now + Duration::from_millis(self.rng.random_range(800..2_000));
-                    self.chase = Some(Chase { index, rounds_left: rounds - 1, next_round });
+                    self.chase = Some(Chase { index, rounds_left: rounds - 1, next_round, isolated: id, since: now });
                 }
             }
             _ => {

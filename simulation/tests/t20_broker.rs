@@ -50,8 +50,8 @@ last events: {:#?}",
 #[test]
 fn same_seed_same_history() {
     // Twice in one process: a run must not depend on what ran before it (tokio's task ids, for
-    // one, are global to the process).
-    for seed in [5, 13] {
+    // one, are global to the process). Seed 7 runs five nodes.
+    for seed in [5, 7] {
         let (a, b) = (run(Workload::Broker, seed), run(Workload::Broker, seed));
         assert_eq!(a.trace_hash, b.trace_hash, "seed {seed} replays identically");
         assert_eq!(a.events, b.events);
