@@ -463,47 +463,44 @@ async fn liveness_main(seed: u64, state: Shared, registry: Registry, disks: Vec<
         }
     }
     producer.close().await;
-    let deadline = tokio::time::Instant::now() + CATCH_UP_BOUND;
-    loop {
-        let behind: Vec<String> = {
-            let s = state.borrow();
-            let mut wanted: BTreeMap<u64, u64> = BTreeMap::new();
-            for op in &s.history {
-                if let Some(Outcome::Ok(offset)) = op.outcome {
-                    let end = wanted.entry(op.partition).or_default();
-                    *end = (*end).max(offset + 1);
-                }
+    let behind = || -> Vec<String> {
+        let s = state.borrow();
+        let mut wanted: BTreeMap<u64, u64> = BTreeMap::new();
+        for op in &s.history {
+            if let Some(Outcome::Ok(offset)) = op.outcome {
+                let end = wanted.entry(op.partition).or_default();
+                *end = (*end).max(offset + 1);
             }
-            wanted
-                .iter()
-                .filter(|(p, end)| s.consumer.next.get(p).copied().unwrap_or(0) < **end)
-                .map(|(p, end)| format!("partition {p}: read up to {:?} of {end}", s.consumer.next.get(p)))
-                .collect()
-        };
-        if behind.is_empty() {
-            break;
         }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("the consumer did not catch up in {CATCH_UP_BOUND:?}: {}", behind.join("; ")).into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        wanted
+            .iter()
+            .filter(|(p, end)| s.consumer.next.get(p).copied().unwrap_or(0) < **end)
+            .map(|(p, end)| format!("partition {p}: read up to {:?} of {end}", s.consumer.next.get(p)))
+            .collect()
+    };
+    within(CATCH_UP_BOUND, "the consumer did not catch up", behind).await?;
     log(&state, "consumer caught up".into());
     state.borrow_mut().stop_consumer = true;
     // Every node must rejoin: ready, hosting its partitions, each replica as far as its leader.
-    let deadline = tokio::time::Instant::now() + CONVERGE_BOUND;
+    within(CONVERGE_BOUND, "the cluster did not converge", || lagging(&state, &registry)).await?;
+    log(&state, "every replica caught up".into());
+    Ok(())
+}
+
+/// Polls `pending` (what is still missing) until it is empty, or fails with `failure` and what
+/// is still missing once `bound` has passed.
+async fn within(bound: Duration, failure: &str, mut pending: impl FnMut() -> Vec<String>) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + bound;
     loop {
-        let lagging = lagging(&state, &registry);
-        if lagging.is_empty() {
-            break;
+        let missing = pending();
+        if missing.is_empty() {
+            return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("the cluster did not converge in {CONVERGE_BOUND:?}: {}", lagging.join("; ")).into());
+            return Err(format!("{failure} in {bound:?}: {}", missing.join("; ")));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    log(&state, "every replica caught up".into());
-    Ok(())
 }
 
 /// What keeps the cluster from having converged: nodes down or not ready, partitions not open on

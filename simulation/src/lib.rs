@@ -95,6 +95,24 @@ pub fn sweep(workload: Workload, seeds: std::ops::Range<u64>, jobs: usize, done:
     });
 }
 
+/// Runs every seed of `seeds` on every core; returns one report per failed seed: its violation,
+/// its last events and the command that replays it (what a test prints when it fails).
+pub fn failures(workload: Workload, seeds: std::ops::Range<u64>) -> Vec<String> {
+    let jobs = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut failures = Vec::new();
+    sweep(workload, seeds, jobs, &mut |report| {
+        if let Some(violation) = &report.violation {
+            failures.push(format!(
+                "{report}: {violation}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload {} --seed {} --verbose",
+                report.tail,
+                workload.name(),
+                report.seed
+            ));
+        }
+    });
+    failures
+}
+
 /// Lines of history kept for a failure report.
 const TAIL_LINES: usize = 12;
 

@@ -120,11 +120,10 @@ impl Nemesis {
         }
         if self.heal_at.is_none() && now >= self.next_fault {
             self.inject(sim, now, target, trace);
-            let mut heal_at = now + Duration::from_millis(self.rng.random_range(500..4_000));
-            if let Some(chase) = &self.chase {
-                heal_at = heal_at.max(chase.next_round + Duration::from_millis(1));
+            self.heal_at = Some(now + Duration::from_millis(self.rng.random_range(500..4_000)));
+            if let Some(next_round) = self.chase.as_ref().map(|c| c.next_round) {
+                self.hold_heal_past(next_round);
             }
-            self.heal_at = Some(heal_at);
             self.next_fault = now + Duration::from_millis(self.rng.random_range(2_000..6_000));
         }
     }
@@ -146,9 +145,7 @@ impl Nemesis {
         if leader == Some(chase.isolated) && now < chase.since + CHASE_PATIENCE {
             // The others have not elected a new leader yet: look again shortly.
             chase.next_round = now + Duration::from_millis(200);
-            if let Some(heal_at) = &mut self.heal_at {
-                *heal_at = (*heal_at).max(chase.next_round + Duration::from_millis(1));
-            }
+            self.hold_heal_past(now + Duration::from_millis(200));
             return;
         }
         let index = chase.index;
@@ -170,8 +167,13 @@ impl Nemesis {
             self.chase = None;
         }
         // This round's isolation lasts until the next round, or, after the last, as long again.
+        self.hold_heal_past(next_round);
+    }
+
+    /// Keeps the current fault from healing before `at` (a chase's next round must come first).
+    fn hold_heal_past(&mut self, at: Duration) {
         if let Some(heal_at) = &mut self.heal_at {
-            *heal_at = (*heal_at).max(next_round + Duration::from_millis(1));
+            *heal_at = (*heal_at).max(at + Duration::from_millis(1));
         }
     }
 

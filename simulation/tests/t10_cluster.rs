@@ -2,7 +2,7 @@
 //! trace), and the negative control (an ack-before-flush build must be caught).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-use keel_simulation::{Workload, run};
+use keel_simulation::{Workload, failures, run};
 
 /// Seeds run by `cargo test`; `cargo run -p keel-simulation --release -- --workload cluster
 /// --seeds 0..2000` sweeps more.
@@ -10,15 +10,8 @@ const SEEDS: u64 = 24;
 
 #[test]
 fn cluster_seeds_pass() {
-    for seed in 0..SEEDS {
-        let report = run(Workload::Cluster, seed);
-        assert!(
-            report.violation.is_none(),
-            "{report}: {:?}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload cluster --seed {seed} --verbose",
-            report.violation,
-            report.tail
-        );
-    }
+    let failures = failures(Workload::Cluster, 0..SEEDS);
+    assert!(failures.is_empty(), "{} of {SEEDS} seeds failed:\n{}", failures.len(), failures.join("\n\n"));
 }
 
 #[test]

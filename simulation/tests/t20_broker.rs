@@ -3,7 +3,7 @@
 //! acknowledges before the flush must be caught losing writes when every node crashes).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-use keel_simulation::{Workload, run, sweep};
+use keel_simulation::{Workload, failures, run};
 
 /// Seeds run by `cargo test`, each a run of about two and a half simulated minutes (150 s of
 /// faults, then healing) on every core: ~6 s per seed and core in a test build.
@@ -12,16 +12,7 @@ const SEEDS: u64 = 200;
 
 #[test]
 fn broker_seeds_pass() {
-    let jobs = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut failures = Vec::new();
-    sweep(Workload::Broker, 0..SEEDS, jobs, &mut |report| {
-        if let Some(violation) = &report.violation {
-            failures.push(format!(
-                "{report}: {violation}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload broker --seed {} --verbose",
-                report.tail, report.seed
-            ));
-        }
-    });
+    let failures = failures(Workload::Broker, 0..SEEDS);
     assert!(failures.is_empty(), "{} of {SEEDS} seeds failed:\n{}", failures.len(), failures.join("\n\n"));
 }
 
