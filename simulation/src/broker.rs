@@ -177,6 +177,7 @@ fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         append_timeout: Duration::from_secs(2),
         retention_interval: Duration::from_secs(3_600),
         limits: Limits::default(),
+        groups: Default::default(),
         seed,
     }
 }
@@ -192,7 +193,7 @@ async fn broker_main(
     registry: Registry,
 ) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
-    let storage = StorageMode { io: IoMode::Inline, faults };
+    let storage = StorageMode { io: IoMode::Inline, faults, coordinator: Default::default() };
     let broker = Broker::start_with(
         broker_config(id, seed),
         storage,

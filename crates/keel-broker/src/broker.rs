@@ -26,8 +26,10 @@ use tonic::{Request, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{BrokerConfig, Identity, claim_data_dir};
+use crate::coordinator::CoordinatorFaults;
 use crate::error::{BrokerError, append_status, meta_status, not_leader};
-use crate::metadata::{self, Command, META_GROUP, META_TOPIC, Metadata, Partition, Topic};
+use crate::groups::GroupCoordinator;
+use crate::metadata::{self, Command, META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC, Partition, Topic};
 
 /// The wall clock (record timestamps, retention): the only source of "now" in a broker.
 pub trait Clock: Send + Sync + 'static {
@@ -63,6 +65,13 @@ pub(crate) struct Inner {
     /// Serving once the node knows the cluster and is registered in it.
     pub(crate) ready: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Group coordinators, by `__consumer_offsets` partition hosted here.
+    pub(crate) groups: Mutex<BTreeMap<u32, Arc<GroupCoordinator>>>,
+    /// Bugs injected into the coordinators (negative controls only).
+    pub(crate) coordinator_faults: CoordinatorFaults,
+    /// The highest high watermark seen per partition (they only grow): commits are checked
+    /// against it without asking the partition's replicas each time.
+    pub(crate) high_watermarks: Mutex<BTreeMap<GroupId, u64>>,
 }
 
 /// How a node's partitions do their disk work, and bugs injected for negative controls. The
@@ -74,11 +83,13 @@ pub struct StorageMode {
     pub io: IoMode,
     /// Injected bugs (negative controls only).
     pub faults: Faults,
+    /// Injected coordinator bugs (negative controls only).
+    pub coordinator: CoordinatorFaults,
 }
 
 impl Default for StorageMode {
     fn default() -> StorageMode {
-        StorageMode { io: IoMode::Blocking, faults: Faults::default() }
+        StorageMode { io: IoMode::Blocking, faults: Faults::default(), coordinator: CoordinatorFaults::default() }
     }
 }
 
@@ -140,6 +151,9 @@ impl Broker {
             fatal,
             ready,
             tasks: Mutex::new(Vec::new()),
+            groups: Mutex::new(BTreeMap::new()),
+            coordinator_faults: storage.coordinator,
+            high_watermarks: Mutex::new(BTreeMap::new()),
         });
         if inner.config.is_voter() {
             let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
@@ -148,6 +162,7 @@ impl Broker {
             inner.spawn("meta-init", Arc::clone(&inner).ensure_initialized(META_GROUP, members));
             inner.spawn("meta-follow", Arc::clone(&inner).follow_local_meta());
             inner.spawn("cluster-id", Arc::clone(&inner).name_cluster());
+            inner.spawn("internal-topics", Arc::clone(&inner).create_internal_topics());
         } else {
             inner.spawn("meta-follow", Arc::clone(&inner).follow_remote_meta());
         }
@@ -197,7 +212,7 @@ impl Broker {
 }
 
 impl Inner {
-    fn spawn(&self, name: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn(&self, name: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let span = info_span!("task", node = self.config.node_id, name);
         let handle = tokio::spawn(task.instrument(span));
         self.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
@@ -459,6 +474,45 @@ impl Inner {
         }
     }
 
+    /// On the controller leader: creates `__consumer_offsets` once min(3, voters) nodes are
+    /// registered (at cluster initialisation, and on the first start of a cluster created
+    /// before consumer groups existed).
+    async fn create_internal_topics(self: Arc<Self>) {
+        let replication = (self.config.voters.len() as u32).min(3);
+        loop {
+            let meta = self.metadata();
+            if meta.topics.contains_key(OFFSETS_TOPIC) {
+                return;
+            }
+            if self.leads_meta() && meta.cluster_id.is_some() && meta.nodes.len() >= replication as usize {
+                match self.create_offsets_topic(replication).await {
+                    Ok(()) => info!(
+                        partitions = self.config.groups.offsets_partitions,
+                        replication, "created {OFFSETS_TOPIC}"
+                    ),
+                    Err(status) => debug!(%status, "creating {OFFSETS_TOPIC} failed; retrying"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn create_offsets_topic(&self, replication: u32) -> Result<(), Status> {
+        let _turn = self.controller_turn().await?;
+        let meta = self.metadata();
+        if meta.topics.contains_key(OFFSETS_TOPIC) {
+            return Ok(());
+        }
+        let assignment =
+            meta.plan_assignment(self.config.groups.offsets_partitions, replication).map_err(meta_status)?;
+        let command = Command::CreateInternalTopic {
+            name: OFFSETS_TOPIC.to_owned(),
+            replication_factor: replication,
+            assignment,
+        };
+        self.propose(&command).await.map(|_| ())
+    }
+
     /// Registers this node (id and address) in the metadata, then reports ready.
     async fn register(self: Arc<Self>) {
         let me = self.config.node_id;
@@ -663,8 +717,12 @@ impl Inner {
     /// Deletes a topic (controller leader only).
     pub(crate) async fn delete_topic(&self, name: String) -> Result<(), Status> {
         let _turn = self.controller_turn().await?;
-        if !self.metadata().topics.contains_key(&name) {
-            return Err(meta_status(metadata::MetaError::UnknownTopic(name)));
+        match self.metadata().topics.get(&name) {
+            None => return Err(meta_status(metadata::MetaError::UnknownTopic(name))),
+            Some(t) if t.internal => {
+                return Err(Status::permission_denied(format!("{name:?} is internal to Keel and cannot be deleted")));
+            }
+            Some(_) => {}
         }
         self.propose(&Command::DeleteTopic { name }).await.map(|_| ())
     }
@@ -675,6 +733,9 @@ impl Inner {
         let meta = self.metadata();
         let topic =
             meta.topics.get(&name).ok_or_else(|| meta_status(metadata::MetaError::UnknownTopic(name.clone())))?;
+        if topic.internal {
+            return Err(Status::permission_denied(format!("{name:?} is internal to Keel; its partitions are fixed")));
+        }
         let before = topic.partitions.len();
         let assignment = meta.plan_assignment(count, topic.replication_factor).map_err(meta_status)?;
         self.propose(&Command::AddPartitions { name: name.clone(), assignment }).await?;
@@ -720,6 +781,7 @@ impl Inner {
                 Err(e) => warn!(group, error = %e, "opening a partition failed"),
             }
         }
+        self.start_group_coordinators();
         for group in open {
             if group != META_GROUP
                 && !wanted.contains_key(&group)
@@ -903,6 +965,12 @@ impl Inner {
     pub(crate) async fn submit(&self, request: &pb::ProduceRequest) -> Result<keel_raft::PendingAppend, Status> {
         if request.topic == META_TOPIC {
             return Err(Status::invalid_argument("__meta is written by the controller only"));
+        }
+        if self.metadata().topics.get(&request.topic).is_some_and(|t| t.internal) {
+            return Err(Status::permission_denied(format!(
+                "{} is internal to Keel: only Keel writes it",
+                request.topic
+            )));
         }
         let (group, replicas, topic_limit) = self.resolve(&request.topic, request.partition)?;
         let batch = self.batch_of(request, self.batch_limit(topic_limit))?;

@@ -4,15 +4,21 @@
 //! - [`metadata`]: the pure metadata state machine (nodes, topics, assignment);
 //! - [`broker`]: the node's life: metadata follower, reconciler, controller operations;
 //! - [`service`]: Producer, Consumer, Admin, Controller and NodeStatus over gRPC;
+//! - [`coordinator`]: the coordinator runtime (DESIGN.md §6.1) over an internal-topic partition;
+//! - [`groups`]: consumer-group coordinators on that runtime, served by the `Groups` gRPC service;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
 
 pub mod broker;
 pub mod config;
+pub mod coordinator;
 pub mod error;
+pub mod groups;
+mod groups_service;
 pub mod metadata;
 pub mod service;
 
 pub use broker::{Broker, Clock, StorageMode};
-pub use config::{BrokerConfig, Identity, Limits};
+pub use config::{BrokerConfig, GroupSettings, Identity, Limits};
+pub use coordinator::CoordinatorFaults;
 pub use error::BrokerError;
-pub use metadata::{META_GROUP, META_TOPIC, Metadata};
+pub use metadata::{META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC};

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub const META_GROUP: GroupId = 0;
 /// The name under which the metadata log can be fetched like a topic (one partition).
 pub const META_TOPIC: &str = "__meta";
+/// The internal topic of committed group offsets and group membership (one coordinator per
+/// partition). Created by the controller; users can neither produce to it nor delete it.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Longest topic name (as in Kafka: it must fit in file names with room to spare).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// Most partitions one topic may have.
@@ -52,6 +55,10 @@ pub struct Topic {
     pub settings: TopicSettings,
     /// Partitions by number.
     pub partitions: Vec<Partition>,
+    /// Created by the controller for Keel's own use (`__consumer_offsets`): not writable,
+    /// not deletable by users.
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// A change to the metadata: one record of the `__meta` log.
@@ -85,6 +92,15 @@ pub enum Command {
     DeleteTopic {
         /// Name.
         name: String,
+    },
+    /// Creates one of Keel's internal topics (only the names Keel reserves for itself).
+    CreateInternalTopic {
+        /// Name (`__consumer_offsets`).
+        name: String,
+        /// Replicas per partition.
+        replication_factor: u32,
+        /// Replicas of each partition.
+        assignment: Vec<Vec<NodeId>>,
     },
     /// Adds partitions to a topic.
     AddPartitions {
@@ -156,15 +172,44 @@ impl Metadata {
                 }
                 self.check_assignment(assignment, *replication_factor)?;
                 let partitions = self.allocate(assignment);
-                let topic = Topic { replication_factor: *replication_factor, settings: settings.clone(), partitions };
+                let topic = Topic {
+                    replication_factor: *replication_factor,
+                    settings: settings.clone(),
+                    partitions,
+                    internal: false,
+                };
+                self.topics.insert(name.clone(), topic);
+                Ok(())
+            }
+            Command::CreateInternalTopic { name, replication_factor, assignment } => {
+                if name != OFFSETS_TOPIC {
+                    return Err(MetaError::Invalid(format!("{name:?} is not one of Keel's internal topics")));
+                }
+                if self.topics.contains_key(name) {
+                    return Err(MetaError::TopicExists(name.clone()));
+                }
+                self.check_assignment(assignment, *replication_factor)?;
+                let partitions = self.allocate(assignment);
+                let topic = Topic {
+                    replication_factor: *replication_factor,
+                    settings: TopicSettings::default(),
+                    partitions,
+                    internal: true,
+                };
                 self.topics.insert(name.clone(), topic);
                 Ok(())
             }
             Command::DeleteTopic { name } => {
+                if self.topics.get(name).is_some_and(|t| t.internal) {
+                    return Err(MetaError::Invalid(format!("{name:?} is internal and cannot be deleted")));
+                }
                 self.topics.remove(name).map(|_| ()).ok_or_else(|| MetaError::UnknownTopic(name.clone()))
             }
             Command::AddPartitions { name, assignment } => {
                 let topic = self.topics.get(name).ok_or_else(|| MetaError::UnknownTopic(name.clone()))?;
+                if topic.internal {
+                    return Err(MetaError::Invalid(format!("{name:?} is internal; its partitions are fixed")));
+                }
                 let total = topic.partitions.len() + assignment.len();
                 if total > PARTITIONS_PER_TOPIC_MAX as usize {
                     return Err(MetaError::Invalid(format!(
@@ -214,6 +259,16 @@ impl Metadata {
             }
         }
         Ok(())
+    }
+
+    /// The partitions of `__consumer_offsets`, once the controller created it.
+    pub fn offsets_topic(&self) -> Option<&Topic> {
+        self.topics.get(OFFSETS_TOPIC).filter(|t| t.internal)
+    }
+
+    /// Partition counts of the user topics (what group subscriptions can match).
+    pub fn topic_partitions(&self) -> BTreeMap<String, u32> {
+        self.topics.iter().filter(|(_, t)| !t.internal).map(|(n, t)| (n.clone(), t.partitions.len() as u32)).collect()
     }
 
     /// The partition → group of a topic.

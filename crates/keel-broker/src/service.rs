@@ -26,7 +26,7 @@ const SUBSCRIBE_WAIT_MS: u32 = 1_000;
 /// Every service of a node, over the shared broker state.
 #[derive(Clone)]
 pub struct Api {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 fn hops<T>(request: &Request<T>) -> u32 {
@@ -61,7 +61,7 @@ impl Broker {
         let mut ready = self.ready();
         tokio::spawn(async move {
             // NOT_SERVING until the node knows its cluster and is registered in it.
-            for name in ["", "keel.v1.Producer", "keel.v1.Consumer", "keel.v1.Admin"] {
+            for name in ["", "keel.v1.Producer", "keel.v1.Consumer", "keel.v1.Admin", "keel.v1.Groups"] {
                 health_reporter.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
             }
             while !*ready.borrow_and_update() {
@@ -69,7 +69,7 @@ impl Broker {
                     return;
                 }
             }
-            for name in ["", "keel.v1.Producer", "keel.v1.Consumer", "keel.v1.Admin"] {
+            for name in ["", "keel.v1.Producer", "keel.v1.Consumer", "keel.v1.Admin", "keel.v1.Groups"] {
                 health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
             }
         });
@@ -87,6 +87,7 @@ impl Broker {
                     .max_encoding_message_size(message_max + self.inner.config.limits.fetch_bytes_max),
             )
             .add_service(pb::admin_server::AdminServer::new(api.clone()))
+            .add_service(pb::groups_server::GroupsServer::new(api.clone()))
             .add_service(pb::controller_server::ControllerServer::new(api.clone()))
             .add_service(pb::node_status_server::NodeStatusServer::new(api))
             .add_service(health)
@@ -162,7 +163,12 @@ impl Api {
     }
 
     /// Reads committed records, waiting up to `wait_ms` for some to commit.
-    async fn fetch(&self, request: pb::FetchRequest, wait_ms: u32, hops: u32) -> Result<pb::FetchResponse, Status> {
+    pub(crate) async fn fetch(
+        &self,
+        request: pb::FetchRequest,
+        wait_ms: u32,
+        hops: u32,
+    ) -> Result<pb::FetchResponse, Status> {
         let inner = &self.inner;
         let (group, replicas, _) = inner.resolve(&request.topic, request.partition)?;
         let Ok(store) = inner.node.store(group) else {
@@ -271,12 +277,13 @@ impl Api {
             replication_factor: topic.replication_factor,
             config: Some(settings_to_pb(&topic.settings)),
             partitions,
+            internal: topic.internal,
         }
     }
 
     /// Asks every node what it knows about the groups it hosts (1 s deadline each) and merges
     /// the answers: a group's leader is the node that says it leads it.
-    async fn gather(&self, meta: &Metadata) -> (Statuses, BTreeMap<NodeId, bool>) {
+    pub(crate) async fn gather(&self, meta: &Metadata) -> (Statuses, BTreeMap<NodeId, bool>) {
         let inner = &self.inner;
         let mut nodes: BTreeMap<NodeId, String> = meta.nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect();
         for (id, addr) in &inner.config.voters {
@@ -332,14 +339,14 @@ impl Api {
     }
 }
 
-struct GroupView {
-    leader: Option<NodeId>,
-    high_watermark: u64,
-    log_start_offset: u64,
+pub(crate) struct GroupView {
+    pub(crate) leader: Option<NodeId>,
+    pub(crate) high_watermark: u64,
+    pub(crate) log_start_offset: u64,
     in_sync: Vec<NodeId>,
 }
 
-type Statuses = BTreeMap<GroupId, GroupView>;
+pub(crate) type Statuses = BTreeMap<GroupId, GroupView>;
 
 /// What this node knows about each group it hosts.
 fn local_status(inner: &Inner) -> pb::LocalStatusResponse {

@@ -4,80 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use keel_broker::{Broker, BrokerConfig, Clock, Limits};
+use common::{channel, start, start_with_voters};
 use keel_proto::v1 as pb;
-use keel_raft::{NetworkConfig, RaftTimings, TcpConnector};
-use keel_storage::{FileDisk, LogConfig};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
-
-struct FixedClock;
-impl Clock for FixedClock {
-    fn now_ms(&self) -> i64 {
-        1_700_000_000_000
-    }
-}
-
-struct Cluster {
-    _dir: tempfile::TempDir,
-    brokers: Vec<Broker>,
-    addrs: Vec<String>,
-}
-
-async fn start(nodes: u64) -> Cluster {
-    start_with_voters(nodes, nodes).await
-}
-
-/// `nodes` nodes of which the first `voters` vote in the metadata group.
-async fn start_with_voters(nodes: u64, voters: u64) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let mut listeners = Vec::new();
-    for _ in 0..nodes {
-        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    let voters: BTreeMap<u64, String> =
-        addrs.iter().enumerate().take(voters as usize).map(|(i, a)| (i as u64 + 1, a.clone())).collect();
-    let mut brokers = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let id = i as u64 + 1;
-        let config = BrokerConfig {
-            node_id: id,
-            advertised_addr: addrs[i].clone(),
-            data_dir: dir.path().join(format!("node-{id}")),
-            voters: voters.clone(),
-            timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800 },
-            log: LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: 1 << 20, ..LogConfig::default() },
-            network: NetworkConfig::default(),
-            append_timeout: Duration::from_secs(5),
-            retention_interval: Duration::from_secs(3600),
-            limits: Limits::default(),
-            seed: id,
-        };
-        let broker =
-            Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), Arc::new(FixedClock))
-                .await
-                .unwrap();
-        let routes = broker.router().unwrap();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming));
-        brokers.push(broker);
-    }
-    for b in &brokers {
-        let mut ready = b.ready();
-        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r)).await.unwrap().unwrap();
-    }
-    Cluster { _dir: dir, brokers, addrs }
-}
-
-async fn channel(addr: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
-}
 
 fn record(value: &str) -> pb::Record {
     pb::Record { key: None, value: Some(value.as_bytes().to_vec().into()), headers: vec![], timestamp_ms: 0 }
@@ -232,10 +168,10 @@ async fn topics_produce_and_fetch() {
     assert!(view.nodes.iter().all(|n| n.reachable && n.controller_voter));
     assert!(!view.cluster_id.is_empty());
     assert_eq!(view.leaderless, 0);
-    let p0 = &view.topics[0].partitions[0];
+    let p0 = &view.topics.iter().find(|t| t.name == "orders").unwrap().partitions[0];
     assert_eq!(p0.high_watermark, 15);
     for b in &cluster.brokers {
-        assert_eq!(b.metadata().topics.len(), 1);
+        assert_eq!(b.metadata().topics.values().filter(|t| !t.internal).count(), 1);
     }
 }
 
@@ -268,7 +204,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         assert!(!status.message().is_empty());
     }
     let topics = admin.list_topics(pb::ListTopicsRequest {}).await.unwrap().into_inner().topics;
-    assert_eq!(topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["t"]);
+    assert_eq!(topics.iter().filter(|t| !t.internal).map(|t| t.name.as_str()).collect::<Vec<_>>(), ["t"]);
     wait_leaders(&mut admin, "t").await;
 
     let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
@@ -357,6 +293,7 @@ async fn streams_pipeline_and_name_the_leader() {
     assert_eq!(bases, (0..200).map(|i| 1 + 2 * i).collect::<Vec<_>>(), "one partition's batches keep their order");
 
     // Delete: gone from the metadata and from every replica's disk.
+    let group = cluster.brokers[0].metadata().topics["s"].partitions[0].group;
     admin.delete_topic(pb::DeleteTopicRequest { name: "s".into() }).await.unwrap();
     let status = admin.describe_topic(pb::DescribeTopicRequest { name: "s".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -366,12 +303,12 @@ async fn streams_pipeline_and_name_the_leader() {
     );
     for b in &cluster.brokers {
         for _ in 0..100 {
-            if !b.raft_node().group_ids().contains(&1) {
+            if !b.raft_node().group_ids().contains(&group) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(!b.raft_node().group_ids().contains(&1));
+        assert!(!b.raft_node().group_ids().contains(&group));
     }
 
     // Add partitions.
@@ -421,7 +358,18 @@ async fn nodes_beyond_the_voters_join_and_serve() {
     let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[3]).await);
     let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[3]).await);
     for p in &t.partitions {
-        let r = producer.produce(produce("w", p.partition, &["x", "y"])).await.unwrap().into_inner();
+        // A replica may not have heard from its new leader yet: UNAVAILABLE means retry.
+        let mut r = producer.produce(produce("w", p.partition, &["x", "y"])).await;
+        for _ in 0..100 {
+            match &r {
+                Err(s) if s.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    r = producer.produce(produce("w", p.partition, &["x", "y"])).await;
+                }
+                _ => break,
+            }
+        }
+        let r = r.unwrap().into_inner();
         assert_eq!(r.base_offset, 0);
         let fetched = consumer
             .fetch(pb::FetchRequest {
@@ -437,5 +385,5 @@ async fn nodes_beyond_the_voters_join_and_serve() {
             .into_inner();
         assert_eq!(fetched.records.len(), 2, "partition {}", p.partition);
     }
-    assert_eq!(cluster.brokers[3].metadata().topics.len(), 1);
+    assert_eq!(cluster.brokers[3].metadata().topics.values().filter(|t| !t.internal).count(), 1);
 }

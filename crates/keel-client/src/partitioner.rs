@@ -1,15 +1,7 @@
 //! Which partition a record goes to. Keyed records follow the rule in keel.proto, so that every
 //! client (in any language) puts one key in the same partition.
 
-/// FNV-1a 64-bit offset basis.
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-/// FNV-1a 64-bit prime.
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// The FNV-1a 64-bit hash of `bytes`.
-pub fn fnv1a_64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(FNV_OFFSET_BASIS, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME))
-}
+pub use keel_record::fnv1a_64;
 
 /// The partition of a keyed record: `fnv1a_64(key) mod partition_count` (0 when `count` is 0).
 pub fn partition_for_key(key: &[u8], count: u32) -> u32 {

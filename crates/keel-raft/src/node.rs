@@ -189,6 +189,11 @@ impl RaftNode {
         self.config.node_id
     }
 
+    /// The largest batch a group of this node accepts, in bytes.
+    pub fn batch_bytes_max(&self) -> usize {
+        self.config.log.batch_bytes_max()
+    }
+
     fn raft_config(&self) -> Result<Arc<Config>, NodeError> {
         let t = self.config.timings;
         let config = Config {

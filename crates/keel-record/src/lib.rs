@@ -40,6 +40,12 @@ compile_error!(
 
 mod varint;
 
+/// The FNV-1a 64-bit hash of `bytes` (offset basis 0xcbf29ce484222325, prime 0x100000001b3):
+/// how every client maps a key to a partition and a group to its coordinator partition.
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 use bytes::{BufMut, Bytes, BytesMut};
 pub use varint::{get_varint, get_varlong, put_varlong, varlong_len};
 

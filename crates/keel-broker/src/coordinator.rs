@@ -1,0 +1,366 @@
+//! The coordinator runtime of DESIGN.md §6.1: one per internal-topic partition hosted on this
+//! node. It replays the partition's committed records into a pure [`Shard`] (on every replica,
+//! so a new leader starts almost caught up), and on the leader it runs operations: an operation
+//! reads the state and returns records plus an answer; the runtime appends the records through
+//! the partition's raft group, waits until they are committed *and replayed*, and only then
+//! answers. A failed or ambiguous append answers with a retriable error and changes nothing in
+//! memory: the state is only ever what the committed log says.
+//!
+//! Operations on one key (a consumer group) run one at a time; different keys run concurrently
+//! and share raft's group commit. The runtime serves only while it is *active*: this node leads
+//! the partition and has replayed everything committed up to its own last log entry, so no
+//! operation ever reads a state that misses a committed — or still possibly committing — record.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_coordinator::{Record, Shard};
+use keel_raft::types::ReadPolicy;
+use keel_raft::{AppendError, GroupId, NodeId, RaftNode};
+use keel_record::{BatchBuilder, NewRecord};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::broker::Clock;
+
+/// How often the runtime looks at its group's raft metrics for a change of leadership.
+const LEADERSHIP_POLL: Duration = Duration::from_millis(100);
+/// Bytes read per replay step.
+const REPLAY_BYTES: usize = 1 << 20;
+
+/// Bugs a negative control injects into the runtime; production never sets them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoordinatorFaults {
+    /// Answer as soon as the records are handed to raft, before the quorum flush.
+    pub ack_before_commit: bool,
+    /// Accept offset commits without checking the member, its epoch or its ownership.
+    pub no_fencing: bool,
+}
+
+/// Why an operation did not run or was not acknowledged.
+#[derive(Debug)]
+pub enum RunError<E> {
+    /// The operation refused: nothing was appended.
+    Refused(E),
+    /// This node is not the coordinator; the leader, if known.
+    NotCoordinator(Option<NodeId>),
+    /// This node leads the partition but has not replayed it yet: retry shortly.
+    Loading,
+    /// The append failed and may or may not have been committed: retry.
+    Ambiguous(String),
+    /// The records do not fit in one batch.
+    TooLarge(String),
+}
+
+/// The runtime of one internal-topic partition.
+pub struct Runtime<S: Shard> {
+    raft_group: GroupId,
+    node: Arc<RaftNode>,
+    me: NodeId,
+    clock: Arc<dyn Clock>,
+    append_timeout: Duration,
+    faults: CoordinatorFaults,
+    state: Mutex<S>,
+    /// The next offset to replay: every committed record below it is in `state`.
+    applied: watch::Sender<u64>,
+    /// The raft term this node serves operations in, while it does.
+    active: watch::Sender<Option<u64>>,
+    /// One lock per key: operations on a key run one at a time.
+    locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set when the partition holds a record this code cannot replay: the runtime stops serving.
+    broken: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<S: Shard> Runtime<S> {
+    /// A runtime for the partition in `raft_group` (which this node hosts).
+    pub(crate) fn new(
+        raft_group: GroupId,
+        node: Arc<RaftNode>,
+        clock: Arc<dyn Clock>,
+        append_timeout: Duration,
+        faults: CoordinatorFaults,
+    ) -> Runtime<S> {
+        let me = node.id();
+        Runtime {
+            raft_group,
+            node,
+            me,
+            clock,
+            append_timeout,
+            faults,
+            state: Mutex::new(S::default()),
+            applied: watch::channel(0).0,
+            active: watch::channel(None).0,
+            locks: Mutex::new(BTreeMap::new()),
+            broken: Mutex::new(None),
+        }
+    }
+
+    /// Reads the replayed state.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&S) -> T) -> T {
+        f(&lock(&self.state))
+    }
+
+    /// Whether this node serves operations now; changes as leadership comes and goes.
+    pub(crate) fn active(&self) -> watch::Receiver<Option<u64>> {
+        self.active.subscribe()
+    }
+
+    /// The leader of the partition as this node knows it.
+    pub(crate) fn leader(&self) -> Option<NodeId> {
+        self.node.leader(self.raft_group)
+    }
+
+    fn check_active(&self) -> Result<u64, RunError<std::convert::Infallible>> {
+        if lock(&self.broken).is_some() {
+            return Err(RunError::NotCoordinator(None));
+        }
+        match *self.active.borrow() {
+            Some(term) => Ok(term),
+            None if self.leader() == Some(self.me) => Err(RunError::Loading),
+            None => Err(RunError::NotCoordinator(self.leader().filter(|l| *l != self.me))),
+        }
+    }
+
+    /// Whether reads may be served: the same condition as operations.
+    pub(crate) fn check_serving<E>(&self) -> Result<(), RunError<E>> {
+        self.check_active().map(|_| ()).map_err(widen)
+    }
+
+    /// Runs an operation on `key`: computes its records from the state, appends them, waits for
+    /// their commit and replay, and returns its answer.
+    pub(crate) async fn run<T, E>(
+        &self,
+        key: &str,
+        op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>,
+    ) -> Result<T, RunError<E>> {
+        self.check_active().map_err(widen)?;
+        let key_lock = {
+            let mut locks = lock(&self.locks);
+            Arc::clone(locks.entry(key.to_owned()).or_default())
+        };
+        let outcome = {
+            let _turn = key_lock.lock().await;
+            self.run_locked(op).await
+        };
+        drop(key_lock);
+        // Forget locks nobody waits for, so the map stays as small as the keys in use.
+        lock(&self.locks).retain(|_, l| Arc::strong_count(l) > 1);
+        outcome
+    }
+
+    async fn run_locked<T, E>(&self, op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>) -> Result<T, RunError<E>> {
+        let term = self.check_active().map_err(widen)?;
+        let (records, answer) = op(&lock(&self.state)).map_err(RunError::Refused)?;
+        if records.is_empty() {
+            return Ok(answer);
+        }
+        let batch = self.encode(&records)?;
+        let pending = match self.node.submit(self.raft_group, batch).await {
+            Ok(p) => p,
+            Err(e) => return Err(self.append_failed(term, e)),
+        };
+        if self.faults.ack_before_commit {
+            // Negative control: the answer leaves before the quorum has the records.
+            return Ok(answer);
+        }
+        let appended = match pending.wait().await {
+            Ok(a) => a,
+            Err(e) => return Err(self.append_failed(term, e)),
+        };
+        let mut applied = self.applied.subscribe();
+        let waited = tokio::time::timeout(self.append_timeout, applied.wait_for(|a| *a >= appended.next_offset)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            // Committed, but not replayed in time: the next operation must not read a state
+            // without it, so stop serving until the replay catches up.
+            self.deactivate(term, "a committed operation was not replayed in time");
+            return Err(RunError::Ambiguous("the operation committed but this coordinator is behind; retry".into()));
+        }
+        Ok(answer)
+    }
+
+    fn encode<E>(&self, records: &[Record]) -> Result<bytes::Bytes, RunError<E>> {
+        let mut builder = BatchBuilder::new(self.node_batch_limit());
+        let now = self.clock.now_ms();
+        for r in records {
+            let record = NewRecord { timestamp_ms: now, key: Some(&r.key), value: r.value.as_deref(), headers: &[] };
+            builder.push(record).map_err(|e| RunError::TooLarge(e.to_string()))?;
+        }
+        Ok(builder.build())
+    }
+
+    fn node_batch_limit(&self) -> usize {
+        self.node.batch_bytes_max()
+    }
+
+    fn append_failed<E>(&self, term: u64, e: AppendError) -> RunError<E> {
+        match e {
+            AppendError::NotLeader { leader } => {
+                self.deactivate(term, "leadership lost");
+                RunError::NotCoordinator(leader.map(|(id, _)| id))
+            }
+            AppendError::UnknownGroup(_) => {
+                self.deactivate(term, "the partition closed");
+                RunError::NotCoordinator(None)
+            }
+            AppendError::Invalid(m) => RunError::TooLarge(m),
+            e @ (AppendError::Timeout | AppendError::Unknown { .. } | AppendError::Fatal(_)) => {
+                // The records may still commit: stop serving until the replay has passed every
+                // entry this leader holds, so no later operation reads a state without them.
+                self.deactivate(term, "an append's outcome is unknown");
+                RunError::Ambiguous(e.to_string())
+            }
+        }
+    }
+
+    fn deactivate(&self, term: u64, why: &str) {
+        let changed = self.active.send_if_modified(|a| {
+            if *a == Some(term) {
+                *a = None;
+                true
+            } else {
+                false
+            }
+        });
+        if changed {
+            info!(group = self.raft_group, term, why, "coordinator stops serving");
+        }
+    }
+
+    /// Replays committed records into the state, on every replica, for as long as the node
+    /// hosts the partition. A replica whose log start moved past what it replayed (it installed
+    /// a snapshot) starts over from the new log start: the partition's records are "latest
+    /// value per key" and anything trimmed was rewritten above the trim point.
+    pub(crate) async fn replay_loop(self: Arc<Self>) {
+        let Ok(store) = self.node.store(self.raft_group) else { return };
+        let mut hw = store.high_watermark();
+        loop {
+            let target = *hw.borrow_and_update();
+            let next = *self.applied.borrow();
+            if next < target {
+                match store.read_committed(next, REPLAY_BYTES) {
+                    Ok(batches) if !batches.is_empty() => {
+                        if let Err(reason) = self.replay_batches(next, &batches) {
+                            warn!(group = self.raft_group, %reason, "coordinator partition cannot be replayed");
+                            *lock(&self.broken) = Some(reason);
+                            self.active.send_replace(None);
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(keel_storage::StorageError::OutOfRange { .. }) => {
+                        let (start, _, _) = store.positions();
+                        if start.offset > next {
+                            info!(group = self.raft_group, from = start.offset, "replaying from the new log start");
+                            *lock(&self.state) = S::default();
+                            self.applied.send_replace(start.offset);
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        *lock(&self.broken) = Some(format!("reading the partition: {e}"));
+                        self.active.send_replace(None);
+                        return;
+                    }
+                }
+            }
+            if hw.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn replay_batches(&self, from: u64, batches: &[keel_record::Batch]) -> Result<(), String> {
+        let mut state = lock(&self.state);
+        let mut next = from;
+        for batch in batches {
+            for record in batch.records() {
+                let record = record.map_err(|e| format!("undecodable record: {e}"))?;
+                if record.offset < next {
+                    continue;
+                }
+                let r = Record {
+                    key: record.key.map(|k| k.to_vec()).unwrap_or_default(),
+                    value: record.value.map(|v| v.to_vec()),
+                };
+                state.replay(record.offset, &r).map_err(|e| e.to_string())?;
+            }
+            next = next.max(batch.header().next_offset());
+        }
+        drop(state);
+        self.applied.send_replace(next);
+        Ok(())
+    }
+
+    /// Turns the runtime on when this node leads the partition and has replayed everything up
+    /// to its own last log entry, and off when it stops leading.
+    pub(crate) async fn leadership_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(LEADERSHIP_POLL).await;
+            if lock(&self.broken).is_some() {
+                return;
+            }
+            let Ok(metrics) = self.node.metrics(self.raft_group) else {
+                self.active.send_replace(None);
+                continue;
+            };
+            let leading = metrics.current_leader == Some(self.me);
+            let active = *self.active.borrow();
+            match active {
+                Some(term) if !leading || term != metrics.current_term => self.deactivate(term, "leadership changed"),
+                Some(_) => {}
+                None if leading => {
+                    if let Err(why) = self.activate(metrics.current_term, metrics.last_log_index.unwrap_or(0)).await {
+                        debug!(group = self.raft_group, why, "coordinator not active yet");
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    async fn activate(&self, term: u64, last_log_index: u64) -> Result<(), String> {
+        let raft = self.node.raft(self.raft_group).map_err(|e| e.to_string())?;
+        let read = tokio::time::timeout(self.append_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex))
+            .await
+            .map_err(|_| "leadership not confirmed in time".to_owned())?
+            .map_err(|e| e.to_string())?;
+        // Everything this leader holds, committed or still in flight from an ambiguous append,
+        // must be applied before any operation reads the state.
+        let barrier = read.log_id().index.max(last_log_index);
+        raft.wait(Some(self.append_timeout))
+            .applied_index_at_least(Some(barrier), "coordinator barrier")
+            .await
+            .map_err(|e| e.to_string())?;
+        let store = self.node.store(self.raft_group).map_err(|e| e.to_string())?;
+        let hw = *store.high_watermark().borrow();
+        let mut applied = self.applied.subscribe();
+        tokio::time::timeout(self.append_timeout, applied.wait_for(|a| *a >= hw))
+            .await
+            .map_err(|_| "replay did not catch up in time".to_owned())?
+            .map_err(|_| "stopping".to_owned())?;
+        let metrics = self.node.metrics(self.raft_group).map_err(|e| e.to_string())?;
+        if metrics.current_leader != Some(self.me) || metrics.current_term != term {
+            return Err("leadership changed while loading".into());
+        }
+        info!(group = self.raft_group, term, replayed_to = hw, "coordinator active");
+        self.active.send_replace(Some(term));
+        Ok(())
+    }
+}
+
+fn widen<E>(e: RunError<std::convert::Infallible>) -> RunError<E> {
+    match e {
+        RunError::Refused(never) => match never {},
+        RunError::NotCoordinator(l) => RunError::NotCoordinator(l),
+        RunError::Loading => RunError::Loading,
+        RunError::Ambiguous(m) => RunError::Ambiguous(m),
+        RunError::TooLarge(m) => RunError::TooLarge(m),
+    }
+}

@@ -1,0 +1,77 @@
+//! Three (or more) in-process nodes on 127.0.0.1 with real disks and real gRPC: what the
+//! broker's API tests share.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_broker::{Broker, BrokerConfig, Clock, Limits};
+use keel_raft::{NetworkConfig, RaftTimings, TcpConnector};
+use keel_storage::{FileDisk, LogConfig};
+use tonic::transport::Channel;
+
+pub struct FixedClock;
+impl Clock for FixedClock {
+    fn now_ms(&self) -> i64 {
+        1_700_000_000_000
+    }
+}
+
+pub struct Cluster {
+    pub _dir: tempfile::TempDir,
+    pub brokers: Vec<Broker>,
+    pub addrs: Vec<String>,
+}
+
+pub async fn start(nodes: u64) -> Cluster {
+    start_with_voters(nodes, nodes).await
+}
+
+/// `nodes` nodes of which the first `voters` vote in the metadata group.
+pub async fn start_with_voters(nodes: u64, voters: u64) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..nodes {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let voters: BTreeMap<u64, String> =
+        addrs.iter().enumerate().take(voters as usize).map(|(i, a)| (i as u64 + 1, a.clone())).collect();
+    let mut brokers = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let id = i as u64 + 1;
+        let config = BrokerConfig {
+            node_id: id,
+            advertised_addr: addrs[i].clone(),
+            data_dir: dir.path().join(format!("node-{id}")),
+            voters: voters.clone(),
+            timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800 },
+            log: LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: 1 << 20, ..LogConfig::default() },
+            network: NetworkConfig::default(),
+            append_timeout: Duration::from_secs(5),
+            retention_interval: Duration::from_secs(3600),
+            limits: Limits::default(),
+            groups: Default::default(),
+            seed: id,
+        };
+        let broker =
+            Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), Arc::new(FixedClock))
+                .await
+                .unwrap();
+        let routes = broker.router().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming));
+        brokers.push(broker);
+    }
+    for b in &brokers {
+        let mut ready = b.ready();
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r)).await.unwrap().unwrap();
+    }
+    Cluster { _dir: dir, brokers, addrs }
+}
+
+pub async fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}

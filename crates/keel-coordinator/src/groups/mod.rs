@@ -1,0 +1,348 @@
+//! Consumer groups as a pure shard of `__consumer_offsets`: members and their epochs, the
+//! group epoch, the target assignment and each owned partition's assignment epoch, committed
+//! offsets. [`Groups::replay`] rebuilds it from the partition; the operations in [`ops`] read it
+//! and return the records to append with the answer to give once they are committed.
+//!
+//! The protocol follows Kafka's KIP-848: a member heartbeats with its epoch and what it owns;
+//! any change of membership, subscription or subscribed partitions bumps the group epoch and
+//! computes a new target assignment; each member then reconciles towards it — it first gives up
+//! what it must lose (revoking), then moves to the new epoch and receives only partitions that no
+//! other member still owns. So no partition is ever owned by two members at once.
+
+pub mod assignor;
+pub mod ops;
+pub mod records;
+
+use std::collections::BTreeMap;
+
+pub use ops::{CommitInput, HeartbeatInput, HeartbeatOutput, Outcome, TopicsView};
+pub use records::{Committed, GroupMeta, GroupRecord, Member, Target, Tp};
+
+use crate::{Record, ReplayError, Shard};
+
+/// Bounds of what clients can make a coordinator hold; each is checked before anything is
+/// appended, so a flood of joins or commits is refused rather than stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Members in one group.
+    pub members_per_group_max: usize,
+    /// Groups per `__consumer_offsets` partition (so per coordinator shard).
+    pub groups_max: usize,
+    /// Bytes of a commit's metadata string.
+    pub metadata_bytes_max: usize,
+    /// Partitions in one commit request.
+    pub offsets_per_commit_max: usize,
+    /// Topics one member may subscribe to.
+    pub subscribed_topics_max: usize,
+    /// Longest member and instance id.
+    pub member_id_bytes_max: usize,
+    /// The session timeout granted when the member asks for none.
+    pub session_timeout_ms_default: u32,
+    /// Bounds of the session timeout a member may ask for.
+    pub session_timeout_ms_min: u32,
+    /// Bounds of the session timeout a member may ask for.
+    pub session_timeout_ms_max: u32,
+    /// How often members heartbeat (at most a third of their session timeout).
+    pub heartbeat_interval_ms: u32,
+    /// How long a member may take to revoke partitions when it asks for nothing else.
+    pub rebalance_timeout_ms_default: u32,
+    /// The longest rebalance timeout a member may ask for.
+    pub rebalance_timeout_ms_max: u32,
+}
+
+impl Default for GroupLimits {
+    fn default() -> GroupLimits {
+        GroupLimits {
+            members_per_group_max: 1_000,
+            groups_max: 10_000,
+            metadata_bytes_max: 4_096,
+            offsets_per_commit_max: 10_000,
+            subscribed_topics_max: 1_000,
+            member_id_bytes_max: 64,
+            session_timeout_ms_default: 10_000,
+            session_timeout_ms_min: 1_000,
+            session_timeout_ms_max: 300_000,
+            heartbeat_interval_ms: 1_000,
+            rebalance_timeout_ms_default: 60_000,
+            rebalance_timeout_ms_max: 600_000,
+        }
+    }
+}
+
+/// Why a group operation was refused; nothing was changed. [`GroupError::reason`] is the
+/// `google.rpc.ErrorInfo` reason clients see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// Bad input.
+    #[error("{0}")]
+    Invalid(String),
+    /// The member is not in the group (removed, timed out, or never joined).
+    #[error("member {member:?} is not in group {group:?}; rejoin with member_epoch 0")]
+    UnknownMember {
+        /// Group.
+        group: String,
+        /// Member.
+        member: String,
+    },
+    /// The member's epoch is not its current one: it was fenced.
+    #[error("member {member:?} sent epoch {sent} but its epoch is {current}; rejoin with member_epoch 0")]
+    FencedEpoch {
+        /// Member.
+        member: String,
+        /// What it sent.
+        sent: i32,
+        /// What it is.
+        current: i32,
+    },
+    /// A commit for a partition the member does not own at that epoch (a zombie commit).
+    #[error("member {member:?} at epoch {epoch} does not own {tp}; nothing was committed")]
+    StaleEpoch {
+        /// Member.
+        member: String,
+        /// Epoch of the commit.
+        epoch: i32,
+        /// The partition.
+        tp: Tp,
+    },
+    /// A committed offset beyond the partition's high watermark.
+    #[error("offset {offset} of {tp} is above its high watermark {high_watermark}")]
+    OffsetAboveHighWatermark {
+        /// The partition.
+        tp: Tp,
+        /// The offset.
+        offset: u64,
+        /// The partition's high watermark.
+        high_watermark: u64,
+    },
+    /// An offset below the partition's log start (reset only).
+    #[error("offset {offset} of {tp} is below its log start {log_start}")]
+    OffsetBelowLogStart {
+        /// The partition.
+        tp: Tp,
+        /// The offset.
+        offset: u64,
+        /// The log start.
+        log_start: u64,
+    },
+    /// No such topic or partition.
+    #[error("{0}")]
+    UnknownTopic(String),
+    /// No such group.
+    #[error("group {0:?} does not exist")]
+    UnknownGroup(String),
+    /// Reset and delete need an empty group.
+    #[error("group {group:?} has {members} members; stop them first")]
+    GroupNotEmpty {
+        /// Group.
+        group: String,
+        /// How many members it has.
+        members: usize,
+    },
+    /// The group is full.
+    #[error("group {group:?} has reached its limit of {max} members")]
+    GroupMaxSize {
+        /// Group.
+        group: String,
+        /// The limit.
+        max: usize,
+    },
+    /// The coordinator holds as many groups as it may.
+    #[error("this coordinator holds its limit of {0} groups")]
+    GroupsMax(usize),
+    /// A commit's metadata is too long.
+    #[error("commit metadata of {size} bytes exceeds the limit of {max}")]
+    MetadataTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A member asked for another assignor than the group uses.
+    #[error("group {group:?} uses assignor {group_assignor:?}, not {asked:?}")]
+    InconsistentAssignor {
+        /// Group.
+        group: String,
+        /// The group's.
+        group_assignor: String,
+        /// The member's.
+        asked: String,
+    },
+}
+
+impl GroupError {
+    /// The `google.rpc.ErrorInfo` reason of this refusal.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GroupError::Invalid(_) => "INVALID_REQUEST",
+            GroupError::UnknownMember { .. } => "UNKNOWN_MEMBER_ID",
+            GroupError::FencedEpoch { .. } => "FENCED_MEMBER_EPOCH",
+            GroupError::StaleEpoch { .. } => "STALE_MEMBER_EPOCH",
+            GroupError::OffsetAboveHighWatermark { .. } => "OFFSET_ABOVE_HIGH_WATERMARK",
+            GroupError::OffsetBelowLogStart { .. } => "OFFSET_BELOW_LOG_START",
+            GroupError::UnknownTopic(_) => "UNKNOWN_TOPIC_OR_PARTITION",
+            GroupError::UnknownGroup(_) => "GROUP_ID_NOT_FOUND",
+            GroupError::GroupNotEmpty { .. } => "GROUP_NOT_EMPTY",
+            GroupError::GroupMaxSize { .. } => "GROUP_MAX_SIZE_REACHED",
+            GroupError::GroupsMax(_) => "GROUPS_MAX_REACHED",
+            GroupError::MetadataTooLarge { .. } => "METADATA_TOO_LARGE",
+            GroupError::InconsistentAssignor { .. } => "INCONSISTENT_ASSIGNOR",
+        }
+    }
+}
+
+/// One group's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Group {
+    /// Epoch, assignor, subscribed topics' partition counts; `None` for a group known only by
+    /// its offsets.
+    pub meta: Option<GroupMeta>,
+    /// Members by id.
+    pub members: BTreeMap<String, Member>,
+    /// The target assignment.
+    pub target: Target,
+    /// Committed offsets.
+    pub offsets: BTreeMap<Tp, Committed>,
+}
+
+/// How a group is doing, as `ListGroups` and `DescribeGroup` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    /// No members.
+    Empty,
+    /// Some member has not reached the target assignment yet.
+    Assigning,
+    /// Every member holds its target assignment at the group epoch.
+    Stable,
+}
+
+impl GroupState {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupState::Empty => "empty",
+            GroupState::Assigning => "assigning",
+            GroupState::Stable => "stable",
+        }
+    }
+}
+
+impl Group {
+    /// The group epoch (0 before any member joined).
+    pub fn epoch(&self) -> i32 {
+        self.meta.as_ref().map_or(0, |m| m.epoch)
+    }
+
+    /// Empty, assigning or stable.
+    pub fn state(&self) -> GroupState {
+        if self.members.is_empty() {
+            return GroupState::Empty;
+        }
+        let settled = self.members.values().all(|m| {
+            let target = self.target.members.get(&m.member_id);
+            m.epoch == self.epoch()
+                && m.revoking.is_empty()
+                && target.is_none_or(|t| t.len() == m.assigned.len() && t.iter().all(|tp| m.assigned.contains_key(tp)))
+        });
+        if settled { GroupState::Stable } else { GroupState::Assigning }
+    }
+
+    /// The member that owns `tp` now (assigned or revoking), if any.
+    pub fn owner_of(&self, tp: &Tp) -> Option<&Member> {
+        self.members.values().find(|m| m.owns(tp).is_some())
+    }
+
+    /// Every record that, replayed alone, rebuilds this group (the rewrite that lets older
+    /// records be trimmed).
+    pub fn live_records(&self, name: &str) -> Vec<GroupRecord> {
+        let mut out = Vec::new();
+        if let Some(meta) = &self.meta {
+            out.push(GroupRecord::Meta(name.to_owned(), Some(meta.clone())));
+            out.push(GroupRecord::Target(name.to_owned(), Some(self.target.clone())));
+        }
+        for (id, m) in &self.members {
+            out.push(GroupRecord::Member(name.to_owned(), id.clone(), Some(m.clone())));
+        }
+        for (tp, c) in &self.offsets {
+            out.push(GroupRecord::Offset(name.to_owned(), tp.clone(), Some(c.clone())));
+        }
+        out
+    }
+}
+
+/// Every group of one `__consumer_offsets` partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Groups {
+    /// Groups by name.
+    pub groups: BTreeMap<String, Group>,
+}
+
+impl Groups {
+    /// Applies one decoded record.
+    pub fn apply(&mut self, record: GroupRecord) {
+        let name = record.group().to_owned();
+        let group = self.groups.entry(name.clone()).or_default();
+        match record {
+            GroupRecord::Meta(_, meta) => group.meta = meta,
+            GroupRecord::Member(_, id, Some(m)) => {
+                group.members.insert(id, m);
+            }
+            GroupRecord::Member(_, id, None) => {
+                group.members.remove(&id);
+            }
+            GroupRecord::Target(_, t) => group.target = t.unwrap_or_default(),
+            GroupRecord::Offset(_, tp, Some(c)) => {
+                group.offsets.insert(tp, c);
+            }
+            GroupRecord::Offset(_, tp, None) => {
+                group.offsets.remove(&tp);
+            }
+        }
+        if group.meta.is_none() && group.members.is_empty() && group.offsets.is_empty() {
+            self.groups.remove(&name);
+        }
+    }
+
+    /// A group, if it exists.
+    pub fn get(&self, name: &str) -> Option<&Group> {
+        self.groups.get(name)
+    }
+}
+
+impl Shard for Groups {
+    fn replay(&mut self, offset: u64, record: &Record) -> Result<(), ReplayError> {
+        let decoded = GroupRecord::decode(record).map_err(|reason| ReplayError { offset, reason })?;
+        self.apply(decoded);
+        Ok(())
+    }
+}
+
+/// Checks a group name like a topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`.
+pub fn validate_group_name(name: &str) -> Result<(), GroupError> {
+    if name.is_empty() {
+        return Err(GroupError::Invalid("group name must not be empty".into()));
+    }
+    if name.len() > 249 {
+        return Err(GroupError::Invalid("group name is longer than 249 characters".into()));
+    }
+    if name == "." || name == ".." {
+        return Err(GroupError::Invalid(format!("group name {name:?} is not allowed")));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(GroupError::Invalid(format!(
+            "group name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// The `__consumer_offsets` partition that holds `group`: `fnv1a_64(group) mod partitions`.
+pub fn partition_for_group(group: &str, partitions: u32) -> u32 {
+    if partitions == 0 {
+        return 0;
+    }
+    // The remainder is below `partitions`, so it fits in u32.
+    (keel_record::fnv1a_64(group.as_bytes()) % u64::from(partitions)) as u32
+}
+
+#[cfg(test)]
+mod tests;

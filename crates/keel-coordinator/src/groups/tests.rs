@@ -1,0 +1,501 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::Shard;
+
+/// A coordinator without a runtime: every outcome's records go through the codec and replay,
+/// as they would through the log.
+struct Coord {
+    state: Groups,
+    offset: u64,
+    topics: TopicsView,
+    limits: GroupLimits,
+    now_ms: i64,
+}
+
+impl Coord {
+    fn new(topics: &[(&str, u32)]) -> Coord {
+        Coord {
+            state: Groups::default(),
+            offset: 0,
+            topics: topics.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect(),
+            limits: GroupLimits::default(),
+            now_ms: 1_000,
+        }
+    }
+
+    fn append(&mut self, records: &[GroupRecord]) {
+        for r in records {
+            self.state.replay(self.offset, &r.encode()).unwrap();
+            self.offset += 1;
+        }
+        self.check_no_double_ownership();
+    }
+
+    fn hb(&mut self, input: HeartbeatInput) -> Result<HeartbeatOutput, GroupError> {
+        let out = self.state.heartbeat(&input, &self.topics, &self.limits, self.now_ms)?;
+        self.append(&out.records);
+        Ok(out.response)
+    }
+
+    fn join(&mut self, id: &str, topics: &[&str]) -> HeartbeatOutput {
+        self.hb(HeartbeatInput {
+            group: "g".into(),
+            member_id: id.into(),
+            member_epoch: 0,
+            subscribed: topics.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// A well-behaved member's next heartbeat: it owns what it was last told.
+    fn beat(&mut self, id: &str, last: &HeartbeatOutput, topics: &[&str]) -> HeartbeatOutput {
+        self.hb(HeartbeatInput {
+            group: "g".into(),
+            member_id: id.into(),
+            member_epoch: last.member_epoch,
+            subscribed: topics.iter().map(|t| (*t).to_owned()).collect(),
+            owned: last.assignment.iter().cloned().collect(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn check_no_double_ownership(&self) {
+        for g in self.state.groups.values() {
+            let mut seen = BTreeSet::new();
+            for m in g.members.values() {
+                for tp in m.assigned.keys().chain(m.revoking.keys()) {
+                    assert!(seen.insert(tp.clone()), "{tp} owned twice");
+                }
+            }
+        }
+    }
+
+    fn group(&self) -> &Group {
+        self.state.get("g").unwrap()
+    }
+}
+
+/// Heartbeats every member until nothing changes.
+fn settle(c: &mut Coord, members: &mut BTreeMap<String, HeartbeatOutput>, topics: &[&str]) {
+    for _ in 0..10 {
+        let before = members.clone();
+        let ids: Vec<String> = members.keys().cloned().collect();
+        for id in ids {
+            let last = members[&id].clone();
+            let next = c.beat(&id, &last, topics);
+            members.insert(id, next);
+        }
+        if *members == before {
+            return;
+        }
+    }
+    panic!("the group did not settle");
+}
+
+#[test]
+fn a_lone_member_gets_every_partition() {
+    let mut c = Coord::new(&[("t", 4)]);
+    let a = c.join("a", &["t"]);
+    assert_eq!(a.member_epoch, 1);
+    assert_eq!(a.assignment.len(), 4);
+    assert_eq!(c.group().state(), GroupState::Stable);
+}
+
+#[test]
+fn a_second_member_waits_for_the_revocation() {
+    let mut c = Coord::new(&[("t", 4)]);
+    let a1 = c.join("a", &["t"]);
+    let b1 = c.join("b", &["t"]);
+    // b's partitions are still a's: it gets its epoch but nothing yet.
+    assert_eq!(b1.member_epoch, 2);
+    assert!(b1.assignment.is_empty());
+    // a is asked to revoke two partitions and stays at its epoch until it does.
+    let a2 = c.beat("a", &a1, &["t"]);
+    assert_eq!(a2.member_epoch, 1);
+    assert_eq!(a2.assignment.len(), 2);
+    assert_eq!(a2.revoking.len(), 2);
+    assert_eq!(c.group().state(), GroupState::Assigning);
+    // b asks again: still owned by a (a has not reported them gone).
+    let b2 = c.beat("b", &b1, &["t"]);
+    assert!(b2.assignment.is_empty());
+    // a reports its owned set without the revoked ones; it moves to epoch 2.
+    let a3 = c.beat("a", &a2, &["t"]);
+    assert_eq!(a3.member_epoch, 2);
+    let b3 = c.beat("b", &b2, &["t"]);
+    assert_eq!(b3.assignment.len(), 2);
+    assert!(a3.assignment.is_disjoint(&b3.assignment));
+    assert_eq!(c.group().state(), GroupState::Stable);
+}
+
+#[test]
+fn leaving_and_timing_out_hand_partitions_to_the_others() {
+    let mut c = Coord::new(&[("t", 6)]);
+    let mut members = BTreeMap::new();
+    for id in ["a", "b", "c"] {
+        members.insert(id.to_owned(), c.join(id, &["t"]));
+    }
+    settle(&mut c, &mut members, &["t"]);
+    assert!(members.values().all(|m| m.assignment.len() == 2));
+    // a leaves.
+    let left = c
+        .hb(HeartbeatInput { group: "g".into(), member_id: "a".into(), member_epoch: -1, ..Default::default() })
+        .unwrap();
+    assert_eq!(left.member_epoch, -1);
+    members.remove("a");
+    settle(&mut c, &mut members, &["t"]);
+    assert!(members.values().all(|m| m.assignment.len() == 3));
+    // b times out.
+    let records = c.state.remove_member("g", "b", &c.topics.clone(), 5_000).unwrap();
+    c.append(&records);
+    members.remove("b");
+    settle(&mut c, &mut members, &["t"]);
+    assert_eq!(members["c"].assignment.len(), 6);
+    // Leaving twice, or removing a member that is gone, changes nothing.
+    assert!(c.state.remove_member("g", "b", &c.topics, 6_000).is_none());
+}
+
+#[test]
+fn a_heartbeat_that_changes_nothing_writes_nothing() {
+    let mut c = Coord::new(&[("t", 2)]);
+    let a = c.join("a", &["t"]);
+    let input = HeartbeatInput {
+        group: "g".into(),
+        member_id: "a".into(),
+        member_epoch: a.member_epoch,
+        subscribed: vec!["t".into()],
+        owned: a.assignment.iter().cloned().collect(),
+        ..Default::default()
+    };
+    let out = c.state.heartbeat(&input, &c.topics, &c.limits, 2_000).unwrap();
+    assert!(out.records.is_empty(), "{:?}", out.records);
+}
+
+#[test]
+fn a_retried_join_does_not_create_a_second_member() {
+    let mut c = Coord::new(&[("t", 2)]);
+    let first = c.join("a", &["t"]);
+    let again = c.join("a", &["t"]);
+    assert_eq!(first, again);
+    assert_eq!(c.group().members.len(), 1);
+}
+
+#[test]
+fn stale_and_unknown_epochs_are_fenced() {
+    let mut c = Coord::new(&[("t", 2)]);
+    let a = c.join("a", &["t"]);
+    let wrong = HeartbeatInput {
+        group: "g".into(),
+        member_id: "a".into(),
+        member_epoch: a.member_epoch + 5,
+        subscribed: vec!["t".into()],
+        ..Default::default()
+    };
+    assert!(matches!(c.hb(wrong), Err(GroupError::FencedEpoch { .. })));
+    let nobody = HeartbeatInput { group: "g".into(), member_id: "z".into(), member_epoch: 3, ..Default::default() };
+    assert_eq!(c.hb(nobody).unwrap_err().reason(), "UNKNOWN_MEMBER_ID");
+}
+
+#[test]
+fn a_lost_answer_is_forgiven_with_the_previous_epoch() {
+    let mut c = Coord::new(&[("t", 2)]);
+    let a1 = c.join("a", &["t"]);
+    let _b = c.join("b", &["t"]);
+    let a2 = c.beat("a", &a1, &["t"]);
+    let a3 = c.beat("a", &a2, &["t"]);
+    assert_eq!(a3.member_epoch, 2);
+    // The answer carrying epoch 2 was lost: a heartbeats with epoch 1 and what it owns.
+    let again = c.beat("a", &a2, &["t"]);
+    assert_eq!(again.member_epoch, 2);
+}
+
+#[test]
+fn a_static_member_that_comes_back_keeps_its_partitions() {
+    let mut c = Coord::new(&[("t", 4)]);
+    let s = HeartbeatInput {
+        group: "g".into(),
+        member_id: "s-1".into(),
+        member_epoch: 0,
+        instance_id: Some("host-a".into()),
+        subscribed: vec!["t".into()],
+        ..Default::default()
+    };
+    let first = c.hb(s.clone()).unwrap();
+    let mut members = BTreeMap::from([("s-1".to_owned(), first)]);
+    members.insert("b".into(), c.join("b", &["t"]));
+    settle(&mut c, &mut members, &["t"]);
+    let held = members["s-1"].assignment.clone();
+    let epoch = c.group().epoch();
+    // It leaves for a while (restart), then rejoins under a new member id.
+    let away = c.hb(HeartbeatInput { member_epoch: -2, ..s.clone() }).unwrap();
+    assert_eq!(away.member_epoch, -2);
+    let back = c.hb(HeartbeatInput { member_id: "s-2".into(), ..s.clone() }).unwrap();
+    assert_eq!(back.assignment, held);
+    assert_eq!(c.group().epoch(), epoch, "no rebalance");
+    // The old member id is fenced.
+    let old = c.hb(HeartbeatInput { member_epoch: back.member_epoch, ..s });
+    assert_eq!(old.unwrap_err().reason(), "UNKNOWN_MEMBER_ID");
+}
+
+#[test]
+fn new_partitions_and_topics_are_picked_up() {
+    let mut c = Coord::new(&[("t", 2)]);
+    let a = c.join("a", &["t", "later"]);
+    assert_eq!(a.assignment.len(), 2);
+    c.topics.insert("t".into(), 3);
+    c.topics.insert("later".into(), 1);
+    let a2 = c.beat("a", &a, &["t", "later"]);
+    assert_eq!(a2.assignment.len(), 4);
+}
+
+fn commit(
+    c: &mut Coord,
+    member: &str,
+    epoch: i32,
+    tp: (&str, u32),
+    offset: u64,
+) -> Result<Vec<(Tp, Committed)>, GroupError> {
+    let hw: BTreeMap<Tp, u64> =
+        c.topics.iter().flat_map(|(t, n)| (0..*n).map(|p| (Tp::new(t.clone(), p), 100))).collect();
+    let input = CommitInput {
+        group: "g".into(),
+        member_id: member.into(),
+        member_epoch: epoch,
+        offsets: vec![(Tp::new(tp.0, tp.1), offset, String::new())],
+        unfenced: false,
+    };
+    let out = c.state.commit(&input, &c.topics, &hw, &c.limits, c.now_ms)?;
+    c.append(&out.records);
+    Ok(out.response)
+}
+
+#[test]
+fn commits_are_fenced_by_ownership_and_epoch() {
+    let mut c = Coord::new(&[("t", 2)]);
+    let a1 = c.join("a", &["t"]);
+    commit(&mut c, "a", a1.member_epoch, ("t", 0), 10).unwrap();
+    let b1 = c.join("b", &["t"]);
+    let a2 = c.beat("a", &a1, &["t"]);
+    let revoking: Vec<Tp> = a2.revoking.iter().cloned().collect();
+    assert_eq!(revoking.len(), 1);
+    // a may still commit what it is revoking (commit on revoke).
+    commit(&mut c, "a", 1, (&revoking[0].topic, revoking[0].partition), 20).unwrap();
+    let a3 = c.beat("a", &a2, &["t"]);
+    let b2 = c.beat("b", &b1, &["t"]);
+    let moved = &revoking[0];
+    assert!(b2.assignment.contains(moved));
+    // a no longer owns it: its late commit is a zombie commit.
+    let zombie = commit(&mut c, "a", a3.member_epoch, (&moved.topic, moved.partition), 30);
+    assert_eq!(zombie.unwrap_err().reason(), "STALE_MEMBER_EPOCH");
+    // b owns it since epoch 2; a commit at an older epoch than its assignment is refused.
+    let early = commit(&mut c, "b", 1, (&moved.topic, moved.partition), 30);
+    assert_eq!(early.unwrap_err().reason(), "STALE_MEMBER_EPOCH");
+    commit(&mut c, "b", b2.member_epoch, (&moved.topic, moved.partition), 30).unwrap();
+    // A future epoch, an unknown member, and an empty member id while members exist: fenced.
+    assert_eq!(commit(&mut c, "b", 9, ("t", moved.partition), 31).unwrap_err().reason(), "FENCED_MEMBER_EPOCH");
+    assert_eq!(commit(&mut c, "x", 1, ("t", 0), 31).unwrap_err().reason(), "UNKNOWN_MEMBER_ID");
+    assert_eq!(commit(&mut c, "", -1, ("t", 0), 31).unwrap_err().reason(), "UNKNOWN_MEMBER_ID");
+}
+
+#[test]
+fn commits_never_go_back_nor_past_the_high_watermark() {
+    let mut c = Coord::new(&[("t", 1)]);
+    let a = c.join("a", &["t"]);
+    commit(&mut c, "a", a.member_epoch, ("t", 0), 50).unwrap();
+    let back = commit(&mut c, "a", a.member_epoch, ("t", 0), 40).unwrap();
+    assert_eq!(back[0].1.offset, 50);
+    assert_eq!(c.group().offsets[&Tp::new("t", 0)].offset, 50);
+    let above = commit(&mut c, "a", a.member_epoch, ("t", 0), 101);
+    assert_eq!(above.unwrap_err().reason(), "OFFSET_ABOVE_HIGH_WATERMARK");
+    assert_eq!(commit(&mut c, "a", a.member_epoch, ("t", 9), 1).unwrap_err().reason(), "UNKNOWN_TOPIC_OR_PARTITION");
+    assert_eq!(commit(&mut c, "a", a.member_epoch, ("u", 0), 1).unwrap_err().reason(), "UNKNOWN_TOPIC_OR_PARTITION");
+}
+
+#[test]
+fn refused_requests_change_nothing() {
+    let mut c = Coord::new(&[("t", 1)]);
+    let a = c.join("a", &["t"]);
+    let before = c.state.clone();
+    let mut limits = c.limits;
+    limits.members_per_group_max = 1;
+    let full = c.state.heartbeat(
+        &HeartbeatInput { group: "g".into(), member_id: "b".into(), ..Default::default() },
+        &c.topics,
+        &limits,
+        0,
+    );
+    assert_eq!(full.unwrap_err().reason(), "GROUP_MAX_SIZE_REACHED");
+    let bad = [
+        HeartbeatInput { group: "".into(), member_id: "b".into(), ..Default::default() },
+        HeartbeatInput { group: "a/b".into(), member_id: "b".into(), ..Default::default() },
+        HeartbeatInput { group: "g".into(), member_id: "".into(), ..Default::default() },
+        HeartbeatInput { group: "g".into(), member_id: "x".repeat(65), ..Default::default() },
+        HeartbeatInput { group: "g".into(), member_id: "b\0".into(), ..Default::default() },
+        HeartbeatInput { group: "g".into(), member_id: "b".into(), member_epoch: -3, ..Default::default() },
+        HeartbeatInput { group: "g".into(), member_id: "b".into(), assignor: "magic".into(), ..Default::default() },
+        HeartbeatInput { group: "g".into(), member_id: "b".into(), assignor: "range".into(), ..Default::default() },
+        HeartbeatInput { group: "g".into(), member_id: "a".into(), member_epoch: -2, ..Default::default() },
+    ];
+    for (i, input) in bad.into_iter().enumerate() {
+        assert!(c.hb(input).is_err(), "case {i}");
+        assert_eq!(c.state, before, "case {i}");
+    }
+    let meta = "m".repeat(c.limits.metadata_bytes_max + 1);
+    let input = CommitInput {
+        group: "g".into(),
+        member_id: "a".into(),
+        member_epoch: a.member_epoch,
+        offsets: vec![(Tp::new("t", 0), 1, meta)],
+        unfenced: false,
+    };
+    let hw = BTreeMap::from([(Tp::new("t", 0), 10)]);
+    assert_eq!(c.state.commit(&input, &c.topics, &hw, &c.limits, 0).unwrap_err().reason(), "METADATA_TOO_LARGE");
+    let twice = CommitInput {
+        offsets: vec![(Tp::new("t", 0), 1, String::new()), (Tp::new("t", 0), 2, String::new())],
+        ..input
+    };
+    assert!(c.state.commit(&twice, &c.topics, &hw, &c.limits, 0).is_err());
+}
+
+#[test]
+fn reset_and_delete_need_an_empty_group() {
+    let mut c = Coord::new(&[("t", 1)]);
+    let a = c.join("a", &["t"]);
+    commit(&mut c, "a", a.member_epoch, ("t", 0), 50).unwrap();
+    let bounds = BTreeMap::from([(Tp::new("t", 0), (5, 100))]);
+    let offsets = vec![(Tp::new("t", 0), 7, String::new())];
+    let r = c.state.reset_offsets("g", &offsets, &c.topics, &bounds, &c.limits, 0);
+    assert_eq!(r.unwrap_err().reason(), "GROUP_NOT_EMPTY");
+    assert_eq!(c.state.delete_group("g").unwrap_err().reason(), "GROUP_NOT_EMPTY");
+    c.hb(HeartbeatInput { group: "g".into(), member_id: "a".into(), member_epoch: -1, ..Default::default() }).unwrap();
+    assert_eq!(c.group().state(), GroupState::Empty);
+    let out = c.state.reset_offsets("g", &offsets, &c.topics, &bounds, &c.limits, 0).unwrap();
+    c.append(&out.records);
+    assert_eq!(c.group().offsets[&Tp::new("t", 0)].offset, 7, "a reset may go back");
+    let below = vec![(Tp::new("t", 0), 4, String::new())];
+    assert!(c.state.reset_offsets("g", &below, &c.topics, &bounds, &c.limits, 0).is_err());
+    let records = c.state.delete_group("g").unwrap();
+    c.append(&records);
+    assert!(c.state.get("g").is_none());
+    assert_eq!(c.state.delete_group("g").unwrap_err().reason(), "GROUP_ID_NOT_FOUND");
+}
+
+#[test]
+fn offsets_of_an_empty_group_expire_after_retention() {
+    let mut c = Coord::new(&[("t", 1)]);
+    let a = c.join("a", &["t"]);
+    commit(&mut c, "a", a.member_epoch, ("t", 0), 5).unwrap();
+    assert!(c.state.expired(1_000_000, 10, 100).is_empty(), "a group with members never expires");
+    c.now_ms = 2_000;
+    c.hb(HeartbeatInput { group: "g".into(), member_id: "a".into(), member_epoch: -1, ..Default::default() }).unwrap();
+    assert!(c.state.expired(2_009, 10, 100).is_empty());
+    let expired = c.state.expired(2_010, 10, 100);
+    assert_eq!(expired.len(), 1);
+    let records = expired[0].1.clone();
+    c.append(&records);
+    assert!(c.state.get("g").is_none());
+}
+
+#[test]
+fn a_rewrite_of_live_records_replays_to_the_same_state() {
+    let mut c = Coord::new(&[("t", 3), ("u", 2)]);
+    let mut members = BTreeMap::new();
+    for id in ["a", "b"] {
+        members.insert(id.to_owned(), c.join(id, &["t", "u"]));
+    }
+    settle(&mut c, &mut members, &["t", "u"]);
+    let a = members["a"].clone();
+    let tp = a.assignment.iter().next().unwrap().clone();
+    commit(&mut c, "a", a.member_epoch, (&tp.topic, tp.partition), 3).unwrap();
+    let mut rebuilt = Groups::default();
+    for r in c.group().live_records("g") {
+        rebuilt.replay(0, &r.encode()).unwrap();
+    }
+    assert_eq!(rebuilt, c.state);
+}
+
+#[test]
+fn the_group_partition_follows_fnv1a() {
+    assert_eq!(partition_for_group("", 8), (0xcbf2_9ce4_8422_2325u64 % 8) as u32);
+    assert!(partition_for_group("orders-consumers", 8) < 8);
+    assert_eq!(partition_for_group("x", 0), 0);
+}
+
+#[test]
+fn undecodable_records_are_replay_errors() {
+    let mut g = Groups::default();
+    let bad = [
+        crate::Record { key: vec![], value: None },
+        crate::Record { key: b"z\0g".to_vec(), value: None },
+        crate::Record { key: b"g\0g".to_vec(), value: Some(b"{".to_vec()) },
+        crate::Record { key: b"o\0g\0t\0x".to_vec(), value: None },
+    ];
+    for r in bad {
+        assert!(g.replay(7, &r).is_err());
+    }
+    assert_eq!(g, Groups::default());
+}
+
+mod random {
+    //! Random member behaviour (join, heartbeat with or without revoking, leave, crash, commit)
+    //! against the pure coordinator: no partition is ever owned twice, commits never go back.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn random_schedules_keep_the_invariants(steps in proptest::collection::vec((0u8..6, 0usize..4, 0u64..100), 1..120)) {
+            let mut c = Coord::new(&[("t", 5)]);
+            let mut last: BTreeMap<String, HeartbeatOutput> = BTreeMap::new();
+            let mut committed: BTreeMap<Tp, u64> = BTreeMap::new();
+            for (action, who, n) in steps {
+                let id = format!("m{who}");
+                match action {
+                    0 => {
+                        if let Ok(out) = c.hb(HeartbeatInput { group: "g".into(), member_id: id.clone(), subscribed: vec!["t".into()], ..Default::default() }) {
+                            last.insert(id, out);
+                        }
+                    }
+                    1 | 2 => {
+                        let Some(prev) = last.get(&id).cloned() else { continue };
+                        // Action 2: a slow member still reports what it is revoking.
+                        let mut owned: Vec<Tp> = prev.assignment.iter().cloned().collect();
+                        if action == 2 {
+                            owned.extend(prev.revoking.iter().cloned());
+                        }
+                        let input = HeartbeatInput { group: "g".into(), member_id: id.clone(), member_epoch: prev.member_epoch, subscribed: vec!["t".into()], owned, ..Default::default() };
+                        match c.hb(input) {
+                            Ok(out) => { last.insert(id, out); }
+                            Err(_) => { last.remove(&id); }
+                        }
+                    }
+                    3 => {
+                        c.hb(HeartbeatInput { group: "g".into(), member_id: id.clone(), member_epoch: -1, ..Default::default() }).unwrap();
+                        last.remove(&id);
+                    }
+                    4 => {
+                        let topics = c.topics.clone();
+                        if let Some(records) = c.state.remove_member("g", &id, &topics, 0) {
+                            c.append(&records);
+                        }
+                    }
+                    _ => {
+                        let Some(prev) = last.get(&id).cloned() else { continue };
+                        let Some(tp) = prev.assignment.iter().next().cloned() else { continue };
+                        if let Ok(out) = commit(&mut c, &id, prev.member_epoch, (&tp.topic, tp.partition), n) {
+                            let now = out[0].1.offset;
+                            let before = committed.insert(tp.clone(), now).unwrap_or(0);
+                            prop_assert!(now >= before, "{tp} went back from {before} to {now}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Coordinator shards (DESIGN.md §6.1): small state machines whose whole history is one partition
+//! of an internal topic. A shard is pure: [`Shard::replay`] rebuilds its state from the records
+//! of its partition, and an operation reads the state and returns the records to append plus the
+//! answer to give once they are committed, without touching the state. The runtime that appends,
+//! waits for the commit and replays lives in the broker; nothing here does I/O or reads a clock.
+//!
+//! - [`groups`]: consumer groups — members, epochs, server-side assignment, committed offsets.
+
+pub mod groups;
+
+/// One record of an internal topic: a key that names what it sets, and the value it now has
+/// (`None` deletes it). Records are "latest value per key", so a partition rewritten as the
+/// latest record of every live key replays to the same state as its whole history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// What the record sets.
+    pub key: Vec<u8>,
+    /// Its new value; `None` is a tombstone.
+    pub value: Option<Vec<u8>>,
+}
+
+/// A record that cannot be replayed: the partition holds something this code did not write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("record at offset {offset} cannot be replayed: {reason}")]
+pub struct ReplayError {
+    /// Where the record is.
+    pub offset: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// A pure state machine rebuilt from its internal-topic partition.
+pub trait Shard: Default + Send + 'static {
+    /// Applies the committed record at `offset`. Records are replayed once each, in offset
+    /// order; replay never refuses a record this code wrote (validation happened before it was
+    /// appended), so an error means the partition is damaged or was written by other code.
+    fn replay(&mut self, offset: u64, record: &Record) -> Result<(), ReplayError>;
+}
