@@ -194,6 +194,18 @@ impl Consumer {
         });
     }
 
+    /// Stops reading the partitions of `topic` that are not in `partitions` (others keep
+    /// their positions).
+    pub fn retain(&mut self, topic: &str, partitions: &[u32]) {
+        self.assigned.retain(|(t, p), a| {
+            let keep = t != topic || partitions.contains(p);
+            if !keep {
+                a.task.abort();
+            }
+            keep
+        });
+    }
+
     /// The assigned partitions.
     pub fn assignment(&self) -> Vec<(String, u32)> {
         self.assigned.keys().cloned().collect()

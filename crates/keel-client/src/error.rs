@@ -85,6 +85,20 @@ pub enum ClientError {
     /// The producer or consumer was closed or dropped before the operation finished.
     #[error("the client was closed")]
     Closed,
+    /// A consumer-group call was refused or must go elsewhere; `reason` is the broker's
+    /// `google.rpc.ErrorInfo` reason (keel.proto's Groups table, e.g. `UNKNOWN_MEMBER_ID`,
+    /// `STALE_MEMBER_EPOCH`, `NOT_COORDINATOR`).
+    #[error("{reason}: {message}")]
+    Group {
+        /// The gRPC code.
+        code: Code,
+        /// The ErrorInfo reason.
+        reason: String,
+        /// The broker's message.
+        message: String,
+        /// With NOT_COORDINATOR: the coordinator's `host:port`, when known.
+        coordinator_addr: Option<String>,
+    },
     /// A produce gave up with this error after an earlier attempt whose answer was lost: the
     /// records may have been stored all the same.
     #[error("{0} (an earlier attempt may have stored the records)")]
@@ -96,6 +110,9 @@ impl ClientError {
     pub fn is_retriable(&self) -> bool {
         if let ClientError::MaybeWritten(last) = self {
             return last.is_retriable();
+        }
+        if let ClientError::Group { code, .. } = self {
+            return *code == Code::Unavailable;
         }
         matches!(
             self,
@@ -109,6 +126,9 @@ impl ClientError {
 
     /// True when the outcome of a write is unknown: it may have been committed.
     pub fn is_ambiguous(&self) -> bool {
+        if let ClientError::Group { code, reason, .. } = self {
+            return *code == Code::Unavailable && reason == "COORDINATOR_WRITE_UNKNOWN";
+        }
         matches!(
             self,
             ClientError::MaybeWritten(_)
@@ -146,6 +166,14 @@ impl ClientError {
         }
     }
 
+    /// The ErrorInfo reason of a group refusal (`UNKNOWN_MEMBER_ID`, ...), if this is one.
+    pub fn group_reason(&self) -> Option<&str> {
+        match self {
+            ClientError::Group { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
     pub(crate) fn timeout(what: impl Into<String>, after: Duration) -> ClientError {
         ClientError::Timeout { what: what.into(), after }
     }
@@ -177,6 +205,17 @@ impl From<tonic::Status> for ClientError {
         // timeouts) from an error it keeps as the source; statuses sent by a broker have none.
         if std::error::Error::source(&status).is_some() {
             return ClientError::Transport(format!("{:?}: {}", status.code(), status.message()));
+        }
+        if let Some(info) = status.get_error_details().error_info()
+            && info.reason != NOT_LEADER_REASON
+            && !info.reason.is_empty()
+        {
+            return ClientError::Group {
+                code: status.code(),
+                reason: info.reason.clone(),
+                message: status.message().to_owned(),
+                coordinator_addr: info.metadata.get("coordinator_addr").filter(|a| !a.is_empty()).cloned(),
+            };
         }
         let not_leader = if status.code() == Code::Unavailable {
             status.get_error_details().error_info().filter(|info| info.reason == NOT_LEADER_REASON).map(|info| {

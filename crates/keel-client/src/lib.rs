@@ -1,4 +1,5 @@
-//! Keel's Rust client: [`Producer`], [`Consumer`] and [`Admin`] over the public gRPC API
+//! Keel's Rust client: [`Producer`], [`Consumer`], [`GroupConsumer`] (consumer groups), [`Admin`]
+//! and [`GroupAdmin`] over the public gRPC API
 //! (`proto/keel/v1/keel.proto`).
 //!
 //! Every call has a deadline, retriable errors are retried with exponential backoff and seeded
@@ -34,6 +35,7 @@ mod config;
 mod consumer;
 mod core;
 mod error;
+mod group;
 mod partitioner;
 mod producer;
 
@@ -41,6 +43,7 @@ pub use admin::Admin;
 pub use config::{ClientConfig, Connect, TcpConnect, parse_bootstrap};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchResult, Offset};
 pub use error::{ClientError, NOT_LEADER_REASON};
+pub use group::{GroupAdmin, GroupConfig, GroupConsumer, OffsetReset, RebalanceListener, TopicPartition};
 pub use keel_proto::v1::{
     DescribeClusterResponse as ClusterDescription, NodeDescription, PartitionDescription, TopicConfig, TopicDescription,
 };

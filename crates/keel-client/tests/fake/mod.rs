@@ -133,6 +133,7 @@ impl Cluster {
             name: name.to_owned(),
             replication_factor: 1,
             config: Some(pb::TopicConfig::default()),
+            internal: false,
             partitions: parts
                 .iter()
                 .enumerate()
