@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use keel_broker::{Broker, BrokerConfig, Clock, Limits};
+use keel_broker::{Broker, BrokerConfig, Clock, GroupSettings, Limits};
 use keel_raft::{NetworkConfig, RaftTimings, TcpConnector};
 use keel_storage::{FileDisk, LogConfig};
 use serde::Deserialize;
@@ -61,6 +61,18 @@ struct FileConfig {
     append_timeout_ms: Option<u64>,
     fetch_bytes_max: Option<usize>,
     fetch_wait_ms_max: Option<u32>,
+    /// Partitions of `__consumer_offsets` (used once, when the cluster creates it).
+    offsets_partitions: Option<u32>,
+    /// Offsets of a group with no members expire this long after it became empty.
+    offsets_retention_ms: Option<i64>,
+    /// Members per consumer group.
+    group_members_max: Option<usize>,
+    /// Consumer groups per coordinator (per `__consumer_offsets` partition).
+    groups_max: Option<usize>,
+    /// Bytes of metadata one committed offset may carry.
+    commit_metadata_bytes_max: Option<usize>,
+    /// The longest session timeout a group member may ask for.
+    group_session_timeout_ms_max: Option<u32>,
 }
 
 /// Parses `1@host:port,2@host:port`.
@@ -124,6 +136,25 @@ fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
     if let Some(ms) = file.fetch_wait_ms_max {
         limits.fetch_wait_ms_max = ms;
     }
+    let mut groups = GroupSettings::default();
+    if let Some(n) = file.offsets_partitions {
+        groups.offsets_partitions = n;
+    }
+    if let Some(ms) = file.offsets_retention_ms {
+        groups.offsets_retention_ms = ms;
+    }
+    if let Some(n) = file.group_members_max {
+        groups.limits.members_per_group_max = n;
+    }
+    if let Some(n) = file.groups_max {
+        groups.limits.groups_max = n;
+    }
+    if let Some(n) = file.commit_metadata_bytes_max {
+        groups.limits.metadata_bytes_max = n;
+    }
+    if let Some(ms) = file.group_session_timeout_ms_max {
+        groups.limits.session_timeout_ms_max = ms.max(groups.limits.session_timeout_ms_min);
+    }
     let config = BrokerConfig {
         node_id,
         advertised_addr: advertise,
@@ -135,6 +166,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
         append_timeout: Duration::from_millis(file.append_timeout_ms.unwrap_or(10_000)),
         retention_interval: Duration::from_secs(30),
         limits,
+        groups,
         seed: crate::clock::entropy(),
     };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
