@@ -4,6 +4,7 @@ mod bench;
 mod bench_net;
 mod clock;
 mod dev;
+mod group;
 mod health;
 mod server;
 mod tools;
@@ -47,10 +48,17 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
-    /// Print records of a topic (committed records only).
+    /// Print records of a topic (committed records only); with --group, as a consumer-group member.
     Consume {
         #[command(flatten)]
         args: tools::ConsumeArgs,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
+    /// Consumer groups: list, describe (members, lag), reset offsets, delete.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
         #[command(flatten)]
         connection: tools::Connection,
     },
@@ -84,6 +92,7 @@ fn main() -> std::process::ExitCode {
         Command::Topic { command, connection } => tools::topic(command, &connection, cli.output),
         Command::Produce { args, connection } => tools::produce(args, &connection, cli.output),
         Command::Consume { args, connection } => tools::consume(args, &connection),
+        Command::Group { command, connection } => group::run(command, &connection, cli.output),
         Command::Cluster { command, connection } => match tools::cluster(command, &connection, cli.output) {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::FAILURE,

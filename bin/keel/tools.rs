@@ -1,6 +1,6 @@
-//! The user tools: `keel topic …`, `keel produce`, `keel consume`, `keel cluster status`. Each
-//! finds the cluster through `--bootstrap` or `KEEL_BOOTSTRAP` and speaks the public gRPC API
-//! through `keel-client`.
+//! The user tools: `keel topic …`, `keel produce`, `keel consume`, `keel cluster status` (the
+//! consumer-group tools are in `group.rs`). Each finds the cluster through `--bootstrap` or
+//! `KEEL_BOOTSTRAP` and speaks the public gRPC API through `keel-client`.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::Table;
-use keel_client::{Admin, ClientConfig, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord};
+use keel_client::{
+    Admin, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, Offset, Producer, ProducerConfig, ProducerRecord,
+};
 use serde_json::{Value, json};
 
 use crate::Output;
@@ -91,35 +93,65 @@ pub enum Format {
     Value,
 }
 
+/// Where a group member starts partitions the group never committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AutoOffsetReset {
+    /// The first offset still in the log.
+    Earliest,
+    /// The end of the log: only records produced from now on.
+    Latest,
+    /// Stop with an error naming the partition.
+    Error,
+}
+
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
     /// The topic.
-    topic: String,
+    pub(crate) topic: String,
     /// Where to start: `beginning`, `end`, or an offset.
     #[arg(long, default_value = "beginning")]
-    from: String,
+    pub(crate) from: String,
     /// Stop after this many records (default: run until interrupted).
     #[arg(short = 'n', long)]
-    count: Option<u64>,
+    pub(crate) count: Option<u64>,
     /// Read only this partition (default: all).
     #[arg(long)]
-    partition: Option<u32>,
+    pub(crate) partition: Option<u32>,
     /// How to print records.
     #[arg(long, value_enum, default_value_t = Format::Json)]
-    format: Format,
+    pub(crate) format: Format,
+    /// Consume as a member of this consumer group: the group's members share the partitions,
+    /// each partition starts at the group's committed offset, and the offsets of the records
+    /// printed are committed after each batch is printed (at-least-once).
+    #[arg(long, conflicts_with_all = ["from", "partition"])]
+    pub(crate) group: Option<String>,
+    /// Static membership: a stable id for this consumer instance; a restart within the session
+    /// timeout gets its partitions back without a rebalance.
+    #[arg(long, requires = "group")]
+    pub(crate) instance_id: Option<String>,
+    /// The group removes this member when it has not heard from it for this long
+    /// [default: 10000; the cluster bounds it, 1000 to 300000 by default].
+    #[arg(long, requires = "group")]
+    pub(crate) session_timeout_ms: Option<u32>,
+    /// Where partitions the group never committed start [default: earliest].
+    #[arg(long, value_enum, requires = "group")]
+    pub(crate) auto_offset_reset: Option<AutoOffsetReset>,
+    /// Shown by `keel group describe` [default: keel-cli].
+    #[arg(long, requires = "group")]
+    pub(crate) client_id: Option<String>,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")
 }
 
-fn table() -> Table {
+pub(crate) fn table() -> Table {
     let mut t = Table::new();
     t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
     t
 }
 
-fn ids(ids: &[u64]) -> String {
+pub(crate) fn ids(ids: &[u64]) -> String {
     ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 
@@ -389,7 +421,34 @@ fn bytes_json(b: &Option<Bytes>) -> Value {
     }
 }
 
+/// Writes one record as `--format` says.
+pub(crate) fn print_record(out: &mut impl Write, format: Format, r: &ConsumerRecord) -> std::io::Result<()> {
+    match format {
+        Format::Json => {
+            let headers: Vec<Value> =
+                r.headers.iter().map(|(k, v)| json!({"key": k, "value": bytes_json(v)})).collect();
+            let line = json!({
+                "topic": r.topic,
+                "partition": r.partition,
+                "offset": r.offset,
+                "key": bytes_json(&r.key),
+                "value": bytes_json(&r.value),
+                "timestamp": r.timestamp_ms,
+                "headers": headers,
+            });
+            writeln!(out, "{line}")
+        }
+        Format::Value => {
+            out.write_all(r.value.as_deref().unwrap_or_default())?;
+            out.write_all(b"\n")
+        }
+    }
+}
+
 pub fn consume(args: ConsumeArgs, connection: &Connection) -> anyhow::Result<()> {
+    if let Some(group) = args.group.clone() {
+        return crate::group::consume(args, &group, connection);
+    }
     let from = match args.from.as_str() {
         "beginning" => Offset::Beginning,
         "end" => Offset::End,
@@ -415,26 +474,7 @@ pub fn consume(args: ConsumeArgs, connection: &Connection) -> anyhow::Result<()>
                 if args.count.is_some_and(|n| printed >= n) {
                     break;
                 }
-                match args.format {
-                    Format::Json => {
-                        let headers: Vec<Value> =
-                            r.headers.iter().map(|(k, v)| json!({"key": k, "value": bytes_json(v)})).collect();
-                        let line = json!({
-                            "topic": r.topic,
-                            "partition": r.partition,
-                            "offset": r.offset,
-                            "key": bytes_json(&r.key),
-                            "value": bytes_json(&r.value),
-                            "timestamp": r.timestamp_ms,
-                            "headers": headers,
-                        });
-                        writeln!(stdout, "{line}")?;
-                    }
-                    Format::Value => {
-                        stdout.write_all(r.value.as_deref().unwrap_or_default())?;
-                        stdout.write_all(b"\n")?;
-                    }
-                }
+                print_record(&mut stdout, args.format, &r)?;
                 printed += 1;
             }
             stdout.flush()?;
