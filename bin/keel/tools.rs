@@ -20,7 +20,8 @@ use crate::Output;
 #[derive(Debug, Args, Clone)]
 pub struct Connection {
     /// Brokers to contact first: `HOST:PORT,HOST:PORT`. Defaults to the `keel dev` cluster.
-    #[arg(long, env = "KEEL_BOOTSTRAP", default_value = "127.0.0.1:9091,127.0.0.1:9092,127.0.0.1:9093")]
+    // Global, so that it may also follow a subcommand (`keel group describe G --bootstrap …`).
+    #[arg(long, global = true, env = "KEEL_BOOTSTRAP", default_value = "127.0.0.1:9091,127.0.0.1:9092,127.0.0.1:9093")]
     pub bootstrap: String,
 }
 
