@@ -23,6 +23,10 @@ pub enum BenchCommand {
     Produce(crate::bench_net::ProduceBenchArgs),
     /// Consume a topic from the beginning: records/s and MB/s of catch-up reads.
     Consume(crate::bench_net::ConsumeBenchArgs),
+    /// Offset commits through one group coordinator: commits/s and commit latency.
+    Commits(crate::bench_groups::CommitsBenchArgs),
+    /// Kill a group member and time until another member consumes its partitions again.
+    GroupFailover(crate::bench_groups::FailoverBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +76,8 @@ pub fn run(what: BenchCommand, output: Output) -> anyhow::Result<()> {
         BenchCommand::Storage(args) => storage(args, output),
         BenchCommand::Produce(args) => crate::bench_net::produce(args, output),
         BenchCommand::Consume(args) => crate::bench_net::consume(args, output),
+        BenchCommand::Commits(args) => crate::bench_groups::commits(args, output),
+        BenchCommand::GroupFailover(args) => crate::bench_groups::group_failover(args, output),
     }
 }
 

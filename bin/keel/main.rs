@@ -1,6 +1,7 @@
 //! `keel`: one binary for the node, the local dev cluster and the user tools.
 
 mod bench;
+mod bench_groups;
 mod bench_net;
 mod clock;
 mod dev;
