@@ -10,6 +10,9 @@
 //! consumer must catch up with every acknowledged record). The checker then holds the history of
 //! client operations and what the consumer read against every replica's final log.
 //!
+//! A consumer group (see [`crate::groups`]) shares the topic all along: its members process and
+//! commit under the same faults, and the coordinator's log is audited at the end.
+//!
 //! The producer is not idempotent yet: a retried batch may be stored twice. Duplicates are
 //! therefore counted, not refused.
 
@@ -22,7 +25,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use keel_broker::{Broker, BrokerConfig, Clock, Limits, StorageMode};
+use keel_broker::{Broker, BrokerConfig, Clock, CoordinatorFaults, GroupSettings, Limits, StorageMode};
 use keel_client::{
     Admin, ClientConfig, ClientError, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord,
     RecordMetadata,
@@ -38,12 +41,12 @@ use crate::net::{PORT, TurmoilConnector, incoming};
 
 /// Metadata voters; a five-node run has two more brokers that follow the metadata from them.
 const VOTERS: u64 = 3;
-const PARTITIONS: u32 = 3;
+pub(crate) const PARTITIONS: u32 = 3;
 /// Replicas of each partition: with five nodes, every partition lives on three of them.
 const REPLICATION: u32 = 3;
-const TOPIC: &str = "sim";
+pub(crate) const TOPIC: &str = "sim";
 /// Where every node keeps its data, on its own disk.
-const DATA_DIR: &str = "/data";
+pub(crate) const DATA_DIR: &str = "/data";
 /// Records each producer keeps unresolved at once: enough to pipeline several batches.
 const WINDOW: usize = 6;
 /// The simulation starts at a fixed wall-clock time (turmoil's default is the real time, which
@@ -76,6 +79,12 @@ pub struct BrokerSim {
     pub faults: Faults,
     /// Weight of a crash of every node at once among the faults (the others weigh 6).
     pub crash_all_weight: u32,
+    /// Members of the consumer group (`None`: 3 to 5, from the seed).
+    pub members: Option<u64>,
+    /// Every member pauses past its session once this far into the run (a sure zombie).
+    pub zombie_at: Option<Duration>,
+    /// A deliberately broken coordinator, for the group's negative controls.
+    pub coordinator: CoordinatorFaults,
 }
 
 impl Default for BrokerSim {
@@ -86,6 +95,9 @@ impl Default for BrokerSim {
             nemesis: true,
             faults: Faults::default(),
             crash_all_weight: 1,
+            members: None,
+            zombie_at: None,
+            coordinator: CoordinatorFaults::default(),
         }
     }
 }
@@ -105,6 +117,13 @@ pub struct BrokerStats {
     pub consumed: u64,
     /// Faults injected.
     pub faults: u64,
+    /// Commits acknowledged to group members.
+    pub commits: u64,
+    /// Commits tried by members waking from a pause longer than their session, and how many
+    /// of them were refused.
+    pub zombie_commits: (u64, u64),
+    /// Member lives (joins under a new member id).
+    pub member_lives: u64,
 }
 
 /// The wall clock of a simulated broker: turmoil's, which starts at [`EPOCH_SECS`].
@@ -131,7 +150,7 @@ struct ConsumerView {
 
 /// Everything the hosts and the driver share (one thread: turmoil runs every host on it).
 #[derive(Debug, Default)]
-struct State {
+pub(crate) struct State {
     history: Vec<Op>,
     /// Trace lines not yet handed to the driver's trace.
     events: Vec<String>,
@@ -140,20 +159,22 @@ struct State {
     /// Raft group → the nodes that hold a replica of it (the metadata group included).
     replicas: BTreeMap<GroupId, Vec<NodeId>>,
     /// Brokers in the run.
-    nodes: u64,
+    pub(crate) nodes: u64,
     topic_ready: bool,
     producers_done: u64,
     consumer: ConsumerView,
     stop_consumer: bool,
     /// Broken invariants found during the run (the first one is reported).
-    violations: Vec<String>,
+    pub(crate) violations: Vec<String>,
     /// Node boots seen ready (registered in the metadata they replayed), traced once each.
     ready: BTreeSet<(NodeId, u64)>,
+    /// The consumer group's members and what they did.
+    pub(crate) members: crate::groups::GroupView,
 }
 
-type Shared = Rc<RefCell<State>>;
+pub(crate) type Shared = Rc<RefCell<State>>;
 
-fn log(state: &Shared, line: String) {
+pub(crate) fn log(state: &Shared, line: String) {
     let now = turmoil::sim_elapsed().unwrap_or_default();
     state.borrow_mut().events.push(format!("{now:?} {line}"));
 }
@@ -177,7 +198,9 @@ fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         append_timeout: Duration::from_secs(2),
         retention_interval: Duration::from_secs(3_600),
         limits: Limits::default(),
-        groups: Default::default(),
+        // One coordinator partition: every group change goes through the one raft group the
+        // nemesis's leader chase also targets; more would only cost simulated heartbeats.
+        groups: GroupSettings { offsets_partitions: 1, ..GroupSettings::default() },
         seed,
     }
 }
@@ -190,10 +213,11 @@ async fn broker_main(
     disk: SimDisk,
     seed: u64,
     faults: Faults,
+    coordinator: CoordinatorFaults,
     registry: Registry,
 ) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
-    let storage = StorageMode { io: IoMode::Inline, faults, coordinator: Default::default() };
+    let storage = StorageMode { io: IoMode::Inline, faults, coordinator };
     let broker = Broker::start_with(
         broker_config(id, seed),
         storage,
@@ -212,7 +236,7 @@ async fn broker_main(
     Ok(())
 }
 
-fn client_config(seed: u64, nodes: u64) -> ClientConfig {
+pub(crate) fn client_config(seed: u64, nodes: u64) -> ClientConfig {
     let mut config = ClientConfig::new((1..=nodes).map(|id| format!("{}:{PORT}", host_name(id))))
         .with_seed(seed)
         .with_connect(Arc::new(TurmoilConnector));
@@ -251,16 +275,24 @@ async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Re
         }
     }
     loop {
-        let partitions: Option<Vec<(GroupId, Vec<NodeId>)>> = registry.borrow().values().find_map(|(_, broker)| {
+        type Found = (Vec<(GroupId, Vec<NodeId>)>, (GroupId, Vec<NodeId>));
+        let found: Option<Found> = registry.borrow().values().find_map(|(_, broker)| {
             let meta = broker.metadata();
             let topic = meta.topics.get(TOPIC)?;
-            Some(topic.partitions.iter().map(|p| (p.group, p.replicas.clone())).collect())
+            let offsets = meta.offsets_topic()?.partitions.first()?;
+            Some((
+                topic.partitions.iter().map(|p| (p.group, p.replicas.clone())).collect(),
+                (offsets.group, offsets.replicas.clone()),
+            ))
         });
-        if let Some(partitions) = partitions {
+        if let Some((partitions, offsets)) = found {
             log(&state, format!("topic {TOPIC} created: (group, replicas) by partition {partitions:?}"));
+            log(&state, format!("__consumer_offsets/0: (group, replicas) {offsets:?}"));
             let mut s = state.borrow_mut();
             s.groups = partitions.iter().enumerate().map(|(i, (group, _))| (i as u64, *group)).collect();
             s.replicas.extend(partitions);
+            s.members.offsets_group = Some(offsets.0);
+            s.replicas.insert(offsets.0, offsets.1);
             s.topic_ready = true;
             return Ok(());
         }
@@ -268,7 +300,7 @@ async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Re
     }
 }
 
-async fn wait_topic(state: &Shared) {
+pub(crate) async fn wait_topic(state: &Shared) {
     while !state.borrow().topic_ready {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -441,7 +473,13 @@ async fn consumer_main(seed: u64, state: Shared) -> turmoil::Result {
 /// The liveness phase: every partition accepts a write within [`WRITE_BOUND`], the consumer
 /// catches up with every acknowledged record within [`CATCH_UP_BOUND`], and every node rejoins,
 /// its replicas as far as their leaders', within [`CONVERGE_BOUND`].
-async fn liveness_main(seed: u64, state: Shared, registry: Registry, disks: Vec<SimDisk>) -> turmoil::Result {
+async fn liveness_main(
+    seed: u64,
+    members: u64,
+    state: Shared,
+    registry: Registry,
+    disks: Vec<SimDisk>,
+) -> turmoil::Result {
     let nodes = state.borrow().nodes;
     let producer = Producer::new(client_config(seed, nodes), producer_config(Duration::from_secs(10)))?;
     for p in 0..PARTITIONS {
@@ -482,6 +520,14 @@ async fn liveness_main(seed: u64, state: Shared, registry: Registry, disks: Vec<
     within(CATCH_UP_BOUND, "the consumer did not catch up", behind).await?;
     log(&state, "consumer caught up".into());
     state.borrow_mut().stop_consumer = true;
+    let acked: BTreeSet<String> = state
+        .borrow()
+        .history
+        .iter()
+        .filter(|op| matches!(op.outcome, Some(Outcome::Ok(_))))
+        .map(|op| op.value.clone())
+        .collect();
+    crate::groups::converge(&state, seed, members, acked, CATCH_UP_BOUND).await?;
     // Every node must rejoin: ready, hosting its partitions, each replica as far as its leader.
     within(CONVERGE_BOUND, "the cluster did not converge", || lagging(&state, &registry)).await?;
     log(&state, "every replica caught up".into());
@@ -490,7 +536,11 @@ async fn liveness_main(seed: u64, state: Shared, registry: Registry, disks: Vec<
 
 /// Polls `pending` (what is still missing) until it is empty, or fails with `failure` and what
 /// is still missing once `bound` has passed.
-async fn within(bound: Duration, failure: &str, mut pending: impl FnMut() -> Vec<String>) -> Result<(), String> {
+pub(crate) async fn within(
+    bound: Duration,
+    failure: &str,
+    mut pending: impl FnMut() -> Vec<String>,
+) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + bound;
     loop {
         let missing = pending();
@@ -557,7 +607,11 @@ impl Target for Nodes<'_> {
     }
 
     fn leader(&self, index: u64) -> Option<NodeId> {
-        let group = *self.state.borrow().groups.get(&(index - 1))?;
+        // The partition after the topic's is the group coordinator's (`__consumer_offsets/0`).
+        let group = match self.state.borrow().groups.get(&(index - 1)) {
+            Some(g) => *g,
+            None => self.state.borrow().members.offsets_group?,
+        };
         crate::nemesis::freshest_leader(
             self.registry.borrow().values().filter_map(|(_, b)| b.raft_node().metrics(group).ok()),
         )
@@ -567,7 +621,8 @@ impl Target for Nodes<'_> {
 /// Samples every live replica: high watermarks never go back within a boot, and no node has
 /// stopped itself.
 fn sample(registry: &Registry, state: &Shared, high_watermarks: &mut HighWatermarks) {
-    let groups: Vec<GroupId> = state.borrow().groups.values().copied().collect();
+    let groups: Vec<GroupId> =
+        state.borrow().groups.values().copied().chain(state.borrow().members.offsets_group).collect();
     for (id, (boot, broker)) in registry.borrow().iter() {
         if *broker.ready().borrow() && state.borrow_mut().ready.insert((*id, *boot)) {
             state.borrow_mut().events.push(format!("n{id} (boot {boot}) ready"));
@@ -657,13 +712,15 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         let (disk, registry) = (disks[(id - 1) as usize].clone(), Rc::clone(&registry));
         let boots = Rc::new(RefCell::new(0u64));
         let faults = config.faults;
+        let coordinator = config.coordinator;
         sim.host(host_name(id), move || {
             let boot = {
                 let mut b = boots.borrow_mut();
                 *b += 1;
                 *b
             };
-            broker_main(id, boot, disk.clone(), seed ^ (id << 32) ^ (boot << 48), faults, Rc::clone(&registry))
+            let seed = seed ^ (id << 32) ^ (boot << 48);
+            broker_main(id, boot, disk.clone(), seed, faults, coordinator, Rc::clone(&registry))
         });
     }
     sim.client("admin", admin_main(seed ^ 0xad, Rc::clone(&state), Rc::clone(&registry)));
@@ -672,10 +729,18 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         sim.client(format!("producer{k}"), producer);
     }
     sim.client("consumer", consumer_main(seed ^ 0xc0, Rc::clone(&state)));
+    let members = config.members.unwrap_or_else(|| crate::groups::members_for(seed));
+    let plan = crate::groups::MemberPlan { members, zombie_at: config.zombie_at };
+    for k in 1..=members {
+        let member = crate::groups::member_main(k, seed ^ (k << 44) ^ 0x6d, plan, Rc::clone(&state), disks.clone());
+        sim.client(format!("member{k}"), member);
+    }
+    trace(format!("{members} group members"));
     let mut hosts: Vec<String> = (1..=nodes).map(host_name).collect();
     hosts.push("admin".into());
     hosts.extend((1..=config.producers).map(|k| format!("producer{k}")));
     hosts.push("consumer".into());
+    hosts.extend((1..=members).map(|k| format!("member{k}")));
 
     let mut ctx = Driver {
         state: &state,
@@ -689,7 +754,8 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     let mut nemesis = Nemesis::new(
         ChaCha8Rng::seed_from_u64(seed ^ 0x7e4e),
         nodes,
-        u64::from(PARTITIONS),
+        // The topic's partitions and the coordinator's: leader isolation targets it too.
+        u64::from(PARTITIONS) + 1,
         Duration::from_secs(4),
         config.crash_all_weight,
     );
@@ -712,15 +778,23 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     let phases = safety.and_then(|()| {
         // Liveness phase: everything healed.
         nemesis.heal_all(&mut sim, &mut *ctx.trace);
-        sim.client("liveness", liveness_main(seed ^ 0x11fe, Rc::clone(&state), Rc::clone(&registry), disks.clone()));
-        let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND + CONVERGE_BOUND;
+        let liveness = liveness_main(seed ^ 0x11fe, members, Rc::clone(&state), Rc::clone(&registry), disks.clone());
+        sim.client("liveness", liveness);
+        let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND * 4 + CONVERGE_BOUND;
         drive(&mut sim, &mut ctx, limit, |_| false, |_, _, _| {}).map_err(|e| format!("liveness phase: {e}"))
     });
     sample(&registry, &state, &mut ctx.high_watermarks);
     ctx.drain();
 
     let s = state.borrow();
-    let mut stats = BrokerStats { faults: nemesis.faults, consumed: s.consumer.records, ..BrokerStats::default() };
+    let mut stats = BrokerStats {
+        faults: nemesis.faults,
+        consumed: s.consumer.records,
+        commits: s.members.commits.len() as u64,
+        zombie_commits: (s.members.zombie_commits, s.members.zombie_fenced),
+        member_lives: s.members.lives,
+        ..BrokerStats::default()
+    };
     for op in &s.history {
         match op.outcome {
             Some(Outcome::Ok(_)) => stats.acked += 1,
@@ -758,6 +832,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
 /// final log. Returns the number of duplicated records.
 fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u64, String> {
     let mut duplicates = 0;
+    let mut high_watermarks = BTreeMap::new();
     for (&partition, &group) in &state.groups {
         let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
         let holders = state.replicas.get(&group).cloned().unwrap_or_default();
@@ -785,6 +860,21 @@ fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u6
         checker::check_no_lost_write(partition, &ops, &consumed).map_err(|e| format!("consumer: {e}"))?;
         checker::check_no_aborted_reads(partition, &ops, &consumed).map_err(|e| format!("consumer: {e}"))?;
         duplicates += checker::count_duplicates(&longest);
+        let high_watermark = longest.last().map_or(0, |(o, _)| o + 1);
+        high_watermarks.insert(partition as u32, high_watermark);
+    }
+    // The coordinator's log, from its most advanced replica, audited record by record.
+    if let Some(group) = state.members.offsets_group {
+        let holders = state.replicas.get(&group).cloned().unwrap_or_default();
+        let mut longest = Vec::new();
+        for (id, (_, broker)) in registry.iter().filter(|(id, _)| holders.contains(id)) {
+            let log = crate::groups::read_offsets_log(broker.raft_node(), group)
+                .map_err(|e| format!("n{id} __consumer_offsets (group {group}): {e}"))?;
+            if log.len() > longest.len() {
+                longest = log;
+            }
+        }
+        crate::groups::audit(&longest, &high_watermarks)?;
     }
     Ok(duplicates)
 }

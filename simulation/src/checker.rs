@@ -52,6 +52,44 @@ pub fn durable_copies(disks: &[SimDisk], dir: &Path, offset: u64, value: &str) -
         .count()
 }
 
+/// White-box: on how many disks some record of the partition in `dir` that satisfies `wanted`
+/// is durable (for records whose offset the client cannot know, such as a group's commits).
+/// Segments are searched newest first: what a client just learnt of is near the end.
+pub fn durable_records(disks: &[SimDisk], dir: &Path, wanted: impl Fn(&keel_coordinator::Record) -> bool) -> usize {
+    disks
+        .iter()
+        .filter(|disk| {
+            let mut segments: Vec<_> =
+                disk.durable_files(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+            segments.sort_unstable_by(|a, b| b.cmp(a));
+            segments.iter().any(|path| {
+                disk.durable_bytes(path).is_some_and(|bytes| {
+                    batches_of(Bytes::from(bytes)).iter().any(|batch| {
+                        batch.records().filter_map(Result::ok).any(|r| {
+                            wanted(&keel_coordinator::Record {
+                                key: r.key.map(|k| k.to_vec()).unwrap_or_default(),
+                                value: r.value.map(|v| v.to_vec()),
+                            })
+                        })
+                    })
+                })
+            })
+        })
+        .count()
+}
+
+/// The batches of a segment file, from the header up to the first that does not decode.
+fn batches_of(bytes: Bytes) -> Vec<keel_record::Batch> {
+    let mut out = Vec::new();
+    let mut pos = keel_storage::segment::SEGMENT_HEADER_BYTES as usize;
+    while pos < bytes.len() {
+        let Ok((batch, len)) = keel_record::Batch::split_first(&bytes.slice(pos..)) else { break };
+        out.push(batch);
+        pos += len;
+    }
+    out
+}
+
 /// Whether a segment file's bytes hold `value` at `offset`. Batches are walked from the segment
 /// header up to the first one that does not decode (the torn or unwritten tail).
 fn holds(bytes: Bytes, offset: u64, value: &str) -> bool {

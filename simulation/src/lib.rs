@@ -11,6 +11,7 @@
 pub mod broker;
 pub mod checker;
 pub mod cluster;
+pub mod groups;
 pub mod nemesis;
 pub mod net;
 
@@ -29,6 +30,10 @@ pub enum Workload {
     Broker,
     /// The brokers with an injected ack-before-flush bug: the checker must fail it.
     BrokerAckBeforeFlush,
+    /// The brokers with a group coordinator that acknowledges commits before the quorum flush.
+    BrokerGroupAckBeforeCommit,
+    /// The brokers with a group coordinator that does not fence commits (a zombie's go through).
+    BrokerGroupNoFencing,
 }
 
 impl Workload {
@@ -40,6 +45,8 @@ impl Workload {
             Workload::ClusterAckBeforeFlush => "cluster-ack-before-flush",
             Workload::Broker => "broker",
             Workload::BrokerAckBeforeFlush => "broker-ack-before-flush",
+            Workload::BrokerGroupAckBeforeCommit => "broker-group-ack-before-commit",
+            Workload::BrokerGroupNoFencing => "broker-group-no-fencing",
         }
     }
 }
@@ -180,6 +187,27 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
                 crash_all_weight: 6,
                 // Crashes of every node come often: a short run is enough to lose writes.
                 safety: std::time::Duration::from_secs(40),
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerGroupAckBeforeCommit => {
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { ack_before_commit: true, ..Default::default() },
+                safety: std::time::Duration::from_secs(40),
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerGroupNoFencing => {
+            // No other fault, and nothing produced after 15 s: the coordinator stays up through
+            // every member's pause at 20 s and gives its partitions away, and the zombie's commit
+            // of what it already committed rewrites the offset under its name unless refused.
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { no_fencing: true, ..Default::default() },
+                nemesis: false,
+                safety: std::time::Duration::from_secs(15),
+                zombie_at: Some(std::time::Duration::from_secs(20)),
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

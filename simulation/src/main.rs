@@ -41,6 +41,10 @@ enum WorkloadArg {
     Broker,
     /// The negative control: the brokers with an ack-before-flush bug (must fail).
     BrokerAckBeforeFlush,
+    /// The negative control: a group coordinator that acknowledges commits before the quorum flush.
+    BrokerGroupAckBeforeCommit,
+    /// The negative control: a group coordinator without epoch fencing (zombie commits pass).
+    BrokerGroupNoFencing,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -65,6 +69,8 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::ClusterAckBeforeFlush => Workload::ClusterAckBeforeFlush,
         WorkloadArg::Broker => Workload::Broker,
         WorkloadArg::BrokerAckBeforeFlush => Workload::BrokerAckBeforeFlush,
+        WorkloadArg::BrokerGroupAckBeforeCommit => Workload::BrokerGroupAckBeforeCommit,
+        WorkloadArg::BrokerGroupNoFencing => Workload::BrokerGroupNoFencing,
     };
     let seeds = match (args.seed, &args.seeds) {
         (Some(s), _) => s..s + 1,

@@ -454,7 +454,13 @@ impl Groups {
             if !keep {
                 g.offsets.insert(
                     tp.clone(),
-                    Committed { offset: *offset, metadata: metadata.clone(), commit_timestamp_ms: now_ms },
+                    Committed {
+                        offset: *offset,
+                        metadata: metadata.clone(),
+                        commit_timestamp_ms: now_ms,
+                        member_id: input.member_id.clone(),
+                        member_epoch: input.member_epoch,
+                    },
                 );
             }
             if let Some(c) = g.offsets.get(tp) {
@@ -538,7 +544,13 @@ impl Groups {
             if *offset < log_start {
                 return Err(GroupError::OffsetBelowLogStart { tp: tp.clone(), offset: *offset, log_start });
             }
-            let c = Committed { offset: *offset, metadata: metadata.clone(), commit_timestamp_ms: now_ms };
+            let c = Committed {
+                offset: *offset,
+                metadata: metadata.clone(),
+                commit_timestamp_ms: now_ms,
+                member_id: String::new(),
+                member_epoch: -1,
+            };
             g.offsets.insert(tp.clone(), c.clone());
             response.push((tp.clone(), c));
         }

@@ -118,6 +118,13 @@ pub struct Committed {
     pub metadata: String,
     /// Coordinator clock at commit.
     pub commit_timestamp_ms: i64,
+    /// Who committed it, at which epoch ("" and -1 for a reset or a group without members):
+    /// an audit of the partition can check every commit against the ownership of its time.
+    #[serde(default)]
+    pub member_id: String,
+    /// The committing member's epoch.
+    #[serde(default)]
+    pub member_epoch: i32,
 }
 
 /// What one record of a group sets.

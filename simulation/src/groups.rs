@@ -1,0 +1,424 @@
+//! The consumer-group part of the broker workload: 3 to 5 real `GroupConsumer`s (some static)
+//! share the topic, process every record they are handed and commit after processing, while
+//! they crash, leave, and pause long enough to be removed (waking up as zombies that try to
+//! commit) — all under the same nemesis as the brokers, whose leader chase also targets the
+//! coordinator's partition.
+//!
+//! What is checked, through the clients' eyes and on the coordinator's final log:
+//! - durable quorum at commit ack: when a member learns a commit was acknowledged, a quorum of
+//!   disks hold that committed offset durably (white-box, as for produce acks);
+//! - acknowledged commits survive: after healing, `FetchOffsets` returns at least every offset
+//!   a member saw acknowledged;
+//! - the audit of `__consumer_offsets` replayed in order: no partition is ever owned by two
+//!   members, every commit came from a member that owned the partition at an epoch within its
+//!   assignment epoch and its current one (zombie commits fenced), committed offsets never move
+//!   backwards and never pass the partition's high watermark;
+//! - at-least-once: after healing the group converges (stable, every partition owned) and every
+//!   acknowledged record was processed by some member.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use keel_client::{ConsumerConfig, GroupAdmin, GroupConfig, GroupConsumer, Offset};
+use keel_coordinator::Shard;
+use keel_coordinator::groups::{GroupRecord, Groups, Tp};
+use keel_raft::{GroupId, RaftNode};
+use keel_storage::SimDisk;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::broker::{DATA_DIR, PARTITIONS, Shared, TOPIC, client_config, log, wait_topic};
+use crate::checker;
+use crate::nemesis::host_name;
+
+/// The group every member joins.
+pub const GROUP: &str = "sim-group";
+/// Members' session timeout: short, so that removals (and zombies) happen within a run.
+const SESSION: Duration = Duration::from_secs(3);
+/// How long a member may take to revoke.
+const REBALANCE: Duration = Duration::from_secs(6);
+
+/// A commit a member saw acknowledged.
+#[derive(Debug, Clone)]
+pub struct AckedCommit {
+    /// The committing member.
+    pub member: String,
+    /// Partition of the topic.
+    pub partition: u32,
+    /// The committed offset the answer reported.
+    pub offset: u64,
+}
+
+/// What the members did, for the checker.
+#[derive(Debug, Default)]
+pub struct GroupView {
+    /// Values processed by some member.
+    pub processed: BTreeSet<String>,
+    /// Commits acknowledged to a member.
+    pub commits: Vec<AckedCommit>,
+    /// The raft group of `__consumer_offsets` (one partition in the simulation).
+    pub offsets_group: Option<GroupId>,
+    /// Set in the liveness phase: members stop crashing, leaving and pausing.
+    pub quiet: bool,
+    /// Set once the group converged: members commit a last time and leave.
+    pub stop: bool,
+    /// Members that have left for good.
+    pub done: u64,
+    /// Commits tried by a member right after a pause longer than its session.
+    pub zombie_commits: u64,
+    /// Of those, how many the coordinator refused.
+    pub zombie_fenced: u64,
+    /// Member lives (joins with a new member id).
+    pub lives: u64,
+}
+
+/// Settings of the members.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemberPlan {
+    /// Members of the group.
+    pub members: u64,
+    /// Every member pauses once this long into the run (negative controls: a zombie for sure).
+    pub zombie_at: Option<Duration>,
+}
+
+/// The members of a run of `seed`: 3 to 5.
+pub fn members_for(seed: u64) -> u64 {
+    3 + seed % 3
+}
+
+/// White-box, when a member learns of a commit: on how many disks `__consumer_offsets` holds a
+/// record committing `offset` for the partition, durably.
+fn durable_commit_copies(disks: &[SimDisk], dir: &Path, partition: u32, offset: u64) -> usize {
+    let tp = Tp::new(TOPIC, partition);
+    let key = GroupRecord::Offset(GROUP.to_owned(), tp, None).encode().key;
+    checker::durable_records(disks, dir, |record| {
+        record.key == key
+            && matches!(GroupRecord::decode(record), Ok(GroupRecord::Offset(_, _, Some(c))) if c.offset == offset)
+    })
+}
+
+/// One member's lives until the group is told to stop.
+pub(crate) async fn member_main(
+    k: u64,
+    seed: u64,
+    plan: MemberPlan,
+    state: Shared,
+    disks: Vec<SimDisk>,
+) -> turmoil::Result {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6e6d);
+    wait_topic(&state).await;
+    let nodes = state.borrow().nodes;
+    let host = format!("member{k}");
+    let instance = rng.random_ratio(1, 2).then(|| format!("instance-{k}"));
+    let mut zombie_done = false;
+    for life in 1u64.. {
+        state.borrow_mut().members.lives += 1;
+        let mut config = GroupConfig::new(GROUP);
+        config.session_timeout = SESSION;
+        config.rebalance_timeout = REBALANCE;
+        config.instance_id = instance.clone();
+        config.client_id = host.clone();
+        config.consumer = ConsumerConfig {
+            fetch_bytes_max: 64 << 10,
+            fetch_wait_max: Duration::from_millis(500),
+            offset_default: Offset::Beginning,
+        };
+        let client = client_config(seed ^ (life << 24), nodes);
+        let mut member = match GroupConsumer::subscribe(client, config, &[TOPIC]).await {
+            Ok(m) => m,
+            Err(e) => {
+                log(&state, format!("{host}: subscribe: {e}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        log(&state, format!("{host}: life {life} as {} ({instance:?})", member.member_id()));
+        let mut last_commit = BTreeMap::new();
+        loop {
+            let stop = state.borrow().members.stop;
+            match member.poll(Duration::from_millis(200)).await {
+                Ok(records) => {
+                    let mut s = state.borrow_mut();
+                    for r in records {
+                        s.members.processed.insert(checker::text(r.value.as_deref()));
+                    }
+                }
+                Err(e) => log(&state, format!("{host}: poll: {e}")),
+            }
+            // Processed: commit what was handed out.
+            commit(&state, &disks, &host, &member, &mut last_commit).await;
+            if stop {
+                let _ = member.close().await;
+                log(&state, format!("{host}: left for good"));
+                state.borrow_mut().members.done += 1;
+                return Ok(());
+            }
+            let now = turmoil::sim_elapsed().unwrap_or_default();
+            let planned = !zombie_done && plan.zombie_at.is_some_and(|at| now >= at);
+            if state.borrow().members.quiet && !planned {
+                continue;
+            }
+            if planned || rng.random_ratio(1, 400) {
+                zombie_done |= planned;
+                pause(
+                    &state,
+                    &disks,
+                    &host,
+                    &member,
+                    nodes,
+                    SESSION + Duration::from_millis(rng.random_range(1_000..4_000)),
+                )
+                .await;
+            } else if rng.random_ratio(1, 400) {
+                let down = Duration::from_millis(rng.random_range(0..5_000));
+                log(&state, format!("{host}: crash (down {down:?})"));
+                drop(member);
+                tokio::time::sleep(down).await;
+                break;
+            } else if rng.random_ratio(1, 500) {
+                log(&state, format!("{host}: leave"));
+                if let Err(e) = member.close().await {
+                    log(&state, format!("{host}: leave: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..3_000))).await;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Commits the positions that moved since the last acknowledged commit and records what the
+/// answer acknowledged.
+async fn commit(
+    state: &Shared,
+    disks: &[SimDisk],
+    host: &str,
+    member: &GroupConsumer,
+    last: &mut BTreeMap<(String, u32), u64>,
+) {
+    let positions: BTreeMap<(String, u32), u64> = member
+        .assignment()
+        .into_iter()
+        .filter_map(|(t, p)| Some(((t.clone(), p), member.position(&t, p)?)))
+        .filter(|(tp, o)| last.get(tp) != Some(o))
+        .collect();
+    if positions.is_empty() {
+        return;
+    }
+    match member.commit_offsets(&positions).await {
+        Ok(committed) => {
+            acked(state, disks, host, &committed);
+            last.extend(committed);
+        }
+        Err(e) => log(state, format!("{host}: commit {positions:?}: {e}")),
+    }
+}
+
+fn acked(state: &Shared, disks: &[SimDisk], host: &str, committed: &BTreeMap<(String, u32), u64>) {
+    let dir = state.borrow().members.offsets_group.map(|g| Path::new(DATA_DIR).join(format!("group-{g}")));
+    for ((_, partition), offset) in committed {
+        let copies = dir.as_ref().map_or(0, |d| durable_commit_copies(disks, d, *partition, *offset));
+        let mut s = state.borrow_mut();
+        if copies < 2 {
+            s.violations.push(format!(
+                "{host}: commit of offset {offset} on partition {partition} acknowledged without a durable quorum ({copies} disks)"
+            ));
+        }
+        s.members.commits.push(AckedCommit { member: host.to_owned(), partition: *partition, offset: *offset });
+    }
+    log(state, format!("{host}: committed {committed:?}"));
+}
+
+/// A long pause (a stop-the-world collection, a frozen VM): the member is cut off for longer
+/// than its session, then, before anything else, commits what it held — a zombie commit the
+/// coordinator must refuse if it gave the partitions away meanwhile.
+async fn pause(state: &Shared, disks: &[SimDisk], host: &str, member: &GroupConsumer, nodes: u64, long: Duration) {
+    let positions: BTreeMap<(String, u32), u64> =
+        member.assignment().into_iter().filter_map(|(t, p)| Some(((t.clone(), p), member.position(&t, p)?))).collect();
+    log(state, format!("{host}: pause {long:?} holding {positions:?}"));
+    for n in 1..=nodes {
+        turmoil::partition(host, host_name(n).as_str());
+    }
+    tokio::time::sleep(long).await;
+    for n in 1..=nodes {
+        turmoil::repair(host, host_name(n).as_str());
+    }
+    if positions.is_empty() {
+        return;
+    }
+    state.borrow_mut().members.zombie_commits += 1;
+    match member.commit_offsets(&positions).await {
+        Ok(committed) => acked(state, disks, host, &committed),
+        Err(e) => {
+            log(state, format!("{host}: zombie commit refused: {e}"));
+            state.borrow_mut().members.zombie_fenced += 1;
+        }
+    }
+}
+
+/// The liveness part of the members: every acknowledged record processed by some member, the
+/// group stable with every partition owned, then a last commit each; then every acknowledged
+/// commit must be what `FetchOffsets` returns, or below it.
+pub(crate) async fn converge(
+    state: &Shared,
+    seed: u64,
+    members: u64,
+    acked: BTreeSet<String>,
+    bound: Duration,
+) -> Result<(), String> {
+    state.borrow_mut().members.quiet = true;
+    let pending = || -> Vec<String> {
+        let s = state.borrow();
+        let missing: Vec<&String> = acked.iter().filter(|v| !s.members.processed.contains(*v)).collect();
+        if missing.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!("{} acknowledged records never processed, e.g. {:?}", missing.len(), missing.first())]
+        }
+    };
+    crate::broker::within(bound, "the group did not process every acknowledged record", pending).await?;
+    let nodes = state.borrow().nodes;
+    let admin = GroupAdmin::new(client_config(seed ^ 0x9a, nodes)).map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let why = match admin.describe_group(GROUP).await {
+            Ok(d) => {
+                let owned = d.partitions.iter().filter(|p| !p.member_id.is_empty()).count();
+                if d.state == "stable" && d.members.len() as u64 == members && owned == PARTITIONS as usize {
+                    break;
+                }
+                format!("state {}, {} members, {owned} partitions owned", d.state, d.members.len())
+            }
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the group did not converge in {bound:?}: {why}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    log(state, "group converged".into());
+    state.borrow_mut().members.stop = true;
+    crate::broker::within(bound, "members did not leave", || {
+        let done = state.borrow().members.done;
+        if done == members { Vec::new() } else { vec![format!("{done} of {members} left")] }
+    })
+    .await?;
+    let fetched: BTreeMap<u32, u64> = admin
+        .fetch_offsets(GROUP)
+        .await
+        .map_err(|e| format!("fetching the group's offsets after healing: {e}"))?
+        .into_iter()
+        .map(|o| (o.partition, o.offset))
+        .collect();
+    log(state, format!("committed offsets after healing: {fetched:?}"));
+    for c in &state.borrow().members.commits {
+        let now = fetched.get(&c.partition).copied();
+        if now.is_none_or(|o| o < c.offset) {
+            return Err(format!(
+                "lost commit: {} saw offset {} of partition {} acknowledged, FetchOffsets returns {now:?}",
+                c.member, c.offset, c.partition
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One batch of the coordinator's log: the records of one operation, appended atomically.
+pub type OpRecords = Vec<(u64, keel_coordinator::Record)>;
+
+/// Every committed batch of `__consumer_offsets` on a node, in offset order.
+pub fn read_offsets_log(node: &RaftNode, group: GroupId) -> Result<Vec<OpRecords>, String> {
+    let store = node.store(group).map_err(|e| e.to_string())?;
+    let (start, _, _) = store.positions();
+    let high_watermark = *store.high_watermark().borrow();
+    let mut out = Vec::new();
+    let mut next = start.offset;
+    while next < high_watermark {
+        let batches = store.read_committed(next, 1 << 20).map_err(|e| e.to_string())?;
+        if batches.is_empty() {
+            return Err(format!("nothing readable at {next} below the high watermark {high_watermark}"));
+        }
+        for b in batches {
+            let mut op = Vec::new();
+            for r in b.records() {
+                let r = r.map_err(|e| e.to_string())?;
+                let record = keel_coordinator::Record {
+                    key: r.key.map(|k| k.to_vec()).unwrap_or_default(),
+                    value: r.value.map(|v| v.to_vec()),
+                };
+                op.push((r.offset, record));
+            }
+            out.push(op);
+            next = b.header().next_offset();
+        }
+    }
+    Ok(out)
+}
+
+/// Replays the coordinator's log in order and checks what the module doc lists: every commit
+/// against the ownership before its operation, single ownership after every operation (one
+/// batch: its records are appended atomically), monotonic offsets within the high watermarks.
+pub fn audit(log: &[OpRecords], high_watermarks: &BTreeMap<u32, u64>) -> Result<(), String> {
+    let mut state = Groups::default();
+    let mut last: BTreeMap<(String, Tp), u64> = BTreeMap::new();
+    for op in log {
+        let before = state.clone();
+        for (offset, record) in op {
+            audit_record(&before, &mut last, *offset, record, high_watermarks)?;
+            state.replay(*offset, record).map_err(|e| e.to_string())?;
+        }
+        let offset = op.last().map_or(0, |(o, _)| *o);
+        for (name, group) in &state.groups {
+            let mut seen = BTreeSet::new();
+            for m in group.members.values() {
+                for tp in m.assigned.keys().chain(m.revoking.keys()) {
+                    if !seen.insert(tp) {
+                        return Err(format!("group {name}: {tp} owned by two members at __consumer_offsets@{offset}"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn audit_record(
+    state: &Groups,
+    last: &mut BTreeMap<(String, Tp), u64>,
+    offset: u64,
+    record: &keel_coordinator::Record,
+    high_watermarks: &BTreeMap<u32, u64>,
+) -> Result<(), String> {
+    let decoded = GroupRecord::decode(record).map_err(|e| format!("__consumer_offsets@{offset}: {e}"))?;
+    if let GroupRecord::Offset(g, tp, Some(c)) = &decoded {
+        if !c.member_id.is_empty() {
+            let owner = state.get(g).and_then(|group| group.members.get(&c.member_id));
+            let fenced_ok = owner.is_some_and(|m| {
+                m.owns(tp).is_some_and(|assigned_at| assigned_at <= c.member_epoch) && c.member_epoch <= m.epoch
+            });
+            if !fenced_ok {
+                return Err(format!(
+                    "zombie commit accepted at __consumer_offsets@{offset}: {} (epoch {}) committed {} of {tp} without owning it ({:?})",
+                    c.member_id,
+                    c.member_epoch,
+                    c.offset,
+                    owner.map(|m| (m.epoch, m.assigned.clone(), m.revoking.clone()))
+                ));
+            }
+        }
+        let key = (g.clone(), tp.clone());
+        if let Some(before) = last.get(&key)
+            && c.offset < *before
+        {
+            return Err(format!("committed offset of {tp} went back from {before} to {} at @{offset}", c.offset));
+        }
+        last.insert(key, c.offset);
+        let hw = high_watermarks.get(&tp.partition).copied().unwrap_or(0);
+        if c.offset > hw {
+            return Err(format!("committed offset {} of {tp} above its high watermark {hw} at @{offset}", c.offset));
+        }
+    }
+    Ok(())
+}
