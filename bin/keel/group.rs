@@ -167,6 +167,11 @@ pub fn consume(args: ConsumeArgs, group: &str, connection: &Connection) -> anyho
         // is kept and seen by the next turn of the loop.
         let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+        // A group waits for topics that do not exist yet without a word; a tool should say so.
+        Admin::new(client.clone())?
+            .describe_topic(&args.topic)
+            .await
+            .with_context(|| format!("topic {:?}", args.topic))?;
         let mut member =
             GroupConsumer::subscribe(client, config, &[args.topic.as_str()]).await.map_err(|e| explain(e, group))?;
         let mut stdout = std::io::stdout().lock();
