@@ -239,3 +239,12 @@ async fn committed_offsets_survive_the_coordinators_node() {
     assert_eq!(offsets.len(), 1);
     assert_eq!((offsets[0].partition, offsets[0].offset), (1, 17));
 }
+
+/// The client turns a status into `ClientError::Group` only for reasons it knows: every refusal
+/// the group shard can give must be among them, or a client would miss it.
+#[test]
+fn clients_recognise_every_group_refusal_reason() {
+    for reason in keel_coordinator::groups::GroupError::REASONS {
+        assert!(keel_client::GROUP_REASONS.contains(reason), "{reason} is missing from keel_client::GROUP_REASONS");
+    }
+}

@@ -9,6 +9,27 @@ use tonic_types::StatusExt;
 /// The `ErrorInfo.reason` a broker sets when it does not lead the partition.
 pub const NOT_LEADER_REASON: &str = "NOT_LEADER";
 
+/// The `ErrorInfo.reason`s of the Groups service (keel.proto's Groups table): a status carrying
+/// one becomes [`ClientError::Group`]; any other reason keeps its plain gRPC-code mapping.
+pub const GROUP_REASONS: &[&str] = &[
+    "NOT_COORDINATOR",
+    "COORDINATOR_LOADING",
+    "COORDINATOR_WRITE_UNKNOWN",
+    "INVALID_REQUEST",
+    "UNKNOWN_MEMBER_ID",
+    "FENCED_MEMBER_EPOCH",
+    "STALE_MEMBER_EPOCH",
+    "OFFSET_ABOVE_HIGH_WATERMARK",
+    "OFFSET_BELOW_LOG_START",
+    "UNKNOWN_TOPIC_OR_PARTITION",
+    "GROUP_ID_NOT_FOUND",
+    "GROUP_NOT_EMPTY",
+    "GROUP_MAX_SIZE_REACHED",
+    "GROUPS_MAX_REACHED",
+    "METADATA_TOO_LARGE",
+    "INCONSISTENT_ASSIGNOR",
+];
+
 /// Why a client call failed.
 ///
 /// [`ClientError::is_retriable`] separates errors that a later attempt may cure (the cluster
@@ -207,8 +228,7 @@ impl From<tonic::Status> for ClientError {
             return ClientError::Transport(format!("{:?}: {}", status.code(), status.message()));
         }
         if let Some(info) = status.get_error_details().error_info()
-            && info.reason != NOT_LEADER_REASON
-            && !info.reason.is_empty()
+            && GROUP_REASONS.contains(&info.reason.as_str())
         {
             return ClientError::Group {
                 code: status.code(),

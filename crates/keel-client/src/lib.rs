@@ -42,7 +42,7 @@ mod producer;
 pub use admin::Admin;
 pub use config::{ClientConfig, Connect, TcpConnect, parse_bootstrap};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchResult, Offset};
-pub use error::{ClientError, NOT_LEADER_REASON};
+pub use error::{ClientError, GROUP_REASONS, NOT_LEADER_REASON};
 pub use group::{GroupAdmin, GroupConfig, GroupConsumer, OffsetReset, RebalanceListener, TopicPartition};
 pub use keel_proto::v1::{
     DescribeClusterResponse as ClusterDescription, NodeDescription, PartitionDescription, TopicConfig, TopicDescription,

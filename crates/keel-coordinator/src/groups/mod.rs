@@ -170,6 +170,23 @@ pub enum GroupError {
 }
 
 impl GroupError {
+    /// Every reason [`GroupError::reason`] can return (clients recognise group refusals by them).
+    pub const REASONS: &'static [&'static str] = &[
+        "INVALID_REQUEST",
+        "UNKNOWN_MEMBER_ID",
+        "FENCED_MEMBER_EPOCH",
+        "STALE_MEMBER_EPOCH",
+        "OFFSET_ABOVE_HIGH_WATERMARK",
+        "OFFSET_BELOW_LOG_START",
+        "UNKNOWN_TOPIC_OR_PARTITION",
+        "GROUP_ID_NOT_FOUND",
+        "GROUP_NOT_EMPTY",
+        "GROUP_MAX_SIZE_REACHED",
+        "GROUPS_MAX_REACHED",
+        "METADATA_TOO_LARGE",
+        "INCONSISTENT_ASSIGNOR",
+    ];
+
     /// The `google.rpc.ErrorInfo` reason of this refusal.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -499,3 +499,27 @@ mod random {
         }
     }
 }
+
+#[test]
+fn every_refusal_reason_is_listed_once() {
+    let tp = Tp { topic: "t".into(), partition: 0 };
+    let (g, m) = (String::from("g"), String::from("m"));
+    let errors = [
+        GroupError::Invalid("x".into()),
+        GroupError::UnknownMember { group: g.clone(), member: m.clone() },
+        GroupError::FencedEpoch { member: m.clone(), sent: 1, current: 2 },
+        GroupError::StaleEpoch { member: m, epoch: 1, tp: tp.clone() },
+        GroupError::OffsetAboveHighWatermark { tp: tp.clone(), offset: 2, high_watermark: 1 },
+        GroupError::OffsetBelowLogStart { tp, offset: 0, log_start: 1 },
+        GroupError::UnknownTopic("t".into()),
+        GroupError::UnknownGroup(g.clone()),
+        GroupError::GroupNotEmpty { group: g.clone(), members: 1 },
+        GroupError::GroupMaxSize { group: g.clone(), max: 1 },
+        GroupError::GroupsMax(1),
+        GroupError::MetadataTooLarge { size: 2, max: 1 },
+        GroupError::InconsistentAssignor { group: g, group_assignor: "a".into(), asked: "b".into() },
+    ];
+    let reasons: BTreeSet<&str> = errors.iter().map(GroupError::reason).collect();
+    assert_eq!(reasons.len(), errors.len(), "two refusals share a reason");
+    assert_eq!(reasons, GroupError::REASONS.iter().copied().collect::<BTreeSet<_>>());
+}
