@@ -212,7 +212,9 @@ impl SegmentLog {
     pub fn open(disk: Arc<dyn Disk>, dir: impl Into<PathBuf>, config: LogConfig) -> Result<SegmentLog> {
         config.validate()?;
         let dir = dir.into();
-        disk.create_dir_all(&dir).ctx("create dir", &dir)?;
+        // A partition whose directory is not durable in its parent could vanish whole in a
+        // power loss, acknowledged batches included.
+        disk::create_dir_durable(&*disk, &dir).ctx("create dir", &dir)?;
         let mut log = SegmentLog {
             disk,
             dir,
