@@ -219,6 +219,14 @@ impl Inner {
     }
 
     /// A cached channel to another node's gRPC server.
+    /// The largest request or response message of the Producer and Consumer services, and the
+    /// largest fetch response: a batch at the limit plus room for the envelope, and a fetch's
+    /// bytes plus one more batch (a fetch returns at least one whole batch).
+    pub(crate) fn message_limits(&self) -> (usize, usize) {
+        let message_max = self.config.log.batch_bytes_max() + (1 << 20);
+        (message_max, message_max + self.config.limits.fetch_bytes_max)
+    }
+
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
@@ -409,7 +417,9 @@ impl Inner {
             };
             let result = match self.channel(addr) {
                 Ok(channel) => {
-                    let mut client = pb::consumer_client::ConsumerClient::new(channel);
+                    // A fetch answers with at least one whole batch, whatever max_bytes says.
+                    let mut client = pb::consumer_client::ConsumerClient::new(channel)
+                        .max_decoding_message_size(self.message_limits().1);
                     tokio::time::timeout(Duration::from_secs(10), client.fetch(request)).await
                 }
                 Err(e) => Ok(Err(e)),

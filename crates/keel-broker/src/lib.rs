@@ -4,6 +4,7 @@
 //! - [`metadata`]: the pure metadata state machine (nodes, topics, assignment);
 //! - [`broker`]: the node's life: metadata follower, reconciler, controller operations;
 //! - [`service`]: Producer, Consumer, Admin, Controller and NodeStatus over gRPC;
+//! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
 
 pub mod broker;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod metadata;
 pub mod service;
+pub mod size_status;
 
 pub use broker::{Broker, Clock, StorageMode};
 pub use config::{BrokerConfig, Identity, Limits};

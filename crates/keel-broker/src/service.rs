@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info_span};
 use crate::broker::{Broker, HOPS_HEADER, Inner};
 use crate::error::{append_status, not_leader, to_pb_error};
 use crate::metadata::{self, META_GROUP, Metadata, Topic, TopicSettings};
+use crate::size_status::{SizeStatus, size_status};
 
 /// Default size bound of a fetch response when the request leaves it 0.
 const FETCH_BYTES_DEFAULT: usize = 1 << 20;
@@ -45,7 +46,7 @@ impl Broker {
     /// Controller, NodeStatus, grpc.health.v1 and reflection (v1 and v1alpha).
     pub fn router(&self) -> Result<tonic::service::Routes, crate::error::BrokerError> {
         let api = Api { inner: Arc::clone(&self.inner) };
-        let message_max = self.inner.config.log.batch_bytes_max() + (1 << 20);
+        let (message_max, fetch_message_max) = self.inner.message_limits();
         let reflection = |e: tonic_reflection::server::Error| crate::error::BrokerError::Config(e.to_string());
         let v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
@@ -74,21 +75,22 @@ impl Broker {
             }
         });
         let mut routes = tonic::service::Routes::default();
+        // Keel's services answer size limits with RESOURCE_EXHAUSTED (see `size_status`).
         routes = routes
             .add_service(self.inner.node.service().into_server())
-            .add_service(
+            .add_service(SizeStatus::new(
                 pb::producer_server::ProducerServer::new(api.clone())
                     .max_decoding_message_size(message_max)
                     .max_encoding_message_size(message_max),
-            )
-            .add_service(
+            ))
+            .add_service(SizeStatus::new(
                 pb::consumer_server::ConsumerServer::new(api.clone())
                     .max_decoding_message_size(message_max)
-                    .max_encoding_message_size(message_max + self.inner.config.limits.fetch_bytes_max),
-            )
-            .add_service(pb::admin_server::AdminServer::new(api.clone()))
-            .add_service(pb::controller_server::ControllerServer::new(api.clone()))
-            .add_service(pb::node_status_server::NodeStatusServer::new(api))
+                    .max_encoding_message_size(fetch_message_max),
+            ))
+            .add_service(SizeStatus::new(pb::admin_server::AdminServer::new(api.clone())))
+            .add_service(SizeStatus::new(pb::controller_server::ControllerServer::new(api.clone())))
+            .add_service(SizeStatus::new(pb::node_status_server::NodeStatusServer::new(api)))
             .add_service(health)
             .add_service(v1)
             .add_service(v1alpha);
@@ -145,10 +147,17 @@ impl Api {
                 let mut forwarded = Request::new(request);
                 forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
                 let deadline = inner.config.append_timeout + Duration::from_secs(1);
-                let mut client = pb::producer_client::ProducerClient::new(channel);
+                // The leader accepts what this node accepted (the same limits on every node).
+                let (message_max, _) = inner.message_limits();
+                let mut client = pb::producer_client::ProducerClient::new(channel)
+                    .max_decoding_message_size(message_max)
+                    .max_encoding_message_size(message_max);
                 let call = client.produce(forwarded);
                 match tokio::time::timeout(deadline, call).await {
-                    Ok(result) => result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)),
+                    Ok(result) => result
+                        .map(Response::into_inner)
+                        .inspect_err(|s| inner.forget_broken(&addr, s))
+                        .map_err(size_status),
                     Err(_) => {
                         inner.drop_channel(&addr);
                         Err(Status::deadline_exceeded(format!(
@@ -238,8 +247,16 @@ impl Api {
         let mut forwarded = Request::new(request.clone());
         forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         let deadline = Duration::from_millis(u64::from(request.max_wait_ms)) + Duration::from_secs(5);
-        match tokio::time::timeout(deadline, pb::consumer_client::ConsumerClient::new(channel).fetch(forwarded)).await {
-            Ok(result) => result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)),
+        // The replica may answer with as much as its Consumer service encodes, far above tonic's
+        // default 4 MiB decode limit.
+        let (message_max, fetch_message_max) = inner.message_limits();
+        let mut client = pb::consumer_client::ConsumerClient::new(channel)
+            .max_decoding_message_size(fetch_message_max)
+            .max_encoding_message_size(message_max);
+        match tokio::time::timeout(deadline, client.fetch(forwarded)).await {
+            Ok(result) => {
+                result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)).map_err(size_status)
+            }
             Err(_) => {
                 inner.drop_channel(&addr);
                 Err(Status::unavailable(format!("the replica of {what} at {addr} did not answer in time")))
@@ -464,7 +481,10 @@ impl pb::producer_server::Producer for Api {
                     Ok(Some(r)) => r,
                     Ok(None) => return,
                     Err(status) => {
+                        // Tell the client why its stream ends (e.g. a message over the size
+                        // limit), rather than ending it as if all were well.
                         debug!(%status, "produce stream ended");
+                        let _ = tx.send(Err(size_status(status))).await;
                         return;
                     }
                 };

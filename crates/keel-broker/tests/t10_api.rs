@@ -439,3 +439,67 @@ async fn nodes_beyond_the_voters_join_and_serve() {
     }
     assert_eq!(cluster.brokers[3].metadata().topics.len(), 1);
 }
+
+/// Issue 12 (items 11 and 13): a message over a size limit is RESOURCE_EXHAUSTED wherever the
+/// limit is met, tonic's own decode limit included (OUT_OF_RANGE is reserved for offsets outside
+/// the log), and a fetch forwarded by a node without a replica may be as large as the replica may
+/// send, not tonic's default 4 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_errors_are_resource_exhausted() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    admin
+        .create_topic(pb::CreateTopicRequest { name: "big".into(), partitions: 1, replication_factor: 1, config: None })
+        .await
+        .unwrap();
+    let t = wait_leaders(&mut admin, "big").await;
+    let home = t.partitions[0].replicas[0] as usize;
+    let (replica, elsewhere) = (cluster.addrs[home - 1].clone(), cluster.addrs[home % 3].clone());
+    let value =
+        |bytes: usize| pb::Record { key: None, value: Some(vec![7u8; bytes].into()), headers: vec![], timestamp_ms: 0 };
+
+    // Over the transport's limit (batch limit + 1 MiB here), on the replica and on a node that
+    // would forward: refused before anything is decoded, as RESOURCE_EXHAUSTED.
+    for bytes in [3 << 20, 64 << 20] {
+        for addr in [&replica, &elsewhere] {
+            let mut producer = pb::producer_client::ProducerClient::new(channel(addr).await);
+            let request = pb::ProduceRequest { records: vec![value(bytes)], ..produce("big", 0, &[]) };
+            let status = producer.produce(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted, "{bytes} bytes at {addr}: {status:?}");
+        }
+    }
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&replica).await);
+    let requests = vec![pb::ProduceRequest { request_id: 1, records: vec![value(3 << 20)], ..produce("big", 0, &[]) }];
+    let status = match producer.produce_stream(futures_util::stream::iter(requests)).await {
+        Ok(responses) => responses.into_inner().message().await.expect_err("an oversized stream message is refused"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // 6 MiB in batches under the 1 MiB segment, then one fetch of up to 8 MiB through the node
+    // without a replica: it forwards, and the answer (over 4 MiB) comes back whole.
+    for i in 0..7 {
+        let r = producer
+            .produce(pb::ProduceRequest { records: vec![value(900 << 10)], ..produce("big", 0, &[]) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.base_offset, i, "the refused requests wrote nothing");
+    }
+    let mut consumer =
+        pb::consumer_client::ConsumerClient::new(channel(&elsewhere).await).max_decoding_message_size(64 << 20);
+    let fetched = consumer
+        .fetch(pb::FetchRequest {
+            topic: "big".into(),
+            partition: 0,
+            offset: 0,
+            max_bytes: 8 << 20,
+            max_wait_ms: 1_000,
+            format: pb::FetchFormat::Batches as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.next_offset, 7);
+    assert!(fetched.batches.iter().map(|b| b.len()).sum::<usize>() > 4 << 20);
+}
