@@ -175,7 +175,7 @@ impl Api {
         let inner = &self.inner;
         let (group, replicas, _) = inner.resolve(&request.topic, request.partition)?;
         let Ok(store) = inner.node.store(group) else {
-            return self.forward_fetch(request, &replicas, hops).await;
+            return self.forward_fetch(request, replicas.first().copied(), hops).await;
         };
         let bytes_max = match request.max_bytes {
             0 => FETCH_BYTES_DEFAULT,
@@ -205,12 +205,22 @@ impl Api {
                     request.offset, start.offset, request.topic, request.partition
                 )));
             }
-            let leads = inner.node.leader(group) == Some(inner.config.node_id);
-            if request.offset > written.offset.max(high_watermark) && leads {
-                return Err(Status::out_of_range(format!(
-                    "offset {} is beyond the end {} of {}/{}",
-                    request.offset, high_watermark, request.topic, request.partition
-                )));
+            if request.offset > written.offset.max(high_watermark) {
+                // Beyond this replica's log. Only the leader's log end bounds the offsets that can
+                // still be committed (a follower may lag it by any amount), so the leader decides,
+                // and every replica gives the same answer: OUT_OF_RANGE from the leader, records or
+                // a long poll from it otherwise.
+                let leader = inner.node.leader(group);
+                if leader == Some(inner.config.node_id) {
+                    return Err(Status::out_of_range(format!(
+                        "offset {} is beyond the end {} of {}/{}",
+                        request.offset,
+                        written.offset.max(high_watermark),
+                        request.topic,
+                        request.partition
+                    )));
+                }
+                return self.forward_fetch(request, leader, hops).await;
             }
             if request.offset < high_watermark {
                 let batches = store.read_committed(request.offset, bytes_max).map_err(|e| match e {
@@ -228,19 +238,22 @@ impl Api {
         }
     }
 
-    /// A node that hosts no replica asks one that does (the preferred leader first).
+    /// Hands a fetch this node cannot answer to `to`, once: a node that hosts no replica asks
+    /// one that does (the preferred leader), a follower asked beyond its log asks the leader.
     async fn forward_fetch(
         &self,
         request: pb::FetchRequest,
-        replicas: &[NodeId],
+        to: Option<NodeId>,
         hops: u32,
     ) -> Result<pb::FetchResponse, Status> {
         let inner = &self.inner;
         let what = format!("{}/{}", request.topic, request.partition);
         if hops > 0 {
-            return Err(Status::unavailable(format!("{what} is not open on this node yet; retry")));
+            return Err(Status::unavailable(format!(
+                "{what}: forwarded to a node that cannot answer (not open here yet, or the leader moved); retry"
+            )));
         }
-        let Some(addr) = replicas.first().and_then(|id| inner.addr_of(*id)) else {
+        let Some(addr) = to.and_then(|id| inner.addr_of(id)) else {
             return Err(not_leader(&what, None));
         };
         let channel = inner.channel(&addr)?;

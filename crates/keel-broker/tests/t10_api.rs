@@ -503,3 +503,40 @@ async fn size_errors_are_resource_exhausted() {
     assert_eq!(fetched.next_offset, 7);
     assert!(fetched.batches.iter().map(|b| b.len()).sum::<usize>() > 4 << 20);
 }
+
+/// Issue 12 (item 13): every replica gives the same verdict on an offset beyond the log. A
+/// follower used to wait out max_wait_ms and answer OK with nothing at offset 2^63, where the
+/// leader answers OUT_OF_RANGE; the verdict is now the leader's, wherever the fetch arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_says_out_of_range_alike() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    admin
+        .create_topic(pb::CreateTopicRequest { name: "r".into(), partitions: 1, replication_factor: 3, config: None })
+        .await
+        .unwrap();
+    wait_leaders(&mut admin, "r").await;
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
+    producer.produce(produce("r", 0, &["a", "b", "c"])).await.unwrap();
+    let fetch = |offset, max_wait_ms| pb::FetchRequest {
+        topic: "r".into(),
+        partition: 0,
+        offset,
+        max_bytes: 0,
+        max_wait_ms,
+        format: 0,
+    };
+    for addr in &cluster.addrs {
+        let mut consumer = pb::consumer_client::ConsumerClient::new(channel(addr).await);
+        // Every replica has the records (a fetch from offset 0 waits until this one applied them).
+        let r = consumer.fetch(fetch(0, 5_000)).await.unwrap().into_inner();
+        assert_eq!(r.records.len(), 3, "{addr}");
+        for offset in [1 << 63, u64::MAX, 4] {
+            let status = consumer.fetch(fetch(offset, 2_000)).await.unwrap_err();
+            assert_eq!(status.code(), Code::OutOfRange, "offset {offset} at {addr}: {status:?}");
+        }
+        // The end of the log itself is in range: a long poll there answers OK (empty here).
+        let r = consumer.fetch(fetch(3, 0)).await.unwrap().into_inner();
+        assert_eq!((r.records.len(), r.next_offset, r.high_watermark), (0, 3, 3), "{addr}");
+    }
+}
