@@ -37,7 +37,7 @@ pub enum TopicCommand {
         /// Number of partitions.
         #[arg(short, long, default_value_t = 1)]
         partitions: u32,
-        /// Replicas per partition (default: 3, or fewer if the cluster is smaller).
+        /// Replicas per partition, odd (default: 3, or 1 on a cluster of fewer than 3 nodes).
         #[arg(short, long, default_value_t = 0)]
         replicas: u32,
         /// Delete whole segments older than this (0 = keep forever).

@@ -657,8 +657,11 @@ impl Inner {
         if meta.topics.contains_key(&name) {
             return Err(meta_status(metadata::MetaError::TopicExists(name)));
         }
-        let replication_factor =
-            if replication_factor == 0 { (meta.nodes.len() as u32).clamp(1, 3) } else { replication_factor };
+        metadata::validate_replication_factor(replication_factor).map_err(meta_status)?;
+        let replication_factor = match replication_factor {
+            0 => metadata::default_replication_factor(meta.nodes.len()),
+            n => n,
+        };
         let assignment = meta.plan_assignment(partitions, replication_factor).map_err(meta_status)?;
         let command =
             Command::CreateTopic { name: name.clone(), replication_factor, settings, assignment: assignment.clone() };

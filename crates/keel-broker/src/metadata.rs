@@ -289,6 +289,28 @@ impl Metadata {
     }
 }
 
+/// Checks the replication factor of a new topic: odd, or 0 for the default. A majority of `2k`
+/// replicas is `k + 1`, so an even factor tolerates no more failures than `2k - 1` replicas while
+/// costing one more copy and making every commit wait for one more ack.
+///
+/// Only new topics are checked: the metadata log may hold topics created with an even factor
+/// before this rule, and replaying it must rebuild them as they were.
+pub fn validate_replication_factor(replication_factor: u32) -> Result<(), MetaError> {
+    if replication_factor.is_multiple_of(2) && replication_factor != 0 {
+        return Err(MetaError::Invalid(format!(
+            "replication factor {replication_factor} is even; use an odd one (an even factor tolerates no \
+             more failed replicas than the odd one below it)"
+        )));
+    }
+    Ok(())
+}
+
+/// The replication factor of a topic created with 0: 3, or 1 on a cluster of fewer than three
+/// nodes (2 would be even, see [`validate_replication_factor`]).
+pub fn default_replication_factor(nodes: usize) -> u32 {
+    if nodes >= 3 { 3 } else { 1 }
+}
+
 /// Checks a topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`, and not
 /// starting with `__` (reserved for Keel's internal topics).
 pub fn validate_topic_name(name: &str) -> Result<(), MetaError> {
@@ -427,6 +449,19 @@ mod tests {
             assert_eq!(m.topics, before.topics, "case {i}");
             assert_eq!(m.next_group, before.next_group, "case {i}");
         }
+    }
+
+    #[test]
+    fn replication_factors_are_odd() {
+        for ok in [0, 1, 3, 5, 7] {
+            validate_replication_factor(ok).unwrap();
+        }
+        for even in [2, 4, 6, u32::MAX - 1] {
+            assert!(matches!(validate_replication_factor(even), Err(MetaError::Invalid(_))), "{even}");
+        }
+        let defaults: Vec<u32> = (0..=6).map(default_replication_factor).collect();
+        assert_eq!(defaults, [1, 1, 1, 3, 3, 3, 3]);
+        assert!(defaults.iter().all(|&rf| validate_replication_factor(rf).is_ok()));
     }
 
     #[test]

@@ -610,6 +610,7 @@ impl pb::admin_server::Admin for Api {
                 metadata::PARTITIONS_PER_TOPIC_MAX
             )));
         }
+        metadata::validate_replication_factor(r.replication_factor).map_err(crate::error::meta_status)?;
         let settings = settings_from_pb(r.config, inner.config.log.batch_bytes_max())?;
         if !inner.leads_meta() {
             let name = request.get_ref().name.clone();

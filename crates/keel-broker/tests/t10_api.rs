@@ -257,7 +257,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
         (create("a/b", 1, 3, None), Code::InvalidArgument),
         (create("__meta", 1, 3, None), Code::InvalidArgument),
         (create("x", 0, 3, None), Code::InvalidArgument),
-        (create("x", 1, 4, None), Code::FailedPrecondition),
+        (create("x", 1, 5, None), Code::FailedPrecondition),
+        // An even factor tolerates no more failures than the odd one below it (keel.proto).
+        (create("x", 1, 2, None), Code::InvalidArgument),
+        (create("x", 1, 4, None), Code::InvalidArgument),
         (create("x", 1, 3, Some(bad_config)), Code::InvalidArgument),
         (create("x", 1, 3, Some(huge_config)), Code::InvalidArgument),
         (create("t", 1, 3, None), Code::AlreadyExists),

@@ -31,7 +31,8 @@ impl Admin {
         Ok(Admin { core: Core::new(config, SALT)? })
     }
 
-    /// Creates a topic. `replication_factor` 0 lets the cluster choose (min(3, nodes)).
+    /// Creates a topic. `replication_factor` must be odd; 0 lets the cluster choose (3, or 1 on a
+    /// cluster of fewer than 3 nodes).
     ///
     /// A retry after a lost answer can report `AlreadyExists` for the topic this call created.
     pub async fn create_topic(
