@@ -329,18 +329,13 @@ impl Inner {
                         return;
                     }
                 };
-                if record.offset < next.applied_offset {
-                    continue;
-                }
-                let outcome = match metadata::decode_command(record.value.as_deref().unwrap_or_default()) {
-                    Ok(command) => next.apply(record.offset, &command),
+                match next.replay(record.offset, record.value.as_deref().unwrap_or_default()) {
+                    Ok(None) => {}
+                    Ok(Some(refusal)) => debug!(offset = record.offset, error = %refusal, "metadata command refused"),
                     Err(e) => {
-                        next.applied_offset = record.offset + 1;
-                        Err(e)
+                        self.fail(e.to_string());
+                        return;
                     }
-                };
-                if let Err(e) = outcome {
-                    debug!(offset = record.offset, error = %e, "metadata command refused");
                 }
             }
         }
@@ -426,14 +421,17 @@ impl Inner {
             };
             match result {
                 Ok(Ok(response)) => {
-                    let batches: Vec<_> = response
-                        .into_inner()
-                        .batches
-                        .into_iter()
-                        .filter_map(|b| keel_record::Batch::from_bytes(b).ok())
-                        .collect();
-                    self.apply_meta_batches(&batches);
-                    continue;
+                    // All or nothing: dropping a bad batch and applying the rest would skip
+                    // records (which replay refuses as a gap); a bad answer is retried elsewhere.
+                    let batches: Result<Vec<_>, _> =
+                        response.into_inner().batches.into_iter().map(keel_record::Batch::from_bytes).collect();
+                    match batches {
+                        Ok(batches) => {
+                            self.apply_meta_batches(&batches);
+                            continue;
+                        }
+                        Err(e) => warn!(addr, error = %e, "a voter sent an invalid __meta batch; asking another"),
+                    }
                 }
                 Ok(Err(status)) => {
                     self.forget_broken(addr, &status);

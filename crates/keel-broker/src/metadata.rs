@@ -112,6 +112,28 @@ pub enum MetaError {
     Precondition(String),
 }
 
+/// Why a node cannot go on replaying `__meta`: its metadata would differ from every other
+/// node's, so it must stop rather than serve it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// A committed record does not hold a command this node understands.
+    #[error("__meta record at offset {offset} does not decode: {reason}")]
+    Undecodable {
+        /// The record's offset.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A record arrived beyond the next offset to apply: the ones between were skipped.
+    #[error("__meta record at offset {offset} arrived while {applied} was the next to apply")]
+    Gap {
+        /// The record's offset.
+        offset: u64,
+        /// The next offset this node had to apply.
+        applied: u64,
+    },
+}
+
 /// The applied metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metadata {
@@ -131,6 +153,22 @@ impl Metadata {
     /// Empty metadata, before any command.
     pub fn new() -> Metadata {
         Metadata { next_group: META_GROUP + 1, ..Metadata::default() }
+    }
+
+    /// Replays the committed `__meta` record at `offset` (its value, the encoded command).
+    /// Records already applied are ignored (a fetch returns whole batches). Returns the refusal
+    /// of a refused command, which every node refuses alike. A record that does not decode, or
+    /// that comes after a gap, is an error and changes nothing: skipping it would leave this node
+    /// with metadata the log does not hold (the node must stop instead).
+    pub fn replay(&mut self, offset: u64, value: &[u8]) -> Result<Option<MetaError>, ReplayError> {
+        if offset < self.applied_offset {
+            return Ok(None);
+        }
+        if offset > self.applied_offset {
+            return Err(ReplayError::Gap { offset, applied: self.applied_offset });
+        }
+        let command = decode_command(value).map_err(|e| ReplayError::Undecodable { offset, reason: e.to_string() })?;
+        Ok(self.apply(offset, &command).err())
     }
 
     /// Applies the command at `offset`. A refused command changes nothing but the applied
@@ -479,6 +517,32 @@ mod tests {
         for bad in ["", ".", "..", "__meta", "a b", "a/b", "é", &"x".repeat(250)] {
             assert!(validate_topic_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Every node must apply every `__meta` record, in order: one that skipped a record (it did
+    /// not decode, or never arrived) would hold metadata no other node has. Such a replay is an
+    /// error, and the metadata is left as it was before the record.
+    #[test]
+    fn replay_never_skips_a_record() {
+        let register = |n: u64| encode_command(&Command::RegisterNode { node_id: n, addr: format!("n{n}:1") });
+        let mut m = Metadata::new();
+        assert_eq!(m.replay(0, &register(1)), Ok(None));
+        assert_eq!(m.replay(1, &register(2)), Ok(None));
+        assert_eq!(m.replay(0, &register(9)), Ok(None), "an applied offset again is ignored");
+        assert_eq!(m.nodes.len(), 2);
+        let delete = encode_command(&Command::DeleteTopic { name: "nope".into() });
+        assert!(matches!(m.replay(2, &delete), Ok(Some(MetaError::UnknownTopic(_)))), "refused alike everywhere");
+        assert_eq!(m.applied_offset, 3);
+
+        let before = m.clone();
+        for (offset, value) in [(3, &b"{\"op\":\"from_a_newer_version\"}"[..]), (3, b"")] {
+            assert!(matches!(m.replay(offset, value), Err(ReplayError::Undecodable { offset: 3, .. })), "{value:?}");
+            assert_eq!(m, before, "nothing applied");
+        }
+        assert_eq!(m.replay(5, &register(3)), Err(ReplayError::Gap { offset: 5, applied: 3 }));
+        assert_eq!(m, before, "nothing applied");
+        assert_eq!(m.replay(3, &register(3)), Ok(None));
+        assert_eq!(m.applied_offset, 4);
     }
 
     #[test]
