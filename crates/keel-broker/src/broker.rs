@@ -46,6 +46,15 @@ pub struct Broker {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// How an AddPartitions request wants a topic to grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Growth {
+    /// By this many partitions (older clients; a retry adds them again).
+    Add(u32),
+    /// To this many partitions in total (safe to retry).
+    To(u32),
+}
+
 pub(crate) struct Inner {
     pub(crate) config: BrokerConfig,
     pub(crate) node: Arc<RaftNode>,
@@ -652,14 +661,23 @@ impl Inner {
     ) -> Result<Topic, Status> {
         let _turn = self.controller_turn().await?;
         let meta = self.metadata();
-        if meta.topics.contains_key(&name) {
-            return Err(meta_status(metadata::MetaError::TopicExists(name)));
-        }
         metadata::validate_replication_factor(replication_factor).map_err(meta_status)?;
         let replication_factor = match replication_factor {
             0 => metadata::default_replication_factor(meta.nodes.len()),
             n => n,
         };
+        if let Some(existing) = meta.topics.get(&name) {
+            // A retry of a create whose answer was lost asks for exactly what exists: it succeeds
+            // and changes nothing. Anything else is somebody else's topic.
+            let identical = existing.partitions.len() == partitions as usize
+                && existing.replication_factor == replication_factor
+                && existing.settings == settings;
+            return if identical {
+                Ok(existing.clone())
+            } else {
+                Err(meta_status(metadata::MetaError::TopicExists(name)))
+            };
+        }
         let assignment = meta.plan_assignment(partitions, replication_factor).map_err(meta_status)?;
         let command =
             Command::CreateTopic { name: name.clone(), replication_factor, settings, assignment: assignment.clone() };
@@ -680,17 +698,29 @@ impl Inner {
         self.propose(&Command::DeleteTopic { name }).await.map(|_| ())
     }
 
-    /// Adds partitions to a topic (controller leader only).
-    pub(crate) async fn add_partitions(&self, name: String, count: u32) -> Result<Topic, Status> {
+    /// Grows a topic (controller leader only).
+    pub(crate) async fn add_partitions(&self, name: String, growth: Growth) -> Result<Topic, Status> {
         let _turn = self.controller_turn().await?;
         let meta = self.metadata();
         let topic =
             meta.topics.get(&name).ok_or_else(|| meta_status(metadata::MetaError::UnknownTopic(name.clone())))?;
-        let before = topic.partitions.len();
+        let before = topic.partitions.len() as u32;
+        let count = match growth {
+            Growth::Add(count) => count,
+            // Already there: the retry of a call that succeeded.
+            Growth::To(total) if total == before => return Ok(topic.clone()),
+            Growth::To(total) if total < before => {
+                return Err(Status::failed_precondition(format!(
+                    "topic {name:?} has {before} partitions, more than {total}; partitions are never removed"
+                )));
+            }
+            Growth::To(total) => total - before,
+        };
         let assignment = meta.plan_assignment(count, topic.replication_factor).map_err(meta_status)?;
-        self.propose(&Command::AddPartitions { name: name.clone(), assignment }).await?;
+        let command = Command::AddPartitions { name: name.clone(), assignment, partitions_before: Some(before) };
+        self.propose(&command).await?;
         match self.metadata().topics.get(&name) {
-            Some(t) if t.partitions.len() == before + count as usize => Ok(t.clone()),
+            Some(t) if t.partitions.len() == (before + count) as usize => Ok(t.clone()),
             _ => Err(Status::aborted("the topic changed concurrently; describe it and retry")),
         }
     }

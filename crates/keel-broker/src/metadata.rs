@@ -92,6 +92,11 @@ pub enum Command {
         name: String,
         /// Replicas of each new partition.
         assignment: Vec<Vec<NodeId>>,
+        /// The partition count the controller planned from: applied to any other count (the
+        /// same command proposed twice, or a race) the command is refused, so partitions are
+        /// never added twice. Absent in records written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partitions_before: Option<u32>,
     },
 }
 
@@ -201,8 +206,16 @@ impl Metadata {
             Command::DeleteTopic { name } => {
                 self.topics.remove(name).map(|_| ()).ok_or_else(|| MetaError::UnknownTopic(name.clone()))
             }
-            Command::AddPartitions { name, assignment } => {
+            Command::AddPartitions { name, assignment, partitions_before } => {
                 let topic = self.topics.get(name).ok_or_else(|| MetaError::UnknownTopic(name.clone()))?;
+                if let Some(before) = *partitions_before
+                    && topic.partitions.len() != before as usize
+                {
+                    return Err(MetaError::Precondition(format!(
+                        "topic {name:?} has {} partitions, not the {before} this change was planned for",
+                        topic.partitions.len()
+                    )));
+                }
                 let total = topic.partitions.len() + assignment.len();
                 if total > PARTITIONS_PER_TOPIC_MAX as usize {
                     return Err(MetaError::Invalid(format!(
@@ -478,8 +491,9 @@ mod tests {
                 assignment: vec![vec![1]],
             },
             Command::DeleteTopic { name: "nope".into() },
-            Command::AddPartitions { name: "nope".into(), assignment: vec![vec![1, 2, 3]] },
-            Command::AddPartitions { name: "a".into(), assignment: vec![vec![1]] },
+            Command::AddPartitions { name: "nope".into(), assignment: vec![vec![1, 2, 3]], partitions_before: None },
+            Command::AddPartitions { name: "a".into(), assignment: vec![vec![1]], partitions_before: None },
+            Command::AddPartitions { name: "a".into(), assignment: vec![vec![1, 2, 3]], partitions_before: Some(1) },
         ];
         for (i, c) in cases.iter().enumerate() {
             let offset = m.applied_offset;
@@ -543,6 +557,29 @@ mod tests {
         assert_eq!(m, before, "nothing applied");
         assert_eq!(m.replay(3, &register(3)), Ok(None));
         assert_eq!(m.applied_offset, 4);
+    }
+
+    /// The same AddPartitions proposed twice (or planned from a stale count) adds nothing the
+    /// second time; records written before `partitions_before` existed still apply.
+    #[test]
+    fn add_partitions_applies_once() {
+        let mut m = cluster(3);
+        create(&mut m, "a", 1, 3).unwrap();
+        let add = Command::AddPartitions {
+            name: "a".into(),
+            assignment: m.plan_assignment(2, 3).unwrap(),
+            partitions_before: Some(1),
+        };
+        let offset = m.applied_offset;
+        m.apply(offset, &add).unwrap();
+        let after = m.clone();
+        assert!(matches!(m.apply(offset + 1, &add), Err(MetaError::Precondition(_))));
+        assert_eq!((m.topics.clone(), m.next_group), (after.topics, after.next_group));
+        let old = br#"{"op":"add_partitions","name":"a","assignment":[[1,2,3]]}"#;
+        assert!(matches!(decode_command(old), Ok(Command::AddPartitions { partitions_before: None, .. })));
+        assert_eq!(m.replay(offset + 2, old), Ok(None));
+        assert_eq!(m.topics["a"].partitions.len(), 4);
+        assert!(!String::from_utf8(encode_command(&decode_command(old).unwrap())).unwrap().contains("before"));
     }
 
     #[test]

@@ -675,8 +675,14 @@ impl pb::admin_server::Admin for Api {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("topic name must not be empty"));
         }
-        if r.count == 0 || r.count > metadata::PARTITIONS_PER_TOPIC_MAX {
-            return Err(Status::invalid_argument("count must be at least 1"));
+        let max = metadata::PARTITIONS_PER_TOPIC_MAX;
+        if r.target_total > max {
+            return Err(Status::invalid_argument(format!("target_total must be at most {max}")));
+        }
+        if r.target_total == 0 && (r.count == 0 || r.count > max) {
+            return Err(Status::invalid_argument(format!(
+                "count must be between 1 and {max} (or set target_total, which is safe to retry)"
+            )));
         }
         if !inner.leads_meta() {
             let name = request.get_ref().name.clone();
@@ -688,7 +694,11 @@ impl pb::admin_server::Admin for Api {
             return self.forward_admin(request, hops, call, applied).await;
         }
         let r = request.into_inner();
-        let topic = inner.add_partitions(r.name.clone(), r.count).await?;
+        let growth = match r.target_total {
+            0 => crate::broker::Growth::Add(r.count),
+            total => crate::broker::Growth::To(total),
+        };
+        let topic = inner.add_partitions(r.name.clone(), growth).await?;
         Ok(Response::new(pb::AddPartitionsResponse { topic: Some(self.describe(&r.name, &topic, &Statuses::new())) }))
     }
 

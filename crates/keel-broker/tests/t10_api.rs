@@ -263,7 +263,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         (create("x", 1, 4, None), Code::InvalidArgument),
         (create("x", 1, 3, Some(bad_config)), Code::InvalidArgument),
         (create("x", 1, 3, Some(huge_config)), Code::InvalidArgument),
-        (create("t", 1, 3, None), Code::AlreadyExists),
+        (create("t", 2, 3, None), Code::AlreadyExists),
     ];
     for (i, (request, code)) in cases.into_iter().enumerate() {
         let status = admin.create_topic(request).await.unwrap_err();
@@ -382,9 +382,10 @@ async fn streams_pipeline_and_name_the_leader() {
         .create_topic(pb::CreateTopicRequest { name: "g".into(), partitions: 1, replication_factor: 1, config: None })
         .await
         .unwrap();
-    let t = admin.add_partitions(pb::AddPartitionsRequest { name: "g".into(), count: 2 }).await.unwrap().into_inner();
+    let add = |name: &str, count, target_total| pb::AddPartitionsRequest { name: name.into(), count, target_total };
+    let t = admin.add_partitions(add("g", 2, 0)).await.unwrap().into_inner();
     assert_eq!(t.topic.unwrap().partitions.len(), 3);
-    let status = admin.add_partitions(pb::AddPartitionsRequest { name: "nope".into(), count: 2 }).await.unwrap_err();
+    let status = admin.add_partitions(add("nope", 2, 0)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let _ = status.get_details_error_info();
 }
@@ -541,5 +542,48 @@ async fn every_replica_says_out_of_range_alike() {
         // The end of the log itself is in range: a long poll there answers OK (empty here).
         let r = consumer.fetch(fetch(3, 0)).await.unwrap().into_inner();
         assert_eq!((r.records.len(), r.next_offset, r.high_watermark), (0, 3, 3), "{addr}");
+    }
+}
+
+/// Issue 12 (item 10): retried admin writes are idempotent. AddPartitions says the total the
+/// topic should have, so a retry after a lost answer changes nothing; an identical CreateTopic
+/// retried succeeds; a different one is ALREADY_EXISTS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_admin_writes_change_nothing() {
+    let cluster = start(3).await;
+    // Through a node that forwards (not necessarily the controller) and through the others.
+    let mut admins = Vec::new();
+    for addr in &cluster.addrs {
+        admins.push(pb::admin_client::AdminClient::new(channel(addr).await));
+    }
+    let create = pb::CreateTopicRequest { name: "i".into(), partitions: 1, replication_factor: 3, config: None };
+    for admin in &mut admins {
+        let t = admin.create_topic(create.clone()).await.unwrap().into_inner().topic.unwrap();
+        assert_eq!((t.partitions.len(), t.replication_factor), (1, 3), "an identical create is a no-op");
+    }
+    let different = pb::CreateTopicRequest { partitions: 2, ..create.clone() };
+    assert_eq!(admins[0].create_topic(different).await.unwrap_err().code(), Code::AlreadyExists);
+
+    let grow = |target_total| pb::AddPartitionsRequest { name: "i".into(), count: 0, target_total };
+    for admin in &mut admins {
+        let t = admin.add_partitions(grow(3)).await.unwrap().into_inner().topic.unwrap();
+        assert_eq!(t.partitions.len(), 3, "a retried increase adds nothing");
+    }
+    // `count` is ignored when the target is set (an old client's field).
+    let both = pb::AddPartitionsRequest { count: 5, ..grow(3) };
+    assert_eq!(admins[1].add_partitions(both).await.unwrap().into_inner().topic.unwrap().partitions.len(), 3);
+    assert_eq!(admins[2].add_partitions(grow(2)).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(admins[2].add_partitions(grow(10_001)).await.unwrap_err().code(), Code::InvalidArgument);
+    for b in &cluster.brokers {
+        let mut meta = b.metadata();
+        for _ in 0..100 {
+            if meta.topics.get("i").is_some_and(|t| t.partitions.len() == 3) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            meta = b.metadata();
+        }
+        assert_eq!(meta.topics["i"].partitions.len(), 3);
+        assert_eq!(meta.next_group, 4, "three partitions, three groups, none allocated twice");
     }
 }
