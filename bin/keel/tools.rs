@@ -40,7 +40,7 @@ pub enum TopicCommand {
         /// Number of partitions.
         #[arg(short, long, default_value_t = 1)]
         partitions: u32,
-        /// Replicas per partition (default: 3, or fewer if the cluster is smaller).
+        /// Replicas per partition, odd (default: 3, or 1 on a cluster of fewer than 3 nodes).
         #[arg(short, long, default_value_t = 0)]
         replicas: u32,
         /// Delete whole segments older than this (0 = keep forever).
@@ -59,12 +59,17 @@ pub enum TopicCommand {
     Describe { name: String },
     /// Delete a topic and its data.
     Delete { name: String },
-    /// Add partitions to a topic.
+    /// Add partitions to a topic (safe to repeat with --total: it names the result).
     AddPartitions {
         name: String,
-        /// How many partitions to add.
+        /// The number of partitions the topic should have; running the command again changes
+        /// nothing.
+        #[arg(long, required_unless_present = "count", conflicts_with = "count")]
+        total: Option<u32>,
+        /// How many partitions to add to what the topic has when the command starts (the
+        /// command's own retries still cannot add them twice).
         #[arg(long)]
-        count: u32,
+        count: Option<u32>,
     },
 }
 
@@ -262,8 +267,16 @@ pub fn topic(command: TopicCommand, connection: &Connection, output: Output) -> 
                     Output::Text => println!("deleted topic {name}"),
                 }
             }
-            TopicCommand::AddPartitions { name, count } => {
-                let t = admin.add_partitions(&name, count).await?;
+            TopicCommand::AddPartitions { name, total, count } => {
+                let total = match (total, count) {
+                    (Some(total), _) => total,
+                    (None, Some(count)) => {
+                        let now = admin.describe_topic(&name).await?.partitions.len() as u32;
+                        now.checked_add(count).context("too many partitions")?
+                    }
+                    (None, None) => bail!("give --total or --count"),
+                };
+                let t = admin.increase_partitions(&name, total).await?;
                 match output {
                     Output::Json => println!("{}", topic_json(&t)),
                     Output::Text => println!("topic {} now has {} partitions", t.name, t.partitions.len()),

@@ -101,6 +101,14 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to node `id`'s process, through kill(1): a stopped
+    /// node keeps its sockets and its state, like one stalled by the machine, not crashed.
+    pub fn signal(&self, id: u64, signal: &str) {
+        let child = self.nodes[id as usize - 1].child.as_ref().expect("the node is running");
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal} node {id}: {status}");
+    }
+
     /// Restarts node `id` from its data dir.
     pub fn restart(&mut self, id: u64) {
         assert!(self.nodes[id as usize - 1].child.is_none(), "node {id} is running");

@@ -48,6 +48,15 @@ pub struct Broker {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// How an AddPartitions request wants a topic to grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Growth {
+    /// By this many partitions (older clients; a retry adds them again).
+    Add(u32),
+    /// To this many partitions in total (safe to retry).
+    To(u32),
+}
+
 pub(crate) struct Inner {
     pub(crate) config: BrokerConfig,
     pub(crate) node: Arc<RaftNode>,
@@ -234,6 +243,14 @@ impl Inner {
     }
 
     /// A cached channel to another node's gRPC server.
+    /// The largest request or response message of the Producer and Consumer services, and the
+    /// largest fetch response: a batch at the limit plus room for the envelope, and a fetch's
+    /// bytes plus one more batch (a fetch returns at least one whole batch).
+    pub(crate) fn message_limits(&self) -> (usize, usize) {
+        let message_max = self.config.log.batch_bytes_max() + (1 << 20);
+        (message_max, message_max + self.config.limits.fetch_bytes_max)
+    }
+
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
@@ -336,18 +353,13 @@ impl Inner {
                         return;
                     }
                 };
-                if record.offset < next.applied_offset {
-                    continue;
-                }
-                let outcome = match metadata::decode_command(record.value.as_deref().unwrap_or_default()) {
-                    Ok(command) => next.apply(record.offset, &command),
+                match next.replay(record.offset, record.value.as_deref().unwrap_or_default()) {
+                    Ok(None) => {}
+                    Ok(Some(refusal)) => debug!(offset = record.offset, error = %refusal, "metadata command refused"),
                     Err(e) => {
-                        next.applied_offset = record.offset + 1;
-                        Err(e)
+                        self.fail(e.to_string());
+                        return;
                     }
-                };
-                if let Err(e) = outcome {
-                    debug!(offset = record.offset, error = %e, "metadata command refused");
                 }
             }
         }
@@ -424,21 +436,26 @@ impl Inner {
             };
             let result = match self.channel(addr) {
                 Ok(channel) => {
-                    let mut client = pb::consumer_client::ConsumerClient::new(channel);
+                    // A fetch answers with at least one whole batch, whatever max_bytes says.
+                    let mut client = pb::consumer_client::ConsumerClient::new(channel)
+                        .max_decoding_message_size(self.message_limits().1);
                     tokio::time::timeout(Duration::from_secs(10), client.fetch(request)).await
                 }
                 Err(e) => Ok(Err(e)),
             };
             match result {
                 Ok(Ok(response)) => {
-                    let batches: Vec<_> = response
-                        .into_inner()
-                        .batches
-                        .into_iter()
-                        .filter_map(|b| keel_record::Batch::from_bytes(b).ok())
-                        .collect();
-                    self.apply_meta_batches(&batches);
-                    continue;
+                    // All or nothing: dropping a bad batch and applying the rest would skip
+                    // records (which replay refuses as a gap); a bad answer is retried elsewhere.
+                    let batches: Result<Vec<_>, _> =
+                        response.into_inner().batches.into_iter().map(keel_record::Batch::from_bytes).collect();
+                    match batches {
+                        Ok(batches) => {
+                            self.apply_meta_batches(&batches);
+                            continue;
+                        }
+                        Err(e) => warn!(addr, error = %e, "a voter sent an invalid __meta batch; asking another"),
+                    }
                 }
                 Ok(Err(status)) => {
                     self.forget_broken(addr, &status);
@@ -698,11 +715,23 @@ impl Inner {
     ) -> Result<Topic, Status> {
         let _turn = self.controller_turn().await?;
         let meta = self.metadata();
-        if meta.topics.contains_key(&name) {
-            return Err(meta_status(metadata::MetaError::TopicExists(name)));
+        metadata::validate_replication_factor(replication_factor).map_err(meta_status)?;
+        let replication_factor = match replication_factor {
+            0 => metadata::default_replication_factor(meta.nodes.len()),
+            n => n,
+        };
+        if let Some(existing) = meta.topics.get(&name) {
+            // A retry of a create whose answer was lost asks for exactly what exists: it succeeds
+            // and changes nothing. Anything else is somebody else's topic.
+            let identical = existing.partitions.len() == partitions as usize
+                && existing.replication_factor == replication_factor
+                && existing.settings == settings;
+            return if identical {
+                Ok(existing.clone())
+            } else {
+                Err(meta_status(metadata::MetaError::TopicExists(name)))
+            };
         }
-        let replication_factor =
-            if replication_factor == 0 { (meta.nodes.len() as u32).clamp(1, 3) } else { replication_factor };
         let assignment = meta.plan_assignment(partitions, replication_factor).map_err(meta_status)?;
         let command =
             Command::CreateTopic { name: name.clone(), replication_factor, settings, assignment: assignment.clone() };
@@ -727,8 +756,8 @@ impl Inner {
         self.propose(&Command::DeleteTopic { name }).await.map(|_| ())
     }
 
-    /// Adds partitions to a topic (controller leader only).
-    pub(crate) async fn add_partitions(&self, name: String, count: u32) -> Result<Topic, Status> {
+    /// Grows a topic (controller leader only).
+    pub(crate) async fn add_partitions(&self, name: String, growth: Growth) -> Result<Topic, Status> {
         let _turn = self.controller_turn().await?;
         let meta = self.metadata();
         let topic =
@@ -736,11 +765,23 @@ impl Inner {
         if topic.internal {
             return Err(Status::permission_denied(format!("{name:?} is internal to Keel; its partitions are fixed")));
         }
-        let before = topic.partitions.len();
+        let before = topic.partitions.len() as u32;
+        let count = match growth {
+            Growth::Add(count) => count,
+            // Already there: the retry of a call that succeeded.
+            Growth::To(total) if total == before => return Ok(topic.clone()),
+            Growth::To(total) if total < before => {
+                return Err(Status::failed_precondition(format!(
+                    "topic {name:?} has {before} partitions, more than {total}; partitions are never removed"
+                )));
+            }
+            Growth::To(total) => total - before,
+        };
         let assignment = meta.plan_assignment(count, topic.replication_factor).map_err(meta_status)?;
-        self.propose(&Command::AddPartitions { name: name.clone(), assignment }).await?;
+        let command = Command::AddPartitions { name: name.clone(), assignment, partitions_before: Some(before) };
+        self.propose(&command).await?;
         match self.metadata().topics.get(&name) {
-            Some(t) if t.partitions.len() == before + count as usize => Ok(t.clone()),
+            Some(t) if t.partitions.len() == (before + count) as usize => Ok(t.clone()),
             _ => Err(Status::aborted("the topic changed concurrently; describe it and retry")),
         }
     }

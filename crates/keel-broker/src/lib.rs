@@ -6,6 +6,7 @@
 //! - [`service`]: Producer, Consumer, Admin, Controller and NodeStatus over gRPC;
 //! - [`coordinator`]: the coordinator runtime (DESIGN.md §6.1) over an internal-topic partition;
 //! - [`groups`]: consumer-group coordinators on that runtime, served by the `Groups` gRPC service;
+//! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
 
 pub mod broker;
@@ -16,6 +17,7 @@ pub mod groups;
 mod groups_service;
 pub mod metadata;
 pub mod service;
+pub mod size_status;
 
 pub use broker::{Broker, Clock, StorageMode};
 pub use config::{BrokerConfig, GroupSettings, Identity, Limits};

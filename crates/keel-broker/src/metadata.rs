@@ -108,6 +108,11 @@ pub enum Command {
         name: String,
         /// Replicas of each new partition.
         assignment: Vec<Vec<NodeId>>,
+        /// The partition count the controller planned from: applied to any other count (the
+        /// same command proposed twice, or a race) the command is refused, so partitions are
+        /// never added twice. Absent in records written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partitions_before: Option<u32>,
     },
 }
 
@@ -126,6 +131,28 @@ pub enum MetaError {
     /// The cluster cannot do it in its current state (e.g. too few nodes).
     #[error("{0}")]
     Precondition(String),
+}
+
+/// Why a node cannot go on replaying `__meta`: its metadata would differ from every other
+/// node's, so it must stop rather than serve it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// A committed record does not hold a command this node understands.
+    #[error("__meta record at offset {offset} does not decode: {reason}")]
+    Undecodable {
+        /// The record's offset.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A record arrived beyond the next offset to apply: the ones between were skipped.
+    #[error("__meta record at offset {offset} arrived while {applied} was the next to apply")]
+    Gap {
+        /// The record's offset.
+        offset: u64,
+        /// The next offset this node had to apply.
+        applied: u64,
+    },
 }
 
 /// The applied metadata.
@@ -147,6 +174,22 @@ impl Metadata {
     /// Empty metadata, before any command.
     pub fn new() -> Metadata {
         Metadata { next_group: META_GROUP + 1, ..Metadata::default() }
+    }
+
+    /// Replays the committed `__meta` record at `offset` (its value, the encoded command).
+    /// Records already applied are ignored (a fetch returns whole batches). Returns the refusal
+    /// of a refused command, which every node refuses alike. A record that does not decode, or
+    /// that comes after a gap, is an error and changes nothing: skipping it would leave this node
+    /// with metadata the log does not hold (the node must stop instead).
+    pub fn replay(&mut self, offset: u64, value: &[u8]) -> Result<Option<MetaError>, ReplayError> {
+        if offset < self.applied_offset {
+            return Ok(None);
+        }
+        if offset > self.applied_offset {
+            return Err(ReplayError::Gap { offset, applied: self.applied_offset });
+        }
+        let command = decode_command(value).map_err(|e| ReplayError::Undecodable { offset, reason: e.to_string() })?;
+        Ok(self.apply(offset, &command).err())
     }
 
     /// Applies the command at `offset`. A refused command changes nothing but the applied
@@ -205,10 +248,18 @@ impl Metadata {
                 }
                 self.topics.remove(name).map(|_| ()).ok_or_else(|| MetaError::UnknownTopic(name.clone()))
             }
-            Command::AddPartitions { name, assignment } => {
+            Command::AddPartitions { name, assignment, partitions_before } => {
                 let topic = self.topics.get(name).ok_or_else(|| MetaError::UnknownTopic(name.clone()))?;
                 if topic.internal {
                     return Err(MetaError::Invalid(format!("{name:?} is internal; its partitions are fixed")));
+                }
+                if let Some(before) = *partitions_before
+                    && topic.partitions.len() != before as usize
+                {
+                    return Err(MetaError::Precondition(format!(
+                        "topic {name:?} has {} partitions, not the {before} this change was planned for",
+                        topic.partitions.len()
+                    )));
                 }
                 let total = topic.partitions.len() + assignment.len();
                 if total > PARTITIONS_PER_TOPIC_MAX as usize {
@@ -344,6 +395,28 @@ impl Metadata {
     }
 }
 
+/// Checks the replication factor of a new topic: odd, or 0 for the default. A majority of `2k`
+/// replicas is `k + 1`, so an even factor tolerates no more failures than `2k - 1` replicas while
+/// costing one more copy and making every commit wait for one more ack.
+///
+/// Only new topics are checked: the metadata log may hold topics created with an even factor
+/// before this rule, and replaying it must rebuild them as they were.
+pub fn validate_replication_factor(replication_factor: u32) -> Result<(), MetaError> {
+    if replication_factor.is_multiple_of(2) && replication_factor != 0 {
+        return Err(MetaError::Invalid(format!(
+            "replication factor {replication_factor} is even; use an odd one (an even factor tolerates no \
+             more failed replicas than the odd one below it)"
+        )));
+    }
+    Ok(())
+}
+
+/// The replication factor of a topic created with 0: 3, or 1 on a cluster of fewer than three
+/// nodes (2 would be even, see [`validate_replication_factor`]).
+pub fn default_replication_factor(nodes: usize) -> u32 {
+    if nodes >= 3 { 3 } else { 1 }
+}
+
 /// Checks a topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`, and not
 /// starting with `__` (reserved for Keel's internal topics).
 pub fn validate_topic_name(name: &str) -> Result<(), MetaError> {
@@ -473,8 +546,9 @@ mod tests {
                 assignment: vec![vec![1]],
             },
             Command::DeleteTopic { name: "nope".into() },
-            Command::AddPartitions { name: "nope".into(), assignment: vec![vec![1, 2, 3]] },
-            Command::AddPartitions { name: "a".into(), assignment: vec![vec![1]] },
+            Command::AddPartitions { name: "nope".into(), assignment: vec![vec![1, 2, 3]], partitions_before: None },
+            Command::AddPartitions { name: "a".into(), assignment: vec![vec![1]], partitions_before: None },
+            Command::AddPartitions { name: "a".into(), assignment: vec![vec![1, 2, 3]], partitions_before: Some(1) },
         ];
         for (i, c) in cases.iter().enumerate() {
             let offset = m.applied_offset;
@@ -482,6 +556,19 @@ mod tests {
             assert_eq!(m.topics, before.topics, "case {i}");
             assert_eq!(m.next_group, before.next_group, "case {i}");
         }
+    }
+
+    #[test]
+    fn replication_factors_are_odd() {
+        for ok in [0, 1, 3, 5, 7] {
+            validate_replication_factor(ok).unwrap();
+        }
+        for even in [2, 4, 6, u32::MAX - 1] {
+            assert!(matches!(validate_replication_factor(even), Err(MetaError::Invalid(_))), "{even}");
+        }
+        let defaults: Vec<u32> = (0..=6).map(default_replication_factor).collect();
+        assert_eq!(defaults, [1, 1, 1, 3, 3, 3, 3]);
+        assert!(defaults.iter().all(|&rf| validate_replication_factor(rf).is_ok()));
     }
 
     #[test]
@@ -499,6 +586,55 @@ mod tests {
         for bad in ["", ".", "..", "__meta", "a b", "a/b", "é", &"x".repeat(250)] {
             assert!(validate_topic_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Every node must apply every `__meta` record, in order: one that skipped a record (it did
+    /// not decode, or never arrived) would hold metadata no other node has. Such a replay is an
+    /// error, and the metadata is left as it was before the record.
+    #[test]
+    fn replay_never_skips_a_record() {
+        let register = |n: u64| encode_command(&Command::RegisterNode { node_id: n, addr: format!("n{n}:1") });
+        let mut m = Metadata::new();
+        assert_eq!(m.replay(0, &register(1)), Ok(None));
+        assert_eq!(m.replay(1, &register(2)), Ok(None));
+        assert_eq!(m.replay(0, &register(9)), Ok(None), "an applied offset again is ignored");
+        assert_eq!(m.nodes.len(), 2);
+        let delete = encode_command(&Command::DeleteTopic { name: "nope".into() });
+        assert!(matches!(m.replay(2, &delete), Ok(Some(MetaError::UnknownTopic(_)))), "refused alike everywhere");
+        assert_eq!(m.applied_offset, 3);
+
+        let before = m.clone();
+        for (offset, value) in [(3, &b"{\"op\":\"from_a_newer_version\"}"[..]), (3, b"")] {
+            assert!(matches!(m.replay(offset, value), Err(ReplayError::Undecodable { offset: 3, .. })), "{value:?}");
+            assert_eq!(m, before, "nothing applied");
+        }
+        assert_eq!(m.replay(5, &register(3)), Err(ReplayError::Gap { offset: 5, applied: 3 }));
+        assert_eq!(m, before, "nothing applied");
+        assert_eq!(m.replay(3, &register(3)), Ok(None));
+        assert_eq!(m.applied_offset, 4);
+    }
+
+    /// The same AddPartitions proposed twice (or planned from a stale count) adds nothing the
+    /// second time; records written before `partitions_before` existed still apply.
+    #[test]
+    fn add_partitions_applies_once() {
+        let mut m = cluster(3);
+        create(&mut m, "a", 1, 3).unwrap();
+        let add = Command::AddPartitions {
+            name: "a".into(),
+            assignment: m.plan_assignment(2, 3).unwrap(),
+            partitions_before: Some(1),
+        };
+        let offset = m.applied_offset;
+        m.apply(offset, &add).unwrap();
+        let after = m.clone();
+        assert!(matches!(m.apply(offset + 1, &add), Err(MetaError::Precondition(_))));
+        assert_eq!((m.topics.clone(), m.next_group), (after.topics, after.next_group));
+        let old = br#"{"op":"add_partitions","name":"a","assignment":[[1,2,3]]}"#;
+        assert!(matches!(decode_command(old), Ok(Command::AddPartitions { partitions_before: None, .. })));
+        assert_eq!(m.replay(offset + 2, old), Ok(None));
+        assert_eq!(m.topics["a"].partitions.len(), 4);
+        assert!(!String::from_utf8(encode_command(&decode_command(old).unwrap())).unwrap().contains("before"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info_span};
 use crate::broker::{Broker, HOPS_HEADER, Inner};
 use crate::error::{append_status, not_leader, to_pb_error};
 use crate::metadata::{self, META_GROUP, Metadata, Topic, TopicSettings};
+use crate::size_status::{SizeStatus, size_status};
 
 /// Default size bound of a fetch response when the request leaves it 0.
 const FETCH_BYTES_DEFAULT: usize = 1 << 20;
@@ -45,7 +46,7 @@ impl Broker {
     /// Controller, NodeStatus, grpc.health.v1 and reflection (v1 and v1alpha).
     pub fn router(&self) -> Result<tonic::service::Routes, crate::error::BrokerError> {
         let api = Api { inner: Arc::clone(&self.inner) };
-        let message_max = self.inner.config.log.batch_bytes_max() + (1 << 20);
+        let (message_max, fetch_message_max) = self.inner.message_limits();
         let reflection = |e: tonic_reflection::server::Error| crate::error::BrokerError::Config(e.to_string());
         let v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
@@ -74,22 +75,23 @@ impl Broker {
             }
         });
         let mut routes = tonic::service::Routes::default();
+        // Keel's services answer size limits with RESOURCE_EXHAUSTED (see `size_status`).
         routes = routes
             .add_service(self.inner.node.service().into_server())
-            .add_service(
+            .add_service(SizeStatus::new(
                 pb::producer_server::ProducerServer::new(api.clone())
                     .max_decoding_message_size(message_max)
                     .max_encoding_message_size(message_max),
-            )
-            .add_service(
+            ))
+            .add_service(SizeStatus::new(
                 pb::consumer_server::ConsumerServer::new(api.clone())
                     .max_decoding_message_size(message_max)
-                    .max_encoding_message_size(message_max + self.inner.config.limits.fetch_bytes_max),
-            )
-            .add_service(pb::admin_server::AdminServer::new(api.clone()))
-            .add_service(pb::groups_server::GroupsServer::new(api.clone()))
-            .add_service(pb::controller_server::ControllerServer::new(api.clone()))
-            .add_service(pb::node_status_server::NodeStatusServer::new(api))
+                    .max_encoding_message_size(fetch_message_max),
+            ))
+            .add_service(SizeStatus::new(pb::admin_server::AdminServer::new(api.clone())))
+            .add_service(SizeStatus::new(pb::groups_server::GroupsServer::new(api.clone())))
+            .add_service(SizeStatus::new(pb::controller_server::ControllerServer::new(api.clone())))
+            .add_service(SizeStatus::new(pb::node_status_server::NodeStatusServer::new(api)))
             .add_service(health)
             .add_service(v1)
             .add_service(v1alpha);
@@ -146,10 +148,17 @@ impl Api {
                 let mut forwarded = Request::new(request);
                 forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
                 let deadline = inner.config.append_timeout + Duration::from_secs(1);
-                let mut client = pb::producer_client::ProducerClient::new(channel);
+                // The leader accepts what this node accepted (the same limits on every node).
+                let (message_max, _) = inner.message_limits();
+                let mut client = pb::producer_client::ProducerClient::new(channel)
+                    .max_decoding_message_size(message_max)
+                    .max_encoding_message_size(message_max);
                 let call = client.produce(forwarded);
                 match tokio::time::timeout(deadline, call).await {
-                    Ok(result) => result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)),
+                    Ok(result) => result
+                        .map(Response::into_inner)
+                        .inspect_err(|s| inner.forget_broken(&addr, s))
+                        .map_err(size_status),
                     Err(_) => {
                         inner.drop_channel(&addr);
                         Err(Status::deadline_exceeded(format!(
@@ -172,7 +181,7 @@ impl Api {
         let inner = &self.inner;
         let (group, replicas, _) = inner.resolve(&request.topic, request.partition)?;
         let Ok(store) = inner.node.store(group) else {
-            return self.forward_fetch(request, &replicas, hops).await;
+            return self.forward_fetch(request, replicas.first().copied(), hops).await;
         };
         let bytes_max = match request.max_bytes {
             0 => FETCH_BYTES_DEFAULT,
@@ -202,12 +211,22 @@ impl Api {
                     request.offset, start.offset, request.topic, request.partition
                 )));
             }
-            let leads = inner.node.leader(group) == Some(inner.config.node_id);
-            if request.offset > written.offset.max(high_watermark) && leads {
-                return Err(Status::out_of_range(format!(
-                    "offset {} is beyond the end {} of {}/{}",
-                    request.offset, high_watermark, request.topic, request.partition
-                )));
+            if request.offset > written.offset.max(high_watermark) {
+                // Beyond this replica's log. Only the leader's log end bounds the offsets that can
+                // still be committed (a follower may lag it by any amount), so the leader decides,
+                // and every replica gives the same answer: OUT_OF_RANGE from the leader, records or
+                // a long poll from it otherwise.
+                let leader = inner.node.leader(group);
+                if leader == Some(inner.config.node_id) {
+                    return Err(Status::out_of_range(format!(
+                        "offset {} is beyond the end {} of {}/{}",
+                        request.offset,
+                        written.offset.max(high_watermark),
+                        request.topic,
+                        request.partition
+                    )));
+                }
+                return self.forward_fetch(request, leader, hops).await;
             }
             if request.offset < high_watermark {
                 let batches = store.read_committed(request.offset, bytes_max).map_err(|e| match e {
@@ -225,27 +244,38 @@ impl Api {
         }
     }
 
-    /// A node that hosts no replica asks one that does (the preferred leader first).
+    /// Hands a fetch this node cannot answer to `to`, once: a node that hosts no replica asks
+    /// one that does (the preferred leader), a follower asked beyond its log asks the leader.
     async fn forward_fetch(
         &self,
         request: pb::FetchRequest,
-        replicas: &[NodeId],
+        to: Option<NodeId>,
         hops: u32,
     ) -> Result<pb::FetchResponse, Status> {
         let inner = &self.inner;
         let what = format!("{}/{}", request.topic, request.partition);
         if hops > 0 {
-            return Err(Status::unavailable(format!("{what} is not open on this node yet; retry")));
+            return Err(Status::unavailable(format!(
+                "{what}: forwarded to a node that cannot answer (not open here yet, or the leader moved); retry"
+            )));
         }
-        let Some(addr) = replicas.first().and_then(|id| inner.addr_of(*id)) else {
+        let Some(addr) = to.and_then(|id| inner.addr_of(id)) else {
             return Err(not_leader(&what, None));
         };
         let channel = inner.channel(&addr)?;
         let mut forwarded = Request::new(request.clone());
         forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         let deadline = Duration::from_millis(u64::from(request.max_wait_ms)) + Duration::from_secs(5);
-        match tokio::time::timeout(deadline, pb::consumer_client::ConsumerClient::new(channel).fetch(forwarded)).await {
-            Ok(result) => result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)),
+        // The replica may answer with as much as its Consumer service encodes, far above tonic's
+        // default 4 MiB decode limit.
+        let (message_max, fetch_message_max) = inner.message_limits();
+        let mut client = pb::consumer_client::ConsumerClient::new(channel)
+            .max_decoding_message_size(fetch_message_max)
+            .max_encoding_message_size(message_max);
+        match tokio::time::timeout(deadline, client.fetch(forwarded)).await {
+            Ok(result) => {
+                result.map(Response::into_inner).inspect_err(|s| inner.forget_broken(&addr, s)).map_err(size_status)
+            }
             Err(_) => {
                 inner.drop_channel(&addr);
                 Err(Status::unavailable(format!("the replica of {what} at {addr} did not answer in time")))
@@ -471,7 +501,10 @@ impl pb::producer_server::Producer for Api {
                     Ok(Some(r)) => r,
                     Ok(None) => return,
                     Err(status) => {
+                        // Tell the client why its stream ends (e.g. a message over the size
+                        // limit), rather than ending it as if all were well.
                         debug!(%status, "produce stream ended");
+                        let _ = tx.send(Err(size_status(status))).await;
                         return;
                     }
                 };
@@ -584,6 +617,7 @@ impl pb::admin_server::Admin for Api {
                 metadata::PARTITIONS_PER_TOPIC_MAX
             )));
         }
+        metadata::validate_replication_factor(r.replication_factor).map_err(crate::error::meta_status)?;
         let settings = settings_from_pb(r.config, inner.config.log.batch_bytes_max())?;
         if !inner.leads_meta() {
             let name = request.get_ref().name.clone();
@@ -648,8 +682,14 @@ impl pb::admin_server::Admin for Api {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("topic name must not be empty"));
         }
-        if r.count == 0 || r.count > metadata::PARTITIONS_PER_TOPIC_MAX {
-            return Err(Status::invalid_argument("count must be at least 1"));
+        let max = metadata::PARTITIONS_PER_TOPIC_MAX;
+        if r.target_total > max {
+            return Err(Status::invalid_argument(format!("target_total must be at most {max}")));
+        }
+        if r.target_total == 0 && (r.count == 0 || r.count > max) {
+            return Err(Status::invalid_argument(format!(
+                "count must be between 1 and {max} (or set target_total, which is safe to retry)"
+            )));
         }
         if !inner.leads_meta() {
             let name = request.get_ref().name.clone();
@@ -661,7 +701,11 @@ impl pb::admin_server::Admin for Api {
             return self.forward_admin(request, hops, call, applied).await;
         }
         let r = request.into_inner();
-        let topic = inner.add_partitions(r.name.clone(), r.count).await?;
+        let growth = match r.target_total {
+            0 => crate::broker::Growth::Add(r.count),
+            total => crate::broker::Growth::To(total),
+        };
+        let topic = inner.add_partitions(r.name.clone(), growth).await?;
         Ok(Response::new(pb::AddPartitionsResponse { topic: Some(self.describe(&r.name, &topic, &Statuses::new())) }))
     }
 

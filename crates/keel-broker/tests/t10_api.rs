@@ -193,10 +193,13 @@ async fn bad_input_is_refused_and_changes_nothing() {
         (create("a/b", 1, 3, None), Code::InvalidArgument),
         (create("__meta", 1, 3, None), Code::InvalidArgument),
         (create("x", 0, 3, None), Code::InvalidArgument),
-        (create("x", 1, 4, None), Code::FailedPrecondition),
+        (create("x", 1, 5, None), Code::FailedPrecondition),
+        // An even factor tolerates no more failures than the odd one below it (keel.proto).
+        (create("x", 1, 2, None), Code::InvalidArgument),
+        (create("x", 1, 4, None), Code::InvalidArgument),
         (create("x", 1, 3, Some(bad_config)), Code::InvalidArgument),
         (create("x", 1, 3, Some(huge_config)), Code::InvalidArgument),
-        (create("t", 1, 3, None), Code::AlreadyExists),
+        (create("t", 2, 3, None), Code::AlreadyExists),
     ];
     for (i, (request, code)) in cases.into_iter().enumerate() {
         let status = admin.create_topic(request).await.unwrap_err();
@@ -316,9 +319,10 @@ async fn streams_pipeline_and_name_the_leader() {
         .create_topic(pb::CreateTopicRequest { name: "g".into(), partitions: 1, replication_factor: 1, config: None })
         .await
         .unwrap();
-    let t = admin.add_partitions(pb::AddPartitionsRequest { name: "g".into(), count: 2 }).await.unwrap().into_inner();
+    let add = |name: &str, count, target_total| pb::AddPartitionsRequest { name: name.into(), count, target_total };
+    let t = admin.add_partitions(add("g", 2, 0)).await.unwrap().into_inner();
     assert_eq!(t.topic.unwrap().partitions.len(), 3);
-    let status = admin.add_partitions(pb::AddPartitionsRequest { name: "nope".into(), count: 2 }).await.unwrap_err();
+    let status = admin.add_partitions(add("nope", 2, 0)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let _ = status.get_details_error_info();
 }
@@ -386,4 +390,148 @@ async fn nodes_beyond_the_voters_join_and_serve() {
         assert_eq!(fetched.records.len(), 2, "partition {}", p.partition);
     }
     assert_eq!(cluster.brokers[3].metadata().topics.values().filter(|t| !t.internal).count(), 1);
+}
+
+/// Issue 12 (items 11 and 13): a message over a size limit is RESOURCE_EXHAUSTED wherever the
+/// limit is met, tonic's own decode limit included (OUT_OF_RANGE is reserved for offsets outside
+/// the log), and a fetch forwarded by a node without a replica may be as large as the replica may
+/// send, not tonic's default 4 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_errors_are_resource_exhausted() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    admin
+        .create_topic(pb::CreateTopicRequest { name: "big".into(), partitions: 1, replication_factor: 1, config: None })
+        .await
+        .unwrap();
+    let t = wait_leaders(&mut admin, "big").await;
+    let home = t.partitions[0].replicas[0] as usize;
+    let (replica, elsewhere) = (cluster.addrs[home - 1].clone(), cluster.addrs[home % 3].clone());
+    let value =
+        |bytes: usize| pb::Record { key: None, value: Some(vec![7u8; bytes].into()), headers: vec![], timestamp_ms: 0 };
+
+    // Over the transport's limit (batch limit + 1 MiB here), on the replica and on a node that
+    // would forward: refused before anything is decoded, as RESOURCE_EXHAUSTED.
+    for bytes in [3 << 20, 64 << 20] {
+        for addr in [&replica, &elsewhere] {
+            let mut producer = pb::producer_client::ProducerClient::new(channel(addr).await);
+            let request = pb::ProduceRequest { records: vec![value(bytes)], ..produce("big", 0, &[]) };
+            let status = producer.produce(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted, "{bytes} bytes at {addr}: {status:?}");
+        }
+    }
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&replica).await);
+    let requests = vec![pb::ProduceRequest { request_id: 1, records: vec![value(3 << 20)], ..produce("big", 0, &[]) }];
+    let status = match producer.produce_stream(futures_util::stream::iter(requests)).await {
+        Ok(responses) => responses.into_inner().message().await.expect_err("an oversized stream message is refused"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // 6 MiB in batches under the 1 MiB segment, then one fetch of up to 8 MiB through the node
+    // without a replica: it forwards, and the answer (over 4 MiB) comes back whole.
+    for i in 0..7 {
+        let r = producer
+            .produce(pb::ProduceRequest { records: vec![value(900 << 10)], ..produce("big", 0, &[]) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.base_offset, i, "the refused requests wrote nothing");
+    }
+    let mut consumer =
+        pb::consumer_client::ConsumerClient::new(channel(&elsewhere).await).max_decoding_message_size(64 << 20);
+    let fetched = consumer
+        .fetch(pb::FetchRequest {
+            topic: "big".into(),
+            partition: 0,
+            offset: 0,
+            max_bytes: 8 << 20,
+            max_wait_ms: 1_000,
+            format: pb::FetchFormat::Batches as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.next_offset, 7);
+    assert!(fetched.batches.iter().map(|b| b.len()).sum::<usize>() > 4 << 20);
+}
+
+/// Issue 12 (item 13): every replica gives the same verdict on an offset beyond the log. A
+/// follower used to wait out max_wait_ms and answer OK with nothing at offset 2^63, where the
+/// leader answers OUT_OF_RANGE; the verdict is now the leader's, wherever the fetch arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_says_out_of_range_alike() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    admin
+        .create_topic(pb::CreateTopicRequest { name: "r".into(), partitions: 1, replication_factor: 3, config: None })
+        .await
+        .unwrap();
+    wait_leaders(&mut admin, "r").await;
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
+    producer.produce(produce("r", 0, &["a", "b", "c"])).await.unwrap();
+    let fetch = |offset, max_wait_ms| pb::FetchRequest {
+        topic: "r".into(),
+        partition: 0,
+        offset,
+        max_bytes: 0,
+        max_wait_ms,
+        format: 0,
+    };
+    for addr in &cluster.addrs {
+        let mut consumer = pb::consumer_client::ConsumerClient::new(channel(addr).await);
+        // Every replica has the records (a fetch from offset 0 waits until this one applied them).
+        let r = consumer.fetch(fetch(0, 5_000)).await.unwrap().into_inner();
+        assert_eq!(r.records.len(), 3, "{addr}");
+        for offset in [1 << 63, u64::MAX, 4] {
+            let status = consumer.fetch(fetch(offset, 2_000)).await.unwrap_err();
+            assert_eq!(status.code(), Code::OutOfRange, "offset {offset} at {addr}: {status:?}");
+        }
+        // The end of the log itself is in range: a long poll there answers OK (empty here).
+        let r = consumer.fetch(fetch(3, 0)).await.unwrap().into_inner();
+        assert_eq!((r.records.len(), r.next_offset, r.high_watermark), (0, 3, 3), "{addr}");
+    }
+}
+
+/// Issue 12 (item 10): retried admin writes are idempotent. AddPartitions says the total the
+/// topic should have, so a retry after a lost answer changes nothing; an identical CreateTopic
+/// retried succeeds; a different one is ALREADY_EXISTS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_admin_writes_change_nothing() {
+    let cluster = start(3).await;
+    // Through a node that forwards (not necessarily the controller) and through the others.
+    let mut admins = Vec::new();
+    for addr in &cluster.addrs {
+        admins.push(pb::admin_client::AdminClient::new(channel(addr).await));
+    }
+    let create = pb::CreateTopicRequest { name: "i".into(), partitions: 1, replication_factor: 3, config: None };
+    for admin in &mut admins {
+        let t = admin.create_topic(create.clone()).await.unwrap().into_inner().topic.unwrap();
+        assert_eq!((t.partitions.len(), t.replication_factor), (1, 3), "an identical create is a no-op");
+    }
+    let different = pb::CreateTopicRequest { partitions: 2, ..create.clone() };
+    assert_eq!(admins[0].create_topic(different).await.unwrap_err().code(), Code::AlreadyExists);
+
+    let grow = |target_total| pb::AddPartitionsRequest { name: "i".into(), count: 0, target_total };
+    for admin in &mut admins {
+        let t = admin.add_partitions(grow(3)).await.unwrap().into_inner().topic.unwrap();
+        assert_eq!(t.partitions.len(), 3, "a retried increase adds nothing");
+    }
+    // `count` is ignored when the target is set (an old client's field).
+    let both = pb::AddPartitionsRequest { count: 5, ..grow(3) };
+    assert_eq!(admins[1].add_partitions(both).await.unwrap().into_inner().topic.unwrap().partitions.len(), 3);
+    assert_eq!(admins[2].add_partitions(grow(2)).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(admins[2].add_partitions(grow(10_001)).await.unwrap_err().code(), Code::InvalidArgument);
+    for b in &cluster.brokers {
+        let mut meta = b.metadata();
+        for _ in 0..100 {
+            if meta.topics.get("i").is_some_and(|t| t.partitions.len() == 3) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            meta = b.metadata();
+        }
+        assert_eq!(meta.topics["i"].partitions.len(), 3);
+        assert_eq!(meta.next_group, 4, "three partitions, three groups, none allocated twice");
+    }
 }

@@ -111,7 +111,9 @@ async fn the_offsets_topic_is_internal() {
     assert_eq!(topic.partitions.len(), 8);
     let deleted = admin.delete_topic(pb::DeleteTopicRequest { name: "__consumer_offsets".into() }).await;
     assert_eq!(deleted.unwrap_err().code(), Code::PermissionDenied);
-    let added = admin.add_partitions(pb::AddPartitionsRequest { name: "__consumer_offsets".into(), count: 1 }).await;
+    let added = admin
+        .add_partitions(pb::AddPartitionsRequest { name: "__consumer_offsets".into(), count: 1, target_total: 0 })
+        .await;
     assert_eq!(added.unwrap_err().code(), Code::PermissionDenied);
     let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
     let produced = producer

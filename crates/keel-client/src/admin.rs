@@ -31,9 +31,12 @@ impl Admin {
         Ok(Admin { core: Core::new(config, SALT)? })
     }
 
-    /// Creates a topic. `replication_factor` 0 lets the cluster choose (min(3, nodes)).
+    /// Creates a topic. `replication_factor` must be odd; 0 lets the cluster choose (3, or 1 on a
+    /// cluster of fewer than 3 nodes).
     ///
-    /// A retry after a lost answer can report `AlreadyExists` for the topic this call created.
+    /// Safe to retry: creating a topic exactly like one that exists (partitions, replication
+    /// factor, config) succeeds and changes nothing, so a retry after a lost answer returns the
+    /// topic. A different topic of that name is `AlreadyExists`.
     pub async fn create_topic(
         &self,
         name: &str,
@@ -55,7 +58,8 @@ impl Admin {
         Ok(topic)
     }
 
-    /// Deletes a topic and its records.
+    /// Deletes a topic and its records. A retry after a lost answer reports `NotFound`: the topic
+    /// is gone either way.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         let request = pb::DeleteTopicRequest { name: name.to_owned() };
         self.core
@@ -94,9 +98,16 @@ impl Admin {
         Ok(topic)
     }
 
-    /// Adds `count` partitions to a topic. Keys then map to other partitions than before.
-    pub async fn add_partitions(&self, name: &str, count: u32) -> Result<pb::TopicDescription, ClientError> {
-        let request = pb::AddPartitionsRequest { name: name.to_owned(), count };
+    /// Grows a topic to `total` partitions. Keys then map to other partitions than before.
+    ///
+    /// The request names the total, not a number to add, so the retries this client makes after a
+    /// lost answer can never add partitions twice: a topic that already has `total` partitions is
+    /// left as it is (and returned). Fewer than it has is `FailedPrecondition`.
+    pub async fn increase_partitions(&self, name: &str, total: u32) -> Result<pb::TopicDescription, ClientError> {
+        if total == 0 {
+            return Err(ClientError::InvalidArgument("a topic has at least one partition".into()));
+        }
+        let request = pb::AddPartitionsRequest { name: name.to_owned(), count: 0, target_total: total };
         let response = self
             .core
             .call_any("add partitions", |channel| {

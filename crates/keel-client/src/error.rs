@@ -210,6 +210,10 @@ impl ClientError {
             Code::InvalidArgument => ClientError::InvalidArgument(message),
             Code::AlreadyExists => ClientError::AlreadyExists(message),
             Code::FailedPrecondition => ClientError::FailedPrecondition(message),
+            // Tonic's own size limits (this client's decode limit, or a broker that does not
+            // rewrite them) come as OUT_OF_RANGE, which Keel reserves for offsets; its messages
+            // are their only mark.
+            Code::OutOfRange if message.contains("message length too large") => ClientError::ResourceExhausted(message),
             Code::OutOfRange => ClientError::OutOfRange(message),
             Code::ResourceExhausted => ClientError::ResourceExhausted(message),
             Code::DeadlineExceeded => ClientError::DeadlineExceeded(message),
@@ -331,6 +335,22 @@ mod tests {
             assert_eq!(got, want, "{code:?}");
             assert_eq!(got.is_retriable(), retriable, "{code:?}");
         }
+    }
+
+    /// Tonic reports its own message size limits (the client's decode limit, an older broker's
+    /// answers) as OUT_OF_RANGE, which Keel reserves for offsets: they are size errors.
+    #[test]
+    fn message_size_limits_are_resource_exhausted() {
+        for message in [
+            "Error, decoded message length too large: found 6451797 bytes, the limit is: 4194304 bytes",
+            "Error, encoded message length too large: found 9 bytes, the limit is: 4 bytes",
+        ] {
+            let e = ClientError::from(tonic::Status::out_of_range(message));
+            assert_eq!(e, ClientError::ResourceExhausted(message.into()));
+            assert!(!e.is_retriable());
+        }
+        let e = ClientError::from(tonic::Status::out_of_range("offset 9 is beyond the end 4 of t/0"));
+        assert!(matches!(e, ClientError::OutOfRange(_)), "offsets stay OUT_OF_RANGE: {e}");
     }
 
     #[test]

@@ -49,7 +49,11 @@ async fn admin_manages_topics() {
     let err = admin.create_topic("empty", 0, 1, TopicConfig::default()).await.unwrap_err();
     assert!(matches!(err, ClientError::InvalidArgument(_)), "{err}");
     assert_eq!(admin.describe_topic("orders").await.unwrap().partitions.len(), 3);
-    assert_eq!(admin.add_partitions("orders", 2).await.unwrap().partitions.len(), 5);
+    assert_eq!(admin.increase_partitions("orders", 5).await.unwrap().partitions.len(), 5);
+    // A retry after a lost answer must not grow the topic again (issue 12, item 10).
+    cluster.state.lock().unwrap().faults.lose_admin_answers = 2;
+    assert_eq!(admin.increase_partitions("orders", 7).await.unwrap().partitions.len(), 7);
+    assert_eq!(admin.describe_topic("orders").await.unwrap().partitions.len(), 7);
     let names: Vec<String> = admin.list_topics().await.unwrap().into_iter().map(|t| t.name).collect();
     assert_eq!(names, ["orders"]);
     let cluster_view = admin.describe_cluster().await.unwrap();

@@ -61,6 +61,10 @@ impl Connector for TcpConnector {
     }
 }
 
+/// Largest raft RPC message, either way (what AppendEntries may carry is bounded well below it:
+/// `store::APPEND_ENTRIES_BYTES_MAX`).
+pub const RPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
 /// Network settings.
 #[derive(Debug, Clone, Copy)]
 pub struct NetworkConfig {
@@ -149,7 +153,9 @@ impl Peers {
             .connector
             .channel(&peer.addr)
             .map_err(|e| Unreachable::new(&NetError(format!("node {target} at {}: {e}", peer.addr))))?;
-        let client = RaftClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let client = RaftClient::new(channel)
+            .max_decoding_message_size(RPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RPC_MESSAGE_BYTES_MAX);
         peer.client = Some(client.clone());
         Ok(client)
     }
@@ -439,7 +445,9 @@ impl RaftService {
 
     /// The tonic server for it.
     pub fn into_server(self) -> pb::raft_server::RaftServer<RaftService> {
-        pb::raft_server::RaftServer::new(self).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+        pb::raft_server::RaftServer::new(self)
+            .max_decoding_message_size(RPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RPC_MESSAGE_BYTES_MAX)
     }
 }
 

@@ -26,6 +26,20 @@ use crate::convert;
 use crate::state_machine::PartitionState;
 use crate::types::{Appended, BatchData, Entry, KeelRaft, LogId, SnapshotMeta, StoredMembership, Vote};
 
+/// Most batch bytes one AppendEntries carries (a single larger batch, up to
+/// `keel_record::BATCH_BYTES_MAX`, travels alone). openraft asks for up to 300 entries per
+/// request and each may be a whole batch, so without a byte bound a follower far enough behind
+/// would get a request over the raft RPC limit, refused the same way on every retry: it would
+/// never catch up. Small enough that a request is also sent, written and flushed by a follower
+/// well within one RPC deadline.
+pub const APPEND_ENTRIES_BYTES_MAX: usize = 8 << 20;
+
+const _: () = assert!(
+    APPEND_ENTRIES_BYTES_MAX < crate::network::RPC_MESSAGE_BYTES_MAX / 2
+        && keel_record::BATCH_BYTES_MAX < crate::network::RPC_MESSAGE_BYTES_MAX / 2,
+    "an AppendEntries request (entries plus their envelope) must fit in one raft RPC"
+);
+
 /// Files of a partition's raft state, next to its segments.
 const VOTE_FILE: &str = "raft.vote";
 const PURGED_FILE: &str = "raft.purged";
@@ -383,6 +397,19 @@ impl RaftLogReader<KeelRaft> for LogStore {
             return Ok(Vec::new());
         }
         let batches = log.read_entries(from, to, usize::MAX).map_err(io_err)?;
+        drop(log);
+        batches.iter().map(|b| convert::batch_to_entry(b).map_err(io_err)).collect()
+    }
+
+    /// What replication sends: entries from `start` on, at most [`APPEND_ENTRIES_BYTES_MAX`]
+    /// bytes of them (at least one entry, as openraft requires of a non-empty range).
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        let log = lock(&self.shared.log);
+        let (from, to) = range_to(&(start..end), log.start().index, log.written().index);
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let batches = log.read_entries(from, to, APPEND_ENTRIES_BYTES_MAX).map_err(io_err)?;
         drop(log);
         batches.iter().map(|b| convert::batch_to_entry(b).map_err(io_err)).collect()
     }

@@ -22,7 +22,8 @@ pub const SECTOR_BYTES: u64 = 512;
 
 /// A file system: real ([`crate::FileDisk`]) or simulated ([`crate::SimDisk`]).
 pub trait Disk: Send + Sync + fmt::Debug + 'static {
-    /// Creates a directory and its parents (durable after `sync_dir` of each parent).
+    /// Creates a directory and its parents (durable after `sync_dir` of each parent; see
+    /// [`create_dir_durable`]).
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// Creates a new, empty file; fails if it exists.
     fn create(&self, path: &Path) -> io::Result<Arc<dyn DiskFile>>;
@@ -34,7 +35,8 @@ pub trait Disk: Send + Sync + fmt::Debug + 'static {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Names of the regular files in `dir`, sorted.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
-    /// Makes creations, renames and removals in `dir` durable.
+    /// Makes creations (of files and directories), renames and removals in `dir` durable. The
+    /// empty path is the current directory.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// True when `path` exists.
     fn exists(&self, path: &Path) -> io::Result<bool>;
@@ -83,6 +85,28 @@ pub fn write_atomic(disk: &dyn Disk, path: &Path, data: &[u8]) -> io::Result<()>
     drop(file);
     disk.rename(tmp, path)?;
     disk.sync_dir(dir)
+}
+
+/// Creates `dir` and any missing parents, and makes each creation durable by syncing the
+/// directory that holds it: until then a power loss may drop the new directory and everything
+/// later flushed inside it. The parent of `dir` is synced even when `dir` already existed, because
+/// a process that crashed right after creating it never did.
+pub fn create_dir_durable(disk: &dyn Disk, dir: &Path) -> io::Result<()> {
+    let mut holders = Vec::new();
+    for ancestor in dir.ancestors() {
+        let Some(holder) = ancestor.parent() else { break };
+        if ancestor != dir && disk.exists(ancestor)? {
+            break;
+        }
+        holders.push(holder);
+    }
+    disk.create_dir_all(dir)?;
+    // Deepest first, so that when the sync of the top-most new directory returns, every level
+    // below it is already durable.
+    for holder in holders {
+        disk.sync_dir(holder)?;
+    }
+    Ok(())
 }
 
 /// Reads a whole file.

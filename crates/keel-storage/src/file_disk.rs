@@ -101,6 +101,8 @@ impl Disk for FileDisk {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        // `Path::parent` of a relative one-component path is the empty path: the current dir.
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         File::open(dir)?.sync_all()
     }
 

@@ -13,7 +13,7 @@ pub mod segment;
 mod sim_disk;
 pub mod testing;
 
-pub use disk::{Disk, DiskFile, SECTOR_BYTES, parent, read_whole, write_atomic};
+pub use disk::{Disk, DiskFile, SECTOR_BYTES, create_dir_durable, parent, read_whole, write_atomic};
 pub use error::{Result, StorageError};
 pub use file_disk::FileDisk;
 pub use log::{Appended, FlushTicket, LogConfig, LogPosition, SEGMENT_BYTES_MIN, SegmentLog};

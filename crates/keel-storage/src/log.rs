@@ -212,7 +212,9 @@ impl SegmentLog {
     pub fn open(disk: Arc<dyn Disk>, dir: impl Into<PathBuf>, config: LogConfig) -> Result<SegmentLog> {
         config.validate()?;
         let dir = dir.into();
-        disk.create_dir_all(&dir).ctx("create dir", &dir)?;
+        // A partition whose directory is not durable in its parent could vanish whole in a
+        // power loss, acknowledged batches included.
+        disk::create_dir_durable(&*disk, &dir).ctx("create dir", &dir)?;
         let mut log = SegmentLog {
             disk,
             dir,
@@ -352,19 +354,25 @@ impl SegmentLog {
         }
         let data = disk::read_whole(&*self.disk, path).ok()?;
         let c = IndexCheckpoint::decode(&data)?;
-        // Trust a checkpoint only if it fits this segment and its last entry still verifies.
+        // Trust a checkpoint only if it fits this segment and its last entry still verifies. The
+        // segment may have been cut short after the checkpoint was written, so no position from
+        // the checkpoint is used to slice the file unchecked.
         let fits = c.covered_end <= hint
             && c.covered_end <= bytes.len() as u64
             && c.next_offset >= base.offset
             && c.next_index >= base.index
             && c.entries
                 .first()
-                .is_none_or(|e| e.position == SEGMENT_HEADER_BYTES && e.offset == base.offset && e.index == base.index);
-        let last_ok = c.entries.last().is_none_or(|e| {
-            keel_record::check(&bytes[e.position as usize..])
-                .is_ok_and(|h| h.base_offset == e.offset && h.raft_index == e.index)
-        });
-        (fits && last_ok && (c.entries.is_empty() == (c.covered_end == SEGMENT_HEADER_BYTES))).then_some(c)
+                .is_none_or(|e| e.position == SEGMENT_HEADER_BYTES && e.offset == base.offset && e.index == base.index)
+            && c.entries.is_empty() == (c.covered_end == SEGMENT_HEADER_BYTES);
+        let last_ok = || {
+            c.entries.last().is_none_or(|e| {
+                usize::try_from(e.position).ok().and_then(|at| bytes.get(at..)).is_some_and(|rest| {
+                    keel_record::check(rest).is_ok_and(|h| h.base_offset == e.offset && h.raft_index == e.index)
+                })
+            })
+        };
+        (fits && last_ok()).then_some(c)
     }
 
     /// The first position still in the log.

@@ -4,9 +4,11 @@
 //! power loss (durable), and per directory the namespace operations not yet made durable. A
 //! [`SimDisk::crash`] throws the volatile state away the way a kernel can: unflushed writes are
 //! lost, or a random subset of their 4 KiB pages reached the disk (write-back has no order), or
-//! the last write was torn (between sectors: drives write a 512-byte sector atomically); unsynced creates, renames and removes are kept only as a prefix, in
-//! order, as a journaling file system does. Bit flips are injected on demand. Every choice comes
-//! from one seeded RNG, so a run is a function of its seed.
+//! the last write was torn (between sectors: drives write a 512-byte sector atomically); unsynced
+//! creates, renames, removes and directory creations are kept only as a prefix, in order, as a
+//! journaling file system does. A directory whose creation did not survive takes everything
+//! below it along, however durable that was inside it. Bit flips are injected on demand. Every
+//! choice comes from one seeded RNG, so a run is a function of its seed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -53,7 +55,10 @@ struct State {
     durable_names: BTreeMap<PathBuf, u64>,
     /// Namespace changes per directory, in order, not yet made durable by `sync_dir`.
     pending: BTreeMap<PathBuf, Vec<NameOp>>,
+    /// Directories a process sees now.
     dirs: BTreeSet<PathBuf>,
+    /// Directories whose creation reached their parent durably (roots always have).
+    durable_dirs: BTreeSet<PathBuf>,
     /// Counters tests use to prove that flushes happened.
     flushes: u64,
     /// Mutating operations left before the power goes out (`None`: no outage scheduled).
@@ -68,6 +73,7 @@ struct State {
 enum NameOp {
     Link(PathBuf, u64),
     Unlink(PathBuf),
+    MakeDir(PathBuf),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -92,6 +98,7 @@ impl SimDisk {
                 durable_names: BTreeMap::new(),
                 pending: BTreeMap::new(),
                 dirs: BTreeSet::new(),
+                durable_dirs: BTreeSet::new(),
                 flushes: 0,
                 ops_until_outage: None,
                 dead: false,
@@ -118,6 +125,7 @@ impl SimDisk {
             durable_names: s.durable_names.clone(),
             pending: s.pending.clone(),
             dirs: s.dirs.clone(),
+            durable_dirs: s.durable_dirs.clone(),
             flushes: s.flushes,
             ops_until_outage: s.ops_until_outage,
             dead: s.dead,
@@ -156,7 +164,8 @@ impl SimDisk {
     }
 
     /// Power loss: open handles die, unflushed data is handled per `mode`, unsynced namespace
-    /// changes survive only as a random prefix per directory.
+    /// changes (directory creations included) survive only as a random prefix per directory, and
+    /// a directory that did not survive takes its files and subdirectories with it.
     pub fn crash_with(&self, mode: CrashMode) {
         let mut s = self.lock();
         let s = &mut *s;
@@ -197,9 +206,17 @@ impl SimDisk {
         for (_dir, ops) in pending {
             let keep = s.rng.random_range(0..=ops.len());
             for op in ops.into_iter().take(keep) {
-                apply(&mut s.durable_names, op);
+                apply(&mut s.durable_names, &mut s.durable_dirs, op);
             }
         }
+        // A directory is reachable only through durable entries all the way up from a root.
+        let reachable =
+            |dirs: &BTreeSet<PathBuf>, path: &Path| path.ancestors().skip(1).all(|a| is_root(a) || dirs.contains(a));
+        let durable_dirs: BTreeSet<PathBuf> =
+            s.durable_dirs.iter().filter(|d| reachable(&s.durable_dirs, d)).cloned().collect();
+        s.durable_names.retain(|p, _| reachable(&durable_dirs, p));
+        s.durable_dirs = durable_dirs;
+        s.dirs = s.durable_dirs.clone();
         s.names = s.durable_names.clone();
         let live: BTreeSet<u64> = s.names.values().copied().collect();
         s.inodes.retain(|ino, _| live.contains(ino));
@@ -254,7 +271,7 @@ impl SimDisk {
     }
 }
 
-fn apply(names: &mut BTreeMap<PathBuf, u64>, op: NameOp) {
+fn apply(names: &mut BTreeMap<PathBuf, u64>, dirs: &mut BTreeSet<PathBuf>, op: NameOp) {
     match op {
         NameOp::Link(path, ino) => {
             names.insert(path, ino);
@@ -262,7 +279,15 @@ fn apply(names: &mut BTreeMap<PathBuf, u64>, op: NameOp) {
         NameOp::Unlink(path) => {
             names.remove(&path);
         }
+        NameOp::MakeDir(path) => {
+            dirs.insert(path);
+        }
     }
+}
+
+/// A root directory (`/`, or the empty path relative ones hang from) always exists.
+fn is_root(dir: &Path) -> bool {
+    dir.parent().is_none()
 }
 
 fn not_found(path: &Path) -> io::Error {
@@ -321,10 +346,23 @@ impl Inode {
 impl Disk for SimDisk {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        // Directories are treated as durable once made: the log never depends on a directory
-        // appearing or vanishing in a crash, only on the files inside it.
-        for ancestor in dir.ancestors() {
-            s.dirs.insert(ancestor.to_path_buf());
+        let missing: Vec<PathBuf> = dir.ancestors().filter(|a| !s.dirs.contains(*a)).map(Path::to_path_buf).collect();
+        if missing.is_empty() {
+            return s.alive();
+        }
+        s.tick()?;
+        // Parents first, as mkdir -p does; each creation is durable only once its parent is
+        // synced, like a file's.
+        for d in missing.into_iter().rev() {
+            if s.names.contains_key(&d) {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} is a file", d.display())));
+            }
+            s.dirs.insert(d.clone());
+            if is_root(&d) {
+                s.durable_dirs.insert(d);
+            } else {
+                s.record(&d, NameOp::MakeDir(d.clone()));
+            }
         }
         Ok(())
     }
@@ -394,14 +432,15 @@ impl Disk for SimDisk {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let mut s = self.lock();
+        let mut guard = self.lock();
+        let s = &mut *guard;
         s.tick()?;
         if !s.dirs.contains(dir) {
             return Err(not_found(dir));
         }
         if let Some(ops) = s.pending.remove(dir) {
             for op in ops {
-                apply(&mut s.durable_names, op);
+                apply(&mut s.durable_names, &mut s.durable_dirs, op);
             }
         }
         Ok(())

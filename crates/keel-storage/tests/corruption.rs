@@ -166,3 +166,118 @@ fn reads_never_serve_rotted_bytes() {
     assert!(matches!(log.read(0, 1 << 20, u64::MAX), Err(StorageError::Corrupt { .. })));
     assert!(matches!(log.read_entries(0, 1, 1 << 20), Err(StorageError::Corrupt { .. })));
 }
+
+/// The same eight batches, but the log was closed: every segment has an index checkpoint and the
+/// header claims all of the data durable. A checkpoint that points past what is left of a cut file
+/// must be refused (and the file then found `Corrupt`), never sliced into.
+fn prepare_closed() -> Prepared {
+    let disk = SimDisk::new(15);
+    let mut log = sim_log(&disk, small_config()).unwrap();
+    let mut ranges = Vec::new();
+    let mut pos = SEGMENT_HEADER_BYTES;
+    for tag in 0..8u64 {
+        let mut b = batch(tag, (tag % 3 + 1) as u32, 40 + tag as usize * 30);
+        log.append(&mut b, 1).unwrap();
+        ranges.push((pos, pos + b.len() as u64));
+        pos += b.len() as u64;
+    }
+    let batches = all_batches(&log);
+    let segment = log.segment_paths()[0].clone();
+    log.close().unwrap();
+    disk.crash_with(CrashMode::DropUnflushed);
+    assert!(disk.durable_bytes(&segment.with_extension("index")).is_some(), "close writes the checkpoint");
+    let hint = decode_hint(&disk.durable_bytes(&segment).unwrap());
+    assert_eq!(hint, pos, "close records the whole data as durable");
+    Prepared { disk, segment, batches, ranges, hint }
+}
+
+/// Like `recover`, but a read may also refuse with `Corrupt`: batches the checkpoint covers are
+/// verified when read, not when opened. Returns the batches served, or `None` for `Corrupt`.
+fn recover_and_read(p: &Prepared, disk: &SimDisk, what: &str) -> Option<Vec<Vec<u8>>> {
+    let log = match sim_log(disk, small_config()) {
+        Ok(log) => log,
+        Err(StorageError::Corrupt { .. }) => return None,
+        Err(e) => panic!("{what}: unexpected error {e}"),
+    };
+    let (start, end) = (log.start().index, log.written().index);
+    let got: Vec<Vec<u8>> = match log.read_entries(start, end, usize::MAX) {
+        Ok(batches) => batches.into_iter().map(|b| b.bytes().to_vec()).collect(),
+        Err(StorageError::Corrupt { .. }) => return None,
+        Err(e) => panic!("{what}: unexpected read error {e}"),
+    };
+    assert!(got.len() <= p.batches.len(), "{what}: more batches than written");
+    assert_eq!(got[..], p.batches[..got.len()], "{what}: served something that was not written");
+    Some(got)
+}
+
+#[test]
+fn cut_at_every_byte_with_an_index() {
+    let p = prepare_closed();
+    let file_len = p.disk.durable_bytes(&p.segment).unwrap().len() as u64;
+    let data_end = p.ranges.last().unwrap().1;
+    for cut in (0..=data_end + 10).chain([file_len]) {
+        let disk = p.disk.fork();
+        disk.cut(&p.segment, cut).unwrap();
+        let what = format!("cut at {cut} (with index)");
+        match recover_and_read(&p, &disk, &what) {
+            Some(got) => {
+                assert!(cut >= data_end, "{what}: durable bytes are missing, yet recovery succeeded");
+                assert_eq!(got.len(), 8, "{what}: every batch is kept");
+            }
+            None => assert!(cut < data_end, "{what}: nothing durable was lost, yet recovery refused"),
+        }
+    }
+}
+
+#[test]
+fn flip_a_bit_at_every_byte_with_an_index() {
+    let p = prepare_closed();
+    let data_end = p.ranges.last().unwrap().1;
+    for byte in 0..data_end + 600 {
+        let disk = p.disk.fork();
+        disk.flip_bit(&p.segment, byte, (byte % 8) as u8).unwrap();
+        let what = format!("flip at {byte} (with index)");
+        let in_batch = p.ranges.iter().any(|r| r.0 <= byte && byte < r.1);
+        let got = recover_and_read(&p, &disk, &what);
+        match (byte, in_batch) {
+            (0..28, _) => assert_eq!(got, None, "{what}: a damaged segment header is corruption"),
+            (_, true) => assert_eq!(got, None, "{what}: damage inside a durable batch is never served"),
+            _ => assert_eq!(got.map(|g| g.len()), Some(8), "{what}: nothing valid may be dropped"),
+        }
+    }
+}
+
+/// A sealed segment (checkpoint written at the roll) cut short, at many points, and its
+/// checkpoint cut short too: open refuses with `Corrupt` or rebuilds, and never panics.
+#[test]
+fn cut_sealed_segment_and_its_index() {
+    let disk = SimDisk::new(16);
+    let mut log = sim_log(&disk, small_config()).unwrap();
+    for tag in 0..200u64 {
+        log.append(&mut batch(tag, 2, 300), 1).unwrap();
+    }
+    log.flush().unwrap();
+    let expect = all_batches(&log);
+    let paths = log.segment_paths();
+    assert!(paths.len() >= 2, "the workload rolls segments");
+    drop(log);
+    disk.crash_with(CrashMode::DropUnflushed);
+    let first = paths[0].clone();
+    let index = first.with_extension("index");
+    let len = disk.durable_bytes(&first).unwrap().len() as u64;
+    for cut in (0..len).step_by(97).chain([len - 1]) {
+        let d = disk.fork();
+        d.cut(&first, cut).unwrap();
+        match sim_log(&d, small_config()) {
+            Err(StorageError::Corrupt { segment, .. }) => assert_eq!(segment, first, "cut at {cut}"),
+            other => panic!("cut at {cut}: a sealed segment lost durable bytes, got {other:?}"),
+        }
+    }
+    let index_len = disk.durable_bytes(&index).unwrap().len() as u64;
+    for cut in 0..index_len {
+        let d = disk.fork();
+        d.cut(&index, cut).unwrap();
+        let log = sim_log(&d, small_config()).unwrap();
+        assert_eq!(all_batches(&log), expect, "index cut at {cut}");
+    }
+}

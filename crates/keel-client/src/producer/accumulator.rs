@@ -214,7 +214,11 @@ impl Accumulator {
     pub(crate) fn sticky_partition(&mut self, topic: &str, count: u32, start: impl FnOnce() -> u32) -> u32 {
         debug_assert!(count > 0);
         let t = self.topic_mut(topic);
-        *t.sticky.get_or_insert_with(start) % count
+        // Stored as the partition itself, not a counter: `advance_sticky` recognises the sticky
+        // partition by comparing it with the partition whose batch closed.
+        let partition = *t.sticky.get_or_insert_with(start) % count.max(1);
+        t.sticky = Some(partition);
+        partition
     }
 
     /// Adds a record to the open batch of its partition, closing that batch first if the record
@@ -749,6 +753,36 @@ mod tests {
         assert_eq!(a.sticky_partition("t", 3, || 0), 2, "stays while the batch is open");
         a.close_lingering(t0 + LINGER);
         assert_eq!(a.sticky_partition("t", 3, || 0), 0, "moves on (wrapping) once it closed");
+    }
+
+    /// Regression: the sticky partition was kept unwrapped (3 of 3 partitions) and compared with
+    /// the wrapped one (0), so after its first wrap it never moved again and every unkeyed
+    /// record landed in one partition. Over many batch closes it must keep going round.
+    #[test]
+    fn unkeyed_records_keep_spreading_over_every_partition() {
+        let mut a = acc(1 << 20, 1_000);
+        let t0 = Instant::now();
+        let mut per_partition = [0u32; 3];
+        let mut order = Vec::new();
+        let mut outcomes = Vec::new();
+        for round in 0..30u32 {
+            let now = t0 + LINGER * round;
+            let p = a.sticky_partition("t", 3, || 1);
+            per_partition[p as usize] += 1;
+            order.push(p);
+            outcomes.push(push(&mut a, p, "x", now));
+            // Alternate the two ways a batch closes: linger, and flush.
+            if round % 2 == 0 {
+                a.close_lingering(now + LINGER);
+            } else {
+                drop(a.flush());
+            }
+        }
+        assert_eq!(per_partition, [10, 10, 10], "batches in order {order:?}");
+        // Partition counts can change under the producer (added partitions): still in range.
+        for count in [2, 5, 1] {
+            assert!(a.sticky_partition("t", count, || 0) < count);
+        }
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Faults {
     pub always_unavailable: bool,
     /// Answer NOT_LEADER without a hint this many times.
     pub not_leader_unhinted: usize,
+    /// Carry out this many admin writes, then answer UNAVAILABLE as if the answer was lost.
+    pub lose_admin_answers: usize,
 }
 
 #[derive(Debug, Default)]
@@ -408,10 +410,21 @@ impl Admin for Node {
         let r = request.into_inner();
         let mut state = self.cluster.state.lock().unwrap();
         let parts = state.topics.get_mut(&r.name).ok_or_else(|| Status::not_found("no topic"))?;
-        for _ in 0..r.count {
+        // The real broker's rule (keel.proto): target_total, when set, is the total; else count.
+        let add = match r.target_total as usize {
+            0 => r.count as usize,
+            total if total < parts.len() => return Err(Status::failed_precondition("partitions are never removed")),
+            total => total - parts.len(),
+        };
+        for _ in 0..add {
             parts.push(Partition { leader: 1, advertised: 1, ..Partition::default() });
         }
-        Ok(Response::new(pb::AddPartitionsResponse { topic: Some(self.cluster.describe_topic(&r.name, parts)) }))
+        let topic = self.cluster.describe_topic(&r.name, parts);
+        if state.faults.lose_admin_answers > 0 {
+            state.faults.lose_admin_answers -= 1;
+            return Err(Status::unavailable("the answer was lost"));
+        }
+        Ok(Response::new(pb::AddPartitionsResponse { topic: Some(topic) }))
     }
 
     async fn describe_cluster(

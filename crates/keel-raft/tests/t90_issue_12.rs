@@ -1,0 +1,69 @@
+//! Regressions of issue 12 at the raft level: a follower that fell further behind than one raft
+//! RPC can carry (64 MiB) must still catch up.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use keel_record::{BatchBuilder, NewRecord};
+use keel_storage::{Disk, FileDisk};
+
+const GROUP: u64 = 12;
+
+/// A batch of 16 records of 64 KiB: 1 MiB.
+fn mebibyte_batch(tag: u64) -> Bytes {
+    let value = vec![b'a' + (tag % 26) as u8; 64 << 10];
+    let mut b = BatchBuilder::new(keel_record::BATCH_BYTES_MAX);
+    for _ in 0..16 {
+        b.push(NewRecord { timestamp_ms: 1_000, key: None, value: Some(&value), headers: &[] }).unwrap();
+    }
+    b.build()
+}
+
+/// openraft asks for up to 300 entries per AppendEntries and each may be a whole batch: a
+/// follower 80 MiB behind used to get the same request, over the 64 MiB raft RPC limit, forever.
+/// What one request carries is now bounded in bytes, so it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_further_behind_than_one_rpc_catches_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::default();
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let disk: Arc<dyn Disk> = Arc::new(FileDisk::new());
+        nodes.push(TestNode::start(id, "127.0.0.1:0", disk, tmp.path().join(format!("node-{id}")), &cfg).await);
+    }
+    for n in &nodes {
+        n.node.open_group(GROUP).await.unwrap();
+    }
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    nodes[0].node.initialize_group(GROUP, members(&refs)).await.unwrap();
+    let leader = wait_leader(&refs, GROUP).await;
+    let behind = (leader + 1) % 3;
+
+    nodes[behind].stop(false).await;
+    let live: Vec<&TestNode> = nodes.iter().enumerate().filter(|(i, _)| *i != behind).map(|(_, n)| n).collect();
+    let mut end = 0;
+    for tag in 0..80 {
+        end = append(&live, GROUP, mebibyte_batch(tag)).await.unwrap().next_offset;
+    }
+    assert_eq!(end, 80 * 16);
+
+    let old = &nodes[behind];
+    let (id, addr, disk, dir) = (old.id, old.addr.clone(), Arc::clone(&old.disk), old.dir.clone());
+    nodes[behind] = TestNode::start(id, &addr, disk, dir, &cfg).await;
+    nodes[behind].node.open_group(GROUP).await.unwrap();
+    // A bound on the wait, not a claim about speed: without the fix it never gets there.
+    let mut hw = nodes[behind].node.store(GROUP).unwrap().high_watermark();
+    let caught_up = tokio::time::timeout(Duration::from_secs(120), hw.wait_for(|v| *v >= end)).await.is_ok();
+    assert!(caught_up, "the follower stayed at high watermark {} of {end}", *hw.borrow());
+    let all: Vec<Vec<(u64, String)>> = nodes.iter().map(|n| read_all(n, GROUP)).collect();
+    assert_eq!(all[behind].len(), end as usize);
+    assert!(all.iter().all(|a| a == &all[0]), "all replicas converge");
+    for n in &mut nodes {
+        n.stop(false).await;
+    }
+}
