@@ -65,6 +65,9 @@ struct FileConfig {
     offsets_partitions: Option<u32>,
     /// Offsets of a group with no members expire this long after it became empty.
     offsets_retention_ms: Option<i64>,
+    /// Compact a `__consumer_offsets` partition once this many bytes were written since its
+    /// last compaction.
+    offsets_compact_bytes: Option<u64>,
     /// Members per consumer group.
     group_members_max: Option<usize>,
     /// Consumer groups per coordinator (per `__consumer_offsets` partition).
@@ -142,6 +145,12 @@ fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
     }
     if let Some(ms) = file.offsets_retention_ms {
         groups.offsets_retention_ms = ms;
+    }
+    if let Some(bytes) = file.offsets_compact_bytes {
+        if bytes < 1 << 20 {
+            anyhow::bail!("offsets_compact_bytes must be at least 1 MiB (got {bytes})");
+        }
+        groups.offsets_compact_bytes = bytes;
     }
     if let Some(n) = file.group_members_max {
         groups.limits.members_per_group_max = n;

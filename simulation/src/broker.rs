@@ -196,11 +196,18 @@ fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         },
         network: keel_raft::NetworkConfig::default(),
         append_timeout: Duration::from_secs(2),
-        retention_interval: Duration::from_secs(3_600),
+        // Retention (snapshots, and trimming below a compaction) runs several times a run.
+        retention_interval: Duration::from_secs(10),
         limits: Limits::default(),
         // One coordinator partition: every group change goes through the one raft group the
-        // nemesis's leader chase also targets; more would only cost simulated heartbeats.
-        groups: GroupSettings { offsets_partitions: 1, ..GroupSettings::default() },
+        // nemesis's leader chase also targets; more would only cost simulated heartbeats. It is
+        // compacted every few dozen KiB of records, so runs trim it under the same faults.
+        groups: GroupSettings {
+            offsets_partitions: 1,
+            offsets_compact_bytes: 24 << 10,
+            maintenance_interval: Duration::from_secs(5),
+            ..GroupSettings::default()
+        },
         seed,
     }
 }
@@ -294,10 +301,12 @@ async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Re
             s.members.offsets_group = Some(offsets.0);
             s.replicas.insert(offsets.0, offsets.1);
             s.topic_ready = true;
-            return Ok(());
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    crate::groups::commit_idle_group(&state, seed).await;
+    Ok(())
 }
 
 pub(crate) async fn wait_topic(state: &Shared) {
@@ -870,7 +879,14 @@ fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u6
         for (id, (_, broker)) in registry.iter().filter(|(id, _)| holders.contains(id)) {
             let log = crate::groups::read_offsets_log(broker.raft_node(), group)
                 .map_err(|e| format!("n{id} __consumer_offsets (group {group}): {e}"))?;
-            if log.len() > longest.len() {
+            // The most history: the furthest end, then the earliest start (compaction trims
+            // each replica's log on its own schedule).
+            let span = |l: &[crate::groups::OpRecords]| {
+                let first = l.first().and_then(|op| op.first()).map_or(u64::MAX, |(o, _)| *o);
+                let end = l.last().and_then(|op| op.last()).map_or(0, |(o, _)| *o);
+                (end, std::cmp::Reverse(first))
+            };
+            if longest.is_empty() || span(&log) > span(&longest) {
                 longest = log;
             }
         }

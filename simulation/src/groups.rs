@@ -71,6 +71,8 @@ pub struct GroupView {
     pub zombie_fenced: u64,
     /// Member lives (joins with a new member id).
     pub lives: u64,
+    /// The idle group's offsets, by partition, once acknowledged.
+    pub idle: Option<BTreeMap<u32, u64>>,
 }
 
 /// Settings of the members.
@@ -88,13 +90,14 @@ pub fn members_for(seed: u64) -> u64 {
 }
 
 /// White-box, when a member learns of a commit: on how many disks `__consumer_offsets` holds a
-/// record committing `offset` for the partition, durably.
+/// record committing `offset` for the partition, or a later offset, durably (a compaction may
+/// have rewritten the record and trimmed the original, or a later commit superseded it).
 fn durable_commit_copies(disks: &[SimDisk], dir: &Path, partition: u32, offset: u64) -> usize {
     let tp = Tp::new(TOPIC, partition);
     let key = GroupRecord::Offset(GROUP.to_owned(), tp, None).encode().key;
     checker::durable_records(disks, dir, |record| {
         record.key == key
-            && matches!(GroupRecord::decode(record), Ok(GroupRecord::Offset(_, _, Some(c))) if c.offset == offset)
+            && matches!(GroupRecord::decode(record), Ok(GroupRecord::Offset(_, _, Some(c))) if c.offset >= offset)
     })
 }
 
@@ -258,6 +261,30 @@ async fn pause(state: &Shared, disks: &[SimDisk], host: &str, member: &GroupCons
     }
 }
 
+/// A group nobody joins: its offsets are committed once, at the start, and never touched again,
+/// so every later compaction must carry them over (a trim that lost them is seen after healing).
+pub const IDLE_GROUP: &str = "sim-idle";
+
+/// Commits the idle group's offsets (retrying through faults for up to a minute) and records
+/// them once acknowledged.
+pub(crate) async fn commit_idle_group(state: &Shared, seed: u64) {
+    let nodes = state.borrow().nodes;
+    let Ok(admin) = GroupAdmin::new(client_config(seed ^ 0x1d, nodes)) else { return };
+    let offsets: BTreeMap<(String, u32), u64> = (0..PARTITIONS).map(|p| ((TOPIC.to_owned(), p), 0)).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        match admin.reset_offsets(IDLE_GROUP, &offsets).await {
+            Ok(_) => {
+                log(state, format!("{IDLE_GROUP}: committed {offsets:?}"));
+                state.borrow_mut().members.idle = Some(offsets.into_iter().map(|((_, p), o)| (p, o)).collect());
+                return;
+            }
+            Err(e) => log(state, format!("{IDLE_GROUP}: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The liveness part of the members: every acknowledged record processed by some member, the
 /// group stable with every partition owned, then a last commit each; then every acknowledged
 /// commit must be what `FetchOffsets` returns, or below it.
@@ -313,6 +340,19 @@ pub(crate) async fn converge(
         .map(|o| (o.partition, o.offset))
         .collect();
     log(state, format!("committed offsets after healing: {fetched:?}"));
+    let idle = state.borrow().members.idle.clone();
+    if let Some(idle) = idle {
+        let now: BTreeMap<u32, u64> = admin
+            .fetch_offsets(IDLE_GROUP)
+            .await
+            .map_err(|e| format!("fetching {IDLE_GROUP}'s offsets after healing: {e}"))?
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect();
+        if now != idle {
+            return Err(format!("lost commit: {IDLE_GROUP} committed {idle:?} once, FetchOffsets returns {now:?}"));
+        }
+    }
     for c in &state.borrow().members.commits {
         let now = fetched.get(&c.partition).copied();
         if now.is_none_or(|o| o < c.offset) {
@@ -360,13 +400,31 @@ pub fn read_offsets_log(node: &RaftNode, group: GroupId) -> Result<Vec<OpRecords
 /// Replays the coordinator's log in order and checks what the module doc lists: every commit
 /// against the ownership before its operation, single ownership after every operation (one
 /// batch: its records are appended atomically), monotonic offsets within the high watermarks.
+///
+/// A compacted log starts past offset 0: the state replayed from its start is then the real one
+/// only from the first compaction record whose floor is at or above that start (every live key
+/// was rewritten between the floor and that record), so commits before it are checked for
+/// monotonicity and the high watermark but not against ownership. A rewrite repeats a key's
+/// current value: it is no new commit.
 pub fn audit(log: &[OpRecords], high_watermarks: &BTreeMap<u32, u64>) -> Result<(), String> {
     let mut state = Groups::default();
     let mut last: BTreeMap<(String, Tp), u64> = BTreeMap::new();
+    let start = log.first().and_then(|op| op.first()).map_or(0, |(o, _)| *o);
+    let mut complete = start == 0;
     for op in log {
         let before = state.clone();
         for (offset, record) in op {
-            audit_record(&before, &mut last, *offset, record, high_watermarks)?;
+            if record.key == keel_coordinator::COMPACTED_KEY {
+                let floor = record.value.as_deref().and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes);
+                let floor =
+                    floor.ok_or_else(|| format!("__consumer_offsets@{offset}: a compaction record without a floor"))?;
+                if floor > *offset {
+                    return Err(format!("__consumer_offsets@{offset}: a compaction floor {floor} above itself"));
+                }
+                complete |= floor >= start;
+                continue;
+            }
+            audit_record(&before, &mut last, *offset, record, high_watermarks, complete)?;
             state.replay(*offset, record).map_err(|e| e.to_string())?;
         }
         let offset = op.last().map_or(0, |(o, _)| *o);
@@ -390,10 +448,12 @@ fn audit_record(
     offset: u64,
     record: &keel_coordinator::Record,
     high_watermarks: &BTreeMap<u32, u64>,
+    complete: bool,
 ) -> Result<(), String> {
     let decoded = GroupRecord::decode(record).map_err(|e| format!("__consumer_offsets@{offset}: {e}"))?;
     if let GroupRecord::Offset(g, tp, Some(c)) = &decoded {
-        if !c.member_id.is_empty() {
+        let rewrite = state.get(g).and_then(|group| group.offsets.get(tp)) == Some(c);
+        if !c.member_id.is_empty() && complete && !rewrite {
             let owner = state.get(g).and_then(|group| group.members.get(&c.member_id));
             let fenced_ok = owner.is_some_and(|m| {
                 m.owns(tp).is_some_and(|assigned_at| assigned_at <= c.member_epoch) && c.member_epoch <= m.epoch

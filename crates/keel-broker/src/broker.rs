@@ -846,6 +846,17 @@ impl Inner {
 
     fn log_config(&self, topic: &Topic) -> LogConfig {
         let mut log = self.config.log.clone();
+        if topic.internal {
+            // A node-wide retention must never delete group state: an internal partition is
+            // trimmed only below its own compaction point. Segments sized to a quarter of the
+            // compaction threshold let a compaction free most of what it rewrote past.
+            log.retention_ms = None;
+            log.retention_bytes = None;
+            let segment = (self.config.groups.offsets_compact_bytes / 4).max(keel_storage::SEGMENT_BYTES_MIN);
+            log.segment_bytes_max = log.segment_bytes_max.min(segment);
+            log.preallocate_step_bytes = log.preallocate_step_bytes.min(log.segment_bytes_max);
+            return log;
+        }
         if let Some(ms) = topic.settings.retention_ms {
             log.retention_ms = Some(ms);
         }

@@ -12,10 +12,11 @@
 //! operation ever reads a state that misses a committed — or still possibly committing — record.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_coordinator::{Record, Shard};
+use keel_coordinator::{COMPACTED_KEY, Record, Shard};
 use keel_raft::types::ReadPolicy;
 use keel_raft::{AppendError, GroupId, NodeId, RaftNode};
 use keel_record::{BatchBuilder, NewRecord};
@@ -29,6 +30,9 @@ const LEADERSHIP_POLL: Duration = Duration::from_millis(100);
 /// Bytes read per replay step.
 const REPLAY_BYTES: usize = 1 << 20;
 
+/// The lock key compactions take (not a valid group name), so that two never overlap.
+const COMPACTION_LOCK: &str = "\0compaction";
+
 /// Bugs a negative control injects into the runtime; production never sets them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CoordinatorFaults {
@@ -36,6 +40,8 @@ pub struct CoordinatorFaults {
     pub ack_before_commit: bool,
     /// Accept offset commits without checking the member, its epoch or its ownership.
     pub no_fencing: bool,
+    /// Compact without rewriting the live state: trimming then loses committed offsets.
+    pub compact_without_rewrite: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.
@@ -70,6 +76,8 @@ pub struct Runtime<S: Shard> {
     locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Set when the partition holds a record this code cannot replay: the runtime stops serving.
     broken: Mutex<Option<String>>,
+    /// Bytes of records replayed since the last compaction record: what a compaction would free.
+    since_compaction: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +106,7 @@ impl<S: Shard> Runtime<S> {
             active: watch::channel(None).0,
             locks: Mutex::new(BTreeMap::new()),
             broken: Mutex::new(None),
+            since_compaction: AtomicU64::new(0),
         }
     }
 
@@ -259,6 +268,7 @@ impl<S: Shard> Runtime<S> {
                         if start.offset > next {
                             info!(group = self.raft_group, from = start.offset, "replaying from the new log start");
                             *lock(&self.state) = S::default();
+                            self.since_compaction.store(0, Ordering::Relaxed);
                             self.applied.send_replace(start.offset);
                             continue;
                         }
@@ -289,6 +299,18 @@ impl<S: Shard> Runtime<S> {
                     key: record.key.map(|k| k.to_vec()).unwrap_or_default(),
                     value: record.value.map(|v| v.to_vec()),
                 };
+                if r.key == COMPACTED_KEY {
+                    let below = r
+                        .value
+                        .as_deref()
+                        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                        .map(u64::from_be_bytes)
+                        .ok_or_else(|| format!("compaction record at offset {} has no offset", record.offset))?;
+                    self.compacted(below);
+                    continue;
+                }
+                let size = r.key.len() + r.value.as_ref().map_or(0, Vec::len);
+                self.since_compaction.fetch_add(size as u64, Ordering::Relaxed);
                 state.replay(record.offset, &r).map_err(|e| e.to_string())?;
             }
             next = next.max(batch.header().next_offset());
@@ -296,6 +318,72 @@ impl<S: Shard> Runtime<S> {
         drop(state);
         self.applied.send_replace(next);
         Ok(())
+    }
+
+    /// A compaction record replayed (on every replica): the segments below `below` may go.
+    fn compacted(&self, below: u64) {
+        self.since_compaction.store(0, Ordering::Relaxed);
+        if let Ok(store) = self.node.store(self.raft_group) {
+            store.set_obsolete_below(below);
+        }
+    }
+
+    /// Bytes of records written since the last compaction: what the next one could free.
+    pub(crate) fn bytes_since_compaction(&self) -> u64 {
+        self.since_compaction.load(Ordering::Relaxed)
+    }
+
+    /// Compacts the partition without stopping it (DESIGN.md §6.1): notes the replay position
+    /// `floor`, rewrites every key's live records (each key under its own lock, in chunks that
+    /// fit a batch, while operations go on), then appends a record saying everything below
+    /// `floor` is obsolete. Each replica that replays that record lets retention delete the
+    /// whole segments below `floor` (a follower installing a snapshot gets the log from a
+    /// segment boundary at or below it). A crash or leadership change part way leaves only
+    /// redundant copies of live values: nothing is trimmed without the final record.
+    /// Returns `floor`.
+    pub(crate) async fn compact(&self) -> Result<u64, RunError<()>> {
+        self.check_active().map_err(widen)?;
+        // Read the floor before the keys: a key created after it has all its records above it,
+        // and one deleted after it has its tombstones above it.
+        let floor = *self.applied.borrow();
+        let keys = self.read(S::keys);
+        let budget = self.node_batch_limit() / 2;
+        for key in keys {
+            if self.faults.compact_without_rewrite {
+                break;
+            }
+            let mut cursor: Option<Vec<u8>> = None;
+            loop {
+                let after = cursor.clone();
+                let last = self
+                    .run(&key, |s: &S| {
+                        let mut chunk = Vec::new();
+                        let mut bytes = 0;
+                        for r in s.live_records(&key) {
+                            if after.as_ref().is_some_and(|c| r.key <= *c) {
+                                continue;
+                            }
+                            let size = r.key.len() + r.value.as_ref().map_or(0, Vec::len) + 64;
+                            if !chunk.is_empty() && bytes + size > budget {
+                                break;
+                            }
+                            bytes += size;
+                            chunk.push(r);
+                        }
+                        let last = chunk.last().map(|r| r.key.clone());
+                        Ok::<_, ()>((chunk, last))
+                    })
+                    .await?;
+                match last {
+                    Some(k) => cursor = Some(k),
+                    None => break,
+                }
+            }
+        }
+        let marker = Record { key: COMPACTED_KEY.to_vec(), value: Some(floor.to_be_bytes().to_vec()) };
+        self.run(COMPACTION_LOCK, |_| Ok::<_, ()>((vec![marker], ()))).await?;
+        info!(group = self.raft_group, floor, "coordinator partition compacted");
+        Ok(floor)
     }
 
     /// Turns the runtime on when this node leads the partition and has replayed everything up

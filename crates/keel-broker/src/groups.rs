@@ -181,6 +181,12 @@ impl Inner {
                     maintenance_at = Instant::now() + self.config.groups.maintenance_interval;
                     self.expire_offsets(&coordinator).await;
                 }
+                if coordinator.runtime.bytes_since_compaction() > self.config.groups.offsets_compact_bytes {
+                    // Failures leave only redundant copies; the next round starts afresh.
+                    if let Err(e) = coordinator.runtime.compact().await {
+                        warn!(error = ?e, "compacting a coordinator partition failed; retried later");
+                    }
+                }
             }
         }
     }

@@ -242,6 +242,96 @@ async fn committed_offsets_survive_the_coordinators_node() {
     assert_eq!((offsets[0].partition, offsets[0].offset), (1, 17));
 }
 
+/// Bounded growth: a coordinator partition that passes its compaction threshold rewrites every
+/// group's live records and each replica trims whole segments below the rewrite. Checked the way
+/// a restarted coordinator would see it: every replica's trimmed log, replayed from its start,
+/// holds exactly the offsets `FetchOffsets` returns, including those of a group untouched since
+/// the very first records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_offsets_partition_keeps_every_live_offset() {
+    let cluster = common::start_configured(3, 3, |c| {
+        // 64 KiB segments; compaction past 64 KiB; retention (which trims) every 200 ms.
+        c.groups.offsets_compact_bytes = 64 << 10;
+        c.groups.maintenance_interval = Duration::from_millis(200);
+        c.retention_interval = Duration::from_millis(200);
+    })
+    .await;
+    create_and_fill(&cluster, "events", 2, 20).await;
+    // "old" and "busy" share an offsets partition, so that "old"'s lone commit is in the
+    // segments the busy group's traffic pushes below the compaction point.
+    let partitions = cluster.brokers[0].metadata().offsets_topic().unwrap().partitions.len() as u32;
+    let target = keel_coordinator::groups::partition_for_group("busy", partitions);
+    let old = (0..)
+        .map(|i| format!("old-{i}"))
+        .find(|g| keel_coordinator::groups::partition_for_group(g, partitions) == target)
+        .unwrap();
+    let (_, mut c) = coordinator(&cluster, &old).await;
+    let o = c.heartbeat(join(&old, "o", &["events"])).await.unwrap().into_inner();
+    c.commit_offsets(commit(&old, "o", o.member_epoch, "events", 0, 3)).await.unwrap();
+    c.heartbeat(pb::HeartbeatRequest { member_epoch: -1, ..join(&old, "o", &["events"]) }).await.unwrap();
+
+    let (_, mut c) = coordinator(&cluster, "busy").await;
+    let a = c.heartbeat(join("busy", "a", &["events"])).await.unwrap().into_inner();
+    let metadata = "m".repeat(2_000);
+    for i in 0..200u64 {
+        let mut request = commit("busy", "a", a.member_epoch, "events", (i % 2) as u32, i / 10);
+        request.offsets[0].metadata = metadata.clone();
+        c.commit_offsets(request).await.unwrap();
+    }
+    let raft_group = cluster.brokers[0].metadata().offsets_topic().unwrap().partitions[target as usize].group;
+    let mut starts = Vec::new();
+    for _ in 0..200 {
+        starts =
+            cluster.brokers.iter().map(|b| b.raft_node().store(raft_group).unwrap().positions().0.offset).collect();
+        if starts.iter().all(|s| *s > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(starts.iter().all(|s| *s > 0), "every replica trimmed its log: starts {starts:?}");
+
+    let fetch = |group: &str| pb::FetchOffsetsRequest { group: group.into(), partitions: vec![] };
+    let mut served = Vec::new();
+    for group in [old.as_str(), "busy"] {
+        let (_, mut c) = coordinator(&cluster, group).await;
+        let offsets = c.fetch_offsets(fetch(group)).await.unwrap().into_inner().offsets;
+        served.push(offsets.iter().map(|o| (group.to_owned(), o.partition, o.offset)).collect::<BTreeSet<_>>());
+    }
+    assert_eq!(served[0], BTreeSet::from([(old.clone(), 0, 3)]));
+    assert_eq!(served[1], BTreeSet::from([("busy".to_owned(), 0, 19), ("busy".to_owned(), 1, 19)]));
+    for broker in &cluster.brokers {
+        let store = broker.raft_node().store(raft_group).unwrap();
+        let mut state = keel_coordinator::groups::Groups::default();
+        let mut next = store.positions().0.offset;
+        let end = *store.high_watermark().borrow();
+        while next < end {
+            for batch in store.read_committed(next, 1 << 20).unwrap() {
+                for r in batch.records() {
+                    let r = r.unwrap();
+                    let record = keel_coordinator::Record {
+                        key: r.key.map(|k| k.to_vec()).unwrap_or_default(),
+                        value: r.value.map(|v| v.to_vec()),
+                    };
+                    if record.key != keel_coordinator::COMPACTED_KEY {
+                        keel_coordinator::Shard::replay(&mut state, r.offset, &record).unwrap();
+                    }
+                }
+                next = batch.header().next_offset();
+            }
+        }
+        for (i, group) in [old.as_str(), "busy"].into_iter().enumerate() {
+            let rebuilt: BTreeSet<(String, u32, u64)> = state
+                .get(group)
+                .unwrap()
+                .offsets
+                .iter()
+                .map(|(tp, c)| (group.to_owned(), tp.partition, c.offset))
+                .collect();
+            assert_eq!(rebuilt, served[i], "node {}: {group} replayed from its trimmed log", broker.node_id());
+        }
+    }
+}
+
 /// The client turns a status into `ClientError::Group` only for reasons it knows: every refusal
 /// the group shard can give must be among them, or a client would miss it.
 #[test]

@@ -19,6 +19,11 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
 }
 
+/// The key of the runtime's own record that ends a compaction: its value (8 bytes, big endian)
+/// is an offset below which every record is obsolete, because every key's live state was
+/// rewritten at or above it. Shards never see it; no shard key starts with a zero byte.
+pub const COMPACTED_KEY: &[u8] = b"\0keel.compacted-below";
+
 /// A record that cannot be replayed: the partition holds something this code did not write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("record at offset {offset} cannot be replayed: {reason}")]
@@ -35,4 +40,11 @@ pub trait Shard: Default + Send + 'static {
     /// order; replay never refuses a record this code wrote (validation happened before it was
     /// appended), so an error means the partition is damaged or was written by other code.
     fn replay(&mut self, offset: u64, record: &Record) -> Result<(), ReplayError>;
+
+    /// The keys (units of locking, e.g. consumer groups) that hold live state now.
+    fn keys(&self) -> Vec<String>;
+
+    /// Every record that, replayed into an empty shard, rebuilds `key`'s live state, sorted by
+    /// record key: the rewrite that lets the records before it be trimmed.
+    fn live_records(&self, key: &str) -> Vec<Record>;
 }

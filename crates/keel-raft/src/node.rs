@@ -372,11 +372,16 @@ impl RaftNode {
     pub async fn apply_retention(&self, group: GroupId, now_ms: i64) -> Result<(), NodeError> {
         let raft = self.raft(group)?;
         let store = self.store(group)?;
+        // The target first, then the snapshot, then the purge: the snapshot must describe the
+        // state exactly where the log will start (a follower installing it restarts its log
+        // there), and the trigger only queues the build, so wait for it before purging.
+        let Some(upto) = store.retention_point(now_ms) else { return Ok(()) };
         raft.trigger().snapshot().await.map_err(|e| NodeError::Raft(e.to_string()))?;
-        let upto = store.retention_point(now_ms);
-        if let Some(index) = upto {
-            raft.trigger().purge_log(index).await.map_err(|e| NodeError::Raft(e.to_string()))?;
-        }
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= upto), "retention snapshot")
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        raft.trigger().purge_log(upto).await.map_err(|e| NodeError::Raft(e.to_string()))?;
         Ok(())
     }
 

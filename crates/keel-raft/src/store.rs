@@ -83,6 +83,10 @@ struct Shared {
     /// from memory; the file is the durable copy.
     vote: Mutex<Option<Vote>>,
     closed: std::sync::atomic::AtomicBool,
+    /// Records below this offset are obsolete (a compacted internal partition rewrote its live
+    /// state above it), so retention may delete whole segments below it. Volatile: the runtime
+    /// that compacts sets it again as it replays the partition's compaction record.
+    obsolete_below: std::sync::atomic::AtomicU64,
     faults: Faults,
 }
 
@@ -172,6 +176,7 @@ impl PartitionStore {
             last_purged: Mutex::new(last_purged),
             vote: Mutex::new(vote),
             closed: std::sync::atomic::AtomicBool::new(false),
+            obsolete_below: std::sync::atomic::AtomicU64::new(0),
             faults,
         });
         tokio::spawn(flusher(Arc::downgrade(&shared), Arc::clone(&shared.flush_needed)));
@@ -213,9 +218,12 @@ impl PartitionStore {
     /// watermark that are too old or beyond the size limit), and aims the next snapshot there.
     pub fn retention_point(&self, now_ms: i64) -> Option<u64> {
         let high_watermark = *self.shared.high_watermark.borrow();
+        let obsolete = self.shared.obsolete_below.load(std::sync::atomic::Ordering::Acquire).min(high_watermark);
         let point = {
             let log = lock(&self.shared.log);
-            let point = log.retention_point(now_ms, high_watermark);
+            let by_retention = log.retention_point(now_ms, high_watermark);
+            let by_compaction = log.obsolete_point(obsolete);
+            let point = if by_compaction.index > by_retention.index { by_compaction } else { by_retention };
             if point.index <= log.start().index {
                 return None;
             }
@@ -223,6 +231,12 @@ impl PartitionStore {
         };
         lock(&self.shared.sm).snapshot_target = Some(point.index);
         Some(point.index - 1)
+    }
+
+    /// Marks every record below `offset` obsolete (never lowers the mark): retention may then
+    /// delete the whole segments below it.
+    pub fn set_obsolete_below(&self, offset: u64) {
+        self.shared.obsolete_below.fetch_max(offset, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Stops the flusher task. The log is flushed first.
@@ -546,7 +560,13 @@ impl RaftSnapshotBuilder<KeelRaft> for StateMachine {
                     sm.checkpoints = sm.checkpoints.split_off(&t);
                     (checkpoint.snapshot_meta(), checkpoint.encode_snapshot())
                 }
-                None => (sm.state.snapshot_meta(), sm.state.encode_snapshot()),
+                // No checkpoint where retention aims: keep the snapshot there is, rather than
+                // cut one at the current state, which would make a follower that installs it
+                // start its log above records this node still holds.
+                None => match &sm.snapshot {
+                    Some((meta, bytes)) => (meta.clone(), bytes.clone()),
+                    None => (sm.state.snapshot_meta(), sm.state.encode_snapshot()),
+                },
             }
         };
         self.shared.write_file(SNAPSHOT_FILE, &bytes)?;

@@ -836,6 +836,14 @@ impl SegmentLog {
         self.segments.get(self.retainable(now_ms, upto_offset)).map_or(self.start(), |s| s.base)
     }
 
+    /// Where the log would start if every whole segment below `below_offset` went (a compacted
+    /// partition whose live state was rewritten above that offset); the last segment stays.
+    pub fn obsolete_point(&self, below_offset: u64) -> LogPosition {
+        let n = self.segments.len().saturating_sub(1);
+        let remove = self.segments[..n].iter().take_while(|s| s.end.offset <= below_offset).count();
+        self.segments.get(remove).map_or(self.start(), |s| s.base)
+    }
+
     /// How many of the oldest segments retention allows deleting.
     fn retainable(&self, now_ms: i64, upto_offset: u64) -> usize {
         let mut total = self.size_bytes();

@@ -31,6 +31,11 @@ pub async fn start(nodes: u64) -> Cluster {
 
 /// `nodes` nodes of which the first `voters` vote in the metadata group.
 pub async fn start_with_voters(nodes: u64, voters: u64) -> Cluster {
+    start_configured(nodes, voters, |_| {}).await
+}
+
+/// `nodes` nodes (the first `voters` voting), each config adjusted by `tweak`.
+pub async fn start_configured(nodes: u64, voters: u64, tweak: impl Fn(&mut BrokerConfig)) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut listeners = Vec::new();
     for _ in 0..nodes {
@@ -56,6 +61,8 @@ pub async fn start_with_voters(nodes: u64, voters: u64) -> Cluster {
             groups: Default::default(),
             seed: id,
         };
+        let mut config = config;
+        tweak(&mut config);
         let broker =
             Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), Arc::new(FixedClock))
                 .await

@@ -274,6 +274,10 @@ impl Group {
         let mut out = Vec::new();
         if let Some(meta) = &self.meta {
             out.push(GroupRecord::Meta(name.to_owned(), Some(meta.clone())));
+        }
+        // As `ops::diff` writes it: a group's target is a live key while it has metadata or
+        // is not the default.
+        if self.meta.is_some() || self.target != Target::default() {
             out.push(GroupRecord::Target(name.to_owned(), Some(self.target.clone())));
         }
         for (id, m) in &self.members {
@@ -330,6 +334,22 @@ impl Shard for Groups {
         let decoded = GroupRecord::decode(record).map_err(|reason| ReplayError { offset, reason })?;
         self.apply(decoded);
         Ok(())
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.groups.keys().cloned().collect()
+    }
+
+    fn live_records(&self, key: &str) -> Vec<Record> {
+        let mut records: Vec<Record> = self
+            .groups
+            .get(key)
+            .map(|g| g.live_records(key).iter().map(GroupRecord::encode).collect())
+            .unwrap_or_default();
+        // Sorted by key, so a rewrite in chunks can resume after the last key it wrote. The
+        // metadata's key sorts first, so a group exists before its other records replay.
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        records
     }
 }
 
