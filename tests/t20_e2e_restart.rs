@@ -69,8 +69,17 @@ async fn topics_offsets_and_data_survive_a_full_restart() {
     assert_eq!(topics_before, topics_after);
     let b = common::wait_leaders(&admin, "b").await;
     assert_eq!(b.config.unwrap().retention_ms, 3_600_000);
-    let a = common::wait_leaders(&admin, "a").await;
-    let until: BTreeMap<u32, u64> = a.partitions.iter().map(|p| (p.partition, p.high_watermark)).collect();
+    // A new leader reports its high watermark once it has committed an entry of its term: wait
+    // for that (bounded), then every acknowledged record must be below it.
+    let mut until: BTreeMap<u32, u64> = BTreeMap::new();
+    for _ in 0..200 {
+        let a = common::wait_leaders(&admin, "a").await;
+        until = a.partitions.iter().map(|p| (p.partition, p.high_watermark)).collect();
+        if until.values().sum::<u64>() >= 1_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(until.values().sum::<u64>(), 1_000, "high watermarks survive");
 
     // Producing resumes after the old offsets; everything reads back where it was acked.
@@ -95,4 +104,31 @@ async fn topics_offsets_and_data_survive_a_full_restart() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("belongs to node 1"), "{stderr}");
+}
+
+/// SIGTERM stops a node within its grace period (1 s in these tests) even while a consumer's
+/// Subscribe stream, which never ends by itself, is attached; the stop is clean (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_node_with_a_consumer_attached() {
+    let mut cluster = common::Cluster::start(1, 36).await;
+    let admin = cluster.admin();
+    admin.create_topic("s", 1, 1, TopicConfig::default()).await.unwrap();
+    common::wait_leaders(&admin, "s").await;
+    produce(&cluster, "s", 1, 0, 10).await;
+    let mut consumer = keel_client::Consumer::new(cluster.client(2), keel_client::ConsumerConfig::default()).unwrap();
+    consumer.assign("s", &[0]).await.unwrap();
+    let mut read = 0;
+    while read < 10 {
+        read += consumer.poll(Duration::from_secs(5)).await.unwrap().len();
+    }
+    // The consumer is now subscribed and waiting for more: its stream stays open.
+    let waiting = tokio::spawn(async move { consumer.poll(Duration::from_secs(60)).await.map(|r| r.len()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.signal(1, "TERM");
+    // Without the grace period's bound the node waits until the client gives up on its quiet
+    // stream (~10 s); with it, about a second.
+    let status = cluster.wait_exit(1, Duration::from_secs(6)).await;
+    let status = status.expect("the node stopped within its grace period");
+    assert!(status.success(), "a clean stop: {status}");
+    waiting.abort();
 }

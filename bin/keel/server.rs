@@ -12,7 +12,7 @@ use keel_broker::{Broker, BrokerConfig, Clock, GroupSettings, Limits};
 use keel_raft::{NetworkConfig, RaftTimings, TcpConnector};
 use keel_storage::{FileDisk, LogConfig};
 use serde::Deserialize;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::clock::SystemClock;
 
@@ -59,6 +59,8 @@ struct FileConfig {
     election_max_ms: Option<u64>,
     /// How long a produce waits for its commit.
     append_timeout_ms: Option<u64>,
+    /// How long SIGTERM or Ctrl-C lets open requests and streams finish before closing them.
+    shutdown_grace_ms: Option<u64>,
     fetch_bytes_max: Option<usize>,
     fetch_wait_ms_max: Option<u32>,
     /// Partitions of `__consumer_offsets` (used once, when the cluster creates it).
@@ -102,8 +104,11 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// What `resolve` gives `serve`: the node's config, where to listen, the shutdown grace period.
+type Resolved = (BrokerConfig, String, Duration);
+
 /// Merges file, environment and flags into a node's config.
-fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
+fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     let file = match &args.config {
         Some(path) => load_file(path)?,
         None => FileConfig::default(),
@@ -179,17 +184,18 @@ fn resolve(args: ServerArgs) -> anyhow::Result<(BrokerConfig, String)> {
         seed: crate::clock::entropy(),
     };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((config, listen))
+    let grace = Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000));
+    Ok((config, listen, grace))
 }
 
 /// Runs a node until Ctrl-C / SIGTERM, or until it must stop.
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let (config, listen) = resolve(args)?;
+    let (config, listen, grace) = resolve(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    runtime.block_on(serve(config, listen))
+    runtime.block_on(serve(config, listen, grace))
 }
 
-async fn serve(config: BrokerConfig, listen: String) -> anyhow::Result<()> {
+async fn serve(config: BrokerConfig, listen: String, grace: Duration) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
     let node_id = config.node_id;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -198,28 +204,60 @@ async fn serve(config: BrokerConfig, listen: String) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let routes = broker.router().map_err(|e| anyhow::anyhow!("{e}"))?;
     info!(node = node_id, %listen, "serving");
+    // How long open requests may still run once the node stops: the grace period after a
+    // signal, nothing after a fatal error (a node that cannot go on must not answer anything).
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(None::<Duration>);
     let mut fatal = broker.fatal();
-    let stop = async move {
+    tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
+            Ok(s) => Some(s),
             Err(e) => {
                 error!(error = %e, "cannot watch SIGTERM");
-                return;
+                None
             }
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
-            _ = term.recv() => info!("terminated; stopping"),
-            _ = fatal.wait_for(Option::is_some) => {}
+        let sigterm = async {
+            match &mut term {
+                Some(t) => t.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let allowed = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!(?grace, "interrupted; stopping"); grace }
+            _ = sigterm => { info!(?grace, "terminated; stopping"); grace }
+            _ = fatal.wait_for(Option::is_some) => Duration::ZERO,
+        };
+        stopping_tx.send_replace(Some(allowed));
+        // Keep the channel open so that the server and the deadline below see the value.
+        std::future::pending::<()>().await;
+    });
+    let stop = {
+        let mut stopping = stopping.clone();
+        async move {
+            let _ = stopping.wait_for(Option::is_some).await;
+        }
+    };
+    let deadline = {
+        let mut stopping = stopping.clone();
+        async move {
+            let allowed = match stopping.wait_for(Option::is_some).await {
+                Ok(allowed) => allowed.unwrap_or_default(),
+                Err(_) => return std::future::pending::<()>().await,
+            };
+            tokio::time::sleep(allowed).await;
         }
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await
-        .context("serving gRPC")?;
+        .serve_with_incoming_shutdown(incoming, stop);
+    // A graceful stop waits for every open request, and a consumer's Subscribe stream never
+    // ends by itself: past the grace period, dropping the server closes what is left.
+    tokio::select! {
+        served = server => served.context("serving gRPC")?,
+        _ = deadline => warn!("requests still open after the grace period; closing their connections"),
+    }
     broker.shutdown().await;
     if let Some(reason) = broker.fatal().borrow().clone() {
         bail!("node {node_id} stopped: {reason}");

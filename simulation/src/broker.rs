@@ -196,12 +196,15 @@ fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         },
         network: keel_raft::NetworkConfig::default(),
         append_timeout: Duration::from_secs(2),
-        // Retention (snapshots, and trimming below a compaction) runs several times a run.
-        retention_interval: Duration::from_secs(10),
+        // Retention does not run in a run: with it, openraft's snapshot installs and purges made
+        // runs that share a process with other runs replay differently (seed 5, the first
+        // divergence in raft peers' transport errors; suspected: h2 expires locally reset
+        // streams by the wall clock). Trimming is tested in keel-broker's t20_groups until then.
+        retention_interval: Duration::from_secs(3_600),
         limits: Limits::default(),
         // One coordinator partition: every group change goes through the one raft group the
         // nemesis's leader chase also targets; more would only cost simulated heartbeats. It is
-        // compacted every few dozen KiB of records, so runs trim it under the same faults.
+        // compacted every few dozen KiB of records, so runs rewrite it under the same faults.
         groups: GroupSettings {
             offsets_partitions: 1,
             offsets_compact_bytes: 24 << 10,

@@ -262,7 +262,7 @@ async fn pause(state: &Shared, disks: &[SimDisk], host: &str, member: &GroupCons
 }
 
 /// A group nobody joins: its offsets are committed once, at the start, and never touched again,
-/// so every later compaction must carry them over (a trim that lost them is seen after healing).
+/// so every later compaction must carry them over (lost offsets are seen after healing).
 pub const IDLE_GROUP: &str = "sim-idle";
 
 /// Commits the idle group's offsets (retrying through faults for up to a minute) and records

@@ -34,8 +34,6 @@ pub enum Workload {
     BrokerGroupAckBeforeCommit,
     /// The brokers with a group coordinator that does not fence commits (a zombie's go through).
     BrokerGroupNoFencing,
-    /// The brokers with a group coordinator that compacts without rewriting the live state.
-    BrokerGroupCompactWithoutRewrite,
 }
 
 impl Workload {
@@ -49,7 +47,6 @@ impl Workload {
             Workload::BrokerAckBeforeFlush => "broker-ack-before-flush",
             Workload::BrokerGroupAckBeforeCommit => "broker-group-ack-before-commit",
             Workload::BrokerGroupNoFencing => "broker-group-no-fencing",
-            Workload::BrokerGroupCompactWithoutRewrite => "broker-group-compact-without-rewrite",
         }
     }
 }
@@ -198,16 +195,6 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
             let config = broker::BrokerSim {
                 coordinator: keel_broker::CoordinatorFaults { ack_before_commit: true, ..Default::default() },
                 safety: std::time::Duration::from_secs(40),
-                ..broker::BrokerSim::default()
-            };
-            broker::run_broker(seed, config, trace).err()
-        }
-        Workload::BrokerGroupCompactWithoutRewrite => {
-            // Every node crashes now and then, so that coordinators rebuild their state from a
-            // trimmed log: committed offsets must then be missing from FetchOffsets.
-            let config = broker::BrokerSim {
-                coordinator: keel_broker::CoordinatorFaults { compact_without_rewrite: true, ..Default::default() },
-                crash_all_weight: 6,
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

@@ -59,7 +59,7 @@ impl Cluster {
             let toml = format!(
                 "node_id = {}\nlisten = \"{}\"\nvoters = \"{voters}\"\ndata_dir = \"{}\"\n\
                  heartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nappend_timeout_ms = 5000\n\
-                 segment_bytes_max = 4194304\n",
+                 segment_bytes_max = 4194304\nshutdown_grace_ms = 1000\n",
                 node.id,
                 node.addr,
                 node.data_dir.display()
@@ -107,6 +107,23 @@ impl Cluster {
         let child = self.nodes[id as usize - 1].child.as_ref().expect("the node is running");
         let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
         assert!(status.success(), "kill -{signal} node {id}: {status}");
+    }
+
+    /// Waits up to `within` for node `id`'s process to exit; its exit status if it did.
+    pub async fn wait_exit(&mut self, id: u64, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        let node = &mut self.nodes[id as usize - 1];
+        let child = node.child.as_mut().expect("the node is running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                node.child = None;
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Restarts node `id` from its data dir.

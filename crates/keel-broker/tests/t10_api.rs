@@ -140,7 +140,8 @@ async fn topics_produce_and_fetch() {
         .into_inner();
     assert_eq!(fetched.records[0].timestamp_ms, 1_700_000_000_000);
 
-    // A long poll returns as soon as records commit.
+    // A long poll returns as soon as records commit. It asks to wait far longer than the
+    // test's own bound, so only a wake-up by the commit can answer it in time.
     let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[0]).await);
     let poll = tokio::spawn(async move {
         consumer
@@ -149,15 +150,23 @@ async fn topics_produce_and_fetch() {
                 partition: 1,
                 offset: 0,
                 max_bytes: 0,
-                max_wait_ms: 10_000,
+                max_wait_ms: 30_000,
                 format: pb::FetchFormat::Batches as i32,
             })
             .await
     });
+    // Give the fetch time to reach the node; had it answered at once (no waiting), it would be
+    // finished by now and empty.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!poll.is_finished(), "an empty partition's fetch waits for records");
     let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[2]).await);
     producer.produce(produce("orders", 1, &["late"])).await.unwrap();
-    let r = poll.await.unwrap().unwrap().into_inner();
+    let r = tokio::time::timeout(Duration::from_secs(15), poll)
+        .await
+        .expect("the commit wakes the waiting fetch")
+        .unwrap()
+        .unwrap()
+        .into_inner();
     assert_eq!(r.batches.len(), 1);
     assert_eq!(r.next_offset, 1);
     assert_eq!(r.high_watermark, 1);

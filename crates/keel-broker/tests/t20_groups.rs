@@ -249,13 +249,30 @@ async fn committed_offsets_survive_the_coordinators_node() {
 /// the very first records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_offsets_partition_keeps_every_live_offset() {
-    let cluster = common::start_configured(3, 3, |c| {
+    let lost = compact_and_replay(keel_broker::CoordinatorFaults::default()).await;
+    assert!(lost.is_empty(), "{lost:?}");
+}
+
+/// The negative control: a coordinator that trims without rewriting the live state is caught
+/// (the group untouched since the start is gone from the replayed logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_without_the_rewrite_is_caught() {
+    let faults = keel_broker::CoordinatorFaults { compact_without_rewrite: true, ..Default::default() };
+    let lost = compact_and_replay(faults).await;
+    assert!(lost.iter().any(|l| l.contains("old-")), "{lost:?}");
+}
+
+/// Commits enough to compact one offsets partition several times, waits until every replica
+/// trimmed it, and returns what differs between `FetchOffsets` and each replica's trimmed log
+/// replayed from its start (empty when nothing was lost).
+async fn compact_and_replay(faults: keel_broker::CoordinatorFaults) -> Vec<String> {
+    let tweak = |c: &mut keel_broker::BrokerConfig| {
         // 64 KiB segments; compaction past 64 KiB; retention (which trims) every 200 ms.
         c.groups.offsets_compact_bytes = 64 << 10;
         c.groups.maintenance_interval = Duration::from_millis(200);
         c.retention_interval = Duration::from_millis(200);
-    })
-    .await;
+    };
+    let cluster = common::start_faulty(3, 3, tweak, faults).await;
     create_and_fill(&cluster, "events", 2, 20).await;
     // "old" and "busy" share an offsets partition, so that "old"'s lone commit is in the
     // segments the busy group's traffic pushes below the compaction point.
@@ -290,15 +307,19 @@ async fn a_compacted_offsets_partition_keeps_every_live_offset() {
     }
     assert!(starts.iter().all(|s| *s > 0), "every replica trimmed its log: starts {starts:?}");
 
+    // What was acknowledged, and what the live coordinator serves (its memory, not yet rebuilt).
     let fetch = |group: &str| pb::FetchOffsetsRequest { group: group.into(), partitions: vec![] };
-    let mut served = Vec::new();
-    for group in [old.as_str(), "busy"] {
+    let served = [
+        BTreeSet::from([(old.clone(), 0, 3)]),
+        BTreeSet::from([("busy".to_owned(), 0, 19), ("busy".to_owned(), 1, 19)]),
+    ];
+    for (i, group) in [old.as_str(), "busy"].into_iter().enumerate() {
         let (_, mut c) = coordinator(&cluster, group).await;
         let offsets = c.fetch_offsets(fetch(group)).await.unwrap().into_inner().offsets;
-        served.push(offsets.iter().map(|o| (group.to_owned(), o.partition, o.offset)).collect::<BTreeSet<_>>());
+        let now: BTreeSet<_> = offsets.iter().map(|o| (group.to_owned(), o.partition, o.offset)).collect();
+        assert_eq!(now, served[i]);
     }
-    assert_eq!(served[0], BTreeSet::from([(old.clone(), 0, 3)]));
-    assert_eq!(served[1], BTreeSet::from([("busy".to_owned(), 0, 19), ("busy".to_owned(), 1, 19)]));
+    let mut lost = Vec::new();
     for broker in &cluster.brokers {
         let store = broker.raft_node().store(raft_group).unwrap();
         let mut state = keel_coordinator::groups::Groups::default();
@@ -322,14 +343,14 @@ async fn a_compacted_offsets_partition_keeps_every_live_offset() {
         for (i, group) in [old.as_str(), "busy"].into_iter().enumerate() {
             let rebuilt: BTreeSet<(String, u32, u64)> = state
                 .get(group)
-                .unwrap()
-                .offsets
-                .iter()
-                .map(|(tp, c)| (group.to_owned(), tp.partition, c.offset))
-                .collect();
-            assert_eq!(rebuilt, served[i], "node {}: {group} replayed from its trimmed log", broker.node_id());
+                .map(|g| g.offsets.iter().map(|(tp, c)| (group.to_owned(), tp.partition, c.offset)).collect())
+                .unwrap_or_default();
+            if rebuilt != served[i] {
+                lost.push(format!("node {}: {group} replays to {rebuilt:?}, not {:?}", broker.node_id(), served[i]));
+            }
         }
     }
+    lost
 }
 
 /// The client turns a status into `ClientError::Group` only for reasons it knows: every refusal

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::config::ClientConfig;
 use crate::core::{Core, MESSAGE_BYTES_MAX};
@@ -441,15 +441,21 @@ fn decode(
     let corrupt =
         |e: keel_record::DecodeError| ClientError::Protocol(format!("{topic}/{partition}: corrupt batch: {e}"));
     let mut out = Vec::new();
+    // Offsets are dense (raft-only batches take none, control batches are skipped explicitly):
+    // a gap means records the consumer would silently skip, so it is an error, not a warning.
     let mut take = |offset: u64, record: ConsumerRecord, next: &mut u64| {
         if offset < *next {
-            return;
+            return Ok(());
         }
         if offset > *next {
-            warn!(topic, partition, expected = *next, got = offset, "gap in the partition's offsets");
+            return Err(ClientError::Protocol(format!(
+                "{topic}/{partition}: the broker skipped offsets {}..{offset}; not reading past the gap",
+                *next
+            )));
         }
         *next = offset + 1;
         out.push(record);
+        Ok(())
     };
     for bytes in &response.batches {
         for batch in keel_record::batches(bytes.clone()) {
@@ -480,7 +486,7 @@ fn decode(
                     value: record.value,
                     headers,
                 };
-                take(offset, record, &mut next);
+                take(offset, record, &mut next)?;
             }
         }
     }
@@ -495,7 +501,7 @@ fn decode(
             value: r.value.clone(),
             headers: r.headers.iter().map(|h| (h.key.clone(), h.value.clone())).collect(),
         };
-        take(r.offset, record, &mut next);
+        take(r.offset, record, &mut next)?;
     }
     Ok((out, next))
 }
@@ -745,6 +751,19 @@ mod tests {
         bad[last] ^= 1;
         let response = pb::FetchResponse { batches: vec![Bytes::from(bad)], ..Default::default() };
         assert!(matches!(decode("t", 0, &response, 0), Err(ClientError::Protocol(_))));
+    }
+
+    #[test]
+    fn decode_refuses_a_gap_in_the_offsets() {
+        let response =
+            pb::FetchResponse { batches: vec![batch(0, &["a", "b"]), batch(5, &["f"])], ..Default::default() };
+        let error = decode("t", 0, &response, 0).unwrap_err();
+        assert!(matches!(&error, ClientError::Protocol(m) if m.contains("skipped offsets 2..5")), "{error}");
+        let decoded = pb::FetchResponse {
+            records: vec![pb::ConsumedRecord { offset: 7, ..Default::default() }],
+            ..Default::default()
+        };
+        assert!(matches!(decode("t", 0, &decoded, 6), Err(ClientError::Protocol(_))));
     }
 
     #[test]

@@ -102,6 +102,18 @@ struct SmState {
     snapshot_target: Option<u64>,
 }
 
+/// Whether raft can go on from `snapshot` with this log: the log holds the snapshot's last
+/// entry (same term), or starts right after it (purged up to it).
+fn log_continues(log: &SegmentLog, snapshot: &LogId) -> bool {
+    let (start, written) = (log.start().index, log.written().index);
+    if start == snapshot.index + 1 {
+        return true;
+    }
+    snapshot.index >= start
+        && snapshot.index < written
+        && log.header_at(snapshot.index).is_ok_and(|h| h.raft_term == snapshot.leader_id.term)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a partition lock already stopped that partition's raft core; the
     // data behind the lock is still consistent (every mutation is checked before it is made).
@@ -141,7 +153,7 @@ impl PartitionStore {
         faults: Faults,
     ) -> io::Result<Self> {
         let dir = dir.into();
-        let log = SegmentLog::open(Arc::clone(&disk), &dir, config).map_err(io_err)?;
+        let mut log = SegmentLog::open(Arc::clone(&disk), &dir, config).map_err(io_err)?;
         let snapshot = read_optional(&*disk, &dir.join(SNAPSHOT_FILE))?;
         let (state, snapshot) = match snapshot {
             Some(bytes) => {
@@ -151,13 +163,35 @@ impl PartitionStore {
             }
             None => (PartitionState::default(), None),
         };
-        let last_purged = match read_optional(&*disk, &dir.join(PURGED_FILE))? {
+        let mut last_purged = match read_optional(&*disk, &dir.join(PURGED_FILE))? {
             Some(bytes) => {
                 let id = <keel_proto::v1::LogId as prost::Message>::decode(bytes).map_err(io_err)?;
                 Some(convert::log_id_from_pb(&id))
             }
             None => None,
         };
+        if let Some(last) = snapshot.as_ref().and_then(|(meta, _)| meta.last_log_id)
+            && !log_continues(&log, &last)
+        {
+            // The snapshot file is the commit point of `install_snapshot`: a crash after it and
+            // before the log was reset left a log that does not lead up to the snapshot, which
+            // raft could never append after. Finish the install.
+            let start = log.start().index;
+            if start > last.index + 1 {
+                return Err(io_err(format!(
+                    "{}: the log starts at index {start}, after the snapshot's last entry {last}: entries are missing",
+                    dir.display()
+                )));
+            }
+            keel_storage::write_atomic(
+                &*disk,
+                &dir.join(PURGED_FILE),
+                &prost::Message::encode_to_vec(&convert::log_id_to_pb(&last)),
+            )?;
+            last_purged = Some(last);
+            log.reset(LogPosition { offset: state.next_offset, index: last.index + 1 }).map_err(io_err)?;
+            warn!(dir = %dir.display(), %last, "an interrupted snapshot install finished: log reset after the snapshot");
+        }
         let vote = match read_optional(&*disk, &dir.join(VOTE_FILE))? {
             Some(bytes) => Some(convert::decode_vote(&bytes).map_err(io_err)?),
             None => None,
@@ -637,6 +671,9 @@ impl RaftStateMachine<KeelRaft> for StateMachine {
             let holds_last = last.index >= log.start().index
                 && last.index < log.written().index
                 && log.header_at(last.index).is_ok_and(|h| h.raft_term == last.leader_id.term);
+            // The order makes a crash at any step recoverable: the snapshot file first (the
+            // commit point: `open` finishes what follows if it finds a log that does not lead
+            // up to it), then the purge marker, then the log reset (all-or-nothing itself).
             if !holds_last {
                 // The log does not reach the snapshot (or disagrees with it): it restarts right
                 // after it, at the offsets the snapshot says come next.
@@ -659,5 +696,92 @@ impl RaftStateMachine<KeelRaft> for StateMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<KeelRaft, Vec<u8>>>, io::Error> {
         let sm = lock(&self.shared.sm);
         Ok(sm.snapshot.clone().map(|(meta, snapshot)| openraft::storage::Snapshot { meta, snapshot }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use keel_storage::{Disk, SimDisk};
+    use openraft::entry::RaftEntry;
+
+    use super::*;
+    use crate::types::log_id;
+
+    const DIR: &str = "/p";
+
+    /// A log of blank entries 1..=5 at term 1, flushed, on a fresh SimDisk.
+    fn prepared() -> SimDisk {
+        let disk = SimDisk::new(7);
+        let mut log = SegmentLog::open(Arc::new(disk.clone()) as Arc<dyn Disk>, DIR, LogConfig::default()).unwrap();
+        for index in 1..=5 {
+            let entry = Entry::new_blank(log_id(1, index));
+            let batch = convert::entry_to_batch(&entry, log.written().offset).unwrap();
+            if index == 1 {
+                log.reset(LogPosition { offset: 0, index: 1 }).unwrap();
+            }
+            log.append_stamped(&batch).unwrap();
+        }
+        log.flush().unwrap();
+        disk
+    }
+
+    /// A snapshot at index 20 (term 2) that the log does not reach: installing it resets the log.
+    fn snapshot() -> (SnapshotMeta, Vec<u8>) {
+        let state = PartitionState {
+            next_offset: 42,
+            log_start_offset: 42,
+            last_applied: Some(log_id(2, 20)),
+            ..PartitionState::default()
+        };
+        (state.snapshot_meta(), state.encode_snapshot())
+    }
+
+    /// A power loss at every step of `install_snapshot`: whatever survives, the reopened store
+    /// is one raft can continue from (its log leads up to its snapshot, or there is no snapshot
+    /// and the log is as before), never one that "would leave a hole".
+    #[tokio::test]
+    async fn a_crash_anywhere_in_install_snapshot_recovers() {
+        let (meta, bytes) = snapshot();
+        let mut finished = false;
+        for ops in 0..200u64 {
+            let disk = prepared().fork();
+            let store = PartitionStore::open(
+                Arc::new(disk.clone()) as Arc<dyn Disk>,
+                DIR,
+                LogConfig::default(),
+                IoMode::Inline,
+            )
+            .unwrap();
+            disk.crash_after(ops);
+            let installed = store.state_machine().install_snapshot(&meta, bytes.clone()).await;
+            let crashed = disk.is_dead();
+            drop(store);
+            disk.crash();
+            let store = PartitionStore::open(
+                Arc::new(disk.clone()) as Arc<dyn Disk>,
+                DIR,
+                LogConfig::default(),
+                IoMode::Inline,
+            )
+            .unwrap_or_else(|e| panic!("crash after {ops} ops: reopening failed: {e}"));
+            let log = lock(&store.shared.log);
+            let applied = lock(&store.shared.sm).state.last_applied;
+            match applied {
+                Some(last) => {
+                    assert_eq!(last, log_id(2, 20), "crash after {ops} ops");
+                    assert_eq!(log.start(), LogPosition { offset: 42, index: 21 }, "crash after {ops} ops");
+                    assert_eq!(*lock(&store.shared.last_purged), Some(last), "crash after {ops} ops");
+                }
+                None => assert_eq!(log.written().index, 6, "crash after {ops} ops: the old log is intact"),
+            }
+            if !crashed {
+                installed.unwrap();
+                finished = true;
+                break;
+            }
+        }
+        assert!(finished, "some run completed the install without a crash");
     }
 }

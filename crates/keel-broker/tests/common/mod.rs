@@ -36,6 +36,16 @@ pub async fn start_with_voters(nodes: u64, voters: u64) -> Cluster {
 
 /// `nodes` nodes (the first `voters` voting), each config adjusted by `tweak`.
 pub async fn start_configured(nodes: u64, voters: u64, tweak: impl Fn(&mut BrokerConfig)) -> Cluster {
+    start_faulty(nodes, voters, tweak, keel_broker::CoordinatorFaults::default()).await
+}
+
+/// [`start_configured`] with injected coordinator bugs (negative controls).
+pub async fn start_faulty(
+    nodes: u64,
+    voters: u64,
+    tweak: impl Fn(&mut BrokerConfig),
+    coordinator: keel_broker::CoordinatorFaults,
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut listeners = Vec::new();
     for _ in 0..nodes {
@@ -63,10 +73,16 @@ pub async fn start_configured(nodes: u64, voters: u64, tweak: impl Fn(&mut Broke
         };
         let mut config = config;
         tweak(&mut config);
-        let broker =
-            Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), Arc::new(FixedClock))
-                .await
-                .unwrap();
+        let storage = keel_broker::StorageMode { coordinator, ..keel_broker::StorageMode::default() };
+        let broker = Broker::start_with(
+            config,
+            storage,
+            Arc::new(FileDisk::new()),
+            Arc::new(TcpConnector::default()),
+            Arc::new(FixedClock),
+        )
+        .await
+        .unwrap();
         let routes = broker.router().unwrap();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming));

@@ -316,6 +316,7 @@ impl Accumulator {
         mut lookup: impl FnMut(&str, u32) -> (Lookup, bool),
     ) -> Dispatch {
         let mut out = Dispatch::default();
+        let mut gone: Vec<(String, u32)> = Vec::new();
         for (topic, t) in &mut self.topics {
             for (&partition, q) in &mut t.partitions {
                 q.expire(&self.buffer, self.limits.delivery_timeout, now);
@@ -351,6 +352,7 @@ impl Accumulator {
                                     fail(&self.buffer, batch, &error);
                                 }
                                 q.unknown_since = None;
+                                gone.push((topic.clone(), partition));
                             }
                             Some(_) => {}
                             None => q.unknown_since = Some(version),
@@ -379,6 +381,21 @@ impl Accumulator {
                 }
             }
         }
+        // A deleted topic's (or partition's) queues go once nothing of theirs is pending, so a
+        // long-lived producer's memory follows the partitions it writes to now.
+        for (topic, partition) in gone {
+            if let Some(t) = self.topics.get_mut(&topic) {
+                if t.partitions
+                    .get(&partition)
+                    .is_some_and(|q| q.open.is_none() && q.ready.is_empty() && q.in_flight == 0)
+                {
+                    t.partitions.remove(&partition);
+                }
+                if t.partitions.is_empty() {
+                    self.topics.remove(&topic);
+                }
+            }
+        }
         out
     }
 
@@ -396,7 +413,7 @@ impl Accumulator {
         let partition = batch.partition;
         let q = self.topics.get_mut(&topic).and_then(|t| t.partitions.get_mut(&partition));
         let Some(q) = q else {
-            // Unreachable (queues are never removed); failing beats losing the records.
+            // Unreachable (a queue goes only with nothing in flight); failing beats losing the records.
             debug_assert!(false, "in-flight batch without a partition queue");
             let error = ClientError::Protocol("lost partition queue".into());
             fail(&self.buffer, batch, &error);
@@ -475,6 +492,26 @@ impl Accumulator {
     }
 }
 
+impl Drop for Accumulator {
+    /// The producer went away (closed or dropped) with batches unresolved. Those sent and not
+    /// answered, or sent before with no definite answer, may be stored: they resolve as
+    /// [`ClientError::MaybeWritten`]; those never sent resolve as [`ClientError::Closed`].
+    fn drop(&mut self) {
+        let closed = ClientError::Closed;
+        let ambiguous = ClientError::MaybeWritten(Box::new(ClientError::Closed));
+        for (_, batch) in std::mem::take(&mut self.in_flight) {
+            fail(&self.buffer, batch, &ambiguous);
+        }
+        for t in std::mem::take(&mut self.topics).into_values() {
+            for q in t.partitions.into_values() {
+                for batch in q.ready {
+                    fail(&self.buffer, batch, &closed);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -518,6 +555,29 @@ mod tests {
 
     fn offset(rx: &mut Outcome) -> u64 {
         rx.try_recv().unwrap().unwrap().offset
+    }
+
+    #[test]
+    fn a_dropped_producer_reports_batches_in_flight_as_maybe_written() {
+        let mut a = acc(1 << 20, 1);
+        let t0 = Instant::now();
+        let mut sent = push(&mut a, 0, "sent", t0);
+        let mut retried = push(&mut a, 1, "retried", t0);
+        a.close_lingering(t0 + LINGER);
+        let d = a.dispatch(t0 + LINGER, 1, leader);
+        assert_eq!(d.requests.len(), 2);
+        // Partition 1's attempt timed out (ambiguous) and waits for its retry.
+        let timeout = Err(ClientError::timeout("produce", Duration::from_secs(1)));
+        a.complete(d.requests[1].1.request_id, timeout, t0 + LINGER, |_| Duration::from_secs(1));
+        let mut unsent = push(&mut a, 2, "unsent", t0 + LINGER);
+        drop(a);
+        for rx in [&mut sent, &mut retried] {
+            let e = rx.try_recv().unwrap().unwrap_err();
+            assert!(e.is_ambiguous(), "{e}");
+        }
+        // The open batch was never sent: its reply is dropped, which its DeliveryFuture
+        // reports as Closed (not stored).
+        assert!(unsent.try_recv().is_err());
     }
 
     #[test]
@@ -720,6 +780,9 @@ mod tests {
         assert!(r.try_recv().is_err(), "no verdict before the cache was refreshed");
         a.dispatch(t0, 2, unknown);
         assert!(matches!(r.try_recv().unwrap(), Err(ClientError::NotFound(_))));
+        // The unknown partition's queue is gone with its last batch (a deleted topic's too).
+        assert!(a.topics.is_empty());
+        assert!(a.is_idle());
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct State {
     pub faults: Faults,
     pub produce_requests: usize,
     pub describe_calls: usize,
+    /// Subscribe calls refused with an error (e.g. OUT_OF_RANGE).
+    pub refused_subscribes: usize,
 }
 
 /// The shared state of every fake node.
@@ -326,7 +328,10 @@ impl Consumer for Node {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
-        self.cluster.read(&r.topic, r.partition, r.offset, 1)?;
+        if let Err(status) = self.cluster.read(&r.topic, r.partition, r.offset, 1) {
+            self.cluster.state.lock().unwrap().refused_subscribes += 1;
+            return Err(status);
+        }
         let (tx, rx) = mpsc::channel(2);
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
