@@ -7,9 +7,10 @@ use keel_simulation::{Workload, failures, run};
 
 /// Seeds run by `cargo test`, each a run of about two and a half simulated minutes (120 s of
 /// faults, then healing) with the consumer group's members and the compaction of
-/// `__consumer_offsets` (rewrites, not trims: see `broker_config`), on every core: ~8 s of one core each in the test build (measured idle
-/// on the 2-core CI machine with `target/debug/keel-simulation --workload broker --seeds 0..10
-/// --jobs 2`: 44 s), so the sweep takes ~14 minutes of `.ci/run`'s 35;
+/// `__consumer_offsets` (rewrites, not trims: see `broker_config`), on every core: ~8 s of one
+/// core each in the test build (`target/debug/keel-simulation --workload broker --seeds 0..10
+/// --jobs 2`: 40-44 s on the 2-core machine), so the sweep takes 15-16 minutes of the 29 that
+/// `.ci/run` took from a fresh clone;
 /// `cargo run -p keel-simulation --release -- --workload broker --seeds 0..10000` sweeps more.
 const SEEDS: u64 = 200;
 
