@@ -230,7 +230,7 @@ impl Api {
                 return self.forward_fetch(request, leader, hops).await;
             }
             if request.offset < high_watermark {
-                let batches = store.read_committed(request.offset, bytes_max).map_err(|e| match e {
+                let batches = store.read_committed_blocking(request.offset, bytes_max).await.map_err(|e| match e {
                     keel_storage::StorageError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
                     other => Status::unavailable(format!("this replica cannot read: {other}; try another")),
                 })?;

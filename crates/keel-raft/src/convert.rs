@@ -53,6 +53,15 @@ pub fn entry_to_batch(entry: &Entry, base_offset: u64) -> Result<Vec<u8>, Conver
     }
 }
 
+/// About the bytes [`entry_to_batch`] stores for `entry`: exact for data batches, a generous
+/// bound for raft's own small entries. It only decides where an append runs.
+pub fn entry_bytes(entry: &Entry) -> u64 {
+    match &entry.payload {
+        EntryPayload::Normal(BatchData(bytes)) => bytes.len() as u64,
+        EntryPayload::Blank | EntryPayload::Membership(_) => 4_096,
+    }
+}
+
 /// Decodes a stored or received batch back into the raft entry it carries.
 pub fn batch_to_entry(batch: &Batch) -> Result<Entry, ConvertError> {
     let h = batch.header();

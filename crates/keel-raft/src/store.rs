@@ -248,6 +248,24 @@ impl PartitionStore {
         lock(&self.shared.log).read(from_offset, bytes_max, high_watermark)
     }
 
+    /// [`PartitionStore::read_committed`] off the async workers in production: a fetch copies up
+    /// to its byte limit out of the mapped segments, faulting in cold pages from disk.
+    pub async fn read_committed_blocking(
+        &self,
+        from_offset: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<keel_record::Batch>, keel_storage::StorageError> {
+        match self.shared.io {
+            IoMode::Inline => self.read_committed(from_offset, bytes_max),
+            IoMode::Blocking => {
+                let store = self.clone();
+                tokio::task::spawn_blocking(move || store.read_committed(from_offset, bytes_max))
+                    .await
+                    .map_err(|e| keel_storage::StorageError::Failed(format!("read task failed: {e}")))?
+            }
+        }
+    }
+
     /// The last raft index that retention allows purging, if any (whole segments below the high
     /// watermark that are too old or beyond the size limit), and aims the next snapshot there.
     pub fn retention_point(&self, now_ms: i64) -> Option<u64> {
@@ -341,6 +359,98 @@ impl Shared {
                     .map_err(|e| io::Error::other(format!("blocking disk task failed: {e}")))?
             }
         }
+    }
+
+    /// Deletes the whole segments up to `log_id` (the purge point is rounded down to a segment
+    /// boundary).
+    fn purge(&self, log_id: LogId) -> io::Result<()> {
+        let mut log = lock(&self.log);
+        let point = log.purge_point(log_id.index + 1);
+        if point.index <= log.start().index {
+            return Ok(());
+        }
+        let h = log.header_at(point.index - 1).map_err(io_err)?;
+        let purged = crate::types::log_id(h.raft_term, h.raft_index);
+        // Record the purge point first: a crash after it but before the segments go leaves them
+        // readable, which is harmless; the reverse would lose the purged log id.
+        self.write_file(PURGED_FILE, &prost::Message::encode_to_vec(&convert::log_id_to_pb(&purged)))?;
+        *lock(&self.last_purged) = Some(purged);
+        let start = log.purge_before_index(point.index).map_err(io_err)?;
+        drop(log);
+        let mut sm = lock(&self.sm);
+        sm.state.log_start_offset = sm.state.log_start_offset.max(start.offset);
+        debug!(dir = %self.dir.display(), %purged, "log purged");
+        Ok(())
+    }
+
+    /// Replaces the state with a snapshot's, resetting the log after it unless the log holds it.
+    fn install_snapshot(&self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> io::Result<()> {
+        let state = PartitionState::decode_snapshot(&snapshot).map_err(io_err)?;
+        if state.last_applied != meta.last_log_id {
+            return Err(io::Error::other("snapshot data does not match its metadata"));
+        }
+        self.flush_now()?;
+        self.write_file(SNAPSHOT_FILE, &snapshot)?;
+        if let Some(last) = meta.last_log_id {
+            let mut log = lock(&self.log);
+            let holds_last = last.index >= log.start().index
+                && last.index < log.written().index
+                && log.header_at(last.index).is_ok_and(|h| h.raft_term == last.leader_id.term);
+            // The order makes a crash at any step recoverable: the snapshot file first (the
+            // commit point: `open` finishes what follows if it finds a log that does not lead
+            // up to it), then the purge marker, then the log reset (all-or-nothing itself).
+            if !holds_last {
+                // The log does not reach the snapshot (or disagrees with it): it restarts right
+                // after it, at the offsets the snapshot says come next.
+                self.write_file(PURGED_FILE, &prost::Message::encode_to_vec(&convert::log_id_to_pb(&last)))?;
+                *lock(&self.last_purged) = Some(last);
+                log.reset(LogPosition { offset: state.next_offset, index: last.index + 1 }).map_err(io_err)?;
+                info!(dir = %self.dir.display(), %last, next_offset = state.next_offset, "log reset to a snapshot");
+            }
+        }
+        let next_offset = state.next_offset;
+        {
+            let mut sm = lock(&self.sm);
+            sm.state = state;
+            sm.snapshot = Some((meta.clone(), snapshot));
+        }
+        self.high_watermark.send_replace(next_offset);
+        Ok(())
+    }
+
+    /// Appends entries to the log; returns the raft index after the last.
+    fn append_entries(&self, entries: Vec<Entry>) -> io::Result<u64> {
+        let mut log = lock(&self.log);
+        for entry in entries {
+            let next = log.written();
+            if next.index != entry.log_id.index {
+                if log.start() == next {
+                    // An empty log starts wherever raft's first entry is.
+                    log.reset(LogPosition { offset: next.offset, index: entry.log_id.index }).map_err(io_err)?;
+                } else {
+                    return Err(io::Error::other(format!(
+                        "append of {} would leave a hole after index {}",
+                        entry.log_id,
+                        next.index.saturating_sub(1)
+                    )));
+                }
+            }
+            let batch = convert::entry_to_batch(&entry, log.written().offset).map_err(io_err)?;
+            log.append_stamped(&batch).map_err(io_err)?;
+        }
+        Ok(log.written().index)
+    }
+
+    /// Reads raft entries (copies out of the mapped segments, page faults on cold data).
+    fn read_entries(&self, range: &impl RangeBounds<u64>, bytes_max: usize) -> io::Result<Vec<Entry>> {
+        let log = lock(&self.log);
+        let (from, to) = range_to(range, log.start().index, log.written().index);
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let batches = log.read_entries(from, to, bytes_max).map_err(io_err)?;
+        drop(log);
+        batches.iter().map(|b| convert::batch_to_entry(b).map_err(io_err)).collect()
     }
 
     fn write_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
@@ -439,27 +549,14 @@ impl RaftLogReader<KeelRaft> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let log = lock(&self.shared.log);
-        let (from, to) = range_to(&range, log.start().index, log.written().index);
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        let batches = log.read_entries(from, to, usize::MAX).map_err(io_err)?;
-        drop(log);
-        batches.iter().map(|b| convert::batch_to_entry(b).map_err(io_err)).collect()
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.shared.blocking(move |shared| shared.read_entries(&range, usize::MAX)).await
     }
 
     /// What replication sends: entries from `start` on, at most [`APPEND_ENTRIES_BYTES_MAX`]
     /// bytes of them (at least one entry, as openraft requires of a non-empty range).
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
-        let log = lock(&self.shared.log);
-        let (from, to) = range_to(&(start..end), log.start().index, log.written().index);
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        let batches = log.read_entries(from, to, APPEND_ENTRIES_BYTES_MAX).map_err(io_err)?;
-        drop(log);
-        batches.iter().map(|b| convert::batch_to_entry(b).map_err(io_err)).collect()
+        self.shared.blocking(move |shared| shared.read_entries(&(start..end), APPEND_ENTRIES_BYTES_MAX)).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -506,26 +603,15 @@ impl RaftLogStorage<KeelRaft> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let target = {
-            let mut log = lock(&self.shared.log);
-            for entry in entries {
-                let next = log.written();
-                if next.index != entry.log_id.index {
-                    if log.start() == next {
-                        // An empty log starts wherever raft's first entry is.
-                        log.reset(LogPosition { offset: next.offset, index: entry.log_id.index }).map_err(io_err)?;
-                    } else {
-                        return Err(io::Error::other(format!(
-                            "append of {} would leave a hole after index {}",
-                            entry.log_id,
-                            next.index.saturating_sub(1)
-                        )));
-                    }
-                }
-                let batch = convert::entry_to_batch(&entry, log.written().offset).map_err(io_err)?;
-                log.append_stamped(&batch).map_err(io_err)?;
-            }
-            log.written().index
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let bytes: u64 = entries.iter().map(convert::entry_bytes).sum();
+        // Most appends are a memory write into the mapped segment; one that rolls the segment or
+        // grows its file syncs several times, which must not stall the async worker (and every
+        // other group's heartbeats on it).
+        let target = if lock(&self.shared.log).needs_room(bytes) {
+            self.shared.blocking(move |shared| shared.append_entries(entries)).await?
+        } else {
+            self.shared.append_entries(entries)?
         };
         if self.shared.faults.ack_before_flush {
             callback.io_completed(Ok(()));
@@ -555,23 +641,8 @@ impl RaftLogStorage<KeelRaft> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let mut log = lock(&self.shared.log);
-        let point = log.purge_point(log_id.index + 1);
-        if point.index <= log.start().index {
-            return Ok(());
-        }
-        let h = log.header_at(point.index - 1).map_err(io_err)?;
-        let purged = crate::types::log_id(h.raft_term, h.raft_index);
-        // Record the purge point first: a crash after it but before the segments go leaves them
-        // readable, which is harmless; the reverse would lose the purged log id.
-        self.shared.write_file(PURGED_FILE, &prost::Message::encode_to_vec(&convert::log_id_to_pb(&purged)))?;
-        *lock(&self.shared.last_purged) = Some(purged);
-        let start = log.purge_before_index(point.index).map_err(io_err)?;
-        drop(log);
-        let mut sm = lock(&self.shared.sm);
-        sm.state.log_start_offset = sm.state.log_start_offset.max(start.offset);
-        debug!(dir = %self.shared.dir.display(), %purged, "log purged");
-        Ok(())
+        // A file write and segment deletions, each synced.
+        self.shared.blocking(move |shared| shared.purge(log_id)).await
     }
 }
 
@@ -603,8 +674,15 @@ impl RaftSnapshotBuilder<KeelRaft> for StateMachine {
                 },
             }
         };
-        self.shared.write_file(SNAPSHOT_FILE, &bytes)?;
-        lock(&self.shared.sm).snapshot = Some((meta.clone(), bytes.clone()));
+        let written = meta.clone();
+        let bytes = self
+            .shared
+            .blocking(move |shared| {
+                shared.write_file(SNAPSHOT_FILE, &bytes)?;
+                lock(&shared.sm).snapshot = Some((written, bytes.clone()));
+                Ok(bytes)
+            })
+            .await?;
         Ok(openraft::storage::Snapshot { meta, snapshot: bytes })
     }
 }
@@ -660,37 +738,9 @@ impl RaftStateMachine<KeelRaft> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
-        let state = PartitionState::decode_snapshot(&snapshot).map_err(io_err)?;
-        if state.last_applied != meta.last_log_id {
-            return Err(io::Error::other("snapshot data does not match its metadata"));
-        }
-        self.shared.flush_now()?;
-        self.shared.write_file(SNAPSHOT_FILE, &snapshot)?;
-        if let Some(last) = meta.last_log_id {
-            let mut log = lock(&self.shared.log);
-            let holds_last = last.index >= log.start().index
-                && last.index < log.written().index
-                && log.header_at(last.index).is_ok_and(|h| h.raft_term == last.leader_id.term);
-            // The order makes a crash at any step recoverable: the snapshot file first (the
-            // commit point: `open` finishes what follows if it finds a log that does not lead
-            // up to it), then the purge marker, then the log reset (all-or-nothing itself).
-            if !holds_last {
-                // The log does not reach the snapshot (or disagrees with it): it restarts right
-                // after it, at the offsets the snapshot says come next.
-                self.shared.write_file(PURGED_FILE, &prost::Message::encode_to_vec(&convert::log_id_to_pb(&last)))?;
-                *lock(&self.shared.last_purged) = Some(last);
-                log.reset(LogPosition { offset: state.next_offset, index: last.index + 1 }).map_err(io_err)?;
-                info!(dir = %self.shared.dir.display(), %last, next_offset = state.next_offset, "log reset to a snapshot");
-            }
-        }
-        let next_offset = state.next_offset;
-        {
-            let mut sm = lock(&self.shared.sm);
-            sm.state = state;
-            sm.snapshot = Some((meta.clone(), snapshot));
-        }
-        self.shared.high_watermark.send_replace(next_offset);
-        Ok(())
+        // A flush, file writes and a log reset, each synced.
+        let meta = meta.clone();
+        self.shared.blocking(move |shared| shared.install_snapshot(&meta, snapshot)).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<KeelRaft, Vec<u8>>>, io::Error> {

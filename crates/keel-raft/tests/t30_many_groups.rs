@@ -119,3 +119,127 @@ async fn hundred_groups_elect_write_and_idle() {
         n.stop(false).await;
     }
 }
+
+/// A disk whose directory syncs take `delay` once armed, on whatever thread calls them: what a
+/// busy or slow device does to the fsyncs of a segment roll.
+#[derive(Debug)]
+struct SlowSyncDisk {
+    inner: FileDisk,
+    armed: std::sync::atomic::AtomicBool,
+    delay: Duration,
+}
+
+impl Disk for SlowSyncDisk {
+    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn create(&self, path: &std::path::Path) -> std::io::Result<Arc<dyn keel_storage::DiskFile>> {
+        self.inner.create(path)
+    }
+    fn open(&self, path: &std::path::Path) -> std::io::Result<Arc<dyn keel_storage::DiskFile>> {
+        self.inner.open(path)
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        if self.armed.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(self.delay);
+        }
+        self.inner.sync_dir(dir)
+    }
+    fn exists(&self, path: &std::path::Path) -> std::io::Result<bool> {
+        self.inner.exists(path)
+    }
+}
+
+/// Issue 12 item 6: a segment roll (several syncs) on one group runs off the async workers, so
+/// the other groups' heartbeats go on. Node 1 runs on a runtime of its own with one worker: a
+/// roll done inline there held node 1's every group still for the slow syncs, and the followers
+/// of the groups it led (on the other nodes, on the test's runtime) timed out and elected anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_segment_roll_does_not_stall_other_groups() {
+    const SMALL: GroupId = 6;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig {
+        log: LogConfig { segment_bytes_max: 256 << 10, preallocate_step_bytes: 64 << 10, ..Default::default() },
+        ..Default::default()
+    };
+    // Three election timeouts of the test timings per sync.
+    let slow = Arc::new(SlowSyncDisk {
+        inner: FileDisk::new(),
+        armed: false.into(),
+        delay: Duration::from_millis(3 * cfg.timings.election_max_ms),
+    });
+    let own = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let on_own = own.handle().clone();
+    let (stop_own, stopped) = tokio::sync::oneshot::channel::<()>();
+    // A second runtime needs a thread to drive it; this test never runs in the simulation.
+    #[allow(clippy::disallowed_methods)]
+    let own_thread = std::thread::spawn(move || own.block_on(stopped));
+    let mut nodes = Vec::new();
+    for id in 1..=NODES {
+        let dir = tmp.path().join(format!("node-{id}"));
+        if id == 1 {
+            // Started, and its groups opened, on its own runtime: their tasks run there.
+            let (disk, cfg) = (slow.clone() as Arc<dyn Disk>, cfg.clone());
+            let node = on_own
+                .spawn(async move {
+                    let node = TestNode::start(id, "127.0.0.1:0", disk, dir, &cfg).await;
+                    for group in 1..=SMALL {
+                        node.node.open_group(group).await.unwrap();
+                    }
+                    node
+                })
+                .await
+                .unwrap();
+            nodes.push(node);
+        } else {
+            let node = TestNode::start(id, "127.0.0.1:0", Arc::new(FileDisk::new()), dir, &cfg).await;
+            for group in 1..=SMALL {
+                node.node.open_group(group).await.unwrap();
+            }
+            nodes.push(node);
+        }
+    }
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    for group in 1..=SMALL {
+        refs[(group % NODES) as usize].node.initialize_group(group, members(&refs)).await.unwrap();
+    }
+    for group in 1..=SMALL {
+        wait_leader(&refs, group).await;
+    }
+    let terms = |group| refs.iter().map(|n| n.node.metrics(group).unwrap().current_term).collect::<Vec<_>>();
+    let before: Vec<Vec<u64>> = (2..=SMALL).map(terms).collect();
+
+    // Group 1 writes past its 256 KiB segment: node 1 rolls it, each directory sync slow.
+    slow.armed.store(true, std::sync::atomic::Ordering::Release);
+    let value = "x".repeat(60 << 10);
+    for i in 0..6 {
+        let mut builder = keel_record::BatchBuilder::new(1 << 20);
+        let record = keel_record::NewRecord { key: None, value: Some(value.as_bytes()), headers: &[], timestamp_ms: i };
+        builder.push(record).unwrap();
+        append(&refs, 1, builder.build()).await.unwrap();
+    }
+    wait_high_watermark(refs[0], 1, 6).await;
+    slow.armed.store(false, std::sync::atomic::Ordering::Release);
+    let segments = std::fs::read_dir(refs[0].node.store(1).unwrap().dir())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
+        .count();
+    assert!(segments > 1, "group 1 rolled its segment on node 1");
+    let after: Vec<Vec<u64>> = (2..=SMALL).map(terms).collect();
+    assert_eq!(before, after, "no other group held an election while node 1 rolled group 1's segment");
+
+    for n in &mut nodes {
+        n.stop(false).await;
+    }
+    let _ = stop_own.send(());
+    own_thread.join().unwrap().unwrap();
+}

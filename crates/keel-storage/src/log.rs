@@ -480,6 +480,13 @@ impl SegmentLog {
         Ok(Appended { header: h, written })
     }
 
+    /// Whether appending `len` more bytes means disk work beyond a memory write: rolling the
+    /// segment (syncs, a new file, a directory sync) or growing the active file. Callers on an
+    /// async runtime do such appends on a blocking thread.
+    pub fn needs_room(&self, len: u64) -> bool {
+        self.segments.last().is_none_or(|seg| seg.data_end + len > seg.file.len())
+    }
+
     /// Makes room for `len` more bytes: rolls a segment that holds records past its size limit
     /// (one without records keeps growing: its successor would need the same base offset, and
     /// names must be unique), and grows the active file in preallocation steps.
