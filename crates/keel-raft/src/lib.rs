@@ -4,6 +4,7 @@
 //! - [`store`]: openraft's log storage and state machine over `keel-storage` (group commit: one
 //!   flush covers many entries; callbacks only after the flush);
 //! - [`state_machine`]: the pure partition state (high watermark, producers, snapshots);
+//! - [`producers`]: idempotent producers' deduplication table (pure, rebuilt from the log);
 //! - [`network`]: the raft RPC client (deadlines, reconnects, per-peer backoff, real pre-vote)
 //!   and server (routing by group id);
 //! - [`node`]: a node hosting many groups and the `append` API the broker uses;
@@ -12,6 +13,7 @@
 pub mod convert;
 pub mod network;
 pub mod node;
+pub mod producers;
 pub mod state_machine;
 pub mod store;
 pub mod types;

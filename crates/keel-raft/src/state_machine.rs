@@ -2,26 +2,15 @@
 //! keeps only small state — the high watermark, the log start, idempotent-producer state — so a
 //! snapshot is a few bytes, never the data (the data is the log itself).
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use keel_proto::v1 as pb;
 use keel_record::BatchHeader;
 use prost::Message;
 
 use crate::convert::{self, ConvertError};
+use crate::producers::{ProducerEntry, ProducerLimits, ProducerTable, SequencedBatch, Stamped};
 use crate::types::{Appended, LogId, SnapshotMeta, StoredMembership};
-
-/// What the partition remembers of one idempotent producer (the hook the idempotent producer
-/// builds on: deduplication by producer id, epoch and sequence).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProducerState {
-    /// Current epoch; older epochs are fenced.
-    pub epoch: i16,
-    /// Sequence of the last record appended.
-    pub last_sequence: i32,
-    /// Offset of the last record appended.
-    pub last_offset: u64,
-}
 
 /// The applied state of one partition.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -34,8 +23,8 @@ pub struct PartitionState {
     pub next_offset: u64,
     /// The first offset the log still holds.
     pub log_start_offset: u64,
-    /// Idempotent producers by id.
-    pub producers: BTreeMap<i64, ProducerState>,
+    /// Idempotent producers: what a retried batch is recognised by.
+    pub producers: ProducerTable,
 }
 
 impl PartitionState {
@@ -45,11 +34,14 @@ impl PartitionState {
         let base_offset = self.next_offset;
         self.next_offset += u64::from(header.record_count);
         if header.producer_id >= 0 && header.record_count > 0 {
-            let last_sequence = header.base_sequence.wrapping_add(header.record_count as i32 - 1);
-            self.producers.insert(
-                header.producer_id,
-                ProducerState { epoch: header.producer_epoch, last_sequence, last_offset: self.next_offset - 1 },
-            );
+            let stamped = Stamped {
+                producer_id: header.producer_id,
+                epoch: header.producer_epoch,
+                base_sequence: header.base_sequence,
+                record_count: header.record_count,
+                timestamp_ms: header.max_timestamp_ms,
+            };
+            self.producers.record(&stamped, base_offset, self.next_offset, &ProducerLimits::default());
         }
         self.last_applied = Some(log_id);
         Appended { base_offset, next_offset: self.next_offset }
@@ -85,11 +77,25 @@ impl PartitionState {
             producers: self
                 .producers
                 .iter()
-                .map(|(id, p)| pb::ProducerState {
-                    producer_id: *id,
-                    producer_epoch: i32::from(p.epoch),
-                    last_sequence: p.last_sequence,
-                    last_offset: p.last_offset,
+                .map(|(id, p)| {
+                    let last = p.batches.back();
+                    pb::ProducerState {
+                        producer_id: *id,
+                        producer_epoch: i32::from(p.epoch),
+                        last_sequence: last.map_or(-1, |b| b.last_sequence),
+                        last_offset: last.map_or(0, |b| b.next_offset.saturating_sub(1)),
+                        batches: p
+                            .batches
+                            .iter()
+                            .map(|b| pb::ProducerBatch {
+                                first_sequence: b.first_sequence,
+                                last_sequence: b.last_sequence,
+                                base_offset: b.base_offset,
+                                next_offset: b.next_offset,
+                            })
+                            .collect(),
+                        last_timestamp_ms: p.last_timestamp_ms,
+                    }
                 })
                 .collect(),
         }
@@ -100,14 +106,34 @@ impl PartitionState {
     pub fn decode_snapshot(bytes: &[u8]) -> Result<PartitionState, ConvertError> {
         let s = pb::PartitionSnapshot::decode(bytes).map_err(|e| ConvertError(format!("snapshot: {e}")))?;
         let meta = convert::snapshot_meta_from_pb(s.meta)?;
-        let mut producers = BTreeMap::new();
+        let mut producers = ProducerTable::default();
         for p in s.producers {
             let epoch =
                 i16::try_from(p.producer_epoch).map_err(|_| ConvertError("producer epoch out of range".into()))?;
-            producers.insert(
-                p.producer_id,
-                ProducerState { epoch, last_sequence: p.last_sequence, last_offset: p.last_offset },
-            );
+            let mut batches: VecDeque<SequencedBatch> = p
+                .batches
+                .iter()
+                .map(|b| SequencedBatch {
+                    first_sequence: b.first_sequence,
+                    last_sequence: b.last_sequence,
+                    base_offset: b.base_offset,
+                    next_offset: b.next_offset,
+                })
+                .collect();
+            if batches.is_empty() && p.last_sequence >= 0 {
+                // Written before batches were kept: the last record alone is known, so a retry
+                // of its batch is refused as a stale duplicate rather than written again.
+                batches.push_back(SequencedBatch {
+                    first_sequence: p.last_sequence,
+                    last_sequence: p.last_sequence,
+                    base_offset: p.last_offset,
+                    next_offset: p.last_offset + 1,
+                });
+            }
+            if batches.iter().any(|b| b.first_sequence < 0 || b.last_sequence < 0 || b.next_offset <= b.base_offset) {
+                return Err(ConvertError("snapshot holds a malformed producer batch".into()));
+            }
+            producers.restore(p.producer_id, ProducerEntry { epoch, batches, last_timestamp_ms: p.last_timestamp_ms });
         }
         if s.log_start_offset > s.next_offset {
             return Err(ConvertError("snapshot log start is after its end".into()));
@@ -150,7 +176,8 @@ mod tests {
         assert_eq!(s.apply_batch(log_id(1, 1), &header(3, -1, -1)), Appended { base_offset: 0, next_offset: 3 });
         s.apply_blank(log_id(2, 2));
         assert_eq!(s.apply_batch(log_id(2, 3), &header(2, 9, 10)), Appended { base_offset: 3, next_offset: 5 });
-        assert_eq!(s.producers[&9], ProducerState { epoch: 1, last_sequence: 11, last_offset: 4 });
+        let producer = s.producers.get(9).unwrap();
+        assert_eq!((producer.epoch, producer.next_sequence(), producer.batches[0].base_offset), (1, 12, 3));
         let back = PartitionState::decode_snapshot(&s.encode_snapshot()).unwrap();
         assert_eq!(back, s);
     }
