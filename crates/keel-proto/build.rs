@@ -11,11 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // `bytes` fields become `Bytes`: record batches pass through without a copy.
     config.bytes(["."]);
+    // `Name` on every message: the bounded codec looks a request's schema up by its full name.
+    config.enable_type_names();
     let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("keel_descriptor.bin");
-    tonic_prost_build::configure().file_descriptor_set_path(descriptors).compile_with_config(
-        config,
-        &protos,
-        &["../../proto"],
-    )?;
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptors)
+        // Requests are counted before prost allocates them (src/bounded.rs).
+        .codec_path("crate::bounded::BoundedCodec")
+        .compile_with_config(config, &protos, &["../../proto"])?;
     Ok(())
 }

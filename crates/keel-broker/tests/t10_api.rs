@@ -228,6 +228,18 @@ async fn bad_input_is_refused_and_changes_nothing() {
     garbage.batch = vec![0u8; 100].into();
     let mut negative_time = produce("t", 0, &["a"]);
     negative_time.records[0].timestamp_ms = -5;
+    // Issue 12 item 7: 200 KB on the wire that prost would turn into ~10 MB of structs.
+    let empty_records = pb::ProduceRequest {
+        records: vec![pb::Record::default(); keel_proto::bounded::REQUEST_ELEMENTS_MAX + 1],
+        ..produce("t", 0, &[])
+    };
+    let many_headers = pb::ProduceRequest {
+        records: vec![pb::Record {
+            headers: vec![pb::Header::default(); keel_proto::bounded::REQUEST_ELEMENTS_MAX],
+            ..record("a")
+        }],
+        ..produce("t", 0, &[])
+    };
     let cases = [
         (produce("nope", 0, &["a"]), Code::NotFound),
         (produce("t", 1, &["a"]), Code::NotFound),
@@ -238,6 +250,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
         (both, Code::InvalidArgument),
         (garbage, Code::InvalidArgument),
         (negative_time, Code::InvalidArgument),
+        (empty_records, Code::ResourceExhausted),
+        (many_headers, Code::ResourceExhausted),
     ];
     for (i, (request, code)) in cases.into_iter().enumerate() {
         let status = producer.produce(request).await.unwrap_err();

@@ -1,9 +1,10 @@
-//! Keel's protobuf messages and gRPC services, generated from `proto/keel/v1`. Nothing here is
-//! written by hand; conversions to domain types live beside those types (one file per crate).
+//! Keel's protobuf messages and gRPC services, generated from `proto/keel/v1`. Nothing here but
+//! [`bounded`] is written by hand; conversions to domain types live beside those types (one file per crate).
 
-#![allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)] // Generated code.
+pub mod bounded;
 
 /// Package `keel.v1`.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)] // Generated code.
 pub mod v1 {
     tonic::include_proto!("keel.v1");
 }
