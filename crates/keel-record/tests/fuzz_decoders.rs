@@ -4,8 +4,9 @@
 //! length and CRC, so that damage reaches the record decoder). Each must not panic, must fail with
 //! a `DecodeError`, and must not allocate beyond what its input justifies.
 //!
-//! CI runs a few thousand cases (a few seconds in the debug profile). A longer campaign:
-//! `PROPTEST_CASES=100000 cargo test -p keel-record --test fuzz_decoders --release`.
+//! CI runs a few thousand cases per target (under a second in the debug profile). A longer
+//! campaign, in the debug profile that keeps the debug assertions:
+//! `PROPTEST_CASES=100000 cargo test -p keel-record --test fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 use bytes::Bytes;

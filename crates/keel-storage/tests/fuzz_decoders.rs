@@ -7,7 +7,8 @@
 //! the files do not justify.
 //!
 //! CI runs a few thousand cases per target (under a second in the debug profile). A longer
-//! campaign: `PROPTEST_CASES=20000 cargo test -p keel-storage --test fuzz_decoders --release`.
+//! campaign, in the debug profile that keeps the debug assertions:
+//! `PROPTEST_CASES=100000 cargo test -p keel-storage --test fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 use std::path::PathBuf;
