@@ -5,6 +5,7 @@ mod bench_groups;
 mod bench_net;
 mod clock;
 mod dev;
+mod dev_control;
 mod group;
 mod health;
 mod server;
@@ -33,7 +34,8 @@ enum Output {
 enum Command {
     /// Run one Keel node.
     Server(server::ServerArgs),
-    /// Run a local cluster (3 nodes on 127.0.0.1) until Ctrl-C: the quick start.
+    /// Run a local cluster (3 nodes on 127.0.0.1) until Ctrl-C: the quick start. `keel dev
+    /// kill|restart|status` act on its nodes.
     Dev(dev::DevArgs),
     /// Create, list, describe, delete topics and add partitions.
     Topic {

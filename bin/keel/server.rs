@@ -63,6 +63,14 @@ struct FileConfig {
     shutdown_grace_ms: Option<u64>,
     fetch_bytes_max: Option<usize>,
     fetch_wait_ms_max: Option<u32>,
+    /// Bounds of what clients can make a node hold (README, "Limits").
+    stream_in_flight_bytes_max: Option<usize>,
+    in_flight_bytes_max: Option<usize>,
+    streams_per_connection_max: Option<u32>,
+    subscribes_per_connection_max: Option<usize>,
+    subscribe_buffer_bytes_max: Option<usize>,
+    partitions_max: Option<usize>,
+    partitions_per_node_max: Option<usize>,
     /// Partitions of `__consumer_offsets` (used once, when the cluster creates it).
     offsets_partitions: Option<u32>,
     /// Offsets of a group with no members expire this long after it became empty.
@@ -144,6 +152,14 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     if let Some(ms) = file.fetch_wait_ms_max {
         limits.fetch_wait_ms_max = ms;
     }
+    limits.stream_in_flight_bytes_max = file.stream_in_flight_bytes_max.unwrap_or(limits.stream_in_flight_bytes_max);
+    limits.in_flight_bytes_max = file.in_flight_bytes_max.unwrap_or(limits.in_flight_bytes_max);
+    limits.streams_per_connection_max = file.streams_per_connection_max.unwrap_or(limits.streams_per_connection_max);
+    limits.subscribes_per_connection_max =
+        file.subscribes_per_connection_max.unwrap_or(limits.subscribes_per_connection_max);
+    limits.subscribe_buffer_bytes_max = file.subscribe_buffer_bytes_max.unwrap_or(limits.subscribe_buffer_bytes_max);
+    limits.partitions_max = file.partitions_max.unwrap_or(limits.partitions_max);
+    limits.partitions_per_node_max = file.partitions_per_node_max.unwrap_or(limits.partitions_per_node_max);
     let mut groups = GroupSettings::default();
     if let Some(n) = file.offsets_partitions {
         groups.offsets_partitions = n;
@@ -233,8 +249,12 @@ async fn serve(config: BrokerConfig, listen: String, grace: Duration) -> anyhow:
     });
     let stop = {
         let mut stopping = stopping.clone();
+        let broker = broker.clone();
         async move {
             let _ = stopping.wait_for(Option::is_some).await;
+            // Subscribe streams end now (consumers move to other replicas): a graceful stop
+            // would otherwise always wait out the grace period for them.
+            broker.begin_shutdown();
         }
     };
     let deadline = {
@@ -248,10 +268,7 @@ async fn serve(config: BrokerConfig, listen: String, grace: Duration) -> anyhow:
         }
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, stop);
+    let server = broker.server().add_routes(routes).serve_with_incoming_shutdown(incoming, stop);
     // A graceful stop waits for every open request, and a consumer's Subscribe stream never
     // ends by itself: past the grace period, dropping the server closes what is left.
     tokio::select! {

@@ -177,7 +177,8 @@ impl Drop for Cluster {
     }
 }
 
-async fn serving(addr: &str) -> bool {
+/// Whether the node at `addr` answers SERVING on grpc.health.v1 within a second.
+pub async fn serving(addr: &str) -> bool {
     use tonic_health::pb::health_client::HealthClient;
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
     let probe = async {

@@ -18,8 +18,9 @@ use keel_raft::types::{Raft, ReadPolicy};
 use keel_raft::{AppendError, Connector, Faults, GroupId, IoMode, Node, NodeConfig, NodeId, RaftNode};
 use keel_record::{BatchBuilder, NewRecord};
 use keel_storage::{Disk, LogConfig};
+use prost::Message;
 use rand::{RngCore, SeedableRng};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
@@ -81,6 +82,15 @@ pub(crate) struct Inner {
     /// The highest high watermark seen per partition (they only grow): commits are checked
     /// against it without asking the partition's replicas each time.
     pub(crate) high_watermarks: Mutex<BTreeMap<GroupId, u64>>,
+    /// Bytes of produce requests waiting for their commit, node-wide (`in_flight_bytes_max`).
+    pub(crate) in_flight_bytes: ByteBudget,
+    /// Bytes fetched for Subscribe streams and not yet taken by their clients.
+    pub(crate) subscribe_buffer: Arc<Semaphore>,
+    /// Open Subscribe streams per client connection (its peer address).
+    pub(crate) subscribes: Mutex<BTreeMap<std::net::SocketAddr, usize>>,
+    /// Set when the node begins to stop: streams end so that a graceful stop does not wait for
+    /// consumers that would otherwise never hang up.
+    pub(crate) stopping: watch::Sender<bool>,
 }
 
 /// How a node's partitions do their disk work, and bugs injected for negative controls. The
@@ -146,6 +156,7 @@ impl Broker {
         let (fatal, _) = watch::channel(None);
         let (ready, _) = watch::channel(false);
         let rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ 0x6b65_656c);
+        let limits = config.limits;
         let inner = Arc::new(Inner {
             config,
             node,
@@ -163,6 +174,10 @@ impl Broker {
             groups: Mutex::new(BTreeMap::new()),
             coordinator_faults: storage.coordinator,
             high_watermarks: Mutex::new(BTreeMap::new()),
+            in_flight_bytes: ByteBudget::new(limits.in_flight_bytes_max),
+            subscribe_buffer: Arc::new(Semaphore::new(limits.subscribe_buffer_bytes_max.min(Semaphore::MAX_PERMITS))),
+            subscribes: Mutex::new(BTreeMap::new()),
+            stopping: watch::channel(false).0,
         });
         if inner.config.is_voter() {
             let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
@@ -207,8 +222,22 @@ impl Broker {
         self.inner.fatal.subscribe()
     }
 
+    /// A gRPC server with this node's connection limits, to serve [`Broker::router`] on.
+    pub fn server(&self) -> tonic::transport::Server {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(self.inner.config.limits.streams_per_connection_max)
+    }
+
+    /// Begins to stop: open Subscribe streams end (UNAVAILABLE, so consumers go elsewhere) and
+    /// new ones are refused, letting a graceful stop finish. Requests keep being served.
+    pub fn begin_shutdown(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
     /// Stops the background tasks and every raft group, flushing storage.
     pub async fn shutdown(&self) {
+        self.begin_shutdown();
         self.inner.stop_tasks();
         self.inner.node.shutdown().await;
     }
@@ -733,6 +762,7 @@ impl Inner {
             };
         }
         let assignment = meta.plan_assignment(partitions, replication_factor).map_err(meta_status)?;
+        self.check_capacity(&meta, &assignment)?;
         let command =
             Command::CreateTopic { name: name.clone(), replication_factor, settings, assignment: assignment.clone() };
         self.propose(&command).await?;
@@ -778,6 +808,7 @@ impl Inner {
             Growth::To(total) => total - before,
         };
         let assignment = meta.plan_assignment(count, topic.replication_factor).map_err(meta_status)?;
+        self.check_capacity(&meta, &assignment)?;
         let command = Command::AddPartitions { name: name.clone(), assignment, partitions_before: Some(before) };
         self.propose(&command).await?;
         match self.metadata().topics.get(&name) {
@@ -1014,7 +1045,12 @@ impl Inner {
     }
 
     /// Hands a produce request to its partition's raft group (this node must host it).
-    pub(crate) async fn submit(&self, request: &pb::ProduceRequest) -> Result<keel_raft::PendingAppend, Status> {
+    /// Submits a produce to its partition's raft group. The permit holds the request's bytes in
+    /// the node's in-flight budget until it is dropped, after the commit was awaited.
+    pub(crate) async fn submit(
+        &self,
+        request: &pb::ProduceRequest,
+    ) -> Result<(keel_raft::PendingAppend, OwnedSemaphorePermit), Status> {
         if request.topic == META_TOPIC {
             return Err(Status::invalid_argument("__meta is written by the controller only"));
         }
@@ -1025,16 +1061,78 @@ impl Inner {
             )));
         }
         let (group, replicas, topic_limit) = self.resolve(&request.topic, request.partition)?;
+        // Before the batch is built: a node at its budget holds no more than it already does.
+        let permit = self.in_flight_permit(request.encoded_len())?;
         let batch = self.batch_of(request, self.batch_limit(topic_limit))?;
         let what = format!("{}/{}", request.topic, request.partition);
         match self.node.submit(group, batch).await {
-            Ok(pending) => Ok(pending),
+            Ok(pending) => Ok((pending, permit)),
             Err(AppendError::UnknownGroup(_)) if !replicas.contains(&self.config.node_id) => {
                 let leader = replicas.first().and_then(|id| Some((*id, self.addr_of(*id)?)));
                 Err(not_leader(&what, leader))
             }
             Err(e) => Err(append_status(&what, e)),
         }
+    }
+}
+
+impl Inner {
+    /// Refuses new partitions beyond the cluster's `partitions_max` or, on any node, beyond
+    /// `partitions_per_node_max` replicas: each one is a raft group and a preallocated segment,
+    /// so one request could otherwise exhaust every node's disk and memory.
+    fn check_capacity(&self, meta: &Metadata, assignment: &[Vec<NodeId>]) -> Result<(), Status> {
+        let limits = &self.config.limits;
+        let existing: usize = meta.topics.values().map(|t| t.partitions.len()).sum();
+        if existing + assignment.len() > limits.partitions_max {
+            return Err(Status::resource_exhausted(format!(
+                "the cluster has {existing} partitions; {} more would exceed partitions_max ({})",
+                assignment.len(),
+                limits.partitions_max
+            )));
+        }
+        let mut per_node: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let replicas = meta.topics.values().flat_map(|t| t.partitions.iter().map(|p| &p.replicas));
+        for node in replicas.chain(assignment.iter()).flatten() {
+            *per_node.entry(*node).or_default() += 1;
+        }
+        if let Some((node, count)) = per_node.iter().find(|(_, c)| **c > limits.partitions_per_node_max) {
+            return Err(Status::resource_exhausted(format!(
+                "node {node} would host {count} partition replicas, more than partitions_per_node_max ({}); \
+                 add nodes or use fewer partitions",
+                limits.partitions_per_node_max
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` from the node's in-flight budget, or refuses at once.
+    fn in_flight_permit(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Status> {
+        self.in_flight_bytes.try_take(bytes).map_err(|max| {
+            Status::unavailable(format!(
+                "node {} holds {max} bytes of produce requests awaiting commit (in_flight_bytes_max); retry later",
+                self.config.node_id
+            ))
+        })
+    }
+}
+
+/// A node-wide budget of bytes. Full means refused at once (UNAVAILABLE, which clients retry
+/// with backoff) rather than queued: a queue would hold the very requests the budget bounds.
+pub(crate) struct ByteBudget {
+    room: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ByteBudget {
+    pub(crate) fn new(max: usize) -> ByteBudget {
+        ByteBudget { room: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))), max }
+    }
+
+    /// Takes `bytes` (at most the whole budget, so one request always passes an idle node), or
+    /// returns the budget's size when it has no room.
+    pub(crate) fn try_take(&self, bytes: usize) -> Result<OwnedSemaphorePermit, usize> {
+        let bytes = u32::try_from(bytes.min(self.max)).unwrap_or(u32::MAX);
+        Arc::clone(&self.room).try_acquire_many_owned(bytes).map_err(|_| self.max)
     }
 }
 
@@ -1049,4 +1147,27 @@ fn too_large(size: usize, limit: usize) -> Status {
     Status::resource_exhausted(format!(
         "batch of {size} bytes exceeds the partition's limit of {limit} bytes; send fewer or smaller records"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::ByteBudget;
+
+    #[test]
+    fn a_full_budget_refuses_until_room_is_given_back() {
+        let budget = ByteBudget::new(1_000);
+        let first = budget.try_take(600).unwrap();
+        assert_eq!(budget.try_take(600).unwrap_err(), 1_000, "no room: refused, not queued");
+        let small = budget.try_take(400).unwrap();
+        drop(first);
+        let second = budget.try_take(600).unwrap();
+        drop((small, second));
+        // Larger than the whole budget: clamped, so it passes an idle node but nothing else.
+        let huge = budget.try_take(5_000).unwrap();
+        assert!(budget.try_take(1).is_err());
+        drop(huge);
+        assert!(budget.try_take(1_000).is_ok());
+    }
 }

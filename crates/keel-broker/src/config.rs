@@ -19,11 +19,72 @@ pub struct Limits {
     pub fetch_wait_ms_max: u32,
     /// Most produce requests in flight on one ProduceStream.
     pub stream_in_flight_max: usize,
+    /// Most bytes of produce requests in flight on one ProduceStream.
+    pub stream_in_flight_bytes_max: usize,
+    /// Most bytes of produce requests the whole node holds while they wait for their commit;
+    /// beyond it produces are refused (RESOURCE_EXHAUSTED, retriable) rather than queued.
+    pub in_flight_bytes_max: usize,
+    /// Most concurrent HTTP/2 streams (requests) on one connection; more wait in the client.
+    pub streams_per_connection_max: u32,
+    /// Most Subscribe streams open on one connection; more are refused.
+    pub subscribes_per_connection_max: usize,
+    /// Most bytes of fetched records the node buffers for Subscribe streams whose clients have
+    /// not taken them yet; subscriptions wait for room rather than fetch more.
+    pub subscribe_buffer_bytes_max: usize,
+    /// Most partitions (of every topic, internal ones included) in the cluster.
+    pub partitions_max: usize,
+    /// Most partition replicas one node hosts (each is a raft group and a preallocated segment).
+    pub partitions_per_node_max: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { fetch_bytes_max: 8 << 20, fetch_wait_ms_max: 30_000, stream_in_flight_max: 1_024 }
+        Limits {
+            fetch_bytes_max: 8 << 20,
+            fetch_wait_ms_max: 30_000,
+            stream_in_flight_max: 1_024,
+            stream_in_flight_bytes_max: 64 << 20,
+            in_flight_bytes_max: 512 << 20,
+            // Above what one consumer needs for a partition per stream on a node, below what
+            // lets one connection pin the node.
+            streams_per_connection_max: 2_048,
+            subscribes_per_connection_max: 1_024,
+            subscribe_buffer_bytes_max: 256 << 20,
+            partitions_max: 100_000,
+            partitions_per_node_max: 4_096,
+        }
+    }
+}
+
+impl Limits {
+    /// Refuses limits that would make the node refuse everything or nothing.
+    pub fn validate(&self, batch_bytes_max: usize) -> Result<(), BrokerError> {
+        let positive = [
+            ("fetch_bytes_max", self.fetch_bytes_max),
+            ("stream_in_flight_max", self.stream_in_flight_max),
+            ("streams_per_connection_max", self.streams_per_connection_max as usize),
+            ("subscribes_per_connection_max", self.subscribes_per_connection_max),
+            ("partitions_max", self.partitions_max),
+            ("partitions_per_node_max", self.partitions_per_node_max),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(BrokerError::Config(format!("{name} must be at least 1")));
+        }
+        // A budget smaller than one batch would refuse that batch forever.
+        let budgets = [
+            ("stream_in_flight_bytes_max", self.stream_in_flight_bytes_max),
+            ("in_flight_bytes_max", self.in_flight_bytes_max),
+            ("subscribe_buffer_bytes_max", self.subscribe_buffer_bytes_max),
+        ];
+        if let Some((name, _)) = budgets.iter().find(|(_, v)| *v < batch_bytes_max) {
+            return Err(BrokerError::Config(format!(
+                "{name} must be at least the largest batch ({batch_bytes_max} bytes)"
+            )));
+        }
+        if self.subscribe_buffer_bytes_max < self.fetch_bytes_max {
+            return Err(BrokerError::Config("subscribe_buffer_bytes_max must be at least fetch_bytes_max".into()));
+        }
+        Ok(())
     }
 }
 
@@ -108,7 +169,7 @@ impl BrokerConfig {
         if self.groups.offsets_partitions == 0 || self.groups.offsets_partitions > 1_000 {
             return Err(BrokerError::Config("offsets_partitions must be 1 to 1000".into()));
         }
-        Ok(())
+        self.limits.validate(self.log.batch_bytes_max())
     }
 
     /// Whether this node votes in the metadata group.

@@ -10,7 +10,8 @@ use futures_util::Stream;
 use keel_proto::v1 as pb;
 use keel_proto::v1::admin_client::AdminClient;
 use keel_raft::{GroupId, NodeId};
-use tokio::sync::{Semaphore, mpsc};
+use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span};
 
@@ -126,7 +127,7 @@ impl Api {
         let what = format!("{}/{}", request.topic, request.partition);
         let submitted = inner.submit(&request).await;
         let status = match submitted {
-            Ok(pending) => match pending.wait().await {
+            Ok((pending, _in_flight)) => match pending.wait().await {
                 Ok(appended) => {
                     return Ok(pb::ProduceResponse {
                         request_id: request.request_id,
@@ -491,8 +492,10 @@ impl pb::producer_server::Producer for Api {
         let mut inbound = request.into_inner();
         let inner = Arc::clone(&self.inner);
         let in_flight = inner.config.limits.stream_in_flight_max;
+        let bytes_max = inner.config.limits.stream_in_flight_bytes_max;
         let (tx, rx) = mpsc::channel(in_flight);
         let permits = Arc::new(Semaphore::new(in_flight));
+        let bytes = Arc::new(Semaphore::new(bytes_max));
         tokio::spawn(async move {
             // Requests are submitted to raft one by one, in arrival order, and their commits
             // awaited concurrently: pipelining without reordering a partition's batches.
@@ -508,11 +511,16 @@ impl pb::producer_server::Producer for Api {
                         return;
                     }
                 };
+                // Waiting here stops reading the stream: HTTP/2 flow control then holds the
+                // client back, so a stream holds at most its count and byte budgets.
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+                let size = u32::try_from(request.encoded_len().min(bytes_max)).unwrap_or(u32::MAX);
+                let Ok(held) = Arc::clone(&bytes).acquire_many_owned(size).await else { return };
                 let id = request.request_id;
                 let what = format!("{}/{}", request.topic, request.partition);
                 match inner.submit(&request).await {
-                    Ok(pending) => {
+                    Ok((pending, in_flight)) => {
+                        drop(request);
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let response = match pending.wait().await {
@@ -524,11 +532,13 @@ impl pb::producer_server::Producer for Api {
                                 },
                                 Err(e) => error_response(id, &append_status(&what, e)),
                             };
+                            drop((in_flight, held));
                             let _ = tx.send(Ok(response)).await;
                             drop(permit);
                         });
                     }
                     Err(status) => {
+                        drop((held, permit));
                         if tx.send(Ok(error_response(id, &status))).await.is_err() {
                             return;
                         }
@@ -560,14 +570,38 @@ impl pb::consumer_server::Consumer for Api {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let connection = request.remote_addr();
         let request = request.into_inner();
         let api = self.clone();
         // Fail fast on a bad topic or partition, before the stream starts.
         self.inner.resolve(&request.topic, request.partition)?;
-        let (tx, rx) = mpsc::channel(2);
+        let mut stopping = self.inner.stopping.subscribe();
+        if *stopping.borrow_and_update() {
+            return Err(Status::unavailable(format!("node {} is stopping", self.inner.config.node_id)));
+        }
+        let slot = SubscribeSlot::take(&self.inner, connection)?;
+        let budget = Arc::clone(&self.inner.subscribe_buffer);
+        let (tx, rx) = mpsc::channel::<Result<(pb::FetchResponse, Option<OwnedSemaphorePermit>), Status>>(2);
         tokio::spawn(async move {
+            let _slot = slot;
             let mut offset = request.offset;
             loop {
+                // Room for a whole response before fetching it: what consumers have not taken
+                // yet stays within the node's budget, however many streams are open.
+                let max_bytes = match request.max_bytes {
+                    0 => FETCH_BYTES_DEFAULT,
+                    n => n as usize,
+                }
+                .min(api.inner.config.limits.fetch_bytes_max);
+                let room = u32::try_from(max_bytes).unwrap_or(u32::MAX);
+                let permit = tokio::select! {
+                    permit = Arc::clone(&budget).acquire_many_owned(room) => match permit {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = stopping.wait_for(|s| *s) => break,
+                    _ = tx.closed() => return,
+                };
                 let fetch = pb::FetchRequest {
                     topic: request.topic.clone(),
                     partition: request.partition,
@@ -576,7 +610,10 @@ impl pb::consumer_server::Consumer for Api {
                     max_wait_ms: SUBSCRIBE_WAIT_MS,
                     format: request.format,
                 };
-                let result = api.fetch(fetch, SUBSCRIBE_WAIT_MS, 0).await;
+                let result = tokio::select! {
+                    result = api.fetch(fetch, SUBSCRIBE_WAIT_MS, 0) => result,
+                    _ = stopping.wait_for(|s| *s) => break,
+                };
                 match result {
                     Ok(response) => {
                         if response.next_offset == offset {
@@ -586,7 +623,7 @@ impl pb::consumer_server::Consumer for Api {
                             continue;
                         }
                         offset = response.next_offset;
-                        if tx.send(Ok(response)).await.is_err() {
+                        if tx.send(Ok((response, Some(permit)))).await.is_err() {
                             return;
                         }
                     }
@@ -596,8 +633,54 @@ impl pb::consumer_server::Consumer for Api {
                     }
                 }
             }
+            let stopping =
+                Status::unavailable(format!("node {} is stopping; subscribe elsewhere", api.inner.config.node_id));
+            let _ = tx.send(Err(stopping)).await;
         });
-        Ok(Response::new(channel_stream(rx)))
+        // The permit is released when the response is handed to the connection, whose own
+        // flow control then bounds what waits for the client.
+        let stream = channel_stream(rx);
+        Ok(Response::new(Box::pin(futures_util::StreamExt::map(stream, |item| {
+            item.map(|(response, _permit)| response)
+        }))))
+    }
+}
+
+/// One open Subscribe stream counted against its connection's limit while it lives.
+struct SubscribeSlot {
+    inner: Arc<Inner>,
+    connection: Option<std::net::SocketAddr>,
+}
+
+impl SubscribeSlot {
+    fn take(inner: &Arc<Inner>, connection: Option<std::net::SocketAddr>) -> Result<SubscribeSlot, Status> {
+        if let Some(addr) = connection {
+            let max = inner.config.limits.subscribes_per_connection_max;
+            let mut open = inner.subscribes.lock().unwrap_or_else(|e| e.into_inner());
+            let count = open.entry(addr).or_insert(0);
+            if *count >= max {
+                return Err(Status::resource_exhausted(format!(
+                    "{max} Subscribe streams are open on this connection (subscribes_per_connection_max); \
+                     close some or use another connection"
+                )));
+            }
+            *count += 1;
+        }
+        Ok(SubscribeSlot { inner: Arc::clone(inner), connection })
+    }
+}
+
+impl Drop for SubscribeSlot {
+    fn drop(&mut self) {
+        if let Some(addr) = self.connection {
+            let mut open = self.inner.subscribes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = open.get_mut(&addr) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(&addr);
+                }
+            }
+        }
     }
 }
 

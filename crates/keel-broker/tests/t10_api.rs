@@ -32,6 +32,22 @@ fn produce(topic: &str, partition: u32, values: &[&str]) -> pb::ProduceRequest {
     }
 }
 
+/// Produces, retrying while the partition's leader is not known yet where the request lands
+/// (a node learns of a new leader a heartbeat after node 1 may have reported it).
+async fn produce_settled(
+    producer: &mut pb::producer_client::ProducerClient<Channel>,
+    request: pb::ProduceRequest,
+) -> pb::ProduceResponse {
+    for _ in 0..100 {
+        match producer.produce(request.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    panic!("no leader for {}/{} after 5 s", request.topic, request.partition);
+}
+
 /// Waits until every partition of `topic` has a leader (as node 1 sees it).
 async fn wait_leaders(admin: &mut pb::admin_client::AdminClient<Channel>, topic: &str) -> pb::TopicDescription {
     for _ in 0..200 {
@@ -492,7 +508,7 @@ async fn every_replica_says_out_of_range_alike() {
         .unwrap();
     wait_leaders(&mut admin, "r").await;
     let mut producer = pb::producer_client::ProducerClient::new(channel(&cluster.addrs[0]).await);
-    producer.produce(produce("r", 0, &["a", "b", "c"])).await.unwrap();
+    produce_settled(&mut producer, produce("r", 0, &["a", "b", "c"])).await;
     let fetch = |offset, max_wait_ms| pb::FetchRequest {
         topic: "r".into(),
         partition: 0,
@@ -559,4 +575,108 @@ async fn retried_admin_writes_change_nothing() {
         let partitions: usize = meta.topics.values().map(|t| t.partitions.len()).sum();
         assert_eq!(meta.next_group as usize, 1 + partitions, "one group per partition, none allocated twice");
     }
+}
+
+/// Issue 12 item 7: what one client can make a node hold is bounded — Subscribe streams per
+/// connection, partitions per node and per cluster — each refused with a clean error while the
+/// node keeps serving; and a stopping node ends its Subscribe streams instead of waiting on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_bounds_are_refused_cleanly_and_streams_end_on_stop() {
+    let cluster = common::start_configured(3, 3, |c| {
+        c.limits.subscribes_per_connection_max = 3;
+        c.limits.streams_per_connection_max = 4;
+        c.limits.partitions_per_node_max = 30;
+        c.limits.partitions_max = 50;
+    })
+    .await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    let create = |name: &str, partitions: u32, replication_factor: u32| pb::CreateTopicRequest {
+        name: name.into(),
+        partitions,
+        replication_factor,
+        config: None,
+    };
+    admin.create_topic(create("t", 1, 3)).await.unwrap();
+    let leader = wait_leaders(&mut admin, "t").await.partitions[0].leader_addr.clone();
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&leader).await);
+    produce_settled(&mut producer, produce("t", 0, &["a"])).await;
+
+    // Subscribe streams: three on one connection, the fourth refused; another connection is
+    // not affected, and closing a stream gives its slot back.
+    let subscribe = pb::SubscribeRequest { topic: "t".into(), partition: 0, offset: 0, max_bytes: 0, format: 0 };
+    let one = channel(&leader).await;
+    let mut on_one = pb::consumer_client::ConsumerClient::new(one.clone());
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut stream = on_one.subscribe(subscribe.clone()).await.unwrap().into_inner();
+        assert_eq!(stream.message().await.unwrap().unwrap().records.len(), 1);
+        open.push(stream);
+    }
+    let refused = on_one.subscribe(subscribe.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("subscribes_per_connection_max"), "{refused:?}");
+    let mut other = pb::consumer_client::ConsumerClient::new(channel(&leader).await);
+    let mut elsewhere = other.subscribe(subscribe.clone()).await.unwrap().into_inner();
+    assert_eq!(elsewhere.message().await.unwrap().unwrap().records.len(), 1);
+    // HTTP/2 streams: a fourth open stream fills the connection's four; a fifth request waits
+    // (in the client) until one closes, while other connections are served.
+    let (requests, inbound) = tokio::sync::mpsc::channel::<pb::ProduceRequest>(1);
+    let inbound = futures_util::stream::unfold(inbound, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut on_one_producer = pb::producer_client::ProducerClient::new(one.clone());
+    let held = on_one_producer.produce_stream(inbound).await.unwrap();
+    let waiting = tokio::spawn(async move { on_one_producer.produce(produce("t", 0, &["queued"])).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a fifth stream was opened on a connection limited to four");
+    producer.produce(produce("t", 0, &["elsewhere"])).await.expect("other connections are served");
+    drop((held, requests));
+    let queued = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served once a stream closed");
+    queued.unwrap().unwrap();
+    drop(open.pop());
+    let mut reopened = None;
+    for _ in 0..100 {
+        match on_one.subscribe(subscribe.clone()).await {
+            Ok(stream) => {
+                reopened = Some(stream.into_inner());
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut reopened = reopened.expect("a closed stream gives its slot back");
+    assert_eq!(reopened.message().await.unwrap().unwrap().records.len(), 3, "a, queued, elsewhere");
+
+    // Partitions: 25 more replicas on each node would pass 30 (8 of __consumer_offsets and t's
+    // are there already); 60 in all would pass the cluster's 50. Nothing is created.
+    for (request, why) in
+        [(create("wide", 25, 3), "partitions_per_node_max"), (create("many", 45, 1), "partitions_max")]
+    {
+        let status = admin.create_topic(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains(why), "{status:?}");
+    }
+    admin.create_topic(create("fits", 12, 1)).await.unwrap();
+    let grow = pb::AddPartitionsRequest { name: "fits".into(), count: 0, target_total: 100 };
+    assert_eq!(admin.add_partitions(grow).await.unwrap_err().code(), Code::ResourceExhausted);
+    let topics = admin.list_topics(pb::ListTopicsRequest {}).await.unwrap().into_inner().topics;
+    let names: Vec<_> = topics.iter().filter(|t| !t.internal).map(|t| (t.name.as_str(), t.partitions.len())).collect();
+    assert_eq!(names, [("fits", 12), ("t", 1)]);
+    producer.produce(produce("t", 0, &["last"])).await.expect("the node keeps serving");
+
+    // A stopping node ends its streams (UNAVAILABLE: subscribe elsewhere) and opens no more.
+    let stopping = cluster.brokers.iter().find(|b| cluster.addrs[b.node_id() as usize - 1] == leader).unwrap();
+    stopping.begin_shutdown();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match reopened.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends when the node stops");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert_eq!(other.subscribe(subscribe).await.unwrap_err().code(), Code::Unavailable);
 }

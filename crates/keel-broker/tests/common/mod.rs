@@ -85,7 +85,7 @@ pub async fn start_faulty(
         .unwrap();
         let routes = broker.router().unwrap();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        tokio::spawn(tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming));
+        tokio::spawn(broker.server().add_routes(routes).serve_with_incoming(incoming));
         brokers.push(broker);
     }
     for b in &brokers {
