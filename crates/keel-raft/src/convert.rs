@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
+use keel_proto::bounded;
 use keel_proto::v1 as pb;
 use keel_record::Batch;
 use openraft::EntryPayload;
@@ -71,7 +72,10 @@ pub fn batch_to_entry(batch: &Batch) -> Result<Entry, ConvertError> {
         match body.first() {
             Some(&TAG_BLANK) if body.len() == 1 => EntryPayload::Blank,
             Some(&TAG_MEMBERSHIP) => {
-                let m = pb::Membership::decode(body.slice(1..)).map_err(|e| invalid(e.to_string()))?;
+                // Counted before prost allocates it, as a request is: an empty node is 2 bytes on
+                // the wire and a 32-byte struct decoded, and an entry may hold 16 MiB.
+                let m =
+                    bounded::decode::<pb::Membership>(&body[1..]).map_err(|e| invalid(format!("membership: {e}")))?;
                 EntryPayload::Membership(membership_from_pb(m)?)
             }
             _ => return Err(invalid("unknown raft entry payload")),

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 
+use keel_proto::bounded;
 use keel_proto::v1 as pb;
 use keel_record::BatchHeader;
 use prost::Message;
@@ -102,39 +103,30 @@ impl PartitionState {
         .encode_to_vec()
     }
 
-    /// Decodes a snapshot.
+    /// Decodes a snapshot. prost would first decode every producer into a vector, a 24-byte
+    /// struct per element of as few as 2 wire bytes in a vector that doubles, so a snapshot at
+    /// the raft message limit could take gigabytes. The producers are decoded one at a time into
+    /// the map instead (the state the snapshot stands for), and the rest of the message, no
+    /// larger than the snapshot, is decoded by prost once it is counted like a request.
     pub fn decode_snapshot(bytes: &[u8]) -> Result<PartitionState, ConvertError> {
-        let s = pb::PartitionSnapshot::decode(bytes).map_err(|e| ConvertError(format!("snapshot: {e}")))?;
-        let meta = convert::snapshot_meta_from_pb(s.meta)?;
+        let mut head = Vec::new();
         let mut producers = ProducerTable::default();
-        for p in s.producers {
-            let epoch =
-                i16::try_from(p.producer_epoch).map_err(|_| ConvertError("producer epoch out of range".into()))?;
-            let mut batches: VecDeque<SequencedBatch> = p
-                .batches
-                .iter()
-                .map(|b| SequencedBatch {
-                    first_sequence: b.first_sequence,
-                    last_sequence: b.last_sequence,
-                    base_offset: b.base_offset,
-                    next_offset: b.next_offset,
-                })
-                .collect();
-            if batches.is_empty() && p.last_sequence >= 0 {
-                // Written before batches were kept: the last record alone is known, so a retry
-                // of its batch is refused as a stale duplicate rather than written again.
-                batches.push_back(SequencedBatch {
-                    first_sequence: p.last_sequence,
-                    last_sequence: p.last_sequence,
-                    base_offset: p.last_offset,
-                    next_offset: p.last_offset + 1,
-                });
+        for_each_field(bytes, |number, wire_type, field, value| {
+            if number == PRODUCERS_FIELD && wire_type == WIRE_TYPE_LEN {
+                // Bounded too: a producer's batches are a list the snapshot's sender chose.
+                let p =
+                    bounded::decode::<pb::ProducerState>(value).map_err(|e| ConvertError(format!("snapshot: {e}")))?;
+                // As prost's vector would have been read: a later entry for the same id wins.
+                let (id, entry) = producer_from_pb(&p)?;
+                producers.restore(id, entry);
+            } else {
+                head.extend_from_slice(field);
             }
-            if batches.iter().any(|b| b.first_sequence < 0 || b.last_sequence < 0 || b.next_offset <= b.base_offset) {
-                return Err(ConvertError("snapshot holds a malformed producer batch".into()));
-            }
-            producers.restore(p.producer_id, ProducerEntry { epoch, batches, last_timestamp_ms: p.last_timestamp_ms });
-        }
+            Ok(())
+        })?;
+        let s = bounded::decode::<pb::PartitionSnapshot>(&head).map_err(|e| ConvertError(format!("snapshot: {e}")))?;
+        debug_assert!(s.producers.is_empty(), "every producer was split off before prost decoded the rest");
+        let meta = convert::snapshot_meta_from_pb(s.meta)?;
         if s.log_start_offset > s.next_offset {
             return Err(ConvertError("snapshot log start is after its end".into()));
         }
@@ -151,6 +143,90 @@ impl PartitionState {
     pub fn snapshot_meta(&self) -> SnapshotMeta {
         SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone() }
     }
+}
+
+/// A snapshot's producer entry.
+fn producer_from_pb(p: &pb::ProducerState) -> Result<(i64, ProducerEntry), ConvertError> {
+    let epoch = i16::try_from(p.producer_epoch).map_err(|_| ConvertError("producer epoch out of range".into()))?;
+    let mut batches: VecDeque<SequencedBatch> = p
+        .batches
+        .iter()
+        .map(|b| SequencedBatch {
+            first_sequence: b.first_sequence,
+            last_sequence: b.last_sequence,
+            base_offset: b.base_offset,
+            next_offset: b.next_offset,
+        })
+        .collect();
+    if batches.is_empty() && p.last_sequence >= 0 {
+        // Written before batches were kept: the last record alone is known, so a retry of its
+        // batch is refused as a stale duplicate rather than written again.
+        batches.push_back(SequencedBatch {
+            first_sequence: p.last_sequence,
+            last_sequence: p.last_sequence,
+            base_offset: p.last_offset,
+            next_offset: p.last_offset.saturating_add(1),
+        });
+    }
+    if batches.iter().any(|b| b.first_sequence < 0 || b.last_sequence < 0 || b.next_offset <= b.base_offset) {
+        return Err(ConvertError("snapshot holds a malformed producer batch".into()));
+    }
+    Ok((p.producer_id, ProducerEntry { epoch, batches, last_timestamp_ms: p.last_timestamp_ms }))
+}
+
+/// Field number of `PartitionSnapshot.producers`.
+const PRODUCERS_FIELD: u32 = 4;
+/// The protobuf wire type of length-delimited fields (messages, strings, bytes).
+const WIRE_TYPE_LEN: u8 = 2;
+
+/// Calls `f` with each top-level field of the encoded message `buf`, in order: its number, its
+/// wire type, the bytes of the whole field (key included) and those of its value. Groups (wire
+/// types 3 and 4, deprecated and never written by Keel) are refused.
+fn for_each_field(
+    buf: &[u8],
+    mut f: impl FnMut(u32, u8, &[u8], &[u8]) -> Result<(), ConvertError>,
+) -> Result<(), ConvertError> {
+    let malformed = |what: &str| ConvertError(format!("snapshot: {what}"));
+    let mut pos = 0;
+    while pos < buf.len() {
+        let start = pos;
+        let key = read_varint(buf, &mut pos).ok_or_else(|| malformed("truncated field key"))?;
+        let number = u32::try_from(key >> 3).map_err(|_| malformed("field number overflows"))?;
+        let wire_type = (key & 7) as u8;
+        let span = |from: usize, len: usize| from.checked_add(len).filter(|&end| end <= buf.len()).map(|end| from..end);
+        let value = match wire_type {
+            0 => {
+                let from = pos;
+                read_varint(buf, &mut pos).ok_or_else(|| malformed("truncated varint"))?;
+                from..pos
+            }
+            1 => span(pos, 8).ok_or_else(|| malformed("truncated fixed64"))?,
+            5 => span(pos, 4).ok_or_else(|| malformed("truncated fixed32"))?,
+            WIRE_TYPE_LEN => {
+                let len = read_varint(buf, &mut pos).ok_or_else(|| malformed("truncated length"))?;
+                let len = usize::try_from(len).map_err(|_| malformed("length overflows"))?;
+                span(pos, len).ok_or_else(|| malformed("field runs past the end"))?
+            }
+            _ => return Err(malformed("a wire type snapshots do not use")),
+        };
+        pos = value.end;
+        f(number, wire_type, &buf[start..pos], &buf[value])?;
+    }
+    Ok(())
+}
+
+/// Reads a protobuf varint at `*pos`, advancing it; `None` if it is truncated or too long.
+fn read_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*pos)?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -188,6 +264,39 @@ mod tests {
         let mut s = PartitionState::default();
         s.apply_blank(log_id(1, 1));
         s.apply_blank(log_id(1, 3));
+    }
+
+    #[test]
+    fn producers_decoded_one_by_one_read_as_prost_would() {
+        let mut s = PartitionState { next_offset: 50, ..Default::default() };
+        let entry = |epoch, first_sequence, last_sequence, base_offset| ProducerEntry {
+            epoch,
+            batches: [SequencedBatch { first_sequence, last_sequence, base_offset, next_offset: base_offset + 1 }]
+                .into(),
+            last_timestamp_ms: 0,
+        };
+        s.producers.restore(3, entry(1, 4, 4, 20));
+        let mut bytes = s.encode_snapshot();
+        // A later entry for the same producer, then one for another: the later entry wins.
+        let state = |producer_id, producer_epoch, last_sequence, last_offset| pb::ProducerState {
+            producer_id,
+            producer_epoch,
+            last_sequence,
+            last_offset,
+            ..Default::default()
+        };
+        for p in [state(3, 2, 9, 40), state(8, 0, 0, 41)] {
+            bytes.push((PRODUCERS_FIELD << 3) as u8 | WIRE_TYPE_LEN);
+            p.encode_length_delimited(&mut bytes).unwrap();
+        }
+        let back = PartitionState::decode_snapshot(&bytes).unwrap();
+        assert_eq!(back.producers.get(3), Some(&entry(2, 9, 9, 40)));
+        assert_eq!(back.producers.len(), 2);
+        assert_eq!(back.next_offset, 50);
+        for cut in 0..bytes.len() {
+            // Every strict prefix either decodes to fewer producers or is refused; none panics.
+            let _ = PartitionState::decode_snapshot(&bytes[..cut]);
+        }
     }
 
     #[test]

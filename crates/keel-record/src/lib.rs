@@ -24,7 +24,8 @@
 //! The CRC sits right after the length, so it covers the fields the leader stamps (base offset,
 //! raft term and index): a flipped bit anywhere in a batch is caught, not only in its records.
 //! Each record is `length, attributes, timestamp delta, offset delta, key, value, headers` with
-//! zigzag varints, as in Kafka's v2 format. Offset deltas are dense: record i has delta i.
+//! zigzag varints, as in Kafka's v2 format. Offset deltas are dense: record i has delta i. A
+//! record carries at most [`RECORD_HEADERS_MAX`] headers.
 //!
 //! Decoding never panics on any input and never allocates more than the input justifies: reads
 //! are slices of the input `Bytes` (zero-copy), and every length is checked against the bytes
@@ -53,6 +54,10 @@ pub use varint::{get_varint, get_varlong, put_varlong, varlong_len};
 pub const HEADER_LEN: usize = 69;
 /// Largest encoded batch this format accepts, in bytes (a hard limit above any configured one).
 pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Most headers one record may carry. A decoded header takes 64 bytes and as few as 2 on the
+/// wire, so without a cap one batch at [`BATCH_BYTES_MAX`] would decode into 512 MiB of headers;
+/// with it, decoding a record allocates at most 64 KiB whatever its size.
+pub const RECORD_HEADERS_MAX: usize = 1024;
 /// Current format version.
 pub const MAGIC: u8 = 1;
 /// Bytes of the `length` field that precedes everything else.
@@ -457,7 +462,11 @@ impl Records<'_> {
         let header_count = get_varint(&bytes[..record_end], &mut self.pos)?;
         let header_count =
             usize::try_from(header_count).map_err(|_| DecodeError::Malformed("negative header count"))?;
-        // Each header takes at least 2 bytes: bound the allocation by the bytes present.
+        // Each header takes at least 2 bytes, and a record at most RECORD_HEADERS_MAX of them:
+        // both are checked before the headers are allocated.
+        if header_count > RECORD_HEADERS_MAX {
+            return Err(DecodeError::Malformed("more headers than a record may carry (RECORD_HEADERS_MAX)"));
+        }
         if header_count > (record_end - self.pos) / 2 {
             return Err(DecodeError::Malformed("header count larger than the record can hold"));
         }
@@ -628,6 +637,9 @@ impl BatchBuilder {
     /// Appends a record, or returns `TooLarge` (and leaves the builder unchanged) if it does
     /// not fit. The first record's timestamp is the batch's first timestamp.
     pub fn push(&mut self, record: NewRecord<'_>) -> Result<(), EncodeError> {
+        if record.headers.len() > RECORD_HEADERS_MAX {
+            return Err(EncodeError::Invalid("a record carries more headers than RECORD_HEADERS_MAX (1024)"));
+        }
         if self.count == 0 {
             self.first_timestamp_ms = record.timestamp_ms;
             self.max_timestamp_ms = record.timestamp_ms;

@@ -118,6 +118,18 @@ fn builder_respects_its_limit() {
 }
 
 #[test]
+fn builder_refuses_more_headers_than_a_record_may_carry() {
+    let headers: Vec<(&str, Option<&[u8]>)> = vec![("h", None); RECORD_HEADERS_MAX + 1];
+    let mut b = BatchBuilder::new(BATCH_BYTES_MAX);
+    let err = b.push(NewRecord { timestamp_ms: 1, headers: &headers, ..Default::default() }).unwrap_err();
+    assert!(matches!(err, EncodeError::Invalid(_)), "{err:?}");
+    assert!(b.is_empty(), "a refused record leaves the builder unchanged");
+    b.push(NewRecord { timestamp_ms: 1, headers: &headers[..RECORD_HEADERS_MAX], ..Default::default() }).unwrap();
+    let batch = Batch::from_bytes(b.build()).unwrap();
+    batch.validate_records().unwrap();
+}
+
+#[test]
 fn batches_iterates_back_to_back() {
     let mut all = sample().to_vec();
     all.extend_from_slice(&raft_entry(b"", 1, 1, 3).unwrap());

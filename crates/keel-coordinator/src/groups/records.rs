@@ -144,6 +144,8 @@ const META: u8 = b'g';
 const MEMBER: u8 = b'm';
 const TARGET: u8 = b't';
 const OFFSET: u8 = b'o';
+/// Parts of a key after its kind: group, topic, partition at most.
+const KEY_PARTS_MAX: usize = 3;
 
 fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
@@ -185,7 +187,9 @@ impl GroupRecord {
         let (&kind, rest) = record.key.split_first().ok_or("empty key")?;
         let rest = rest.strip_prefix(&[0u8]).ok_or("key has no group")?;
         let text = std::str::from_utf8(rest).map_err(|_| "key is not UTF-8".to_owned())?;
-        let parts: Vec<&str> = text.split('\0').collect();
+        // One split more than a key may have is enough to tell it has too many: a key of many
+        // separators must not become a vector of as many slices.
+        let parts: Vec<&str> = text.splitn(KEY_PARTS_MAX + 1, '\0').collect();
         fn parse<T: for<'a> Deserialize<'a>>(v: &Option<Vec<u8>>) -> Result<Option<T>, String> {
             v.as_deref().map(|b| serde_json::from_slice(b).map_err(|e| format!("bad value: {e}"))).transpose()
         }
@@ -197,6 +201,7 @@ impl GroupRecord {
                 let partition = p.parse().map_err(|_| format!("bad partition {p:?}"))?;
                 Ok(GroupRecord::Offset((*g).to_owned(), Tp::new(*t, partition), parse(&record.value)?))
             }
+            _ if parts.len() > KEY_PARTS_MAX => Err(format!("key of kind {kind} has more than {KEY_PARTS_MAX} parts")),
             _ => Err(format!("unknown key kind {kind} with {} parts", parts.len())),
         }
     }

@@ -1,0 +1,341 @@
+//! Fuzz targets for what a raft node decodes from its peers and its own files: each raft request
+//! (AppendEntries, Vote and PreVote, InstallSnapshot, TransferLeader) through the bounded decode
+//! and the conversions its handler runs (`convert::*_from_pb`, the entries' batches and their
+//! membership payloads, the snapshot data); the TransferLeader answer a peer sends back; the vote
+//! file (`convert::decode_vote`), the purge mark (a `LogId`) and the snapshot file
+//! (`PartitionState::decode_snapshot`). Each must not panic, must fail with a typed error, and must
+//! not allocate more than its wire bytes and its element count justify.
+//!
+//! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
+//! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
+//! longer campaign, in the debug profile that keeps the debug assertions:
+//! `PROPTEST_CASES=100000 cargo test -p keel-raft --test fuzz_decoders`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, measure, mutate, mutations};
+use keel_proto::bounded::{self, REQUEST_ELEMENTS_MAX};
+use keel_proto::v1 as pb;
+use keel_raft::Node;
+use keel_raft::convert;
+use keel_raft::producers::{ProducerEntry, ProducerTable, SequencedBatch};
+use keel_raft::state_machine::PartitionState;
+use keel_raft::types::{Membership, StoredMembership, log_id};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseResult;
+use prost::{Message, Name};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// What decoding and converting may allocate per element the schema walk counts (a node, a voter
+/// set, a voter, a producer, an entry): prost's struct of at most 32 bytes, four times over (a
+/// vector that doubles from a capacity of 4 and holds its old buffer while it moves), then the
+/// converted form, a B-tree entry of at most 40 bytes with its share of a node, which openraft's
+/// membership checks may copy once: 128 + 2 × 64 bytes.
+const ELEMENT_BYTES: usize = 256;
+
+/// Wire bytes are copied at most twice (prost copies strings and bytes; an entry's batch is kept
+/// as it arrived); the fixed part covers openraft's and prost's first allocations and error text.
+fn raft_bound(elements: usize) -> AllocBound {
+    AllocBound { bytes_per_input_byte: 3, bytes_fixed: 16 * 1024 + ELEMENT_BYTES * elements }
+}
+
+/// Elements the schema walk counts in `buf` as the message `name`, capped at the limit above
+/// which a decoder must refuse: the cap is what bounds a refused decode.
+fn elements(name: &str, buf: &[u8]) -> usize {
+    bounded::check(name, buf, usize::MAX).unwrap_or(0).min(REQUEST_ELEMENTS_MAX)
+}
+
+fn check_within<T>(what: &str, name: &str, buf: &[u8], decode: impl FnOnce() -> T) -> Result<T, TestCaseError> {
+    raft_bound(elements(name, buf)).check(what, buf.len(), decode)
+}
+
+/// The server side of each raft RPC: the bounded decode, then what its handler converts.
+fn serve(name: &str, buf: &[u8]) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    if name == pb::AppendEntriesRequest::full_name() {
+        let r = bounded::decode::<pb::AppendEntriesRequest>(buf).map_err(|x| e(&x))?;
+        convert::vote_from_pb(r.vote.as_ref()).map_err(|x| e(&x))?;
+        let _ = r.prev_log_id.as_ref().map(convert::log_id_from_pb);
+        let _ = r.leader_commit.as_ref().map(convert::log_id_from_pb);
+        convert::entries_from_pb(r.entries).map_err(|x| e(&x))?;
+    } else if name == pb::VoteRequest::full_name() {
+        let r = bounded::decode::<pb::VoteRequest>(buf).map_err(|x| e(&x))?;
+        convert::vote_from_pb(r.vote.as_ref()).map_err(|x| e(&x))?;
+        let _ = r.last_log_id.as_ref().map(convert::log_id_from_pb);
+    } else if name == pb::InstallSnapshotRequest::full_name() {
+        let r = bounded::decode::<pb::InstallSnapshotRequest>(buf).map_err(|x| e(&x))?;
+        convert::vote_from_pb(r.vote.as_ref()).map_err(|x| e(&x))?;
+        convert::snapshot_meta_from_pb(r.meta).map_err(|x| e(&x))?;
+        // The state machine decodes the data when it installs the snapshot.
+        PartitionState::decode_snapshot(&r.data).map_err(|x| e(&x))?;
+    } else if name == pb::TransferLeaderRequest::full_name() {
+        let r = bounded::decode::<pb::TransferLeaderRequest>(buf).map_err(|x| e(&x))?;
+        convert::transfer_leader_from_pb(&r).map_err(|x| e(&x))?;
+    } else {
+        return Err(format!("no handler for {name}"));
+    }
+    Ok(())
+}
+
+fn check_request(name: &str, buf: &[u8]) -> TestCaseResult {
+    // The request's own elements, plus those inside its entries and snapshot data, which the
+    // walk of the request sees only as bytes.
+    let mut n = elements(name, buf);
+    if let Ok(r) = pb::AppendEntriesRequest::decode(buf)
+        && name == pb::AppendEntriesRequest::full_name()
+    {
+        n += r
+            .entries
+            .iter()
+            .map(|b| elements(&pb::Membership::full_name(), b.get(HEADER_AND_TAG..).unwrap_or(&[])))
+            .sum::<usize>();
+    }
+    if let Ok(r) = pb::InstallSnapshotRequest::decode(buf)
+        && name == pb::InstallSnapshotRequest::full_name()
+    {
+        n += elements(&pb::PartitionSnapshot::full_name(), &r.data);
+    }
+    // Refusal is the expected outcome for most damaged requests; what matters is how.
+    let _served = raft_bound(n).check(name, buf.len(), || serve(name, buf))?;
+    Ok(())
+}
+
+/// Where a membership payload starts in a raft-only batch: after the batch header and the tag.
+const HEADER_AND_TAG: usize = keel_record::HEADER_LEN + 1;
+
+fn membership() -> Membership {
+    let nodes: BTreeMap<u64, Node> =
+        [(1, Node { addr: "a:1".into() }), (2, Node { addr: "b:2".into() }), (3, Node { addr: "c:3".into() })].into();
+    Membership::new(vec![[1, 2, 3].into(), [2, 3].into()], nodes).unwrap()
+}
+
+fn membership_entry() -> Vec<u8> {
+    let mut payload = vec![1u8];
+    convert::membership_to_pb(&membership()).encode(&mut payload).unwrap();
+    keel_record::raft_entry(&payload, 4, 17, 100).unwrap().to_vec()
+}
+
+fn data_entry() -> Vec<u8> {
+    let mut b = keel_record::BatchBuilder::new(1 << 16);
+    b.push(keel_record::NewRecord { timestamp_ms: 5, value: Some(b"v"), ..Default::default() }).unwrap();
+    let mut buf = b.build().to_vec();
+    keel_record::stamp(&mut buf, 100, 4, 18).unwrap();
+    buf
+}
+
+fn snapshot() -> Vec<u8> {
+    let mut s = PartitionState {
+        last_applied: Some(log_id(4, 40)),
+        membership: StoredMembership::new(Some(log_id(1, 0)), membership()),
+        next_offset: 900,
+        log_start_offset: 100,
+        producers: ProducerTable::default(),
+    };
+    for id in 1..=5 {
+        let last = SequencedBatch {
+            first_sequence: 5,
+            last_sequence: 9,
+            base_offset: 795 + id as u64,
+            next_offset: 800 + id as u64,
+        };
+        s.producers.restore(id, ProducerEntry { epoch: 1, batches: [last].into(), last_timestamp_ms: 1_000 });
+    }
+    s.encode_snapshot()
+}
+
+fn request_seeds() -> Vec<(String, Vec<u8>)> {
+    let vote = Some(pb::Vote { term: 4, node_id: 2, committed: true });
+    let id = Some(pb::LogId { term: 4, index: 16 });
+    let meta = convert::snapshot_meta_to_pb(&PartitionState::decode_snapshot(&snapshot()).unwrap().snapshot_meta());
+    let enc = |name: String, m: &dyn Fn() -> Vec<u8>| (name, m());
+    vec![
+        enc(pb::AppendEntriesRequest::full_name(), &|| {
+            pb::AppendEntriesRequest {
+                group_id: 3,
+                vote,
+                prev_log_id: id,
+                entries: vec![
+                    Bytes::from(membership_entry()),
+                    Bytes::from(data_entry()),
+                    keel_record::raft_entry(&[0], 4, 19, 101).unwrap(),
+                ],
+                leader_commit: id,
+            }
+            .encode_to_vec()
+        }),
+        enc(pb::VoteRequest::full_name(), &|| {
+            pb::VoteRequest { group_id: 3, vote, last_log_id: id, leadership_transfer: false }.encode_to_vec()
+        }),
+        enc(pb::InstallSnapshotRequest::full_name(), &|| {
+            pb::InstallSnapshotRequest { group_id: 3, vote, meta: Some(meta.clone()), data: Bytes::from(snapshot()) }
+                .encode_to_vec()
+        }),
+        enc(pb::TransferLeaderRequest::full_name(), &|| {
+            pb::TransferLeaderRequest { group_id: 3, from_leader: vote, to_node_id: 1, last_log_id: id }.encode_to_vec()
+        }),
+    ]
+}
+
+/// Makes a damaged batch verify again (length and CRC), so that the damage reaches the payload.
+fn reseal(mut b: Vec<u8>) -> Vec<u8> {
+    if b.len() >= 8 {
+        let len = (b.len() - 4) as u32;
+        b[..4].copy_from_slice(&len.to_be_bytes());
+        let crc = crc32fast::hash(&b[8..]);
+        b[4..8].copy_from_slice(&crc.to_be_bytes());
+    }
+    b
+}
+
+fn check_entry(entry: &[u8]) -> TestCaseResult {
+    let n = elements(&pb::Membership::full_name(), entry.get(HEADER_AND_TAG..).unwrap_or(&[]));
+    let entry = Bytes::copy_from_slice(entry);
+    let len = entry.len();
+    let converted = raft_bound(n).check("entries_from_pb", len, || convert::entries_from_pb(vec![entry]))?;
+    if let Ok(entries) = converted {
+        prop_assert_eq!(entries.len(), 1);
+        // What converts back is what arrived, up to the offset the follower stamps itself.
+        let again = convert::entries_to_pb(&entries).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(convert::entries_from_pb(again).map_err(|e| TestCaseError::fail(e.to_string()))?, entries);
+    }
+    Ok(())
+}
+
+fn check_snapshot(bytes: &[u8]) -> TestCaseResult {
+    let state = check_within("decode_snapshot", &pb::PartitionSnapshot::full_name(), bytes, || {
+        PartitionState::decode_snapshot(bytes)
+    })?;
+    if let Ok(s) = state {
+        prop_assert!(s.log_start_offset <= s.next_offset);
+        prop_assert_eq!(PartitionState::decode_snapshot(&s.encode_snapshot()).ok(), Some(s));
+    }
+    Ok(())
+}
+
+fn check_small_files(bytes: &[u8]) -> TestCaseResult {
+    let vote = check_within("decode_vote", &pb::Vote::full_name(), bytes, || convert::decode_vote(bytes))?;
+    if let Ok(v) = vote {
+        prop_assert_eq!(convert::decode_vote(&convert::encode_vote(&v)).ok(), Some(v));
+    }
+    check_within("purge mark", &pb::LogId::full_name(), bytes, || pb::LogId::decode(bytes))?.ok();
+    let answer = check_within("transfer-leader answer", &pb::TransferLeaderResponse::full_name(), bytes, || {
+        pb::TransferLeaderResponse::decode(bytes).map(convert::transfer_leader_response_from_pb)
+    })?;
+    drop(answer);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(keel_fuzzkit::config(8000))]
+
+    #[test]
+    fn fuzz_arbitrary_requests(
+        name in proptest::sample::select(request_seeds().into_iter().map(|(n, _)| n).collect::<Vec<_>>()),
+        input in arbitrary_bytes(256),
+    ) {
+        check_request(&name, &input)?;
+    }
+
+    #[test]
+    fn fuzz_damaged_requests((name, seed) in proptest::sample::select(request_seeds()), m in mutations()) {
+        check_request(&name, &mutate(&seed, &m))?;
+    }
+
+    #[test]
+    fn fuzz_damaged_entries(
+        seed in proptest::sample::select(vec![membership_entry(), data_entry()]),
+        m in mutations(),
+        resealed in any::<bool>(),
+    ) {
+        let damaged = mutate(&seed, &m);
+        check_entry(&if resealed { reseal(damaged) } else { damaged })?;
+    }
+
+    #[test]
+    fn fuzz_damaged_membership_payloads(m in mutations()) {
+        // Damage only the encoded membership, inside a batch that verifies.
+        let mut payload = vec![1u8];
+        convert::membership_to_pb(&membership()).encode(&mut payload).unwrap();
+        let damaged = [&payload[..1], &mutate(&payload[1..], &m)[..]].concat();
+        check_entry(&keel_record::raft_entry(&damaged, 4, 17, 100).unwrap())?;
+    }
+
+    #[test]
+    fn fuzz_snapshots(input in prop_oneof![arbitrary_bytes(256), mutations().prop_map(|m| mutate(&snapshot(), &m))]) {
+        check_snapshot(&input)?;
+    }
+
+    #[test]
+    fn fuzz_vote_purge_mark_and_transfer_answer(input in prop_oneof![
+        arbitrary_bytes(64),
+        mutations().prop_map(|m| mutate(&convert::encode_vote(&convert::vote_from_pb(Some(&pb::Vote { term: 9, node_id: 3, committed: true })).unwrap()), &m)),
+        mutations().prop_map(|m| mutate(&pb::TransferLeaderResponse {
+            rejected: Some(pb::transfer_leader_response::Rejected::LogNotFlushed(pb::LogNotFlushed {
+                expected: Some(pb::LogId { term: 1, index: 2 }),
+                actual: None,
+            })),
+        }.encode_to_vec(), &m)),
+    ]) {
+        check_small_files(&input)?;
+    }
+}
+
+#[test]
+fn counting_allocator_is_installed() {
+    assert_counting();
+}
+
+#[test]
+fn every_seed_is_served() {
+    for (name, bytes) in request_seeds() {
+        serve(&name, &bytes).unwrap();
+    }
+    assert_eq!(convert::entries_from_pb(vec![Bytes::from(membership_entry())]).unwrap().len(), 1);
+    PartitionState::decode_snapshot(&snapshot()).unwrap();
+}
+
+/// A membership payload of `count` empty nodes (2 bytes each on the wire).
+fn membership_of_empty_nodes(count: usize) -> Vec<u8> {
+    let payload = [&[1u8][..], &[0x12, 0].repeat(count)].concat();
+    keel_record::raft_entry(&payload, 4, 17, 100).unwrap().to_vec()
+}
+
+/// Regression (fuzz finding): the membership inside a raft entry was decoded by prost with no
+/// bound: each 2-byte empty node became a 32-byte struct in a vector that doubles, so one 16 MiB
+/// entry in an AppendEntries allocated ~600 MiB (37 bytes per wire byte, measured). It is now counted first, like a request.
+#[test]
+fn a_membership_of_many_empty_nodes_is_refused_before_it_is_allocated() {
+    let entry = Bytes::from(membership_of_empty_nodes(REQUEST_ELEMENTS_MAX + 1));
+    let len = entry.len();
+    // The walk's schema is built once per process, on first use: not part of this decode.
+    elements(&pb::Membership::full_name(), &[]);
+    let (converted, peak) = measure(|| convert::entries_from_pb(vec![entry]));
+    assert!(peak <= raft_bound(0).bytes_fixed, "{peak} bytes allocated for a {len}-byte entry");
+    assert!(converted.is_err());
+
+    // Found by fuzz_damaged_membership_payloads: prost allocated every node before it met the
+    // malformed byte at the end. The walk refuses it first.
+    let payload = [&[1u8][..], &[0x12, 0].repeat(10_000), &[0x0f]].concat();
+    let entry = keel_record::raft_entry(&payload, 4, 17, 100).unwrap();
+    let (converted, peak) = measure(|| convert::entries_from_pb(vec![entry]));
+    assert!(peak <= raft_bound(0).bytes_fixed, "{peak} bytes allocated before a malformed membership was refused");
+    assert!(converted.is_err());
+}
+
+/// Regression (fuzz finding): a snapshot's producers were decoded by prost into a vector of
+/// 24-byte structs, one per 2-byte element, before they became the map: a 64 MiB snapshot (the
+/// raft message limit) of empty producers allocated ~1.5 GiB (24 bytes per wire byte, measured). They are now inserted one by one.
+#[test]
+fn a_snapshot_of_many_empty_producers_stays_within_the_bound() {
+    let count = 200_000;
+    let bytes = [snapshot(), [0x22, 0].repeat(count)].concat();
+    elements(&pb::Membership::full_name(), &[]);
+    let (state, peak) = measure(|| PartitionState::decode_snapshot(&bytes));
+    let state = state.unwrap();
+    assert_eq!(state.producers.len(), 6, "empty producers are all producer 0");
+    assert!(peak <= raft_bound(0).limit(bytes.len()), "{peak} bytes allocated for a {}-byte snapshot", bytes.len());
+}
