@@ -68,9 +68,9 @@ fn produce(values: &[&[u8]]) -> pb::ProduceRequest {
     pb::ProduceRequest {
         topic: "t".into(),
         records: values.iter().map(|v| pb::Record { value: Some(v.to_vec().into()), ..Default::default() }).collect(),
-        producer_id: -1,
-        producer_epoch: -1,
-        base_sequence: -1,
+        producer_id: None,
+        producer_epoch: None,
+        base_sequence: None,
         ..Default::default()
     }
 }

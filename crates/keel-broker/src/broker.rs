@@ -996,6 +996,14 @@ impl Inner {
                     return Err(too_large(batch.bytes().len(), limit));
                 }
                 let h = batch.header();
+                if let Some(stamp) = producer_stamp(request)?
+                    && (stamp.producer_id, stamp.producer_epoch, stamp.base_sequence)
+                        != (h.producer_id, h.producer_epoch, h.base_sequence)
+                {
+                    return Err(Status::invalid_argument(
+                        "the request's producer fields do not match the batch's header; leave them out",
+                    ));
+                }
                 if h.attributes.is_raft_entry() || h.record_count == 0 {
                     return Err(Status::invalid_argument("a produced batch must hold at least one record"));
                 }
@@ -1012,13 +1020,7 @@ impl Inner {
             }
             (false, true) => {
                 let mut builder = BatchBuilder::new(limit);
-                if request.producer_id >= 0 {
-                    let stamp = keel_record::ProducerStamp {
-                        producer_id: request.producer_id,
-                        producer_epoch: i16::try_from(request.producer_epoch)
-                            .map_err(|_| Status::invalid_argument("producer_epoch out of range"))?,
-                        base_sequence: request.base_sequence,
-                    };
+                if let Some(stamp) = producer_stamp(request)? {
                     builder = builder.producer(stamp);
                 }
                 let now = self.clock.now_ms();
@@ -1141,6 +1143,27 @@ impl ByteBudget {
 pub(crate) fn is_transport_failure(status: &Status) -> bool {
     std::error::Error::source(status).is_some()
         || matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
+}
+
+/// The request's idempotent-producer stamp: none when `producer_id` is absent or -1, and then
+/// the other two must not be set either; with an id, both must be set and in range.
+fn producer_stamp(request: &pb::ProduceRequest) -> Result<Option<keel_record::ProducerStamp>, Status> {
+    match (request.producer_id, request.producer_epoch, request.base_sequence) {
+        (None | Some(-1), None | Some(-1), None | Some(-1)) => Ok(None),
+        (Some(producer_id), Some(epoch), Some(base_sequence)) if producer_id >= 0 => {
+            let producer_epoch = i16::try_from(epoch)
+                .ok()
+                .filter(|e| *e >= 0)
+                .ok_or_else(|| Status::invalid_argument("producer_epoch must be 0 to 32767"))?;
+            if base_sequence < 0 {
+                return Err(Status::invalid_argument("base_sequence must not be negative"));
+            }
+            Ok(Some(keel_record::ProducerStamp { producer_id, producer_epoch, base_sequence }))
+        }
+        _ => Err(Status::invalid_argument(
+            "an idempotent produce sets producer_id (>= 0), producer_epoch and base_sequence together",
+        )),
+    }
 }
 
 fn too_large(size: usize, limit: usize) -> Status {

@@ -26,9 +26,9 @@ fn produce(topic: &str, partition: u32, values: &[&str]) -> pb::ProduceRequest {
         partition,
         records: values.iter().map(|v| record(v)).collect(),
         batch: Default::default(),
-        producer_id: -1,
-        producer_epoch: -1,
-        base_sequence: -1,
+        producer_id: None,
+        producer_epoch: None,
+        base_sequence: None,
     }
 }
 
@@ -268,6 +268,17 @@ async fn bad_input_is_refused_and_changes_nothing() {
         (negative_time, Code::InvalidArgument),
         (empty_records, Code::ResourceExhausted),
         (many_headers, Code::ResourceExhausted),
+        // Issue 11: the producer fields come together or not at all.
+        (pb::ProduceRequest { producer_id: Some(5), ..produce("t", 0, &["a"]) }, Code::InvalidArgument),
+        (
+            pb::ProduceRequest {
+                producer_id: Some(5),
+                producer_epoch: Some(0),
+                base_sequence: Some(-3),
+                ..produce("t", 0, &["a"])
+            },
+            Code::InvalidArgument,
+        ),
     ];
     for (i, (request, code)) in cases.into_iter().enumerate() {
         let status = producer.produce(request).await.unwrap_err();
@@ -282,6 +293,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let leader = wait_leaders(&mut admin, "t").await.partitions[0].leader_addr.clone();
     let mut on_leader = pb::consumer_client::ConsumerClient::new(channel(&leader).await);
     assert_eq!(on_leader.fetch(fetch(5)).await.unwrap_err().code(), Code::OutOfRange);
+    // A request that left the producer fields out is not "producer 0" (proto3's default).
+    let stored = on_leader.fetch(pb::FetchRequest { format: 1, ..fetch(0) }).await.unwrap().into_inner();
+    let header = *keel_record::Batch::from_bytes(stored.batches[0].clone()).unwrap().header();
+    assert_eq!(header.producer_id, -1, "not idempotent");
     assert_eq!(
         consumer.fetch(pb::FetchRequest { format: 9, ..fetch(0) }).await.unwrap_err().code(),
         Code::InvalidArgument

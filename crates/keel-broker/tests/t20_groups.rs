@@ -81,9 +81,9 @@ async fn create_and_fill(cluster: &Cluster, topic: &str, partitions: u32, record
             records: (0..records)
                 .map(|i| pb::Record { value: Some(format!("{p}-{i}").into_bytes().into()), ..Default::default() })
                 .collect(),
-            producer_id: -1,
-            producer_epoch: -1,
-            base_sequence: -1,
+            producer_id: None,
+            producer_epoch: None,
+            base_sequence: None,
             ..Default::default()
         };
         for _ in 0..100 {
@@ -120,7 +120,7 @@ async fn the_offsets_topic_is_internal() {
         .produce(pb::ProduceRequest {
             topic: "__consumer_offsets".into(),
             records: vec![pb::Record { value: Some(b"x".to_vec().into()), ..Default::default() }],
-            producer_id: -1,
+            producer_id: None,
             ..Default::default()
         })
         .await;

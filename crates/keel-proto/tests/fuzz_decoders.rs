@@ -181,9 +181,9 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             partition: 1,
             records: vec![record.clone(), record, pb::Record::default()],
             batch: Bytes::new(),
-            producer_id: 5,
-            producer_epoch: 1,
-            base_sequence: 10,
+            producer_id: Some(5),
+            producer_epoch: Some(1),
+            base_sequence: Some(10),
         }),
         enc(pb::ProduceRequest { topic: "t".into(), batch: Bytes::from(vec![1u8; 80]), ..Default::default() }),
         enc(pb::FetchRequest {

@@ -20,9 +20,6 @@ use crate::error::ClientError;
 /// Where a record's outcome is sent.
 pub(crate) type Reply = oneshot::Sender<Result<RecordMetadata, ClientError>>;
 
-/// "Not idempotent" in the producer fields of a request (see keel.proto).
-const NO_PRODUCER: i64 = -1;
-
 /// The producer settings the accumulator enforces.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -371,9 +368,10 @@ impl Accumulator {
                         partition,
                         records: Vec::new(),
                         batch: batch.bytes.clone(),
-                        producer_id: NO_PRODUCER,
-                        producer_epoch: -1,
-                        base_sequence: -1,
+                        // The batch's header carries the producer stamp.
+                        producer_id: None,
+                        producer_epoch: None,
+                        base_sequence: None,
                     };
                     q.in_flight += 1;
                     self.in_flight.insert(request_id, batch);
@@ -593,7 +591,7 @@ mod tests {
         assert_eq!(d.requests.len(), 1);
         let (addr, request) = &d.requests[0];
         assert_eq!(addr, "n1:1");
-        assert_eq!((request.topic.as_str(), request.partition, request.producer_id), ("t", 0, -1));
+        assert_eq!((request.topic.as_str(), request.partition, request.producer_id), ("t", 0, None));
         assert_eq!(values(request), ["a", "b", "c"]);
     }
 
