@@ -414,10 +414,9 @@ pub fn audit(log: &[OpRecords], high_watermarks: &BTreeMap<u32, u64>) -> Result<
     for op in log {
         let before = state.clone();
         for (offset, record) in op {
-            if record.key == keel_coordinator::COMPACTED_KEY {
-                let floor = record.value.as_deref().and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes);
+            if let Some(floor) = record.compaction_floor() {
                 let floor =
-                    floor.ok_or_else(|| format!("__consumer_offsets@{offset}: a compaction record without a floor"))?;
+                    floor.map_err(|()| format!("__consumer_offsets@{offset}: a compaction record without a floor"))?;
                 if floor > *offset {
                     return Err(format!("__consumer_offsets@{offset}: a compaction floor {floor} above itself"));
                 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_coordinator::{COMPACTED_KEY, Record, Shard};
+use keel_coordinator::{Record, Shard};
 use keel_raft::types::ReadPolicy;
 use keel_raft::{AppendError, GroupId, NodeId, RaftNode};
 use keel_record::{BatchBuilder, NewRecord};
@@ -299,13 +299,9 @@ impl<S: Shard> Runtime<S> {
                     key: record.key.map(|k| k.to_vec()).unwrap_or_default(),
                     value: record.value.map(|v| v.to_vec()),
                 };
-                if r.key == COMPACTED_KEY {
-                    let below = r
-                        .value
-                        .as_deref()
-                        .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                        .map(u64::from_be_bytes)
-                        .ok_or_else(|| format!("compaction record at offset {} has no offset", record.offset))?;
+                if let Some(floor) = r.compaction_floor() {
+                    let below =
+                        floor.map_err(|()| format!("compaction record at offset {} has no offset", record.offset))?;
                     self.compacted(below);
                     continue;
                 }
@@ -380,7 +376,7 @@ impl<S: Shard> Runtime<S> {
                 }
             }
         }
-        let marker = Record { key: COMPACTED_KEY.to_vec(), value: Some(floor.to_be_bytes().to_vec()) };
+        let marker = Record::compaction(floor);
         self.run(COMPACTION_LOCK, |_| Ok::<_, ()>((vec![marker], ()))).await?;
         info!(group = self.raft_group, floor, "coordinator partition compacted");
         Ok(floor)

@@ -24,6 +24,20 @@ pub struct Record {
 /// rewritten at or above it. Shards never see it; no shard key starts with a zero byte.
 pub const COMPACTED_KEY: &[u8] = b"\0keel.compacted-below";
 
+impl Record {
+    /// The record that ends a compaction: everything below `floor` is obsolete.
+    pub fn compaction(floor: u64) -> Record {
+        Record { key: COMPACTED_KEY.to_vec(), value: Some(floor.to_be_bytes().to_vec()) }
+    }
+
+    /// `Some(Ok(floor))` for a compaction record, `Some(Err(()))` for one without a valid floor,
+    /// `None` for a shard's record.
+    pub fn compaction_floor(&self) -> Option<Result<u64, ()>> {
+        (self.key == COMPACTED_KEY)
+            .then(|| self.value.as_deref().and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).ok_or(()))
+    }
+}
+
 /// A record that cannot be replayed: the partition holds something this code did not write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("record at offset {offset} cannot be replayed: {reason}")]
