@@ -164,3 +164,60 @@ async fn abusive_requests_get_clean_errors_and_the_node_keeps_serving() {
     // MiB the unbounded paths took.
     assert!(after < before + 256, "RSS grew from {before} MiB to {after} MiB");
 }
+
+/// `keel audit` (issue 11, item 4) over records written with producer stamps: a clean topic
+/// exits 0; a duplicated batch and a gap are reported and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_audit_reports_gaps_and_duplicates() {
+    let cluster = common::Cluster::start(1, 48).await;
+    let channel = Channel::from_shared(format!("http://{}", cluster.nodes[0].addr)).unwrap().connect().await.unwrap();
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    admin
+        .create_topic(pb::CreateTopicRequest { name: "t".into(), partitions: 1, replication_factor: 1, config: None })
+        .await
+        .unwrap();
+    let stamped = |base_sequence: i32, count: usize| {
+        let values: Vec<&[u8]> = vec![b"v"; count];
+        pb::ProduceRequest {
+            producer_id: Some(7),
+            producer_epoch: Some(0),
+            base_sequence: Some(base_sequence),
+            ..produce(&values)
+        }
+        .encode_to_vec()
+    };
+    let audit = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(["audit", "t", "--output", "json", "--bootstrap", &cluster.nodes[0].addr])
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        });
+        (out.status.success(), report)
+    };
+    for _ in 0..100 {
+        if produce_raw(&channel, stamped(0, 3)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    produce_raw(&channel, stamped(3, 2)).await.unwrap();
+    produce_raw(&channel, produce(&[b"unstamped"]).encode_to_vec()).await.unwrap();
+    let (ok, report) = audit();
+    assert!(ok, "{report}");
+    let producer = &report["partitions"][0]["producers"][0];
+    assert_eq!((producer["producer_id"].as_i64(), producer["ranges"].clone()), (Some(7), serde_json::json!([[0, 5]])));
+    assert_eq!(report["partitions"][0]["unstamped_records"], 1);
+
+    // The same batch again (the broker does not deduplicate it yet, so it lands twice), then a
+    // batch after a hole.
+    produce_raw(&channel, stamped(3, 2)).await.unwrap();
+    produce_raw(&channel, stamped(10, 1)).await.unwrap();
+    let (ok, report) = audit();
+    assert!(!ok, "exit status 1 on gaps and duplicates: {report}");
+    let producer = &report["partitions"][0]["producers"][0];
+    assert_eq!(producer["duplicates"], 2, "{report}");
+    assert_eq!(producer["gaps"], serde_json::json!([[5, 10]]), "{report}");
+    assert_eq!(producer["missing"], 5);
+}

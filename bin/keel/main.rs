@@ -1,5 +1,6 @@
 //! `keel`: one binary for the node, the local dev cluster and the user tools.
 
+mod audit;
 mod bench;
 mod bench_groups;
 mod bench_net;
@@ -65,6 +66,14 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
+    /// Check a topic for lost or duplicated records: per idempotent producer, the sequences
+    /// present, the gaps between them and the duplicates (exit status 1 when it finds either).
+    Audit {
+        #[command(flatten)]
+        args: audit::AuditArgs,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
     /// The cluster's health.
     Cluster {
         #[command(subcommand)]
@@ -96,6 +105,11 @@ fn main() -> std::process::ExitCode {
         Command::Produce { args, connection } => tools::produce(args, &connection, cli.output),
         Command::Consume { args, connection } => tools::consume(args, &connection),
         Command::Group { command, connection } => group::run(command, &connection, cli.output),
+        Command::Audit { args, connection } => match audit::run(args, &connection, cli.output) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Cluster { command, connection } => match tools::cluster(command, &connection, cli.output) {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::FAILURE,

@@ -88,6 +88,20 @@ pub struct ConsumerRecord {
     pub value: Option<Bytes>,
     /// Headers, in order.
     pub headers: Vec<(String, Option<Bytes>)>,
+    /// The idempotent producer that wrote it, with the record's own sequence (what `keel audit`
+    /// checks for gaps and duplicates); `None` for records written without one.
+    pub producer: Option<RecordProducer>,
+}
+
+/// The idempotent producer stamp of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordProducer {
+    /// Producer id.
+    pub id: i64,
+    /// Producer epoch.
+    pub epoch: i16,
+    /// The record's sequence: its batch's base sequence plus its place in the batch (mod 2^31).
+    pub sequence: i32,
 }
 
 /// The answer of one [`Consumer::fetch`].
@@ -477,6 +491,14 @@ fn decode(
                     .map(|h| (String::from_utf8_lossy(&h.key).into_owned(), h.value))
                     .collect();
                 let offset = record.offset;
+                let producer = (header.producer_id >= 0 && header.base_sequence >= 0).then(|| {
+                    let sequence = (i64::from(header.base_sequence) + (offset - header.base_offset) as i64) % (1 << 31);
+                    RecordProducer {
+                        id: header.producer_id,
+                        epoch: header.producer_epoch,
+                        sequence: i32::try_from(sequence).unwrap_or(0),
+                    }
+                });
                 let record = ConsumerRecord {
                     topic: topic.to_owned(),
                     partition,
@@ -485,6 +507,7 @@ fn decode(
                     key: record.key,
                     value: record.value,
                     headers,
+                    producer,
                 };
                 take(offset, record, &mut next)?;
             }
@@ -500,6 +523,8 @@ fn decode(
             key: r.key.clone(),
             value: r.value.clone(),
             headers: r.headers.iter().map(|h| (h.key.clone(), h.value.clone())).collect(),
+            // The decoded-records format does not carry producer stamps.
+            producer: None,
         };
         take(r.offset, record, &mut next)?;
     }

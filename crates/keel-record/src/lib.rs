@@ -39,6 +39,7 @@ compile_error!(
     "keel must be built with --cfg tokio_unstable: keep .cargo/config.toml, or add `--cfg tokio_unstable` to RUSTFLAGS"
 );
 
+pub mod audit;
 mod varint;
 
 /// The FNV-1a 64-bit hash of `bytes` (offset basis 0xcbf29ce484222325, prime 0x100000001b3):

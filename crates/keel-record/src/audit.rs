@@ -1,0 +1,266 @@
+//! The loss audit: given a partition's records in offset order, each with the idempotent
+//! producer stamp it was written with, which sequences of each producer are there, which are
+//! missing between them (a gap: something acknowledged may be lost) and which are there twice (a
+//! duplicate). Pure and streaming: memory grows with the number of producers and of holes, not
+//! of records. `keel audit` and the Admin API use it.
+
+use std::collections::BTreeMap;
+
+/// Sequences count modulo 2^31.
+const MODULUS: i64 = 1 << 31;
+
+/// Duplicates listed per producer and epoch (all are counted).
+const LISTED_MAX: usize = 100;
+
+/// A sequence written twice, and where its copies are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duplicate {
+    /// The sequence (unwrapped: it keeps counting past 2^31).
+    pub sequence: i64,
+    /// Offset of the copy that came second (or later).
+    pub offset: u64,
+}
+
+/// What the audit found for one producer id and epoch in one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProducerAudit {
+    /// Records seen.
+    pub records: u64,
+    /// The present sequences, as half-open ranges `[start, end)` (unwrapped).
+    pub ranges: Vec<(i64, i64)>,
+    /// Missing sequences between the present ones, as half-open ranges.
+    pub gaps: Vec<(i64, i64)>,
+    /// How many records repeated a sequence already present.
+    pub duplicates: u64,
+    /// The first [`LISTED_MAX`] of them.
+    pub listed_duplicates: Vec<Duplicate>,
+    /// Offset of the first record seen.
+    pub first_offset: u64,
+    /// Offset of the last record seen.
+    pub last_offset: u64,
+}
+
+impl ProducerAudit {
+    /// Sequences missing between the first and the last present one.
+    pub fn missing(&self) -> i64 {
+        self.gaps.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tracker {
+    audit: ProducerAudit,
+    /// Present sequences: start -> end (exclusive), disjoint and not touching.
+    present: BTreeMap<i64, i64>,
+    last: Option<i64>,
+}
+
+impl Tracker {
+    /// Places a wrapped sequence on the unwrapped line, next to the last one seen.
+    fn unwrap(&self, sequence: i32) -> i64 {
+        let s = i64::from(sequence);
+        match self.last {
+            None => s,
+            Some(last) => {
+                let base = last - last.rem_euclid(MODULUS);
+                [base - MODULUS + s, base + s, base + MODULUS + s]
+                    .into_iter()
+                    .min_by_key(|u| (u - last).abs())
+                    .unwrap_or(s)
+            }
+        }
+    }
+
+    fn add(&mut self, sequence: i32, offset: u64) {
+        let u = self.unwrap(sequence);
+        self.last = Some(u);
+        let a = &mut self.audit;
+        if a.records == 0 {
+            a.first_offset = offset;
+        }
+        a.records += 1;
+        a.last_offset = offset;
+        // The range that starts at or before `u`.
+        if let Some((_, &end)) = self.present.range(..=u).next_back()
+            && u < end
+        {
+            a.duplicates += 1;
+            if a.listed_duplicates.len() < LISTED_MAX {
+                a.listed_duplicates.push(Duplicate { sequence: u, offset });
+            }
+            return;
+        }
+        let mut start = u;
+        let mut end = u + 1;
+        if let Some((&s, &e)) = self.present.range(..u).next_back()
+            && e == u
+        {
+            start = s;
+            self.present.remove(&s);
+        }
+        if let Some(&e) = self.present.get(&end) {
+            self.present.remove(&end);
+            end = e;
+        }
+        self.present.insert(start, end);
+    }
+
+    fn finish(mut self) -> ProducerAudit {
+        self.audit.ranges = self.present.iter().map(|(s, e)| (*s, *e)).collect();
+        self.audit.gaps = self.audit.ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect();
+        self.audit
+    }
+}
+
+/// Audits one partition: feed every record in offset order, then [`PartitionAudit::finish`].
+#[derive(Debug, Default)]
+pub struct PartitionAudit {
+    producers: BTreeMap<(i64, i16), Tracker>,
+    unstamped: u64,
+}
+
+/// The audit of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartitionReport {
+    /// By (producer id, epoch).
+    pub producers: BTreeMap<(i64, i16), ProducerAudit>,
+    /// Records written without an idempotent producer stamp (nothing to check them by).
+    pub unstamped: u64,
+}
+
+impl PartitionReport {
+    /// Whether any producer has a gap or a duplicate.
+    pub fn is_clean(&self) -> bool {
+        self.producers.values().all(|p| p.gaps.is_empty() && p.duplicates == 0)
+    }
+}
+
+impl PartitionAudit {
+    /// Adds one record: its offset and the stamp of its batch with its own sequence
+    /// (`base_sequence + offset - base_offset`), or `None` if its batch had no producer.
+    pub fn record(&mut self, offset: u64, stamp: Option<(i64, i16, i32)>) {
+        match stamp {
+            Some((producer_id, epoch, sequence)) if producer_id >= 0 && sequence >= 0 => {
+                self.producers.entry((producer_id, epoch)).or_default().add(sequence, offset)
+            }
+            _ => self.unstamped += 1,
+        }
+    }
+
+    /// Adds every record of a batch (its header is enough: records are dense).
+    pub fn batch(&mut self, header: &crate::BatchHeader) {
+        for i in 0..header.record_count {
+            let offset = header.base_offset + u64::from(i);
+            let stamp = (header.producer_id >= 0).then(|| {
+                let sequence = (i64::from(header.base_sequence) + i64::from(i)).rem_euclid(MODULUS);
+                (header.producer_id, header.producer_epoch, i32::try_from(sequence).unwrap_or(0))
+            });
+            self.record(offset, stamp);
+        }
+    }
+
+    /// The report.
+    pub fn finish(self) -> PartitionReport {
+        PartitionReport {
+            producers: self.producers.into_iter().map(|(k, t)| (k, t.finish())).collect(),
+            unstamped: self.unstamped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn audit(records: &[(u64, i64, i16, i32)]) -> PartitionReport {
+        let mut a = PartitionAudit::default();
+        for &(offset, pid, epoch, seq) in records {
+            a.record(offset, Some((pid, epoch, seq)));
+        }
+        a.finish()
+    }
+
+    #[test]
+    fn a_clean_log_has_one_range_per_producer() {
+        let mut a = PartitionAudit::default();
+        for i in 0..10 {
+            a.record(i, Some((1, 0, i as i32)));
+            a.record(100 + i, Some((2, 3, 50 + i as i32)));
+        }
+        a.record(500, None);
+        let r = a.finish();
+        assert!(r.is_clean());
+        assert_eq!(r.producers[&(1, 0)].ranges, [(0, 10)]);
+        assert_eq!(r.producers[&(2, 3)].ranges, [(50, 60)]);
+        assert_eq!(r.unstamped, 1);
+    }
+
+    #[test]
+    fn gaps_and_duplicates_are_found() {
+        let r = audit(&[(0, 1, 0, 0), (1, 1, 0, 1), (2, 1, 0, 5), (3, 1, 0, 1), (4, 1, 0, 2), (5, 1, 0, 6)]);
+        let p = &r.producers[&(1, 0)];
+        assert_eq!(p.ranges, [(0, 3), (5, 7)]);
+        assert_eq!(p.gaps, [(3, 5)]);
+        assert_eq!(p.missing(), 2);
+        assert_eq!(p.duplicates, 1);
+        assert_eq!(p.listed_duplicates, [Duplicate { sequence: 1, offset: 3 }]);
+        assert!(!r.is_clean());
+    }
+
+    #[test]
+    fn a_hole_filled_later_is_no_gap_and_no_duplicate() {
+        let r = audit(&[(0, 1, 0, 0), (1, 1, 0, 4), (2, 1, 0, 1), (3, 1, 0, 2), (4, 1, 0, 3)]);
+        assert!(r.is_clean(), "{r:?}");
+        assert_eq!(r.producers[&(1, 0)].ranges, [(0, 5)]);
+    }
+
+    #[test]
+    fn sequences_run_on_past_i32_max() {
+        let r = audit(&[(0, 1, 0, i32::MAX - 1), (1, 1, 0, i32::MAX), (2, 1, 0, 0), (3, 1, 0, 1)]);
+        assert!(r.is_clean(), "{r:?}");
+        let start = i64::from(i32::MAX) - 1;
+        assert_eq!(r.producers[&(1, 0)].ranges, [(start, start + 4)]);
+    }
+
+    #[test]
+    fn batches_expand_to_their_records() {
+        let mut b = crate::BatchBuilder::new(1 << 20).producer(crate::ProducerStamp {
+            producer_id: 4,
+            producer_epoch: 1,
+            base_sequence: 10,
+        });
+        for _ in 0..3 {
+            b.push(crate::NewRecord { timestamp_ms: 1, value: Some(b"v"), ..Default::default() }).unwrap();
+        }
+        let mut bytes = b.build().to_vec();
+        crate::stamp(&mut bytes, 7, 1, 1).unwrap();
+        let header = crate::check(&bytes).unwrap();
+        let mut a = PartitionAudit::default();
+        a.batch(&header);
+        a.batch(&header);
+        let p = &a.finish().producers[&(4, 1)];
+        assert_eq!((p.ranges.clone(), p.duplicates, p.first_offset, p.last_offset), (vec![(10, 13)], 3, 7, 9));
+    }
+
+    proptest! {
+        /// Any order of any multiset of sequences: the ranges cover exactly the distinct ones,
+        /// and duplicates count the repeats.
+        #[test]
+        fn ranges_and_duplicates_match_a_set(seqs in proptest::collection::vec(0i32..60, 0..120)) {
+            let records: Vec<_> = seqs.iter().enumerate().map(|(i, s)| (i as u64, 1, 0, *s)).collect();
+            let r = audit(&records);
+            let distinct: std::collections::BTreeSet<i64> = seqs.iter().map(|s| i64::from(*s)).collect();
+            if let Some(p) = r.producers.get(&(1, 0)) {
+                let covered: std::collections::BTreeSet<i64> = p.ranges.iter().flat_map(|(s, e)| *s..*e).collect();
+                prop_assert_eq!(&covered, &distinct);
+                prop_assert_eq!(p.duplicates as usize, seqs.len() - distinct.len());
+                let missing: i64 = (distinct.iter().max().unwrap() - distinct.iter().min().unwrap() + 1) - distinct.len() as i64;
+                prop_assert_eq!(p.missing(), missing);
+            } else {
+                prop_assert!(seqs.is_empty());
+            }
+        }
+    }
+}
