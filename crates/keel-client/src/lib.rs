@@ -34,6 +34,7 @@ mod admin;
 mod config;
 mod consumer;
 mod core;
+pub mod dedup;
 mod error;
 mod group;
 mod partitioner;
@@ -41,7 +42,7 @@ mod producer;
 
 pub use admin::Admin;
 pub use config::{ClientConfig, Connect, TcpConnect, parse_bootstrap};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchResult, Offset};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchResult, Offset, RecordProducer};
 pub use error::{ClientError, GROUP_REASONS, NOT_LEADER_REASON};
 pub use group::{GroupAdmin, GroupConfig, GroupConsumer, OffsetReset, RebalanceListener, TopicPartition};
 pub use keel_proto::v1::{
