@@ -3,9 +3,8 @@
 //!
 //! Workloads: `storage` (one segment log on SimDisk under power loss between and inside
 //! operations, checked by `keel_storage::testing`), `cluster` (three raft nodes under turmoil
-//! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]), `broker` (three
-//! real brokers and real clients under the same faults, checked by [`broker`]), and scripted
-//! single faults with liveness bounds ([`scenario`]: `one-way-cut`). The pieces they
+//! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]) and `broker` (three
+//! real brokers and real clients under the same faults, checked by [`broker`]). The pieces they
 //! share: the network door ([`net`]), the fault schedule ([`nemesis`]) and the invariants
 //! ([`checker`]).
 
@@ -15,7 +14,6 @@ pub mod cluster;
 pub mod groups;
 pub mod nemesis;
 pub mod net;
-pub mod scenario;
 
 use std::fmt;
 
@@ -36,9 +34,6 @@ pub enum Workload {
     BrokerGroupAckBeforeCommit,
     /// The brokers with a group coordinator that does not fence commits (a zombie's go through).
     BrokerGroupNoFencing,
-    /// A partition leader cut off one way (its messages to its followers dropped): produce must
-    /// resume at a new leader within a bound.
-    OneWayCut,
 }
 
 impl Workload {
@@ -52,7 +47,6 @@ impl Workload {
             Workload::BrokerAckBeforeFlush => "broker-ack-before-flush",
             Workload::BrokerGroupAckBeforeCommit => "broker-group-ack-before-commit",
             Workload::BrokerGroupNoFencing => "broker-group-no-fencing",
-            Workload::OneWayCut => "one-way-cut",
         }
     }
 }
@@ -218,7 +212,6 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
             };
             broker::run_broker(seed, config, trace).err()
         }
-        Workload::OneWayCut => scenario::run_one_way_cut(seed, scenario::OneWayCut::default(), trace).err(),
     }
 }
 

@@ -45,8 +45,6 @@ enum WorkloadArg {
     BrokerGroupAckBeforeCommit,
     /// The negative control: a group coordinator without epoch fencing (zombie commits pass).
     BrokerGroupNoFencing,
-    /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
-    OneWayCut,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -73,7 +71,6 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerAckBeforeFlush => Workload::BrokerAckBeforeFlush,
         WorkloadArg::BrokerGroupAckBeforeCommit => Workload::BrokerGroupAckBeforeCommit,
         WorkloadArg::BrokerGroupNoFencing => Workload::BrokerGroupNoFencing,
-        WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {
         (Some(s), _) => s..s + 1,

@@ -795,7 +795,8 @@ mod tests {
             error: Some(pb::Error {
                 code: tonic::Code::InvalidArgument as i32,
                 message: "bad".into(),
-                ..Default::default()
+                leader_id: None,
+                leader_addr: String::new(),
             }),
             ..Default::default()
         };
