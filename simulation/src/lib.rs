@@ -34,6 +34,8 @@ pub enum Workload {
     BrokerGroupAckBeforeCommit,
     /// The brokers with a group coordinator that does not fence commits (a zombie's go through).
     BrokerGroupNoFencing,
+    /// The brokers with a group coordinator whose per-group lock a cancelled request releases.
+    BrokerGroupUnlockOnCancel,
 }
 
 impl Workload {
@@ -47,6 +49,7 @@ impl Workload {
             Workload::BrokerAckBeforeFlush => "broker-ack-before-flush",
             Workload::BrokerGroupAckBeforeCommit => "broker-group-ack-before-commit",
             Workload::BrokerGroupNoFencing => "broker-group-no-fencing",
+            Workload::BrokerGroupUnlockOnCancel => "broker-group-unlock-on-cancel",
         }
     }
 }
@@ -208,6 +211,13 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
                 nemesis: false,
                 safety: std::time::Duration::from_secs(15),
                 zombie_at: Some(std::time::Duration::from_secs(20)),
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerGroupUnlockOnCancel => {
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { unlock_on_cancel: true, ..Default::default() },
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

@@ -45,6 +45,8 @@ enum WorkloadArg {
     BrokerGroupAckBeforeCommit,
     /// The negative control: a group coordinator without epoch fencing (zombie commits pass).
     BrokerGroupNoFencing,
+    /// The negative control: a group coordinator whose per-group lock a cancelled request releases.
+    BrokerGroupUnlockOnCancel,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -71,6 +73,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerAckBeforeFlush => Workload::BrokerAckBeforeFlush,
         WorkloadArg::BrokerGroupAckBeforeCommit => Workload::BrokerGroupAckBeforeCommit,
         WorkloadArg::BrokerGroupNoFencing => Workload::BrokerGroupNoFencing,
+        WorkloadArg::BrokerGroupUnlockOnCancel => Workload::BrokerGroupUnlockOnCancel,
     };
     let seeds = match (args.seed, &args.seeds) {
         (Some(s), _) => s..s + 1,

@@ -42,6 +42,9 @@ pub struct CoordinatorFaults {
     pub no_fencing: bool,
     /// Compact without rewriting the live state: trimming then loses committed offsets.
     pub compact_without_rewrite: bool,
+    /// Append in the caller's future, so a caller that goes away releases the key's lock while
+    /// its records may still commit (the bug of seeds 108 and 110).
+    pub unlock_on_cancel: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.
@@ -143,8 +146,14 @@ impl<S: Shard> Runtime<S> {
 
     /// Runs an operation on `key`: computes its records from the state, appends them, waits for
     /// their commit and replay, and returns its answer.
+    ///
+    /// Cancellation-safe: once records are handed to raft, the append is finished by a task of
+    /// its own that keeps the key's lock until their outcome is known. A caller that goes away
+    /// (a client's deadline, a dropped connection) drops only its wait; were the lock released
+    /// with it, the next operation on the key would read a state without records that still
+    /// commit, and both would be appended — e.g. two members owning one partition.
     pub(crate) async fn run<T, E>(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>,
     ) -> Result<T, RunError<E>> {
@@ -153,30 +162,55 @@ impl<S: Shard> Runtime<S> {
             let mut locks = lock(&self.locks);
             Arc::clone(locks.entry(key.to_owned()).or_default())
         };
-        let outcome = {
-            let _turn = key_lock.lock().await;
-            self.run_locked(op).await
-        };
-        drop(key_lock);
-        // Forget locks nobody waits for, so the map stays as small as the keys in use.
+        let turn = key_lock.lock_owned().await;
+        let outcome = self.run_locked(turn, op).await;
+        // Forget locks nobody holds or waits for, so the map stays as small as the keys in use.
         lock(&self.locks).retain(|_, l| Arc::strong_count(l) > 1);
         outcome
     }
 
-    async fn run_locked<T, E>(&self, op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>) -> Result<T, RunError<E>> {
+    async fn run_locked<T, E>(
+        self: &Arc<Self>,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+        op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>,
+    ) -> Result<T, RunError<E>> {
         let term = self.check_active().map_err(widen)?;
         let (records, answer) = op(&lock(&self.state)).map_err(RunError::Refused)?;
         if records.is_empty() {
             return Ok(answer);
         }
         let batch = self.encode(&records)?;
+        if self.faults.unlock_on_cancel {
+            let outcome = self.append(term, batch).await;
+            drop(turn);
+            return outcome.map(|()| answer).map_err(widen);
+        }
+        let this = Arc::clone(self);
+        let append = tokio::spawn(async move {
+            let outcome = this.append(term, batch).await;
+            drop(turn);
+            outcome
+        });
+        match append.await {
+            Ok(Ok(())) => Ok(answer),
+            Ok(Err(e)) => Err(widen(e)),
+            Err(e) => {
+                // The task panicked or its runtime is shutting down: the outcome is unknown.
+                self.deactivate(term, "an append's task ended early");
+                Err(RunError::Ambiguous(format!("the append did not finish: {e}")))
+            }
+        }
+    }
+
+    /// Appends one operation's batch and waits until it is committed and replayed.
+    async fn append(&self, term: u64, batch: bytes::Bytes) -> Result<(), RunError<std::convert::Infallible>> {
         let pending = match self.node.submit(self.raft_group, batch).await {
             Ok(p) => p,
             Err(e) => return Err(self.append_failed(term, e)),
         };
         if self.faults.ack_before_commit {
             // Negative control: the answer leaves before the quorum has the records.
-            return Ok(answer);
+            return Ok(());
         }
         let appended = match pending.wait().await {
             Ok(a) => a,
@@ -190,7 +224,7 @@ impl<S: Shard> Runtime<S> {
             self.deactivate(term, "a committed operation was not replayed in time");
             return Err(RunError::Ambiguous("the operation committed but this coordinator is behind; retry".into()));
         }
-        Ok(answer)
+        Ok(())
     }
 
     fn encode<E>(&self, records: &[Record]) -> Result<bytes::Bytes, RunError<E>> {
@@ -237,7 +271,7 @@ impl<S: Shard> Runtime<S> {
             }
         });
         if changed {
-            info!(group = self.raft_group, term, why, "coordinator stops serving");
+            info!(group = self.raft_group, me = self.me, term, why, "coordinator stops serving");
         }
     }
 
@@ -337,7 +371,7 @@ impl<S: Shard> Runtime<S> {
     /// segment boundary at or below it). A crash or leadership change part way leaves only
     /// redundant copies of live values: nothing is trimmed without the final record.
     /// Returns `floor`.
-    pub(crate) async fn compact(&self) -> Result<u64, RunError<()>> {
+    pub(crate) async fn compact(self: &Arc<Self>) -> Result<u64, RunError<()>> {
         self.check_active().map_err(widen)?;
         // Read the floor before the keys: a key created after it has all its records above it,
         // and one deleted after it has its tombstones above it.
@@ -433,7 +467,7 @@ impl<S: Shard> Runtime<S> {
         if metrics.current_leader != Some(self.me) || metrics.current_term != term {
             return Err("leadership changed while loading".into());
         }
-        info!(group = self.raft_group, term, replayed_to = hw, "coordinator active");
+        info!(group = self.raft_group, me = self.me, term, replayed_to = hw, "coordinator active");
         self.active.send_replace(Some(term));
         Ok(())
     }
