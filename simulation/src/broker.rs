@@ -48,10 +48,10 @@ pub(crate) const TOPIC: &str = "sim";
 /// Where every node keeps its data, on its own disk.
 pub(crate) const DATA_DIR: &str = "/data";
 /// Records each producer keeps unresolved at once: enough to pipeline several batches.
-const WINDOW: usize = 6;
+pub(crate) const WINDOW: usize = 6;
 /// The simulation starts at a fixed wall-clock time (turmoil's default is the real time, which
 /// would reach record timestamps and break replay).
-const EPOCH_SECS: u64 = 1_700_000_000;
+pub(crate) const EPOCH_SECS: u64 = 1_700_000_000;
 /// How often the driver samples every replica's high watermark.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 /// Liveness bounds, once every fault is healed.
@@ -137,7 +137,7 @@ impl Clock for SimClock {
 }
 
 /// The running brokers, with the boot number of each (a restarted node is a new boot).
-type Registry = Rc<RefCell<BTreeMap<NodeId, (u64, Broker)>>>;
+pub(crate) type Registry = Rc<RefCell<BTreeMap<NodeId, (u64, Broker)>>>;
 
 /// What the consumer read: values by partition and offset, the next offset it expects of each
 /// partition, and how many records it was handed.
@@ -151,17 +151,17 @@ struct ConsumerView {
 /// Everything the hosts and the driver share (one thread: turmoil runs every host on it).
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    history: Vec<Op>,
+    pub(crate) history: Vec<Op>,
     /// Trace lines not yet handed to the driver's trace.
     events: Vec<String>,
     /// Partition → raft group, once the topic exists.
-    groups: BTreeMap<u64, GroupId>,
+    pub(crate) groups: BTreeMap<u64, GroupId>,
     /// Raft group → the nodes that hold a replica of it (the metadata group included).
-    replicas: BTreeMap<GroupId, Vec<NodeId>>,
+    pub(crate) replicas: BTreeMap<GroupId, Vec<NodeId>>,
     /// Brokers in the run.
     pub(crate) nodes: u64,
     topic_ready: bool,
-    producers_done: u64,
+    pub(crate) producers_done: u64,
     consumer: ConsumerView,
     stop_consumer: bool,
     /// Broken invariants found during the run (the first one is reported).
@@ -172,6 +172,13 @@ pub(crate) struct State {
     pub(crate) members: crate::groups::GroupView,
 }
 
+impl State {
+    /// The state of a run of `nodes` brokers, the first `voters` of them metadata voters.
+    pub(crate) fn new(nodes: u64, voters: u64) -> State {
+        State { nodes, replicas: [(keel_broker::META_GROUP, (1..=voters).collect())].into(), ..State::default() }
+    }
+}
+
 pub(crate) type Shared = Rc<RefCell<State>>;
 
 pub(crate) fn log(state: &Shared, line: String) {
@@ -179,7 +186,7 @@ pub(crate) fn log(state: &Shared, line: String) {
     state.borrow_mut().events.push(format!("{now:?} {line}"));
 }
 
-fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
+pub(crate) fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
     // Every node knows the voters; the others find the rest through the metadata.
     let addr = |id: NodeId| format!("{}:{PORT}", host_name(id));
     BrokerConfig {
@@ -217,19 +224,19 @@ fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
 
 /// One node's life: start the broker on its disk, serve every gRPC service, and register it so
 /// the driver and the checker can look inside.
-async fn broker_main(
-    id: NodeId,
+pub(crate) async fn broker_main(
+    config: BrokerConfig,
     boot: u64,
     disk: SimDisk,
-    seed: u64,
     faults: Faults,
     coordinator: CoordinatorFaults,
     registry: Registry,
 ) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+    let id = config.node_id;
     let storage = StorageMode { io: IoMode::Inline, faults, coordinator };
     let broker = Broker::start_with(
-        broker_config(id, seed),
+        config,
         storage,
         Arc::new(disk) as Arc<dyn Disk>,
         Arc::new(TurmoilConnector),
@@ -255,7 +262,7 @@ pub(crate) fn client_config(seed: u64, nodes: u64) -> ClientConfig {
     config
 }
 
-fn producer_config(delivery_timeout: Duration) -> ProducerConfig {
+pub(crate) fn producer_config(delivery_timeout: Duration) -> ProducerConfig {
     ProducerConfig {
         linger: Duration::from_millis(5),
         // Below the brokers' batch limit, which the small segments set.
@@ -266,9 +273,16 @@ fn producer_config(delivery_timeout: Duration) -> ProducerConfig {
     }
 }
 
+/// Creates the topic, then commits offsets for a consumer group that stays idle all run.
+async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Result {
+    create_topic(seed, &state, &registry).await?;
+    crate::groups::commit_idle_group(&state, seed).await;
+    Ok(())
+}
+
 /// Creates the topic (an answer lost in transit makes the retry find it), then learns which
 /// raft group each partition is, white-box, for the durable-quorum check.
-async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Result {
+pub(crate) async fn create_topic(seed: u64, state: &Shared, registry: &Registry) -> turmoil::Result {
     let nodes = state.borrow().nodes;
     let admin = Admin::new(client_config(seed, nodes))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -276,7 +290,7 @@ async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Re
         match admin.create_topic(TOPIC, PARTITIONS, REPLICATION, keel_client::TopicConfig::default()).await {
             Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
             Err(e) => {
-                log(&state, format!("create topic: {e}"));
+                log(state, format!("create topic: {e}"));
                 if tokio::time::Instant::now() > deadline {
                     return Err(format!("the topic could not be created in 60 s: {e}").into());
                 }
@@ -296,8 +310,8 @@ async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Re
             ))
         });
         if let Some((partitions, offsets)) = found {
-            log(&state, format!("topic {TOPIC} created: (group, replicas) by partition {partitions:?}"));
-            log(&state, format!("__consumer_offsets/0: (group, replicas) {offsets:?}"));
+            log(state, format!("topic {TOPIC} created: (group, replicas) by partition {partitions:?}"));
+            log(state, format!("__consumer_offsets/0: (group, replicas) {offsets:?}"));
             let mut s = state.borrow_mut();
             s.groups = partitions.iter().enumerate().map(|(i, (group, _))| (i as u64, *group)).collect();
             s.replicas.extend(partitions);
@@ -308,7 +322,6 @@ async fn admin_main(seed: u64, state: Shared, registry: Registry) -> turmoil::Re
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    crate::groups::commit_idle_group(&state, seed).await;
     Ok(())
 }
 
@@ -320,7 +333,7 @@ pub(crate) async fn wait_topic(state: &Shared) {
 
 /// Records the outcome of one write, and checks white-box that an acknowledged record was on a
 /// quorum of disks, durably, when the client learnt of the ack.
-fn complete(state: &Shared, disks: &[SimDisk], index: usize, result: &Result<RecordMetadata, ClientError>) {
+pub(crate) fn complete(state: &Shared, disks: &[SimDisk], index: usize, result: &Result<RecordMetadata, ClientError>) {
     let (partition, value) = {
         let s = state.borrow();
         (s.history[index].partition, s.history[index].value.clone())
@@ -360,7 +373,7 @@ fn complete(state: &Shared, disks: &[SimDisk], index: usize, result: &Result<Rec
 }
 
 /// Appends an operation to the history; returns its index.
-fn invoke(state: &Shared, partition: u64, value: &str) -> usize {
+pub(crate) fn invoke(state: &Shared, partition: u64, value: &str) -> usize {
     log(state, format!("{value} invoke {partition}"));
     let mut s = state.borrow_mut();
     s.history.push(Op { partition, value: value.to_owned(), outcome: None });
@@ -569,7 +582,7 @@ pub(crate) async fn within(
 /// What keeps the cluster from having converged: nodes down or not ready, partitions not open on
 /// a replica (or still open on a node that is not one), replicas whose high watermark is behind
 /// another's.
-fn lagging(state: &Shared, registry: &Registry) -> Vec<String> {
+pub(crate) fn lagging(state: &Shared, registry: &Registry) -> Vec<String> {
     let (nodes, replicas) = {
         let s = state.borrow();
         (s.nodes, s.replicas.clone())
@@ -653,7 +666,7 @@ fn sample(registry: &Registry, state: &Shared, high_watermarks: &mut HighWaterma
 }
 
 /// Steps the simulation until `done`, handing trace lines over and sampling replicas as it goes.
-fn drive(
+pub(crate) fn drive(
     sim: &mut turmoil::Sim<'_>,
     ctx: &mut Driver<'_>,
     limit: Duration,
@@ -679,13 +692,13 @@ fn drive(
 }
 
 /// The driver's side of a run.
-struct Driver<'a> {
-    state: &'a Shared,
-    registry: &'a Registry,
-    disks: &'a [SimDisk],
-    trace: &'a mut dyn FnMut(String),
-    high_watermarks: HighWatermarks,
-    next_sample: Duration,
+pub(crate) struct Driver<'a> {
+    pub(crate) state: &'a Shared,
+    pub(crate) registry: &'a Registry,
+    pub(crate) disks: &'a [SimDisk],
+    pub(crate) trace: &'a mut dyn FnMut(String),
+    pub(crate) high_watermarks: HighWatermarks,
+    pub(crate) next_sample: Duration,
 }
 
 impl Driver<'_> {
@@ -714,11 +727,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     let nodes = nodes_for(seed);
     let disks: Vec<SimDisk> = (1..=nodes).map(|id| SimDisk::new(seed.wrapping_mul(31).wrapping_add(id))).collect();
     let registry: Registry = Rc::new(RefCell::new(BTreeMap::new()));
-    let state: Shared = Rc::new(RefCell::new(State {
-        nodes,
-        replicas: [(keel_broker::META_GROUP, (1..=VOTERS).collect())].into(),
-        ..State::default()
-    }));
+    let state: Shared = Rc::new(RefCell::new(State::new(nodes, VOTERS)));
     trace(format!("{nodes} nodes, {VOTERS} of them metadata voters"));
     for id in 1..=nodes {
         let (disk, registry) = (disks[(id - 1) as usize].clone(), Rc::clone(&registry));
@@ -732,7 +741,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
                 *b
             };
             let seed = seed ^ (id << 32) ^ (boot << 48);
-            broker_main(id, boot, disk.clone(), seed, faults, coordinator, Rc::clone(&registry))
+            broker_main(broker_config(id, seed), boot, disk.clone(), faults, coordinator, Rc::clone(&registry))
         });
     }
     sim.client("admin", admin_main(seed ^ 0xad, Rc::clone(&state), Rc::clone(&registry)));

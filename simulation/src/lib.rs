@@ -3,8 +3,9 @@
 //!
 //! Workloads: `storage` (one segment log on SimDisk under power loss between and inside
 //! operations, checked by `keel_storage::testing`), `cluster` (three raft nodes under turmoil
-//! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]) and `broker` (three
-//! real brokers and real clients under the same faults, checked by [`broker`]). The pieces they
+//! with crashes, whole-cluster crashes and partitions, checked by [`cluster`]), `broker` (three
+//! real brokers and real clients under the same faults, checked by [`broker`]), and scripted
+//! single faults with liveness bounds ([`scenario`]: `one-way-cut`). The pieces they
 //! share: the network door ([`net`]), the fault schedule ([`nemesis`]) and the invariants
 //! ([`checker`]).
 
@@ -14,6 +15,7 @@ pub mod cluster;
 pub mod groups;
 pub mod nemesis;
 pub mod net;
+pub mod scenario;
 
 use std::fmt;
 
@@ -36,6 +38,9 @@ pub enum Workload {
     BrokerGroupNoFencing,
     /// The brokers with a group coordinator whose per-group lock a cancelled request releases.
     BrokerGroupUnlockOnCancel,
+    /// A partition leader cut off one way (its messages to its followers dropped): produce must
+    /// resume at a new leader within a bound.
+    OneWayCut,
 }
 
 impl Workload {
@@ -50,6 +55,7 @@ impl Workload {
             Workload::BrokerGroupAckBeforeCommit => "broker-group-ack-before-commit",
             Workload::BrokerGroupNoFencing => "broker-group-no-fencing",
             Workload::BrokerGroupUnlockOnCancel => "broker-group-unlock-on-cancel",
+            Workload::OneWayCut => "one-way-cut",
         }
     }
 }
@@ -222,6 +228,7 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
             };
             broker::run_broker(seed, config, trace).err()
         }
+        Workload::OneWayCut => scenario::run_one_way_cut(seed, scenario::OneWayCut::default(), trace).err(),
     }
 }
 

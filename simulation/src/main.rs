@@ -47,6 +47,8 @@ enum WorkloadArg {
     BrokerGroupNoFencing,
     /// The negative control: a group coordinator whose per-group lock a cancelled request releases.
     BrokerGroupUnlockOnCancel,
+    /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
+    OneWayCut,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
@@ -74,6 +76,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerGroupAckBeforeCommit => Workload::BrokerGroupAckBeforeCommit,
         WorkloadArg::BrokerGroupNoFencing => Workload::BrokerGroupNoFencing,
         WorkloadArg::BrokerGroupUnlockOnCancel => Workload::BrokerGroupUnlockOnCancel,
+        WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {
         (Some(s), _) => s..s + 1,

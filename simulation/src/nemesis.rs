@@ -1,7 +1,8 @@
 //! The nemesis: faults drawn from the run's seed and injected between simulation steps, one at a
 //! time, each healed after a while. Crashes (one node or all at once, the disk keeping only what
 //! was flushed), isolation of a node or of a partition's leader, repeated isolation of whoever
-//! leads a partition next, bridges, one-way cuts, and a slow network that reorders messages.
+//! leads a partition next, bridges, one-way cuts (between two nodes, or of everything a
+//! partition's leader sends), and a slow network that reorders messages.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -243,11 +244,27 @@ impl Nemesis {
                 trace(format!("{now:?} partition {small:?} from {large:?}"));
                 self.split(sim, small, large);
             }
-            2 => {
+            2 if self.rng.random_bool(0.5) => {
                 let (a, b) = (self.rng.random_range(1..=nodes), self.rng.random_range(1..=nodes));
                 if a != b {
                     trace(format!("{now:?} cut n{a} from n{b} one way"));
                     sim.partition_oneway(host_name(a), host_name(b));
+                    self.partitioned = true;
+                }
+            }
+            2 => {
+                // Nothing a partition's leader sends reaches anyone, while it still hears the
+                // others and the clients reach it: it can commit nothing, and cannot learn that
+                // its followers elected another leader. The other half of the one-way cuts, so
+                // that the mix of faults (and a run's cost) stays as it was.
+                let index = self.rng.random_range(1..=self.partitions);
+                if let Some(id) = target.leader(index) {
+                    trace(format!(
+                        "{now:?} cut the leader of partition {index}, n{id}, off one way (its messages are lost)"
+                    ));
+                    for other in (1..=nodes).filter(|o| *o != id) {
+                        sim.partition_oneway(host_name(id), host_name(other));
+                    }
                     self.partitioned = true;
                 }
             }

@@ -155,6 +155,9 @@ impl BrokerConfig {
         if self.voters.is_empty() {
             return Err(BrokerError::Config("at least one metadata voter is needed".into()));
         }
+        if self.node_id == keel_raft::NOBODY || self.voters.contains_key(&keel_raft::NOBODY) {
+            return Err(BrokerError::Config(format!("node id {} is reserved", keel_raft::NOBODY)));
+        }
         if self.advertised_addr.is_empty() {
             return Err(BrokerError::Config("the advertised address must not be empty".into()));
         }

@@ -73,12 +73,14 @@ pub fn to_pb_error(status: &Status) -> keel_proto::v1::Error {
         message: status.message().to_owned(),
         leader_id: None,
         leader_addr: String::new(),
+        reason: String::new(),
     };
     if let Some(info) = status.get_details_error_info()
         && info.reason == NOT_LEADER
     {
         error.leader_id = info.metadata.get("leader_id").and_then(|s| s.parse().ok());
         error.leader_addr = info.metadata.get("leader_addr").cloned().unwrap_or_default();
+        error.reason = info.reason;
     }
     error
 }

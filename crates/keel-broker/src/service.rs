@@ -313,7 +313,7 @@ impl Api {
     }
 
     /// Asks every node what it knows about the groups it hosts (1 s deadline each) and merges
-    /// the answers: a group's leader is the node that says it leads it.
+    /// the answers (see [`merge`]).
     pub(crate) async fn gather(&self, meta: &Metadata) -> (Statuses, BTreeMap<NodeId, bool>) {
         let inner = &self.inner;
         let mut nodes: BTreeMap<NodeId, String> = meta.nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect();
@@ -342,36 +342,47 @@ impl Api {
                 }
             }
         });
-        let answers = futures_util::future::join_all(calls).await;
-        let mut statuses = Statuses::new();
-        let mut reachable = BTreeMap::new();
-        for (id, answer) in answers {
-            reachable.insert(id, answer.is_some());
-            let Some(answer) = answer else { continue };
-            for g in answer.groups {
-                let entry = statuses.entry(g.group).or_insert_with(|| GroupView {
-                    leader: None,
-                    high_watermark: 0,
-                    log_start_offset: 0,
-                    in_sync: Vec::new(),
-                });
-                if g.leader {
-                    entry.leader = Some(answer.node_id);
-                    entry.high_watermark = g.high_watermark;
-                    entry.log_start_offset = g.log_start_offset;
-                    entry.in_sync = g.in_sync;
-                } else if entry.leader.is_none() {
-                    entry.high_watermark = entry.high_watermark.max(g.high_watermark);
-                    entry.log_start_offset = entry.log_start_offset.max(g.log_start_offset);
-                }
+        merge(futures_util::future::join_all(calls).await)
+    }
+}
+
+/// Merges every node's answer (`None`: it did not answer) into one view per group, and which
+/// nodes answered. A group's leader is the node that says it leads it, in the latest term should
+/// two say so (a deposed leader may not know it yet); before a leader's answer is seen, the
+/// positions are the furthest any replica reported.
+fn merge(answers: Vec<(NodeId, Option<pb::LocalStatusResponse>)>) -> (Statuses, BTreeMap<NodeId, bool>) {
+    let mut statuses = Statuses::new();
+    let mut reachable = BTreeMap::new();
+    for (id, answer) in answers {
+        reachable.insert(id, answer.is_some());
+        let Some(answer) = answer else { continue };
+        for g in answer.groups {
+            let entry = statuses.entry(g.group).or_insert_with(|| GroupView {
+                leader: None,
+                term: 0,
+                high_watermark: 0,
+                log_start_offset: 0,
+                in_sync: Vec::new(),
+            });
+            if g.leader && (entry.leader.is_none() || g.term > entry.term) {
+                entry.leader = Some(answer.node_id);
+                entry.term = g.term;
+                entry.high_watermark = g.high_watermark;
+                entry.log_start_offset = g.log_start_offset;
+                entry.in_sync = g.in_sync;
+            } else if entry.leader.is_none() {
+                entry.high_watermark = entry.high_watermark.max(g.high_watermark);
+                entry.log_start_offset = entry.log_start_offset.max(g.log_start_offset);
             }
         }
-        (statuses, reachable)
     }
+    (statuses, reachable)
 }
 
 pub(crate) struct GroupView {
     pub(crate) leader: Option<NodeId>,
+    /// The leader's term.
+    term: u64,
     pub(crate) high_watermark: u64,
     pub(crate) log_start_offset: u64,
     in_sync: Vec<NodeId>,
@@ -385,7 +396,8 @@ fn local_status(inner: &Inner) -> pb::LocalStatusResponse {
     let mut groups = Vec::new();
     for group in inner.node.group_ids() {
         let (Ok(metrics), Ok(store)) = (inner.node.metrics(group), inner.node.store(group)) else { continue };
-        let leader = metrics.current_leader == Some(me);
+        let leader_id = inner.node.leader_in(&metrics);
+        let leader = leader_id == Some(me);
         let high_watermark = *store.high_watermark().borrow();
         let (start, _, _) = store.positions();
         let mut in_sync = Vec::new();
@@ -400,10 +412,11 @@ fn local_status(inner: &Inner) -> pb::LocalStatusResponse {
         groups.push(pb::GroupStatus {
             group,
             leader,
-            leader_id: metrics.current_leader,
+            leader_id,
             high_watermark,
             log_start_offset: start.offset,
             in_sync,
+            term: metrics.current_term,
         });
     }
     pb::LocalStatusResponse { node_id: me, groups }
@@ -871,5 +884,37 @@ impl pb::node_status_server::NodeStatus for Api {
         _request: Request<pb::LocalStatusRequest>,
     ) -> Result<Response<pb::LocalStatusResponse>, Status> {
         Ok(Response::new(local_status(&self.inner)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(group: GroupId, leader: bool, term: u64, high_watermark: u64) -> pb::GroupStatus {
+        pb::GroupStatus { group, leader, term, high_watermark, ..Default::default() }
+    }
+
+    fn answer(node_id: NodeId, groups: Vec<pb::GroupStatus>) -> Option<pb::LocalStatusResponse> {
+        Some(pb::LocalStatusResponse { node_id, groups })
+    }
+
+    #[test]
+    fn the_latest_terms_leader_wins() {
+        // Group 1: node 3 leads in term 4; node 1 still says it leads, in term 3 (a deposed
+        // leader that has not heard of its successor). Group 2: nobody leads now.
+        let answers = vec![
+            (1, answer(1, vec![status(1, true, 3, 10), status(2, false, 2, 5)])),
+            (2, None),
+            (3, answer(3, vec![status(1, true, 4, 8), status(2, false, 2, 7)])),
+        ];
+        for answers in [answers.clone(), answers.into_iter().rev().collect()] {
+            let (statuses, reachable) = merge(answers);
+            let g1 = &statuses[&1];
+            assert_eq!((g1.leader, g1.term, g1.high_watermark), (Some(3), 4, 8), "whatever the order of the answers");
+            let g2 = &statuses[&2];
+            assert_eq!((g2.leader, g2.high_watermark), (None, 7));
+            assert_eq!(reachable, BTreeMap::from([(1, true), (2, false), (3, true)]));
+        }
     }
 }

@@ -55,6 +55,21 @@ struct MetaState {
     version: u64,
     /// The node that answered last: asked first next time.
     last_answered: Option<String>,
+    /// Nodes whose view of the cluster is suspect, asked after every other one: those whose
+    /// metadata left a partition without a leader, then those that could not serve a partition
+    /// they were taken to lead; within each, the one distrusted longest ago first. Asking such a
+    /// node first again would keep the client where it is stuck (a leader cut off from its
+    /// followers cannot tell who replaced it); when every node is suspect, they take turns.
+    suspects: Vec<(Doubt, String)>,
+}
+
+/// Why a node is asked for metadata after the others, the stronger reason last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Doubt {
+    /// Its metadata named no leader for some partition (the cluster may have elected one since).
+    NoLeader,
+    /// It refused a write without naming a leader, or did not answer in time.
+    CannotServe,
 }
 
 /// Connections, randomness and metadata of one client object.
@@ -143,17 +158,34 @@ impl Core {
     }
 
     /// Brokers to ask for anything any node can answer: the last one that answered, then every
-    /// known node, then the bootstrap list.
+    /// known node, then the bootstrap list; suspects after all of them.
     fn candidates(&self) -> Vec<String> {
         let meta = lock(&self.meta);
         let mut out: Vec<String> = Vec::new();
         let known = meta.last_answered.iter().chain(meta.nodes.values()).chain(self.config.bootstrap.iter());
         for addr in known {
-            if !addr.is_empty() && !out.contains(addr) {
+            if !addr.is_empty() && !out.contains(addr) && !meta.suspects.iter().any(|(_, s)| s == addr) {
                 out.push(addr.clone());
             }
         }
+        for doubt in [Doubt::NoLeader, Doubt::CannotServe] {
+            out.extend(meta.suspects.iter().filter(|(d, _)| *d == doubt).map(|(_, s)| s.clone()));
+        }
         out
+    }
+
+    /// Asks `addr` for metadata only after every other node from now on (see
+    /// `MetaState::suspects`), until a refresh finds a leader for every partition. A node keeps
+    /// the stronger of its doubts.
+    pub(crate) fn distrust(&self, addr: &str, doubt: Doubt) {
+        let mut meta = lock(&self.meta);
+        if meta.last_answered.as_deref() == Some(addr) {
+            meta.last_answered = None;
+        }
+        let earlier = meta.suspects.iter().position(|(_, s)| s == addr).map(|i| meta.suspects.remove(i).0);
+        let doubt = earlier.map_or(doubt, |d| d.max(doubt));
+        meta.suspects.push((doubt, addr.to_owned()));
+        debug!(addr, ?doubt, "asking other nodes for metadata first");
     }
 
     /// Runs an RPC any node can answer, trying one node after another with backoff on retriable
@@ -206,6 +238,11 @@ impl Core {
 
     /// Asks the cluster for its nodes and partition leaders and replaces the cache. Callers that
     /// queue behind a refresh in progress share its result instead of sending their own.
+    ///
+    /// An answer that leaves a partition without a leader makes the node that gave it a suspect,
+    /// so that the next refresh asks another: a node cut off from the others sees no leader
+    /// anywhere, while the rest of the cluster may already have elected one. An answer with a
+    /// leader for every partition clears the suspects.
     pub(crate) async fn refresh(&self) -> Result<(), ClientError> {
         let seen = lock(&self.meta).version;
         let _one_at_a_time = self.refreshing.lock().await;
@@ -218,6 +255,14 @@ impl Core {
             })
             .await?;
         self.apply(&cluster);
+        let leaderless = cluster.topics.iter().flat_map(|t| &t.partitions).any(|p| p.leader_id.is_none());
+        let answered_by = lock(&self.meta).last_answered.clone();
+        debug!(?answered_by, leaderless, "metadata refreshed");
+        match answered_by {
+            Some(addr) if leaderless => self.distrust(&addr, Doubt::NoLeader),
+            _ if !leaderless => lock(&self.meta).suspects.clear(),
+            _ => {}
+        }
         Ok(())
     }
 
@@ -396,6 +441,27 @@ mod tests {
         let unhinted = ClientError::NotLeader { message: String::new(), leader_id: None, leader_addr: None };
         core.leader_moved("t", 0, &unhinted);
         assert_eq!(core.cached_leader("t", 0).0, Lookup::NoLeader);
+    }
+
+    #[test]
+    fn suspects_are_asked_last_and_take_turns() {
+        let core = core();
+        core.apply(&cluster());
+        lock(&core.meta).last_answered = Some("n1:1".into());
+        assert_eq!(core.candidates(), ["n1:1", "n2:1", "b:1"]);
+        // The node that answered last refused without a hint: ask it last, not first.
+        core.distrust("n1:1", Doubt::CannotServe);
+        assert_eq!(core.candidates(), ["n2:1", "b:1", "n1:1"]);
+        // One that merely knew no leader is asked before it.
+        core.distrust("n2:1", Doubt::NoLeader);
+        assert_eq!(core.candidates(), ["b:1", "n2:1", "n1:1"]);
+        // When every node is suspect, the one distrusted longest ago is asked first, and a node
+        // keeps its stronger doubt.
+        core.distrust("b:1", Doubt::NoLeader);
+        core.distrust("n1:1", Doubt::NoLeader);
+        assert_eq!(core.candidates(), ["n2:1", "b:1", "n1:1"]);
+        core.distrust("n2:1", Doubt::NoLeader);
+        assert_eq!(core.candidates(), ["b:1", "n2:1", "n1:1"]);
     }
 
     #[test]

@@ -255,11 +255,13 @@ impl From<tonic::Status> for ClientError {
 }
 
 impl From<&pb::Error> for ClientError {
-    /// A per-request error of ProduceStream: a leader id or address makes it a NOT_LEADER.
+    /// A per-request error of ProduceStream: the NOT_LEADER reason, or a leader id or address
+    /// (from brokers that predate the reason), makes it a NOT_LEADER.
     fn from(error: &pb::Error) -> ClientError {
         let code = Code::from_i32(error.code);
         let leader_addr = (!error.leader_addr.is_empty()).then(|| error.leader_addr.clone());
-        let not_leader = (error.leader_id.is_some() || leader_addr.is_some()).then_some((error.leader_id, leader_addr));
+        let not_leader = (error.reason == NOT_LEADER_REASON || error.leader_id.is_some() || leader_addr.is_some())
+            .then_some((error.leader_id, leader_addr));
         // An OK code on an error message is a broker bug; do not let it pass as success.
         let code = if code == Code::Ok { Code::Internal } else { code };
         ClientError::from_parts(code, error.message.clone(), not_leader)
@@ -370,6 +372,7 @@ mod tests {
             message: "moved".into(),
             leader_id: Some(2),
             leader_addr: "n2:1".into(),
+            reason: "NOT_LEADER".into(),
         });
         assert_eq!(
             e,
@@ -380,17 +383,28 @@ mod tests {
             message: "busy".into(),
             leader_id: None,
             leader_addr: String::new(),
+            reason: String::new(),
         });
         assert_eq!(e, ClientError::Unavailable("busy".into()));
+        // A leader that lost its quorum knows no leader to name, but is still not the leader:
+        // the client must forget it rather than retry it as if it were busy.
+        let e = ClientError::from(&pb::Error {
+            code: Code::Unavailable as i32,
+            message: "no leader known".into(),
+            leader_id: None,
+            leader_addr: String::new(),
+            reason: "NOT_LEADER".into(),
+        });
+        assert_eq!(e, ClientError::NotLeader { message: "no leader known".into(), leader_id: None, leader_addr: None });
         let e = ClientError::from(&pb::Error {
             code: Code::NotFound as i32,
             message: "no t".into(),
             leader_id: None,
             leader_addr: String::new(),
+            reason: String::new(),
         });
         assert_eq!(e, ClientError::NotFound("no t".into()));
-        let e =
-            ClientError::from(&pb::Error { code: 0, message: "?".into(), leader_id: None, leader_addr: String::new() });
+        let e = ClientError::from(&pb::Error { code: 0, message: "?".into(), ..Default::default() });
         assert!(matches!(e, ClientError::Server { code: Code::Internal, .. }));
     }
 }

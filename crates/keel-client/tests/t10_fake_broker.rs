@@ -163,6 +163,31 @@ async fn broken_streams_are_redialled_and_retried() {
     producer.close().await;
 }
 
+/// Issue 12 item 13: the leader the producer writes to is cut off from the others. It refuses
+/// writes without naming a leader and its metadata names none, while the other nodes know the
+/// new leader. The producer must ask them rather than keep asking the node it was talking to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_moves_off_a_leader_that_knows_no_successor() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("t", 1);
+    let producer =
+        Producer::new(config(&cluster), ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() })
+            .unwrap();
+    let first = producer.send("t", ProducerRecord::new(value(0))).await.unwrap().await.unwrap();
+    assert_eq!(first.offset, 0, "written at node 1, which the metadata of node 1 named");
+    cluster.with_partition("t", 0, |p| {
+        p.leader = 2;
+        p.advertised = 2;
+        p.blind = Some(1);
+    });
+    let next = producer.send("t", ProducerRecord::new(value(1))).await.unwrap();
+    let stored = tokio::time::timeout(Duration::from_secs(5), next).await;
+    let stored = stored.expect("the record was acknowledged within 5 s").unwrap();
+    assert_eq!(stored.offset, 1);
+    assert_eq!(cluster.records("t", 0), [(0, value(0)), (1, value(1))]);
+    producer.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_fail_after_the_delivery_timeout() {
     let cluster = Cluster::start(1).await;

@@ -8,9 +8,12 @@
 //! - [`network`]: the raft RPC client (deadlines, reconnects, per-peer backoff, real pre-vote)
 //!   and server (routing by group id);
 //! - [`node`]: a node hosting many groups and the `append` API the broker uses;
+//! - [`leadership`]: how a node presents a group's leader, and the step-down of a leader that no
+//!   quorum acknowledges any more;
 //! - [`convert`]: every conversion between protobuf, openraft and the batch encoding.
 
 pub mod convert;
+pub mod leadership;
 pub mod network;
 pub mod node;
 pub mod producers;
@@ -18,6 +21,7 @@ pub mod state_machine;
 pub mod store;
 pub mod types;
 
+pub use leadership::NOBODY;
 pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
 pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
 pub use store::{Faults, IoMode, PartitionStore};

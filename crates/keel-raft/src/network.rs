@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use keel_proto::v1 as pb;
@@ -428,6 +428,21 @@ impl Groups {
     /// Every hosted group.
     pub fn all(&self) -> Vec<(GroupId, Raft)> {
         self.inner.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(g, r)| (*g, r.clone())).collect()
+    }
+
+    /// A handle that does not keep the groups alive (for the node's background tasks).
+    pub(crate) fn downgrade(&self) -> WeakGroups {
+        WeakGroups(Arc::downgrade(&self.inner))
+    }
+}
+
+/// [`Groups`] that are gone once the node that hosts them is.
+pub(crate) struct WeakGroups(Weak<RwLock<BTreeMap<GroupId, Raft>>>);
+
+impl WeakGroups {
+    /// The groups, while their node exists.
+    pub(crate) fn upgrade(&self) -> Option<Groups> {
+        self.0.upgrade().map(|inner| Groups { inner })
     }
 }
 

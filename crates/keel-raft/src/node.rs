@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,11 +156,15 @@ pub struct RaftNode {
     /// Advances per group started, so every group draws its own election timeouts.
     seed: Mutex<u64>,
     faults: Mutex<Faults>,
+    /// Whether the task that steps cut-off leaders down runs (it starts with the first group).
+    step_down_started: AtomicBool,
 }
 
 impl RaftNode {
     /// A node with no groups yet. Mount [`RaftNode::service`] on a gRPC server to receive peers.
+    /// Its id must not be [`crate::NOBODY`] (callers validate their configuration).
     pub fn new(config: NodeConfig, disk: Arc<dyn Disk>, connector: Arc<dyn Connector>) -> RaftNode {
+        debug_assert_ne!(config.node_id, crate::NOBODY, "node id {} is reserved", crate::NOBODY);
         let peers = Peers::new(connector, config.network);
         peers.set_addr(config.node_id, &config.advertised_addr);
         let seed = Mutex::new(config.seed);
@@ -171,6 +176,7 @@ impl RaftNode {
             stores: Mutex::new(BTreeMap::new()),
             seed,
             faults: Mutex::new(Faults::default()),
+            step_down_started: AtomicBool::new(false),
         }
     }
 
@@ -250,6 +256,14 @@ impl RaftNode {
         self.groups.insert(group, raft);
         self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(group, store);
         info!(node = self.config.node_id, group, "group opened");
+        if !self.step_down_started.swap(true, Ordering::AcqRel) {
+            // Checked every heartbeat interval: a cut-off leader steps down within a heartbeat of
+            // its lease running out.
+            let t = self.config.timings;
+            let (period, lease) = (Duration::from_millis(t.heartbeat_ms.max(1)), self.lease());
+            let task = crate::leadership::step_down_loop(self.groups.downgrade(), period, lease);
+            tokio::spawn(task.instrument(info_span!("step-down", node = self.config.node_id)));
+        }
         Ok(())
     }
 
@@ -356,9 +370,23 @@ impl RaftNode {
         Ok(raft.metrics().borrow_watched().clone())
     }
 
-    /// The current leader of a group, as this node knows it.
+    /// How long a leader may go without a quorum's acknowledgement: openraft's lease, its
+    /// longest election timeout. Past it, the leader's writes are refused and it steps down.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.config.timings.election_max_ms)
+    }
+
+    /// The current leader of a group, as this node knows it. This node names itself only while
+    /// a quorum has acknowledged it within the lease: a leader cut off from its followers can
+    /// neither commit nor learn that they elected another, so clients must look elsewhere.
     pub fn leader(&self, group: GroupId) -> Option<NodeId> {
-        self.groups.get(group).ok().and_then(|r| r.metrics().borrow_watched().current_leader)
+        let raft = self.groups.get(group).ok()?;
+        self.leader_in(&raft.metrics().borrow_watched())
+    }
+
+    /// [`RaftNode::leader`] from a group's metrics, as of now.
+    pub fn leader_in(&self, metrics: &crate::types::Metrics) -> Option<NodeId> {
+        crate::leadership::presented_leader(self.config.node_id, metrics, self.lease())
     }
 
     /// Groups hosted here.

@@ -795,8 +795,7 @@ mod tests {
             error: Some(pb::Error {
                 code: tonic::Code::InvalidArgument as i32,
                 message: "bad".into(),
-                leader_id: None,
-                leader_addr: String::new(),
+                ..Default::default()
             }),
             ..Default::default()
         };

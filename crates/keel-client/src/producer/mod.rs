@@ -304,6 +304,24 @@ impl Drop for Producer {
     }
 }
 
+/// Whether an error says that the node it came from could not serve the partition it was taken
+/// for the leader of, and knows no better: it refused without naming a leader, or gave up, or
+/// did not answer. Such a node may be a leader cut off from its followers, whose metadata still
+/// names itself or nobody, so the next metadata refresh asks the other nodes first.
+fn cannot_serve(error: &ClientError) -> bool {
+    match error {
+        ClientError::NotLeader { .. } => error.leader_hint().is_none(),
+        ClientError::MaybeWritten(last) => cannot_serve(last),
+        _ => matches!(
+            error,
+            ClientError::Unavailable(_)
+                | ClientError::DeadlineExceeded(_)
+                | ClientError::Timeout { .. }
+                | ClientError::Transport(_)
+        ),
+    }
+}
+
 /// The sender task: closes lingering batches, sends ready ones, and processes answers.
 struct Sender {
     shared: Arc<Shared>,
@@ -391,7 +409,8 @@ impl Sender {
             // the partition then drains and re-sends all of them in sequence.
             self.streams.remove(&addr);
             let error = ClientError::Transport(format!("produce stream to {addr} closed"));
-            let _ = self.events_tx.send(Event::Answered { request_id: request.request_id, result: Err(error) });
+            let answered = Event::Answered { addr, request_id: request.request_id, result: Err(error) };
+            let _ = self.events_tx.send(answered);
         }
     }
 
@@ -413,13 +432,16 @@ impl Sender {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Answered { request_id, result } => {
+            Event::Answered { addr, request_id, result } => {
                 let core = &self.shared.core;
                 let completion =
                     lock(&self.shared.acc).complete(request_id, result, Instant::now(), |n| core.backoff(n));
                 let Some(completion) = completion else { return };
                 let Some(error) = completion.error else { return };
-                debug!(topic = completion.topic, partition = completion.partition, %error, "produce failed");
+                debug!(topic = completion.topic, partition = completion.partition, addr, %error, "produce failed");
+                if cannot_serve(&error) {
+                    core.distrust(&addr, crate::core::Doubt::CannotServe);
+                }
                 if matches!(error, ClientError::NotLeader { .. }) {
                     core.leader_moved(&completion.topic, completion.partition, &error);
                     self.refresh_wanted |= error.leader_hint().is_none();

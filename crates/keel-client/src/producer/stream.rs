@@ -20,8 +20,8 @@ use crate::error::ClientError;
 /// What the sender task hears from streams and from metadata refreshes.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// A request was answered, or failed with its stream.
-    Answered { request_id: u64, result: Result<pb::ProduceResponse, ClientError> },
+    /// A request sent to `addr` was answered, or failed with its stream.
+    Answered { addr: String, request_id: u64, result: Result<pb::ProduceResponse, ClientError> },
     /// The stream `id` to `addr` ended; a new one is started on the next send.
     StreamClosed { addr: String, id: u64 },
     /// A metadata refresh finished.
@@ -66,7 +66,7 @@ async fn run(
     }
     // In request-id order, so that a partition's batches are re-queued in their order.
     for request_id in pending.into_keys() {
-        let _ = events.send(Event::Answered { request_id, result: Err(error.clone()) });
+        let _ = events.send(Event::Answered { addr: addr.clone(), request_id, result: Err(error.clone()) });
     }
     let _ = events.send(Event::StreamClosed { addr, id });
 }
@@ -128,7 +128,8 @@ async fn serve(
                 Ok(Some(response)) => {
                     if pending.remove(&response.request_id).is_some() {
                         let request_id = response.request_id;
-                        let _ = events.send(Event::Answered { request_id, result: Ok(response) });
+                        let addr = addr.to_owned();
+                        let _ = events.send(Event::Answered { addr, request_id, result: Ok(response) });
                     } else {
                         warn!(addr, request_id = response.request_id, "answer to an unknown produce request");
                     }

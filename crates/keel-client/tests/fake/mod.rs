@@ -34,6 +34,9 @@ pub struct Partition {
     pub leader: u64,
     /// The leader DescribeCluster reports (may be stale on purpose).
     pub advertised: u64,
+    /// A node cut off from the others (a deposed leader that cannot hear of its successor): it
+    /// refuses writes without naming a leader, and its metadata names none.
+    pub blind: Option<u64>,
 }
 
 /// Failures to inject, each used up once.
@@ -131,7 +134,8 @@ impl Cluster {
         out
     }
 
-    fn describe_topic(&self, name: &str, parts: &[Partition]) -> pb::TopicDescription {
+    /// A topic as node `by` describes it.
+    fn describe_topic(&self, by: u64, name: &str, parts: &[Partition]) -> pb::TopicDescription {
         let nodes = self.nodes.lock().unwrap();
         pb::TopicDescription {
             name: name.to_owned(),
@@ -144,8 +148,8 @@ impl Cluster {
                 .map(|(i, p)| pb::PartitionDescription {
                     partition: i as u32,
                     replicas: vec![p.advertised],
-                    leader_id: Some(p.advertised),
-                    leader_addr: nodes[&p.advertised].clone(),
+                    leader_id: (p.blind != Some(by)).then_some(p.advertised),
+                    leader_addr: if p.blind == Some(by) { String::new() } else { nodes[&p.advertised].clone() },
                     high_watermark: p.next_offset,
                     log_start_offset: p.log_start,
                     in_sync: vec![p.advertised],
@@ -175,6 +179,9 @@ impl Cluster {
         let Some(p) = parts.get_mut(request.partition as usize) else {
             return Err(Status::not_found("no such partition"));
         };
+        if p.blind == Some(id) && p.leader != id {
+            return Err(not_leader(None));
+        }
         if p.leader != id {
             let addr = self.nodes.lock().unwrap()[&p.leader].clone();
             return Err(not_leader(Some((p.leader, addr))));
@@ -246,10 +253,12 @@ fn to_pb_error(status: &Status) -> pb::Error {
         message: status.message().to_owned(),
         leader_id: None,
         leader_addr: String::new(),
+        reason: String::new(),
     };
     if let Some(info) = status.get_details_error_info() {
         error.leader_id = info.metadata.get("leader_id").and_then(|s| s.parse().ok());
         error.leader_addr = info.metadata.get("leader_addr").cloned().unwrap_or_default();
+        error.reason = info.reason;
     }
     error
 }
@@ -377,7 +386,7 @@ impl Admin for Node {
         }
         self.cluster.create(&r.name, r.partitions);
         let state = self.cluster.state.lock().unwrap();
-        let topic = self.cluster.describe_topic(&r.name, &state.topics[&r.name]);
+        let topic = self.cluster.describe_topic(self.id, &r.name, &state.topics[&r.name]);
         Ok(Response::new(pb::CreateTopicResponse { topic: Some(topic) }))
     }
 
@@ -394,7 +403,7 @@ impl Admin for Node {
 
     async fn list_topics(&self, _: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let state = self.cluster.state.lock().unwrap();
-        let topics = state.topics.iter().map(|(n, p)| self.cluster.describe_topic(n, p)).collect();
+        let topics = state.topics.iter().map(|(n, p)| self.cluster.describe_topic(self.id, n, p)).collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))
     }
 
@@ -405,7 +414,7 @@ impl Admin for Node {
         let name = request.into_inner().name;
         let state = self.cluster.state.lock().unwrap();
         let parts = state.topics.get(&name).ok_or_else(|| Status::not_found(format!("no topic {name}")))?;
-        Ok(Response::new(pb::DescribeTopicResponse { topic: Some(self.cluster.describe_topic(&name, parts)) }))
+        Ok(Response::new(pb::DescribeTopicResponse { topic: Some(self.cluster.describe_topic(self.id, &name, parts)) }))
     }
 
     async fn add_partitions(
@@ -424,7 +433,7 @@ impl Admin for Node {
         for _ in 0..add {
             parts.push(Partition { leader: 1, advertised: 1, ..Partition::default() });
         }
-        let topic = self.cluster.describe_topic(&r.name, parts);
+        let topic = self.cluster.describe_topic(self.id, &r.name, parts);
         if state.faults.lose_admin_answers > 0 {
             state.faults.lose_admin_answers -= 1;
             return Err(Status::unavailable("the answer was lost"));
@@ -438,7 +447,7 @@ impl Admin for Node {
     ) -> Result<Response<pb::DescribeClusterResponse>, Status> {
         let mut state = self.cluster.state.lock().unwrap();
         state.describe_calls += 1;
-        let topics = state.topics.iter().map(|(n, p)| self.cluster.describe_topic(n, p)).collect();
+        let topics = state.topics.iter().map(|(n, p)| self.cluster.describe_topic(self.id, n, p)).collect();
         let nodes = self
             .cluster
             .nodes
