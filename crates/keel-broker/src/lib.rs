@@ -24,3 +24,6 @@ pub use config::{BrokerConfig, GroupSettings, Identity, Limits};
 pub use coordinator::CoordinatorFaults;
 pub use error::BrokerError;
 pub use metadata::{META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC};
+
+#[cfg(test)]
+mod fuzz_decoders;

@@ -62,3 +62,6 @@ pub trait Shard: Default + Send + 'static {
     /// record key: the rewrite that lets the records before it be trimmed.
     fn live_records(&self, key: &str) -> Vec<Record>;
 }
+
+#[cfg(test)]
+mod fuzz_decoders;

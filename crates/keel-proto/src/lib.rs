@@ -11,3 +11,6 @@ pub mod v1 {
 
 /// The encoded file descriptor set of every Keel proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");
+
+#[cfg(test)]
+mod fuzz_decoders;

@@ -26,3 +26,6 @@ pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
 pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
 pub use store::{Faults, IoMode, PartitionStore};
 pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};
+
+#[cfg(test)]
+mod fuzz_decoders;

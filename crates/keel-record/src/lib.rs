@@ -766,3 +766,6 @@ fn be_u64(b: &[u8], at: usize) -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz_decoders;

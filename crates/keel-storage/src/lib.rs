@@ -18,3 +18,6 @@ pub use error::{Result, StorageError};
 pub use file_disk::FileDisk;
 pub use log::{Appended, FlushTicket, LogConfig, LogPosition, SEGMENT_BYTES_MIN, SegmentLog};
 pub use sim_disk::{CrashMode, PAGE_BYTES, SimDisk};
+
+#[cfg(test)]
+mod fuzz_decoders;

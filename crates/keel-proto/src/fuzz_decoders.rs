@@ -9,13 +9,13 @@
 //! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
 //! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
 //! longer campaign, in the debug profile that keeps the debug assertions:
-//! `PROPTEST_CASES=100000 cargo test -p keel-proto --test fuzz_decoders`.
+//! `PROPTEST_CASES=100000 cargo test -p keel-proto --lib fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
+use crate::bounded::{self, BoundsError, REQUEST_ELEMENTS_MAX};
+use crate::v1 as pb;
 use bytes::Bytes;
 use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, measure, mutate, mutations};
-use keel_proto::bounded::{self, BoundsError, REQUEST_ELEMENTS_MAX};
-use keel_proto::v1 as pb;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;
 use prost::{Message, Name};
@@ -285,7 +285,7 @@ fn counting_allocator_is_installed() {
 /// fails here until its request gets one.
 #[test]
 fn every_request_type_has_a_target_and_a_seed() {
-    let set = prost_types::FileDescriptorSet::decode(keel_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let set = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).unwrap();
     let mut served: Vec<String> = set
         .file
         .iter()

@@ -7,13 +7,13 @@
 //! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
 //! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
 //! longer campaign, in the debug profile that keeps the debug assertions:
-//! `PROPTEST_CASES=100000 cargo test -p keel-coordinator --test fuzz_decoders`.
+//! `PROPTEST_CASES=100000 cargo test -p keel-coordinator --lib fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use keel_coordinator::groups::{Committed, GroupMeta, GroupRecord, Groups, Member, Target, Tp};
-use keel_coordinator::{Record, Shard};
+use crate::groups::{Committed, GroupMeta, GroupRecord, Groups, Member, Target, Tp};
+use crate::{Record, Shard};
 use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, measure, mutated};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;

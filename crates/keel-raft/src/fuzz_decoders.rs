@@ -9,20 +9,20 @@
 //! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
 //! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
 //! longer campaign, in the debug profile that keeps the debug assertions:
-//! `PROPTEST_CASES=100000 cargo test -p keel-raft --test fuzz_decoders`.
+//! `PROPTEST_CASES=100000 cargo test -p keel-raft --lib fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 use std::collections::BTreeMap;
 
+use crate::Node;
+use crate::convert;
+use crate::producers::{ProducerEntry, ProducerTable, SequencedBatch};
+use crate::state_machine::PartitionState;
+use crate::types::{Membership, StoredMembership, log_id};
 use bytes::Bytes;
 use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, measure, mutate, mutations};
 use keel_proto::bounded::{self, REQUEST_ELEMENTS_MAX};
 use keel_proto::v1 as pb;
-use keel_raft::Node;
-use keel_raft::convert;
-use keel_raft::producers::{ProducerEntry, ProducerTable, SequencedBatch};
-use keel_raft::state_machine::PartitionState;
-use keel_raft::types::{Membership, StoredMembership, log_id};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;
 use prost::{Message, Name};

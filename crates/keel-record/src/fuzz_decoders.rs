@@ -7,15 +7,15 @@
 //! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
 //! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
 //! longer campaign, in the debug profile that keeps the debug assertions:
-//! `PROPTEST_CASES=100000 cargo test -p keel-record --test fuzz_decoders`.
+//! `PROPTEST_CASES=100000 cargo test -p keel-record --lib fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-use bytes::Bytes;
-use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, ensure, measure, mutated};
-use keel_record::{
+use crate::{
     BATCH_BYTES_MAX, Batch, BatchBuilder, DecodeError, HEADER_LEN, NewRecord, ProducerStamp, RECORD_HEADERS_MAX,
     RecordHeader, get_varlong, put_varlong, raft_entry, stamp,
 };
+use bytes::Bytes;
+use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, ensure, measure, mutated};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;
 
@@ -34,7 +34,7 @@ fn bound() -> AllocBound {
 /// returns how many records decoded (so that the work cannot be optimised away).
 fn decode_everything(input: &Bytes) -> Result<usize, String> {
     let mut records = 0;
-    if let Ok(h) = keel_record::check(input)
+    if let Ok(h) = crate::check(input)
         && h.total_len() > input.len()
     {
         return Err(format!("check accepted a batch of {} bytes from {} bytes", h.total_len(), input.len()));
@@ -60,7 +60,7 @@ fn decode_everything(input: &Bytes) -> Result<usize, String> {
         records += offsets.len();
     }
     let mut at = 0;
-    for batch in keel_record::batches(input.clone()) {
+    for batch in crate::batches(input.clone()) {
         let Ok(batch) = batch else { break };
         at += batch.header().total_len();
         let _ = batch.validate_records();
@@ -85,7 +85,7 @@ fn check_decoders(input: Vec<u8>) -> TestCaseResult {
         ensure(Batch::from_bytes(Bytes::from(copy.clone())).is_ok(), || "a stamped batch does not verify".into())?;
     }
     let mut copy = input.to_vec();
-    let _ = bound().check("stamp_append_time", 0, || keel_record::stamp_append_time(&mut copy, 1_700_000_000_000))?;
+    let _ = bound().check("stamp_append_time", 0, || crate::stamp_append_time(&mut copy, 1_700_000_000_000))?;
     Ok(())
 }
 
@@ -159,7 +159,7 @@ proptest! {
     #[test]
     fn fuzz_resealed_garbage_after_a_valid_header(body in arbitrary_bytes(256), count in 0u32..64, attrs in 0u16..128) {
         let mut buf = vec![0u8; HEADER_LEN];
-        buf[8] = keel_record::MAGIC;
+        buf[8] = crate::MAGIC;
         buf[9..11].copy_from_slice(&attrs.to_be_bytes());
         buf[11..15].copy_from_slice(&count.to_be_bytes());
         buf.extend_from_slice(&body);
@@ -176,7 +176,7 @@ proptest! {
             prop_assert!(pos <= 10 && out.len() <= pos, "{v} read from {pos} bytes re-encodes to {}", out.len());
         }
         let mut pos = 0;
-        let _ = keel_record::get_varint(&input, &mut pos);
+        let _ = crate::get_varint(&input, &mut pos);
     }
 }
 
@@ -199,7 +199,7 @@ fn record_with_empty_headers(count: usize) -> Vec<u8> {
         put_varlong(&mut body, -1); // null header value
     }
     let mut buf = vec![0u8; HEADER_LEN];
-    buf[8] = keel_record::MAGIC;
+    buf[8] = crate::MAGIC;
     buf[11..15].copy_from_slice(&1u32.to_be_bytes());
     put_varlong(&mut buf, body.len() as i64);
     buf.extend_from_slice(&body);

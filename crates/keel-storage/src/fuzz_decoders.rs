@@ -9,18 +9,18 @@
 //! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
 //! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
 //! longer campaign, in the debug profile that keeps the debug assertions:
-//! `PROPTEST_CASES=100000 cargo test -p keel-storage --test fuzz_decoders`.
+//! `PROPTEST_CASES=100000 cargo test -p keel-storage --lib fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::index::{IndexCheckpoint, IndexEntry};
+use crate::segment::{self, SEGMENT_HEADER_BYTES, ScanEnd, SegmentHeader};
+use crate::testing::test_batch;
+use crate::{Disk, LogConfig, SEGMENT_BYTES_MIN, SegmentLog, SimDisk, StorageError, write_atomic};
 use bytes::Bytes;
 use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, mutated};
-use keel_storage::index::{IndexCheckpoint, IndexEntry};
-use keel_storage::segment::{self, SEGMENT_HEADER_BYTES, ScanEnd, SegmentHeader};
-use keel_storage::testing::test_batch;
-use keel_storage::{Disk, LogConfig, SEGMENT_BYTES_MIN, SegmentLog, SimDisk, StorageError, write_atomic};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseResult;
 

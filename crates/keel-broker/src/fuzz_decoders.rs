@@ -8,13 +8,13 @@
 //! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
 //! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
 //! longer campaign, in the debug profile that keeps the debug assertions:
-//! `PROPTEST_CASES=100000 cargo test -p keel-broker --test fuzz_decoders`.
+//! `PROPTEST_CASES=100000 cargo test -p keel-broker --lib fuzz_decoders`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
 use std::path::Path;
 
-use keel_broker::metadata::{Command, ReplayError, TopicSettings, decode_command, encode_command};
-use keel_broker::{Identity, Metadata};
+use crate::metadata::{Command, ReplayError, TopicSettings, decode_command, encode_command};
+use crate::{Identity, Metadata};
 use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, measure, mutated};
 use keel_storage::{Disk, SimDisk, write_atomic};
 use proptest::prelude::*;
