@@ -252,6 +252,8 @@ impl<S: Shard> Runtime<S> {
                 RunError::NotCoordinator(None)
             }
             AppendError::Invalid(m) => RunError::TooLarge(m),
+            // The runtime's batches carry no producer stamp: never checked, never refused.
+            AppendError::Producer(r) => RunError::TooLarge(r.to_string()),
             e @ (AppendError::Timeout | AppendError::Unknown { .. } | AppendError::Fatal(_)) => {
                 // The records may still commit: stop serving until the replay has passed every
                 // entry this leader holds, so no later operation reads a state without them.

@@ -1,7 +1,7 @@
 //! The broker's errors and how each becomes a gRPC status (DESIGN.md §5): UNAVAILABLE means
 //! "retry", and a not-leader answer carries a `google.rpc.ErrorInfo` naming the leader.
 
-use keel_raft::{AppendError, NodeId};
+use keel_raft::{AppendError, NodeId, ProducerRefusal};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -25,6 +25,23 @@ pub enum BrokerError {
 pub const NOT_LEADER: &str = "NOT_LEADER";
 /// The `ErrorInfo.domain` of Keel's errors.
 pub const DOMAIN: &str = "keel";
+
+/// `ErrorInfo.reason` of a batch whose sequence leaves a gap (FAILED_PRECONDITION): resend from
+/// the expected sequence (`expected_sequence` in the metadata), in order.
+pub const OUT_OF_ORDER_SEQUENCE: &str = "OUT_OF_ORDER_SEQUENCE";
+/// `ErrorInfo.reason` of a batch from an older producer epoch (FAILED_PRECONDITION).
+pub const PRODUCER_FENCED: &str = "PRODUCER_FENCED";
+/// `ErrorInfo.reason` of a batch whose producer the partition forgot (FAILED_PRECONDITION).
+pub const UNKNOWN_PRODUCER_ID: &str = "UNKNOWN_PRODUCER_ID";
+/// `ErrorInfo.reason` of a retry of a batch written long ago (ALREADY_EXISTS): written once,
+/// offsets no longer known.
+pub const DUPLICATE_SEQUENCE_NUMBER: &str = "DUPLICATE_SEQUENCE_NUMBER";
+
+fn with_reason(code: Code, message: String, reason: &str, metadata: &[(&str, String)]) -> Status {
+    let metadata: std::collections::HashMap<String, String> =
+        metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, metadata))
+}
 
 /// UNAVAILABLE with the leader hint (both fields empty when no leader is known).
 pub fn not_leader(what: &str, leader: Option<(NodeId, String)>) -> Status {
@@ -63,6 +80,29 @@ pub fn append_status(what: &str, e: AppendError) -> Status {
         AppendError::Invalid(m) => Status::invalid_argument(m),
         AppendError::UnknownGroup(_) => Status::unavailable(format!("{what} is not open on this node yet; retry")),
         AppendError::Fatal(m) => Status::unavailable(format!("{what}: this replica failed ({m}); retry")),
+        AppendError::Producer(r) => {
+            let message = format!("{what}: {r}");
+            match r {
+                ProducerRefusal::OutOfOrder { expected } => with_reason(
+                    Code::FailedPrecondition,
+                    message,
+                    OUT_OF_ORDER_SEQUENCE,
+                    &[("expected_sequence", expected.to_string())],
+                ),
+                ProducerRefusal::Fenced { current } => with_reason(
+                    Code::FailedPrecondition,
+                    message,
+                    PRODUCER_FENCED,
+                    &[("current_epoch", current.to_string())],
+                ),
+                ProducerRefusal::UnknownProducer => {
+                    with_reason(Code::FailedPrecondition, message, UNKNOWN_PRODUCER_ID, &[])
+                }
+                ProducerRefusal::StaleDuplicate => {
+                    with_reason(Code::AlreadyExists, message, DUPLICATE_SEQUENCE_NUMBER, &[])
+                }
+            }
+        }
     }
 }
 
@@ -76,10 +116,12 @@ pub fn to_pb_error(status: &Status) -> keel_proto::v1::Error {
         reason: String::new(),
     };
     if let Some(info) = status.get_details_error_info()
-        && info.reason == NOT_LEADER
+        && info.domain == DOMAIN
     {
-        error.leader_id = info.metadata.get("leader_id").and_then(|s| s.parse().ok());
-        error.leader_addr = info.metadata.get("leader_addr").cloned().unwrap_or_default();
+        if info.reason == NOT_LEADER {
+            error.leader_id = info.metadata.get("leader_id").and_then(|s| s.parse().ok());
+            error.leader_addr = info.metadata.get("leader_addr").cloned().unwrap_or_default();
+        }
         error.reason = info.reason;
     }
     error

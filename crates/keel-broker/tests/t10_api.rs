@@ -695,3 +695,58 @@ async fn client_bounds_are_refused_cleanly_and_streams_end_on_stop() {
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     assert_eq!(other.subscribe(subscribe).await.unwrap_err().code(), Code::Unavailable);
 }
+
+/// Issue 11: a client in any language that sets the producer fields by hand gets Kafka's
+/// idempotence — a duplicate request answers with the first one's offsets and writes nothing,
+/// a gap is refused with OUT_OF_ORDER_SEQUENCE naming the expected sequence, an older epoch is
+/// PRODUCER_FENCED — on the unary call and on ProduceStream alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_written_idempotent_producer_is_deduplicated() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    let create = pb::CreateTopicRequest { name: "idem".into(), partitions: 1, replication_factor: 3, config: None };
+    admin.create_topic(create).await.unwrap();
+    let leader = wait_leaders(&mut admin, "idem").await.partitions[0].leader_addr.clone();
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&leader).await);
+    let stamped = |epoch: i32, sequence: i32, values: &[&str]| pb::ProduceRequest {
+        producer_id: Some(9),
+        producer_epoch: Some(epoch),
+        base_sequence: Some(sequence),
+        ..produce("idem", 0, values)
+    };
+    let first = produce_settled(&mut producer, stamped(0, 0, &["a", "b"])).await;
+    assert_eq!((first.base_offset, first.record_count), (0, 2));
+    let again = producer.produce(stamped(0, 0, &["a", "b"])).await.unwrap().into_inner();
+    assert_eq!((again.base_offset, again.record_count), (0, 2), "a duplicate gets the original offsets");
+    let gap = producer.produce(stamped(0, 5, &["x"])).await.unwrap_err();
+    assert_eq!(gap.code(), Code::FailedPrecondition, "{gap:?}");
+    let info = gap.get_details_error_info().expect("an ErrorInfo names the refusal");
+    assert_eq!(info.reason, "OUT_OF_ORDER_SEQUENCE");
+    assert_eq!(info.metadata.get("expected_sequence").map(String::as_str), Some("2"));
+    let next = producer.produce(stamped(0, 2, &["c"])).await.unwrap().into_inner();
+    assert_eq!(next.base_offset, 2);
+
+    // The same on a stream: the duplicate's answer, then a fenced epoch as a per-request error.
+    let requests = vec![
+        pb::ProduceRequest { request_id: 1, ..stamped(1, 0, &["d"]) },
+        pb::ProduceRequest { request_id: 2, ..stamped(1, 0, &["d"]) },
+        pb::ProduceRequest { request_id: 3, ..stamped(0, 3, &["e"]) },
+    ];
+    let mut answers = producer.produce_stream(futures_util::stream::iter(requests)).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(r) = answers.message().await.unwrap() {
+        got.push(r);
+    }
+    got.sort_by_key(|r| r.request_id);
+    assert_eq!(got.len(), 3);
+    assert_eq!((got[0].base_offset, got[1].base_offset), (3, 3), "{got:?}");
+    let fenced = got[2].error.as_ref().expect("the old epoch is refused");
+    assert_eq!((fenced.code, fenced.reason.as_str()), (Code::FailedPrecondition as i32, "PRODUCER_FENCED"));
+
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&leader).await);
+    let fetch =
+        pb::FetchRequest { topic: "idem".into(), partition: 0, offset: 0, max_bytes: 0, max_wait_ms: 0, format: 0 };
+    let records = consumer.fetch(fetch).await.unwrap().into_inner().records;
+    let values: Vec<&[u8]> = records.iter().map(|r| r.value.as_deref().unwrap_or_default()).collect();
+    assert_eq!(values, [b"a" as &[u8], b"b", b"c", b"d"], "each written once");
+}

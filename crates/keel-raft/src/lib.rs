@@ -17,6 +17,7 @@ pub mod leadership;
 pub mod network;
 pub mod node;
 pub mod producers;
+pub mod sequencer;
 pub mod state_machine;
 pub mod store;
 pub mod types;
@@ -24,6 +25,7 @@ pub mod types;
 pub use leadership::NOBODY;
 pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
 pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
+pub use sequencer::ProducerRefusal;
 pub use store::{Faults, IoMode, PartitionStore};
 pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};
 

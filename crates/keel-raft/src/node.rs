@@ -11,9 +11,12 @@ use keel_storage::{Disk, LogConfig};
 use openraft::Config;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::ClientWriteError;
+use tokio::sync::watch;
 use tracing::{Instrument, info, info_span};
 
 use crate::network::{Connector, GroupNetwork, Groups, NetworkConfig, Peers, RaftService};
+use crate::producers::Stamped;
+use crate::sequencer::{Answer, Check, ProducerRefusal, Sequencer};
 use crate::store::{Faults, IoMode, PartitionStore};
 use crate::types::{Appended, BatchData, GroupId, Node, NodeId, Raft, Runtime};
 
@@ -87,6 +90,9 @@ pub enum AppendError {
     /// The group stopped (storage failure or a broken invariant); it must be repaired.
     #[error("raft group failed: {0}")]
     Fatal(String),
+    /// An idempotent producer's batch refused by its sequence or epoch; nothing was written.
+    #[error("{0}")]
+    Producer(#[from] ProducerRefusal),
 }
 
 impl AppendError {
@@ -99,29 +105,54 @@ impl AppendError {
 
 /// A batch handed to raft, waiting for its commit.
 pub struct PendingAppend {
-    rx: openraft::type_config::alias::OneshotReceiverOf<crate::types::KeelRaft, ClientWriteResult>,
+    answer: Pending,
     timeout: Duration,
+}
+
+enum Pending {
+    /// Raft's own answer.
+    Raft(openraft::type_config::alias::OneshotReceiverOf<crate::types::KeelRaft, ClientWriteResult>),
+    /// An idempotent batch's answer, shared with its retries.
+    Shared(watch::Receiver<Answer>),
+    /// Known without raft: a duplicate's original offsets.
+    Ready(Appended),
 }
 
 type ClientWriteResult =
     Result<openraft::raft::ClientWriteResponse<crate::types::KeelRaft>, ClientWriteError<crate::types::KeelRaft>>;
 
+/// What raft's answer means for the batch.
+fn outcome(result: ClientWriteResult) -> Result<Appended, AppendError> {
+    let leader_of = |f: &openraft::error::ForwardToLeader<crate::types::KeelRaft>| {
+        f.leader_id.map(|id| (id, f.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default()))
+    };
+    match result {
+        Ok(response) => Ok(response.data),
+        Err(ClientWriteError::ForwardToLeader(f)) => Err(AppendError::NotLeader { leader: leader_of(&f) }),
+        Err(ClientWriteError::LogEntryDiscarded(f)) => Err(AppendError::Unknown { leader: leader_of(&f) }),
+        Err(other) => Err(AppendError::Fatal(other.to_string())),
+    }
+}
+
+fn core_stopped() -> AppendError {
+    AppendError::Fatal("the raft core stopped".into())
+}
+
 impl PendingAppend {
     /// Waits until the batch is committed (a quorum has it durably), or fails.
     pub async fn wait(self) -> Result<Appended, AppendError> {
-        let result = match tokio::time::timeout(self.timeout, self.rx).await {
-            Err(_) => return Err(AppendError::Timeout),
-            Ok(Err(_)) => return Err(AppendError::Fatal("the raft core stopped".into())),
-            Ok(Ok(result)) => result,
-        };
-        let leader_of = |f: &openraft::error::ForwardToLeader<crate::types::KeelRaft>| {
-            f.leader_id.map(|id| (id, f.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default()))
-        };
-        match result {
-            Ok(response) => Ok(response.data),
-            Err(ClientWriteError::ForwardToLeader(f)) => Err(AppendError::NotLeader { leader: leader_of(&f) }),
-            Err(ClientWriteError::LogEntryDiscarded(f)) => Err(AppendError::Unknown { leader: leader_of(&f) }),
-            Err(other) => Err(AppendError::Fatal(other.to_string())),
+        match self.answer {
+            Pending::Ready(appended) => Ok(appended),
+            Pending::Raft(rx) => match tokio::time::timeout(self.timeout, rx).await {
+                Err(_) => Err(AppendError::Timeout),
+                Ok(Err(_)) => Err(core_stopped()),
+                Ok(Ok(result)) => outcome(result),
+            },
+            Pending::Shared(mut rx) => match tokio::time::timeout(self.timeout, rx.wait_for(Option::is_some)).await {
+                Err(_) => Err(AppendError::Timeout),
+                Ok(Err(_)) => Err(core_stopped()),
+                Ok(Ok(answer)) => answer.clone().unwrap_or_else(|| Err(core_stopped())),
+            },
         }
     }
 }
@@ -158,6 +189,8 @@ pub struct RaftNode {
     faults: Mutex<Faults>,
     /// Whether the task that steps cut-off leaders down runs (it starts with the first group).
     step_down_started: AtomicBool,
+    /// Per group, the idempotent batches this node handed to raft and raft has not answered.
+    sequencers: Mutex<BTreeMap<GroupId, Arc<tokio::sync::Mutex<Sequencer>>>>,
 }
 
 impl RaftNode {
@@ -177,6 +210,7 @@ impl RaftNode {
             seed,
             faults: Mutex::new(Faults::default()),
             step_down_started: AtomicBool::new(false),
+            sequencers: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -272,6 +306,7 @@ impl RaftNode {
         if let Some(raft) = self.groups.remove(group) {
             let _ = raft.shutdown().await;
         }
+        self.sequencers.lock().unwrap_or_else(|e| e.into_inner()).remove(&group);
         let store = self.stores.lock().unwrap_or_else(|e| e.into_inner()).remove(&group);
         if let Some(store) = &store {
             store.close();
@@ -326,6 +361,11 @@ impl RaftNode {
     /// Hands one record batch to the group's leader and returns as soon as it is queued, in
     /// call order; [`PendingAppend::wait`] then waits for the commit. Pipelined producers submit
     /// in order and wait concurrently, so a partition's batches keep their order.
+    ///
+    /// A batch with a producer stamp is checked first ([`crate::sequencer`]): a retry of a
+    /// written batch answers with its original offsets and writes nothing, a retry of one still
+    /// in flight answers with that one's outcome, and a gap, an old epoch or a forgotten
+    /// producer is refused ([`AppendError::Producer`]).
     pub async fn submit(&self, group: GroupId, batch: Bytes) -> Result<PendingAppend, AppendError> {
         let header = keel_record::check(&batch).map_err(|e| AppendError::Invalid(e.to_string()))?;
         if header.total_len() != batch.len() || header.attributes.is_raft_entry() {
@@ -336,9 +376,76 @@ impl RaftNode {
             return Err(AppendError::Invalid(format!("batch of {} bytes exceeds the limit of {max}", batch.len())));
         }
         let raft = self.groups.get(group).map_err(|_| AppendError::UnknownGroup(group))?;
-        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
-        raft.client_write_ff(BatchData(batch), Some(responder)).await.map_err(|e| AppendError::Fatal(e.to_string()))?;
-        Ok(PendingAppend { rx, timeout: self.config.append_timeout })
+        let timeout = self.config.append_timeout;
+        if header.producer_id < 0 {
+            let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+            raft.client_write_ff(BatchData(batch), Some(responder))
+                .await
+                .map_err(|e| AppendError::Fatal(e.to_string()))?;
+            return Ok(PendingAppend { answer: Pending::Raft(rx), timeout });
+        }
+        let stamped = Stamped {
+            producer_id: header.producer_id,
+            epoch: header.producer_epoch,
+            base_sequence: header.base_sequence,
+            record_count: header.record_count,
+            timestamp_ms: header.max_timestamp_ms,
+        };
+        let store = self.store(group).map_err(|_| AppendError::UnknownGroup(group))?;
+        let sequencer = Arc::clone(self.sequencers.lock().unwrap_or_else(|e| e.into_inner()).entry(group).or_default());
+        // Held until raft has the batch queued: checks happen in log order.
+        let mut sequencer = sequencer.lock().await;
+        self.wait_own_term_applied(&raft).await?;
+        let check = store.with_producers(|table| sequencer.check(table, &stamped));
+        match check {
+            Check::Done(Ok(appended)) => Ok(PendingAppend { answer: Pending::Ready(appended), timeout }),
+            Check::Done(Err(e)) => Err(e),
+            Check::SameAs(answer) => Ok(PendingAppend { answer: Pending::Shared(answer), timeout }),
+            Check::Append => {
+                let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+                let (answer_tx, answer) = watch::channel(None);
+                // Noted before the batch goes to raft, so that no caller going away can leave
+                // a batch in the log that the sequencer does not know of.
+                sequencer.admitted(&stamped, answer.clone());
+                tokio::spawn(async move {
+                    let result: ClientWriteResult = match rx.await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            answer_tx.send_replace(Some(Err(core_stopped())));
+                            return;
+                        }
+                    };
+                    let result = outcome(result);
+                    answer_tx.send_replace(Some(result));
+                });
+                raft.client_write_ff(BatchData(batch), Some(responder))
+                    .await
+                    .map_err(|e| AppendError::Fatal(e.to_string()))?;
+                Ok(PendingAppend { answer: Pending::Shared(answer), timeout })
+            }
+        }
+    }
+
+    /// Waits (bounded) until this node leads the group and has applied an entry of its own term,
+    /// so that the producer table holds every batch written before the term.
+    async fn wait_own_term_applied(&self, raft: &Raft) -> Result<(), AppendError> {
+        let me = self.config.node_id;
+        let ready = |m: &crate::types::Metrics| {
+            m.current_leader != Some(me) || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+        };
+        let metrics = raft
+            .wait(Some(self.config.append_timeout))
+            .metrics(ready, "an entry of the leader's term applied")
+            .await
+            .map_err(|_| AppendError::Timeout)?;
+        if metrics.current_leader == Some(me) && self.leader_in(&metrics) == Some(me) {
+            return Ok(());
+        }
+        let leader = metrics.current_leader.filter(|l| *l != me).map(|id| {
+            let addr = metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
+            (id, addr.unwrap_or_default())
+        });
+        Err(AppendError::NotLeader { leader })
     }
 
     /// Reads committed batches of a group from `from_offset`, up to `bytes_max` (at least one).

@@ -232,6 +232,11 @@ impl PartitionStore {
         self.shared.high_watermark.subscribe()
     }
 
+    /// Reads the applied idempotent-producer table.
+    pub fn with_producers<T>(&self, f: impl FnOnce(&crate::producers::ProducerTable) -> T) -> T {
+        f(&lock(&self.shared.sm).state.producers)
+    }
+
     /// The log's written, durable and start positions.
     pub fn positions(&self) -> (LogPosition, LogPosition, LogPosition) {
         let log = lock(&self.shared.log);

@@ -143,9 +143,14 @@ pub async fn append(nodes: &[&TestNode], group: GroupId, batch: Bytes) -> Result
     for _ in 0..50 {
         match nodes[target].node.append(group, batch.clone()).await {
             Ok(a) => return Ok(a),
-            Err(AppendError::NotLeader { leader: Some((id, _)) }) => {
-                target = nodes.iter().position(|n| n.id == id).unwrap_or((target + 1) % nodes.len());
-            }
+            Err(AppendError::NotLeader { leader: Some((id, _)) }) => match nodes.iter().position(|n| n.id == id) {
+                Some(i) => target = i,
+                None => {
+                    // A leader that is not among `nodes` (stopped): wait for the next election.
+                    target = (target + 1) % nodes.len();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
             Err(e) if e.is_retriable() => {
                 last = Some(e);
                 target = (target + 1) % nodes.len();
