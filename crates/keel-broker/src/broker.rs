@@ -1,5 +1,6 @@
 //! A node: the metadata log and its follower, the reconciler that opens and removes partition
-//! groups to match it, and the controller operations (create/delete topics, register nodes).
+//! groups to match it, and the controller operations (create/delete topics, register nodes,
+//! allocate producer ids).
 //!
 //! The metadata controller is an ordinary Keel partition, raft group 0 (`__meta`), replicated on
 //! the configured voters; each record is one metadata command. Every voter replays its own
@@ -9,6 +10,7 @@
 //! way on every node, so a command proposed by a deposed leader cannot diverge the replicas.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +32,8 @@ use crate::config::{BrokerConfig, Identity, claim_data_dir};
 use crate::coordinator::CoordinatorFaults;
 use crate::error::{BrokerError, append_status, meta_status, not_leader};
 use crate::groups::GroupCoordinator;
-use crate::metadata::{self, Command, META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC, Partition, Topic};
+use crate::metadata::{self, Command, META_GROUP, META_TOPIC, MetaError, Metadata, OFFSETS_TOPIC, Partition, Topic};
+use crate::producer_ids::{PRODUCER_ID_BLOCK, ProducerIds};
 
 /// The wall clock (record timestamps, retention): the only source of "now" in a broker.
 pub trait Clock: Send + Sync + 'static {
@@ -91,6 +94,8 @@ pub(crate) struct Inner {
     /// Set when the node begins to stop: streams end so that a graceful stop does not wait for
     /// consumers that would otherwise never hang up.
     pub(crate) stopping: watch::Sender<bool>,
+    /// The block of producer ids `InitProducerId` hands out (in memory only: lost on restart).
+    producer_ids: ProducerIds,
 }
 
 /// How a node's partitions do their disk work, and bugs injected for negative controls. The
@@ -178,6 +183,7 @@ impl Broker {
             subscribe_buffer: Arc::new(Semaphore::new(limits.subscribe_buffer_bytes_max.min(Semaphore::MAX_PERMITS))),
             subscribes: Mutex::new(BTreeMap::new()),
             stopping: watch::channel(false).0,
+            producer_ids: ProducerIds::new(),
         });
         if inner.config.is_voter() {
             let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
@@ -628,6 +634,101 @@ impl Inner {
             return Ok(());
         }
         self.propose(&Command::RegisterNode { node_id: request.node_id, addr: request.addr }).await.map(|_| ())
+    }
+
+    /// A producer id for `InitProducerId`, from this node's block; an empty block is refilled
+    /// from the controller first. Any failure to allocate is UNAVAILABLE without a leader hint:
+    /// every node serves InitProducerId, so the client should retry, not look for the controller.
+    pub(crate) async fn next_producer_id(&self) -> Result<i64, Status> {
+        self.producer_ids
+            .next(|| async {
+                self.allocate_producer_ids(PRODUCER_ID_BLOCK, 0).await.map_err(|status| {
+                    Status::unavailable(format!(
+                        "node {} could not get producer ids from the metadata controller ({}: {}); retry",
+                        self.config.node_id,
+                        status.code(),
+                        status.message()
+                    ))
+                })
+            })
+            .await
+    }
+
+    /// Allocates `count` producer ids: on the controller leader, appends an
+    /// `AllocateProducerIds` planned from the latest metadata and returns the block once it is
+    /// applied; elsewhere forwards the request there.
+    pub(crate) async fn allocate_producer_ids(&self, count: u32, hops: u32) -> Result<Range<i64>, Status> {
+        let max = metadata::PRODUCER_IDS_PER_ALLOCATION_MAX;
+        if count == 0 || count > max {
+            return Err(Status::invalid_argument(format!("count must be between 1 and {max}, not {count}")));
+        }
+        if !self.leads_meta() {
+            let request = self.forwardable(pb::AllocateProducerIdsRequest { count }, hops)?;
+            let response = self
+                .forward_to_controller(request, |channel, request| async move {
+                    let mut client = pb::controller_client::ControllerClient::new(channel);
+                    client.allocate_producer_ids(request).await.map(|r| r.into_inner())
+                })
+                .await?;
+            // Checked before the ids are used: a wrong block would repeat somebody's ids.
+            let end = response.first.checked_add(i64::from(response.count));
+            return match end {
+                Some(end) if response.first >= 0 && response.count == count => Ok(response.first..end),
+                _ => Err(Status::internal(format!(
+                    "the controller answered {} ids from {} to a request for {count}",
+                    response.count, response.first
+                ))),
+            };
+        }
+        let _turn = self.controller_turn().await?;
+        let before = self.metadata();
+        let first = before.next_producer_id;
+        let Some(end) = first.checked_add(i64::from(count)) else {
+            return Err(meta_status(MetaError::Precondition("the producer-id space is exhausted".into())));
+        };
+        let command = Command::AllocateProducerIds { first, count };
+        let offset = self.propose(&command).await?;
+        match self.outcome_at(&before, offset)? {
+            None => Ok(first..end),
+            // Another allocation from `first` came first (e.g. an earlier proposal of this
+            // leader that timed out and committed later): this one allocated nothing.
+            Some(MetaError::Precondition(reason)) => {
+                Err(Status::aborted(format!("the producer-id allocation raced another ({reason}); retry")))
+            }
+            Some(refusal) => Err(meta_status(refusal)),
+        }
+    }
+
+    /// Whether the command at `offset` (committed and applied here) was applied or refused,
+    /// found by replaying the committed records from `before` (the metadata it was planned
+    /// from) up to it. The latest metadata cannot tell: it may include other commands since.
+    fn outcome_at(&self, before: &Metadata, offset: u64) -> Result<Option<MetaError>, Status> {
+        let store = self.node.store(META_GROUP).map_err(|_| not_leader("the metadata log", None))?;
+        let mut replayed = before.clone();
+        while replayed.applied_offset <= offset {
+            let from = replayed.applied_offset;
+            let batches = store
+                .read_committed(from, 1 << 20)
+                .map_err(|e| Status::unavailable(format!("reading __meta back: {e}")))?;
+            for batch in &batches {
+                for record in batch.records() {
+                    let record = record.map_err(|e| Status::internal(format!("undecodable __meta record: {e}")))?;
+                    if record.offset > offset {
+                        break;
+                    }
+                    let refusal = replayed
+                        .replay(record.offset, record.value.as_deref().unwrap_or_default())
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    if record.offset == offset {
+                        return Ok(refusal);
+                    }
+                }
+            }
+            if replayed.applied_offset == from {
+                return Err(Status::unavailable(format!("__meta record {offset} is not readable here yet")));
+            }
+        }
+        Err(Status::internal(format!("__meta record {offset} was applied before the metadata it was planned from")))
     }
 
     /// Wraps a request for forwarding, counting the hop; refuses a request that went too far.
@@ -1176,7 +1277,63 @@ fn too_large(size: usize, limit: usize) -> Status {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::ByteBudget;
+    use super::*;
+
+    struct FixedClock;
+    impl Clock for FixedClock {
+        fn now_ms(&self) -> i64 {
+            1_700_000_000_000
+        }
+    }
+
+    /// One node that is its own controller, serving nothing over the network (it needs none).
+    async fn single_node(dir: &std::path::Path) -> Broker {
+        let addr = "127.0.0.1:1".to_owned();
+        let config = BrokerConfig {
+            node_id: 1,
+            advertised_addr: addr.clone(),
+            data_dir: dir.join("node-1"),
+            voters: BTreeMap::from([(1, addr)]),
+            timings: keel_raft::RaftTimings { heartbeat_ms: 50, election_min_ms: 200, election_max_ms: 400 },
+            log: LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: 1 << 20, ..LogConfig::default() },
+            network: keel_raft::NetworkConfig::default(),
+            append_timeout: Duration::from_secs(5),
+            retention_interval: Duration::from_secs(3600),
+            limits: crate::Limits::default(),
+            groups: Default::default(),
+            seed: 1,
+        };
+        let disk = Arc::new(keel_storage::FileDisk::new());
+        let broker = Broker::start(config, disk, Arc::new(keel_raft::TcpConnector::default()), Arc::new(FixedClock))
+            .await
+            .unwrap();
+        let mut ready = broker.ready();
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r)).await.unwrap().unwrap();
+        broker
+    }
+
+    /// The controller learns whether its own allocation applied by replaying from the metadata
+    /// it planned from: a repeated proposal (as when an earlier one timed out and committed
+    /// later) is found refused, though the latest metadata alone would look just as allocated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_allocation_is_told_from_an_applied_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = single_node(dir.path()).await;
+        let inner = &broker.inner;
+        let before = inner.metadata();
+        let first = before.next_producer_id;
+        let command = Command::AllocateProducerIds { first, count: 10 };
+        let applied = inner.propose(&command).await.unwrap();
+        inner.propose(&Command::RegisterNode { node_id: 9, addr: "elsewhere:1".into() }).await.unwrap();
+        let repeated = inner.propose(&command).await.unwrap();
+        assert_eq!(inner.metadata().next_producer_id, first + 10);
+        assert_eq!(inner.outcome_at(&before, applied).unwrap(), None);
+        assert!(matches!(inner.outcome_at(&before, repeated).unwrap(), Some(MetaError::Precondition(_))));
+        // Through the controller operation, a block starts where the last one ended.
+        assert_eq!(inner.allocate_producer_ids(5, 0).await.unwrap(), first + 10..first + 15);
+        assert_eq!(inner.allocate_producer_ids(0, 0).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        broker.shutdown().await;
+    }
 
     #[test]
     fn a_full_budget_refuses_until_room_is_given_back() {

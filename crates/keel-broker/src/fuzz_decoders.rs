@@ -54,6 +54,9 @@ fn seeds() -> Vec<Vec<u8>> {
         },
         Command::AddPartitions { name: "orders".into(), assignment: vec![vec![3, 1, 2]], partitions_before: Some(2) },
         Command::DeleteTopic { name: "orders".into() },
+        // Applies to a fresh cluster (ids start at 0); the other is refused there.
+        Command::AllocateProducerIds { first: 0, count: 1000 },
+        Command::AllocateProducerIds { first: i64::MAX - 100_000, count: 100_000 },
     ];
     let mut seeds: Vec<Vec<u8>> = commands.iter().map(encode_command).collect();
     // A record written before `partitions_before` existed.

@@ -1,11 +1,12 @@
 //! A Keel node: the metadata controller (raft group 0, `__meta`), the partition groups its
 //! assignment gives this node, and the gRPC services clients and peers talk to.
 //!
-//! - [`metadata`]: the pure metadata state machine (nodes, topics, assignment);
+//! - [`metadata`]: the pure metadata state machine (nodes, topics, assignment, producer ids);
 //! - [`broker`]: the node's life: metadata follower, reconciler, controller operations;
 //! - [`service`]: Producer, Consumer, Admin, Controller and NodeStatus over gRPC;
 //! - [`coordinator`]: the coordinator runtime (DESIGN.md §6.1) over an internal-topic partition;
 //! - [`groups`]: consumer-group coordinators on that runtime, served by the `Groups` gRPC service;
+//! - [`producer_ids`]: the node's block of producer ids behind `InitProducerId`;
 //! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
 
@@ -16,6 +17,7 @@ pub mod error;
 pub mod groups;
 mod groups_service;
 pub mod metadata;
+pub mod producer_ids;
 pub mod service;
 pub mod size_status;
 

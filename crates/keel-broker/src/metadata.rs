@@ -1,6 +1,7 @@
-//! The cluster's metadata as a pure state machine: nodes, topics and the partition → replicas
-//! assignment. It is the applied state of the `__meta` log (one command per record), so every
-//! node that replays the same log holds the same metadata. No I/O, no clock.
+//! The cluster's metadata as a pure state machine: nodes, topics, the partition → replicas
+//! assignment, and how many producer ids were allocated. It is the applied state of the `__meta`
+//! log (one command per record), so every node that replays the same log holds the same
+//! metadata. No I/O, no clock.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,9 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// Most partitions one topic may have.
 pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
+/// Most producer ids one `AllocateProducerIds` may take: a node asks for a block at a time, and
+/// a bound keeps one bad request from spending a noticeable share of the id space.
+pub const PRODUCER_IDS_PER_ALLOCATION_MAX: u32 = 100_000;
 
 /// A node as the cluster knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +118,15 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         partitions_before: Option<u32>,
     },
+    /// Hands the producer ids `first..first + count` to one node (which gives them out one per
+    /// `InitProducerId`). Applied only if `first` is the next unallocated id, so a proposal
+    /// planned from stale metadata, or proposed twice, allocates nothing.
+    AllocateProducerIds {
+        /// The first id of the block: must equal `Metadata::next_producer_id`.
+        first: i64,
+        /// How many ids, 1 to `PRODUCER_IDS_PER_ALLOCATION_MAX`.
+        count: u32,
+    },
 }
 
 /// Why a command or a request is refused.
@@ -168,6 +181,9 @@ pub struct Metadata {
     pub next_group: GroupId,
     /// The `__meta` offset up to which commands are applied.
     pub applied_offset: u64,
+    /// The first producer id no node was given: every id below it was allocated exactly once,
+    /// and none is ever allocated again. 0 in a log written before producer ids existed.
+    pub next_producer_id: i64,
 }
 
 impl Metadata {
@@ -272,6 +288,26 @@ impl Metadata {
                 if let Some(topic) = self.topics.get_mut(name) {
                     topic.partitions.extend(partitions);
                 }
+                Ok(())
+            }
+            Command::AllocateProducerIds { first, count } => {
+                if *count == 0 || *count > PRODUCER_IDS_PER_ALLOCATION_MAX {
+                    return Err(MetaError::Invalid(format!(
+                        "a producer-id allocation takes 1 to {PRODUCER_IDS_PER_ALLOCATION_MAX} ids, not {count}"
+                    )));
+                }
+                if *first != self.next_producer_id {
+                    return Err(MetaError::Precondition(format!(
+                        "producer ids from {first} were planned, but {} is the next unallocated one",
+                        self.next_producer_id
+                    )));
+                }
+                // `next` itself is never handed out, so every id stays below i64::MAX.
+                let next = first
+                    .checked_add(i64::from(*count))
+                    .ok_or_else(|| MetaError::Precondition("the producer-id space is exhausted".into()))?;
+                self.next_producer_id = next;
+                debug_assert!(self.next_producer_id > 0, "producer ids only grow from 0");
                 Ok(())
             }
         }
@@ -639,13 +675,73 @@ mod tests {
 
     #[test]
     fn commands_round_trip() {
-        let c = Command::CreateTopic {
-            name: "t".into(),
-            replication_factor: 3,
-            settings: TopicSettings { retention_ms: Some(5), ..TopicSettings::default() },
-            assignment: vec![vec![1, 2, 3]],
-        };
-        assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
+        let commands = [
+            Command::CreateTopic {
+                name: "t".into(),
+                replication_factor: 3,
+                settings: TopicSettings { retention_ms: Some(5), ..TopicSettings::default() },
+                assignment: vec![vec![1, 2, 3]],
+            },
+            Command::AllocateProducerIds { first: 0, count: 1 },
+            Command::AllocateProducerIds { first: i64::MAX - 1, count: PRODUCER_IDS_PER_ALLOCATION_MAX },
+        ];
+        for c in commands {
+            assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
+        }
         assert!(decode_command(b"{\"op\":\"nope\"}").is_err());
+        let written = br#"{"op":"allocate_producer_ids","first":2000,"count":1000}"#;
+        assert_eq!(decode_command(written).unwrap(), Command::AllocateProducerIds { first: 2000, count: 1000 });
+    }
+
+    /// Blocks follow one another from 0; the same proposal applied twice (a retry, or a deposed
+    /// leader's) is refused the second time and allocates nothing.
+    #[test]
+    fn producer_ids_are_allocated_once() {
+        let mut m = cluster(3);
+        assert_eq!(m.next_producer_id, 0, "a log without allocations starts at 0");
+        let first = Command::AllocateProducerIds { first: 0, count: 1000 };
+        let offset = m.applied_offset;
+        m.apply(offset, &first).unwrap();
+        assert_eq!(m.next_producer_id, 1000);
+        assert!(matches!(m.apply(offset + 1, &first), Err(MetaError::Precondition(_))));
+        assert_eq!(m.next_producer_id, 1000);
+        m.apply(offset + 2, &Command::AllocateProducerIds { first: 1000, count: 1 }).unwrap();
+        assert_eq!(m.next_producer_id, 1001);
+        // Replayed from the log, the refused record is refused again: every node agrees.
+        let mut replayed = cluster(3);
+        for (i, c) in [first.clone(), first, Command::AllocateProducerIds { first: 1000, count: 1 }].iter().enumerate()
+        {
+            let refusal = replayed.replay(offset + i as u64, &encode_command(c)).unwrap();
+            assert_eq!(refusal.is_some(), i == 1, "record {i}");
+        }
+        assert_eq!(replayed, m);
+    }
+
+    #[test]
+    fn producer_id_allocations_are_bounded() {
+        let max = PRODUCER_IDS_PER_ALLOCATION_MAX;
+        let cases = [
+            (0, 0, 0, "no ids"),
+            (0, 0, max + 1, "too many ids"),
+            (0, 5, 10, "ahead of the next id"),
+            (10, 5, 10, "behind the next id"),
+            (0, -1, 10, "negative"),
+            (i64::MAX - 5, i64::MAX - 5, 6, "past i64::MAX"),
+        ];
+        for (next, first, count, why) in cases {
+            let mut m = Metadata { next_producer_id: next, ..Metadata::new() };
+            let before = m.clone();
+            assert!(m.apply(0, &Command::AllocateProducerIds { first, count }).is_err(), "{why}");
+            assert_eq!(m.next_producer_id, before.next_producer_id, "{why}");
+        }
+        let mut m = Metadata::new();
+        m.apply(0, &Command::AllocateProducerIds { first: 0, count: max }).unwrap();
+        assert_eq!(m.next_producer_id, i64::from(max));
+        // The last block may end exactly at i64::MAX: its ids stay below it.
+        let mut m = Metadata { next_producer_id: i64::MAX - 5, ..Metadata::new() };
+        m.apply(0, &Command::AllocateProducerIds { first: i64::MAX - 5, count: 5 }).unwrap();
+        assert_eq!(m.next_producer_id, i64::MAX);
+        let refused = m.apply(1, &Command::AllocateProducerIds { first: i64::MAX, count: 1 });
+        assert!(matches!(refused, Err(MetaError::Precondition(_))), "{refused:?}");
     }
 }

@@ -561,6 +561,16 @@ impl pb::producer_server::Producer for Api {
         });
         Ok(Response::new(channel_stream(rx)))
     }
+
+    async fn init_producer_id(
+        &self,
+        _request: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        let producer_id = self.inner.next_producer_id().instrument(info_span!("init_producer_id")).await?;
+        // Epoch 0: every id is new. Bumping the epoch of a re-initialised stable identity is
+        // not built yet.
+        Ok(Response::new(pb::InitProducerIdResponse { producer_id, producer_epoch: 0 }))
+    }
 }
 
 fn error_response(request_id: u64, status: &Status) -> pb::ProduceResponse {
@@ -874,6 +884,16 @@ impl pb::controller_server::Controller for Api {
         let hops = hops(&request);
         let committed_offset = self.inner.meta_position(hops).await?;
         Ok(Response::new(pb::MetaPositionResponse { committed_offset }))
+    }
+
+    async fn allocate_producer_ids(
+        &self,
+        request: Request<pb::AllocateProducerIdsRequest>,
+    ) -> Result<Response<pb::AllocateProducerIdsResponse>, Status> {
+        let hops = hops(&request);
+        let count = request.into_inner().count;
+        let block = self.inner.allocate_producer_ids(count, hops).await?;
+        Ok(Response::new(pb::AllocateProducerIdsResponse { first: block.start, count }))
     }
 }
 

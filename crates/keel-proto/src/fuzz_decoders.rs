@@ -121,6 +121,7 @@ macro_rules! requests {
 
 requests!(
     ProduceRequest,
+    InitProducerIdRequest,
     FetchRequest,
     SubscribeRequest,
     CreateTopicRequest,
@@ -139,6 +140,7 @@ requests!(
     DeleteGroupRequest,
     RegisterNodeRequest,
     MetaPositionRequest,
+    AllocateProducerIdsRequest,
     LocalStatusRequest,
     AppendEntriesRequest,
     VoteRequest,
@@ -186,6 +188,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             base_sequence: Some(10),
         }),
         enc(pb::ProduceRequest { topic: "t".into(), batch: Bytes::from(vec![1u8; 80]), ..Default::default() }),
+        enc(pb::InitProducerIdRequest {}),
         enc(pb::FetchRequest {
             topic: "t".into(),
             partition: 2,
@@ -238,6 +241,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         enc(pb::DeleteGroupRequest { group: "g".into() }),
         enc(pb::RegisterNodeRequest { node_id: 2, addr: "10.0.0.2:7070".into(), cluster_id: "c".into() }),
         enc(pb::MetaPositionRequest {}),
+        enc(pb::AllocateProducerIdsRequest { count: 1000 }),
         enc(pb::LocalStatusRequest {}),
         enc(pb::AppendEntriesRequest {
             group_id: 9,

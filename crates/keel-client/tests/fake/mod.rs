@@ -313,6 +313,14 @@ impl Producer for Node {
         });
         Ok(Response::new(channel_stream(rx)))
     }
+
+    async fn init_producer_id(
+        &self,
+        _request: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        // The client does not ask for producer ids yet.
+        Err(Status::unimplemented("the fake cluster hands out no producer ids"))
+    }
 }
 
 #[tonic::async_trait]

@@ -1,0 +1,143 @@
+//! Producer ids over real gRPC against three in-process nodes: `InitProducerId` on every node
+//! hands out ids unique across the cluster, from blocks the controller records in `__meta` (few
+//! metadata writes for many ids), bounded `AllocateProducerIds`, and ids that stay unique when
+//! the controller leader's node stops.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Cluster, channel, start};
+use futures_util::StreamExt;
+use keel_broker::{Broker, META_GROUP};
+use keel_proto::v1 as pb;
+use keel_proto::v1::controller_client::ControllerClient;
+use keel_proto::v1::producer_client::ProducerClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The block a node allocates at a time.
+const BLOCK: i64 = keel_broker::producer_ids::PRODUCER_ID_BLOCK as i64;
+
+/// One InitProducerId, retried while the answer is UNAVAILABLE (which says: retry), up to ~20 s.
+async fn init_producer_id(client: &mut ProducerClient<Channel>) -> i64 {
+    let mut last = None;
+    for _ in 0..200 {
+        match client.init_producer_id(pb::InitProducerIdRequest {}).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                assert_eq!(r.producer_epoch, 0, "a new id starts at epoch 0");
+                return r.producer_id;
+            }
+            Err(status) if status.code() == Code::Unavailable => last = Some(status),
+            Err(status) => panic!("InitProducerId failed: {status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("InitProducerId stayed unavailable: {last:?}");
+}
+
+/// The node that leads `__meta` now, once one does.
+async fn controller(cluster: &Cluster, among: &[usize]) -> usize {
+    for _ in 0..200 {
+        for &i in among {
+            let b: &Broker = &cluster.brokers[i];
+            if b.raft_node().leader(META_GROUP) == Some(b.node_id()) {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no controller leader among {among:?}");
+}
+
+/// `calls` InitProducerIds spread round-robin over the nodes `on`, `concurrency` at a time:
+/// (node index, id) pairs.
+async fn many_ids(cluster: &Cluster, on: &[usize], calls: usize, concurrency: usize) -> Vec<(usize, i64)> {
+    let mut clients = Vec::new();
+    for &i in on {
+        clients.push((i, ProducerClient::new(channel(&cluster.addrs[i]).await)));
+    }
+    futures_util::stream::iter(0..calls)
+        .map(|n| {
+            let (node, mut client) = clients[n % clients.len()].clone();
+            async move { (node, init_producer_id(&mut client).await) }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+fn distinct(ids: &[(usize, i64)]) -> BTreeSet<i64> {
+    let set: BTreeSet<i64> = ids.iter().map(|(_, id)| *id).collect();
+    assert_eq!(set.len(), ids.len(), "an id was handed out twice");
+    assert!(set.iter().all(|id| *id >= 0), "ids are never negative");
+    set
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_ids_are_unique_across_the_cluster() {
+    let cluster = start(3).await;
+    let calls = 3_000;
+    let ids = distinct(&many_ids(&cluster, &[0, 1, 2], calls, 30).await);
+    assert_eq!(ids.len(), calls);
+
+    let leader = &cluster.brokers[controller(&cluster, &[0, 1, 2]).await];
+    let next = leader.metadata().next_producer_id;
+    assert!(ids.iter().all(|id| *id < next), "every id was allocated: next is {next}, max {:?}", ids.last());
+    // Blocks, not ids, are metadata writes: every block but the last of each node was used up,
+    // so at most ceil(3000 / 1000) + 3 blocks (6 records in __meta for 3,000 ids).
+    assert_eq!(next % BLOCK, 0, "whole blocks only");
+    let blocks_max = calls.div_ceil(BLOCK as usize) as i64 + 3;
+    assert!(next / BLOCK <= blocks_max, "{} blocks for {calls} ids", next / BLOCK);
+
+    // AllocateProducerIds is bounded, on the controller and on a node that forwards it, and a
+    // refused request allocates nothing.
+    let follower = cluster.brokers.iter().position(|b| b.node_id() != leader.node_id()).unwrap();
+    for addr in [&cluster.addrs[(leader.node_id() - 1) as usize], &cluster.addrs[follower]] {
+        let mut c = ControllerClient::new(channel(addr).await);
+        for count in [0, 100_001] {
+            let refused = c.allocate_producer_ids(pb::AllocateProducerIdsRequest { count }).await.unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument, "{count}: {refused:?}");
+        }
+    }
+    assert_eq!(leader.metadata().next_producer_id, next);
+    // A block allocated through a follower starts where the last one ended.
+    let mut c = ControllerClient::new(channel(&cluster.addrs[follower]).await);
+    let block = c.allocate_producer_ids(pb::AllocateProducerIdsRequest { count: 7 }).await.unwrap().into_inner();
+    assert_eq!((block.first, block.count), (next, 7));
+    assert_eq!(leader.metadata().next_producer_id, next + 7);
+}
+
+/// The controller leader's node stops with a block of its own partly used; the survivors, each
+/// also holding part of a block, hand out ids through a newly elected controller. No id given
+/// before the stop (including the stopped node's) is given again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_ids_stay_unique_when_the_controller_stops() {
+    let cluster = start(3).await;
+    let given = many_ids(&cluster, &[0, 1, 2], 300, 10).await;
+    let before = distinct(&given);
+    let stopped = controller(&cluster, &[0, 1, 2]).await;
+    // The blocks the stopped node gave ids from: the rest of them must never be given out.
+    let stopped_blocks: BTreeSet<i64> = given.iter().filter(|(n, _)| *n == stopped).map(|(_, id)| id / BLOCK).collect();
+    assert!(!stopped_blocks.is_empty());
+    let allocated_before = cluster.brokers[stopped].metadata().next_producer_id;
+    assert!(before.iter().all(|id| *id < allocated_before));
+    cluster.brokers[stopped].halt().await;
+
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != stopped).collect();
+    // More than the survivors' blocks still hold (at most 2 * 1000 - 200): the new controller
+    // must allocate.
+    let after = distinct(&many_ids(&cluster, &survivors, 2 * BLOCK as usize, 10).await);
+    assert!(after.is_disjoint(&before), "an id handed out before the stop was handed out again");
+    assert!(after.iter().all(|id| !stopped_blocks.contains(&(id / BLOCK))), "the stopped node's block was reused");
+    let fresh: Vec<i64> = after.iter().copied().filter(|id| *id >= allocated_before).collect();
+    assert!(!fresh.is_empty(), "blocks were allocated after the stop");
+    let new_leader = &cluster.brokers[controller(&cluster, &survivors).await];
+    let next = new_leader.metadata().next_producer_id;
+    assert!(next > allocated_before);
+    assert!(after.iter().all(|id| *id < next));
+}
