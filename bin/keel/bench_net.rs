@@ -51,6 +51,21 @@ pub struct ProduceBenchArgs {
     /// Largest batch the producer sends, in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     batch_bytes: usize,
+    /// The producer's idempotence: on (the default), off, or both — one run each, off first,
+    /// and the cost of idempotence as a ratio of their throughputs.
+    #[arg(long, value_enum, default_value_t = Idempotence::On)]
+    idempotence: Idempotence,
+}
+
+/// Which producers `keel bench produce` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Idempotence {
+    /// Idempotent (the client's default).
+    On,
+    /// Not idempotent.
+    Off,
+    /// Both, in one run.
+    Both,
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +86,9 @@ pub struct ConsumeBenchArgs {
 #[derive(Debug, Serialize)]
 struct NetReport {
     what: &'static str,
+    /// Whether the producer was idempotent (produce only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotence: Option<bool>,
     topic: String,
     records: u64,
     failed: u64,
@@ -112,68 +130,102 @@ pub fn produce(args: ProduceBenchArgs, output: Output) -> anyhow::Result<()> {
             Ok(_) | Err(ClientError::AlreadyExists(_)) => {}
             Err(e) => return Err(e).context("creating the bench topic"),
         }
-        let config = ProducerConfig {
-            linger: Duration::from_millis(args.linger_ms.unwrap_or(if args.in_flight == 1 { 0 } else { 1 })),
-            batch_bytes_max: args.batch_bytes,
-            buffer_records_max: args.in_flight.max(1),
-            ..ProducerConfig::default()
+        let modes: &[bool] = match args.idempotence {
+            Idempotence::On => &[true],
+            Idempotence::Off => &[false],
+            Idempotence::Both => &[false, true],
         };
-        let producer = Producer::new(client, config)?;
-        // Warm up: the first records wait for leaders and connections, which is not speed.
-        producer.send(&args.topic, ProducerRecord::new(Bytes::from_static(b"warm-up"))).await?.await?;
+        let mut reports = Vec::new();
+        for &idempotence in modes {
+            let report = measure_produce(&client, &args, idempotence, output).await?;
+            print(&report, output)?;
+            reports.push(report);
+        }
+        if let [off, on] = &reports[..]
+            && off.records_per_sec > 0.0
+        {
+            let ratio = on.records_per_sec / off.records_per_sec;
+            match output {
+                Output::Json => println!("{}", serde_json::json!({ "idempotent_to_plain_throughput": ratio })),
+                Output::Text => println!(
+                    "idempotence: {:.1}% of the plain producer's throughput ({:+.1}%)",
+                    100.0 * ratio,
+                    100.0 * (ratio - 1.0)
+                ),
+            }
+        }
+        Ok(())
+    })
+}
 
-        let value = Bytes::from((0..args.value_bytes).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).context("histogram")?;
-        let bar = progress(args.records, output);
-        let limit = Duration::from_secs(args.duration);
-        let clock = Stopwatch::start();
-        let mut pending = FuturesUnordered::new();
-        let (mut sent, mut acked, mut failed) = (0u64, 0u64, 0u64);
-        let mut first_error = None;
-        loop {
-            let can_send = sent < args.records && clock.elapsed() < limit;
-            if can_send && pending.len() < args.in_flight {
-                let delivery = producer.send(&args.topic, ProducerRecord::new(value.clone())).await?;
-                let one = Stopwatch::start();
-                pending.push(async move { (delivery.await, one.elapsed()) });
-                sent += 1;
-                continue;
-            }
-            let Some((result, took)) = pending.next().await else { break };
-            match result {
-                Ok(_) => {
-                    acked += 1;
-                    latency.saturating_record(took.as_micros() as u64);
-                }
-                Err(e) => {
-                    failed += 1;
-                    first_error.get_or_insert(e);
-                }
-            }
-            bar.inc(1);
+async fn measure_produce(
+    client: &keel_client::ClientConfig,
+    args: &ProduceBenchArgs,
+    idempotence: bool,
+    output: Output,
+) -> anyhow::Result<NetReport> {
+    let config = ProducerConfig {
+        linger: Duration::from_millis(args.linger_ms.unwrap_or(if args.in_flight == 1 { 0 } else { 1 })),
+        batch_bytes_max: args.batch_bytes,
+        buffer_records_max: args.in_flight.max(1),
+        idempotence,
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::new(client.clone(), config)?;
+    // Warm up: the first records wait for leaders, connections and a producer id, which is not speed.
+    producer.send(&args.topic, ProducerRecord::new(Bytes::from_static(b"warm-up"))).await?.await?;
+
+    let value = Bytes::from((0..args.value_bytes).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).context("histogram")?;
+    let bar = progress(args.records, output);
+    let limit = Duration::from_secs(args.duration);
+    let clock = Stopwatch::start();
+    let mut pending = FuturesUnordered::new();
+    let (mut sent, mut acked, mut failed) = (0u64, 0u64, 0u64);
+    let mut first_error = None;
+    loop {
+        let can_send = sent < args.records && clock.elapsed() < limit;
+        if can_send && pending.len() < args.in_flight {
+            let delivery = producer.send(&args.topic, ProducerRecord::new(value.clone())).await?;
+            let one = Stopwatch::start();
+            pending.push(async move { (delivery.await, one.elapsed()) });
+            sent += 1;
+            continue;
         }
-        let seconds = clock.elapsed().as_secs_f64();
-        bar.finish_and_clear();
-        producer.close().await;
-        if let Some(e) = first_error {
-            eprintln!("{failed} records failed; the first: {e}");
+        let Some((result, took)) = pending.next().await else { break };
+        match result {
+            Ok(_) => {
+                acked += 1;
+                latency.saturating_record(took.as_micros() as u64);
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
         }
-        let report = NetReport {
-            what: "produce",
-            topic: args.topic,
-            records: acked,
-            failed,
-            value_bytes: args.value_bytes,
-            in_flight: Some(args.in_flight),
-            seconds,
-            records_per_sec: acked as f64 / seconds,
-            mb_per_sec: (acked * args.value_bytes as u64) as f64 / seconds / 1e6,
-            latency_us_p50: Some(latency.value_at_quantile(0.50)),
-            latency_us_p99: Some(latency.value_at_quantile(0.99)),
-            latency_us_p999: Some(latency.value_at_quantile(0.999)),
-            latency_us_max: Some(latency.max()),
-        };
-        print(&report, output)
+        bar.inc(1);
+    }
+    let seconds = clock.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    producer.close().await;
+    if let Some(e) = first_error {
+        eprintln!("{failed} records failed; the first: {e}");
+    }
+    Ok(NetReport {
+        what: "produce",
+        idempotence: Some(idempotence),
+        topic: args.topic.clone(),
+        records: acked,
+        failed,
+        value_bytes: args.value_bytes,
+        in_flight: Some(args.in_flight),
+        seconds,
+        records_per_sec: acked as f64 / seconds,
+        mb_per_sec: (acked * args.value_bytes as u64) as f64 / seconds / 1e6,
+        latency_us_p50: Some(latency.value_at_quantile(0.50)),
+        latency_us_p99: Some(latency.value_at_quantile(0.99)),
+        latency_us_p999: Some(latency.value_at_quantile(0.999)),
+        latency_us_max: Some(latency.max()),
     })
 }
 
@@ -206,6 +258,7 @@ pub fn consume(args: ConsumeBenchArgs, output: Output) -> anyhow::Result<()> {
         let seconds = clock.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let report = NetReport {
+            idempotence: None,
             what: "consume",
             topic: args.topic,
             records,
@@ -238,6 +291,9 @@ fn print(report: &NetReport, output: Output) -> anyhow::Result<()> {
             ];
             if let Some(n) = report.in_flight {
                 rows.push(("in flight".into(), n.to_string()));
+                if let Some(on) = report.idempotence {
+                    rows.push(("idempotent".into(), if on { "yes" } else { "no" }.into()));
+                }
                 rows.push(("failed".into(), report.failed.to_string()));
             }
             for (name, v) in [

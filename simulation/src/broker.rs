@@ -85,6 +85,8 @@ pub struct BrokerSim {
     pub zombie_at: Option<Duration>,
     /// A deliberately broken coordinator, for the group's negative controls.
     pub coordinator: CoordinatorFaults,
+    /// The producers' idempotence; off is the negative control of the no-duplicate check.
+    pub idempotence: bool,
 }
 
 impl Default for BrokerSim {
@@ -98,6 +100,7 @@ impl Default for BrokerSim {
             members: None,
             zombie_at: None,
             coordinator: CoordinatorFaults::default(),
+            idempotence: true,
         }
     }
 }
@@ -170,6 +173,8 @@ pub(crate) struct State {
     ready: BTreeSet<(NodeId, u64)>,
     /// The consumer group's members and what they did.
     pub(crate) members: crate::groups::GroupView,
+    /// Whether the producers are idempotent.
+    pub(crate) idempotence: bool,
 }
 
 impl State {
@@ -262,7 +267,7 @@ pub(crate) fn client_config(seed: u64, nodes: u64) -> ClientConfig {
     config
 }
 
-pub(crate) fn producer_config(delivery_timeout: Duration) -> ProducerConfig {
+pub(crate) fn producer_config(delivery_timeout: Duration, idempotence: bool) -> ProducerConfig {
     ProducerConfig {
         linger: Duration::from_millis(5),
         // Below the brokers' batch limit, which the small segments set.
@@ -270,6 +275,7 @@ pub(crate) fn producer_config(delivery_timeout: Duration) -> ProducerConfig {
         in_flight_max: 5,
         buffer_records_max: 1_000,
         delivery_timeout,
+        idempotence,
     }
 }
 
@@ -390,8 +396,8 @@ async fn producer_main(k: u64, seed: u64, until: Duration, state: Shared, disks:
     // must classify); long ones retry through it.
     let delivery_timeout = Duration::from_millis(rng.random_range(2_000..20_000));
     log(&state, format!("producer {k}: delivery timeout {delivery_timeout:?}"));
-    let nodes = state.borrow().nodes;
-    let producer = Producer::new(client_config(seed, nodes), producer_config(delivery_timeout))?;
+    let (nodes, idempotence) = (state.borrow().nodes, state.borrow().idempotence);
+    let producer = Producer::new(client_config(seed, nodes), producer_config(delivery_timeout, idempotence))?;
     let mut unresolved = FuturesUnordered::new();
     for n in 0.. {
         if turmoil::sim_elapsed().unwrap_or_default() >= until {
@@ -505,8 +511,8 @@ async fn liveness_main(
     registry: Registry,
     disks: Vec<SimDisk>,
 ) -> turmoil::Result {
-    let nodes = state.borrow().nodes;
-    let producer = Producer::new(client_config(seed, nodes), producer_config(Duration::from_secs(10)))?;
+    let (nodes, idempotence) = (state.borrow().nodes, state.borrow().idempotence);
+    let producer = Producer::new(client_config(seed, nodes), producer_config(Duration::from_secs(10), idempotence))?;
     for p in 0..PARTITIONS {
         let deadline = tokio::time::Instant::now() + WRITE_BOUND;
         for attempt in 0.. {
@@ -728,6 +734,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     let disks: Vec<SimDisk> = (1..=nodes).map(|id| SimDisk::new(seed.wrapping_mul(31).wrapping_add(id))).collect();
     let registry: Registry = Rc::new(RefCell::new(BTreeMap::new()));
     let state: Shared = Rc::new(RefCell::new(State::new(nodes, VOTERS)));
+    state.borrow_mut().idempotence = config.idempotence;
     trace(format!("{nodes} nodes, {VOTERS} of them metadata voters"));
     for id in 1..=nodes {
         let (disk, registry) = (disks[(id - 1) as usize].clone(), Rc::clone(&registry));
@@ -880,7 +887,10 @@ fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u6
         let consumed: Vec<(u64, String)> = seen.iter().map(|(o, v)| (*o, v.clone())).collect();
         checker::check_no_lost_write(partition, &ops, &consumed).map_err(|e| format!("consumer: {e}"))?;
         checker::check_no_aborted_reads(partition, &ops, &consumed).map_err(|e| format!("consumer: {e}"))?;
+        // Every value is sent once by the application: a second copy is a client retry written
+        // twice, which the idempotent producer and the leader's dedup must prevent.
         duplicates += checker::count_duplicates(&longest);
+        checker::check_no_duplicates(partition, &longest)?;
         let high_watermark = longest.last().map_or(0, |(o, _)| o + 1);
         high_watermarks.insert(partition as u32, high_watermark);
     }

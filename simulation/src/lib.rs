@@ -38,6 +38,8 @@ pub enum Workload {
     BrokerGroupNoFencing,
     /// The brokers with a group coordinator whose per-group lock a cancelled request releases.
     BrokerGroupUnlockOnCancel,
+    /// The brokers with producers that are not idempotent: their retries write duplicates.
+    BrokerNoIdempotence,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -55,6 +57,7 @@ impl Workload {
             Workload::BrokerGroupAckBeforeCommit => "broker-group-ack-before-commit",
             Workload::BrokerGroupNoFencing => "broker-group-no-fencing",
             Workload::BrokerGroupUnlockOnCancel => "broker-group-unlock-on-cancel",
+            Workload::BrokerNoIdempotence => "broker-no-idempotence",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -219,6 +222,10 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
                 zombie_at: Some(std::time::Duration::from_secs(20)),
                 ..broker::BrokerSim::default()
             };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerNoIdempotence => {
+            let config = broker::BrokerSim { idempotence: false, ..broker::BrokerSim::default() };
             broker::run_broker(seed, config, trace).err()
         }
         Workload::BrokerGroupUnlockOnCancel => {

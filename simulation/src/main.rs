@@ -47,6 +47,8 @@ enum WorkloadArg {
     BrokerGroupNoFencing,
     /// The negative control: a group coordinator whose per-group lock a cancelled request releases.
     BrokerGroupUnlockOnCancel,
+    /// The negative control: producers without idempotence (their retries write duplicates).
+    BrokerNoIdempotence,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -76,6 +78,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerGroupAckBeforeCommit => Workload::BrokerGroupAckBeforeCommit,
         WorkloadArg::BrokerGroupNoFencing => Workload::BrokerGroupNoFencing,
         WorkloadArg::BrokerGroupUnlockOnCancel => Workload::BrokerGroupUnlockOnCancel,
+        WorkloadArg::BrokerNoIdempotence => Workload::BrokerNoIdempotence,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -101,3 +101,15 @@ fn group_audit_catches_a_lock_released_on_cancel() {
     let violation = report.violation.unwrap_or_default();
     assert!(violation.contains("owned by two members"), "seed 109: {violation:?}");
 }
+
+/// Issue 11: the checker refuses any duplicate, and the producers' retries (faults drop answers,
+/// kill leaders, reorder in-flight batches) write duplicates unless the producer is idempotent
+/// and the leader deduplicates: without idempotence the same seeds are caught.
+#[test]
+fn without_idempotence_retries_write_duplicates() {
+    for seed in 0..2u64 {
+        let report = run(Workload::BrokerNoIdempotence, seed);
+        let violation = report.violation.unwrap_or_default();
+        assert!(violation.contains("appears at"), "seed {seed}: {violation:?}");
+    }
+}

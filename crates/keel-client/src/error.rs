@@ -30,6 +30,11 @@ pub const GROUP_REASONS: &[&str] = &[
     "INCONSISTENT_ASSIGNOR",
 ];
 
+/// The `ErrorInfo.reason`s of an idempotent producer's refused batch (keel.proto's Produce
+/// table): a status carrying one becomes [`ClientError::Producer`].
+pub const PRODUCER_REASONS: &[&str] =
+    &["OUT_OF_ORDER_SEQUENCE", "PRODUCER_FENCED", "UNKNOWN_PRODUCER_ID", "DUPLICATE_SEQUENCE_NUMBER"];
+
 /// Why a client call failed.
 ///
 /// [`ClientError::is_retriable`] separates errors that a later attempt may cure (the cluster
@@ -120,6 +125,18 @@ pub enum ClientError {
         /// With NOT_COORDINATOR: the coordinator's `host:port`, when known.
         coordinator_addr: Option<String>,
     },
+    /// An idempotent producer's batch refused by the partition for its sequence or epoch;
+    /// `reason` is one of [`PRODUCER_REASONS`]. OUT_OF_ORDER_SEQUENCE (an earlier batch is being
+    /// resent) and UNKNOWN_PRODUCER_ID (the partition forgot the producer, which starts a new
+    /// sequence) are retried by the producer; DUPLICATE_SEQUENCE_NUMBER means the batch was
+    /// stored long ago, at offsets no longer known.
+    #[error("{reason}: {message}")]
+    Producer {
+        /// The ErrorInfo reason.
+        reason: String,
+        /// The broker's message.
+        message: String,
+    },
     /// A produce gave up with this error after an earlier attempt whose answer was lost: the
     /// records may have been stored all the same.
     #[error("{0} (an earlier attempt may have stored the records)")]
@@ -135,6 +152,9 @@ impl ClientError {
         if let ClientError::Group { code, .. } = self {
             return *code == Code::Unavailable;
         }
+        if let ClientError::Producer { reason, .. } = self {
+            return reason == "OUT_OF_ORDER_SEQUENCE" || reason == "UNKNOWN_PRODUCER_ID";
+        }
         matches!(
             self,
             ClientError::NotLeader { .. }
@@ -149,6 +169,10 @@ impl ClientError {
     pub fn is_ambiguous(&self) -> bool {
         if let ClientError::Group { code, reason, .. } = self {
             return *code == Code::Unavailable && reason == "COORDINATOR_WRITE_UNKNOWN";
+        }
+        if let ClientError::Producer { reason, .. } = self {
+            // Stored, but where is no longer known.
+            return reason == "DUPLICATE_SEQUENCE_NUMBER";
         }
         matches!(
             self,
@@ -232,6 +256,11 @@ impl From<tonic::Status> for ClientError {
             return ClientError::Transport(format!("{:?}: {}", status.code(), status.message()));
         }
         if let Some(info) = status.get_error_details().error_info()
+            && PRODUCER_REASONS.contains(&info.reason.as_str())
+        {
+            return ClientError::Producer { reason: info.reason.clone(), message: status.message().to_owned() };
+        }
+        if let Some(info) = status.get_error_details().error_info()
             && GROUP_REASONS.contains(&info.reason.as_str())
         {
             return ClientError::Group {
@@ -258,6 +287,9 @@ impl From<&pb::Error> for ClientError {
     /// A per-request error of ProduceStream: the NOT_LEADER reason, or a leader id or address
     /// (from brokers that predate the reason), makes it a NOT_LEADER.
     fn from(error: &pb::Error) -> ClientError {
+        if PRODUCER_REASONS.contains(&error.reason.as_str()) {
+            return ClientError::Producer { reason: error.reason.clone(), message: error.message.clone() };
+        }
         let code = Code::from_i32(error.code);
         let leader_addr = (!error.leader_addr.is_empty()).then(|| error.leader_addr.clone());
         let not_leader = (error.reason == NOT_LEADER_REASON || error.leader_id.is_some() || leader_addr.is_some())

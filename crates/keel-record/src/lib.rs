@@ -261,6 +261,28 @@ pub fn stamp(buf: &mut [u8], base_offset: u64, raft_term: u64, raft_index: u64) 
     Ok(BatchHeader { crc, base_offset, raft_term, raft_index, ..header })
 }
 
+/// Sets the idempotent producer stamp of an encoded batch and recomputes its CRC: a producer
+/// assigns sequences when it first sends a batch, not when it encodes it. `buf` must hold
+/// exactly one checked batch.
+pub fn stamp_producer(buf: &mut [u8], producer: ProducerStamp) -> Result<BatchHeader, DecodeError> {
+    let header = check(buf)?;
+    if header.total_len() != buf.len() {
+        return Err(DecodeError::Malformed("stamp expects exactly one batch"));
+    }
+    buf[55..63].copy_from_slice(&producer.producer_id.to_be_bytes());
+    buf[63..65].copy_from_slice(&producer.producer_epoch.to_be_bytes());
+    buf[65..69].copy_from_slice(&producer.base_sequence.to_be_bytes());
+    let crc = crc32fast::hash(&buf[CRC_START..]);
+    buf[4..8].copy_from_slice(&crc.to_be_bytes());
+    Ok(BatchHeader {
+        crc,
+        producer_id: producer.producer_id,
+        producer_epoch: producer.producer_epoch,
+        base_sequence: producer.base_sequence,
+        ..header
+    })
+}
+
 /// Gives a batch whose records all carry timestamp 0 ("the broker's clock") the append time
 /// `now_ms`, and recomputes its CRC; any other batch is left as it is. Returns whether it changed.
 /// `buf` must hold exactly one checked batch.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_proto::v1 as pb;
-use keel_record::{BatchBuilder, EncodeError, NewRecord};
+use keel_record::{BatchBuilder, EncodeError, NewRecord, ProducerStamp};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 
@@ -27,6 +27,16 @@ pub(crate) struct Limits {
     pub(crate) linger: Duration,
     pub(crate) in_flight_max: usize,
     pub(crate) delivery_timeout: Duration,
+    /// Stamp batches with a producer id, epoch and sequence, so that retries are deduplicated.
+    pub(crate) idempotent: bool,
+}
+
+/// The producer identity a partition's batches are stamped with, and the next sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ident {
+    producer_id: i64,
+    epoch: i16,
+    next_sequence: i32,
 }
 
 /// The batch being filled.
@@ -50,6 +60,8 @@ struct Batch {
     /// An attempt ended without a definite answer (timeout, broken connection, UNAVAILABLE): the
     /// records may be stored, whatever later attempts say.
     maybe_written: bool,
+    /// The identity and sequence in `bytes`' header, once first sent (idempotent producers).
+    stamped: Option<(i64, i16)>,
     /// Dropped when the batch is resolved, which is what `flush` waits for.
     flush_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -70,6 +82,11 @@ struct PartitionQueue {
     draining: bool,
     /// The metadata version at which the cache first did not know this partition.
     unknown_since: Option<u64>,
+    /// Idempotent producers: the identity this partition's batches are stamped with.
+    ident: Option<Ident>,
+    /// Whether the partition ever had an identity: its first is the producer's own id, each
+    /// later one (after a retirement) a fresh id, whose sequences start over at 0.
+    had_ident: bool,
 }
 
 #[derive(Default)]
@@ -85,6 +102,8 @@ pub(crate) struct Dispatch {
     pub(crate) requests: Vec<(String, pb::ProduceRequest)>,
     /// Some partition needs fresher metadata than the cache has.
     pub(crate) wants_refresh: bool,
+    /// Some partition waits for a producer id ([`Accumulator::supply_producer_id`]).
+    pub(crate) wants_producer_id: bool,
 }
 
 /// The outcome of one answered request.
@@ -105,6 +124,10 @@ pub(crate) struct Accumulator {
     in_flight: BTreeMap<u64, Batch>,
     next_seq: u64,
     next_request_id: u64,
+    /// The producer's id and epoch, shared by every partition's first identity.
+    producer_id: Option<(i64, i16)>,
+    /// Fresh ids (with their epochs) for partitions whose identity was retired.
+    spare_ids: Vec<(i64, i16)>,
 }
 
 fn succeed(buffer: &Semaphore, batch: Batch, base_offset: u64) {
@@ -150,9 +173,24 @@ impl PartitionQueue {
             created: open.created,
             last_error: None,
             maybe_written: false,
+            stamped: None,
             flush_waiters: Vec::new(),
         });
         true
+    }
+
+    /// The partition's identity can no longer continue its sequence (a stamped batch failed for
+    /// good, so the next one would leave a gap; or the partition forgot the producer): a fresh
+    /// identity stamps what follows. Batches waiting to be resent that no attempt can have
+    /// stored are stamped afresh; those that may be stored keep their stamp, so that a retry of
+    /// them is still recognised.
+    fn retire_identity(&mut self) {
+        self.ident = None;
+        for b in &mut self.ready {
+            if !b.maybe_written {
+                b.stamped = None;
+            }
+        }
     }
 
     fn expire(&mut self, buffer: &Semaphore, delivery_timeout: Duration, now: Instant) {
@@ -162,6 +200,9 @@ impl PartitionQueue {
         let (expired, kept): (VecDeque<Batch>, VecDeque<Batch>) =
             std::mem::take(&mut self.ready).into_iter().partition(|b| now >= b.created + delivery_timeout);
         self.ready = kept;
+        if expired.iter().any(|b| b.stamped.is_some()) {
+            self.retire_identity();
+        }
         for mut batch in expired {
             let error = batch
                 .last_error
@@ -170,6 +211,26 @@ impl PartitionQueue {
             fail(buffer, batch, &error);
         }
     }
+}
+
+/// Gives a batch about to be sent for the first time (or again under a new identity) the next
+/// sequences of its partition's identity.
+fn stamp(batch: &mut Batch, ident: &mut Ident) {
+    let count = batch.replies.len();
+    let producer = ProducerStamp {
+        producer_id: ident.producer_id,
+        producer_epoch: ident.epoch,
+        base_sequence: ident.next_sequence,
+    };
+    let mut bytes = batch.bytes.to_vec();
+    // The accumulator built this batch; a failure to decode it is a bug, caught by the broker's
+    // check as a refused batch rather than hidden here.
+    if keel_record::stamp_producer(&mut bytes, producer).is_ok() {
+        batch.bytes = Bytes::from(bytes);
+    }
+    batch.stamped = Some((ident.producer_id, ident.epoch));
+    // Sequences wrap at 2^31, as the broker counts them.
+    ident.next_sequence = ((i64::from(ident.next_sequence) + count as i64) % (1 << 31)) as i32;
 }
 
 fn advance_sticky(sticky: &mut Option<u32>, partition: u32) {
@@ -187,6 +248,18 @@ impl Accumulator {
             in_flight: BTreeMap::new(),
             next_seq: 0,
             next_request_id: 1,
+            producer_id: None,
+            spare_ids: Vec::new(),
+        }
+    }
+
+    /// A producer id (from InitProducerId): the producer's own first, then fresh ones for
+    /// partitions whose identity was retired.
+    pub(crate) fn supply_producer_id(&mut self, producer_id: i64, epoch: i16) {
+        if self.producer_id.is_none() {
+            self.producer_id = Some((producer_id, epoch));
+        } else {
+            self.spare_ids.push((producer_id, epoch));
         }
     }
 
@@ -359,6 +432,24 @@ impl Accumulator {
                 };
                 q.unknown_since = None;
                 while q.in_flight < self.limits.in_flight_max {
+                    if self.limits.idempotent && q.ready.front().is_some_and(|b| b.stamped.is_none()) {
+                        if q.ident.is_none() {
+                            let id = if q.had_ident { self.spare_ids.pop() } else { self.producer_id };
+                            match id {
+                                Some((producer_id, epoch)) => {
+                                    q.ident = Some(Ident { producer_id, epoch, next_sequence: 0 });
+                                    q.had_ident = true;
+                                }
+                                None => {
+                                    out.wants_producer_id = true;
+                                    break;
+                                }
+                            }
+                        }
+                        if let (Some(ident), Some(front)) = (q.ident.as_mut(), q.ready.front_mut()) {
+                            stamp(front, ident);
+                        }
+                    }
                     let Some(batch) = q.ready.pop_front() else { break };
                     let request_id = self.next_request_id;
                     self.next_request_id += 1;
@@ -438,6 +529,12 @@ impl Accumulator {
         };
         // A wrong record count means the broker stored something.
         batch.maybe_written |= error.is_ambiguous() || matches!(error, ClientError::Protocol(_));
+        if matches!(&error, ClientError::Producer { reason, .. } if reason == "UNKNOWN_PRODUCER_ID") {
+            // The partition forgot the producer, so no attempt of this batch is stored (it would
+            // know the producer): it goes again under a new identity, like everything after it.
+            batch.stamped = None;
+            q.retire_identity();
+        }
         // NOT_FOUND is retried too: a new partition's leader may not know it yet, and the
         // metadata refresh that follows decides whether the partition exists at all.
         let retriable = error.is_retriable() || matches!(error, ClientError::NotFound(_));
@@ -454,6 +551,9 @@ impl Accumulator {
             let at = q.ready.partition_point(|b| b.seq < batch.seq);
             q.ready.insert(at, batch);
         } else {
+            if batch.stamped.is_some() {
+                q.retire_identity();
+            }
             fail(&self.buffer, batch, &error);
         }
         Some(Completion { topic, partition, error: Some(error) })
@@ -523,8 +623,13 @@ mod tests {
     const LINGER: Duration = Duration::from_millis(5);
 
     fn acc(batch_bytes_max: usize, in_flight_max: usize) -> Accumulator {
-        let limits =
-            Limits { batch_bytes_max, linger: LINGER, in_flight_max, delivery_timeout: Duration::from_secs(60) };
+        let limits = Limits {
+            batch_bytes_max,
+            linger: LINGER,
+            in_flight_max,
+            delivery_timeout: Duration::from_secs(60),
+            idempotent: false,
+        };
         Accumulator::new(limits, Arc::new(Semaphore::new(0)))
     }
 
@@ -576,6 +681,89 @@ mod tests {
         // The open batch was never sent: its reply is dropped, which its DeliveryFuture
         // reports as Closed (not stored).
         assert!(unsent.try_recv().is_err());
+    }
+
+    fn idempotent(in_flight_max: usize) -> Accumulator {
+        let mut a = acc(1 << 20, in_flight_max);
+        a.limits.idempotent = true;
+        a
+    }
+
+    /// (producer id, epoch, base sequence) of a sent batch.
+    fn stamp_of(request: &pb::ProduceRequest) -> (i64, i16, i32) {
+        let h = *Decoded::from_bytes(request.batch.clone()).unwrap().header();
+        (h.producer_id, h.producer_epoch, h.base_sequence)
+    }
+
+    fn refused(reason: &str) -> Result<pb::ProduceResponse, ClientError> {
+        Err(ClientError::Producer { reason: reason.into(), message: String::new() })
+    }
+
+    #[test]
+    fn idempotent_batches_are_stamped_when_first_sent_and_keep_their_stamp_on_retry() {
+        let mut a = idempotent(5);
+        let t0 = Instant::now();
+        let mut outcomes = Vec::new();
+        for (p, v) in [(0, "a"), (0, "b"), (1, "c")] {
+            outcomes.push(push(&mut a, p, v, t0));
+        }
+        a.flush();
+        outcomes.push(push(&mut a, 0, "d", t0));
+        a.flush();
+        let d = a.dispatch(t0, 1, leader);
+        assert!(d.requests.is_empty() && d.wants_producer_id, "nothing leaves unstamped");
+        a.supply_producer_id(7, 0);
+        let sent = a.dispatch(t0, 1, leader).requests;
+        let stamps: Vec<_> = sent.iter().map(|(_, r)| (r.partition, stamp_of(r))).collect();
+        // Sequences count records per partition; every partition shares the producer's id.
+        assert_eq!(stamps, [(0, (7, 0, 0)), (0, (7, 0, 2)), (1, (7, 0, 0))]);
+        let lost = Err(ClientError::timeout("produce", Duration::from_secs(1)));
+        a.complete(sent[0].1.request_id, lost, t0, |_| Duration::ZERO);
+        a.complete(sent[1].1.request_id, refused("OUT_OF_ORDER_SEQUENCE"), t0, |_| Duration::ZERO);
+        let again = a.dispatch(t0, 1, leader).requests;
+        let stamps: Vec<_> = again.iter().map(|(_, r)| stamp_of(r)).collect();
+        assert_eq!(stamps, [(7, 0, 0), (7, 0, 2)], "a retry is the same batch, in order");
+        for (i, (_, r)) in again.iter().chain(&sent[2..]).enumerate() {
+            a.complete(r.request_id, ok(r.request_id, 10 + 2 * i as u64, values(r).len() as u32), t0, |_| {
+                Duration::ZERO
+            });
+        }
+        assert_eq!(offset(&mut outcomes[0]), 10);
+    }
+
+    #[test]
+    fn a_stamped_batch_that_fails_for_good_retires_its_partitions_identity() {
+        let mut a = idempotent(5);
+        let t0 = Instant::now();
+        a.supply_producer_id(7, 0);
+        let _first = push(&mut a, 0, "a", t0);
+        a.flush();
+        let sent = a.dispatch(t0, 1, leader).requests;
+        a.complete(sent[0].1.request_id, refused("PRODUCER_FENCED"), t0, |_| Duration::ZERO);
+        // The next batch would leave a gap after the failed one: it starts a new identity.
+        let _second = push(&mut a, 0, "b", t0);
+        a.flush();
+        assert!(a.dispatch(t0, 1, leader).wants_producer_id);
+        a.supply_producer_id(8, 0);
+        let sent = a.dispatch(t0, 1, leader).requests;
+        assert_eq!(stamp_of(&sent[0].1), (8, 0, 0));
+    }
+
+    #[test]
+    fn an_unknown_producer_sends_the_batch_again_under_a_new_identity() {
+        let mut a = idempotent(5);
+        let t0 = Instant::now();
+        a.supply_producer_id(7, 0);
+        let mut first = push(&mut a, 0, "a", t0);
+        a.flush();
+        let sent = a.dispatch(t0, 1, leader).requests;
+        a.complete(sent[0].1.request_id, refused("UNKNOWN_PRODUCER_ID"), t0, |_| Duration::ZERO);
+        assert!(a.dispatch(t0, 1, leader).wants_producer_id);
+        a.supply_producer_id(9, 0);
+        let again = a.dispatch(t0, 1, leader).requests;
+        assert_eq!((values(&again[0].1), stamp_of(&again[0].1)), (vec!["a".to_owned()], (9, 0, 0)));
+        a.complete(again[0].1.request_id, ok(again[0].1.request_id, 4, 1), t0, |_| Duration::ZERO);
+        assert_eq!(offset(&mut first), 4);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use keel_proto::v1 as pb;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -53,6 +54,12 @@ pub struct ProducerConfig {
     /// How long a batch is retried, counted from its first record; then its records fail with
     /// the last error.
     pub delivery_timeout: Duration,
+    /// Stamp every batch with a producer id (InitProducerId), epoch and per-partition sequence,
+    /// so that the partition leader writes a retried batch once and answers it with the first
+    /// attempt's offsets. On by default; off, a batch whose acknowledgement was lost may be
+    /// written twice. Needs `in_flight_max` <= 16 (the batches a partition remembers per
+    /// producer).
+    pub idempotence: bool,
 }
 
 impl Default for ProducerConfig {
@@ -63,9 +70,13 @@ impl Default for ProducerConfig {
             in_flight_max: 5,
             buffer_records_max: 100_000,
             delivery_timeout: Duration::from_secs(60),
+            idempotence: true,
         }
     }
 }
+
+/// Batches a partition remembers per idempotent producer: a retry of any of them is recognised.
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 16;
 
 impl ProducerConfig {
     /// Checks the settings.
@@ -80,6 +91,11 @@ impl ProducerConfig {
         }
         if self.in_flight_max == 0 {
             return Err(ClientError::Config("in_flight_max must be at least 1".into()));
+        }
+        if self.idempotence && self.in_flight_max > IDEMPOTENT_IN_FLIGHT_MAX {
+            return Err(ClientError::Config(format!(
+                "with idempotence, in_flight_max must be at most {IDEMPOTENT_IN_FLIGHT_MAX} (the batches a partition remembers per producer)"
+            )));
         }
         if self.buffer_records_max == 0 || self.buffer_records_max > Semaphore::MAX_PERMITS {
             return Err(ClientError::Config(format!("buffer_records_max must be in 1..={}", Semaphore::MAX_PERMITS)));
@@ -208,6 +224,7 @@ impl Producer {
             linger: producer.linger,
             in_flight_max: producer.in_flight_max,
             delivery_timeout: producer.delivery_timeout,
+            idempotent: producer.idempotence,
         };
         let shared = Arc::new(Shared {
             core,
@@ -334,6 +351,11 @@ struct Sender {
     refresh_not_before: Instant,
     /// Refreshes in a row that did not leave every partition with a leader: they back off.
     refresh_streak: u32,
+    /// An InitProducerId call is running.
+    id_running: bool,
+    /// No InitProducerId call before this (backoff after a failure).
+    id_not_before: Instant,
+    id_failures: u32,
 }
 
 impl Sender {
@@ -349,6 +371,9 @@ impl Sender {
             refresh_wanted: false,
             refresh_not_before: Instant::now(),
             refresh_streak: 0,
+            id_running: false,
+            id_not_before: Instant::now(),
+            id_failures: 0,
         }
     }
 
@@ -374,6 +399,20 @@ impl Sender {
                 self.refresh_streak = 0;
             }
             self.maybe_refresh(now);
+            let id_at = if dispatch.wants_producer_id && !self.id_running {
+                if now >= self.id_not_before {
+                    self.fetch_producer_id();
+                    None
+                } else {
+                    Some(self.id_not_before)
+                }
+            } else {
+                None
+            };
+            let next = match (next, id_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let refresh_at = (self.refresh_wanted && !self.refresh_running).then_some(self.refresh_not_before);
             let wake_at = match (next, refresh_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -414,6 +453,32 @@ impl Sender {
         }
     }
 
+    /// Asks any node for a producer id; the answer comes back as an event.
+    fn fetch_producer_id(&mut self) {
+        self.id_running = true;
+        let core = self.shared.core.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = core
+                .call_any("InitProducerId", |channel| async move {
+                    pb::producer_client::ProducerClient::new(channel)
+                        .init_producer_id(pb::InitProducerIdRequest {})
+                        .await
+                })
+                .await
+                .and_then(|r| {
+                    let epoch = i16::try_from(r.producer_epoch).map_err(|_| {
+                        ClientError::Protocol(format!("producer epoch {} out of range", r.producer_epoch))
+                    })?;
+                    if r.producer_id < 0 || epoch < 0 {
+                        return Err(ClientError::Protocol(format!("producer id {} epoch {epoch}", r.producer_id)));
+                    }
+                    Ok((r.producer_id, epoch))
+                });
+            let _ = events.send(Event::ProducerId(result));
+        });
+    }
+
     fn maybe_refresh(&mut self, now: Instant) {
         if !self.refresh_wanted || self.refresh_running || now < self.refresh_not_before {
             return;
@@ -452,6 +517,20 @@ impl Sender {
             Event::StreamClosed { addr, id } => {
                 if self.streams.get(&addr).is_some_and(|s| s.id == id) {
                     self.streams.remove(&addr);
+                }
+            }
+            Event::ProducerId(result) => {
+                self.id_running = false;
+                match result {
+                    Ok((id, epoch)) => {
+                        self.id_failures = 0;
+                        lock(&self.shared.acc).supply_producer_id(id, epoch);
+                    }
+                    Err(error) => {
+                        warn!(%error, "no producer id yet; batches wait for one");
+                        self.id_not_before = Instant::now() + self.shared.core.backoff(self.id_failures);
+                        self.id_failures = self.id_failures.saturating_add(1);
+                    }
                 }
             }
             Event::Refreshed(result) => {

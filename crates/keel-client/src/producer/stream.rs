@@ -26,6 +26,8 @@ pub(crate) enum Event {
     StreamClosed { addr: String, id: u64 },
     /// A metadata refresh finished.
     Refreshed(Result<(), ClientError>),
+    /// An InitProducerId call finished: the id and epoch.
+    ProducerId(Result<(i64, i16), ClientError>),
 }
 
 /// The sender task's end of a stream.

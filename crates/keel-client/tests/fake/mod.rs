@@ -62,6 +62,8 @@ pub struct State {
     pub describe_calls: usize,
     /// Subscribe calls refused with an error (e.g. OUT_OF_RANGE).
     pub refused_subscribes: usize,
+    /// Producer ids handed out (the fake does not deduplicate; it only stores the stamps).
+    pub producer_ids: i64,
 }
 
 /// The shared state of every fake node.
@@ -318,8 +320,10 @@ impl Producer for Node {
         &self,
         _request: Request<pb::InitProducerIdRequest>,
     ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
-        // The client does not ask for producer ids yet.
-        Err(Status::unimplemented("the fake cluster hands out no producer ids"))
+        let mut state = self.cluster.state.lock().unwrap();
+        let producer_id = state.producer_ids;
+        state.producer_ids += 1;
+        Ok(Response::new(pb::InitProducerIdResponse { producer_id, producer_epoch: 0 }))
     }
 }
 
