@@ -83,6 +83,28 @@ def main():
             assert got.get((partition, offset)) == value, (partition, offset, value, got.get((partition, offset)))
         print(f"consumed {len(got)} records; every acknowledged record is at its offset")
 
+        # An idempotent producer by hand: an id from any node, the producer fields set on the
+        # request. A duplicate request gets the first one's offsets and writes nothing; a gap is
+        # refused with OUT_OF_ORDER_SEQUENCE.
+        ident = producer.InitProducerId(pb.InitProducerIdRequest(), timeout=15)
+        stamped = lambda seq, values: pb.ProduceRequest(
+            topic=topic, partition=0, producer_id=ident.producer_id, producer_epoch=ident.producer_epoch,
+            base_sequence=seq, records=[pb.Record(value=v) for v in values])
+        first = producer.Produce(stamped(0, [b"once-a", b"once-b"]), timeout=15)
+        again = producer.Produce(stamped(0, [b"once-a", b"once-b"]), timeout=15)
+        assert (again.base_offset, again.record_count) == (first.base_offset, 2), (first, again)
+        try:
+            producer.Produce(stamped(7, [b"after-a-gap"]), timeout=15)
+            sys.exit("a sequence gap was accepted")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+        r = consumer.Fetch(pb.FetchRequest(topic=topic, partition=0, offset=first.base_offset, max_wait_ms=200),
+                           timeout=15)
+        values = [rec.value for rec in r.records]
+        assert values == [b"once-a", b"once-b"], values
+        print(f"producer {ident.producer_id}: a duplicate request got offset {again.base_offset} again; a gap was "
+              "refused")
+
         cluster = admin.DescribeCluster(pb.DescribeClusterRequest(), timeout=10)
         print(f"cluster {cluster.cluster_id}: {len(cluster.nodes)} nodes, controller leader {cluster.controller_leader}")
         admin.DeleteTopic(pb.DeleteTopicRequest(name=topic), timeout=30)
