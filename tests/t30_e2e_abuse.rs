@@ -227,7 +227,8 @@ async fn keel_audit_reports_duplicates_and_retries_are_not_written() {
     // sequence 0 then reads as a new producer's start. The audit reports it and exits 1.
     // The node stamped producer 7's batches with its own clock: a day past that.
     let mut consumer = pb::consumer_client::ConsumerClient::new(channel.clone());
-    let fetch = pb::FetchRequest { topic: "t".into(), partition: 0, offset: 0, max_bytes: 0, max_wait_ms: 0, format: 0 };
+    let fetch =
+        pb::FetchRequest { topic: "t".into(), partition: 0, offset: 0, max_bytes: 0, max_wait_ms: 0, format: 0 };
     let now_ms = consumer.fetch(fetch).await.unwrap().into_inner().records[0].timestamp_ms;
     let day_later = |id: i64| {
         let later = now_ms + 25 * 3_600_000;
