@@ -1,6 +1,7 @@
 //! End to end, with real `keel server` processes: the leader of a partition is killed with
 //! SIGKILL while 10,000 records stream in, restarted, and every acknowledged record is then read
-//! back exactly at its acknowledged offset; the restarted node then leads its partition again.
+//! back exactly at its acknowledged offset, exactly once (the producer is idempotent; `keel audit`
+//! agrees); the restarted node then leads its partition again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -78,10 +79,23 @@ async fn acknowledged_records_survive_a_killed_leader() {
         lost.len(),
         &lost[..lost.len().min(5)]
     );
-    // Every record sent was acknowledged at least once (duplicates from retries are allowed
-    // until the idempotent producer exists).
+    // Every record sent is there exactly once: the producer is idempotent, so the retries
+    // through the failover wrote nothing twice.
     let distinct: std::collections::BTreeSet<&String> = got.values().collect();
-    assert!(distinct.len() as u64 >= RECORDS);
+    assert_eq!((distinct.len() as u64, got.len() as u64), (RECORDS, RECORDS), "each record once");
+    // And `keel audit` proves it from the log alone, by the producer's sequences.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["audit", "e2e", "--output", "json", "--bootstrap", &cluster.nodes[1].addr])
+        .output()
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "keel audit found gaps or duplicates: {report}");
+    for p in report["partitions"].as_array().unwrap() {
+        for producer in p["producers"].as_array().unwrap() {
+            assert_eq!((producer["duplicates"].as_u64(), producer["missing"].as_u64()), (Some(0), Some(0)), "{report}");
+        }
+    }
 
     // The restarted node catches up and, as the preferred replica, gets its leadership back.
     let mut leader = None;
