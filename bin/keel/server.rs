@@ -71,6 +71,11 @@ struct FileConfig {
     subscribe_buffer_bytes_max: Option<usize>,
     partitions_max: Option<usize>,
     partitions_per_node_max: Option<usize>,
+    /// Idempotent producers' dedup state per partition (README, "Idempotent producers"); set
+    /// them alike on every node.
+    producer_window: Option<usize>,
+    producers_per_partition_max: Option<usize>,
+    producer_id_expiration_ms: Option<i64>,
     /// Partitions of `__consumer_offsets` (used once, when the cluster creates it).
     offsets_partitions: Option<u32>,
     /// Offsets of a group with no members expire this long after it became empty.
@@ -158,6 +163,9 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     limits.subscribes_per_connection_max =
         file.subscribes_per_connection_max.unwrap_or(limits.subscribes_per_connection_max);
     limits.subscribe_buffer_bytes_max = file.subscribe_buffer_bytes_max.unwrap_or(limits.subscribe_buffer_bytes_max);
+    limits.producer_window = file.producer_window.unwrap_or(limits.producer_window);
+    limits.producers_per_partition_max = file.producers_per_partition_max.unwrap_or(limits.producers_per_partition_max);
+    limits.producer_id_expiration_ms = file.producer_id_expiration_ms.unwrap_or(limits.producer_id_expiration_ms);
     limits.partitions_max = file.partitions_max.unwrap_or(limits.partitions_max);
     limits.partitions_per_node_max = file.partitions_per_node_max.unwrap_or(limits.partitions_per_node_max);
     let mut groups = GroupSettings::default();

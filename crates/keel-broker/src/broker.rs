@@ -152,6 +152,11 @@ impl Broker {
             seed: config.seed,
         };
         let node = Arc::new(RaftNode::new(node_config, Arc::clone(&disk), Arc::clone(&connector)));
+        node.set_producer_limits(keel_raft::producers::ProducerLimits {
+            window: config.limits.producer_window,
+            producers_max: config.limits.producers_per_partition_max,
+            expiration_ms: config.limits.producer_id_expiration_ms,
+        });
         // Before any group opens: faults apply to groups opened from then on.
         node.set_faults(storage.faults);
         for (id, addr) in &config.voters {

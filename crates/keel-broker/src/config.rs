@@ -35,6 +35,14 @@ pub struct Limits {
     pub partitions_max: usize,
     /// Most partition replicas one node hosts (each is a raft group and a preallocated segment).
     pub partitions_per_node_max: usize,
+    /// Batches each partition remembers per idempotent producer: a retry of any of them is
+    /// answered with its offsets. Clients keep at most this many batches in flight per partition.
+    pub producer_window: usize,
+    /// Idempotent producers each partition remembers; beyond it the least recently active is
+    /// forgotten (its next batch gets UNKNOWN_PRODUCER_ID, never a duplicate).
+    pub producers_per_partition_max: usize,
+    /// A producer silent this long (by its batches' timestamps) is forgotten.
+    pub producer_id_expiration_ms: i64,
 }
 
 impl Default for Limits {
@@ -52,6 +60,9 @@ impl Default for Limits {
             subscribe_buffer_bytes_max: 256 << 20,
             partitions_max: 100_000,
             partitions_per_node_max: 4_096,
+            producer_window: 16,
+            producers_per_partition_max: 10_000,
+            producer_id_expiration_ms: 24 * 3_600_000,
         }
     }
 }
@@ -66,7 +77,19 @@ impl Limits {
             ("subscribes_per_connection_max", self.subscribes_per_connection_max),
             ("partitions_max", self.partitions_max),
             ("partitions_per_node_max", self.partitions_per_node_max),
+            ("producers_per_partition_max", self.producers_per_partition_max),
         ];
+        // Fewer than the client's pipeline would answer its legitimate retries with
+        // DUPLICATE_SEQUENCE_NUMBER; more than a thousand costs memory per producer for nothing.
+        if !(5..=1_000).contains(&self.producer_window) {
+            return Err(BrokerError::Config(format!("producer_window {} is outside 5..=1000", self.producer_window)));
+        }
+        if self.producer_id_expiration_ms < 60_000 {
+            return Err(BrokerError::Config(format!(
+                "producer_id_expiration_ms {} is below one minute",
+                self.producer_id_expiration_ms
+            )));
+        }
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(BrokerError::Config(format!("{name} must be at least 1")));
         }
@@ -250,6 +273,20 @@ mod tests {
             assert!(new);
             disk.crash_with(CrashMode::DropUnflushed);
             assert_eq!(Identity::load(&disk, dir).unwrap(), Some(identity), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn producer_limits_that_would_misanswer_retries_are_refused() {
+        let batch = 1 << 20;
+        assert!(Limits::default().validate(batch).is_ok());
+        for bad in [
+            Limits { producer_window: 4, ..Limits::default() },
+            Limits { producer_window: 1_001, ..Limits::default() },
+            Limits { producers_per_partition_max: 0, ..Limits::default() },
+            Limits { producer_id_expiration_ms: 59_999, ..Limits::default() },
+        ] {
+            assert!(bad.validate(batch).is_err(), "{bad:?}");
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, info, info_span};
 
 use crate::network::{Connector, GroupNetwork, Groups, NetworkConfig, Peers, RaftService};
-use crate::producers::Stamped;
+use crate::producers::{ProducerLimits, Stamped};
 use crate::sequencer::{Answer, Check, ProducerRefusal, Sequencer};
 use crate::store::{Faults, IoMode, PartitionStore};
 use crate::types::{Appended, BatchData, GroupId, Node, NodeId, Raft, Runtime};
@@ -191,6 +191,8 @@ pub struct RaftNode {
     step_down_started: AtomicBool,
     /// Per group, the idempotent batches this node handed to raft and raft has not answered.
     sequencers: Mutex<BTreeMap<GroupId, Arc<tokio::sync::Mutex<Sequencer>>>>,
+    /// Bounds of every partition's producer table.
+    producer_limits: Mutex<ProducerLimits>,
 }
 
 impl RaftNode {
@@ -211,12 +213,19 @@ impl RaftNode {
             faults: Mutex::new(Faults::default()),
             step_down_started: AtomicBool::new(false),
             sequencers: Mutex::new(BTreeMap::new()),
+            producer_limits: Mutex::new(ProducerLimits::default()),
         }
     }
 
     /// Injects bugs into groups opened from now on: for negative controls only.
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+    }
+
+    /// Sets the bounds of the producer tables of groups opened from now on: the cluster's
+    /// settings, the same on every node.
+    pub fn set_producer_limits(&self, limits: ProducerLimits) {
+        *self.producer_limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
     }
 
     /// The gRPC service receiving raft RPCs for every group on this node.
@@ -271,6 +280,7 @@ impl RaftNode {
         let faults = *self.faults.lock().unwrap_or_else(|e| e.into_inner());
         let store = PartitionStore::open_with_faults(Arc::clone(&self.disk), dir, log, self.config.io, faults)
             .map_err(|source| NodeError::Storage { group, source })?;
+        store.set_producer_limits(*self.producer_limits.lock().unwrap_or_else(|e| e.into_inner()));
         let network = GroupNetwork::new(self.peers.clone(), group);
         let config = self.raft_config()?;
         let seed = {

@@ -164,10 +164,11 @@ impl ProducerTable {
 
     /// Restores a producer's entry (from a snapshot).
     pub fn restore(&mut self, producer_id: i64, entry: ProducerEntry) {
-        self.by_time.insert((entry.last_timestamp_ms, producer_id));
+        let time = (entry.last_timestamp_ms, producer_id);
         if let Some(old) = self.producers.insert(producer_id, entry) {
             self.by_time.remove(&(old.last_timestamp_ms, producer_id));
         }
+        self.by_time.insert(time);
     }
 
     /// Decides what to do with a batch, changing nothing.
@@ -281,6 +282,33 @@ mod tests {
             table.record(&batch, base, *next, &LIMITS);
         }
         verdict
+    }
+
+    /// Found by `fuzz_snapshots`: a snapshot naming a producer twice with the same timestamp
+    /// (the later entry wins) lost the producer from the time index, so expiry and eviction
+    /// would never have found it.
+    #[test]
+    fn restoring_a_producer_twice_keeps_it_in_the_time_index() {
+        let entry = |first| ProducerEntry {
+            epoch: 1,
+            batches: [SequencedBatch {
+                first_sequence: first,
+                last_sequence: first + 4,
+                base_offset: 0,
+                next_offset: 5,
+            }]
+            .into(),
+            last_timestamp_ms: 1_000,
+        };
+        let mut twice = ProducerTable::default();
+        twice.restore(5, entry(0));
+        twice.restore(5, entry(5));
+        let mut once = ProducerTable::default();
+        once.restore(5, entry(5));
+        assert_eq!(twice, once);
+        // And it expires like any other.
+        twice.record(&stamped(6, 0, 0, 1, 1_000 + LIMITS.expiration_ms + 1), 5, 6, &LIMITS);
+        assert!(twice.get(5).is_none(), "producer 5 expired");
     }
 
     #[test]

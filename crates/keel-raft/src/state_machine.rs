@@ -30,7 +30,8 @@ pub struct PartitionState {
 
 impl PartitionState {
     /// Applies a committed data batch: it takes the next offsets. Returns where it landed.
-    pub fn apply_batch(&mut self, log_id: LogId, header: &BatchHeader) -> Appended {
+    /// `limits` bound the producer table; every replica must apply with the same ones.
+    pub fn apply_batch(&mut self, log_id: LogId, header: &BatchHeader, limits: &ProducerLimits) -> Appended {
         self.check_order(log_id);
         let base_offset = self.next_offset;
         self.next_offset += u64::from(header.record_count);
@@ -42,7 +43,7 @@ impl PartitionState {
                 record_count: header.record_count,
                 timestamp_ms: header.max_timestamp_ms,
             };
-            self.producers.record(&stamped, base_offset, self.next_offset, &ProducerLimits::default());
+            self.producers.record(&stamped, base_offset, self.next_offset, limits);
         }
         self.last_applied = Some(log_id);
         Appended { base_offset, next_offset: self.next_offset }
@@ -249,9 +250,15 @@ mod tests {
     #[test]
     fn offsets_are_a_function_of_the_applied_prefix() {
         let mut s = PartitionState::default();
-        assert_eq!(s.apply_batch(log_id(1, 1), &header(3, -1, -1)), Appended { base_offset: 0, next_offset: 3 });
+        assert_eq!(
+            s.apply_batch(log_id(1, 1), &header(3, -1, -1), &ProducerLimits::default()),
+            Appended { base_offset: 0, next_offset: 3 }
+        );
         s.apply_blank(log_id(2, 2));
-        assert_eq!(s.apply_batch(log_id(2, 3), &header(2, 9, 10)), Appended { base_offset: 3, next_offset: 5 });
+        assert_eq!(
+            s.apply_batch(log_id(2, 3), &header(2, 9, 10), &ProducerLimits::default()),
+            Appended { base_offset: 3, next_offset: 5 }
+        );
         let producer = s.producers.get(9).unwrap();
         assert_eq!((producer.epoch, producer.next_sequence(), producer.batches[0].base_offset), (1, 12, 3));
         let back = PartitionState::decode_snapshot(&s.encode_snapshot()).unwrap();

@@ -100,6 +100,8 @@ struct SmState {
     checkpoints: std::collections::BTreeMap<u64, PartitionState>,
     /// Where the next snapshot should be cut (a segment's first index), set by retention.
     snapshot_target: Option<u64>,
+    /// Bounds of the producer table, applied with every batch.
+    producer_limits: crate::producers::ProducerLimits,
 }
 
 /// Whether raft can go on from `snapshot` with this log: the log holds the snapshot's last
@@ -205,7 +207,13 @@ impl PartitionStore {
             log: Mutex::new(log),
             waiters: Mutex::new(VecDeque::new()),
             flush_needed: Arc::new(Notify::new()),
-            sm: Mutex::new(SmState { state, snapshot, checkpoints: Default::default(), snapshot_target: None }),
+            sm: Mutex::new(SmState {
+                state,
+                snapshot,
+                checkpoints: Default::default(),
+                snapshot_target: None,
+                producer_limits: Default::default(),
+            }),
             high_watermark,
             last_purged: Mutex::new(last_purged),
             vote: Mutex::new(vote),
@@ -230,6 +238,12 @@ impl PartitionStore {
     /// The high watermark: every offset below it is committed. Watch it to wait for new data.
     pub fn high_watermark(&self) -> watch::Receiver<u64> {
         self.shared.high_watermark.subscribe()
+    }
+
+    /// Sets the bounds of the producer table (the cluster's settings: the same on every replica,
+    /// or replicas would remember different producers).
+    pub fn set_producer_limits(&self, limits: crate::producers::ProducerLimits) {
+        lock(&self.shared.sm).producer_limits = limits;
     }
 
     /// Reads the applied idempotent-producer table.
@@ -714,11 +728,12 @@ impl RaftStateMachine<KeelRaft> for StateMachine {
                     let before = sm.state.clone();
                     sm.checkpoints.insert(entry.log_id.index, before);
                 }
+                let limits = sm.producer_limits;
                 let state = &mut sm.state;
                 match entry.payload {
                     EntryPayload::Normal(BatchData(bytes)) => {
                         let header = keel_record::check(&bytes).map_err(io_err)?;
-                        state.apply_batch(entry.log_id, &header)
+                        state.apply_batch(entry.log_id, &header, &limits)
                     }
                     EntryPayload::Blank => {
                         state.apply_blank(entry.log_id);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::*;
+use keel_raft::producers::ProducerLimits;
 use keel_raft::{AppendError, Appended, ProducerRefusal};
 use keel_record::{BatchBuilder, NewRecord, ProducerStamp};
 use keel_storage::{Disk, FileDisk};
@@ -106,6 +107,33 @@ async fn retries_are_written_once_across_a_leader_crash() {
         expected.extend((0..3).map(|i| format!("1:0:{i}")));
         assert_eq!(values, expected, "node {}", n.id);
     }
+    for n in &mut nodes {
+        n.stop(false).await;
+    }
+}
+
+/// The node's producer limits reach every partition's table: with a window of 5 batches, a
+/// retry of the sixth-newest batch is no longer answered with its offsets (written once all the
+/// same), where the default window of 16 would still answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_is_the_nodes_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::default();
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let disk: Arc<dyn Disk> = Arc::new(FileDisk::new());
+        let node = TestNode::start(id, "127.0.0.1:0", disk, tmp.path().join(format!("node-{id}")), &cfg).await;
+        node.node.set_producer_limits(ProducerLimits { window: 5, ..ProducerLimits::default() });
+        node.node.open_group(GROUP).await.unwrap();
+        nodes.push(node);
+    }
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    nodes[0].node.initialize_group(GROUP, members(&refs)).await.unwrap();
+    for n in 0..6 {
+        append(&refs, GROUP, stamped(0, n)).await.unwrap();
+    }
+    assert_eq!(append(&refs, GROUP, stamped(0, 1)).await.unwrap().base_offset, 3, "inside the window");
+    assert_eq!(refusal(append(&refs, GROUP, stamped(0, 0)).await), ProducerRefusal::StaleDuplicate);
     for n in &mut nodes {
         n.stop(false).await;
     }
