@@ -143,6 +143,9 @@ pub struct Consumer {
     next_generation: u64,
     /// An error that arrived while `poll` had records to return: reported by the next `poll`.
     deferred: Option<ClientError>,
+    /// With [`Consumer::verify_sequences`]: per partition, the next offset to audit and the
+    /// audit of the producer sequences of every record `poll` returned.
+    audits: Option<BTreeMap<(String, u32), (u64, keel_record::audit::PartitionAudit)>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -166,6 +169,7 @@ impl Consumer {
             events_tx,
             next_generation: 0,
             deferred: None,
+            audits: None,
         })
     }
 
@@ -324,12 +328,36 @@ impl Consumer {
                         continue;
                     }
                     assigned.position = Some(record.offset + 1);
+                    if let Some(audits) = &mut self.audits {
+                        let (next, audit) = audits.entry((record.topic.clone(), record.partition)).or_default();
+                        // A seek back delivers offsets again: each offset is audited once, so
+                        // only copies at other offsets count as duplicates.
+                        if record.offset >= *next {
+                            *next = record.offset + 1;
+                            audit.record(record.offset, record.producer.map(|p| (p.id, p.epoch, p.sequence)));
+                        }
+                    }
                     out.push(record);
                 }
             }
             Event::Failed { error, .. } => return Err(error),
         }
         Ok(())
+    }
+
+    /// Checks the producer sequences of every record `poll` returns from now on, as `keel audit`
+    /// does over a whole partition: per idempotent producer, gaps (something acknowledged may be
+    /// missing from what this consumer read) and duplicates (the same sequence at two offsets).
+    /// Memory grows with producers and holes, not records. [`Consumer::sequence_report`] tells.
+    pub fn verify_sequences(&mut self) {
+        self.audits.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// What [`Consumer::verify_sequences`] found so far, per (topic, partition); empty when it
+    /// was not turned on. A partition read from the middle of a producer's sequence starts its
+    /// audit there: only holes after the first record read count as gaps.
+    pub fn sequence_report(&self) -> BTreeMap<(String, u32), keel_record::audit::PartitionReport> {
+        self.audits.iter().flatten().map(|(k, (_, audit))| (k.clone(), audit.report())).collect()
     }
 
     /// Reads once from `offset` with a unary Fetch (waiting up to `fetch_wait_max` when there

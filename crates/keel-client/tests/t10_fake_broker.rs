@@ -382,3 +382,48 @@ async fn consumer_reports_a_seek_past_the_end() {
     let refused = cluster.state.lock().unwrap().refused_subscribes;
     assert!(refused >= 2, "reported after {refused} attempt(s), without retrying");
 }
+
+/// Issue 11 item 4: a consumer that verifies sequences reports, per idempotent producer, what
+/// it read: nothing wrong for an idempotent producer's records, and a duplicate once a batch is
+/// in the log twice (the fake broker does not deduplicate; a copy of the first batch is
+/// appended as a broker without dedup would after a retry). A seek back re-reads offsets
+/// without counting them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifying_consumer_reports_duplicates_by_sequence() {
+    let cluster = Cluster::start(1).await;
+    cluster.create("t", 1);
+    let producer =
+        Producer::new(config(&cluster), ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() })
+            .unwrap();
+    for i in 0..6 {
+        producer.send("t", ProducerRecord::new(value(i))).await.unwrap().await.unwrap();
+    }
+    let mut consumer = Consumer::new(config(&cluster), ConsumerConfig::default()).unwrap();
+    consumer.verify_sequences();
+    consumer.assign("t", &[0]).await.unwrap();
+    consume(&mut consumer, 6).await;
+    let report = consumer.sequence_report();
+    let partition = &report[&("t".to_owned(), 0)];
+    assert!(partition.is_clean(), "{partition:?}");
+    assert_eq!(partition.producers.len(), 1, "one idempotent producer: {partition:?}");
+
+    // Seeking back re-reads offsets 0..6: the same offsets are not duplicates.
+    consumer.seek("t", 0, Offset::Beginning).unwrap();
+    consume(&mut consumer, 6).await;
+    assert!(consumer.sequence_report()[&("t".to_owned(), 0)].is_clean());
+
+    {
+        let mut state = cluster.state.lock().unwrap();
+        let p = &mut state.topics.get_mut("t").unwrap()[0];
+        let mut copy = p.batches[0].to_vec();
+        let header = keel_record::stamp(&mut copy, p.next_offset, 1, 1).unwrap();
+        p.next_offset += u64::from(header.record_count);
+        p.batches.push(Bytes::from(copy));
+    }
+    cluster.appended.notify_waiters();
+    consume(&mut consumer, 1).await;
+    let report = consumer.sequence_report();
+    let (_, audit) = report[&("t".to_owned(), 0)].producers.iter().next().unwrap();
+    assert_eq!(audit.duplicates, 1, "{audit:?}");
+    producer.close().await;
+}

@@ -47,7 +47,7 @@ impl ProducerAudit {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Tracker {
     audit: ProducerAudit,
     /// Present sequences: start -> end (exclusive), disjoint and not touching.
@@ -113,7 +113,7 @@ impl Tracker {
 }
 
 /// Audits one partition: feed every record in offset order, then [`PartitionAudit::finish`].
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PartitionAudit {
     producers: BTreeMap<(i64, i16), Tracker>,
     unstamped: u64,
@@ -157,6 +157,12 @@ impl PartitionAudit {
             });
             self.record(offset, stamp);
         }
+    }
+
+    /// The report so far, the audit going on (costs a copy of what it tracks: producers and
+    /// holes, not records).
+    pub fn report(&self) -> PartitionReport {
+        self.clone().finish()
     }
 
     /// The report.
