@@ -89,7 +89,6 @@ fn group_checkers_catch_a_broken_coordinator() {
     }
 }
 
-
 /// Issue 11: the checker refuses any duplicate, and the producers' retries (faults drop answers,
 /// kill leaders, reorder in-flight batches) write duplicates unless the producer is idempotent
 /// and the leader deduplicates: without idempotence the same seeds are caught.
