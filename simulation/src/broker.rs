@@ -267,7 +267,11 @@ pub(crate) fn client_config(seed: u64, nodes: u64) -> ClientConfig {
     config
 }
 
-pub(crate) fn producer_config(delivery_timeout: Duration, idempotence: bool) -> ProducerConfig {
+pub(crate) fn producer_config(
+    delivery_timeout: Duration,
+    idempotence: bool,
+    identity: Option<String>,
+) -> ProducerConfig {
     ProducerConfig {
         linger: Duration::from_millis(5),
         // Below the brokers' batch limit, which the small segments set.
@@ -276,6 +280,7 @@ pub(crate) fn producer_config(delivery_timeout: Duration, idempotence: bool) -> 
         buffer_records_max: 1_000,
         delivery_timeout,
         idempotence,
+        identity: identity.filter(|_| idempotence),
     }
 }
 
@@ -397,7 +402,10 @@ async fn producer_main(k: u64, seed: u64, until: Duration, state: Shared, disks:
     let delivery_timeout = Duration::from_millis(rng.random_range(2_000..20_000));
     log(&state, format!("producer {k}: delivery timeout {delivery_timeout:?}"));
     let (nodes, idempotence) = (state.borrow().nodes, state.borrow().idempotence);
-    let producer = Producer::new(client_config(seed, nodes), producer_config(delivery_timeout, idempotence))?;
+    // Even producers have a stable identity, so that a partition that retires its sequence
+    // (a delivery timeout) takes the identity's next epoch through the controller, under faults.
+    let identity = k.is_multiple_of(2).then(|| format!("sim-producer-{k}"));
+    let producer = Producer::new(client_config(seed, nodes), producer_config(delivery_timeout, idempotence, identity))?;
     let mut unresolved = FuturesUnordered::new();
     for n in 0.. {
         if turmoil::sim_elapsed().unwrap_or_default() >= until {
@@ -512,7 +520,8 @@ async fn liveness_main(
     disks: Vec<SimDisk>,
 ) -> turmoil::Result {
     let (nodes, idempotence) = (state.borrow().nodes, state.borrow().idempotence);
-    let producer = Producer::new(client_config(seed, nodes), producer_config(Duration::from_secs(10), idempotence))?;
+    let producer =
+        Producer::new(client_config(seed, nodes), producer_config(Duration::from_secs(10), idempotence, None))?;
     for p in 0..PARTITIONS {
         let deadline = tokio::time::Instant::now() + WRITE_BOUND;
         for attempt in 0.. {

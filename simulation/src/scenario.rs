@@ -113,7 +113,7 @@ async fn producer_main(
     wait_topic(&state).await;
     // Long enough to retry through the whole cut: a record is acknowledged, or its outcome is
     // unknown, but it does not fail for want of patience.
-    let producer = Producer::new(client_config(seed, NODES), producer_config(Duration::from_secs(60), true))?;
+    let producer = Producer::new(client_config(seed, NODES), producer_config(Duration::from_secs(60), true, None))?;
     let mut unresolved = FuturesUnordered::new();
     let mut next_send = tokio::time::Instant::now();
     let mut n = 0u64;

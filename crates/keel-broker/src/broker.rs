@@ -30,9 +30,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{BrokerConfig, Identity, claim_data_dir};
 use crate::coordinator::CoordinatorFaults;
-use crate::error::{BrokerError, append_status, meta_status, not_leader};
+use crate::error::{BrokerError, append_status, meta_status, not_leader, producer_fenced};
 use crate::groups::GroupCoordinator;
-use crate::metadata::{self, Command, META_GROUP, META_TOPIC, MetaError, Metadata, OFFSETS_TOPIC, Partition, Topic};
+use crate::metadata::{
+    self, Command, META_GROUP, META_TOPIC, MetaError, Metadata, OFFSETS_TOPIC, Partition, ProducerEpoch, Topic,
+};
 use crate::producer_ids::{PRODUCER_ID_BLOCK, ProducerIds};
 
 /// The wall clock (record timestamps, retention): the only source of "now" in a broker.
@@ -699,6 +701,70 @@ impl Inner {
             // leader that timed out and committed later): this one allocated nothing.
             Some(MetaError::Precondition(reason)) => {
                 Err(Status::aborted(format!("the producer-id allocation raced another ({reason}); retry")))
+            }
+            Some(refusal) => Err(meta_status(refusal)),
+        }
+    }
+
+    /// Gives a stable producer identity its next id and epoch: on the controller leader, appends
+    /// an `InitProducerIdentity` planned from the latest metadata and answers once it is applied;
+    /// elsewhere forwards the request there. With `claimed` (an instance bumping its own epoch),
+    /// only if the identity still holds it: otherwise PRODUCER_FENCED.
+    pub(crate) async fn init_producer_identity(
+        &self,
+        identity: String,
+        claimed: Option<ProducerEpoch>,
+        hops: u32,
+    ) -> Result<ProducerEpoch, Status> {
+        metadata::validate_producer_identity(&identity).map_err(meta_status)?;
+        if !self.leads_meta() {
+            let message = pb::InitProducerIdRequest {
+                producer_identity: Some(identity),
+                producer_id: claimed.map(|c| c.producer_id),
+                producer_epoch: claimed.map(|c| i32::from(c.epoch)),
+            };
+            let request = self.forwardable(message, hops)?;
+            let response = self
+                .forward_to_controller(request, |channel, request| async move {
+                    let mut client = pb::controller_client::ControllerClient::new(channel);
+                    client.init_producer_identity(request).await.map(|r| r.into_inner())
+                })
+                .await?;
+            return match i16::try_from(response.producer_epoch) {
+                Ok(epoch) if epoch >= 0 && response.producer_id >= 0 => {
+                    Ok(ProducerEpoch { producer_id: response.producer_id, epoch })
+                }
+                _ => Err(Status::internal(format!(
+                    "the controller answered producer id {} epoch {}",
+                    response.producer_id, response.producer_epoch
+                ))),
+            };
+        }
+        let _turn = self.controller_turn().await?;
+        let before = self.metadata();
+        let current = before.producer_identities.get(&identity).copied();
+        if let Some(claimed) = claimed
+            && current != Some(claimed)
+        {
+            return Err(producer_fenced(format!(
+                "producer identity {identity:?} holds {}, not id {} epoch {}: another instance re-initialised it",
+                current.map_or_else(|| "nothing".to_owned(), |c| format!("id {} epoch {}", c.producer_id, c.epoch)),
+                claimed.producer_id,
+                claimed.epoch
+            )));
+        }
+        let command = before.plan_producer_identity(&identity).map_err(meta_status)?;
+        let Command::InitProducerIdentity { next, .. } = &command else {
+            return Err(Status::internal("planned the wrong metadata command"));
+        };
+        let next = *next;
+        let offset = self.propose(&command).await?;
+        match self.outcome_at(&before, offset)? {
+            None => Ok(next),
+            // Another change of the identity (or of the id counter) came first: this one changed
+            // nothing, and planning it again from the newer metadata is safe.
+            Some(MetaError::Precondition(reason)) => {
+                Err(Status::aborted(format!("the producer identity change raced another ({reason}); retry")))
             }
             Some(refusal) => Err(meta_status(refusal)),
         }

@@ -64,7 +64,14 @@ pub fn meta_status(e: MetaError) -> Status {
         MetaError::UnknownTopic(_) => Status::not_found(e.to_string()),
         MetaError::TopicExists(_) => Status::already_exists(e.to_string()),
         MetaError::Precondition(m) => Status::failed_precondition(m),
+        MetaError::Exhausted(m) => Status::resource_exhausted(m),
     }
+}
+
+/// PRODUCER_FENCED for an `InitProducerId` that claims an id and epoch its identity no longer
+/// holds: another instance re-initialised it since, and this one must stop.
+pub fn producer_fenced(message: String) -> Status {
+    with_reason(Code::FailedPrecondition, message, PRODUCER_FENCED, &[])
 }
 
 /// The status of a failed append.

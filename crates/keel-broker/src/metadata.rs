@@ -22,6 +22,21 @@ pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
 /// Most producer ids one `AllocateProducerIds` may take: a node asks for a block at a time, and
 /// a bound keeps one bad request from spending a noticeable share of the id space.
 pub const PRODUCER_IDS_PER_ALLOCATION_MAX: u32 = 100_000;
+/// Longest stable producer identity (Kafka's `transactional.id`), in bytes.
+pub const PRODUCER_IDENTITY_BYTES_MAX: usize = 255;
+/// Most stable producer identities the cluster remembers. Each is a few hundred bytes of every
+/// node's metadata, kept for good (an identity is never forgotten, or a new instance could no
+/// longer fence an old one), so a client inventing names must not grow it without bound.
+pub const PRODUCER_IDENTITIES_MAX: usize = 100_000;
+
+/// The producer id and epoch a stable producer identity was last given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerEpoch {
+    /// The producer id.
+    pub producer_id: i64,
+    /// Its epoch: each re-initialisation of the identity takes the next one.
+    pub epoch: i16,
+}
 
 /// A node as the cluster knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +142,19 @@ pub enum Command {
         /// How many ids, 1 to `PRODUCER_IDS_PER_ALLOCATION_MAX`.
         count: u32,
     },
+    /// Gives a stable producer identity its next id and epoch (planned by
+    /// [`Metadata::plan_producer_identity`]): the same id with the next epoch, which fences the
+    /// instances that hold an older one, or a fresh id (epoch 0) for a new identity or one whose
+    /// epochs are used up. Applied only if the identity still holds `previous` (and a fresh id is
+    /// still the next unallocated one), so a stale or repeated proposal changes nothing.
+    InitProducerIdentity {
+        /// The identity.
+        identity: String,
+        /// What the identity held when the command was planned (`None`: unknown then).
+        previous: Option<ProducerEpoch>,
+        /// What it holds once applied.
+        next: ProducerEpoch,
+    },
 }
 
 /// Why a command or a request is refused.
@@ -144,6 +172,9 @@ pub enum MetaError {
     /// The cluster cannot do it in its current state (e.g. too few nodes).
     #[error("{0}")]
     Precondition(String),
+    /// A bounded table of the metadata is full.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 /// Why a node cannot go on replaying `__meta`: its metadata would differ from every other
@@ -184,6 +215,8 @@ pub struct Metadata {
     /// The first producer id no node was given: every id below it was allocated exactly once,
     /// and none is ever allocated again. 0 in a log written before producer ids existed.
     pub next_producer_id: i64,
+    /// Stable producer identities and the id and epoch each was last given.
+    pub producer_identities: BTreeMap<String, ProducerEpoch>,
 }
 
 impl Metadata {
@@ -310,7 +343,66 @@ impl Metadata {
                 debug_assert!(self.next_producer_id > 0, "producer ids only grow from 0");
                 Ok(())
             }
+            Command::InitProducerIdentity { identity, previous, next } => {
+                validate_producer_identity(identity)?;
+                let current = self.producer_identities.get(identity).copied();
+                if current != *previous {
+                    return Err(MetaError::Precondition(format!(
+                        "producer identity {identity:?} holds {current:?}, not the {previous:?} this change was planned from"
+                    )));
+                }
+                let bump = previous.filter(|p| p.epoch < i16::MAX);
+                match bump {
+                    Some(p) if next.producer_id == p.producer_id && Some(next.epoch) == p.epoch.checked_add(1) => {}
+                    Some(_) => {
+                        return Err(MetaError::Invalid(format!(
+                            "producer identity {identity:?} must take the next epoch of its id, not {next:?}"
+                        )));
+                    }
+                    None => {
+                        if next.epoch != 0 || next.producer_id != self.next_producer_id {
+                            return Err(MetaError::Precondition(format!(
+                                "a fresh id for producer identity {identity:?} must be {} at epoch 0, not {next:?}",
+                                self.next_producer_id
+                            )));
+                        }
+                        if previous.is_none() && self.producer_identities.len() >= PRODUCER_IDENTITIES_MAX {
+                            return Err(MetaError::Exhausted(format!(
+                                "the cluster remembers at most {PRODUCER_IDENTITIES_MAX} producer identities"
+                            )));
+                        }
+                        self.next_producer_id = self
+                            .next_producer_id
+                            .checked_add(1)
+                            .ok_or_else(|| MetaError::Precondition("the producer-id space is exhausted".into()))?;
+                    }
+                }
+                self.producer_identities.insert(identity.clone(), *next);
+                Ok(())
+            }
         }
+    }
+
+    /// The command that gives `identity` its next id and epoch: the next epoch of its id, or a
+    /// fresh id at epoch 0 when the identity is new or its epochs are used up.
+    pub fn plan_producer_identity(&self, identity: &str) -> Result<Command, MetaError> {
+        validate_producer_identity(identity)?;
+        let previous = self.producer_identities.get(identity).copied();
+        let next = match previous {
+            Some(p) if p.epoch < i16::MAX => ProducerEpoch { producer_id: p.producer_id, epoch: p.epoch + 1 },
+            _ => {
+                if previous.is_none() && self.producer_identities.len() >= PRODUCER_IDENTITIES_MAX {
+                    return Err(MetaError::Exhausted(format!(
+                        "the cluster remembers at most {PRODUCER_IDENTITIES_MAX} producer identities"
+                    )));
+                }
+                if self.next_producer_id == i64::MAX {
+                    return Err(MetaError::Precondition("the producer-id space is exhausted".into()));
+                }
+                ProducerEpoch { producer_id: self.next_producer_id, epoch: 0 }
+            }
+        };
+        Ok(Command::InitProducerIdentity { identity: identity.to_owned(), previous, next })
     }
 
     fn allocate(&mut self, assignment: &[Vec<NodeId>]) -> Vec<Partition> {
@@ -472,6 +564,21 @@ pub fn validate_topic_name(name: &str) -> Result<(), MetaError> {
     }
     if name.starts_with("__") {
         return Err(MetaError::Invalid(format!("topic names starting with \"__\" are reserved ({name:?})")));
+    }
+    Ok(())
+}
+
+/// Checks a stable producer identity: 1 to `PRODUCER_IDENTITY_BYTES_MAX` bytes, no control
+/// characters (it is printed in logs and listings).
+pub fn validate_producer_identity(identity: &str) -> Result<(), MetaError> {
+    if identity.is_empty() || identity.len() > PRODUCER_IDENTITY_BYTES_MAX {
+        return Err(MetaError::Invalid(format!(
+            "a producer identity has 1 to {PRODUCER_IDENTITY_BYTES_MAX} bytes, not {}",
+            identity.len()
+        )));
+    }
+    if identity.chars().any(char::is_control) {
+        return Err(MetaError::Invalid("a producer identity must not contain control characters".into()));
     }
     Ok(())
 }
@@ -691,6 +798,90 @@ mod tests {
         assert!(decode_command(b"{\"op\":\"nope\"}").is_err());
         let written = br#"{"op":"allocate_producer_ids","first":2000,"count":1000}"#;
         assert_eq!(decode_command(written).unwrap(), Command::AllocateProducerIds { first: 2000, count: 1000 });
+    }
+
+    /// A stable identity keeps its id and takes the next epoch at each re-initialisation; ids of
+    /// new identities come from the same counter as blocks; a stale or repeated plan changes
+    /// nothing; epochs used up move the identity to a fresh id; the table is bounded.
+    #[test]
+    fn producer_identities_bump_their_epoch_once_per_init() {
+        let mut m = cluster(3);
+        m.apply(m.applied_offset, &Command::AllocateProducerIds { first: 0, count: 1000 }).unwrap();
+        let first = m.plan_producer_identity("orders-writer").unwrap();
+        let offset = m.applied_offset;
+        m.apply(offset, &first).unwrap();
+        assert_eq!(m.producer_identities["orders-writer"], ProducerEpoch { producer_id: 1000, epoch: 0 });
+        assert_eq!(m.next_producer_id, 1001, "one id of the shared counter");
+        let before = m.clone();
+        assert!(matches!(m.apply(offset + 1, &first), Err(MetaError::Precondition(_))), "applied once");
+        assert_eq!(m.producer_identities, before.producer_identities);
+        assert_eq!(m.next_producer_id, before.next_producer_id);
+
+        let bump = m.plan_producer_identity("orders-writer").unwrap();
+        m.apply(offset + 2, &bump).unwrap();
+        assert_eq!(m.producer_identities["orders-writer"], ProducerEpoch { producer_id: 1000, epoch: 1 });
+        assert_eq!(m.next_producer_id, 1001, "a bump allocates no id");
+        assert!(m.apply(offset + 3, &bump).is_err(), "a repeated bump is refused");
+        assert!(m.apply(offset + 4, &Command::AllocateProducerIds { first: 1000, count: 1 }).is_err());
+
+        // Forged commands: skipping an epoch, taking someone's id, a bad name.
+        let forged = [
+            Command::InitProducerIdentity {
+                identity: "orders-writer".into(),
+                previous: Some(ProducerEpoch { producer_id: 1000, epoch: 1 }),
+                next: ProducerEpoch { producer_id: 1000, epoch: 3 },
+            },
+            Command::InitProducerIdentity {
+                identity: "other".into(),
+                previous: None,
+                next: ProducerEpoch { producer_id: 5, epoch: 0 },
+            },
+            Command::InitProducerIdentity {
+                identity: "x".repeat(PRODUCER_IDENTITY_BYTES_MAX + 1),
+                previous: None,
+                next: ProducerEpoch { producer_id: 1001, epoch: 0 },
+            },
+            Command::InitProducerIdentity {
+                identity: "a\nb".into(),
+                previous: None,
+                next: ProducerEpoch { producer_id: 1001, epoch: 0 },
+            },
+        ];
+        for (i, c) in forged.iter().enumerate() {
+            let before = m.clone();
+            assert!(m.apply(offset + 5 + i as u64, c).is_err(), "{c:?}");
+            assert_eq!(
+                (&m.producer_identities, m.next_producer_id),
+                (&before.producer_identities, before.next_producer_id)
+            );
+        }
+        assert!(m.plan_producer_identity("").is_err());
+
+        let mut worn = Metadata { next_producer_id: 7, ..Metadata::new() };
+        worn.producer_identities.insert("w".into(), ProducerEpoch { producer_id: 3, epoch: i16::MAX });
+        let plan = worn.plan_producer_identity("w").unwrap();
+        worn.apply(0, &plan).unwrap();
+        assert_eq!(worn.producer_identities["w"], ProducerEpoch { producer_id: 7, epoch: 0 });
+        assert_eq!(worn.next_producer_id, 8);
+
+        let mut full = Metadata::new();
+        for i in 0..PRODUCER_IDENTITIES_MAX {
+            full.producer_identities.insert(format!("p{i}"), ProducerEpoch { producer_id: i as i64, epoch: 0 });
+        }
+        assert!(matches!(full.plan_producer_identity("one-more"), Err(MetaError::Exhausted(_))));
+        assert!(full.plan_producer_identity("p7").is_ok(), "a known identity is re-initialised when full");
+        let sneaked = Command::InitProducerIdentity {
+            identity: "one-more".into(),
+            previous: None,
+            next: ProducerEpoch { producer_id: 0, epoch: 0 },
+        };
+        assert!(matches!(full.apply(0, &sneaked), Err(MetaError::Exhausted(_))));
+        let c = Command::InitProducerIdentity {
+            identity: "w".into(),
+            previous: Some(ProducerEpoch { producer_id: 3, epoch: 4 }),
+            next: ProducerEpoch { producer_id: 3, epoch: 5 },
+        };
+        assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
     }
 
     /// Blocks follow one another from 0; the same proposal applied twice (a retry, or a deposed

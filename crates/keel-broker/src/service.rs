@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::broker::{Broker, HOPS_HEADER, Inner};
 use crate::error::{append_status, not_leader, to_pb_error};
-use crate::metadata::{self, META_GROUP, Metadata, Topic, TopicSettings};
+use crate::metadata::{self, META_GROUP, Metadata, ProducerEpoch, Topic, TopicSettings};
 use crate::size_status::{SizeStatus, size_status};
 
 /// Default size bound of a fetch response when the request leaves it 0.
@@ -564,12 +564,37 @@ impl pb::producer_server::Producer for Api {
 
     async fn init_producer_id(
         &self,
-        _request: Request<pb::InitProducerIdRequest>,
+        request: Request<pb::InitProducerIdRequest>,
     ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
-        let producer_id = self.inner.next_producer_id().instrument(info_span!("init_producer_id")).await?;
-        // Epoch 0: every id is new. Bumping the epoch of a re-initialised stable identity is
-        // not built yet.
-        Ok(Response::new(pb::InitProducerIdResponse { producer_id, producer_epoch: 0 }))
+        let request = request.into_inner();
+        let Some(identity) = request.producer_identity else {
+            if request.producer_id.is_some() || request.producer_epoch.is_some() {
+                return Err(Status::invalid_argument(
+                    "producer_id and producer_epoch are only for a stable producer_identity",
+                ));
+            }
+            let producer_id = self.inner.next_producer_id().instrument(info_span!("init_producer_id")).await?;
+            return Ok(Response::new(pb::InitProducerIdResponse { producer_id, producer_epoch: 0 }));
+        };
+        let claimed = claimed_epoch(&request.producer_id, &request.producer_epoch)?;
+        let span = info_span!("init_producer_id", identity = %identity);
+        let next = self.inner.init_producer_identity(identity, claimed, 0).instrument(span).await?;
+        Ok(Response::new(pb::InitProducerIdResponse {
+            producer_id: next.producer_id,
+            producer_epoch: i32::from(next.epoch),
+        }))
+    }
+}
+
+/// The id and epoch an instance claims to hold when it bumps its own epoch: both or neither.
+fn claimed_epoch(producer_id: &Option<i64>, epoch: &Option<i32>) -> Result<Option<ProducerEpoch>, Status> {
+    match (*producer_id, *epoch) {
+        (None, None) => Ok(None),
+        (Some(producer_id), Some(epoch)) => match i16::try_from(epoch) {
+            Ok(epoch) if epoch >= 0 && producer_id >= 0 => Ok(Some(ProducerEpoch { producer_id, epoch })),
+            _ => Err(Status::invalid_argument(format!("no producer has id {producer_id} epoch {epoch}"))),
+        },
+        _ => Err(Status::invalid_argument("producer_id and producer_epoch go together")),
     }
 }
 
@@ -894,6 +919,23 @@ impl pb::controller_server::Controller for Api {
         let count = request.into_inner().count;
         let block = self.inner.allocate_producer_ids(count, hops).await?;
         Ok(Response::new(pb::AllocateProducerIdsResponse { first: block.start, count }))
+    }
+
+    async fn init_producer_identity(
+        &self,
+        request: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        let hops = hops(&request);
+        let request = request.into_inner();
+        let Some(identity) = request.producer_identity else {
+            return Err(Status::invalid_argument("InitProducerIdentity needs a producer_identity"));
+        };
+        let claimed = claimed_epoch(&request.producer_id, &request.producer_epoch)?;
+        let next = self.inner.init_producer_identity(identity, claimed, hops).await?;
+        Ok(Response::new(pb::InitProducerIdResponse {
+            producer_id: next.producer_id,
+            producer_epoch: i32::from(next.epoch),
+        }))
     }
 }
 

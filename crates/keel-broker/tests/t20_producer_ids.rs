@@ -18,6 +18,7 @@ use keel_proto::v1::controller_client::ControllerClient;
 use keel_proto::v1::producer_client::ProducerClient;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 /// The block a node allocates at a time.
 const BLOCK: i64 = keel_broker::producer_ids::PRODUCER_ID_BLOCK as i64;
@@ -26,7 +27,7 @@ const BLOCK: i64 = keel_broker::producer_ids::PRODUCER_ID_BLOCK as i64;
 async fn init_producer_id(client: &mut ProducerClient<Channel>) -> i64 {
     let mut last = None;
     for _ in 0..200 {
-        match client.init_producer_id(pb::InitProducerIdRequest {}).await {
+        match client.init_producer_id(pb::InitProducerIdRequest::default()).await {
             Ok(r) => {
                 let r = r.into_inner();
                 assert_eq!(r.producer_epoch, 0, "a new id starts at epoch 0");
@@ -140,4 +141,89 @@ async fn producer_ids_stay_unique_when_the_controller_stops() {
     let next = new_leader.metadata().next_producer_id;
     assert!(next > allocated_before);
     assert!(after.iter().all(|id| *id < next));
+}
+
+/// InitProducerId with a stable identity, retried while UNAVAILABLE or ABORTED (a race).
+async fn init_identity(
+    client: &mut ProducerClient<Channel>,
+    identity: &str,
+    claimed: Option<(i64, i32)>,
+) -> Result<(i64, i32), tonic::Status> {
+    let request = pb::InitProducerIdRequest {
+        producer_identity: Some(identity.to_owned()),
+        producer_id: claimed.map(|c| c.0),
+        producer_epoch: claimed.map(|c| c.1),
+    };
+    let mut last = None;
+    for _ in 0..200 {
+        match client.init_producer_id(request.clone()).await {
+            Ok(r) => return Ok((r.get_ref().producer_id, r.get_ref().producer_epoch)),
+            Err(status) if matches!(status.code(), Code::Unavailable | Code::Aborted) => last = Some(status),
+            Err(status) => return Err(status),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("InitProducerId stayed unavailable: {last:?}");
+}
+
+/// A stable identity keeps its id and gets the next epoch at every InitProducerId, on any node
+/// and after the controller's node stops; an instance that claims an epoch its identity no
+/// longer holds is fenced; bad requests are refused and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stable_identity_gets_the_next_epoch_and_fences_older_instances() {
+    let cluster = start(3).await;
+    let mut clients = Vec::new();
+    for addr in &cluster.addrs {
+        clients.push(ProducerClient::new(channel(addr).await));
+    }
+    let (id, epoch) = init_identity(&mut clients[0], "orders-writer", None).await.unwrap();
+    assert_eq!(epoch, 0, "a new identity starts at epoch 0");
+    for (n, client) in clients.iter_mut().enumerate() {
+        let again = init_identity(client, "orders-writer", None).await.unwrap();
+        assert_eq!(again, (id, n as i32 + 1), "the same id, the next epoch, through node {n}");
+    }
+    let other = init_identity(&mut clients[1], "billing-writer", None).await.unwrap();
+    assert_ne!(other.0, id);
+    let anonymous = init_producer_id(&mut clients[2]).await;
+    assert!(anonymous != id && anonymous != other.0, "identities and blocks share one id counter");
+
+    // An instance bumping its own epoch: with the current one it gets the next; with an older
+    // one it learns it was replaced.
+    assert_eq!(init_identity(&mut clients[2], "orders-writer", Some((id, 3))).await.unwrap(), (id, 4));
+    let leader = controller(&cluster, &[0, 1, 2]).await;
+    let before = cluster.brokers[leader].metadata().producer_identities.clone();
+    for client in &mut clients {
+        let fenced = init_identity(client, "orders-writer", Some((id, 3))).await.unwrap_err();
+        assert_eq!(fenced.code(), Code::FailedPrecondition, "{fenced:?}");
+        assert_eq!(fenced.get_details_error_info().expect("a reason").reason, "PRODUCER_FENCED");
+        let unknown = init_identity(client, "never-seen", Some((id, 0))).await.unwrap_err();
+        assert_eq!(unknown.get_details_error_info().expect("a reason").reason, "PRODUCER_FENCED");
+    }
+    let bad = [
+        pb::InitProducerIdRequest { producer_identity: Some(String::new()), ..Default::default() },
+        pb::InitProducerIdRequest { producer_identity: Some("x".repeat(256)), ..Default::default() },
+        pb::InitProducerIdRequest { producer_identity: Some("a\u{7}".into()), ..Default::default() },
+        pb::InitProducerIdRequest { producer_id: Some(id), producer_epoch: Some(4), ..Default::default() },
+        pb::InitProducerIdRequest {
+            producer_identity: Some("orders-writer".into()),
+            producer_id: Some(id),
+            ..Default::default()
+        },
+        pb::InitProducerIdRequest {
+            producer_identity: Some("orders-writer".into()),
+            producer_id: Some(id),
+            producer_epoch: Some(70_000),
+        },
+    ];
+    for request in bad {
+        let refused = clients[0].init_producer_id(request.clone()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{request:?}: {refused:?}");
+    }
+    assert_eq!(cluster.brokers[leader].metadata().producer_identities, before, "refusals changed nothing");
+
+    // The identities are in __meta: a new controller knows them.
+    cluster.brokers[leader].halt().await;
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    assert_eq!(init_identity(&mut clients[survivor], "orders-writer", None).await.unwrap(), (id, 5));
+    assert_eq!(init_identity(&mut clients[survivor], "billing-writer", None).await.unwrap(), (other.0, 1));
 }

@@ -188,7 +188,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             base_sequence: Some(10),
         }),
         enc(pb::ProduceRequest { topic: "t".into(), batch: Bytes::from(vec![1u8; 80]), ..Default::default() }),
-        enc(pb::InitProducerIdRequest {}),
+        enc(pb::InitProducerIdRequest::default()),
         enc(pb::FetchRequest {
             topic: "t".into(),
             partition: 2,

@@ -37,6 +37,16 @@ struct Ident {
     producer_id: i64,
     epoch: i16,
     next_sequence: i32,
+    /// Which of the producer's ids (in the order they were supplied) this is.
+    generation: u64,
+}
+
+/// An id and epoch from InitProducerId, numbered in the order they came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Supplied {
+    producer_id: i64,
+    epoch: i16,
+    generation: u64,
 }
 
 /// The batch being filled.
@@ -84,9 +94,9 @@ struct PartitionQueue {
     unknown_since: Option<u64>,
     /// Idempotent producers: the identity this partition's batches are stamped with.
     ident: Option<Ident>,
-    /// Whether the partition ever had an identity: its first is the producer's own id, each
-    /// later one (after a retirement) a fresh id, whose sequences start over at 0.
-    had_ident: bool,
+    /// The oldest generation of id this partition may take: past the one it retired, whose
+    /// sequence it cannot continue (a new id or epoch starts the sequence over at 0).
+    min_generation: u64,
 }
 
 #[derive(Default)]
@@ -124,10 +134,12 @@ pub(crate) struct Accumulator {
     in_flight: BTreeMap<u64, Batch>,
     next_seq: u64,
     next_request_id: u64,
-    /// The producer's id and epoch, shared by every partition's first identity.
-    producer_id: Option<(i64, i16)>,
-    /// Fresh ids (with their epochs) for partitions whose identity was retired.
-    spare_ids: Vec<(i64, i16)>,
+    /// The latest id and epoch InitProducerId gave: every partition without an identity takes
+    /// it, unless it retired that very one (then it waits for the next).
+    latest: Option<Supplied>,
+    /// Another instance of this producer's stable identity took over (PRODUCER_FENCED): this one
+    /// can send nothing more, and every record fails with this error.
+    fenced: Option<ClientError>,
 }
 
 fn succeed(buffer: &Semaphore, batch: Batch, base_offset: u64) {
@@ -185,7 +197,9 @@ impl PartitionQueue {
     /// stored are stamped afresh; those that may be stored keep their stamp, so that a retry of
     /// them is still recognised.
     fn retire_identity(&mut self) {
-        self.ident = None;
+        if let Some(ident) = self.ident.take() {
+            self.min_generation = self.min_generation.max(ident.generation + 1);
+        }
         for b in &mut self.ready {
             if !b.maybe_written {
                 b.stamped = None;
@@ -248,18 +262,52 @@ impl Accumulator {
             in_flight: BTreeMap::new(),
             next_seq: 0,
             next_request_id: 1,
-            producer_id: None,
-            spare_ids: Vec::new(),
+            latest: None,
+            fenced: None,
         }
     }
 
-    /// A producer id (from InitProducerId): the producer's own first, then fresh ones for
-    /// partitions whose identity was retired.
+    /// A producer id and epoch (from InitProducerId): the first for every partition, each later
+    /// one for the partitions that retired their identity since.
     pub(crate) fn supply_producer_id(&mut self, producer_id: i64, epoch: i16) {
-        if self.producer_id.is_none() {
-            self.producer_id = Some((producer_id, epoch));
-        } else {
-            self.spare_ids.push((producer_id, epoch));
+        let generation = self.latest.map_or(0, |l| l.generation + 1);
+        self.latest = Some(Supplied { producer_id, epoch, generation });
+    }
+
+    /// The latest id and epoch supplied: what a stable identity claims when it asks for its
+    /// next epoch.
+    pub(crate) fn latest_producer_id(&self) -> Option<(i64, i16)> {
+        self.latest.map(|l| (l.producer_id, l.epoch))
+    }
+
+    /// Another instance took this producer's identity over: fails everything not in flight now
+    /// and every record sent from now on; answers of batches in flight still resolve them.
+    pub(crate) fn fence(&mut self, error: ClientError) {
+        if self.fenced.is_none() {
+            self.fenced = Some(error);
+        }
+        self.fail_fenced();
+    }
+
+    /// Whether the producer was fenced.
+    pub(crate) fn fenced(&self) -> Option<&ClientError> {
+        self.fenced.as_ref()
+    }
+
+    fn fail_fenced(&mut self) {
+        let Some(error) = &self.fenced else { return };
+        for t in self.topics.values_mut() {
+            for q in t.partitions.values_mut() {
+                if let Some(open) = q.open.take() {
+                    for reply in open.replies {
+                        let _ = reply.send(Err(error.clone()));
+                        self.buffer.add_permits(1);
+                    }
+                }
+                for batch in q.ready.drain(..) {
+                    fail(&self.buffer, batch, error);
+                }
+            }
         }
     }
 
@@ -302,6 +350,9 @@ impl Accumulator {
         reply: Reply,
         now: Instant,
     ) -> Result<bool, ClientError> {
+        if let Some(error) = &self.fenced {
+            return Err(error.clone());
+        }
         let headers: Vec<(&str, Option<&[u8]>)> =
             record.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         let new = NewRecord {
@@ -386,6 +437,11 @@ impl Accumulator {
         mut lookup: impl FnMut(&str, u32) -> (Lookup, bool),
     ) -> Dispatch {
         let mut out = Dispatch::default();
+        if self.fenced.is_some() {
+            // Retried batches came back since the fence: they fail too.
+            self.fail_fenced();
+            return out;
+        }
         let mut gone: Vec<(String, u32)> = Vec::new();
         for (topic, t) in &mut self.topics {
             for (&partition, q) in &mut t.partitions {
@@ -434,11 +490,14 @@ impl Accumulator {
                 while q.in_flight < self.limits.in_flight_max {
                     if self.limits.idempotent && q.ready.front().is_some_and(|b| b.stamped.is_none()) {
                         if q.ident.is_none() {
-                            let id = if q.had_ident { self.spare_ids.pop() } else { self.producer_id };
-                            match id {
-                                Some((producer_id, epoch)) => {
-                                    q.ident = Some(Ident { producer_id, epoch, next_sequence: 0 });
-                                    q.had_ident = true;
+                            match self.latest.filter(|l| l.generation >= q.min_generation) {
+                                Some(l) => {
+                                    q.ident = Some(Ident {
+                                        producer_id: l.producer_id,
+                                        epoch: l.epoch,
+                                        next_sequence: 0,
+                                        generation: l.generation,
+                                    });
                                 }
                                 None => {
                                     out.wants_producer_id = true;
@@ -529,6 +588,9 @@ impl Accumulator {
         };
         // A wrong record count means the broker stored something.
         batch.maybe_written |= error.is_ambiguous() || matches!(error, ClientError::Protocol(_));
+        if matches!(&error, ClientError::Producer { reason, .. } if reason == "PRODUCER_FENCED") {
+            self.fenced.get_or_insert_with(|| error.clone());
+        }
         if matches!(&error, ClientError::Producer { reason, .. } if reason == "UNKNOWN_PRODUCER_ID") {
             // The partition forgot the producer, so no attempt of this batch is stored (it would
             // know the producer): it goes again under a new identity, like everything after it.
@@ -739,7 +801,8 @@ mod tests {
         let _first = push(&mut a, 0, "a", t0);
         a.flush();
         let sent = a.dispatch(t0, 1, leader).requests;
-        a.complete(sent[0].1.request_id, refused("PRODUCER_FENCED"), t0, |_| Duration::ZERO);
+        let refused_for_good = Err(ClientError::InvalidArgument("no".into()));
+        a.complete(sent[0].1.request_id, refused_for_good, t0, |_| Duration::ZERO);
         // The next batch would leave a gap after the failed one: it starts a new identity.
         let _second = push(&mut a, 0, "b", t0);
         a.flush();
@@ -747,6 +810,64 @@ mod tests {
         a.supply_producer_id(8, 0);
         let sent = a.dispatch(t0, 1, leader).requests;
         assert_eq!(stamp_of(&sent[0].1), (8, 0, 0));
+    }
+
+    /// Partitions that retire their identity share the next id (or epoch) supplied, and one
+    /// that retires it again waits for a newer one; the others keep theirs.
+    #[test]
+    fn retired_partitions_share_the_next_identity() {
+        let mut a = idempotent(5);
+        let t0 = Instant::now();
+        a.supply_producer_id(7, 0);
+        let _outcomes: Vec<Outcome> = (0..3).map(|p| push(&mut a, p, "a", t0)).collect();
+        a.flush();
+        let sent = a.dispatch(t0, 1, leader).requests;
+        for (_, r) in &sent[..2] {
+            a.complete(r.request_id, refused("UNKNOWN_PRODUCER_ID"), t0, |_| Duration::ZERO);
+        }
+        a.complete(sent[2].1.request_id, ok(sent[2].1.request_id, 0, 1), t0, |_| Duration::ZERO);
+        assert!(a.dispatch(t0, 1, leader).wants_producer_id);
+        assert_eq!(a.latest_producer_id(), Some((7, 0)), "what a stable identity claims when it asks");
+        a.supply_producer_id(7, 1);
+        let _b = push(&mut a, 2, "b", t0);
+        a.flush();
+        let mut again: Vec<_> =
+            a.dispatch(t0, 1, leader).requests.iter().map(|(_, r)| (r.partition, stamp_of(r))).collect();
+        again.sort_unstable();
+        assert_eq!(again, [(0, (7, 1, 0)), (1, (7, 1, 0)), (2, (7, 0, 1))]);
+    }
+
+    /// A fenced producer fails what it holds and every later record; answers of batches in
+    /// flight still resolve theirs.
+    #[test]
+    fn a_fenced_producer_stops() {
+        let mut a = idempotent(5);
+        let t0 = Instant::now();
+        a.supply_producer_id(7, 0);
+        let mut in_flight = push(&mut a, 0, "a", t0);
+        let mut fenced_here = push(&mut a, 1, "b", t0);
+        a.flush();
+        let sent = a.dispatch(t0, 1, leader).requests;
+        let mut queued = push(&mut a, 2, "c", t0);
+        let fenced = |a: &mut Accumulator, r: &pb::ProduceRequest| {
+            a.complete(r.request_id, refused("PRODUCER_FENCED"), t0, |_| Duration::ZERO);
+        };
+        let p1 = sent.iter().find(|(_, r)| r.partition == 1).unwrap();
+        fenced(&mut a, &p1.1);
+        assert!(a.fenced().is_some());
+        assert!(a.dispatch(t0, 1, leader).requests.is_empty(), "nothing more is sent");
+        let reason = |e: ClientError| match e {
+            ClientError::Producer { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(fenced_here.try_recv().unwrap().unwrap_err()), "PRODUCER_FENCED");
+        assert_eq!(reason(queued.try_recv().unwrap().unwrap_err()), "PRODUCER_FENCED");
+        let (tx, _rx) = oneshot::channel();
+        let refused_send = a.append("t", 0, &record("d"), tx, t0).unwrap_err();
+        assert_eq!(reason(refused_send), "PRODUCER_FENCED");
+        let p0 = sent.iter().find(|(_, r)| r.partition == 0).unwrap();
+        a.complete(p0.1.request_id, ok(p0.1.request_id, 3, 1), t0, |_| Duration::ZERO);
+        assert_eq!(offset(&mut in_flight), 3, "acknowledged before the fence: stored");
     }
 
     #[test]

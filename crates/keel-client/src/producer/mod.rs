@@ -60,6 +60,13 @@ pub struct ProducerConfig {
     /// written twice. Needs `in_flight_max` <= 16 (the batches a partition remembers per
     /// producer).
     pub idempotence: bool,
+    /// A stable identity (Kafka's `transactional.id`; needs idempotence): every instance of the
+    /// producer started with it keeps the same producer id at a higher epoch, and a partition
+    /// that has seen the newer epoch refuses the older instances' batches. An instance that is
+    /// refused so (PRODUCER_FENCED) stops: every record it holds and every later `send` fails
+    /// with that error, so a zombie left by a failover cannot write next to its replacement.
+    /// `None` (the default): a new anonymous id per producer.
+    pub identity: Option<String>,
 }
 
 impl Default for ProducerConfig {
@@ -71,9 +78,13 @@ impl Default for ProducerConfig {
             buffer_records_max: 100_000,
             delivery_timeout: Duration::from_secs(60),
             idempotence: true,
+            identity: None,
         }
     }
 }
+
+/// Longest stable producer identity, in bytes (as the brokers check it).
+pub const PRODUCER_IDENTITY_BYTES_MAX: usize = 255;
 
 /// Batches a partition remembers per idempotent producer: a retry of any of them is recognised.
 pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 16;
@@ -96,6 +107,19 @@ impl ProducerConfig {
             return Err(ClientError::Config(format!(
                 "with idempotence, in_flight_max must be at most {IDEMPOTENT_IN_FLIGHT_MAX} (the batches a partition remembers per producer)"
             )));
+        }
+        if let Some(identity) = &self.identity {
+            if !self.idempotence {
+                return Err(ClientError::Config("a producer identity needs idempotence".into()));
+            }
+            if identity.is_empty()
+                || identity.len() > PRODUCER_IDENTITY_BYTES_MAX
+                || identity.chars().any(char::is_control)
+            {
+                return Err(ClientError::Config(format!(
+                    "a producer identity has 1 to {PRODUCER_IDENTITY_BYTES_MAX} bytes and no control characters"
+                )));
+            }
         }
         if self.buffer_records_max == 0 || self.buffer_records_max > Semaphore::MAX_PERMITS {
             return Err(ClientError::Config(format!("buffer_records_max must be in 1..={}", Semaphore::MAX_PERMITS)));
@@ -245,6 +269,9 @@ impl Producer {
     pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture, ClientError> {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
+        }
+        if let Some(error) = lock(&self.shared.acc).fenced() {
+            return Err(error.clone());
         }
         let permit = self.shared.buffer.acquire().await.map_err(|_| ClientError::Closed)?;
         let partition = self.partition_for(topic, &record).await?;
@@ -453,17 +480,26 @@ impl Sender {
         }
     }
 
-    /// Asks any node for a producer id; the answer comes back as an event.
+    /// Asks any node for a producer id; the answer comes back as an event. With a stable
+    /// identity, the first call takes the identity over (fencing older instances), and each
+    /// later one claims the id and epoch this instance holds, so that it gets the next epoch
+    /// only if no other instance took over meanwhile.
     fn fetch_producer_id(&mut self) {
         self.id_running = true;
         let core = self.shared.core.clone();
         let events = self.events_tx.clone();
+        let identity = self.shared.config.identity.clone();
+        let claimed = identity.as_ref().and_then(|_| lock(&self.shared.acc).latest_producer_id());
+        let request = pb::InitProducerIdRequest {
+            producer_identity: identity,
+            producer_id: claimed.map(|c| c.0),
+            producer_epoch: claimed.map(|c| i32::from(c.1)),
+        };
         tokio::spawn(async move {
             let result = core
-                .call_any("InitProducerId", |channel| async move {
-                    pb::producer_client::ProducerClient::new(channel)
-                        .init_producer_id(pb::InitProducerIdRequest {})
-                        .await
+                .call_any("InitProducerId", |channel| {
+                    let request = request.clone();
+                    async move { pb::producer_client::ProducerClient::new(channel).init_producer_id(request).await }
                 })
                 .await
                 .and_then(|r| {
@@ -525,6 +561,11 @@ impl Sender {
                     Ok((id, epoch)) => {
                         self.id_failures = 0;
                         lock(&self.shared.acc).supply_producer_id(id, epoch);
+                    }
+                    Err(error) if matches!(&error, ClientError::Producer { reason, .. } if reason == "PRODUCER_FENCED") =>
+                    {
+                        warn!(%error, "another instance of this producer's identity took over; this one stops");
+                        lock(&self.shared.acc).fence(error);
                     }
                     Err(error) => {
                         warn!(%error, "no producer id yet; batches wait for one");
