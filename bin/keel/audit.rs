@@ -1,4 +1,5 @@
-//! `keel audit TOPIC`: reads a topic's partitions up to their high watermark and reports, per
+//! `keel audit TOPIC`: audits a topic's partitions up to their high watermark (each replica reads
+//! its own log through the Admin API's AuditPartition) and reports, per
 //! partition and idempotent producer, the sequence ranges present, the gaps between them (records
 //! that may have been acknowledged and lost) and the duplicates; exits non-zero on either.
 
@@ -8,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use keel_client::{Admin, Consumer, ConsumerConfig};
-use keel_record::audit::{PartitionAudit, PartitionReport};
+use keel_record::audit::PartitionReport;
 use serde_json::{Value, json};
 
 use crate::Output;
@@ -46,29 +47,25 @@ pub fn run(args: AuditArgs, connection: &Connection, output: Output) -> anyhow::
             let (start, high_watermark) = consumer.watermarks(&args.topic, p).await?;
             let from = args.from.unwrap_or(start).max(start);
             total += high_watermark.saturating_sub(from);
-            ends.push((p, from, high_watermark));
+            ends.push((p, from));
         }
         let bar = if output == Output::Text { ProgressBar::new(total) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} records {msg}")?);
         bar.enable_steady_tick(Duration::from_millis(200));
         let mut reports = Vec::new();
-        for (p, from, high_watermark) in ends {
+        for (p, from) in ends {
             bar.set_message(format!("partition {p}"));
-            let mut audit = PartitionAudit::default();
-            let mut next = from;
-            while next < high_watermark {
-                let fetched = consumer.fetch(&args.topic, p, next).await?;
-                for r in fetched.records.iter().take_while(|r| r.offset < high_watermark) {
-                    audit.record(r.offset, r.producer.map(|s| (s.id, s.epoch, s.sequence)));
-                }
-                let read = fetched.next_offset.min(high_watermark).saturating_sub(next);
-                bar.inc(read);
-                if fetched.next_offset <= next {
-                    anyhow::bail!("{}/{p}: no progress at offset {next}", args.topic);
-                }
-                next = fetched.next_offset;
-            }
-            reports.push((p, from, high_watermark, audit.finish()));
+            // The replicas audit their own logs (the Admin API's AuditPartition, in bounded
+            // chunks): only the reports cross the network, not the records.
+            let position = bar.position();
+            let (from, to, report) = admin
+                .audit_partition(&args.topic, p, Some(from), |reached| {
+                    bar.set_position(position + reached.saturating_sub(from));
+                })
+                .await
+                .with_context(|| format!("auditing {}/{p}", args.topic))?;
+            bar.set_position(position + to.saturating_sub(from));
+            reports.push((p, from, to, report));
         }
         bar.finish_and_clear();
         let clean = reports.iter().all(|(_, _, _, r)| r.is_clean());

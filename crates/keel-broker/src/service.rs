@@ -20,6 +20,16 @@ use crate::error::{append_status, not_leader, to_pb_error};
 use crate::metadata::{self, META_GROUP, Metadata, ProducerEpoch, Topic, TopicSettings};
 use crate::size_status::{SizeStatus, size_status};
 
+/// Records one AuditPartition reads when the request leaves it to the node.
+const AUDIT_RECORDS_DEFAULT: u64 = 1_000_000;
+/// Most records one AuditPartition reads: the call's work is bounded however it is asked.
+const AUDIT_RECORDS_MAX: u64 = 10_000_000;
+/// An AuditPartition stops once its report holds this many producers, ranges and listed
+/// duplicates (~50 bytes each), so that its answer stays well below the 4 MiB a gRPC client
+/// decodes by default (a partition written by many producers is audited in more calls).
+const AUDIT_TRACKED_MAX: usize = 50_000;
+/// Bytes read from the log at a time by AuditPartition.
+const AUDIT_READ_BYTES: usize = 4 << 20;
 /// Default size bound of a fetch response when the request leaves it 0.
 const FETCH_BYTES_DEFAULT: usize = 1 << 20;
 /// How long one Subscribe round waits for records before it looks again.
@@ -247,6 +257,100 @@ impl Api {
 
     /// Hands a fetch this node cannot answer to `to`, once: a node that hosts no replica asks
     /// one that does (the preferred leader), a follower asked beyond its log asks the leader.
+    /// One bounded chunk of a partition's loss audit, read from this replica's committed log
+    /// (batch headers are enough: a batch's records have consecutive sequences).
+    async fn audit_partition(&self, request: pb::AuditPartitionRequest) -> Result<pb::AuditPartitionResponse, Status> {
+        let inner = &self.inner;
+        let max_records = match request.max_records {
+            0 => AUDIT_RECORDS_DEFAULT,
+            n if n > AUDIT_RECORDS_MAX => {
+                return Err(Status::invalid_argument(format!("max_records is at most {AUDIT_RECORDS_MAX}, not {n}")));
+            }
+            n => n,
+        };
+        let (group, _, _) = inner.resolve(&request.topic, request.partition)?;
+        let what = format!("{}/{}", request.topic, request.partition);
+        let Ok(store) = inner.node.store(group) else {
+            let leader = inner.node.leader(group).and_then(|id| inner.addr_of(id).map(|addr| (id, addr)));
+            return Err(not_leader(&what, leader));
+        };
+        let high_watermark = *store.high_watermark().borrow();
+        let (start, _, _) = store.positions();
+        let from = request.from_offset.unwrap_or(start.offset);
+        if from < start.offset {
+            return Err(Status::out_of_range(format!(
+                "offset {from} is below the log start {} of {what}",
+                start.offset
+            )));
+        }
+        let mut audit = keel_record::audit::PartitionAudit::default();
+        let mut next = from;
+        let mut read = 0u64;
+        'chunk: while next < high_watermark && read < max_records {
+            let batches = store.read_committed_blocking(next, AUDIT_READ_BYTES).await.map_err(|e| match e {
+                keel_storage::StorageError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
+                other => Status::unavailable(format!("this replica cannot read: {other}; try another")),
+            })?;
+            let before = next;
+            for batch in &batches {
+                let header = batch.header();
+                // A batch that starts before `from` (the fetch returns whole batches) counts only
+                // from `from`; one past the high watermark is not committed yet.
+                if header.base_offset >= high_watermark || read >= max_records {
+                    break 'chunk;
+                }
+                if audit.tracked() >= AUDIT_TRACKED_MAX {
+                    break 'chunk;
+                }
+                if header.base_offset < next {
+                    for i in next..header.next_offset().min(high_watermark) {
+                        let k = i - header.base_offset;
+                        let stamp = (header.producer_id >= 0).then(|| {
+                            let sequence = (i64::from(header.base_sequence) + k as i64).rem_euclid(1 << 31);
+                            (header.producer_id, header.producer_epoch, i32::try_from(sequence).unwrap_or(0))
+                        });
+                        audit.record(i, stamp);
+                    }
+                } else {
+                    audit.batch(header);
+                }
+                let end = header.next_offset();
+                read += end - next;
+                next = end;
+            }
+            if next == before {
+                return Err(Status::internal(format!("{what}: the log made no progress at offset {next}")));
+            }
+        }
+        let report = audit.finish();
+        let producers = report
+            .producers
+            .into_iter()
+            .map(|((producer_id, epoch), a)| pb::ProducerAudit {
+                producer_id,
+                producer_epoch: i32::from(epoch),
+                records: a.records,
+                ranges: a.ranges.iter().map(|&(start, end)| pb::SequenceRange { start, end }).collect(),
+                duplicates: a.duplicates,
+                duplicate_offsets: a
+                    .listed_duplicates
+                    .iter()
+                    .map(|d| pb::DuplicateAt { sequence: d.sequence, offset: d.offset })
+                    .collect(),
+                first_offset: a.first_offset,
+                last_offset: a.last_offset,
+            })
+            .collect();
+        Ok(pb::AuditPartitionResponse {
+            from_offset: from,
+            next_offset: next,
+            high_watermark,
+            log_start_offset: start.offset,
+            unstamped_records: report.unstamped,
+            producers,
+        })
+    }
+
     async fn forward_fetch(
         &self,
         request: pb::FetchRequest,
@@ -838,6 +942,15 @@ impl pb::admin_server::Admin for Api {
         };
         let topic = inner.add_partitions(r.name.clone(), growth).await?;
         Ok(Response::new(pb::AddPartitionsResponse { topic: Some(self.describe(&r.name, &topic, &Statuses::new())) }))
+    }
+
+    async fn audit_partition(
+        &self,
+        request: Request<pb::AuditPartitionRequest>,
+    ) -> Result<Response<pb::AuditPartitionResponse>, Status> {
+        let request = request.into_inner();
+        let span = info_span!("audit_partition", topic = %request.topic, partition = request.partition);
+        self.audit_partition(request).instrument(span).await.map(Response::new)
     }
 
     async fn describe_cluster(

@@ -750,3 +750,100 @@ async fn a_hand_written_idempotent_producer_is_deduplicated() {
     let values: Vec<&[u8]> = records.iter().map(|r| r.value.as_deref().unwrap_or_default()).collect();
     assert_eq!(values, [b"a" as &[u8], b"b", b"c", b"d"], "each written once");
 }
+
+/// AuditPartition on every replica: the sequence ranges of each producer, the unstamped records,
+/// and the same report whether read in one call or in chunks of a few records merged in order;
+/// bad requests are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_partition_reports_producer_ranges_in_chunks() {
+    let cluster = start(3).await;
+    let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+    let create = pb::CreateTopicRequest { name: "audited".into(), partitions: 1, replication_factor: 3, config: None };
+    admin.create_topic(create).await.unwrap();
+    let leader = wait_leaders(&mut admin, "audited").await.partitions[0].leader_addr.clone();
+    let mut producer = pb::producer_client::ProducerClient::new(channel(&leader).await);
+    let stamped = |id: i64, sequence: i32, values: &[&str]| pb::ProduceRequest {
+        producer_id: Some(id),
+        producer_epoch: Some(0),
+        base_sequence: Some(sequence),
+        ..produce("audited", 0, values)
+    };
+    produce_settled(&mut producer, stamped(4, 0, &["a", "b", "c"])).await;
+    for (request, sequence) in [(stamped(5, 0, &["x"]), 0), (produce("audited", 0, &["plain"]), -1)] {
+        producer.produce(request).await.unwrap_or_else(|e| panic!("{sequence}: {e:?}"));
+    }
+    producer.produce(stamped(4, 3, &["d", "e"])).await.unwrap();
+    producer.produce(stamped(5, 1, &["y", "z"])).await.unwrap();
+    let end = 9;
+
+    let request = |from: Option<u64>, max_records: u64| pb::AuditPartitionRequest {
+        topic: "audited".into(),
+        partition: 0,
+        from_offset: from,
+        max_records,
+    };
+    for addr in &cluster.addrs {
+        let mut admin = pb::admin_client::AdminClient::new(channel(addr).await);
+        // A follower's high watermark may trail the leader's for a moment.
+        let mut whole = admin.audit_partition(request(None, 0)).await.unwrap().into_inner();
+        for _ in 0..100 {
+            if whole.high_watermark == end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            whole = admin.audit_partition(request(None, 0)).await.unwrap().into_inner();
+        }
+        assert_eq!((whole.from_offset, whole.next_offset, whole.high_watermark), (0, end, end), "{addr}");
+        assert_eq!(whole.unstamped_records, 1);
+        type Found = (i64, Vec<(i64, i64)>, u64);
+        let ranges: Vec<Found> = whole
+            .producers
+            .iter()
+            .map(|p| (p.producer_id, p.ranges.iter().map(|r| (r.start, r.end)).collect(), p.duplicates))
+            .collect();
+        assert_eq!(ranges, [(4, vec![(0, 5)], 0), (5, vec![(0, 3)], 0)], "{addr}");
+
+        // Two records at a time (whole batches: a chunk may end past its limit) from the middle
+        // of the first batch.
+        let mut next = 1;
+        let mut chunks = 0;
+        let mut merged = keel_record::audit::PartitionReport::default();
+        while next < end {
+            let c = admin.audit_partition(request(Some(next), 2)).await.unwrap().into_inner();
+            assert_eq!(c.from_offset, next);
+            assert!(c.next_offset > next);
+            let mut report =
+                keel_record::audit::PartitionReport { unstamped: c.unstamped_records, ..Default::default() };
+            for p in c.producers {
+                let ranges: Vec<(i64, i64)> = p.ranges.iter().map(|r| (r.start, r.end)).collect();
+                let audit = keel_record::audit::ProducerAudit {
+                    records: p.records,
+                    gaps: ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect(),
+                    ranges,
+                    duplicates: p.duplicates,
+                    first_offset: p.first_offset,
+                    last_offset: p.last_offset,
+                    ..Default::default()
+                };
+                report.producers.insert((p.producer_id, p.producer_epoch as i16), audit);
+            }
+            merged.merge(report);
+            next = c.next_offset;
+            chunks += 1;
+        }
+        assert!(chunks >= 3, "{chunks} chunks");
+        assert!(merged.is_clean());
+        assert_eq!(merged.producers[&(4, 0)].ranges, [(1, 5)], "from offset 1: sequence 0 is before it");
+        assert_eq!(merged.producers[&(5, 0)].ranges, [(0, 3)]);
+        assert_eq!(merged.unstamped, 1);
+    }
+
+    let refused = [
+        (request(None, 10_000_001), Code::InvalidArgument),
+        (pb::AuditPartitionRequest { topic: "nope".into(), ..request(None, 0) }, Code::NotFound),
+        (pb::AuditPartitionRequest { partition: 1, ..request(None, 0) }, Code::NotFound),
+    ];
+    for (r, code) in refused {
+        assert_eq!(admin.audit_partition(r.clone()).await.unwrap_err().code(), code, "{r:?}");
+    }
+}

@@ -2,6 +2,7 @@
 //! every call tries one node after another until one answers or the request timeout passes.
 
 use keel_proto::v1 as pb;
+use keel_record::audit::{Duplicate, PartitionReport, ProducerAudit};
 
 use crate::config::ClientConfig;
 use crate::core::Core;
@@ -131,4 +132,111 @@ impl Admin {
         self.core.apply(&response);
         Ok(response)
     }
+
+    /// One chunk of a partition's loss audit (AuditPartition), from `from_offset` (`None`: the
+    /// log start), at most `max_records` records (0: the node's default). Merge the chunks of a
+    /// partition in order with [`PartitionReport::merge`]; [`Admin::audit_partition`] does.
+    pub async fn audit_chunk(
+        &self,
+        topic: &str,
+        partition: u32,
+        from_offset: Option<u64>,
+        max_records: u64,
+    ) -> Result<AuditChunk, ClientError> {
+        let request = pb::AuditPartitionRequest { topic: topic.to_owned(), partition, from_offset, max_records };
+        let r = self
+            .core
+            .call_any("audit partition", |channel| {
+                let request = request.clone();
+                async move { Core::admin(channel).audit_partition(request).await }
+            })
+            .await?;
+        if r.next_offset < r.from_offset || from_offset.is_some_and(|f| f != r.from_offset) {
+            return Err(ClientError::Protocol(format!(
+                "audit of {topic}/{partition}: read {}..{} when asked from {from_offset:?}",
+                r.from_offset, r.next_offset
+            )));
+        }
+        let mut report = PartitionReport { unstamped: r.unstamped_records, ..PartitionReport::default() };
+        for p in r.producers {
+            let epoch = i16::try_from(p.producer_epoch)
+                .map_err(|_| ClientError::Protocol(format!("audit: producer epoch {}", p.producer_epoch)))?;
+            let ranges: Vec<(i64, i64)> = p.ranges.iter().map(|r| (r.start, r.end)).collect();
+            let audit = ProducerAudit {
+                records: p.records,
+                gaps: ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect(),
+                ranges,
+                duplicates: p.duplicates,
+                listed_duplicates: p
+                    .duplicate_offsets
+                    .iter()
+                    .map(|d| Duplicate { sequence: d.sequence, offset: d.offset })
+                    .collect(),
+                first_offset: p.first_offset,
+                last_offset: p.last_offset,
+            };
+            report.producers.insert((p.producer_id, epoch), audit);
+        }
+        Ok(AuditChunk {
+            from_offset: r.from_offset,
+            next_offset: r.next_offset,
+            high_watermark: r.high_watermark,
+            log_start_offset: r.log_start_offset,
+            report,
+        })
+    }
+
+    /// The loss audit of a partition from `from_offset` (`None`: the log start) up to the high
+    /// watermark the first call saw, in chunks; `progress` hears the offset reached after each.
+    /// Returns the first offset read, the end, and the report.
+    pub async fn audit_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        from_offset: Option<u64>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<(u64, u64, PartitionReport), ClientError> {
+        let first = self.audit_chunk(topic, partition, from_offset, 0).await?;
+        let (from, end) = (first.from_offset, first.high_watermark);
+        let mut next = first.next_offset;
+        let mut report = first.report;
+        progress(next);
+        let mut stalls = 0;
+        while next < end {
+            let chunk = self.audit_chunk(topic, partition, Some(next), 0).await?;
+            if chunk.next_offset <= next {
+                // A replica behind the first one's high watermark has nothing past `next` yet.
+                stalls += 1;
+                if stalls > 25 {
+                    return Err(ClientError::Protocol(format!(
+                        "audit of {topic}/{partition}: no replica answered past offset {next}"
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+            stalls = 0;
+            // A replica that answered with a later high watermark read past `end`: that is
+            // still committed, audited records.
+            next = chunk.next_offset;
+            report.merge(chunk.report);
+            progress(next);
+        }
+        Ok((from, next.max(end), report))
+    }
+}
+
+/// One chunk of a partition's loss audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditChunk {
+    /// The first offset read.
+    pub from_offset: u64,
+    /// The offset after the last one read: where the next chunk starts.
+    pub next_offset: u64,
+    /// The answering replica's high watermark: the audit is complete once it is reached.
+    pub high_watermark: u64,
+    /// The partition's log start on that replica.
+    pub log_start_offset: u64,
+    /// What the chunk found.
+    pub report: PartitionReport,
 }

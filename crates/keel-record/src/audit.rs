@@ -133,6 +133,66 @@ impl PartitionReport {
     pub fn is_clean(&self) -> bool {
         self.producers.values().all(|p| p.gaps.is_empty() && p.duplicates == 0)
     }
+
+    /// Adds the report of the records that follow this one's (the next chunk of a resumable
+    /// audit): ranges are united, sequences present in both count as duplicates, and the gaps
+    /// are those of the union. Duplicates across chunks are counted but not listed (their
+    /// offsets are not in the reports).
+    pub fn merge(&mut self, later: PartitionReport) {
+        self.unstamped += later.unstamped;
+        for (key, b) in later.producers {
+            match self.producers.get_mut(&key) {
+                None => {
+                    self.producers.insert(key, b);
+                }
+                Some(a) => a.merge(b),
+            }
+        }
+    }
+}
+
+impl ProducerAudit {
+    fn merge(&mut self, mut later: ProducerAudit) {
+        // The later chunk unwrapped its sequences from its own first one: move its ranges by the
+        // multiple of 2^31 that puts them next to where this chunk ended.
+        if let (Some(&(_, end)), Some(&(start, _))) = (self.ranges.last(), later.ranges.first()) {
+            let q = (end - start).div_euclid(MODULUS);
+            let shift =
+                [q * MODULUS, (q + 1) * MODULUS].into_iter().min_by_key(|m| (start + m - end).abs()).unwrap_or(0);
+            for r in &mut later.ranges {
+                *r = (r.0 + shift, r.1 + shift);
+            }
+            for d in &mut later.listed_duplicates {
+                d.sequence += shift;
+            }
+        }
+        let mut overlap = 0;
+        let (mut i, mut j) = (0, 0);
+        while i < self.ranges.len() && j < later.ranges.len() {
+            let (a, b) = (self.ranges[i], later.ranges[j]);
+            overlap += (a.1.min(b.1) - a.0.max(b.0)).max(0);
+            if a.1 < b.1 { i += 1 } else { j += 1 }
+        }
+        let mut all: Vec<(i64, i64)> = self.ranges.iter().chain(&later.ranges).copied().collect();
+        all.sort_unstable();
+        let mut ranges: Vec<(i64, i64)> = Vec::with_capacity(all.len());
+        for (s, e) in all {
+            match ranges.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => ranges.push((s, e)),
+            }
+        }
+        self.gaps = ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect();
+        self.ranges = ranges;
+        self.duplicates += later.duplicates + u64::try_from(overlap).unwrap_or(0);
+        let room = LISTED_MAX.saturating_sub(self.listed_duplicates.len());
+        self.listed_duplicates.extend(later.listed_duplicates.into_iter().take(room));
+        if self.records == 0 {
+            self.first_offset = later.first_offset;
+        }
+        self.records += later.records;
+        self.last_offset = later.last_offset.max(self.last_offset);
+    }
 }
 
 impl PartitionAudit {
@@ -157,6 +217,13 @@ impl PartitionAudit {
             });
             self.record(offset, stamp);
         }
+    }
+
+    /// How much the audit holds: producers, the ranges of sequences they have and the
+    /// duplicates listed. A caller that must bound its answer stops feeding records beyond a
+    /// limit of this.
+    pub fn tracked(&self) -> usize {
+        self.producers.values().map(|t| 1 + t.present.len() + t.audit.listed_duplicates.len()).sum()
     }
 
     /// The report so far, the audit going on (costs a copy of what it tracks: producers and
@@ -248,6 +315,33 @@ mod tests {
         a.batch(&header);
         let p = &a.finish().producers[&(4, 1)];
         assert_eq!((p.ranges.clone(), p.duplicates, p.first_offset, p.last_offset), (vec![(10, 13)], 3, 7, 9));
+    }
+
+    /// Any split of a log into chunks, each audited on its own and merged in order, reports what
+    /// the whole log does (duplicates counted; listed only within a chunk).
+    #[test]
+    fn merged_chunks_report_what_the_whole_does() {
+        let near_wrap = i32::MAX - 3;
+        let records: Vec<(u64, i64, i16, i32)> = [0, 1, 2, 5, 1, 6, 7, 2, 9, 10]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u64, 1, 0, *s))
+            .chain((0..8).map(|i| (20 + i as u64, 2, 0, ((i64::from(near_wrap) + i) % MODULUS) as i32)))
+            .collect();
+        let whole = audit(&records);
+        for cut in 1..records.len() {
+            let mut merged = audit(&records[..cut]);
+            merged.merge(audit(&records[cut..]));
+            for (key, w) in &whole.producers {
+                let m = &merged.producers[key];
+                assert_eq!(
+                    (&m.ranges, &m.gaps, m.duplicates, m.records),
+                    (&w.ranges, &w.gaps, w.duplicates, w.records),
+                    "cut at {cut}, producer {key:?}"
+                );
+                assert_eq!((m.first_offset, m.last_offset), (w.first_offset, w.last_offset));
+            }
+        }
     }
 
     proptest! {

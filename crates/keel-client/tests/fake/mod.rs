@@ -453,6 +453,13 @@ impl Admin for Node {
         Ok(Response::new(pb::AddPartitionsResponse { topic: Some(topic) }))
     }
 
+    async fn audit_partition(
+        &self,
+        _: Request<pb::AuditPartitionRequest>,
+    ) -> Result<Response<pb::AuditPartitionResponse>, Status> {
+        Err(Status::unimplemented("the fake broker does not audit"))
+    }
+
     async fn describe_cluster(
         &self,
         _: Request<pb::DescribeClusterRequest>,
