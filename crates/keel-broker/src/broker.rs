@@ -709,11 +709,14 @@ impl Inner {
     /// Gives a stable producer identity its next id and epoch: on the controller leader, appends
     /// an `InitProducerIdentity` planned from the latest metadata and answers once it is applied;
     /// elsewhere forwards the request there. With `claimed` (an instance bumping its own epoch),
-    /// only if the identity still holds it: otherwise PRODUCER_FENCED.
+    /// only if the identity still holds it: otherwise PRODUCER_FENCED. A `request_token` (not
+    /// 0) equal to that of the request that set the identity's current epoch marks a retry of
+    /// it: it is answered that epoch again, neither bumped twice nor fenced.
     pub(crate) async fn init_producer_identity(
         &self,
         identity: String,
         claimed: Option<ProducerEpoch>,
+        request_token: u64,
         hops: u32,
     ) -> Result<ProducerEpoch, Status> {
         metadata::validate_producer_identity(&identity).map_err(meta_status)?;
@@ -722,6 +725,7 @@ impl Inner {
                 producer_identity: Some(identity),
                 producer_id: claimed.map(|c| c.producer_id),
                 producer_epoch: claimed.map(|c| i32::from(c.epoch)),
+                request_token,
             };
             let request = self.forwardable(message, hops)?;
             let response = self
@@ -742,7 +746,14 @@ impl Inner {
         }
         let _turn = self.controller_turn().await?;
         let before = self.metadata();
-        let current = before.producer_identities.get(&identity).copied();
+        let holder = before.producer_identities.get(&identity).copied();
+        if let Some(h) = holder
+            && request_token != 0
+            && h.request_token == request_token
+        {
+            return Ok(h.current);
+        }
+        let current = holder.map(|h| h.current);
         if let Some(claimed) = claimed
             && current != Some(claimed)
         {
@@ -753,7 +764,7 @@ impl Inner {
                 claimed.epoch
             )));
         }
-        let command = before.plan_producer_identity(&identity).map_err(meta_status)?;
+        let command = before.plan_producer_identity(&identity, request_token).map_err(meta_status)?;
         let Command::InitProducerIdentity { next, .. } = &command else {
             return Err(Status::internal("planned the wrong metadata command"));
         };

@@ -29,6 +29,16 @@ pub const PRODUCER_IDENTITY_BYTES_MAX: usize = 255;
 /// longer fence an old one), so a client inventing names must not grow it without bound.
 pub const PRODUCER_IDENTITIES_MAX: usize = 100_000;
 
+/// A stable producer identity's current id and epoch, and the request that gave them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityHolder {
+    /// The id and epoch.
+    pub current: ProducerEpoch,
+    /// The `request_token` of the InitProducerId that set them (0: none), so that a retry of
+    /// that request (its answer lost) gets them again instead of another epoch, or a fence.
+    pub request_token: u64,
+}
+
 /// The producer id and epoch a stable producer identity was last given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerEpoch {
@@ -154,6 +164,9 @@ pub enum Command {
         previous: Option<ProducerEpoch>,
         /// What it holds once applied.
         next: ProducerEpoch,
+        /// The client's token for the request (0: none); see [`IdentityHolder::request_token`].
+        #[serde(default, skip_serializing_if = "is_zero")]
+        request_token: u64,
     },
 }
 
@@ -216,7 +229,7 @@ pub struct Metadata {
     /// and none is ever allocated again. 0 in a log written before producer ids existed.
     pub next_producer_id: i64,
     /// Stable producer identities and the id and epoch each was last given.
-    pub producer_identities: BTreeMap<String, ProducerEpoch>,
+    pub producer_identities: BTreeMap<String, IdentityHolder>,
 }
 
 impl Metadata {
@@ -343,9 +356,9 @@ impl Metadata {
                 debug_assert!(self.next_producer_id > 0, "producer ids only grow from 0");
                 Ok(())
             }
-            Command::InitProducerIdentity { identity, previous, next } => {
+            Command::InitProducerIdentity { identity, previous, next, request_token } => {
                 validate_producer_identity(identity)?;
-                let current = self.producer_identities.get(identity).copied();
+                let current = self.producer_identities.get(identity).map(|h| h.current);
                 if current != *previous {
                     return Err(MetaError::Precondition(format!(
                         "producer identity {identity:?} holds {current:?}, not the {previous:?} this change was planned from"
@@ -377,7 +390,8 @@ impl Metadata {
                             .ok_or_else(|| MetaError::Precondition("the producer-id space is exhausted".into()))?;
                     }
                 }
-                self.producer_identities.insert(identity.clone(), *next);
+                self.producer_identities
+                    .insert(identity.clone(), IdentityHolder { current: *next, request_token: *request_token });
                 Ok(())
             }
         }
@@ -385,9 +399,9 @@ impl Metadata {
 
     /// The command that gives `identity` its next id and epoch: the next epoch of its id, or a
     /// fresh id at epoch 0 when the identity is new or its epochs are used up.
-    pub fn plan_producer_identity(&self, identity: &str) -> Result<Command, MetaError> {
+    pub fn plan_producer_identity(&self, identity: &str, request_token: u64) -> Result<Command, MetaError> {
         validate_producer_identity(identity)?;
-        let previous = self.producer_identities.get(identity).copied();
+        let previous = self.producer_identities.get(identity).map(|h| h.current);
         let next = match previous {
             Some(p) if p.epoch < i16::MAX => ProducerEpoch { producer_id: p.producer_id, epoch: p.epoch + 1 },
             _ => {
@@ -402,7 +416,7 @@ impl Metadata {
                 ProducerEpoch { producer_id: self.next_producer_id, epoch: 0 }
             }
         };
-        Ok(Command::InitProducerIdentity { identity: identity.to_owned(), previous, next })
+        Ok(Command::InitProducerIdentity { identity: identity.to_owned(), previous, next, request_token })
     }
 
     fn allocate(&mut self, assignment: &[Vec<NodeId>]) -> Vec<Partition> {
@@ -566,6 +580,10 @@ pub fn validate_topic_name(name: &str) -> Result<(), MetaError> {
         return Err(MetaError::Invalid(format!("topic names starting with \"__\" are reserved ({name:?})")));
     }
     Ok(())
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Checks a stable producer identity: 1 to `PRODUCER_IDENTITY_BYTES_MAX` bytes, no control
@@ -807,19 +825,19 @@ mod tests {
     fn producer_identities_bump_their_epoch_once_per_init() {
         let mut m = cluster(3);
         m.apply(m.applied_offset, &Command::AllocateProducerIds { first: 0, count: 1000 }).unwrap();
-        let first = m.plan_producer_identity("orders-writer").unwrap();
+        let first = m.plan_producer_identity("orders-writer", 0).unwrap();
         let offset = m.applied_offset;
         m.apply(offset, &first).unwrap();
-        assert_eq!(m.producer_identities["orders-writer"], ProducerEpoch { producer_id: 1000, epoch: 0 });
+        assert_eq!(m.producer_identities["orders-writer"].current, ProducerEpoch { producer_id: 1000, epoch: 0 });
         assert_eq!(m.next_producer_id, 1001, "one id of the shared counter");
         let before = m.clone();
         assert!(matches!(m.apply(offset + 1, &first), Err(MetaError::Precondition(_))), "applied once");
         assert_eq!(m.producer_identities, before.producer_identities);
         assert_eq!(m.next_producer_id, before.next_producer_id);
 
-        let bump = m.plan_producer_identity("orders-writer").unwrap();
+        let bump = m.plan_producer_identity("orders-writer", 0).unwrap();
         m.apply(offset + 2, &bump).unwrap();
-        assert_eq!(m.producer_identities["orders-writer"], ProducerEpoch { producer_id: 1000, epoch: 1 });
+        assert_eq!(m.producer_identities["orders-writer"].current, ProducerEpoch { producer_id: 1000, epoch: 1 });
         assert_eq!(m.next_producer_id, 1001, "a bump allocates no id");
         assert!(m.apply(offset + 3, &bump).is_err(), "a repeated bump is refused");
         assert!(m.apply(offset + 4, &Command::AllocateProducerIds { first: 1000, count: 1 }).is_err());
@@ -830,21 +848,25 @@ mod tests {
                 identity: "orders-writer".into(),
                 previous: Some(ProducerEpoch { producer_id: 1000, epoch: 1 }),
                 next: ProducerEpoch { producer_id: 1000, epoch: 3 },
+                request_token: 0,
             },
             Command::InitProducerIdentity {
                 identity: "other".into(),
                 previous: None,
                 next: ProducerEpoch { producer_id: 5, epoch: 0 },
+                request_token: 0,
             },
             Command::InitProducerIdentity {
                 identity: "x".repeat(PRODUCER_IDENTITY_BYTES_MAX + 1),
                 previous: None,
                 next: ProducerEpoch { producer_id: 1001, epoch: 0 },
+                request_token: 0,
             },
             Command::InitProducerIdentity {
                 identity: "a\nb".into(),
                 previous: None,
                 next: ProducerEpoch { producer_id: 1001, epoch: 0 },
+                request_token: 0,
             },
         ];
         for (i, c) in forged.iter().enumerate() {
@@ -855,31 +877,39 @@ mod tests {
                 (&before.producer_identities, before.next_producer_id)
             );
         }
-        assert!(m.plan_producer_identity("").is_err());
+        assert!(m.plan_producer_identity("", 0).is_err());
 
         let mut worn = Metadata { next_producer_id: 7, ..Metadata::new() };
-        worn.producer_identities.insert("w".into(), ProducerEpoch { producer_id: 3, epoch: i16::MAX });
-        let plan = worn.plan_producer_identity("w").unwrap();
+        worn.producer_identities.insert(
+            "w".into(),
+            IdentityHolder { current: ProducerEpoch { producer_id: 3, epoch: i16::MAX }, request_token: 0 },
+        );
+        let plan = worn.plan_producer_identity("w", 0).unwrap();
         worn.apply(0, &plan).unwrap();
-        assert_eq!(worn.producer_identities["w"], ProducerEpoch { producer_id: 7, epoch: 0 });
+        assert_eq!(worn.producer_identities["w"].current, ProducerEpoch { producer_id: 7, epoch: 0 });
         assert_eq!(worn.next_producer_id, 8);
 
         let mut full = Metadata::new();
         for i in 0..PRODUCER_IDENTITIES_MAX {
-            full.producer_identities.insert(format!("p{i}"), ProducerEpoch { producer_id: i as i64, epoch: 0 });
+            full.producer_identities.insert(
+                format!("p{i}"),
+                IdentityHolder { current: ProducerEpoch { producer_id: i as i64, epoch: 0 }, request_token: 0 },
+            );
         }
-        assert!(matches!(full.plan_producer_identity("one-more"), Err(MetaError::Exhausted(_))));
-        assert!(full.plan_producer_identity("p7").is_ok(), "a known identity is re-initialised when full");
+        assert!(matches!(full.plan_producer_identity("one-more", 0), Err(MetaError::Exhausted(_))));
+        assert!(full.plan_producer_identity("p7", 0).is_ok(), "a known identity is re-initialised when full");
         let sneaked = Command::InitProducerIdentity {
             identity: "one-more".into(),
             previous: None,
             next: ProducerEpoch { producer_id: 0, epoch: 0 },
+            request_token: 0,
         };
         assert!(matches!(full.apply(0, &sneaked), Err(MetaError::Exhausted(_))));
         let c = Command::InitProducerIdentity {
             identity: "w".into(),
             previous: Some(ProducerEpoch { producer_id: 3, epoch: 4 }),
             next: ProducerEpoch { producer_id: 3, epoch: 5 },
+            request_token: 77,
         };
         assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
     }

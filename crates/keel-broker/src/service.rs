@@ -682,7 +682,8 @@ impl pb::producer_server::Producer for Api {
         };
         let claimed = claimed_epoch(&request.producer_id, &request.producer_epoch)?;
         let span = info_span!("init_producer_id", identity = %identity);
-        let next = self.inner.init_producer_identity(identity, claimed, 0).instrument(span).await?;
+        let next =
+            self.inner.init_producer_identity(identity, claimed, request.request_token, 0).instrument(span).await?;
         Ok(Response::new(pb::InitProducerIdResponse {
             producer_id: next.producer_id,
             producer_epoch: i32::from(next.epoch),
@@ -1044,7 +1045,7 @@ impl pb::controller_server::Controller for Api {
             return Err(Status::invalid_argument("InitProducerIdentity needs a producer_identity"));
         };
         let claimed = claimed_epoch(&request.producer_id, &request.producer_epoch)?;
-        let next = self.inner.init_producer_identity(identity, claimed, hops).await?;
+        let next = self.inner.init_producer_identity(identity, claimed, request.request_token, hops).await?;
         Ok(Response::new(pb::InitProducerIdResponse {
             producer_id: next.producer_id,
             producer_epoch: i32::from(next.epoch),

@@ -149,10 +149,21 @@ async fn init_identity(
     identity: &str,
     claimed: Option<(i64, i32)>,
 ) -> Result<(i64, i32), tonic::Status> {
+    init_identity_once(client, identity, claimed, 0).await
+}
+
+/// The same, with a request token (a retry of the same request passes the same).
+async fn init_identity_once(
+    client: &mut ProducerClient<Channel>,
+    identity: &str,
+    claimed: Option<(i64, i32)>,
+    request_token: u64,
+) -> Result<(i64, i32), tonic::Status> {
     let request = pb::InitProducerIdRequest {
         producer_identity: Some(identity.to_owned()),
         producer_id: claimed.map(|c| c.0),
         producer_epoch: claimed.map(|c| c.1),
+        request_token,
     };
     let mut last = None;
     for _ in 0..200 {
@@ -190,10 +201,21 @@ async fn a_stable_identity_gets_the_next_epoch_and_fences_older_instances() {
     // An instance bumping its own epoch: with the current one it gets the next; with an older
     // one it learns it was replaced.
     assert_eq!(init_identity(&mut clients[2], "orders-writer", Some((id, 3))).await.unwrap(), (id, 4));
+    // A retry of a request that took effect (same token: its answer was lost) is answered the
+    // same, on any node; without the token it would be fenced (a bump) or bump again (an init).
+    assert_eq!(init_identity_once(&mut clients[0], "orders-writer", Some((id, 4)), 41).await.unwrap(), (id, 5));
+    for client in &mut clients {
+        assert_eq!(init_identity_once(client, "orders-writer", Some((id, 4)), 41).await.unwrap(), (id, 5));
+    }
+    assert_eq!(init_identity_once(&mut clients[1], "orders-writer", None, 42).await.unwrap(), (id, 6));
+    assert_eq!(init_identity_once(&mut clients[2], "orders-writer", None, 42).await.unwrap(), (id, 6));
+    let zombie = init_identity_once(&mut clients[2], "orders-writer", Some((id, 4)), 43).await.unwrap_err();
+    assert_eq!(zombie.get_details_error_info().expect("a reason").reason, "PRODUCER_FENCED");
+
     let leader = controller(&cluster, &[0, 1, 2]).await;
     let before = cluster.brokers[leader].metadata().producer_identities.clone();
     for client in &mut clients {
-        let fenced = init_identity(client, "orders-writer", Some((id, 3))).await.unwrap_err();
+        let fenced = init_identity(client, "orders-writer", Some((id, 5))).await.unwrap_err();
         assert_eq!(fenced.code(), Code::FailedPrecondition, "{fenced:?}");
         assert_eq!(fenced.get_details_error_info().expect("a reason").reason, "PRODUCER_FENCED");
         let unknown = init_identity(client, "never-seen", Some((id, 0))).await.unwrap_err();
@@ -213,6 +235,7 @@ async fn a_stable_identity_gets_the_next_epoch_and_fences_older_instances() {
             producer_identity: Some("orders-writer".into()),
             producer_id: Some(id),
             producer_epoch: Some(70_000),
+            request_token: 0,
         },
     ];
     for request in bad {
@@ -224,6 +247,35 @@ async fn a_stable_identity_gets_the_next_epoch_and_fences_older_instances() {
     // The identities are in __meta: a new controller knows them.
     cluster.brokers[leader].halt().await;
     let survivor = (0..3).find(|i| *i != leader).unwrap();
-    assert_eq!(init_identity(&mut clients[survivor], "orders-writer", None).await.unwrap(), (id, 5));
+    assert_eq!(init_identity(&mut clients[survivor], "orders-writer", None).await.unwrap(), (id, 7));
     assert_eq!(init_identity(&mut clients[survivor], "billing-writer", None).await.unwrap(), (other.0, 1));
+}
+
+/// Two instances of the Rust producer with one stable identity: the second takes the identity
+/// over; once it has written to a partition, the first is refused there, stops, and fails every
+/// later send at once, while what it had acknowledged stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_producer_stops_once_a_newer_instance_took_its_identity() {
+    use keel_client::{Admin, ClientConfig, ClientError, Producer, ProducerConfig, ProducerRecord};
+    let cluster = start(3).await;
+    let client = |seed| ClientConfig::new(cluster.addrs.clone()).with_seed(seed);
+    async fn send(p: &Producer, v: &'static str) -> Result<keel_client::RecordMetadata, ClientError> {
+        p.send("fenced", ProducerRecord::new(v).with_partition(0)).await?.await
+    }
+    Admin::new(client(1)).unwrap().create_topic("fenced", 1, 3, pb::TopicConfig::default()).await.unwrap();
+    let config = ProducerConfig { identity: Some("payments".into()), ..ProducerConfig::default() };
+    let old = Producer::new(client(2), config.clone()).unwrap();
+    let first = send(&old, "old-1").await.unwrap();
+    let new = Producer::new(client(3), config).unwrap();
+    let taken = send(&new, "new-1").await.unwrap();
+    assert!(taken.offset > first.offset);
+    let reason = |e: ClientError| match e {
+        ClientError::Producer { reason, .. } => reason,
+        other => panic!("expected a producer refusal, got {other:?}"),
+    };
+    assert_eq!(reason(send(&old, "old-2").await.unwrap_err()), "PRODUCER_FENCED");
+    assert_eq!(reason(old.send("fenced", ProducerRecord::new("old-3")).await.unwrap_err()), "PRODUCER_FENCED");
+    assert_eq!(send(&new, "new-2").await.unwrap().offset, taken.offset + 1, "the new instance goes on");
+    new.close().await;
+    old.close().await;
 }

@@ -120,6 +120,11 @@ impl Core {
         }
     }
 
+    /// A random number from the seeded RNG.
+    pub(crate) fn random_u64(&self) -> u64 {
+        lock(&self.rng).random()
+    }
+
     /// A random number in `0..bound` from the seeded RNG (0 when `bound` is 0).
     pub(crate) fn random_below(&self, bound: u32) -> u32 {
         if bound == 0 { 0 } else { lock(&self.rng).random_range(0..bound) }

@@ -494,6 +494,9 @@ impl Sender {
             producer_identity: identity,
             producer_id: claimed.map(|c| c.0),
             producer_epoch: claimed.map(|c| i32::from(c.1)),
+            // The same on every retry of this call: one whose first attempt took effect (its
+            // answer lost) gets that attempt's epoch instead of fencing this very instance.
+            request_token: self.shared.core.random_u64().max(1),
         };
         tokio::spawn(async move {
             let result = core
