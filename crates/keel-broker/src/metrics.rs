@@ -429,7 +429,7 @@ impl Metrics {
         for group in &groups {
             let Some(&(topic, partition)) = names.get(group) else { continue };
             let (Ok(raft), Ok(store)) = (inner.node.metrics(*group), inner.node.store(*group)) else { continue };
-            let view = PartitionView::of(&raft, inner.node.leader_in(&raft), me);
+            let view = PartitionView::of(&raft, inner.node.leader_in(&raft), me, inner.node.lease());
             let seen = terms.entry(*group).or_insert(raft.current_term);
             self.leadership_changes.inc_by(raft.current_term.saturating_sub(*seen));
             *seen = (*seen).max(raft.current_term);
@@ -488,27 +488,15 @@ struct PartitionView {
 impl PartitionView {
     /// `leader` is the leader this node presents (`RaftNode::leader_in`): a leader cut off from
     /// its quorum does not name itself, so its partitions count as leaderless, not led.
-    fn of(metrics: &keel_raft::types::Metrics, leader: Option<NodeId>, me: NodeId) -> PartitionView {
+    fn of(metrics: &keel_raft::types::Metrics, leader: Option<NodeId>, me: NodeId, lease: Duration) -> PartitionView {
         let leads = leader == Some(me);
         let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
         let apply_lag = metrics.last_log_index.unwrap_or(0).saturating_sub(applied);
         let (mut under_replicated, mut below_quorum) = (false, false);
         if leads {
-            // The leader's replication progress includes itself. A voter is caught up when it
-            // holds everything the leader applied (committed), as in NodeStatus's in-sync set.
-            let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-            let caught_up = voters
-                .iter()
-                .filter(|v| {
-                    metrics
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(v))
-                        .is_some_and(|m| m.as_ref().is_some_and(|m| m.index >= applied))
-                })
-                .count();
-            under_replicated = caught_up < voters.len();
-            below_quorum = caught_up < voters.len() / 2 + 1;
+            let (in_sync, voters) = keel_raft::leadership::in_sync_voters(me, metrics, lease);
+            under_replicated = in_sync < voters;
+            below_quorum = in_sync < voters / 2 + 1;
         }
         PartitionView { leads, leaderless: leader.is_none(), under_replicated, below_quorum, apply_lag }
     }
