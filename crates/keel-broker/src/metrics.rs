@@ -378,6 +378,11 @@ impl Metrics {
         // One scrape at a time: the state families are cleared and refilled.
         let mut terms = self.terms.lock().unwrap_or_else(|e| e.into_inner());
         self.refresh(inner, &mut terms);
+        self.encode_registry()
+    }
+
+    /// The exposition of every series as they are now.
+    fn encode_registry(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
@@ -536,5 +541,188 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::PathBuf;
+
+    use serde::Deserialize;
+
+    use super::*;
+
+    /// Every sample name a node exports, with its topic and partition families filled as they are
+    /// once a partition is hosted (histograms appear as their `_bucket`, `_sum` and `_count`).
+    fn exported_names() -> BTreeSet<String> {
+        let metrics = Metrics::new(1, 1_000);
+        let s = &metrics.state;
+        let t = TopicLabels { topic: "orders".into() };
+        for family in [
+            &s.topic_partitions,
+            &s.topic_partitions_led,
+            &s.topic_partitions_leaderless,
+            &s.topic_partitions_under_replicated,
+            &s.topic_partitions_below_quorum,
+            &s.topic_log_bytes,
+        ] {
+            family.get_or_create(&t).set(1);
+        }
+        let p = PartitionLabels { topic: "orders".into(), partition: 0 };
+        for family in [
+            &s.partition_leader,
+            &s.partition_under_replicated,
+            &s.partition_log_bytes,
+            &s.partition_log_start_offset,
+            &s.partition_log_end_offset,
+            &s.partition_high_watermark,
+            &s.partition_raft_apply_lag,
+        ] {
+            family.get_or_create(&p).set(1);
+        }
+        let text = metrics.encode_registry().unwrap();
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+        let mut names = BTreeSet::new();
+        for sample in scrape.samples {
+            if matches!(sample.value, prometheus_parse::Value::Histogram(_)) {
+                names.insert(format!("{}_bucket", sample.metric));
+            }
+            names.insert(sample.metric);
+        }
+        names
+    }
+
+    /// The `keel_*` metric names a PromQL expression reads.
+    fn names_in(expr: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = expr;
+        while let Some(at) = rest.find("keel_") {
+            let preceded_by_word =
+                rest[..at].chars().next_back().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            let tail = &rest[at..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            if !preceded_by_word {
+                names.push(tail[..end].to_owned());
+            }
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    fn deploy(path: &str) -> String {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy").join(path);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RuleFile {
+        groups: Vec<RuleGroup>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RuleGroup {
+        name: String,
+        rules: Vec<Rule>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Rule {
+        alert: String,
+        expr: String,
+        #[serde(rename = "for")]
+        for_: Option<String>,
+        labels: BTreeMap<String, String>,
+        annotations: BTreeMap<String, String>,
+    }
+
+    #[test]
+    fn every_series_exists_at_startup() {
+        let names = exported_names();
+        for name in [
+            "keel_node_ready",
+            "keel_partitions_leaderless",
+            "keel_partitions_under_replicated",
+            "keel_partitions_below_quorum",
+            "keel_leadership_changes_total",
+            "keel_produce_records_total",
+            "keel_errors_total",
+            "keel_produce_latency_seconds_bucket",
+            "keel_flush_latency_seconds_count",
+            "keel_flush_bytes_sum",
+            "keel_in_flight_max_bytes",
+            "keel_connections",
+        ] {
+            assert!(names.contains(name), "{name} is not exported: {names:?}");
+        }
+    }
+
+    #[test]
+    fn the_alert_rules_use_only_exported_series() {
+        let exported = exported_names();
+        let rules: RuleFile = serde_yaml_ng::from_str(&deploy("prometheus/alerts.yml")).unwrap();
+        let mut used = 0;
+        for group in &rules.groups {
+            assert!(!group.name.is_empty() && !group.rules.is_empty());
+            for rule in &group.rules {
+                assert!(rule.alert.starts_with("Keel"), "{}", rule.alert);
+                assert!(rule.for_.is_some(), "{} fires on one bad scrape", rule.alert);
+                assert!(
+                    rule.labels.contains_key("severity") && rule.annotations.contains_key("summary"),
+                    "{}",
+                    rule.alert
+                );
+                for name in names_in(&rule.expr) {
+                    assert!(exported.contains(&name), "alert {} reads {name}, which Keel does not export", rule.alert);
+                    used += 1;
+                }
+            }
+        }
+        assert!(used >= 10, "the alerts read Keel's series");
+    }
+
+    #[test]
+    fn the_dashboard_uses_only_exported_series() {
+        let exported = exported_names();
+        let dashboard: serde_json::Value = serde_json::from_str(&deploy("grafana/keel.json")).unwrap();
+        assert!(dashboard["title"].is_string() && dashboard["uid"].is_string());
+        let panels = dashboard["panels"].as_array().unwrap();
+        let mut ids = BTreeSet::new();
+        let mut used = 0;
+        for panel in panels {
+            assert!(ids.insert(panel["id"].as_u64().unwrap()), "panel ids are unique");
+            if panel["type"] == "row" {
+                continue;
+            }
+            let targets = panel["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "panel {} shows something", panel["title"]);
+            for target in targets {
+                for name in names_in(target["expr"].as_str().unwrap()) {
+                    assert!(
+                        exported.contains(&name),
+                        "panel {} reads {name}, which Keel does not export",
+                        panel["title"]
+                    );
+                    used += 1;
+                }
+            }
+        }
+        for variable in dashboard["templating"]["list"].as_array().unwrap() {
+            for name in names_in(variable["query"].as_str().unwrap_or_default()) {
+                assert!(exported.contains(&name), "variable {} reads {name}", variable["name"]);
+            }
+        }
+        assert!(used >= 20, "the dashboard reads Keel's series");
+    }
+
+    #[test]
+    fn names_are_found_in_promql() {
+        assert_eq!(
+            names_in("sum(rate(keel_errors_total{api=\"produce\"}[5m])) / x_keel_no + keel_a"),
+            ["keel_errors_total", "keel_a"]
+        );
     }
 }
