@@ -417,3 +417,33 @@ impl tokio::io::AsyncWrite for Counted {
         std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests may panic: that is how they fail.
+
+    use super::metrics_listen;
+
+    /// The setting, the gRPC listen address, and what comes of them (`None`: refused).
+    type Case = (Option<&'static str>, &'static str, Option<Option<&'static str>>);
+
+    #[test]
+    fn the_metrics_listener_defaults_beside_the_grpc_port() {
+        let cases: [Case; 8] = [
+            (None, "127.0.0.1:9092", Some(Some("127.0.0.1:9192"))),
+            (None, "0.0.0.0:9092", Some(Some("0.0.0.0:9192"))),
+            (None, "[::1]:9092", Some(Some("[::1]:9192"))),
+            (None, "127.0.0.1:0", Some(Some("127.0.0.1:0"))),
+            (Some("off"), "127.0.0.1:9092", Some(None)),
+            (Some("10.0.0.1:9644"), "127.0.0.1:9092", Some(Some("10.0.0.1:9644"))),
+            // Refused: no room above the gRPC port, and the gRPC address itself.
+            (None, "127.0.0.1:65500", None),
+            (Some("127.0.0.1:9092"), "127.0.0.1:9092", None),
+        ];
+        for (setting, listen, expected) in cases {
+            let got = metrics_listen(setting.map(str::to_owned), listen).ok();
+            assert_eq!(got, expected.map(|e| e.map(str::to_owned)), "{setting:?} beside {listen}");
+        }
+        assert!(metrics_listen(Some("nonsense".into()), "127.0.0.1:9092").is_err());
+    }
+}
