@@ -63,6 +63,9 @@ struct StartArgs {
     /// Port of node 1; node N listens on port + N - 1.
     #[arg(long, default_value_t = 9091)]
     port: u16,
+    /// Port of node 1's `/metrics` listener; node N's is this + N - 1. Defaults to --port + 100.
+    #[arg(long)]
+    metrics_port: Option<u16>,
     /// Give up if the cluster is not healthy after this many seconds.
     #[arg(long, default_value_t = 60)]
     wait_secs: u64,
@@ -89,6 +92,8 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Supervisor> {
 struct Slot {
     id: u64,
     addr: String,
+    /// The node's `/metrics` listener (HOST:PORT).
+    metrics_addr: String,
     data_dir: PathBuf,
     log: PathBuf,
     /// The running process; `None` once it exited and was reaped.
@@ -129,6 +134,21 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
             args.nodes
         );
     }
+    let metrics_port = match args.metrics_port {
+        Some(port) => u64::from(port),
+        None => u64::from(args.port) + 100,
+    };
+    let metrics_last = metrics_port + args.nodes - 1;
+    if metrics_last > u64::from(u16::MAX) {
+        bail!("the metrics ports {metrics_port}..={metrics_last} do not fit; pass another --metrics-port");
+    }
+    if metrics_port <= port_last && u64::from(args.port) <= metrics_last {
+        bail!(
+            "the metrics ports {metrics_port}..={metrics_last} overlap the node ports {}..={port_last}; \
+             pass another --metrics-port",
+            args.port
+        );
+    }
     // Before anything is started: a second `keel dev` on this directory stops here.
     let dir_lock = DirLock::acquire(&args.dir)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -144,9 +164,12 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
         .enumerate()
         .map(|(i, addr)| {
             let id = i as u64 + 1;
+            // Checked above: every metrics port fits in a u16.
+            let port = u16::try_from(metrics_port + i as u64).unwrap_or(u16::MAX);
             Slot {
                 id,
                 addr: addr.clone(),
+                metrics_addr: SocketAddr::new(args.ip, port).to_string(),
                 data_dir: args.dir.join(format!("node-{id}")),
                 log: args.dir.join(format!("node-{id}.log")),
                 child: None,
@@ -216,11 +239,12 @@ async fn supervise(shared: &Shared, socket: &ControlSocket, args: &StartArgs, ou
         Output::Text => {
             let mut table = Table::new();
             table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-            table.set_header(["node", "address", "pid", "data", "log"]);
+            table.set_header(["node", "address", "metrics", "pid", "data", "log"]);
             for n in &nodes {
                 table.add_row([
                     n.node_id.to_string(),
                     n.addr.clone(),
+                    n.metrics.clone(),
                     n.pid.to_string(),
                     n.data_dir.clone(),
                     n.log.clone(),
@@ -229,6 +253,9 @@ async fn supervise(shared: &Shared, socket: &ControlSocket, args: &StartArgs, ou
             println!("{table}");
             println!("Keel is running. In another shell:\n");
             println!("export KEEL_BOOTSTRAP={bootstrap}");
+            if let Some(first) = nodes.first() {
+                println!("\nMetrics (Prometheus text): curl -s {}", first.metrics);
+            }
             let victim = args.nodes.min(2);
             println!(
                 "\nTry a node failure: `{}` (--signal kill|term|stop|cont), then `{}`; `{}` lists the nodes.",
@@ -339,6 +366,7 @@ impl Supervisor {
         let child = command
             .arg("server")
             .args(["--node-id", &slot.id.to_string(), "--listen", &slot.addr, "--voters", &self.voters])
+            .args(["--metrics-listen", &slot.metrics_addr])
             .arg("--data-dir")
             .arg(&slot.data_dir)
             .env_remove("KEEL_CONFIG")
@@ -433,6 +461,7 @@ impl Supervisor {
         NodeStatus {
             node_id: slot.id,
             addr: slot.addr.clone(),
+            metrics: format!("http://{}/metrics", slot.metrics_addr),
             pid: slot.pid,
             state,
             last_exit: slot.last_exit.map(|s| s.to_string()),

@@ -155,6 +155,10 @@ pub enum State {
 pub struct NodeStatus {
     pub node_id: u64,
     pub addr: String,
+    /// Where Prometheus scrapes the node (`http://HOST:PORT/metrics`); empty from a supervisor
+    /// older than the metrics.
+    #[serde(default)]
+    pub metrics: String,
     /// The current process, or the last one once it exited.
     pub pid: u32,
     pub state: State,
@@ -409,11 +413,12 @@ async fn status(dir: &Path, output: Output) -> anyhow::Result<()> {
         Output::Text => {
             let mut table = Table::new();
             table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-            table.set_header(["node", "address", "pid", "state", "serving", "restarts", "log"]);
+            table.set_header(["node", "address", "metrics", "pid", "state", "serving", "restarts", "log"]);
             for (n, serving) in nodes.iter().zip(&serving) {
                 table.add_row([
                     n.node_id.to_string(),
                     n.addr.clone(),
+                    n.metrics.clone(),
                     n.pid.to_string(),
                     n.state_text(),
                     if *serving { "yes" } else { "no" }.to_string(),

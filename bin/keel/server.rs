@@ -38,6 +38,10 @@ pub struct ServerArgs {
     /// Where this node keeps its data.
     #[arg(long, env = "KEEL_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Address of the `/metrics` HTTP listener (host:port), or `off`. Defaults to the listen
+    /// address with its port + 100 (9092 → 9192).
+    #[arg(long, env = "KEEL_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 /// The TOML file, every key optional.
@@ -49,6 +53,10 @@ struct FileConfig {
     advertise: Option<String>,
     voters: Option<String>,
     data_dir: Option<PathBuf>,
+    /// The `/metrics` HTTP listener (README, "Metrics").
+    metrics_listen: Option<String>,
+    /// Per-partition metric series only while the node hosts fewer partitions than this.
+    metrics_partition_series_max: Option<usize>,
     /// A segment is rolled beyond this size.
     segment_bytes_max: Option<u64>,
     /// Default retention of every topic (0 = forever).
@@ -117,8 +125,42 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// What `resolve` gives `serve`: the node's config, where to listen, the shutdown grace period.
-type Resolved = (BrokerConfig, String, Duration);
+/// How far above the gRPC port the metrics listener is by default: far enough that `keel dev`'s
+/// consecutive node ports (up to 9 nodes) never meet their metrics ports.
+const METRICS_PORT_OFFSET: u16 = 100;
+
+/// Where the `/metrics` listener goes: `setting` if given (`off` for none), else the gRPC listen
+/// address with its port + [`METRICS_PORT_OFFSET`] (0 stays 0: any free port, for tests).
+fn metrics_listen(setting: Option<String>, listen: &str) -> anyhow::Result<Option<String>> {
+    let split = |addr: &str| -> anyhow::Result<(String, u16)> {
+        let (host, port) = addr.rsplit_once(':').with_context(|| format!("{addr:?} is not HOST:PORT"))?;
+        let port = port.parse().with_context(|| format!("{addr:?}: the port is not a number from 0 to 65535"))?;
+        Ok((host.to_owned(), port))
+    };
+    let (host, port) = split(listen).context("listen")?;
+    match setting.as_deref().map(str::trim) {
+        Some("off") => Ok(None),
+        Some(addr) => {
+            let (_, metrics_port) = split(addr).context("metrics_listen")?;
+            if addr == listen && metrics_port != 0 {
+                bail!("metrics_listen {addr} is the gRPC listen address; give it a port of its own");
+            }
+            Ok(Some(addr.to_owned()))
+        }
+        None if port == 0 => Ok(Some(format!("{host}:0"))),
+        None => match port.checked_add(METRICS_PORT_OFFSET) {
+            Some(metrics_port) => Ok(Some(format!("{host}:{metrics_port}"))),
+            None => bail!(
+                "listen port {port} leaves no room for the default metrics port (+{METRICS_PORT_OFFSET}); \
+                 set metrics_listen (or `off`)"
+            ),
+        },
+    }
+}
+
+/// What `resolve` gives `serve`: the node's config, where to listen (gRPC, then metrics), the
+/// shutdown grace period.
+type Resolved = (BrokerConfig, String, Option<String>, Duration);
 
 /// Merges file, environment and flags into a node's config.
 fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
@@ -136,6 +178,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         Some(v) => parse_voters(&v)?,
         None => BTreeMap::from([(node_id, advertise.clone())]),
     };
+    let metrics = metrics_listen(args.metrics_listen.or(file.metrics_listen), &listen)?;
     let data_dir =
         args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("keel-data/node-{node_id}")));
     let defaults = RaftTimings::default();
@@ -168,6 +211,8 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     limits.producer_id_expiration_ms = file.producer_id_expiration_ms.unwrap_or(limits.producer_id_expiration_ms);
     limits.partitions_max = file.partitions_max.unwrap_or(limits.partitions_max);
     limits.partitions_per_node_max = file.partitions_per_node_max.unwrap_or(limits.partitions_per_node_max);
+    limits.metrics_partition_series_max =
+        file.metrics_partition_series_max.unwrap_or(limits.metrics_partition_series_max);
     let mut groups = GroupSettings::default();
     if let Some(n) = file.offsets_partitions {
         groups.offsets_partitions = n;
@@ -209,25 +254,41 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let grace = Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000));
-    Ok((config, listen, grace))
+    Ok((config, listen, metrics, grace))
 }
 
 /// Runs a node until Ctrl-C / SIGTERM, or until it must stop.
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let (config, listen, grace) = resolve(args)?;
+    let (config, listen, metrics, grace) = resolve(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    runtime.block_on(serve(config, listen, grace))
+    runtime.block_on(serve(config, listen, metrics, grace))
 }
 
-async fn serve(config: BrokerConfig, listen: String, grace: Duration) -> anyhow::Result<()> {
+async fn serve(config: BrokerConfig, listen: String, metrics: Option<String>, grace: Duration) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+    // Bound before the node starts, so that a taken port stops it before it joins the cluster.
+    let metrics_listener = match &metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for /metrics on {addr} (metrics_listen; `off` disables it)"))?,
+        ),
+        None => None,
+    };
     let node_id = config.node_id;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let broker = Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), clock)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let routes = broker.router().map_err(|e| anyhow::anyhow!("{e}"))?;
-    info!(node = node_id, %listen, "serving");
+    match metrics_listener {
+        Some(metrics_listener) => {
+            let addr = metrics_listener.local_addr().context("the metrics listener's address")?;
+            broker.serve_metrics(metrics_listener);
+            info!(node = node_id, %listen, metrics = %format!("http://{addr}/metrics"), "serving");
+        }
+        None => info!(node = node_id, %listen, "serving; metrics are off"),
+    }
     // How long open requests may still run once the node stops: the grace period after a
     // signal, nothing after a fatal error (a node that cannot go on must not answer anything).
     let (stopping_tx, stopping) = tokio::sync::watch::channel(None::<Duration>);
@@ -276,6 +337,12 @@ async fn serve(config: BrokerConfig, listen: String, grace: Duration) -> anyhow:
         }
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = {
+        let broker = broker.clone();
+        futures_util::StreamExt::map(incoming, move |accepted| {
+            accepted.map(|stream| Counted { stream, _open: broker.connection_opened() })
+        })
+    };
     let server = broker.server().add_routes(routes).serve_with_incoming_shutdown(incoming, stop);
     // A graceful stop waits for every open request, and a consumer's Subscribe stream never
     // ends by itself: past the grace period, dropping the server closes what is left.
@@ -288,4 +355,95 @@ async fn serve(config: BrokerConfig, listen: String, grace: Duration) -> anyhow:
         bail!("node {node_id} stopped: {reason}");
     }
     Ok(())
+}
+
+/// A gRPC connection (client or peer), counted in `keel_connections` while it is open.
+struct Counted {
+    stream: tokio::net::TcpStream,
+    _open: keel_broker::metrics::GaugeGuard,
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    // The peer address, as for a bare TcpStream: Subscribe limits streams per connection by it.
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests may panic: that is how they fail.
+
+    use super::metrics_listen;
+
+    /// The setting, the gRPC listen address, and what comes of them (`None`: refused).
+    type Case = (Option<&'static str>, &'static str, Option<Option<&'static str>>);
+
+    #[test]
+    fn the_metrics_listener_defaults_beside_the_grpc_port() {
+        let cases: [Case; 8] = [
+            (None, "127.0.0.1:9092", Some(Some("127.0.0.1:9192"))),
+            (None, "0.0.0.0:9092", Some(Some("0.0.0.0:9192"))),
+            (None, "[::1]:9092", Some(Some("[::1]:9192"))),
+            (None, "127.0.0.1:0", Some(Some("127.0.0.1:0"))),
+            (Some("off"), "127.0.0.1:9092", Some(None)),
+            (Some("10.0.0.1:9644"), "127.0.0.1:9092", Some(Some("10.0.0.1:9644"))),
+            // Refused: no room above the gRPC port, and the gRPC address itself.
+            (None, "127.0.0.1:65500", None),
+            (Some("127.0.0.1:9092"), "127.0.0.1:9092", None),
+        ];
+        for (setting, listen, expected) in cases {
+            let got = metrics_listen(setting.map(str::to_owned), listen).ok();
+            assert_eq!(got, expected.map(|e| e.map(str::to_owned)), "{setting:?} beside {listen}");
+        }
+        assert!(metrics_listen(Some("nonsense".into()), "127.0.0.1:9092").is_err());
+    }
 }

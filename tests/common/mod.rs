@@ -15,6 +15,9 @@ use keel_client::{Admin, ClientConfig};
 pub struct Node {
     pub id: u64,
     pub addr: String,
+    /// The `/metrics` listener (a free port of its own: the default, gRPC port + 100, could be
+    /// taken on a shared machine).
+    pub metrics_addr: String,
     pub data_dir: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -43,10 +46,12 @@ impl Cluster {
         for i in 0..n {
             let ip = format!("127.0.0.{}", u64::from(first_ip) + i);
             let addr = format!("{ip}:{}", free_port(&ip));
+            let metrics_addr = format!("{ip}:{}", free_port(&ip));
             let id = i + 1;
             nodes.push(Node {
                 id,
                 addr,
+                metrics_addr,
                 data_dir: dir.path().join(format!("node-{id}")),
                 config: dir.path().join(format!("node-{id}.toml")),
                 log: dir.path().join(format!("node-{id}.log")),
@@ -57,11 +62,12 @@ impl Cluster {
         for node in &nodes {
             // The config file path is part of what is tested: flags only name the file.
             let toml = format!(
-                "node_id = {}\nlisten = \"{}\"\nvoters = \"{voters}\"\ndata_dir = \"{}\"\n\
+                "node_id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\nvoters = \"{voters}\"\ndata_dir = \"{}\"\n\
                  heartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nappend_timeout_ms = 5000\n\
                  segment_bytes_max = 4194304\nshutdown_grace_ms = 1000\n",
                 node.id,
                 node.addr,
+                node.metrics_addr,
                 node.data_dir.display()
             );
             std::fs::write(&node.config, toml).unwrap();
@@ -188,6 +194,44 @@ pub async fn serving(addr: &str) -> bool {
         Some(response.into_inner().status == 1)
     };
     matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Some(true)))
+}
+
+/// `GET /metrics` of the node at `metrics_addr` (HTTP/1.0: the server closes the connection
+/// after its answer, so the body is everything after the headers); `None` if it does not answer
+/// within two seconds.
+pub fn scrape_text(metrics_addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = metrics_addr.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "scrape of {metrics_addr}: {head}");
+    Some(body.to_owned())
+}
+
+/// A scrape parsed by a Prometheus text parser.
+pub fn scrape(metrics_addr: &str) -> Option<prometheus_parse::Scrape> {
+    let text = scrape_text(metrics_addr)?;
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).ok()
+}
+
+/// The value of the sample `name` whose labels include `labels` (0 if there is none), summed
+/// when several match.
+pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }
 
 /// Waits until every partition of `topic` has a leader.

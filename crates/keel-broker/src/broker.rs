@@ -35,6 +35,7 @@ use crate::groups::GroupCoordinator;
 use crate::metadata::{
     self, Command, META_GROUP, META_TOPIC, MetaError, Metadata, OFFSETS_TOPIC, Partition, ProducerEpoch, Topic,
 };
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::producer_ids::{PRODUCER_ID_BLOCK, ProducerIds};
 
 /// The wall clock (record timestamps, retention): the only source of "now" in a broker.
@@ -98,6 +99,8 @@ pub(crate) struct Inner {
     pub(crate) stopping: watch::Sender<bool>,
     /// The block of producer ids `InitProducerId` hands out (in memory only: lost on restart).
     producer_ids: ProducerIds,
+    /// The node's Prometheus series (`/metrics`).
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// How a node's partitions do their disk work, and bugs injected for negative controls. The
@@ -159,8 +162,10 @@ impl Broker {
             producers_max: config.limits.producers_per_partition_max,
             expiration_ms: config.limits.producer_id_expiration_ms,
         });
-        // Before any group opens: faults apply to groups opened from then on.
+        // Before any group opens: faults and the flush observer apply to groups opened from then on.
         node.set_faults(storage.faults);
+        let metrics = Arc::new(Metrics::new(config.node_id, config.limits.metrics_partition_series_max));
+        node.set_flush_observer(Arc::clone(&metrics) as Arc<dyn keel_raft::FlushObserver>);
         for (id, addr) in &config.voters {
             node.set_peer_addr(*id, addr);
         }
@@ -191,6 +196,7 @@ impl Broker {
             subscribes: Mutex::new(BTreeMap::new()),
             stopping: watch::channel(false).0,
             producer_ids: ProducerIds::new(),
+            metrics,
         });
         if inner.config.is_voter() {
             let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
@@ -233,6 +239,22 @@ impl Broker {
     /// Becomes `Some(reason)` when the node must stop.
     pub fn fatal(&self) -> watch::Receiver<Option<String>> {
         self.inner.fatal.subscribe()
+    }
+
+    /// The node's metrics in the Prometheus (OpenMetrics) text format, state gauges as of now.
+    pub fn metrics_text(&self) -> Result<String, BrokerError> {
+        self.inner.metrics.encode(&self.inner).map_err(|e| BrokerError::Config(format!("encoding metrics: {e}")))
+    }
+
+    /// Serves `GET /metrics` on `listener` until the node stops (README, "Metrics").
+    pub fn serve_metrics(&self, listener: tokio::net::TcpListener) {
+        let broker = self.clone();
+        self.inner.spawn("metrics", crate::metrics_http::serve(broker, listener));
+    }
+
+    /// Counts a gRPC connection open while the returned guard lives (`keel_connections`).
+    pub fn connection_opened(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.inner.metrics.connections)
     }
 
     /// A gRPC server with this node's connection limits, to serve [`Broker::router`] on.
@@ -1311,6 +1333,12 @@ pub(crate) struct ByteBudget {
 impl ByteBudget {
     pub(crate) fn new(max: usize) -> ByteBudget {
         ByteBudget { room: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))), max }
+    }
+
+    /// Bytes taken now, and the budget's size.
+    pub(crate) fn usage(&self) -> (usize, usize) {
+        let size = self.max.min(Semaphore::MAX_PERMITS);
+        (size.saturating_sub(self.room.available_permits()), self.max)
     }
 
     /// Takes `bytes` (at most the whole budget, so one request always passes an idle node), or

@@ -43,6 +43,9 @@ pub struct Limits {
     pub producers_per_partition_max: usize,
     /// A producer silent this long (by its batches' timestamps) is forgotten.
     pub producer_id_expiration_ms: i64,
+    /// Per-partition metric series are exported only while the node hosts fewer partitions than
+    /// this (per-topic aggregates always are): it bounds what one scrape costs Prometheus.
+    pub metrics_partition_series_max: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +66,7 @@ impl Default for Limits {
             producer_window: 16,
             producers_per_partition_max: 10_000,
             producer_id_expiration_ms: 24 * 3_600_000,
+            metrics_partition_series_max: 1_000,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`groups`]: consumer-group coordinators on that runtime, served by the `Groups` gRPC service;
 //! - [`producer_ids`]: the node's block of producer ids behind `InitProducerId`;
 //! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
+//! - [`metrics`]: the node's Prometheus series, served on `/metrics` by its own HTTP listener;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
 
 pub mod broker;
@@ -17,6 +18,8 @@ pub mod error;
 pub mod groups;
 mod groups_service;
 pub mod metadata;
+pub mod metrics;
+mod metrics_http;
 pub mod producer_ids;
 pub mod service;
 pub mod size_status;

@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, info_span};
 use crate::broker::{Broker, HOPS_HEADER, Inner};
 use crate::error::{append_status, not_leader, to_pb_error};
 use crate::metadata::{self, META_GROUP, Metadata, ProducerEpoch, Topic, TopicSettings};
+use crate::metrics::{Api as Counted, GaugeGuard};
 use crate::size_status::{SizeStatus, size_status};
 
 /// Records one AuditPartition reads when the request leaves it to the node.
@@ -137,8 +138,9 @@ impl Api {
         let what = format!("{}/{}", request.topic, request.partition);
         let submitted = inner.submit(&request).await;
         let status = match submitted {
-            Ok((pending, _in_flight)) => match pending.wait().await {
+            Ok((pending, _in_flight)) => match timed(&inner.metrics.commit_latency, pending.wait()).await {
                 Ok(appended) => {
+                    inner.metrics.produce_records.inc_by(appended.next_offset - appended.base_offset);
                     return Ok(pb::ProduceResponse {
                         request_id: request.request_id,
                         base_offset: appended.base_offset,
@@ -194,6 +196,7 @@ impl Api {
         let Ok(store) = inner.node.store(group) else {
             return self.forward_fetch(request, replicas.first().copied(), hops).await;
         };
+        inner.metrics.fetch_requests.inc();
         let bytes_max = match request.max_bytes {
             0 => FETCH_BYTES_DEFAULT,
             n => n as usize,
@@ -240,11 +243,15 @@ impl Api {
                 return self.forward_fetch(request, leader, hops).await;
             }
             if request.offset < high_watermark {
+                let started = tokio::time::Instant::now();
                 let batches = store.read_committed_blocking(request.offset, bytes_max).await.map_err(|e| match e {
                     keel_storage::StorageError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
                     other => Status::unavailable(format!("this replica cannot read: {other}; try another")),
                 })?;
+                let bytes: usize = batches.iter().map(|b| b.bytes().len()).sum();
                 fill(&mut response, batches, request.offset, format)?;
+                inner.metrics.fetch_bytes.inc_by(bytes as u64);
+                inner.metrics.fetch_latency.observe(started.elapsed().as_secs_f64());
                 return Ok(response);
             }
             match tokio::time::timeout_at(deadline, hw_rx.changed()).await {
@@ -526,6 +533,19 @@ fn local_status(inner: &Inner) -> pb::LocalStatusResponse {
     pb::LocalStatusResponse { node_id: me, groups }
 }
 
+/// Runs `work`, observing how long it took in `histogram` when it succeeds.
+async fn timed<T, E>(
+    histogram: &prometheus_client::metrics::histogram::Histogram,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = tokio::time::Instant::now();
+    let result = work.await;
+    if result.is_ok() {
+        histogram.observe(started.elapsed().as_secs_f64());
+    }
+    result
+}
+
 /// Fills a fetch response from committed batches (records below `from` are left out).
 fn fill(
     response: &mut pb::FetchResponse,
@@ -596,8 +616,15 @@ impl pb::producer_server::Producer for Api {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
         let hops = hops(&request);
         let request = request.into_inner();
+        let metrics = &self.inner.metrics;
+        metrics.produce_requests.inc();
+        metrics.produce_bytes.inc_by(request.encoded_len() as u64);
         let span = info_span!("produce", topic = %request.topic, partition = request.partition);
-        self.produce_unary(request, hops).instrument(span).await.map(Response::new)
+        let answer = timed(&metrics.produce_latency, self.produce_unary(request, hops).instrument(span)).await;
+        if let Err(status) = &answer {
+            metrics.error(Counted::Produce, status);
+        }
+        answer.map(Response::new)
     }
 
     type ProduceStreamStream = BoxStream<pb::ProduceResponse>;
@@ -613,7 +640,9 @@ impl pb::producer_server::Producer for Api {
         let (tx, rx) = mpsc::channel(in_flight);
         let permits = Arc::new(Semaphore::new(in_flight));
         let bytes = Arc::new(Semaphore::new(bytes_max));
+        let open = GaugeGuard::new(&inner.metrics.produce_streams);
         tokio::spawn(async move {
+            let _open = open;
             // Requests are submitted to raft one by one, in arrival order, and their commits
             // awaited concurrently: pipelining without reordering a partition's batches.
             loop {
@@ -628,6 +657,9 @@ impl pb::producer_server::Producer for Api {
                         return;
                     }
                 };
+                let arrived = tokio::time::Instant::now();
+                inner.metrics.produce_requests.inc();
+                inner.metrics.produce_bytes.inc_by(request.encoded_len() as u64);
                 // Waiting here stops reading the stream: HTTP/2 flow control then holds the
                 // client back, so a stream holds at most its count and byte budgets.
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
@@ -639,15 +671,25 @@ impl pb::producer_server::Producer for Api {
                     Ok((pending, in_flight)) => {
                         drop(request);
                         let tx = tx.clone();
+                        let inner = Arc::clone(&inner);
                         tokio::spawn(async move {
-                            let response = match pending.wait().await {
-                                Ok(a) => pb::ProduceResponse {
-                                    request_id: id,
-                                    base_offset: a.base_offset,
-                                    record_count: (a.next_offset - a.base_offset) as u32,
-                                    error: None,
-                                },
-                                Err(e) => error_response(id, &append_status(&what, e)),
+                            let metrics = &inner.metrics;
+                            let response = match timed(&metrics.commit_latency, pending.wait()).await {
+                                Ok(a) => {
+                                    metrics.produce_records.inc_by(a.next_offset - a.base_offset);
+                                    metrics.produce_latency.observe(arrived.elapsed().as_secs_f64());
+                                    pb::ProduceResponse {
+                                        request_id: id,
+                                        base_offset: a.base_offset,
+                                        record_count: (a.next_offset - a.base_offset) as u32,
+                                        error: None,
+                                    }
+                                }
+                                Err(e) => {
+                                    let status = append_status(&what, e);
+                                    metrics.error(Counted::Produce, &status);
+                                    error_response(id, &status)
+                                }
                             };
                             drop((in_flight, held));
                             let _ = tx.send(Ok(response)).await;
@@ -656,6 +698,7 @@ impl pb::producer_server::Producer for Api {
                     }
                     Err(status) => {
                         drop((held, permit));
+                        inner.metrics.error(Counted::Produce, &status);
                         if tx.send(Ok(error_response(id, &status))).await.is_err() {
                             return;
                         }
@@ -714,7 +757,11 @@ impl pb::consumer_server::Consumer for Api {
         let request = request.into_inner();
         let wait = request.max_wait_ms;
         let span = info_span!("fetch", topic = %request.topic, partition = request.partition, offset = request.offset);
-        self.fetch(request, wait, hops).instrument(span).await.map(Response::new)
+        let answer = self.fetch(request, wait, hops).instrument(span).await;
+        if let Err(status) = &answer {
+            self.inner.metrics.error(Counted::Fetch, status);
+        }
+        answer.map(Response::new)
     }
 
     type SubscribeStream = BoxStream<pb::FetchResponse>;
@@ -781,6 +828,7 @@ impl pb::consumer_server::Consumer for Api {
                         }
                     }
                     Err(status) => {
+                        api.inner.metrics.error(Counted::Fetch, &status);
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
@@ -803,6 +851,7 @@ impl pb::consumer_server::Consumer for Api {
 struct SubscribeSlot {
     inner: Arc<Inner>,
     connection: Option<std::net::SocketAddr>,
+    _open: GaugeGuard,
 }
 
 impl SubscribeSlot {
@@ -819,7 +868,11 @@ impl SubscribeSlot {
             }
             *count += 1;
         }
-        Ok(SubscribeSlot { inner: Arc::clone(inner), connection })
+        Ok(SubscribeSlot {
+            inner: Arc::clone(inner),
+            connection,
+            _open: GaugeGuard::new(&inner.metrics.subscribe_streams),
+        })
     }
 }
 

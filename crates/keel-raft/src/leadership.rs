@@ -55,6 +55,26 @@ pub fn presented_leader(me: NodeId, metrics: &Metrics, lease: Duration) -> Optio
     quorum_ack_age(metrics).filter(|age| *age < lease).map(|_| me)
 }
 
+/// For a group `me` leads: how many of its voters are in sync, and how many voters it has. A
+/// voter is in sync when it holds every entry the leader applied and acknowledged the leader
+/// within `lease` (the leader counts itself): a replica that died is out of sync within one lease
+/// even when nothing is being written, as Kafka's ISR drops a follower after
+/// `replica.lag.time.max.ms`. Metrics only; replication itself never asks.
+pub fn in_sync_voters(me: NodeId, metrics: &Metrics, lease: Duration) -> (usize, usize) {
+    use openraft::Instant as _;
+    let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
+    let matched = |voter: &NodeId| {
+        let progress = metrics.replication.as_ref().and_then(|r| r.get(voter));
+        progress.is_some_and(|m| m.as_ref().is_some_and(|m| m.index >= applied))
+    };
+    let heard = |voter: &NodeId| {
+        let acked = metrics.heartbeat.as_ref().and_then(|h| h.get(voter));
+        *voter == me || acked.is_some_and(|t| t.is_some_and(|t| t.into_inner().elapsed() < lease))
+    };
+    let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+    (voters.iter().filter(|v| matched(v) && heard(v)).count(), voters.len())
+}
+
 /// Whether a leader must step down: no quorum has acknowledged it for `lease`, counting from
 /// when it was first seen leading (`leading_for` ago) while no quorum has acknowledged it yet.
 pub(crate) fn cut_off(quorum_ack_age: Option<Duration>, leading_for: Duration, lease: Duration) -> bool {

@@ -26,7 +26,7 @@ pub use leadership::NOBODY;
 pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
 pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
 pub use sequencer::ProducerRefusal;
-pub use store::{Faults, IoMode, PartitionStore};
+pub use store::{Faults, FlushObserver, IoMode, PartitionStore};
 pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};
 
 #[cfg(test)]

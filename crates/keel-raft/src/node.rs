@@ -17,7 +17,7 @@ use tracing::{Instrument, info, info_span};
 use crate::network::{Connector, GroupNetwork, Groups, NetworkConfig, Peers, RaftService};
 use crate::producers::{ProducerLimits, Stamped};
 use crate::sequencer::{Answer, Check, ProducerRefusal, Sequencer};
-use crate::store::{Faults, IoMode, PartitionStore};
+use crate::store::{Faults, FlushObserver, IoMode, PartitionStore};
 use crate::types::{Appended, BatchData, GroupId, Node, NodeId, Raft, Runtime};
 
 /// Raft timing, in milliseconds. openraft does not coalesce heartbeats across groups, so with
@@ -193,6 +193,8 @@ pub struct RaftNode {
     sequencers: Mutex<BTreeMap<GroupId, Arc<tokio::sync::Mutex<Sequencer>>>>,
     /// Bounds of every partition's producer table.
     producer_limits: Mutex<ProducerLimits>,
+    /// Told about every flush of the groups opened from then on (metrics).
+    flush_observer: Mutex<Option<Arc<dyn FlushObserver>>>,
 }
 
 impl RaftNode {
@@ -214,7 +216,13 @@ impl RaftNode {
             step_down_started: AtomicBool::new(false),
             sequencers: Mutex::new(BTreeMap::new()),
             producer_limits: Mutex::new(ProducerLimits::default()),
+            flush_observer: Mutex::new(None),
         }
+    }
+
+    /// Reports every flush of the groups opened from now on to `observer` (metrics).
+    pub fn set_flush_observer(&self, observer: Arc<dyn FlushObserver>) {
+        *self.flush_observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(observer);
     }
 
     /// Injects bugs into groups opened from now on: for negative controls only.
@@ -281,6 +289,9 @@ impl RaftNode {
         let store = PartitionStore::open_with_faults(Arc::clone(&self.disk), dir, log, self.config.io, faults)
             .map_err(|source| NodeError::Storage { group, source })?;
         store.set_producer_limits(*self.producer_limits.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(observer) = self.flush_observer.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            store.set_flush_observer(observer);
+        }
         let network = GroupNetwork::new(self.peers.clone(), group);
         let config = self.raft_config()?;
         let seed = {

@@ -64,6 +64,14 @@ pub struct Faults {
     pub ack_before_flush: bool,
 }
 
+/// Told about every completed flush of a partition, for the node's metrics. Called on the
+/// flusher's path, so it must be cheap and never block.
+pub trait FlushObserver: Send + Sync + 'static {
+    /// A flush made `bytes` more of the log durable and took `took` (msync, and the wait for a
+    /// blocking thread in production).
+    fn flushed(&self, bytes: u64, took: std::time::Duration);
+}
+
 /// The shared state of one partition's storage.
 struct Shared {
     dir: PathBuf,
@@ -88,6 +96,8 @@ struct Shared {
     /// that compacts sets it again as it replays the partition's compaction record.
     obsolete_below: std::sync::atomic::AtomicU64,
     faults: Faults,
+    /// Set once, right after the store opens (metrics only: it never changes what is flushed).
+    flush_observer: std::sync::OnceLock<Arc<dyn FlushObserver>>,
 }
 
 struct SmState {
@@ -220,6 +230,7 @@ impl PartitionStore {
             closed: std::sync::atomic::AtomicBool::new(false),
             obsolete_below: std::sync::atomic::AtomicU64::new(0),
             faults,
+            flush_observer: std::sync::OnceLock::new(),
         });
         tokio::spawn(flusher(Arc::downgrade(&shared), Arc::clone(&shared.flush_needed)));
         Ok(PartitionStore { shared })
@@ -244,6 +255,16 @@ impl PartitionStore {
     /// or replicas would remember different producers).
     pub fn set_producer_limits(&self, limits: crate::producers::ProducerLimits) {
         lock(&self.shared.sm).producer_limits = limits;
+    }
+
+    /// Reports every flush from now on to `observer` (only the first observer set counts).
+    pub fn set_flush_observer(&self, observer: Arc<dyn FlushObserver>) {
+        let _ = self.shared.flush_observer.set(observer);
+    }
+
+    /// Bytes the log's segments hold on disk.
+    pub fn size_bytes(&self) -> u64 {
+        lock(&self.shared.log).size_bytes()
     }
 
     /// Reads the applied idempotent-producer table.
@@ -510,6 +531,9 @@ async fn flush_all(shared: &Arc<Shared>) {
                 break;
             }
         };
+        // tokio time, not the wall clock: the simulation drives it, and the observation changes
+        // nothing that is flushed.
+        let started = tokio::time::Instant::now();
         let (ticket, result) = match shared.io {
             IoMode::Inline => {
                 let r = ticket.run();
@@ -530,6 +554,11 @@ async fn flush_all(shared: &Arc<Shared>) {
                 }
             }
         };
+        if result.is_ok()
+            && let Some(observer) = shared.flush_observer.get()
+        {
+            observer.flushed(ticket.bytes(), started.elapsed());
+        }
         let durable = lock(&shared.log).complete_flush(ticket, result).map_err(|e| e.to_string());
         let failed = durable.is_err();
         shared.complete_waiters(durable);

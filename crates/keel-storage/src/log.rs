@@ -176,6 +176,8 @@ pub struct FlushTicket {
     data_end: u64,
     target: LogPosition,
     generation: u64,
+    /// Where the segment's durable data ended when the flush began.
+    durable_data_end: u64,
 }
 
 impl FlushTicket {
@@ -187,6 +189,11 @@ impl FlushTicket {
     /// The position that will be durable once this flush completes.
     pub fn target(&self) -> LogPosition {
         self.target
+    }
+
+    /// Bytes of log data this flush makes durable (what was written since the last flush).
+    pub fn bytes(&self) -> u64 {
+        self.data_end.saturating_sub(self.durable_data_end)
     }
 }
 
@@ -599,6 +606,7 @@ impl SegmentLog {
             data_end: seg.data_end,
             target: seg.end,
             generation,
+            durable_data_end: seg.durable_data_end,
         }))
     }
 
