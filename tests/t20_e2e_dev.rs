@@ -20,19 +20,18 @@ use serde_json::Value;
 /// 30-32, 36 and 40-42, and a user's own `keel dev` 127.0.0.1.
 const IP: &str = "127.0.0.50";
 
-/// A port P with P, P+1 and P+2 free on `IP` (`keel dev` puts node N on port + N - 1).
+/// A port P with P, P+1 and P+2 free on `IP` (`keel dev` puts node N on port + N - 1), and the
+/// same 100 above (node N's metrics listener, by default).
 fn free_ports() -> u16 {
     for _ in 0..100 {
         let first = std::net::TcpListener::bind((IP, 0)).unwrap();
         let port = first.local_addr().unwrap().port();
-        if port <= u16::MAX - 2
-            && std::net::TcpListener::bind((IP, port + 1)).is_ok()
-            && std::net::TcpListener::bind((IP, port + 2)).is_ok()
-        {
+        let free = |p: u16| std::net::TcpListener::bind((IP, p)).is_ok();
+        if port <= u16::MAX - 102 && [1, 2, 100, 101, 102].iter().all(|d| free(port + d)) {
             return port;
         }
     }
-    panic!("no three consecutive free ports on {IP}");
+    panic!("no three consecutive free ports (and their metrics ports) on {IP}");
 }
 
 /// Runs `keel dev <args> --dir <dir>` to its end, within `within`.
