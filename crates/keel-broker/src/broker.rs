@@ -1384,7 +1384,7 @@ fn too_large(size: usize, limit: usize) -> Status {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
@@ -1398,6 +1398,11 @@ mod tests {
 
     /// One node that is its own controller, serving nothing over the network (it needs none).
     async fn single_node(dir: &std::path::Path) -> Broker {
+        single_node_on(dir, Arc::new(keel_storage::FileDisk::new())).await
+    }
+
+    /// [`single_node`] on the given disk.
+    pub(crate) async fn single_node_on(dir: &std::path::Path, disk: Arc<dyn Disk>) -> Broker {
         let addr = "127.0.0.1:1".to_owned();
         let config = BrokerConfig {
             node_id: 1,
@@ -1413,7 +1418,6 @@ mod tests {
             groups: Default::default(),
             seed: 1,
         };
-        let disk = Arc::new(keel_storage::FileDisk::new());
         let broker = Broker::start(config, disk, Arc::new(keel_raft::TcpConnector::default()), Arc::new(FixedClock))
             .await
             .unwrap();

@@ -484,3 +484,195 @@ fn widen<E>(e: RunError<std::convert::Infallible>) -> RunError<E> {
         RunError::TooLarge(m) => RunError::TooLarge(m),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+    use std::sync::Condvar;
+
+    use keel_coordinator::ReplayError;
+    use keel_storage::{Disk, DiskFile, FileDisk};
+
+    use super::*;
+    use crate::broker::tests::single_node_on;
+
+    /// Holds every file flush while closed.
+    #[derive(Debug, Default)]
+    struct Gate {
+        closed: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        fn set(&self, closed: bool) {
+            *lock(&self.closed) = closed;
+            self.opened.notify_all();
+        }
+
+        fn pass(&self) {
+            let mut closed = lock(&self.closed);
+            while *closed {
+                closed = self.opened.wait(closed).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// A real disk whose flushes wait at the gate: an append then stays uncommitted for as long
+    /// as the test wants.
+    #[derive(Debug)]
+    struct GatedDisk {
+        inner: FileDisk,
+        gate: Arc<Gate>,
+    }
+
+    #[derive(Debug)]
+    struct GatedFile {
+        inner: Arc<dyn DiskFile>,
+        gate: Arc<Gate>,
+    }
+
+    impl GatedDisk {
+        fn wrap(&self, file: Arc<dyn DiskFile>) -> Arc<dyn DiskFile> {
+            Arc::new(GatedFile { inner: file, gate: Arc::clone(&self.gate) })
+        }
+    }
+
+    impl Disk for GatedDisk {
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            self.inner.create_dir_all(dir)
+        }
+        fn create(&self, path: &Path) -> std::io::Result<Arc<dyn DiskFile>> {
+            self.inner.create(path).map(|f| self.wrap(f))
+        }
+        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn DiskFile>> {
+            self.inner.open(path).map(|f| self.wrap(f))
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            self.inner.remove(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.inner.rename(from, to)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            self.inner.list(dir)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            self.inner.sync_dir(dir)
+        }
+        fn exists(&self, path: &Path) -> std::io::Result<bool> {
+            self.inner.exists(path)
+        }
+    }
+
+    impl DiskFile for GatedFile {
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn preallocate(&self, len: u64) -> std::io::Result<()> {
+            self.inner.preallocate(len)
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
+            self.inner.read(offset, len)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write(offset, data)
+        }
+        fn flush(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.gate.pass();
+            self.inner.flush(offset, len)
+        }
+    }
+
+    /// Counts the records replayed.
+    #[derive(Debug, Default)]
+    struct Count(u64);
+
+    impl Shard for Count {
+        fn replay(&mut self, _offset: u64, _record: &Record) -> Result<(), ReplayError> {
+            self.0 += 1;
+            Ok(())
+        }
+        fn keys(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn live_records(&self, _key: &str) -> Vec<Record> {
+            Vec::new()
+        }
+    }
+
+    fn one_record() -> Result<(Vec<Record>, ()), ()> {
+        Ok((vec![Record { key: b"k".to_vec(), value: Some(b"v".to_vec()) }], ()))
+    }
+
+    /// An operation whose caller goes away while its record is still committing (held at the
+    /// flush), then a second operation on the same key. Returns what the second one read if it
+    /// ran before the first's record committed — the bug — and `None` if it waited (it then
+    /// must read the record).
+    async fn second_op_reads_early(faults: CoordinatorFaults) -> Option<u64> {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let broker =
+            single_node_on(dir.path(), Arc::new(GatedDisk { inner: FileDisk::new(), gate: Arc::clone(&gate) })).await;
+        let inner = Arc::clone(&broker.inner);
+        let topic = inner.create_topic("t".into(), 1, 1, Default::default()).await.unwrap();
+        let group = topic.partitions[0].group;
+        // The partition opens after its creation commits; a runtime starts on an open one.
+        for _ in 0..200 {
+            if inner.node.store(group).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let runtime = Arc::new(Runtime::<Count>::new(
+            group,
+            Arc::clone(&inner.node),
+            Arc::clone(&inner.clock),
+            Duration::from_secs(5),
+            faults,
+        ));
+        tokio::spawn(Arc::clone(&runtime).replay_loop());
+        tokio::spawn(Arc::clone(&runtime).leadership_loop());
+        let mut active = runtime.active();
+        tokio::time::timeout(Duration::from_secs(20), active.wait_for(Option::is_some)).await.unwrap().unwrap();
+        runtime.run("k", |_| one_record()).await.map_err(|e| format!("{e:?}")).unwrap();
+        assert_eq!(runtime.read(|s| s.0), 1);
+
+        gate.set(true);
+        let cancelled = tokio::time::timeout(Duration::from_millis(300), runtime.run("k", |_| one_record())).await;
+        assert!(cancelled.is_err(), "the first operation cannot finish while its flush is held");
+        let second = tokio::spawn({
+            let runtime = Arc::clone(&runtime);
+            async move { runtime.run("k", |s: &Count| Ok::<_, ()>((Vec::new(), s.0))).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let early = second.is_finished();
+        gate.set(false);
+        let read = second.await.unwrap().map_err(|e| format!("{e:?}")).unwrap();
+        broker.shutdown().await;
+        if early {
+            return Some(read);
+        }
+        assert_eq!(read, 2, "the second operation waited for the first's record and reads it");
+        None
+    }
+
+    /// A caller that goes away mid-append keeps the key locked until its records' outcome is
+    /// known (the bug of seeds 108, 109 and 110, found by the simulation).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_operation_keeps_its_key_until_its_records_commit() {
+        assert_eq!(second_op_reads_early(CoordinatorFaults::default()).await, None);
+    }
+
+    /// Negative control: with the lock released on cancel, the second operation reads a state
+    /// without the record that is still committing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn negative_control_a_lock_released_on_cancel_lets_the_next_operation_read_early() {
+        let faults = CoordinatorFaults { unlock_on_cancel: true, ..CoordinatorFaults::default() };
+        assert_eq!(second_op_reads_early(faults).await, Some(1));
+    }
+}
