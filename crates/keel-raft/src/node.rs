@@ -454,6 +454,15 @@ impl RaftNode {
         let ready = |m: &crate::types::Metrics| {
             m.current_leader != Some(me) || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
         };
+        {
+            // The common case, a settled leader, is read in place: no copy of the metrics and
+            // no waiter per batch.
+            let now = raft.metrics();
+            let m = now.borrow_watched();
+            if m.current_leader == Some(me) && ready(&m) && self.leader_in(&m) == Some(me) {
+                return Ok(());
+            }
+        }
         let metrics = raft
             .wait(Some(self.config.append_timeout))
             .metrics(ready, "an entry of the leader's term applied")
