@@ -870,15 +870,23 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
 fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u64, String> {
     let mut duplicates = 0;
     let mut high_watermarks = BTreeMap::new();
+    let mut producer_ids = BTreeMap::new();
     for (&partition, &group) in &state.groups {
         let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
+        let mut stamped = Vec::new();
         let holders = state.replicas.get(&group).cloned().unwrap_or_default();
         for (id, (_, broker)) in registry.iter().filter(|(id, _)| holders.contains(id)) {
-            let records = checker::read_committed(broker.raft_node(), group)
+            let records = checker::read_committed_stamped(broker.raft_node(), group)
                 .map_err(|e| format!("n{id} partition {partition} (group {group}): {e}"))?;
-            replicas.insert(*id, records);
+            if records.len() > stamped.len() {
+                stamped.clone_from(&records);
+            }
+            replicas.insert(*id, records.into_iter().map(|(o, v, _)| (o, v)).collect());
         }
         let longest = replicas.values().max_by_key(|r| r.len()).cloned().unwrap_or_default();
+        // InitProducerId gives each id once: ids shared by two producers collide in the leader's
+        // dedup (one producer's batch answered with the other's offsets).
+        checker::check_producer_ids_unique(partition, &stamped, &mut producer_ids)?;
         let ops: Vec<&Op> = state.history.iter().filter(|o| o.partition == partition).collect();
         // Every replica that has caught up must hold every acknowledged write (one that lags
         // merely lacks the newest records, which the other checks cover).

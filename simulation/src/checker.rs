@@ -110,6 +110,11 @@ fn holds(bytes: Bytes, offset: u64, value: &str) -> bool {
 
 /// Every committed record a node holds for a group, in offset order, from its log start.
 pub fn read_committed(node: &RaftNode, group: GroupId) -> Result<Records, String> {
+    Ok(read_committed_stamped(node, group)?.into_iter().map(|(offset, value, _)| (offset, value)).collect())
+}
+
+/// [`read_committed`] with each record's producer id (`None`: written without one).
+pub fn read_committed_stamped(node: &RaftNode, group: GroupId) -> Result<Vec<(u64, String, Option<i64>)>, String> {
     let store = node.store(group).map_err(|e| e.to_string())?;
     let (start, _, _) = store.positions();
     let high_watermark = *store.high_watermark().borrow();
@@ -124,14 +129,43 @@ pub fn read_committed(node: &RaftNode, group: GroupId) -> Result<Records, String
             if b.header().base_offset != next {
                 return Err(format!("offsets not dense: expected {next}, found {}", b.header().base_offset));
             }
+            let producer = Some(b.header().producer_id).filter(|id| *id >= 0);
             for r in b.records() {
                 let r = r.map_err(|e| e.to_string())?;
-                out.push((r.offset, text(r.value.as_deref())));
+                out.push((r.offset, text(r.value.as_deref()), producer));
             }
             next = b.header().next_offset();
         }
     }
     Ok(out)
+}
+
+/// Which producer wrote a value: the value up to its last `-` (`p3-17` -> `p3`; `final-2-0`
+/// -> `final-2`: the liveness phase writes with one producer).
+fn writer(value: &str) -> &str {
+    let writer = value.rsplit_once('-').map_or(value, |(w, _)| w);
+    if writer.starts_with("final-") { "final" } else { writer }
+}
+
+/// Every producer id belongs to one producer: `owners` (id -> the producer first seen with it,
+/// and where) collects them over every partition. An id handed out twice makes two producers'
+/// sequences collide, and the leader then answers one producer's batch with the other's offsets.
+pub fn check_producer_ids_unique(
+    partition: u64,
+    records: &[(u64, String, Option<i64>)],
+    owners: &mut BTreeMap<i64, (String, u64, u64)>,
+) -> Result<(), String> {
+    for (offset, value, producer) in records {
+        let Some(id) = producer else { continue };
+        let who = writer(value);
+        let (owner, p, o) = owners.entry(*id).or_insert_with(|| (who.to_owned(), partition, *offset));
+        if owner != who {
+            return Err(format!(
+                "producer id {id} was given to two producers: {owner} (partition {p} offset {o}) and {who} (partition {partition} offset {offset}, {value:?})"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A record value as the history writes it (values are ASCII; anything else is shown lossily).
@@ -290,5 +324,13 @@ mod tests {
         assert!(hw.observe(1, 1, 1, 5).is_none());
         assert!(hw.observe(1, 2, 1, 3).is_none(), "a new boot starts over");
         assert!(hw.observe(1, 2, 1, 2).is_some());
+        let stamped = |v: &[(&str, Option<i64>)]| -> Vec<(u64, String, Option<i64>)> {
+            v.iter().enumerate().map(|(i, (v, p))| (i as u64, (*v).to_owned(), *p)).collect()
+        };
+        let mut owners = BTreeMap::new();
+        let fine = stamped(&[("p1-0", Some(4)), ("p2-0", Some(5)), ("final-0-0", Some(6)), ("final-1-3", Some(6))]);
+        assert!(check_producer_ids_unique(0, &fine, &mut owners).is_ok());
+        assert!(check_producer_ids_unique(1, &stamped(&[("p1-1", Some(4)), ("x", None)]), &mut owners).is_ok());
+        assert!(check_producer_ids_unique(2, &stamped(&[("p3-0", Some(4))]), &mut owners).is_err(), "id 4 twice");
     }
 }

@@ -40,6 +40,8 @@ pub enum Workload {
     BrokerGroupUnlockOnCancel,
     /// The brokers with producers that are not idempotent: their retries write duplicates.
     BrokerNoIdempotence,
+    /// The brokers handing out the same producer ids on every node, without the controller.
+    BrokerProducerIdsReused,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -58,6 +60,7 @@ impl Workload {
             Workload::BrokerGroupNoFencing => "broker-group-no-fencing",
             Workload::BrokerGroupUnlockOnCancel => "broker-group-unlock-on-cancel",
             Workload::BrokerNoIdempotence => "broker-no-idempotence",
+            Workload::BrokerProducerIdsReused => "broker-producer-ids-reused",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -226,6 +229,16 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         }
         Workload::BrokerNoIdempotence => {
             let config = broker::BrokerSim { idempotence: false, ..broker::BrokerSim::default() };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerProducerIdsReused => {
+            // No other fault and a short run: the producers' first ids alone collide.
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { producer_ids_reused: true, ..Default::default() },
+                nemesis: false,
+                safety: std::time::Duration::from_secs(20),
+                ..broker::BrokerSim::default()
+            };
             broker::run_broker(seed, config, trace).err()
         }
         Workload::BrokerGroupUnlockOnCancel => {

@@ -49,6 +49,8 @@ enum WorkloadArg {
     BrokerGroupUnlockOnCancel,
     /// The negative control: producers without idempotence (their retries write duplicates).
     BrokerNoIdempotence,
+    /// The negative control: every node hands out the same producer ids.
+    BrokerProducerIdsReused,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -79,6 +81,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerGroupNoFencing => Workload::BrokerGroupNoFencing,
         WorkloadArg::BrokerGroupUnlockOnCancel => Workload::BrokerGroupUnlockOnCancel,
         WorkloadArg::BrokerNoIdempotence => Workload::BrokerNoIdempotence,
+        WorkloadArg::BrokerProducerIdsReused => Workload::BrokerProducerIdsReused,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

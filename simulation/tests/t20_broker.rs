@@ -100,3 +100,15 @@ fn without_idempotence_retries_write_duplicates() {
         assert!(violation.contains("appears at"), "seed {seed}: {violation:?}");
     }
 }
+
+/// The checker refuses a producer id seen with two producers: with every node handing out the
+/// same ids (no controller), the first seed that has two producers ask different nodes is caught.
+#[test]
+fn producer_ids_handed_out_twice_are_caught() {
+    let caught = (0..4u64).find_map(|seed| {
+        let violation = run(Workload::BrokerProducerIdsReused, seed).violation?;
+        Some((seed, violation))
+    });
+    let (seed, violation) = caught.expect("no seed of 0..4 caught the reused producer ids");
+    assert!(violation.contains("was given to two producers"), "seed {seed}: {violation}");
+}

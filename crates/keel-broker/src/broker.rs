@@ -671,6 +671,10 @@ impl Inner {
     pub(crate) async fn next_producer_id(&self) -> Result<i64, Status> {
         self.producer_ids
             .next(|| async {
+                if self.coordinator_faults.producer_ids_reused {
+                    // Negative control: every node, every time, the same block.
+                    return Ok(0..i64::from(PRODUCER_ID_BLOCK));
+                }
                 self.allocate_producer_ids(PRODUCER_ID_BLOCK, 0).await.map_err(|status| {
                     Status::unavailable(format!(
                         "node {} could not get producer ids from the metadata controller ({}: {}); retry",

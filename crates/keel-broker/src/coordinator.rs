@@ -45,6 +45,9 @@ pub struct CoordinatorFaults {
     /// Append in the caller's future, so a caller that goes away releases the key's lock while
     /// its records may still commit (the bug of seeds 108 and 110).
     pub unlock_on_cancel: bool,
+    /// Hand out producer ids from the same block on every node (0..1000, again and again),
+    /// without the controller: two producers get one id.
+    pub producer_ids_reused: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.
