@@ -38,6 +38,12 @@ use crate::metadata::{
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::producer_ids::{PRODUCER_ID_BLOCK, ProducerIds};
 
+/// The gRPC metadata key of a caller's request id, logged with every line of the call.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest request id taken from a caller; a longer one (or one with spaces or control
+/// characters) is replaced by the node's own.
+const REQUEST_ID_BYTES_MAX: usize = 64;
+
 /// The wall clock (record timestamps, retention): the only source of "now" in a broker.
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
@@ -259,9 +265,26 @@ impl Broker {
 
     /// A gRPC server with this node's connection limits, to serve [`Broker::router`] on.
     pub fn server(&self) -> tonic::transport::Server {
+        let node = self.inner.config.node_id;
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .max_concurrent_streams(self.inner.config.limits.streams_per_connection_max)
+            // One span per call, around the service's own (topic, partition, ...): every log
+            // line of a call names the call, so one request is followed through a node's log
+            // (and across nodes, when the client sends its own `x-request-id`).
+            .trace_fn(move |request| {
+                let n = requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = request
+                    .headers()
+                    .get(REQUEST_ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| {
+                        !v.is_empty() && v.len() <= REQUEST_ID_BYTES_MAX && v.chars().all(|c| c.is_ascii_graphic())
+                    })
+                    .map_or_else(|| format!("n{node}-{n}"), str::to_owned);
+                info_span!("rpc", method = request.uri().path(), request_id = %id)
+            })
     }
 
     /// Begins to stop: open Subscribe streams end (UNAVAILABLE, so consumers go elsewhere) and

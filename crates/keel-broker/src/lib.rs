@@ -24,7 +24,7 @@ pub mod producer_ids;
 pub mod service;
 pub mod size_status;
 
-pub use broker::{Broker, Clock, StorageMode};
+pub use broker::{Broker, Clock, REQUEST_ID_HEADER, StorageMode};
 pub use config::{BrokerConfig, GroupSettings, Identity, Limits};
 pub use coordinator::CoordinatorFaults;
 pub use error::BrokerError;
