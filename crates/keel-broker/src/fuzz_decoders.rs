@@ -57,6 +57,18 @@ fn seeds() -> Vec<Vec<u8>> {
         // Applies to a fresh cluster (ids start at 0); the other is refused there.
         Command::AllocateProducerIds { first: 0, count: 1000 },
         Command::AllocateProducerIds { first: i64::MAX - 100_000, count: 100_000 },
+        Command::InitProducerIdentity {
+            identity: "orders-writer".into(),
+            previous: None,
+            next: crate::metadata::ProducerEpoch { producer_id: 1000, epoch: 0 },
+            request_token: 42,
+        },
+        Command::InitProducerIdentity {
+            identity: "orders-writer".into(),
+            previous: Some(crate::metadata::ProducerEpoch { producer_id: 1000, epoch: 0 }),
+            next: crate::metadata::ProducerEpoch { producer_id: 1000, epoch: 1 },
+            request_token: 0,
+        },
     ];
     let mut seeds: Vec<Vec<u8>> = commands.iter().map(encode_command).collect();
     // A record written before `partitions_before` existed.

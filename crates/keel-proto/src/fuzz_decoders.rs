@@ -130,6 +130,7 @@ requests!(
     DescribeTopicRequest,
     AddPartitionsRequest,
     DescribeClusterRequest,
+    AuditPartitionRequest,
     FindCoordinatorRequest,
     HeartbeatRequest,
     CommitOffsetsRequest,
@@ -189,6 +190,12 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         }),
         enc(pb::ProduceRequest { topic: "t".into(), batch: Bytes::from(vec![1u8; 80]), ..Default::default() }),
         enc(pb::InitProducerIdRequest::default()),
+        enc(pb::InitProducerIdRequest {
+            producer_identity: Some("orders-writer".into()),
+            producer_id: Some(1000),
+            producer_epoch: Some(3),
+            request_token: u64::MAX,
+        }),
         enc(pb::FetchRequest {
             topic: "t".into(),
             partition: 2,
@@ -215,6 +222,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         enc(pb::DescribeTopicRequest { name: "t".into() }),
         enc(pb::AddPartitionsRequest { name: "t".into(), count: 2, target_total: 5 }),
         enc(pb::DescribeClusterRequest {}),
+        enc(pb::AuditPartitionRequest { topic: "t".into(), partition: 2, from_offset: Some(7), max_records: 1000 }),
         enc(pb::FindCoordinatorRequest { group: "g".into() }),
         enc(pb::HeartbeatRequest {
             group: "g".into(),
