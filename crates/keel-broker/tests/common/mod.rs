@@ -46,17 +46,6 @@ pub async fn start_faulty(
     tweak: impl Fn(&mut BrokerConfig),
     coordinator: keel_broker::CoordinatorFaults,
 ) -> Cluster {
-    start_clocked(nodes, voters, tweak, coordinator, Arc::new(FixedClock)).await
-}
-
-/// [`start_faulty`] with every node reading wall-clock time from `clock`.
-pub async fn start_clocked(
-    nodes: u64,
-    voters: u64,
-    tweak: impl Fn(&mut BrokerConfig),
-    coordinator: keel_broker::CoordinatorFaults,
-    clock: Arc<dyn Clock>,
-) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut listeners = Vec::new();
     for _ in 0..nodes {
@@ -90,7 +79,7 @@ pub async fn start_clocked(
             storage,
             Arc::new(FileDisk::new()),
             Arc::new(TcpConnector::default()),
-            Arc::clone(&clock),
+            Arc::new(FixedClock),
         )
         .await
         .unwrap();
