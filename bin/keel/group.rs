@@ -346,16 +346,22 @@ async fn describe(groups: &GroupAdmin, group: &str, output: Output) -> anyhow::R
                     "log_end_offset": p.log_end_offset,
                     "lag_records": p.lag_records,
                     "lag_seconds": p.lag_seconds,
+                    "status": (!p.status.is_empty()).then_some(&p.status),
+                    "last_commit_timestamp_ms": p.last_commit_timestamp_ms,
+                    "window_commits": p.window_commits,
                     "member_id": (!p.member_id.is_empty()).then_some(&p.member_id),
                 })).collect::<Vec<_>>(),
                 "total_lag_records": d.total_lag_records,
+                "max_lag_seconds": d.max_lag_seconds,
+                "status": (!d.status.is_empty()).then_some(&d.status),
             })
         ),
         Output::Text => {
             println!(
-                "group {}: {}, epoch {}, assignor {}, coordinator node {}",
+                "group {}: {}, status {}, epoch {}, assignor {}, coordinator node {}",
                 d.group,
                 d.state,
+                or_dash(&d.status),
                 d.group_epoch,
                 or_dash(&d.assignor),
                 d.coordinator_id
@@ -383,7 +389,7 @@ async fn describe(groups: &GroupAdmin, group: &str, output: Output) -> anyhow::R
                 return Ok(());
             }
             let mut t = table();
-            t.set_header(["topic", "partition", "committed", "log end", "lag", "lag (s)", "owner"]);
+            t.set_header(["topic", "partition", "committed", "log end", "lag", "lag (s)", "status", "owner"]);
             for p in &d.partitions {
                 t.add_row([
                     p.topic.clone(),
@@ -392,11 +398,13 @@ async fn describe(groups: &GroupAdmin, group: &str, output: Output) -> anyhow::R
                     p.log_end_offset.to_string(),
                     p.lag_records.to_string(),
                     p.lag_seconds.map_or("?".into(), |s| format!("{s:.1}")),
+                    or_dash(&p.status),
                     or_dash(&p.member_id),
                 ]);
             }
             println!("{t}");
-            println!("total lag: {} records", d.total_lag_records);
+            let oldest = d.max_lag_seconds.map_or(String::new(), |s| format!(", oldest waiting {s:.1} s"));
+            println!("total lag: {} records{oldest}; status {}", d.total_lag_records, or_dash(&d.status));
         }
     }
     Ok(())

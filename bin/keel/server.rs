@@ -99,6 +99,12 @@ struct FileConfig {
     commit_metadata_bytes_max: Option<usize>,
     /// The longest session timeout a group member may ask for.
     group_session_timeout_ms_max: Option<u32>,
+    /// Commits per (group, partition) the consumer status is judged over.
+    group_lag_window_commits: Option<usize>,
+    /// (group, partition) commit windows kept per `__consumer_offsets` partition.
+    group_lag_partitions_max: Option<usize>,
+    /// Silence (with records waiting) after which a consumer is STOP.
+    group_lag_stop_ms: Option<i64>,
 }
 
 /// Parses `1@host:port,2@host:port`.
@@ -237,6 +243,24 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     }
     if let Some(ms) = file.group_session_timeout_ms_max {
         groups.limits.session_timeout_ms_max = ms.max(groups.limits.session_timeout_ms_min);
+    }
+    if let Some(n) = file.group_lag_window_commits {
+        if !(2..=100).contains(&n) {
+            anyhow::bail!("group_lag_window_commits must be 2 to 100 (got {n})");
+        }
+        groups.lag_limits.window_commits = n;
+    }
+    if let Some(n) = file.group_lag_partitions_max {
+        if n == 0 {
+            anyhow::bail!("group_lag_partitions_max must be at least 1");
+        }
+        groups.lag_limits.tracked_max = n;
+    }
+    if let Some(ms) = file.group_lag_stop_ms {
+        if ms < 1_000 {
+            anyhow::bail!("group_lag_stop_ms must be at least 1000 (got {ms})");
+        }
+        groups.lag_stop_ms = ms;
     }
     let config = BrokerConfig {
         node_id,

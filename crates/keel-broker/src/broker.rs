@@ -94,6 +94,8 @@ pub(crate) struct Inner {
     /// The highest high watermark seen per partition (they only grow): commits are checked
     /// against it without asking the partition's replicas each time.
     pub(crate) high_watermarks: Mutex<BTreeMap<GroupId, u64>>,
+    /// Timestamps of the records consumer groups wait on, for their lag in seconds.
+    pub(crate) lag_timestamps: Mutex<crate::lag::TimestampCache>,
     /// Bytes of produce requests waiting for their commit, node-wide (`in_flight_bytes_max`).
     pub(crate) in_flight_bytes: ByteBudget,
     /// Bytes fetched for Subscribe streams and not yet taken by their clients.
@@ -197,6 +199,7 @@ impl Broker {
             groups: Mutex::new(BTreeMap::new()),
             coordinator_faults: storage.coordinator,
             high_watermarks: Mutex::new(BTreeMap::new()),
+            lag_timestamps: Mutex::new(crate::lag::TimestampCache::default()),
             in_flight_bytes: ByteBudget::new(limits.in_flight_bytes_max),
             subscribe_buffer: Arc::new(Semaphore::new(limits.subscribe_buffer_bytes_max.min(Semaphore::MAX_PERMITS))),
             subscribes: Mutex::new(BTreeMap::new()),
@@ -248,8 +251,16 @@ impl Broker {
     }
 
     /// The node's metrics in the Prometheus (OpenMetrics) text format, state gauges as of now.
-    pub fn metrics_text(&self) -> Result<String, BrokerError> {
-        self.inner.metrics.encode(&self.inner).map_err(|e| BrokerError::Config(format!("encoding metrics: {e}")))
+    /// A node that coordinates consumer groups first asks every node for high watermarks (and
+    /// reads the timestamps their lag in seconds needs), so the scrape may take up to that
+    /// question's deadline.
+    pub async fn metrics_text(&self) -> Result<String, BrokerError> {
+        let api = crate::service::Api { inner: Arc::clone(&self.inner) };
+        let groups = api.coordinated_lags().await;
+        self.inner
+            .metrics
+            .encode(&self.inner, &groups)
+            .map_err(|e| BrokerError::Config(format!("encoding metrics: {e}")))
     }
 
     /// Serves `GET /metrics` on `listener` until the node stops (README, "Metrics").

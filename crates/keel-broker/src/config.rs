@@ -132,6 +132,12 @@ pub struct GroupSettings {
     pub offsets_compact_bytes: u64,
     /// Bounds of what clients can make a coordinator hold.
     pub limits: keel_coordinator::groups::GroupLimits,
+    /// Commits kept per (group, partition) for the consumer status, and how many such windows
+    /// a coordinator partition keeps (README, "Consumer lag and status").
+    pub lag_limits: keel_coordinator::groups::LagLimits,
+    /// A consumer silent this long (and longer than its window took) with records waiting is
+    /// STOP.
+    pub lag_stop_ms: i64,
 }
 
 impl Default for GroupSettings {
@@ -142,6 +148,8 @@ impl Default for GroupSettings {
             maintenance_interval: Duration::from_secs(60),
             offsets_compact_bytes: 64 << 20,
             limits: keel_coordinator::groups::GroupLimits::default(),
+            lag_limits: keel_coordinator::groups::LagLimits::default(),
+            lag_stop_ms: 60_000,
         }
     }
 }

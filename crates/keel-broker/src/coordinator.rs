@@ -73,6 +73,8 @@ pub struct Runtime<S: Shard> {
     clock: Arc<dyn Clock>,
     append_timeout: Duration,
     faults: CoordinatorFaults,
+    /// An empty shard with this node's settings (a replay from the log start begins with one).
+    fresh: Box<dyn Fn() -> S + Send + Sync>,
     state: Mutex<S>,
     /// The next offset to replay: every committed record below it is in `state`.
     applied: watch::Sender<u64>,
@@ -98,8 +100,10 @@ impl<S: Shard> Runtime<S> {
         clock: Arc<dyn Clock>,
         append_timeout: Duration,
         faults: CoordinatorFaults,
+        fresh: impl Fn() -> S + Send + Sync + 'static,
     ) -> Runtime<S> {
         let me = node.id();
+        let state = Mutex::new(fresh());
         Runtime {
             raft_group,
             node,
@@ -107,7 +111,8 @@ impl<S: Shard> Runtime<S> {
             clock,
             append_timeout,
             faults,
-            state: Mutex::new(S::default()),
+            fresh: Box::new(fresh),
+            state,
             applied: watch::channel(0).0,
             active: watch::channel(None).0,
             locks: Mutex::new(BTreeMap::new()),
@@ -306,7 +311,7 @@ impl<S: Shard> Runtime<S> {
                         let (start, _, _) = store.positions();
                         if start.offset > next {
                             info!(group = self.raft_group, from = start.offset, "replaying from the new log start");
-                            *lock(&self.state) = S::default();
+                            *lock(&self.state) = (self.fresh)();
                             self.since_compaction.store(0, Ordering::Relaxed);
                             self.applied.send_replace(start.offset);
                             continue;

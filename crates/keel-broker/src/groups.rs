@@ -131,6 +131,7 @@ impl Inner {
                 continue;
             }
             let partition = partition as u32;
+            let lag_limits = self.config.groups.lag_limits;
             if lock(&self.groups).contains_key(&partition) {
                 continue;
             }
@@ -140,6 +141,7 @@ impl Inner {
                 Arc::clone(&self.clock),
                 self.config.append_timeout,
                 self.coordinator_faults,
+                move || Groups::with_lag_limits(lag_limits),
             ));
             let coordinator =
                 Arc::new(GroupCoordinator { runtime: Arc::clone(&runtime), clocks: Mutex::new(BTreeMap::new()) });

@@ -16,12 +16,11 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::coordinator::RunError;
 use crate::error::DOMAIN;
 use crate::groups::{GroupCoordinator, encode, offsets_group};
+use crate::lag::{TIMESTAMP_READS_MAX, group_partitions, windows};
 use crate::service::Api;
 
 /// Deadline of a question to another node (ListGroups fan-out, high watermarks).
 const PEER_DEADLINE: Duration = Duration::from_secs(2);
-/// At most this many partitions get their lag in seconds measured per DescribeGroup.
-const LAG_SECONDS_PARTITIONS_MAX: usize = 1_000;
 
 fn reason_status(code: Code, reason: &str, message: String, metadata: BTreeMap<String, String>) -> Status {
     let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
@@ -411,55 +410,27 @@ impl pb::groups_server::Groups for Api {
             .read(|s: &Groups| s.get(&name).cloned())
             .ok_or_else(|| group_status(&GroupError::UnknownGroup(name.clone())))?;
         let meta = self.inner.metadata();
-        let mut tps: BTreeSet<Tp> = group.offsets.keys().cloned().collect();
-        for m in group.members.values() {
-            for t in &m.subscribed {
-                if let Some(topic) = meta.topics.get(t).filter(|t| !t.internal) {
-                    tps.extend((0..topic.partitions.len() as u32).map(|p| Tp::new(t.clone(), p)));
-                }
-            }
-        }
+        let tps = group_partitions(&group, &meta);
+        let windows = coordinator.runtime.read(|s: &Groups| windows(s, &name, &group, &tps));
         let (statuses, _) = self.gather(&meta).await;
-        let now_ms = self.inner.clock.now_ms();
-        let mut partitions = Vec::new();
-        let mut total = 0u64;
-        for (i, tp) in tps.iter().enumerate() {
-            let Ok(p) = meta.partition(&tp.topic, tp.partition) else { continue };
-            let view = statuses.get(&p.group);
-            let log_end = view.map_or(0, |v| v.high_watermark);
-            let log_start = view.map_or(0, |v| v.log_start_offset);
-            let committed = group.offsets.get(tp).map(|c| c.offset);
-            let from = committed.unwrap_or(log_start).max(log_start);
-            let lag = log_end.saturating_sub(from);
-            total = total.saturating_add(lag);
-            let lag_seconds = if lag == 0 {
-                Some(0.0)
-            } else if i < LAG_SECONDS_PARTITIONS_MAX {
-                let fetch = pb::FetchRequest {
-                    topic: tp.topic.clone(),
-                    partition: tp.partition,
-                    offset: from,
-                    max_bytes: 1,
-                    max_wait_ms: 0,
-                    format: pb::FetchFormat::Records as i32,
-                };
-                match self.fetch(fetch, 0, 0).await {
-                    Ok(r) => r.records.first().map(|rec| ((now_ms - rec.timestamp_ms).max(0) as f64) / 1000.0),
-                    Err(_) => None,
-                }
-            } else {
-                None
-            };
-            partitions.push(pb::PartitionLag {
-                topic: tp.topic.clone(),
-                partition: tp.partition,
-                committed_offset: committed,
-                log_end_offset: log_end,
-                lag_records: lag,
-                lag_seconds,
-                member_id: group.owner_of(tp).map(|m| m.member_id.clone()).unwrap_or_default(),
-            });
-        }
+        let mut reads = TIMESTAMP_READS_MAX;
+        let lag = self.group_lag(&group, &windows, &meta, &statuses, &mut reads).await;
+        let partitions = lag
+            .partitions
+            .iter()
+            .map(|p| pb::PartitionLag {
+                topic: p.tp.topic.clone(),
+                partition: p.tp.partition,
+                committed_offset: p.committed,
+                log_end_offset: p.log_end,
+                lag_records: p.lag_records,
+                lag_seconds: p.lag_seconds,
+                member_id: group.owner_of(&p.tp).map(|m| m.member_id.clone()).unwrap_or_default(),
+                status: p.status.name().to_owned(),
+                last_commit_timestamp_ms: p.last_commit_ms,
+                window_commits: p.window_commits as u32,
+            })
+            .collect();
         let members = group
             .members
             .values()
@@ -481,8 +452,10 @@ impl pb::groups_server::Groups for Api {
             assignor: group.meta.as_ref().map(|m| m.assignor.clone()).unwrap_or_default(),
             members,
             partitions,
-            total_lag_records: total,
+            total_lag_records: lag.total_lag_records,
             coordinator_id: self.inner.config.node_id,
+            status: lag.status.name().to_owned(),
+            max_lag_seconds: lag.max_lag_seconds,
         }))
     }
 

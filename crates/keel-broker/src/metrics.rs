@@ -26,7 +26,9 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::broker::Inner;
+use crate::lag::GroupLag;
 use crate::metadata::{META_GROUP, META_TOPIC};
+use crate::metrics_groups::GroupGauges;
 
 /// The content type of [`Metrics::encode`]'s output: prometheus-client writes OpenMetrics text,
 /// which Prometheus (and anything that reads its text format) parses.
@@ -120,6 +122,7 @@ pub struct Metrics {
     pub(crate) connections: Gauge,
     leadership_changes: Counter,
     state: StateGauges,
+    groups: GroupGauges,
     /// The raft term each hosted group was last seen in: leadership changes are counted as the
     /// terms that began since (each term is an election or a leader stepping down).
     terms: Mutex<BTreeMap<GroupId, u64>>,
@@ -187,6 +190,7 @@ impl Metrics {
             connections: Gauge::default(),
             leadership_changes: Counter::default(),
             state: StateGauges::default(),
+            groups: GroupGauges::default(),
             terms: Mutex::new(BTreeMap::new()),
         };
         let r = &mut registry;
@@ -358,6 +362,7 @@ impl Metrics {
             "Raft entries in the partition's log here not yet applied",
             m.state.partition_raft_apply_lag.clone(),
         );
+        m.groups.register(r);
         for api in Api::ALL {
             for (_, code) in CODES {
                 let _ = m.errors.get_or_create(&ErrorLabels { api: api.name(), code });
@@ -373,11 +378,13 @@ impl Metrics {
         self.errors.get_or_create(&ErrorLabels { api: api.name(), code }).inc();
     }
 
-    /// The exposition of every series, with the state gauges computed from `inner` now.
-    pub(crate) fn encode(&self, inner: &Inner) -> Result<String, std::fmt::Error> {
+    /// The exposition of every series, with the state gauges computed from `inner` now and the
+    /// consumer-group series from `groups` (the groups this node coordinates).
+    pub(crate) fn encode(&self, inner: &Inner, groups: &[(String, GroupLag)]) -> Result<String, std::fmt::Error> {
         // One scrape at a time: the state families are cleared and refilled.
         let mut terms = self.terms.lock().unwrap_or_else(|e| e.into_inner());
         self.refresh(inner, &mut terms);
+        self.groups.refresh(groups, self.partition_series_max);
         self.encode_registry()
     }
 
@@ -581,6 +588,23 @@ mod tests {
         ] {
             family.get_or_create(&p).set(1);
         }
+        let partition = crate::lag::PartitionLag {
+            tp: keel_coordinator::groups::Tp::new("orders", 0),
+            committed: Some(5),
+            log_end: 7,
+            lag_records: 2,
+            lag_seconds: Some(1.5),
+            status: keel_coordinator::groups::ConsumerStatus::Warn,
+            last_commit_ms: Some(0),
+            window_commits: 3,
+        };
+        let lag = GroupLag {
+            partitions: vec![partition],
+            total_lag_records: 2,
+            max_lag_seconds: Some(1.5),
+            status: keel_coordinator::groups::ConsumerStatus::Warn,
+        };
+        metrics.groups.refresh(&[("billing".to_owned(), lag)], 1_000);
         let text = metrics.encode_registry().unwrap();
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
         let mut names = BTreeSet::new();
@@ -655,8 +679,44 @@ mod tests {
             "keel_flush_bytes_sum",
             "keel_in_flight_max_bytes",
             "keel_connections",
+            "keel_groups_coordinated",
+            "keel_group_partition_series_exported",
         ] {
             assert!(names.contains(name), "{name} is not exported: {names:?}");
+        }
+    }
+
+    #[test]
+    fn group_partition_series_only_below_the_bound() {
+        use keel_coordinator::groups::{ConsumerStatus, Tp};
+        let partition = |p| crate::lag::PartitionLag {
+            tp: Tp::new("orders", p),
+            committed: None,
+            log_end: 1,
+            lag_records: 1,
+            lag_seconds: None,
+            status: ConsumerStatus::Ok,
+            last_commit_ms: None,
+            window_commits: 0,
+        };
+        let lag = GroupLag {
+            partitions: vec![partition(0), partition(1)],
+            total_lag_records: 2,
+            max_lag_seconds: None,
+            status: ConsumerStatus::Stall,
+        };
+        let metrics = Metrics::new(1, 2);
+        let groups = [("billing".to_owned(), lag)];
+        for (series_max, per_partition) in [(3, true), (2, false)] {
+            metrics.groups.refresh(&groups, series_max);
+            let text = metrics.encode_registry().unwrap();
+            assert!(text.contains("keel_group_lag_records{group=\"billing\"} 2"), "{text}");
+            assert!(text.contains("keel_group_status{group=\"billing\",status=\"STALL\"} 1"), "{text}");
+            assert!(text.contains("keel_group_status{group=\"billing\",status=\"OK\"} 0"), "{text}");
+            assert_eq!(text.contains("keel_group_partition_lag_records{"), per_partition, "{text}");
+            assert!(!text.contains("keel_group_partition_lag_seconds{"), "unknown ages are absent");
+            let exported = format!("keel_group_partition_series_exported {}", i64::from(per_partition));
+            assert!(text.contains(&exported), "{text}");
         }
     }
 

@@ -43,7 +43,7 @@ pub(crate) async fn serve(broker: Broker, listener: tokio::net::TcpListener) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let broker = broker.clone();
-                async move { Ok::<_, Infallible>(answer(&broker, &request)) }
+                async move { Ok::<_, Infallible>(answer(&broker, &request).await) }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
@@ -55,9 +55,9 @@ pub(crate) async fn serve(broker: Broker, listener: tokio::net::TcpListener) {
     }
 }
 
-fn answer(broker: &Broker, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(broker: &Broker, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => match broker.metrics_text() {
+        (&Method::GET | &Method::HEAD, "/metrics") => match broker.metrics_text().await {
             Ok(text) => reply(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", e.to_string()),
         },

@@ -453,7 +453,17 @@ impl Api {
                 }
             }
         });
-        merge(futures_util::future::join_all(calls).await)
+        let merged = merge(futures_util::future::join_all(calls).await);
+        // Every answer refreshes the high watermarks commits are stamped with, so the lag at
+        // each commit (what the consumer-status rules judge) is as fresh as the last describe
+        // or scrape even on a coordinator that hosts no replica of the partition.
+        let mut cache = inner.high_watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        for (group, view) in &merged.0 {
+            let hw = cache.entry(*group).or_insert(0);
+            *hw = (*hw).max(view.high_watermark);
+        }
+        drop(cache);
+        merged
     }
 }
 

@@ -79,6 +79,7 @@ fn seeds() -> Vec<GroupRecord> {
         commit_timestamp_ms: 1_700_000_000_000,
         member_id: "m-1".into(),
         member_epoch: 3,
+        high_watermark: Some(50),
     };
     vec![
         GroupRecord::Meta("g".into(), Some(meta)),

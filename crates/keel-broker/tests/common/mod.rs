@@ -46,6 +46,17 @@ pub async fn start_faulty(
     tweak: impl Fn(&mut BrokerConfig),
     coordinator: keel_broker::CoordinatorFaults,
 ) -> Cluster {
+    start_clocked(nodes, voters, tweak, coordinator, Arc::new(FixedClock)).await
+}
+
+/// [`start_faulty`] with every node reading wall-clock time from `clock`.
+pub async fn start_clocked(
+    nodes: u64,
+    voters: u64,
+    tweak: impl Fn(&mut BrokerConfig),
+    coordinator: keel_broker::CoordinatorFaults,
+    clock: Arc<dyn Clock>,
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut listeners = Vec::new();
     for _ in 0..nodes {
@@ -79,7 +90,7 @@ pub async fn start_faulty(
             storage,
             Arc::new(FileDisk::new()),
             Arc::new(TcpConnector::default()),
-            Arc::new(FixedClock),
+            Arc::clone(&clock),
         )
         .await
         .unwrap();

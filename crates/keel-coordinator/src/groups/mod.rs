@@ -10,11 +10,13 @@
 //! other member still owns. So no partition is ever owned by two members at once.
 
 pub mod assignor;
+pub mod lag;
 pub mod ops;
 pub mod records;
 
 use std::collections::BTreeMap;
 
+pub use lag::{CommitSample, ConsumerStatus, LagLimits, LagWindows, StatusRules, group_status, partition_status};
 pub use ops::{CommitInput, HeartbeatInput, HeartbeatOutput, Outcome, TopicsView};
 pub use records::{Committed, GroupMeta, GroupRecord, Member, Target, Tp};
 
@@ -291,13 +293,30 @@ impl Group {
 }
 
 /// Every group of one `__consumer_offsets` partition.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Groups {
     /// Groups by name.
     pub groups: BTreeMap<String, Group>,
+    /// Each group's recent commits per partition, fed by [`Shard::replay`].
+    pub lag: LagWindows,
 }
 
+/// Groups are equal when their state is: the lag windows are recent history, which a rewrite
+/// of the live records does not carry, so a rebuilt shard equals the one it was rebuilt from.
+impl PartialEq for Groups {
+    fn eq(&self, other: &Groups) -> bool {
+        self.groups == other.groups
+    }
+}
+
+impl Eq for Groups {}
+
 impl Groups {
+    /// No groups, with commit windows of these bounds.
+    pub fn with_lag_limits(limits: LagLimits) -> Groups {
+        Groups { groups: BTreeMap::new(), lag: LagWindows::new(limits) }
+    }
+
     /// Applies one decoded record.
     pub fn apply(&mut self, record: GroupRecord) {
         let name = record.group().to_owned();
@@ -332,6 +351,11 @@ impl Groups {
 impl Shard for Groups {
     fn replay(&mut self, offset: u64, record: &Record) -> Result<(), ReplayError> {
         let decoded = GroupRecord::decode(record).map_err(|reason| ReplayError { offset, reason })?;
+        match &decoded {
+            GroupRecord::Offset(g, tp, Some(c)) => self.lag.observe(offset, g, tp, CommitSample::of(c)),
+            GroupRecord::Offset(g, tp, None) => self.lag.forget(g, tp),
+            _ => {}
+        }
         self.apply(decoded);
         Ok(())
     }

@@ -460,6 +460,7 @@ impl Groups {
                         commit_timestamp_ms: now_ms,
                         member_id: input.member_id.clone(),
                         member_epoch: input.member_epoch,
+                        high_watermark: high_watermarks.get(tp).copied(),
                     },
                 );
             }
@@ -550,6 +551,7 @@ impl Groups {
                 commit_timestamp_ms: now_ms,
                 member_id: String::new(),
                 member_epoch: -1,
+                high_watermark: Some(high_watermark),
             };
             g.offsets.insert(tp.clone(), c.clone());
             response.push((tp.clone(), c));

@@ -125,6 +125,10 @@ pub struct Committed {
     /// The committing member's epoch.
     #[serde(default)]
     pub member_epoch: i32,
+    /// The partition's high watermark as the coordinator knew it at the commit (at least the
+    /// offset): the lag at each commit is what the consumer-status rules judge (`lag.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_watermark: Option<u64>,
 }
 
 /// What one record of a group sets.

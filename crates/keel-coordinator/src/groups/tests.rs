@@ -405,6 +405,40 @@ fn offsets_of_an_empty_group_expire_after_retention() {
 }
 
 #[test]
+fn replayed_commits_fill_the_lag_windows() {
+    let mut c = Coord::new(&[("t", 1)]);
+    let tp = Tp::new("t", 0);
+    let a = c.join("a", &["t"]);
+    for (offset, now_ms) in [(10, 1_000), (10, 2_000), (20, 3_000)] {
+        c.now_ms = now_ms;
+        commit(&mut c, "a", a.member_epoch, ("t", 0), offset).unwrap();
+    }
+    let sample = |offset, commit_ms| CommitSample { offset, commit_ms, high_watermark: Some(100) };
+    assert_eq!(c.state.lag.window("g", &tp), [sample(10, 1_000), sample(10, 2_000), sample(20, 3_000)]);
+    // A commit below the committed offset writes nothing, so the window does not see it.
+    commit(&mut c, "a", a.member_epoch, ("t", 0), 5).unwrap();
+    assert_eq!(c.state.lag.window("g", &tp).len(), 3);
+    // A reset moves back: the window shows the rewind.
+    c.hb(HeartbeatInput { group: "g".into(), member_id: "a".into(), member_epoch: -1, ..Default::default() }).unwrap();
+    let bounds = BTreeMap::from([(tp.clone(), (0, 100))]);
+    let out = c.state.reset_offsets("g", &[(tp.clone(), 5, String::new())], &c.topics, &bounds, &c.limits, 4_000);
+    c.append(&out.unwrap().records);
+    let window = c.state.lag.window("g", &tp);
+    assert_eq!(window.last(), Some(&sample(5, 4_000)));
+    let rules = StatusRules { window_commits: 10, stop_ms: 60_000 };
+    assert_eq!(partition_status(&window, 95, 4_500, &rules), ConsumerStatus::Rewind);
+    // A compaction's rewrite replays the latest commit again: not a new commit.
+    for r in c.group().live_records("g") {
+        c.append(&[r]);
+    }
+    assert_eq!(c.state.lag.window("g", &tp), window);
+    // Deleting the group forgets its windows.
+    let records = c.state.delete_group("g").unwrap();
+    c.append(&records);
+    assert_eq!(c.state.lag.tracked(), 0);
+}
+
+#[test]
 fn a_rewrite_of_live_records_replays_to_the_same_state() {
     let mut c = Coord::new(&[("t", 3), ("u", 2)]);
     let mut members = BTreeMap::new();
