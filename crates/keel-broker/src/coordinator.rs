@@ -642,6 +642,7 @@ mod tests {
             Arc::clone(&inner.clock),
             Duration::from_secs(5),
             faults,
+            Count::default,
         ));
         tokio::spawn(Arc::clone(&runtime).replay_loop());
         tokio::spawn(Arc::clone(&runtime).leadership_loop());
