@@ -21,6 +21,10 @@ struct Args {
     /// Print the history of every run as it happens, not only the end of failed ones.
     #[arg(long)]
     verbose: bool,
+    /// Run each seed twice in this process and report where the two histories first differ (a
+    /// replay must not depend on what ran before it, nor on how fast the machine is).
+    #[arg(long, conflicts_with = "verbose")]
+    twice: bool,
     /// Seeds run at once (each run is single-threaded); defaults to the number of cores.
     #[arg(long)]
     jobs: Option<usize>,
@@ -112,7 +116,23 @@ fn main() -> anyhow::Result<ExitCode> {
             }
         }
     };
-    if args.verbose {
+    let mut diverged = 0u64;
+    if args.twice {
+        for seed in seeds {
+            let mut histories = [Vec::new(), Vec::new()];
+            for history in &mut histories {
+                report_one(run_watching(workload, seed, 0, &mut |line| history.push(line.to_owned())));
+            }
+            let [a, b] = &histories;
+            if let Some((i, (x, y))) = a.iter().zip(b).enumerate().find(|(_, (x, y))| x != y) {
+                diverged += 1;
+                println!("seed {seed} replays differently: event {i} was\n    {x}\nand is\n    {y}");
+            } else if a.len() != b.len() {
+                diverged += 1;
+                println!("seed {seed} replays differently: {} events, then {}", a.len(), b.len());
+            }
+        }
+    } else if args.verbose {
         // One at a time, printed as it happens, so that a run that hangs shows where.
         for seed in seeds {
             report_one(run_watching(workload, seed, 12, &mut |line| println!("    {line}")));
@@ -121,6 +141,7 @@ fn main() -> anyhow::Result<ExitCode> {
         let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
         sweep(workload, seeds, jobs, &mut report_one);
     }
+    failed += diverged;
     println!("simulation: {passed} passed, {failed} failed");
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

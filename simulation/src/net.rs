@@ -17,6 +17,14 @@ pub const PORT: u16 = 9000;
 /// partition), so this only bounds how long a call waits on a cut link before it fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long h2 remembers a stream this side reset: "forever", so that only the count cap
+/// (`max_concurrent_reset_streams`) bounds it. h2 expires them on the *wall* clock (std
+/// `Instant`, below hyper's timer), after 1-5 s of real time that are 20-100 simulated seconds
+/// here: late frames for an expired stream then draw an extra RST, at a moment that depends on
+/// how fast the machine ran — the same seed replayed differently twice in one process. Servers
+/// cannot set it (hyper does not expose it); so far the client side was the one that mattered.
+const RESET_STREAM_MEMORY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// turmoil's TCP for tonic's client: dials `host:port` through the simulated network. It is both
 /// the raft peers' connector and the Keel client's.
 #[derive(Debug, Clone, Copy, Default)]
@@ -31,7 +39,10 @@ impl TurmoilConnector {
             let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         });
-        Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).connect_with_connector_lazy(connector))
+        Ok(endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_reset_stream_duration(RESET_STREAM_MEMORY)
+            .connect_with_connector_lazy(connector))
     }
 }
 

@@ -47,8 +47,10 @@ last events: {:#?}",
 #[test]
 fn same_seed_same_history() {
     // Twice in one process: a run must not depend on what ran before it (tokio's task ids, for
-    // one, are global to the process). Seed 7 runs five nodes.
-    for seed in [5, 7] {
+    // one, are global to the process) nor on how fast the machine runs it (h2 expired reset
+    // streams on the wall clock: seeds 0, 3 and 5 replayed differently until the simulated
+    // client kept them by count only, see `net.rs`). Seed 7 runs five nodes.
+    for seed in [0, 3, 5, 7] {
         let (a, b) = (run(Workload::Broker, seed), run(Workload::Broker, seed));
         assert_eq!(a.trace_hash, b.trace_hash, "seed {seed} replays identically");
         assert_eq!(a.events, b.events);
