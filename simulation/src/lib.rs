@@ -90,18 +90,23 @@ impl fmt::Display for RunReport {
 /// Runs every seed of `seeds` on `jobs` threads (each run is single-threaded and independent of
 /// the others), handing each report to `done` as it finishes, in the order they finish.
 pub fn sweep(workload: Workload, seeds: std::ops::Range<u64>, jobs: usize, done: &mut dyn FnMut(RunReport)) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let next = AtomicU64::new(seeds.start);
+    sweep_list(workload, &seeds.collect::<Vec<_>>(), jobs, done);
+}
+
+/// [`sweep`] over a list of seeds, which may name a seed more than once (each is a run of its
+/// own: how CI checks replays without a second pool).
+pub fn sweep_list(workload: Workload, seeds: &[u64], jobs: usize, done: &mut dyn FnMut(RunReport)) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel::<RunReport>();
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
-            let (tx, next, end) = (tx.clone(), &next, seeds.end);
+            let (tx, next) = (tx.clone(), &next);
             scope.spawn(move || {
                 loop {
-                    let seed = next.fetch_add(1, Ordering::Relaxed);
-                    if seed >= end {
+                    let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
-                    }
+                    };
                     // Named before it runs: should a run abort the process, the seed is on record.
                     eprintln!("running seed {seed}");
                     if tx.send(run(workload, seed)).is_err() {

@@ -3,22 +3,16 @@
 //! acknowledges before the flush must be caught losing writes when every node crashes).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-use keel_simulation::{Workload, failures, run};
+use keel_simulation::{Workload, run, sweep_list};
 
 /// Seeds run by `cargo test`, each a run of about two and a half simulated minutes (120 s of
 /// faults, then healing) with the consumer group's members and the compaction of
-/// `__consumer_offsets` (rewrites, not trims: see `broker_config`), on every core: ~8 s of one
+/// `__consumer_offsets` (rewrites, not trims: see `broker_config`), on every core: ~7 s of one
 /// core each in the test build (`target/debug/keel-simulation --workload broker --seeds 0..10
-/// --jobs 2`: 40-44 s on the 2-core machine), so the sweep takes 15-16 minutes of the 29 that
-/// `.ci/run` took from a fresh clone;
+/// --jobs 2`: ~40 s on the 2-core machine), so the sweep takes about 12 minutes of the ~33 that
+/// `.ci/run` takes from a fresh clone;
 /// `cargo run -p keel-simulation --release -- --workload broker --seeds 0..10000` sweeps more.
 const SEEDS: u64 = 200;
-
-#[test]
-fn broker_seeds_pass() {
-    let failures = failures(Workload::Broker, 0..SEEDS);
-    assert!(failures.is_empty(), "{} of {SEEDS} seeds failed:\n{}", failures.len(), failures.join("\n\n"));
-}
 
 /// Seeds that once failed, each for a bug since fixed: 0 hung (the producer spun after a retry's
 /// backoff and simulated time stopped), 13 read a record the producer had reported as failed (a
@@ -29,32 +23,44 @@ fn broker_seeds_pass() {
 /// lock while its records were still committing).
 /// Their histories were those of the 30-second runs with six kinds of fault; the runs have grown
 /// since (120 s, repeated leader isolation, five-node seeds), so these seeds now replay other
-/// histories and guard the fixes less directly than they did.
-#[test]
-fn pinned_seeds_pass() {
-    for seed in [0, 13, 679, 847, 108, 109, 110] {
-        let report = run(Workload::Broker, seed);
-        assert!(
-            report.violation.is_none(),
-            "{report}: {:?}
-last events: {:#?}",
-            report.violation,
-            report.tail
-        );
-    }
-}
+/// histories and guard the fixes less directly than they did. Those below `SEEDS` run in the sweep.
+const PINNED: [u64; 7] = [0, 13, 679, 847, 108, 109, 110];
 
+/// Seeds run twice in one process, which must replay identically: a run must not depend on what
+/// ran before it (tokio's task ids, for one, are global to the process) nor on how fast the
+/// machine runs it (h2 expired reset streams on the wall clock: 0, 3 and 5 replayed differently
+/// until the simulated client kept them by count only, see `net.rs`). Seed 7 runs five nodes.
+const REPLAYED: [u64; 4] = [0, 3, 5, 7];
+
+/// The sweep, the pinned seeds and the replays in one pool of runs on every core (one pool packs
+/// the cores better than three tests, and a seed the sweep runs needs no second run to pass).
 #[test]
-fn same_seed_same_history() {
-    // Twice in one process: a run must not depend on what ran before it (tokio's task ids, for
-    // one, are global to the process) nor on how fast the machine runs it (h2 expired reset
-    // streams on the wall clock: seeds 0, 3 and 5 replayed differently until the simulated
-    // client kept them by count only, see `net.rs`). Seed 7 runs five nodes.
-    for seed in [0, 3, 5, 7] {
-        let (a, b) = (run(Workload::Broker, seed), run(Workload::Broker, seed));
-        assert_eq!(a.trace_hash, b.trace_hash, "seed {seed} replays identically");
-        assert_eq!(a.events, b.events);
-        assert!(a.events > 300, "seed {seed}: a run records its history ({} events)", a.events);
+fn broker_seeds_pass_and_replay() {
+    let mut seeds: Vec<u64> = (0..SEEDS).collect();
+    seeds.extend(PINNED.iter().filter(|&&s| s >= SEEDS));
+    seeds.extend(REPLAYED);
+    let jobs = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut reports = Vec::new();
+    sweep_list(Workload::Broker, &seeds, jobs, &mut |report| reports.push(report));
+    let failures: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            let violation = r.violation.as_ref()?;
+            Some(format!(
+                "{r}: {violation}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload broker --seed {} --verbose",
+                r.tail, r.seed
+            ))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{} of {} runs failed:\n{}", failures.len(), seeds.len(), failures.join("\n\n"));
+    for seed in REPLAYED {
+        let runs: Vec<_> = reports.iter().filter(|r| r.seed == seed).map(|r| (r.trace_hash, r.events)).collect();
+        assert_eq!(runs.len(), 2, "seed {seed} ran twice");
+        assert_eq!(
+            runs[0], runs[1],
+            "seed {seed} replays identically (`keel-simulation --seed {seed} --twice` shows where not)"
+        );
+        assert!(runs[0].1 > 300, "seed {seed}: a run records its history ({} events)", runs[0].1);
     }
 }
 
