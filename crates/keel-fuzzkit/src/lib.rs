@@ -135,7 +135,7 @@ impl AllocBound {
 }
 
 /// The cases one target runs: `PROPTEST_CASES` when it is set (a longer campaign, e.g.
-/// `PROPTEST_CASES=100000 cargo test -p keel-record --test fuzz_decoders`), else `ci_cases`, the
+/// `PROPTEST_CASES=100000 cargo test -p keel-record fuzz_decoders`), else `ci_cases`, the
 /// share of CI's time budget the target was given.
 pub fn config(ci_cases: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(ci_cases);

@@ -1,6 +1,6 @@
 //! The `Disk` trait: the only door from Keel to files, so that the simulation can replace it.
 //!
-//! Contract (checked by the conformance suite in `tests/disk_conformance.rs` against both
+//! Contract (checked by the conformance suite in `tests/storage/disk_conformance.rs` against both
 //! implementations):
 //! - `write` changes what `read` returns at once, but nothing is durable until `flush` of a range
 //!   covering it returns `Ok`; a crash may drop any write that was not flushed, keep any subset of

@@ -2,7 +2,7 @@
 //! the files alone and read everything back.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

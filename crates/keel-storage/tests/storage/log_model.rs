@@ -2,7 +2,7 @@
 //! rolls, bounded reads, truncation, retention, reset and bad input.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-mod common;
+use crate::common;
 
 use common::{all_batches, batch, sim_log, small_config};
 use keel_storage::{LogConfig, LogPosition, SimDisk, StorageError};

@@ -6,7 +6,7 @@ use keel_storage::testing::{Sabotage, crash_workload, crash_workload_with};
 
 const SEEDS: u64 = 300;
 
-/// `CRASH_SEED=N cargo test -p keel-storage --test crash -- --nocapture` replays one seed with a
+/// `CRASH_SEED=N cargo test -p keel-storage --test storage crash:: -- --nocapture` replays one seed with a
 /// trace of every operation; `CRASH_SEEDS=N` sweeps more seeds than CI does.
 #[test]
 fn crash_recovery_keeps_every_durable_batch() {
@@ -20,7 +20,9 @@ fn crash_recovery_keeps_every_durable_batch() {
         match crash_workload(seed, &mut |_| {}) {
             Ok(stats) => crashes += stats.crashes,
             Err(violation) => {
-                panic!("{violation}\nreplay: CRASH_SEED={seed} cargo test -p keel-storage --test crash -- --nocapture")
+                panic!(
+                    "{violation}\nreplay: CRASH_SEED={seed} cargo test -p keel-storage --test storage crash:: -- --nocapture"
+                )
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Crashes with SimDisk (unflushed writes lost) and catch-up through a snapshot after retention.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 // Real processes run on real time.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The loopback address of this test's cluster: the other end-to-end tests use 127.0.0.20-22,
-/// 30-32, 36 and 40-42, and a user's own `keel dev` 127.0.0.1.
+/// The loopback address of this test's cluster: the other end-to-end tests (which run at once,
+/// in one binary) use 127.0.0.20-22, 30-32, 36, 40-42, 45, 48, 60-62 and 70-72, and a user's own
+/// `keel dev` 127.0.0.1.
 const IP: &str = "127.0.0.50";
 
 /// A port P with P, P+1 and P+2 free on `IP` (`keel dev` puts node N on port + N - 1), and the

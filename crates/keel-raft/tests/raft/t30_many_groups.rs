@@ -2,7 +2,7 @@
 //! takes a write, then the idle CPU cost of their heartbeats is measured and printed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

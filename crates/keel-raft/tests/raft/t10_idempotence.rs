@@ -3,7 +3,7 @@
 //! offsets and written once; a gap, an old epoch and a forgotten producer are refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fake;
+use crate::fake;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! RPC can carry (64 MiB) must still catch up; a leader that lost its quorum steps down.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

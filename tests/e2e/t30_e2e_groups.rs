@@ -8,7 +8,7 @@
 // Real processes run on real time.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
@@ -130,7 +130,7 @@ async fn eventually(within: Duration, mut done: impl AsyncFnMut() -> bool) -> bo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_consumers_survive_a_killed_member_and_a_killed_coordinator() {
-    let mut cluster = common::Cluster::start(3, 40).await;
+    let mut cluster = common::Cluster::start(3, 70).await;
     let admin = cluster.admin();
     admin.create_topic(TOPIC, PARTITIONS, 3, TopicConfig::default()).await.unwrap();
     common::wait_leaders(&admin, TOPIC).await;

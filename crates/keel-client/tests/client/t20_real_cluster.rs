@@ -1,5 +1,5 @@
 //! The client against a running Keel cluster named by `KEEL_BOOTSTRAP` (e.g. from `keel dev`):
-//! `KEEL_BOOTSTRAP=127.0.0.1:9091,... cargo test -p keel-client --test t20_real_cluster -- --ignored`.
+//! `KEEL_BOOTSTRAP=127.0.0.1:9091,... cargo test -p keel-client --test client t20_real_cluster -- --ignored`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

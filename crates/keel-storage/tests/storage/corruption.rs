@@ -3,7 +3,7 @@
 //! or refuse loudly with `Corrupt`, and must flag damage inside the durable part as `Corrupt`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

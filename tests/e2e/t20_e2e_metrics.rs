@@ -8,7 +8,7 @@
 // Real processes run on real time.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use common::{Cluster, sample, scrape};
 use keel_client::{Producer, ProducerConfig, ProducerRecord, TopicConfig};
 
 /// The loopback addresses of this test's cluster (127.0.0.60-62): the other end-to-end tests use
-/// 20-22, 30-32, 36, 40-42 and 50, and a user's own `keel dev` 127.0.0.1.
+/// 20-22, 30-32, 36, 40-42, 45, 48, 50 and 70-72, and a user's own `keel dev` 127.0.0.1.
 const FIRST_IP: u8 = 60;
 
 const RECORDS: u64 = 200;

@@ -1,0 +1,10 @@
+//! Brokers in this process on 127.0.0.x, driven through the gRPC API and the Rust client (one test
+//! binary; `t10_tracing` stays apart because it installs the process's global subscriber).
+
+#[path = "../common/mod.rs"]
+mod common;
+mod t10_api;
+mod t20_groups;
+mod t20_producer_ids;
+mod t30_group_consumer;
+mod t30_group_lag;
