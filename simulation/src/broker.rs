@@ -405,11 +405,22 @@ async fn producer_main(k: u64, seed: u64, until: Duration, state: Shared, disks:
     // Even producers have a stable identity, so that a partition that retires its sequence
     // (a delivery timeout) takes the identity's next epoch through the controller, under faults.
     let identity = k.is_multiple_of(2).then(|| format!("sim-producer-{k}"));
-    let producer = Producer::new(client_config(seed, nodes), producer_config(delivery_timeout, idempotence, identity))?;
+    // Producer 2's identity (the first) changes hands part-way (an application instance replaced while the
+    // old one still runs): a successor takes it over, and the old instance, a zombie now, keeps
+    // sending. The successor's epoch must fence the zombie wherever the successor has written.
+    let successor_at = (k == 2 && idempotence).then(|| until.mul_f64(rng.random_range(0.25..0.6)));
+    let config = |identity| producer_config(delivery_timeout, idempotence, identity);
+    let producer = Producer::new(client_config(seed, nodes), config(identity.clone()))?;
+    let mut successor: Option<Producer> = None;
     let mut unresolved = FuturesUnordered::new();
     for n in 0.. {
-        if turmoil::sim_elapsed().unwrap_or_default() >= until {
+        let now = turmoil::sim_elapsed().unwrap_or_default();
+        if now >= until {
             break;
+        }
+        if successor.is_none() && successor_at.is_some_and(|at| now >= at) {
+            log(&state, format!("producer {k}: p{k}.1 takes over its identity; p{k} is a zombie now"));
+            successor = Some(Producer::new(client_config(seed.wrapping_add(1), nodes), config(identity.clone()))?);
         }
         while unresolved.len() >= WINDOW {
             if let Some((index, result)) = unresolved.next().await {
@@ -417,10 +428,13 @@ async fn producer_main(k: u64, seed: u64, until: Duration, state: Shared, disks:
             }
         }
         let partition = rng.random_range(0..PARTITIONS);
-        let value = format!("p{k}-{n}");
+        let (sender, value) = match &successor {
+            Some(successor) if rng.random_bool(0.5) => (successor, format!("p{k}.1-{n}")),
+            _ => (&producer, format!("p{k}-{n}")),
+        };
         let index = invoke(&state, u64::from(partition), &value);
         let record = ProducerRecord::new(value.clone().into_bytes()).with_partition(partition);
-        match producer.send(TOPIC, record).await {
+        match sender.send(TOPIC, record).await {
             Ok(delivery) => unresolved.push(async move { (index, delivery.await) }),
             // Refused before it was queued: definitely not written.
             Err(e) => {
@@ -436,6 +450,9 @@ async fn producer_main(k: u64, seed: u64, until: Duration, state: Shared, disks:
         complete(&state, &disks, index, &result);
     }
     producer.close().await;
+    if let Some(successor) = successor {
+        successor.close().await;
+    }
     state.borrow_mut().producers_done += 1;
     Ok(())
 }
@@ -870,7 +887,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
 fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u64, String> {
     let mut duplicates = 0;
     let mut high_watermarks = BTreeMap::new();
-    let mut producer_ids = BTreeMap::new();
+    let mut producer_ids = checker::ProducerOwners::default();
     for (&partition, &group) in &state.groups {
         let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
         let mut stamped = Vec::new();

@@ -113,8 +113,12 @@ pub fn read_committed(node: &RaftNode, group: GroupId) -> Result<Records, String
     Ok(read_committed_stamped(node, group)?.into_iter().map(|(offset, value, _)| (offset, value)).collect())
 }
 
-/// [`read_committed`] with each record's producer id (`None`: written without one).
-pub fn read_committed_stamped(node: &RaftNode, group: GroupId) -> Result<Vec<(u64, String, Option<i64>)>, String> {
+/// A committed record: its offset, its value and the producer id and epoch of its batch (`None`:
+/// written without one).
+pub type Stamped = (u64, String, Option<(i64, i16)>);
+
+/// [`read_committed`] with each record's producer id and epoch.
+pub fn read_committed_stamped(node: &RaftNode, group: GroupId) -> Result<Vec<Stamped>, String> {
     let store = node.store(group).map_err(|e| e.to_string())?;
     let (start, _, _) = store.positions();
     let high_watermark = *store.high_watermark().borrow();
@@ -129,7 +133,7 @@ pub fn read_committed_stamped(node: &RaftNode, group: GroupId) -> Result<Vec<(u6
             if b.header().base_offset != next {
                 return Err(format!("offsets not dense: expected {next}, found {}", b.header().base_offset));
             }
-            let producer = Some(b.header().producer_id).filter(|id| *id >= 0);
+            let producer = Some((b.header().producer_id, b.header().producer_epoch)).filter(|(id, _)| *id >= 0);
             for r in b.records() {
                 let r = r.map_err(|e| e.to_string())?;
                 out.push((r.offset, text(r.value.as_deref()), producer));
@@ -140,30 +144,67 @@ pub fn read_committed_stamped(node: &RaftNode, group: GroupId) -> Result<Vec<(u6
     Ok(out)
 }
 
-/// Which producer wrote a value: the value up to its last `-` (`p3-17` -> `p3`; `final-2-0`
-/// -> `final-2`: the liveness phase writes with one producer).
+/// Which producer instance wrote a value: the value up to its last `-` (`p3-17` -> `p3`;
+/// `p0.1-4` -> `p0.1`, the successor of `p0`; `final-2-0` -> `final-2`: the liveness phase
+/// writes with one producer).
 fn writer(value: &str) -> &str {
     let writer = value.rsplit_once('-').map_or(value, |(w, _)| w);
     if writer.starts_with("final-") { "final" } else { writer }
 }
 
-/// Every producer id belongs to one producer: `owners` (id -> the producer first seen with it,
-/// and where) collects them over every partition. An id handed out twice makes two producers'
-/// sequences collide, and the leader then answers one producer's batch with the other's offsets.
+/// The identity an instance claims: instances `p0`, `p0.1`, `p0.2` are one identity, `p0`.
+fn identity(writer: &str) -> &str {
+    writer.split_once('.').map_or(writer, |(identity, _)| identity)
+}
+
+/// Who holds producer ids and epochs, collected over every partition's log by
+/// [`check_producer_ids_unique`]: where each was first seen, for the report.
+#[derive(Debug, Default)]
+pub struct ProducerOwners {
+    /// id -> the identity first seen with it, and where.
+    ids: BTreeMap<i64, (String, u64, u64)>,
+    /// (id, epoch) -> the instance first seen with it, and where.
+    epochs: BTreeMap<(i64, i16), (String, u64, u64)>,
+}
+
+/// Producer ids and epochs are never shared, and epochs only grow:
+/// - an id belongs to one identity (InitProducerId gives each fresh id once; an id shared by two
+///   producers makes their sequences collide, and the leader answers one producer's batch with
+///   the other's offsets);
+/// - an (id, epoch) belongs to one instance (a successor that takes over an identity gets a new
+///   epoch, or the zombie it replaces writes on as if it were the successor);
+/// - on each partition an id's epochs never go down in log order (a batch of an older epoch after
+///   a newer one is a zombie's write that the leader should have fenced).
 pub fn check_producer_ids_unique(
     partition: u64,
-    records: &[(u64, String, Option<i64>)],
-    owners: &mut BTreeMap<i64, (String, u64, u64)>,
+    records: &[Stamped],
+    owners: &mut ProducerOwners,
 ) -> Result<(), String> {
+    let mut latest: BTreeMap<i64, (i16, u64)> = BTreeMap::new();
     for (offset, value, producer) in records {
-        let Some(id) = producer else { continue };
-        let who = writer(value);
-        let (owner, p, o) = owners.entry(*id).or_insert_with(|| (who.to_owned(), partition, *offset));
+        let Some((id, epoch)) = *producer else { continue };
+        let instance = writer(value);
+        let who = identity(instance);
+        let (owner, p, o) = owners.ids.entry(id).or_insert_with(|| (who.to_owned(), partition, *offset));
         if owner != who {
             return Err(format!(
                 "producer id {id} was given to two producers: {owner} (partition {p} offset {o}) and {who} (partition {partition} offset {offset}, {value:?})"
             ));
         }
+        let (holder, p, o) =
+            owners.epochs.entry((id, epoch)).or_insert_with(|| (instance.to_owned(), partition, *offset));
+        if holder != instance {
+            return Err(format!(
+                "producer id {id} epoch {epoch} was held by two instances of {who}: {holder} (partition {p} offset {o}) and {instance} (partition {partition} offset {offset}, {value:?})"
+            ));
+        }
+        let (newest, at) = latest.entry(id).or_insert((epoch, *offset));
+        if epoch < *newest {
+            return Err(format!(
+                "a zombie's write was not fenced: partition {partition} offset {offset} ({value:?}) has producer id {id} epoch {epoch}, after epoch {newest} at offset {at}"
+            ));
+        }
+        (*newest, *at) = (epoch, *offset);
     }
     Ok(())
 }
@@ -324,13 +365,25 @@ mod tests {
         assert!(hw.observe(1, 1, 1, 5).is_none());
         assert!(hw.observe(1, 2, 1, 3).is_none(), "a new boot starts over");
         assert!(hw.observe(1, 2, 1, 2).is_some());
-        let stamped = |v: &[(&str, Option<i64>)]| -> Vec<(u64, String, Option<i64>)> {
+        let stamped = |v: &[(&str, Option<(i64, i16)>)]| -> Vec<Stamped> {
             v.iter().enumerate().map(|(i, (v, p))| (i as u64, (*v).to_owned(), *p)).collect()
         };
-        let mut owners = BTreeMap::new();
-        let fine = stamped(&[("p1-0", Some(4)), ("p2-0", Some(5)), ("final-0-0", Some(6)), ("final-1-3", Some(6))]);
+        let mut owners = ProducerOwners::default();
+        let fine = stamped(&[
+            ("p1-0", Some((4, 0))),
+            ("p2-0", Some((5, 0))),
+            ("final-0-0", Some((6, 0))),
+            ("final-1-3", Some((6, 0))),
+            ("p1.1-0", Some((4, 1))),
+        ]);
         assert!(check_producer_ids_unique(0, &fine, &mut owners).is_ok());
-        assert!(check_producer_ids_unique(1, &stamped(&[("p1-1", Some(4)), ("x", None)]), &mut owners).is_ok());
-        assert!(check_producer_ids_unique(2, &stamped(&[("p3-0", Some(4))]), &mut owners).is_err(), "id 4 twice");
+        let more = stamped(&[("p1-1", Some((4, 0))), ("x", None), ("p1.1-1", Some((4, 1)))]);
+        assert!(check_producer_ids_unique(1, &more, &mut owners).is_ok(), "epochs grow on each partition");
+        let other = stamped(&[("p3-0", Some((4, 0)))]);
+        assert!(check_producer_ids_unique(2, &other, &mut owners).unwrap_err().contains("two producers"));
+        let shared = stamped(&[("p1.2-0", Some((4, 1)))]);
+        assert!(check_producer_ids_unique(3, &shared, &mut owners).unwrap_err().contains("two instances"));
+        let zombie = stamped(&[("p1.1-2", Some((4, 1))), ("p1-2", Some((4, 0)))]);
+        assert!(check_producer_ids_unique(4, &zombie, &mut owners).unwrap_err().contains("not fenced"));
     }
 }

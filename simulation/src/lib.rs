@@ -42,6 +42,9 @@ pub enum Workload {
     BrokerNoIdempotence,
     /// The brokers handing out the same producer ids on every node, without the controller.
     BrokerProducerIdsReused,
+    /// The negative control: the controller answers a successor's claim of a producer identity
+    /// with the epoch its predecessor holds.
+    BrokerIdentityEpochReused,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -61,6 +64,7 @@ impl Workload {
             Workload::BrokerGroupUnlockOnCancel => "broker-group-unlock-on-cancel",
             Workload::BrokerNoIdempotence => "broker-no-idempotence",
             Workload::BrokerProducerIdsReused => "broker-producer-ids-reused",
+            Workload::BrokerIdentityEpochReused => "broker-identity-epoch-reused",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -240,6 +244,16 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
             // No other fault and a short run: the producers' first ids alone collide.
             let config = broker::BrokerSim {
                 coordinator: keel_broker::CoordinatorFaults { producer_ids_reused: true, ..Default::default() },
+                nemesis: false,
+                safety: std::time::Duration::from_secs(20),
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerIdentityEpochReused => {
+            // No other fault and a short run: producer 2's successor arrives 5-12 s in.
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { identity_epoch_reused: true, ..Default::default() },
                 nemesis: false,
                 safety: std::time::Duration::from_secs(20),
                 ..broker::BrokerSim::default()

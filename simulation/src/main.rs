@@ -55,6 +55,8 @@ enum WorkloadArg {
     BrokerNoIdempotence,
     /// The negative control: every node hands out the same producer ids.
     BrokerProducerIdsReused,
+    /// The negative control: a successor of a producer identity gets its predecessor's epoch.
+    BrokerIdentityEpochReused,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -86,6 +88,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerGroupUnlockOnCancel => Workload::BrokerGroupUnlockOnCancel,
         WorkloadArg::BrokerNoIdempotence => Workload::BrokerNoIdempotence,
         WorkloadArg::BrokerProducerIdsReused => Workload::BrokerProducerIdsReused,
+        WorkloadArg::BrokerIdentityEpochReused => Workload::BrokerIdentityEpochReused,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -824,6 +824,12 @@ impl Inner {
                 claimed.epoch
             )));
         }
+        if self.coordinator_faults.identity_epoch_reused
+            && claimed.is_none()
+            && let Some(current) = current
+        {
+            return Ok(current);
+        }
         let command = before.plan_producer_identity(&identity, request_token).map_err(meta_status)?;
         let Command::InitProducerIdentity { next, .. } = &command else {
             return Err(Status::internal("planned the wrong metadata command"));

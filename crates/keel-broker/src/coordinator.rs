@@ -48,6 +48,9 @@ pub struct CoordinatorFaults {
     /// Hand out producer ids from the same block on every node (0..1000, again and again),
     /// without the controller: two producers get one id.
     pub producer_ids_reused: bool,
+    /// The controller answers a fresh claim of a producer identity with the epoch it holds
+    /// instead of the next one: a successor shares its predecessor's epoch, unfenced.
+    pub identity_epoch_reused: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.

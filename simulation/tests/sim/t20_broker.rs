@@ -120,3 +120,15 @@ fn producer_ids_handed_out_twice_are_caught() {
     let (seed, violation) = caught.expect("no seed of 0..4 caught the reused producer ids");
     assert!(violation.contains("was given to two producers"), "seed {seed}: {violation}");
 }
+
+/// A successor must not share its predecessor's epoch: with the controller answering producer
+/// 2's successor with the epoch the old instance holds, their sequences collide, and the leader
+/// answers the successor's first batches with the offsets of the zombie's (it takes them for
+/// retries): acknowledged writes that are not in the log, which the checker reports on every seed.
+#[test]
+fn a_successor_sharing_its_predecessors_epoch_is_caught() {
+    for seed in 0..2u64 {
+        let violation = run(Workload::BrokerIdentityEpochReused, seed).violation.unwrap_or_default();
+        assert!(violation.contains("lost write: p2.1-"), "seed {seed}: {violation:?}");
+    }
+}
