@@ -131,17 +131,20 @@ pub fn sweep_list(workload: Workload, seeds: &[u64], jobs: usize, done: &mut dyn
 pub fn failures(workload: Workload, seeds: std::ops::Range<u64>) -> Vec<String> {
     let jobs = std::thread::available_parallelism().map_or(1, usize::from);
     let mut failures = Vec::new();
-    sweep(workload, seeds, jobs, &mut |report| {
-        if let Some(violation) = &report.violation {
-            failures.push(format!(
-                "{report}: {violation}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload {} --seed {} --verbose",
-                report.tail,
-                workload.name(),
-                report.seed
-            ));
-        }
-    });
+    sweep(workload, seeds, jobs, &mut |report| failures.extend(failure_report(workload, &report)));
     failures
+}
+
+/// What a test prints for a failed run (`None` for a run that passed): its violation, its last
+/// events and the command that replays it.
+pub fn failure_report(workload: Workload, report: &RunReport) -> Option<String> {
+    let violation = report.violation.as_ref()?;
+    Some(format!(
+        "{report}: {violation}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload {} --seed {} --verbose",
+        report.tail,
+        workload.name(),
+        report.seed
+    ))
 }
 
 /// Lines of history kept for a failure report.

@@ -309,18 +309,8 @@ impl Api {
                 if audit.tracked() >= AUDIT_TRACKED_MAX {
                     break 'chunk;
                 }
-                if header.base_offset < next {
-                    for i in next..header.next_offset().min(high_watermark) {
-                        let k = i - header.base_offset;
-                        let stamp = (header.producer_id >= 0).then(|| {
-                            let sequence = (i64::from(header.base_sequence) + k as i64).rem_euclid(1 << 31);
-                            (header.producer_id, header.producer_epoch, i32::try_from(sequence).unwrap_or(0))
-                        });
-                        audit.record(i, stamp);
-                    }
-                } else {
-                    audit.batch(header);
-                }
+                // A chunk that starts inside a batch takes its records from `next` on.
+                audit.batch_range(header, next..header.next_offset().min(high_watermark));
                 let end = header.next_offset();
                 read += end - next;
                 next = end;
@@ -737,11 +727,13 @@ impl pb::producer_server::Producer for Api {
         let span = info_span!("init_producer_id", identity = %identity);
         let next =
             self.inner.init_producer_identity(identity, claimed, request.request_token, 0).instrument(span).await?;
-        Ok(Response::new(pb::InitProducerIdResponse {
-            producer_id: next.producer_id,
-            producer_epoch: i32::from(next.epoch),
-        }))
+        Ok(Response::new(identity_response(next)))
     }
+}
+
+/// The answer to an identity's InitProducerId: the id and epoch it holds now.
+fn identity_response(next: ProducerEpoch) -> pb::InitProducerIdResponse {
+    pb::InitProducerIdResponse { producer_id: next.producer_id, producer_epoch: i32::from(next.epoch) }
 }
 
 /// The id and epoch an instance claims to hold when it bumps its own epoch: both or neither.
@@ -1109,10 +1101,7 @@ impl pb::controller_server::Controller for Api {
         };
         let claimed = claimed_epoch(&request.producer_id, &request.producer_epoch)?;
         let next = self.inner.init_producer_identity(identity, claimed, request.request_token, hops).await?;
-        Ok(Response::new(pb::InitProducerIdResponse {
-            producer_id: next.producer_id,
-            producer_epoch: i32::from(next.epoch),
-        }))
+        Ok(Response::new(identity_response(next)))
     }
 }
 

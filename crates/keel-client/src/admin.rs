@@ -161,11 +161,8 @@ impl Admin {
         for p in r.producers {
             let epoch = i16::try_from(p.producer_epoch)
                 .map_err(|_| ClientError::Protocol(format!("audit: producer epoch {}", p.producer_epoch)))?;
-            let ranges: Vec<(i64, i64)> = p.ranges.iter().map(|r| (r.start, r.end)).collect();
-            let audit = ProducerAudit {
+            let mut audit = ProducerAudit {
                 records: p.records,
-                gaps: ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect(),
-                ranges,
                 duplicates: p.duplicates,
                 listed_duplicates: p
                     .duplicate_offsets
@@ -174,7 +171,9 @@ impl Admin {
                     .collect(),
                 first_offset: p.first_offset,
                 last_offset: p.last_offset,
+                ..ProducerAudit::default()
             };
+            audit.set_ranges(p.ranges.iter().map(|r| (r.start, r.end)).collect());
             report.producers.insert((p.producer_id, epoch), audit);
         }
         Ok(AuditChunk {

@@ -519,14 +519,8 @@ fn decode(
                     .map(|h| (String::from_utf8_lossy(&h.key).into_owned(), h.value))
                     .collect();
                 let offset = record.offset;
-                let producer = (header.producer_id >= 0 && header.base_sequence >= 0).then(|| {
-                    let sequence = (i64::from(header.base_sequence) + (offset - header.base_offset) as i64) % (1 << 31);
-                    RecordProducer {
-                        id: header.producer_id,
-                        epoch: header.producer_epoch,
-                        sequence: i32::try_from(sequence).unwrap_or(0),
-                    }
-                });
+                let producer =
+                    header.producer_stamp(offset).map(|(id, epoch, sequence)| RecordProducer { id, epoch, sequence });
                 let record = ConsumerRecord {
                     topic: topic.to_owned(),
                     partition,

@@ -9,8 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-/// Sequences count records modulo 2^31 (as in Kafka): after `i32::MAX` comes 0.
-const SEQUENCE_MODULUS: i64 = 1 << 31;
+use keel_record::SEQUENCE_MODULUS;
 
 /// Bounds of the table; the same on every replica (they come from the cluster's settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +57,7 @@ pub struct ProducerEntry {
 impl ProducerEntry {
     /// The sequence the producer's next batch must start at.
     pub fn next_sequence(&self) -> i32 {
-        self.batches.back().map_or(0, |b| wrap(i64::from(b.last_sequence) + 1))
+        self.batches.back().map_or(0, |b| next_sequence_after(b.last_sequence, 1))
     }
 }
 
@@ -79,7 +78,8 @@ pub struct Stamped {
 
 impl Stamped {
     fn last_sequence(&self) -> i32 {
-        wrap(i64::from(self.base_sequence) + i64::from(self.record_count) - 1)
+        // `record_count` >= 1: the table refuses empty batches before it records one.
+        next_sequence_after(self.base_sequence, self.record_count.saturating_sub(1))
     }
 }
 
@@ -128,12 +128,7 @@ pub struct ProducerTable {
 
 /// The sequence `n` records after `sequence`, modulo 2^31.
 pub fn next_sequence_after(sequence: i32, n: u32) -> i32 {
-    wrap(i64::from(sequence) + i64::from(n))
-}
-
-fn wrap(sequence: i64) -> i32 {
-    // rem_euclid of a modulus of 2^31 is always in 0..2^31, which fits an i32.
-    i32::try_from(sequence.rem_euclid(SEQUENCE_MODULUS)).unwrap_or(0)
+    keel_record::sequence_after(sequence, u64::from(n))
 }
 
 /// How far `to` is after `from`, modulo 2^31 (0..2^31).

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 /// Sequences count modulo 2^31.
-const MODULUS: i64 = 1 << 31;
+use crate::SEQUENCE_MODULUS as MODULUS;
 
 /// Duplicates listed per producer and epoch (all are counted).
 const LISTED_MAX: usize = 100;
@@ -41,6 +41,12 @@ pub struct ProducerAudit {
 }
 
 impl ProducerAudit {
+    /// Sets the present sequences (sorted, disjoint half-open ranges) and the gaps between them.
+    pub fn set_ranges(&mut self, ranges: Vec<(i64, i64)>) {
+        self.gaps = ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect();
+        self.ranges = ranges;
+    }
+
     /// Sequences missing between the first and the last present one.
     pub fn missing(&self) -> i64 {
         self.gaps.iter().map(|(s, e)| e - s).sum()
@@ -106,8 +112,7 @@ impl Tracker {
     }
 
     fn finish(mut self) -> ProducerAudit {
-        self.audit.ranges = self.present.iter().map(|(s, e)| (*s, *e)).collect();
-        self.audit.gaps = self.audit.ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect();
+        self.audit.set_ranges(self.present.iter().map(|(s, e)| (*s, *e)).collect());
         self.audit
     }
 }
@@ -182,8 +187,7 @@ impl ProducerAudit {
                 _ => ranges.push((s, e)),
             }
         }
-        self.gaps = ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect();
-        self.ranges = ranges;
+        self.set_ranges(ranges);
         self.duplicates += later.duplicates + u64::try_from(overlap).unwrap_or(0);
         let room = LISTED_MAX.saturating_sub(self.listed_duplicates.len());
         self.listed_duplicates.extend(later.listed_duplicates.into_iter().take(room));
@@ -209,13 +213,14 @@ impl PartitionAudit {
 
     /// Adds every record of a batch (its header is enough: records are dense).
     pub fn batch(&mut self, header: &crate::BatchHeader) {
-        for i in 0..header.record_count {
-            let offset = header.base_offset + u64::from(i);
-            let stamp = (header.producer_id >= 0).then(|| {
-                let sequence = (i64::from(header.base_sequence) + i64::from(i)).rem_euclid(MODULUS);
-                (header.producer_id, header.producer_epoch, i32::try_from(sequence).unwrap_or(0))
-            });
-            self.record(offset, stamp);
+        self.batch_range(header, header.base_offset..header.next_offset());
+    }
+
+    /// Adds the records of a batch whose offsets fall in `offsets` (an audit chunk that starts
+    /// or stops inside a batch).
+    pub fn batch_range(&mut self, header: &crate::BatchHeader, offsets: std::ops::Range<u64>) {
+        for offset in offsets.start.max(header.base_offset)..offsets.end.min(header.next_offset()) {
+            self.record(offset, header.producer_stamp(offset));
         }
     }
 

@@ -172,6 +172,24 @@ impl BatchHeader {
     pub fn last_offset(&self) -> Option<u64> {
         (self.record_count > 0).then(|| self.next_offset() - 1)
     }
+    /// The producer stamp (id, epoch, sequence) of the record at `offset` of this batch, or `None`
+    /// for a batch written without a producer id (records are dense, so the header is enough).
+    pub fn producer_stamp(&self, offset: u64) -> Option<(i64, i16, i32)> {
+        (self.producer_id >= 0 && self.base_sequence >= 0).then(|| {
+            let n = offset.saturating_sub(self.base_offset);
+            (self.producer_id, self.producer_epoch, sequence_after(self.base_sequence, n))
+        })
+    }
+}
+
+/// Producer sequences count records modulo 2^31 (as in Kafka): after `i32::MAX` comes 0.
+pub const SEQUENCE_MODULUS: i64 = 1 << 31;
+
+/// The producer sequence `n` records after `sequence`, modulo 2^31.
+pub fn sequence_after(sequence: i32, n: u64) -> i32 {
+    let n = (n % SEQUENCE_MODULUS as u64) as i64;
+    // rem_euclid of a modulus of 2^31 is always in 0..2^31, which fits an i32.
+    i32::try_from((i64::from(sequence) + n).rem_euclid(SEQUENCE_MODULUS)).unwrap_or(0)
 }
 
 /// Parses and verifies the batch at the start of `buf` (length, magic, CRC, header fields),

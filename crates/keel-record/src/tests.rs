@@ -247,3 +247,24 @@ fn append_time_replaces_zero_timestamps_only() {
     assert!(!stamp_append_time(&mut buf, 99).unwrap(), "a producer's own timestamps stay");
     assert_eq!(buf, original);
 }
+
+#[test]
+fn sequences_wrap_at_2_pow_31() {
+    assert_eq!(sequence_after(5, 3), 8);
+    assert_eq!(sequence_after(i32::MAX, 1), 0, "after i32::MAX comes 0");
+    assert_eq!(sequence_after(i32::MAX - 1, 3), 1);
+    assert_eq!(sequence_after(7, 1 << 31), 7, "a whole turn");
+    assert_eq!(sequence_after(7, u64::MAX), sequence_after(7, u64::MAX % (1 << 31)));
+    let header = BatchHeader {
+        base_offset: 100,
+        record_count: 4,
+        producer_id: 9,
+        producer_epoch: 2,
+        base_sequence: i32::MAX - 1,
+        ..check(&sample()).unwrap()
+    };
+    assert_eq!(header.producer_stamp(100), Some((9, 2, i32::MAX - 1)));
+    assert_eq!(header.producer_stamp(103), Some((9, 2, 1)));
+    let unstamped = BatchHeader { producer_id: -1, ..header };
+    assert_eq!(unstamped.producer_stamp(101), None);
+}

@@ -3,7 +3,7 @@
 //! acknowledges before the flush must be caught losing writes when every node crashes).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests may panic: that is how they fail.
 
-use keel_simulation::{Workload, run, sweep_list};
+use keel_simulation::{Workload, failure_report, run, sweep_list};
 
 /// Seeds run by `cargo test`, each a run of about two and a half simulated minutes (120 s of
 /// faults, then healing) with the consumer group's members and the compaction of
@@ -42,16 +42,7 @@ fn broker_seeds_pass_and_replay() {
     let jobs = std::thread::available_parallelism().map_or(1, usize::from);
     let mut reports = Vec::new();
     sweep_list(Workload::Broker, &seeds, jobs, &mut |report| reports.push(report));
-    let failures: Vec<String> = reports
-        .iter()
-        .filter_map(|r| {
-            let violation = r.violation.as_ref()?;
-            Some(format!(
-                "{r}: {violation}\nlast events: {:#?}\nreplay: cargo run -p keel-simulation --release -- --workload broker --seed {} --verbose",
-                r.tail, r.seed
-            ))
-        })
-        .collect();
+    let failures: Vec<String> = reports.iter().filter_map(|r| failure_report(Workload::Broker, r)).collect();
     assert!(failures.is_empty(), "{} of {} runs failed:\n{}", failures.len(), seeds.len(), failures.join("\n\n"));
     for seed in REPLAYED {
         let runs: Vec<_> = reports.iter().filter(|r| r.seed == seed).map(|r| (r.trace_hash, r.events)).collect();

@@ -815,16 +815,14 @@ async fn audit_partition_reports_producer_ranges_in_chunks() {
             let mut report =
                 keel_record::audit::PartitionReport { unstamped: c.unstamped_records, ..Default::default() };
             for p in c.producers {
-                let ranges: Vec<(i64, i64)> = p.ranges.iter().map(|r| (r.start, r.end)).collect();
-                let audit = keel_record::audit::ProducerAudit {
+                let mut audit = keel_record::audit::ProducerAudit {
                     records: p.records,
-                    gaps: ranges.windows(2).map(|w| (w[0].1, w[1].0)).collect(),
-                    ranges,
                     duplicates: p.duplicates,
                     first_offset: p.first_offset,
                     last_offset: p.last_offset,
                     ..Default::default()
                 };
+                audit.set_ranges(p.ranges.iter().map(|r| (r.start, r.end)).collect());
                 report.producers.insert((p.producer_id, p.producer_epoch as i16), audit);
             }
             merged.merge(report);

@@ -244,7 +244,7 @@ fn stamp(batch: &mut Batch, ident: &mut Ident) {
     }
     batch.stamped = Some((ident.producer_id, ident.epoch));
     // Sequences wrap at 2^31, as the broker counts them.
-    ident.next_sequence = ((i64::from(ident.next_sequence) + count as i64) % (1 << 31)) as i32;
+    ident.next_sequence = keel_record::sequence_after(ident.next_sequence, count as u64);
 }
 
 fn advance_sticky(sticky: &mut Option<u32>, partition: u32) {
