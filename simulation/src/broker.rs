@@ -887,7 +887,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
 fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u64, String> {
     let mut duplicates = 0;
     let mut high_watermarks = BTreeMap::new();
-    let mut producer_ids = checker::ProducerOwners::default();
+    let mut logs = Vec::new();
     for (&partition, &group) in &state.groups {
         let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
         let mut stamped = Vec::new();
@@ -900,10 +900,18 @@ fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u6
             }
             replicas.insert(*id, records.into_iter().map(|(o, v, _)| (o, v)).collect());
         }
+        logs.push((partition, replicas, stamped));
+    }
+    // InitProducerId gives each id once, and each epoch of an identity to one instance: ids or
+    // epochs shared collide in the leader's dedup (one producer's batch answered with the
+    // other's offsets). Checked over every partition first: the lost writes such a collision
+    // causes on one partition would otherwise hide the cause, visible on another.
+    let mut producer_ids = checker::ProducerOwners::default();
+    for (partition, _, stamped) in &logs {
+        checker::check_producer_ids_unique(*partition, stamped, &mut producer_ids)?;
+    }
+    for (partition, replicas, _) in logs {
         let longest = replicas.values().max_by_key(|r| r.len()).cloned().unwrap_or_default();
-        // InitProducerId gives each id once: ids shared by two producers collide in the leader's
-        // dedup (one producer's batch answered with the other's offsets).
-        checker::check_producer_ids_unique(partition, &stamped, &mut producer_ids)?;
         let ops: Vec<&Op> = state.history.iter().filter(|o| o.partition == partition).collect();
         // Every replica that has caught up must hold every acknowledged write (one that lags
         // merely lacks the newest records, which the other checks cover).
