@@ -28,6 +28,11 @@ pub const GROUP_REASONS: &[&str] = &[
     "GROUPS_MAX_REACHED",
     "METADATA_TOO_LARGE",
     "INCONSISTENT_ASSIGNOR",
+    "STALE_ATTEMPT",
+    "RECORD_SETTLED",
+    "RETRY_BACKLOG_FULL",
+    "PUBLISHES_PENDING",
+    "PRODUCER_ID_NEEDED",
 ];
 
 /// The `ErrorInfo.reason`s of an idempotent producer's refused batch (keel.proto's Produce

@@ -13,12 +13,16 @@ pub mod assignor;
 pub mod lag;
 pub mod ops;
 pub mod records;
+pub mod retry;
 
 use std::collections::BTreeMap;
 
 pub use lag::{CommitSample, ConsumerStatus, LagLimits, LagWindows, StatusRules, group_status, partition_status};
 pub use ops::{CommitInput, HeartbeatInput, HeartbeatOutput, Outcome, TopicsView};
-pub use records::{Committed, GroupMeta, GroupRecord, Member, Target, Tp};
+pub use records::{
+    Committed, GroupMeta, GroupRecord, Member, Publish, PublishHeader, Publisher, Redelivery, RedeliveryState, Target, Tp,
+};
+pub use retry::{DeadLetterRecord, NackInput, NackOutput, RetryLimits, RetryPolicy, SettleInput, dead_letter_topic};
 
 use crate::{Record, ReplayError, Shard};
 
@@ -169,6 +173,53 @@ pub enum GroupError {
         /// The member's.
         asked: String,
     },
+    /// A nack or ack names another attempt than the one the coordinator expects: a late
+    /// message from an earlier attempt, or from a member that missed a redelivery's outcome.
+    #[error("{tp} offset {offset}: attempt {sent} is not the current one ({expected}); nothing was recorded")]
+    StaleAttempt {
+        /// The partition.
+        tp: Tp,
+        /// The record.
+        offset: u64,
+        /// The attempt the request named.
+        sent: u32,
+        /// The attempt the coordinator expects next.
+        expected: u32,
+    },
+    /// The record was already acknowledged on a redelivery or dead-lettered.
+    #[error("{tp} offset {offset} is already {state}; nothing was recorded")]
+    RecordSettled {
+        /// The partition.
+        tp: Tp,
+        /// The record.
+        offset: u64,
+        /// "resolved", "dead-lettered" or "committed".
+        state: &'static str,
+    },
+    /// The group holds as many pending redeliveries (or unconfirmed publishes) as it may: the
+    /// consumer should pause the partition rather than fail more records.
+    #[error("group {group:?} holds its limit of {max} {what}; pause and retry")]
+    RetryBacklogFull {
+        /// Group.
+        group: String,
+        /// Pending redeliveries or unconfirmed dead letters.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
+    /// Dead letters or replays are decided but not yet published: deleting the group would
+    /// lose them.
+    #[error("group {group:?} has {pending} records decided but not yet published; retry shortly")]
+    PublishesPending {
+        /// Group.
+        group: String,
+        /// How many.
+        pending: usize,
+    },
+    /// The operation must publish and the coordinator has no producer id at hand: the runtime
+    /// allocates one and runs it again (clients never see this).
+    #[error("the coordinator needs a producer id to publish; retry")]
+    ProducerIdNeeded,
 }
 
 impl GroupError {
@@ -187,6 +238,11 @@ impl GroupError {
         "GROUPS_MAX_REACHED",
         "METADATA_TOO_LARGE",
         "INCONSISTENT_ASSIGNOR",
+        "STALE_ATTEMPT",
+        "RECORD_SETTLED",
+        "RETRY_BACKLOG_FULL",
+        "PUBLISHES_PENDING",
+        "PRODUCER_ID_NEEDED",
     ];
 
     /// The `google.rpc.ErrorInfo` reason of this refusal.
@@ -205,6 +261,11 @@ impl GroupError {
             GroupError::GroupsMax(_) => "GROUPS_MAX_REACHED",
             GroupError::MetadataTooLarge { .. } => "METADATA_TOO_LARGE",
             GroupError::InconsistentAssignor { .. } => "INCONSISTENT_ASSIGNOR",
+            GroupError::StaleAttempt { .. } => "STALE_ATTEMPT",
+            GroupError::RecordSettled { .. } => "RECORD_SETTLED",
+            GroupError::RetryBacklogFull { .. } => "RETRY_BACKLOG_FULL",
+            GroupError::PublishesPending { .. } => "PUBLISHES_PENDING",
+            GroupError::ProducerIdNeeded => "PRODUCER_ID_NEEDED",
         }
     }
 }
@@ -221,6 +282,13 @@ pub struct Group {
     pub target: Target,
     /// Committed offsets.
     pub offsets: BTreeMap<Tp, Committed>,
+    /// Records that failed, by partition and offset: pending redeliveries, and settled ones
+    /// the commit has not passed yet.
+    pub redeliveries: BTreeMap<(Tp, u64), Redelivery>,
+    /// The coordinator's producer identity per partition it publishes to.
+    pub publishers: BTreeMap<Tp, Publisher>,
+    /// Publish decisions not confirmed yet, per target partition in stamp order.
+    pub publishes: BTreeMap<(Tp, (i16, i32)), Publish>,
 }
 
 /// How a group is doing, as `ListGroups` and `DescribeGroup` report it.
@@ -288,7 +356,26 @@ impl Group {
         for (tp, c) in &self.offsets {
             out.push(GroupRecord::Offset(name.to_owned(), tp.clone(), Some(c.clone())));
         }
+        for ((tp, offset), r) in &self.redeliveries {
+            out.push(GroupRecord::Redelivery(name.to_owned(), tp.clone(), *offset, Some(r.clone())));
+        }
+        for (tp, p) in &self.publishers {
+            out.push(GroupRecord::Publisher(name.to_owned(), tp.clone(), Some(p.clone())));
+        }
+        for ((tp, stamp), p) in &self.publishes {
+            out.push(GroupRecord::Publish(name.to_owned(), tp.clone(), *stamp, Some(p.clone())));
+        }
         out
+    }
+
+    /// Whether the group holds nothing at all (it then stops existing).
+    pub fn is_void(&self) -> bool {
+        self.meta.is_none()
+            && self.members.is_empty()
+            && self.offsets.is_empty()
+            && self.redeliveries.is_empty()
+            && self.publishers.is_empty()
+            && self.publishes.is_empty()
     }
 }
 
@@ -336,8 +423,26 @@ impl Groups {
             GroupRecord::Offset(_, tp, None) => {
                 group.offsets.remove(&tp);
             }
+            GroupRecord::Redelivery(_, tp, offset, Some(r)) => {
+                group.redeliveries.insert((tp, offset), r);
+            }
+            GroupRecord::Redelivery(_, tp, offset, None) => {
+                group.redeliveries.remove(&(tp, offset));
+            }
+            GroupRecord::Publisher(_, tp, Some(p)) => {
+                group.publishers.insert(tp, p);
+            }
+            GroupRecord::Publisher(_, tp, None) => {
+                group.publishers.remove(&tp);
+            }
+            GroupRecord::Publish(_, tp, stamp, Some(p)) => {
+                group.publishes.insert((tp, stamp), p);
+            }
+            GroupRecord::Publish(_, tp, stamp, None) => {
+                group.publishes.remove(&(tp, stamp));
+            }
         }
-        if group.meta.is_none() && group.members.is_empty() && group.offsets.is_empty() {
+        if group.is_void() {
             self.groups.remove(&name);
         }
     }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::assignor::{self, ASSIGNOR_DEFAULT, ASSIGNORS, AssignInput};
-use super::records::{Committed, GroupMeta, GroupRecord, Member, Target, Tp};
+use super::records::{Committed, GroupMeta, GroupRecord, Member, RedeliveryState, Target, Tp};
 use super::{Group, GroupError, GroupLimits, Groups, validate_group_name};
 
 /// Partition counts of every topic the cluster has (the coordinator's metadata now).
@@ -126,6 +126,30 @@ pub fn diff(name: &str, before: Option<&Group>, after: &Group) -> Vec<GroupRecor
     }
     for tp in before.offsets.keys().filter(|tp| !after.offsets.contains_key(*tp)) {
         out.push(GroupRecord::Offset(name.to_owned(), tp.clone(), None));
+    }
+    for ((tp, offset), r) in &after.redeliveries {
+        if before.redeliveries.get(&(tp.clone(), *offset)) != Some(r) {
+            out.push(GroupRecord::Redelivery(name.to_owned(), tp.clone(), *offset, Some(r.clone())));
+        }
+    }
+    for (tp, offset) in before.redeliveries.keys().filter(|k| !after.redeliveries.contains_key(*k)) {
+        out.push(GroupRecord::Redelivery(name.to_owned(), tp.clone(), *offset, None));
+    }
+    for (tp, p) in &after.publishers {
+        if before.publishers.get(tp) != Some(p) {
+            out.push(GroupRecord::Publisher(name.to_owned(), tp.clone(), Some(p.clone())));
+        }
+    }
+    for tp in before.publishers.keys().filter(|tp| !after.publishers.contains_key(*tp)) {
+        out.push(GroupRecord::Publisher(name.to_owned(), tp.clone(), None));
+    }
+    for ((tp, stamp), p) in &after.publishes {
+        if before.publishes.get(&(tp.clone(), *stamp)) != Some(p) {
+            out.push(GroupRecord::Publish(name.to_owned(), tp.clone(), *stamp, Some(p.clone())));
+        }
+    }
+    for (tp, stamp) in before.publishes.keys().filter(|k| !after.publishes.contains_key(*k)) {
+        out.push(GroupRecord::Publish(name.to_owned(), tp.clone(), *stamp, None));
     }
     out
 }
@@ -419,26 +443,7 @@ impl Groups {
                 return Err(GroupError::UnknownMember { group: name.to_owned(), member: String::new() });
             }
         } else {
-            let m = g.members.get(&input.member_id).ok_or_else(|| unknown(name, &input.member_id))?;
-            if input.member_epoch > m.epoch || input.member_epoch < 0 {
-                return Err(GroupError::FencedEpoch {
-                    member: m.member_id.clone(),
-                    sent: input.member_epoch,
-                    current: m.epoch,
-                });
-            }
-            for (tp, _, _) in &input.offsets {
-                match m.owns(tp) {
-                    Some(assigned_at) if assigned_at <= input.member_epoch => {}
-                    _ => {
-                        return Err(GroupError::StaleEpoch {
-                            member: m.member_id.clone(),
-                            epoch: input.member_epoch,
-                            tp: tp.clone(),
-                        });
-                    }
-                }
-            }
+            fence(&g, name, &input.member_id, input.member_epoch, input.offsets.iter().map(|(tp, _, _)| tp))?;
         }
         for (tp, offset, _) in &input.offsets {
             let high_watermark = *high_watermarks
@@ -466,6 +471,17 @@ impl Groups {
             }
             if let Some(c) = g.offsets.get(tp) {
                 response.push((tp.clone(), c.clone()));
+                // Settled failures the commit passed are done with: a nack of them would be
+                // refused as committed anyway.
+                let passed: Vec<(Tp, u64)> = g
+                    .redeliveries
+                    .range((tp.clone(), 0)..(tp.clone(), c.offset))
+                    .filter(|(_, r)| r.state != RedeliveryState::Pending)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in passed {
+                    g.redeliveries.remove(&k);
+                }
             }
         }
         if g.members.is_empty()
@@ -569,6 +585,9 @@ impl Groups {
         if !before.members.is_empty() {
             return Err(GroupError::GroupNotEmpty { group: group.to_owned(), members: before.members.len() });
         }
+        if !before.publishes.is_empty() {
+            return Err(GroupError::PublishesPending { group: group.to_owned(), pending: before.publishes.len() });
+        }
         Ok(diff(group, Some(before), &Group::default()))
     }
 
@@ -580,7 +599,7 @@ impl Groups {
             if out.len() >= groups_max {
                 break;
             }
-            if !g.members.is_empty() {
+            if !g.members.is_empty() || !g.publishes.is_empty() {
                 continue;
             }
             let last_active = match &g.meta {
@@ -595,6 +614,30 @@ impl Groups {
     }
 }
 
-fn unknown(group: &str, member: &str) -> GroupError {
+/// Checks that `member_id` is in the group at an epoch no later than its own and owns every
+/// partition of `tps` since that epoch or earlier: the fencing of commits, nacks and acks.
+pub(crate) fn fence<'a>(
+    g: &Group,
+    name: &str,
+    member_id: &str,
+    member_epoch: i32,
+    tps: impl IntoIterator<Item = &'a Tp>,
+) -> Result<(), GroupError> {
+    let m = g.members.get(member_id).ok_or_else(|| unknown(name, member_id))?;
+    if member_epoch > m.epoch || member_epoch < 0 {
+        return Err(GroupError::FencedEpoch { member: m.member_id.clone(), sent: member_epoch, current: m.epoch });
+    }
+    for tp in tps {
+        match m.owns(tp) {
+            Some(assigned_at) if assigned_at <= member_epoch => {}
+            _ => {
+                return Err(GroupError::StaleEpoch { member: m.member_id.clone(), epoch: member_epoch, tp: tp.clone() });
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn unknown(group: &str, member: &str) -> GroupError {
     GroupError::UnknownMember { group: group.to_owned(), member: member.to_owned() }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::Record;
 
 /// A topic partition.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Tp {
     /// Topic name.
     pub topic: String,
@@ -131,6 +131,114 @@ pub struct Committed {
     pub high_watermark: Option<u64>,
 }
 
+/// Where a failed record stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedeliveryState {
+    /// Waiting for its next attempt (due at `due_at_ms`).
+    Pending,
+    /// Acknowledged on a redelivery: never dead-lettered.
+    Resolved,
+    /// Sent to the dead-letter topic (once: a `Publish` decision records it).
+    DeadLettered,
+}
+
+/// A record that failed: its attempts so far and what comes next. Attempt counts and due times
+/// are raft records, so a leader change or a restart replays them and never resets them. A
+/// settled entry (resolved or dead-lettered) stays until the group's commit passes its offset,
+/// so a retried nack is recognised instead of starting over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redelivery {
+    /// Failed attempts recorded (the next attempt is number `attempts + 1`).
+    pub attempts: u32,
+    /// The policy fixed at the first failure.
+    pub max_attempts: u32,
+    /// Backoff bounds of the policy.
+    pub backoff_min_ms: u32,
+    /// Backoff bounds of the policy.
+    pub backoff_max_ms: u32,
+    /// When the next attempt is due (coordinator clock).
+    pub due_at_ms: i64,
+    /// When the first attempt failed.
+    pub first_failure_ms: i64,
+    /// The last failure's reason as the consumer gave it.
+    pub last_error: String,
+    /// Pending, resolved or dead-lettered.
+    pub state: RedeliveryState,
+}
+
+/// The coordinator's idempotent-producer identity for one target partition: what it publishes
+/// there (dead letters, replays) is stamped with it, so a resend after a failover is
+/// deduplicated by the target partition itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publisher {
+    /// Producer id (allocated by the controller like any other).
+    pub producer_id: i64,
+    /// Producer epoch: bumped only when nothing is unconfirmed (a resend of an older epoch
+    /// would be fenced).
+    pub epoch: i16,
+    /// The sequence the next decision gets.
+    pub next_sequence: i32,
+    /// When the last decision was made (coordinator clock): a publisher idle long enough may
+    /// have been forgotten by its target, so its next decision starts a new epoch.
+    pub last_decided_ms: i64,
+}
+
+/// Bytes as base64 in the JSON values (a record's key and value are arbitrary bytes).
+mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// A header of a record to publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishHeader {
+    /// Name.
+    pub key: String,
+    /// Value.
+    #[serde(with = "b64", default)]
+    pub value: Option<Vec<u8>>,
+}
+
+/// A decision to publish one record to a partition, stamped before it is sent: the runtime
+/// sends it (again after a failover, with the same stamp) until it is confirmed, and the
+/// target's deduplication makes it land once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publish {
+    /// Producer id of the stamp.
+    pub producer_id: i64,
+    /// Producer epoch of the stamp.
+    pub epoch: i16,
+    /// Sequence of the stamp.
+    pub sequence: i32,
+    /// The record's key.
+    #[serde(with = "b64", default)]
+    pub key: Option<Vec<u8>>,
+    /// The record's value.
+    #[serde(with = "b64", default)]
+    pub value: Option<Vec<u8>>,
+    /// Its headers.
+    pub headers: Vec<PublishHeader>,
+    /// Its timestamp.
+    pub timestamp_ms: i64,
+    /// When the decision was made (coordinator clock).
+    pub decided_ms: i64,
+}
+
 /// What one record of a group sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupRecord {
@@ -142,14 +250,23 @@ pub enum GroupRecord {
     Target(String, Option<Target>),
     /// A committed offset; `None` removes it.
     Offset(String, Tp, Option<Committed>),
+    /// A failed record's redelivery state; `None` removes it.
+    Redelivery(String, Tp, u64, Option<Redelivery>),
+    /// The publisher identity for a target partition; `None` removes it.
+    Publisher(String, Tp, Option<Publisher>),
+    /// A publish decision `(epoch, sequence)` for a target partition; `None` confirms it.
+    Publish(String, Tp, (i16, i32), Option<Publish>),
 }
 
 const META: u8 = b'g';
 const MEMBER: u8 = b'm';
 const TARGET: u8 = b't';
 const OFFSET: u8 = b'o';
-/// Parts of a key after its kind: group, topic, partition at most.
-const KEY_PARTS_MAX: usize = 3;
+const REDELIVERY: u8 = b'r';
+const PUBLISHER: u8 = b'p';
+const PUBLISH: u8 = b'd';
+/// Parts of a key after its kind: group, topic, partition and offset (or stamp) at most.
+const KEY_PARTS_MAX: usize = 4;
 
 fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
@@ -170,7 +287,10 @@ impl GroupRecord {
     pub fn group(&self) -> &str {
         match self {
             GroupRecord::Meta(g, _) | GroupRecord::Member(g, _, _) | GroupRecord::Target(g, _) => g,
-            GroupRecord::Offset(g, _, _) => g,
+            GroupRecord::Offset(g, _, _)
+            | GroupRecord::Redelivery(g, _, _, _)
+            | GroupRecord::Publisher(g, _, _)
+            | GroupRecord::Publish(g, _, _, _) => g,
         }
     }
 
@@ -183,6 +303,18 @@ impl GroupRecord {
             GroupRecord::Offset(g, tp, v) => {
                 Record { key: key(OFFSET, &[g, &tp.topic, &tp.partition.to_string()]), value: value(v) }
             }
+            GroupRecord::Redelivery(g, tp, offset, v) => Record {
+                key: key(REDELIVERY, &[g, &tp.topic, &tp.partition.to_string(), &format!("{offset:020}")]),
+                value: value(v),
+            },
+            GroupRecord::Publisher(g, tp, v) => {
+                Record { key: key(PUBLISHER, &[g, &tp.topic, &tp.partition.to_string()]), value: value(v) }
+            }
+            GroupRecord::Publish(g, tp, (epoch, sequence), v) => Record {
+                // Zero-padded, so that a publisher's decisions sort in the order they are sent.
+                key: key(PUBLISH, &[g, &tp.topic, &tp.partition.to_string(), &format!("{epoch:05}.{sequence:010}")]),
+                value: value(v),
+            },
         }
     }
 
@@ -204,6 +336,22 @@ impl GroupRecord {
             (OFFSET, [g, t, p]) => {
                 let partition = p.parse().map_err(|_| format!("bad partition {p:?}"))?;
                 Ok(GroupRecord::Offset((*g).to_owned(), Tp::new(*t, partition), parse(&record.value)?))
+            }
+            (REDELIVERY, [g, t, p, o]) => {
+                let partition = p.parse().map_err(|_| format!("bad partition {p:?}"))?;
+                let offset = o.parse().map_err(|_| format!("bad offset {o:?}"))?;
+                Ok(GroupRecord::Redelivery((*g).to_owned(), Tp::new(*t, partition), offset, parse(&record.value)?))
+            }
+            (PUBLISHER, [g, t, p]) => {
+                let partition = p.parse().map_err(|_| format!("bad partition {p:?}"))?;
+                Ok(GroupRecord::Publisher((*g).to_owned(), Tp::new(*t, partition), parse(&record.value)?))
+            }
+            (PUBLISH, [g, t, p, stamp]) => {
+                let partition = p.parse().map_err(|_| format!("bad partition {p:?}"))?;
+                let (e, s) = stamp.split_once('.').ok_or_else(|| format!("bad stamp {stamp:?}"))?;
+                let epoch = e.parse().map_err(|_| format!("bad epoch {e:?}"))?;
+                let sequence = s.parse().map_err(|_| format!("bad sequence {s:?}"))?;
+                Ok(GroupRecord::Publish((*g).to_owned(), Tp::new(*t, partition), (epoch, sequence), parse(&record.value)?))
             }
             _ if parts.len() > KEY_PARTS_MAX => Err(format!("key of kind {kind} has more than {KEY_PARTS_MAX} parts")),
             _ => Err(format!("unknown key kind {kind} with {} parts", parts.len())),

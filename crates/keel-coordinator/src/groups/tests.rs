@@ -620,9 +620,223 @@ fn every_refusal_reason_is_listed_once() {
         GroupError::GroupMaxSize { group: g.clone(), max: 1 },
         GroupError::GroupsMax(1),
         GroupError::MetadataTooLarge { size: 2, max: 1 },
-        GroupError::InconsistentAssignor { group: g, group_assignor: "a".into(), asked: "b".into() },
+        GroupError::InconsistentAssignor { group: g.clone(), group_assignor: "a".into(), asked: "b".into() },
+        GroupError::StaleAttempt { tp: Tp::new("t", 0), offset: 1, sent: 1, expected: 2 },
+        GroupError::RecordSettled { tp: Tp::new("t", 0), offset: 1, state: "resolved" },
+        GroupError::RetryBacklogFull { group: g.clone(), what: "x", max: 1 },
+        GroupError::PublishesPending { group: g, pending: 1 },
+        GroupError::ProducerIdNeeded,
     ];
     let reasons: BTreeSet<&str> = errors.iter().map(GroupError::reason).collect();
     assert_eq!(reasons.len(), errors.len(), "two refusals share a reason");
     assert_eq!(reasons, GroupError::REASONS.iter().copied().collect::<BTreeSet<_>>());
+}
+
+mod retry {
+    use super::*;
+    use crate::groups::retry::headers;
+
+    fn nack_input(member: &str, epoch: i32, offset: u64, attempt: u32, retryable: bool) -> NackInput {
+        NackInput {
+            group: "g".into(),
+            member_id: member.into(),
+            member_epoch: epoch,
+            tp: Tp::new("t", 0),
+            offset,
+            attempt,
+            error: format!("failure {attempt}"),
+            retryable,
+            policy: RetryPolicy { max_attempts: 3, backoff_min_ms: 100, backoff_max_ms: 1_000 },
+            record: DeadLetterRecord {
+                key: Some(b"k".to_vec()),
+                value: Some(b"v".to_vec()),
+                headers: vec![PublishHeader { key: headers::ATTEMPTS.into(), value: Some(b"99".to_vec()) }],
+                timestamp_ms: 7,
+            },
+        }
+    }
+
+    fn nack(c: &mut Coord, input: &NackInput, spare: Option<i64>) -> Result<NackOutput, GroupError> {
+        let out = c.state.nack(input, &c.topics, &RetryLimits::default(), c.now_ms, 12_345, spare)?;
+        c.append(&out.records);
+        Ok(out.response)
+    }
+
+    fn one_member() -> (Coord, i32) {
+        let mut c = Coord::new(&[("t", 1)]);
+        let a = c.join("a", &["t"]);
+        (c, a.member_epoch)
+    }
+
+    #[test]
+    fn a_poison_record_is_attempted_max_attempts_times_then_dead_lettered_once() {
+        let (mut c, epoch) = one_member();
+        let first = nack(&mut c, &nack_input("a", epoch, 5, 1, true), None).unwrap();
+        assert_eq!((first.attempts, first.dead_lettered), (1, false));
+        let due = first.due_at_ms.unwrap();
+        assert!((c.now_ms + 50..=c.now_ms + 100).contains(&due), "backoff in the upper half of 100 ms: {due}");
+        // Not handed out before it is due, then to its owner with the next attempt number.
+        assert!(c.state.due_redeliveries("g", "a", due - 1, 10).is_empty());
+        let handed = c.state.due_redeliveries("g", "a", due, 10);
+        assert_eq!(handed, vec![crate::groups::retry::Due { tp: Tp::new("t", 0), offset: 5, attempt: 2 }]);
+        // A retry of the first nack records nothing; a nack of a past or future attempt is stale.
+        let again = c.state.nack(&nack_input("a", epoch, 5, 1, true), &c.topics, &RetryLimits::default(), 0, 0, None);
+        assert!(again.unwrap().records.is_empty());
+        assert!(matches!(
+            nack(&mut c, &nack_input("a", epoch, 5, 3, true), None),
+            Err(GroupError::StaleAttempt { expected: 2, .. })
+        ));
+        nack(&mut c, &nack_input("a", epoch, 5, 2, true), None).unwrap();
+        // The last attempt decides the dead letter, which needs a producer id.
+        assert_eq!(
+            nack(&mut c, &nack_input("a", epoch, 5, 3, true), None).unwrap_err(),
+            GroupError::ProducerIdNeeded
+        );
+        let last = nack(&mut c, &nack_input("a", epoch, 5, 3, true), Some(77)).unwrap();
+        assert!(last.dead_lettered && last.used_spare_id);
+        let g = c.group();
+        assert_eq!(g.publishes.len(), 1);
+        let ((target, stamp), p) = g.publishes.iter().next().unwrap();
+        assert_eq!((target.topic.as_str(), target.partition, *stamp), ("g.dlq", 0, (0, 0)));
+        assert_eq!((p.producer_id, p.value.as_deref()), (77, Some(&b"v"[..])));
+        let h = |k: &str| p.headers.iter().filter(|h| h.key == k).map(|h| h.value.clone().unwrap()).collect::<Vec<_>>();
+        assert_eq!(h(headers::ATTEMPTS), vec![b"3".to_vec()], "the old attempts header is replaced");
+        assert_eq!(h(headers::ORIGIN_OFFSET), vec![b"5".to_vec()]);
+        assert_eq!(h(headers::LAST_ERROR), vec![b"failure 3".to_vec()]);
+        // Its retry is answered alike and decides nothing more; it is never handed out again.
+        let retried = c.state.nack(&nack_input("a", epoch, 5, 3, true), &c.topics, &RetryLimits::default(), 0, 0, None);
+        assert!(retried.unwrap().records.is_empty());
+        assert!(c.state.due_redeliveries("g", "a", i64::MAX, 10).is_empty());
+        // Confirming the publish forgets the decision; the publisher moves on.
+        let records = c.state.confirm_published("g", target, (0, 0));
+        c.append(&records);
+        assert!(c.group().publishes.is_empty());
+        assert_eq!(c.group().publishers[&Tp::new("g.dlq", 0)].next_sequence, 1);
+    }
+
+    #[test]
+    fn a_non_retryable_failure_is_dead_lettered_at_once_and_a_second_uses_the_next_sequence() {
+        let (mut c, epoch) = one_member();
+        assert!(nack(&mut c, &nack_input("a", epoch, 1, 1, false), Some(9)).unwrap().dead_lettered);
+        let second = nack(&mut c, &nack_input("a", epoch, 2, 1, false), Some(10)).unwrap();
+        assert!(second.dead_lettered && !second.used_spare_id, "the publisher exists");
+        let stamps: Vec<(i16, i32)> = c.group().publishes.keys().map(|(_, s)| *s).collect();
+        assert_eq!(stamps, vec![(0, 0), (0, 1)]);
+        // A group with dead letters still to publish cannot be deleted.
+        c.hb(HeartbeatInput { group: "g".into(), member_id: "a".into(), member_epoch: -1, ..Default::default() })
+            .unwrap();
+        assert!(matches!(c.state.delete_group("g"), Err(GroupError::PublishesPending { pending: 2, .. })));
+    }
+
+    #[test]
+    fn an_idle_publisher_starts_a_new_epoch_once_nothing_is_unconfirmed() {
+        let (mut c, epoch) = one_member();
+        nack(&mut c, &nack_input("a", epoch, 1, 1, false), Some(9)).unwrap();
+        c.now_ms += RetryLimits::default().publisher_idle_ms * 2;
+        // Unconfirmed: the epoch stays, so the first decision can still be resent.
+        nack(&mut c, &nack_input("a", epoch, 2, 1, false), None).unwrap();
+        let stamps: Vec<(i16, i32)> = c.group().publishes.keys().map(|(_, s)| *s).collect();
+        assert_eq!(stamps, vec![(0, 0), (0, 1)]);
+        let records = c.state.confirm_published("g", &Tp::new("g.dlq", 0), (0, 1));
+        c.append(&records);
+        c.now_ms += RetryLimits::default().publisher_idle_ms * 2;
+        nack(&mut c, &nack_input("a", epoch, 3, 1, false), None).unwrap();
+        let stamps: Vec<(i16, i32)> = c.group().publishes.keys().map(|(_, s)| *s).collect();
+        assert_eq!(stamps, vec![(1, 0)]);
+    }
+
+    #[test]
+    fn a_record_acknowledged_on_its_last_attempt_is_never_dead_lettered() {
+        let (mut c, epoch) = one_member();
+        nack(&mut c, &nack_input("a", epoch, 5, 1, true), None).unwrap();
+        nack(&mut c, &nack_input("a", epoch, 5, 2, true), None).unwrap();
+        let settle = |attempt| SettleInput {
+            group: "g".into(),
+            member_id: "a".into(),
+            member_epoch: epoch,
+            tp: Tp::new("t", 0),
+            offset: 5,
+            attempt,
+        };
+        assert!(matches!(c.state.settle(&settle(2)), Err(GroupError::StaleAttempt { expected: 3, .. })));
+        let out = c.state.settle(&settle(3)).unwrap();
+        c.append(&out.records);
+        assert!(c.state.settle(&settle(3)).unwrap().records.is_empty(), "a retried ack is answered alike");
+        assert!(matches!(
+            nack(&mut c, &nack_input("a", epoch, 5, 3, true), Some(1)),
+            Err(GroupError::RecordSettled { state: "resolved", .. })
+        ));
+        assert!(c.group().publishes.is_empty());
+        // The commit passing it forgets it; a late nack is then refused as committed.
+        commit(&mut c, "a", epoch, ("t", 0), 6).unwrap();
+        assert!(c.group().redeliveries.is_empty());
+        assert!(matches!(
+            nack(&mut c, &nack_input("a", epoch, 5, 1, true), Some(1)),
+            Err(GroupError::RecordSettled { state: "committed", .. })
+        ));
+    }
+
+    #[test]
+    fn a_pending_redelivery_survives_the_commit_and_goes_to_the_next_owner() {
+        let mut c = Coord::new(&[("t", 1)]);
+        let a = c.join("a", &["t"]);
+        nack(&mut c, &nack_input("a", a.member_epoch, 5, 1, true), None).unwrap();
+        commit(&mut c, "a", a.member_epoch, ("t", 0), 9).unwrap();
+        assert_eq!(c.group().redeliveries.len(), 1, "later records flow; the failed one waits");
+        // a leaves; b takes the partition and is handed the redelivery.
+        c.hb(HeartbeatInput { group: "g".into(), member_id: "a".into(), member_epoch: -1, ..Default::default() })
+            .unwrap();
+        let b = c.join("b", &["t"]);
+        assert_eq!(c.state.due_redeliveries("g", "b", i64::MAX, 10).len(), 1);
+        // a's late nack is fenced; b's counts.
+        assert!(matches!(
+            nack(&mut c, &nack_input("a", a.member_epoch, 5, 2, true), None),
+            Err(GroupError::UnknownMember { .. })
+        ));
+        assert_eq!(nack(&mut c, &nack_input("b", b.member_epoch, 5, 2, true), None).unwrap().attempts, 2);
+    }
+
+    #[test]
+    fn refused_nacks_change_nothing_and_bounds_hold() {
+        let (mut c, epoch) = one_member();
+        let limits = RetryLimits { redeliveries_max: 2, ..RetryLimits::default() };
+        for offset in 0..2 {
+            let out = c.state.nack(&nack_input("a", epoch, offset, 1, true), &c.topics, &limits, 0, 0, None).unwrap();
+            c.append(&out.records);
+        }
+        let full = c.state.nack(&nack_input("a", epoch, 2, 1, true), &c.topics, &limits, 0, 0, None);
+        assert!(matches!(full, Err(GroupError::RetryBacklogFull { max: 2, .. })));
+        let mut bad = nack_input("a", epoch, 3, 1, true);
+        bad.policy.max_attempts = 0;
+        assert!(matches!(nack(&mut c, &bad, None), Err(GroupError::Invalid(_))));
+        let mut big = nack_input("a", epoch, 3, 1, true);
+        big.record.value = Some(vec![0; RetryLimits::default().record_bytes_max + 1]);
+        assert!(matches!(nack(&mut c, &big, None), Err(GroupError::Invalid(_))));
+        let mut other = nack_input("a", epoch, 3, 1, true);
+        other.tp = Tp::new("nope", 0);
+        assert!(matches!(nack(&mut c, &other, None), Err(GroupError::UnknownTopic(_))));
+        assert_eq!(c.group().redeliveries.len(), 2);
+    }
+
+    #[test]
+    fn a_rewrite_of_live_records_keeps_retry_state() {
+        let (mut c, epoch) = one_member();
+        nack(&mut c, &nack_input("a", epoch, 1, 1, true), None).unwrap();
+        nack(&mut c, &nack_input("a", epoch, 2, 1, false), Some(4)).unwrap();
+        let mut rebuilt = Groups::default();
+        for r in Shard::live_records(&c.state, "g") {
+            rebuilt.replay(0, &r).unwrap();
+        }
+        assert_eq!(rebuilt, c.state);
+        assert_eq!(rebuilt.get("g").unwrap().publishes.len(), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_jitters_in_its_upper_half() {
+        let p = RetryPolicy { max_attempts: 10, backoff_min_ms: 100, backoff_max_ms: 1_000 };
+        assert_eq!(p.backoff_ms(1, 0), 50);
+        assert_eq!(p.backoff_ms(1, 50), 100);
+        assert_eq!(p.backoff_ms(3, 200), 400);
+        assert_eq!(p.backoff_ms(30, u64::MAX), 500 + u64::MAX % 501);
+    }
 }
