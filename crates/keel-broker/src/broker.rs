@@ -699,6 +699,11 @@ impl Inner {
         self.propose(&Command::RegisterNode { node_id: request.node_id, addr: request.addr }).await.map(|_| ())
     }
 
+    /// A draw from the node's seeded generator (the simulation's seed drives it).
+    pub(crate) fn random_u64(&self) -> u64 {
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).next_u64()
+    }
+
     /// A producer id for `InitProducerId`, from this node's block; an empty block is refilled
     /// from the controller first. Any failure to allocate is UNAVAILABLE without a leader hint:
     /// every node serves InitProducerId, so the client should retry, not look for the controller.

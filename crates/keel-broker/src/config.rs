@@ -138,6 +138,10 @@ pub struct GroupSettings {
     /// A consumer silent this long (and longer than its window took) with records waiting is
     /// STOP.
     pub lag_stop_ms: i64,
+    /// Bounds of the retry and dead-letter state a group may hold.
+    pub retry_limits: keel_coordinator::groups::RetryLimits,
+    /// The retry policy of a nack that names none.
+    pub retry_policy: keel_coordinator::groups::RetryPolicy,
 }
 
 impl Default for GroupSettings {
@@ -150,6 +154,8 @@ impl Default for GroupSettings {
             limits: keel_coordinator::groups::GroupLimits::default(),
             lag_limits: keel_coordinator::groups::LagLimits::default(),
             lag_stop_ms: 60_000,
+            retry_limits: keel_coordinator::groups::RetryLimits::default(),
+            retry_policy: keel_coordinator::groups::RetryPolicy::default(),
         }
     }
 }
@@ -206,6 +212,14 @@ impl BrokerConfig {
         }
         if self.groups.offsets_partitions == 0 || self.groups.offsets_partitions > 1_000 {
             return Err(BrokerError::Config("offsets_partitions must be 1 to 1000".into()));
+        }
+        if self.groups.retry_limits.publisher_idle_ms >= self.limits.producer_id_expiration_ms {
+            // A group's publisher must move to a new epoch before its target partitions could
+            // have forgotten it, or its next dead letter is refused as UNKNOWN_PRODUCER_ID.
+            return Err(BrokerError::Config(format!(
+                "the dead-letter publisher's idle rotation ({} ms) must be below producer_id_expiration_ms ({} ms)",
+                self.groups.retry_limits.publisher_idle_ms, self.limits.producer_id_expiration_ms
+            )));
         }
         self.limits.validate(self.log.batch_bytes_max())
     }

@@ -51,6 +51,9 @@ pub struct CoordinatorFaults {
     /// The controller answers a fresh claim of a producer identity with the epoch it holds
     /// instead of the next one: a successor shares its predecessor's epoch, unfenced.
     pub identity_epoch_reused: bool,
+    /// Publish decided records (dead letters) without their producer stamp: a send repeated
+    /// after a failover or an ambiguous answer lands twice.
+    pub publish_unstamped: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.

@@ -33,6 +33,8 @@ pub struct GroupCoordinator {
     pub(crate) runtime: Arc<Runtime<Groups>>,
     /// Heartbeat and revocation deadlines per (group, member), only while active.
     clocks: Mutex<BTreeMap<(String, String), MemberClock>>,
+    /// Woken when an operation decided a record to publish (`publisher.rs`).
+    pub(crate) publish_wake: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,12 +145,16 @@ impl Inner {
                 self.coordinator_faults,
                 move || Groups::with_lag_limits(lag_limits),
             ));
-            let coordinator =
-                Arc::new(GroupCoordinator { runtime: Arc::clone(&runtime), clocks: Mutex::new(BTreeMap::new()) });
+            let coordinator = Arc::new(GroupCoordinator {
+                runtime: Arc::clone(&runtime),
+                clocks: Mutex::new(BTreeMap::new()),
+                publish_wake: tokio::sync::Notify::new(),
+            });
             lock(&self.groups).insert(partition, Arc::clone(&coordinator));
             info!(partition, group = p.group, "group coordinator started");
             self.spawn("coord-replay", Arc::clone(&runtime).replay_loop());
             self.spawn("coord-leadership", runtime.leadership_loop());
+            self.spawn("coord-publish", Arc::clone(self).publish_loop(Arc::clone(&coordinator)));
             self.spawn("coord-timers", Arc::clone(self).group_timers(coordinator));
         }
     }

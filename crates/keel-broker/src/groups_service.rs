@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_coordinator::groups::{
-    CommitInput, Committed, GroupError, Groups, HeartbeatInput, Tp, partition_for_group, validate_group_name,
+    CommitInput, Committed, DeadLetterRecord, GroupError, Groups, HeartbeatInput, NackInput, PublishHeader,
+    RetryPolicy, SettleInput, Tp, partition_for_group, validate_group_name,
 };
 use keel_proto::v1 as pb;
 use keel_raft::{GroupId, NodeId};
@@ -35,11 +36,16 @@ fn group_status(e: &GroupError) -> Status {
         GroupError::FencedEpoch { .. }
         | GroupError::StaleEpoch { .. }
         | GroupError::GroupNotEmpty { .. }
-        | GroupError::InconsistentAssignor { .. } => Code::FailedPrecondition,
+        | GroupError::InconsistentAssignor { .. }
+        | GroupError::StaleAttempt { .. }
+        | GroupError::RecordSettled { .. }
+        | GroupError::PublishesPending { .. } => Code::FailedPrecondition,
         GroupError::OffsetAboveHighWatermark { .. } | GroupError::OffsetBelowLogStart { .. } => Code::OutOfRange,
-        GroupError::GroupMaxSize { .. } | GroupError::GroupsMax(_) | GroupError::MetadataTooLarge { .. } => {
-            Code::ResourceExhausted
-        }
+        GroupError::GroupMaxSize { .. }
+        | GroupError::GroupsMax(_)
+        | GroupError::MetadataTooLarge { .. }
+        | GroupError::RetryBacklogFull { .. } => Code::ResourceExhausted,
+        GroupError::ProducerIdNeeded => Code::Unavailable,
     };
     reason_status(code, e.reason(), e.to_string(), BTreeMap::new())
 }
@@ -261,12 +267,28 @@ impl pb::groups_server::Groups for Api {
             })
             .await
             .map_err(|e| self.run_status(&r.group, e))?;
+        let redeliveries = if out.member_epoch > 0 {
+            let (now_ms, max) =
+                (self.inner.clock.now_ms(), self.inner.config.groups.retry_limits.due_per_heartbeat_max);
+            coordinator.runtime.read(|s: &Groups| s.due_redeliveries(&r.group, &out.member_id, now_ms, max))
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(pb::HeartbeatResponse {
             member_id: out.member_id,
             member_epoch: out.member_epoch,
             assignment: to_topic_partitions(&out.assignment),
             heartbeat_interval_ms: out.heartbeat_interval_ms,
             session_timeout_ms: out.session_timeout_ms,
+            redeliveries: redeliveries
+                .into_iter()
+                .map(|d| pb::Redelivery {
+                    topic: d.tp.topic,
+                    partition: d.tp.partition,
+                    offset: d.offset,
+                    attempt: d.attempt,
+                })
+                .collect(),
         }))
     }
 
@@ -510,5 +532,102 @@ impl pb::groups_server::Groups for Api {
             .await
             .map_err(|e| self.run_status(&group, e))?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
+    async fn nack(&self, request: Request<pb::NackRequest>) -> Result<Response<pb::NackResponse>, Status> {
+        let r = request.into_inner();
+        let coordinator = self.coordinator_for(&r.group)?;
+        let settings = &self.inner.config.groups;
+        let policy = match r.policy {
+            None => settings.retry_policy,
+            Some(p) => {
+                let default = settings.retry_policy;
+                let or = |v: u32, d: u32| if v == 0 { d } else { v };
+                let backoff_min_ms = or(p.backoff_min_ms, default.backoff_min_ms);
+                RetryPolicy {
+                    max_attempts: or(p.max_attempts, default.max_attempts),
+                    backoff_min_ms,
+                    backoff_max_ms: or(p.backoff_max_ms, default.backoff_max_ms.max(backoff_min_ms)),
+                }
+            }
+        };
+        let record = r.record.unwrap_or_default();
+        let input = NackInput {
+            group: r.group.clone(),
+            member_id: r.member_id,
+            member_epoch: r.member_epoch,
+            tp: Tp::new(r.topic, r.partition),
+            offset: r.offset,
+            attempt: r.attempt,
+            error: r.error,
+            retryable: r.retryable,
+            policy,
+            record: DeadLetterRecord {
+                key: record.key.map(|k| k.to_vec()),
+                value: record.value.map(|v| v.to_vec()),
+                headers: record
+                    .headers
+                    .into_iter()
+                    .map(|h| PublishHeader { key: h.key, value: h.value.map(|v| v.to_vec()) })
+                    .collect(),
+                timestamp_ms: record.timestamp_ms,
+            },
+        };
+        let topics = self.inner.topics_view();
+        let mut spare = None;
+        loop {
+            let (now_ms, jitter) = (self.inner.clock.now_ms(), self.inner.random_u64());
+            let outcome = coordinator
+                .runtime
+                .run(&r.group, |s: &Groups| {
+                    let out = s.nack(&input, &topics, &settings.retry_limits, now_ms, jitter, spare)?;
+                    Ok((encode(&out.records), out.response))
+                })
+                .await;
+            match outcome {
+                // The group's first dead letter needs a producer identity: allocate one (from
+                // the controller's blocks, like InitProducerId) and decide again with it.
+                Err(RunError::Refused(GroupError::ProducerIdNeeded)) if spare.is_none() => {
+                    spare = Some(self.inner.next_producer_id().await?);
+                }
+                Err(e) => return Err(self.run_status(&r.group, e)),
+                Ok(out) => {
+                    self.inner.metrics.nacks.inc();
+                    if out.dead_lettered {
+                        coordinator.publish_wake.notify_one();
+                    }
+                    return Ok(Response::new(pb::NackResponse {
+                        attempts: out.attempts,
+                        due_at_ms: out.due_at_ms,
+                        dead_lettered: out.dead_lettered,
+                    }));
+                }
+            }
+        }
+    }
+
+    async fn ack_redelivery(
+        &self,
+        request: Request<pb::AckRedeliveryRequest>,
+    ) -> Result<Response<pb::AckRedeliveryResponse>, Status> {
+        let r = request.into_inner();
+        let coordinator = self.coordinator_for(&r.group)?;
+        let input = SettleInput {
+            group: r.group.clone(),
+            member_id: r.member_id,
+            member_epoch: r.member_epoch,
+            tp: Tp::new(r.topic, r.partition),
+            offset: r.offset,
+            attempt: r.attempt,
+        };
+        coordinator
+            .runtime
+            .run(&r.group, |s: &Groups| {
+                let out = s.settle(&input)?;
+                Ok((encode(&out.records), ()))
+            })
+            .await
+            .map_err(|e| self.run_status(&r.group, e))?;
+        Ok(Response::new(pb::AckRedeliveryResponse {}))
     }
 }

@@ -7,6 +7,7 @@
 //! - [`coordinator`]: the coordinator runtime (DESIGN.md §6.1) over an internal-topic partition;
 //! - [`groups`]: consumer-group coordinators on that runtime, served by the `Groups` gRPC service;
 //! - [`producer_ids`]: the node's block of producer ids behind `InitProducerId`;
+//! - `publisher`: a coordinator's decided records (dead letters) sent exactly once;
 //! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
 //! - [`metrics`]: the node's Prometheus series, served on `/metrics` by its own HTTP listener;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
@@ -23,6 +24,7 @@ pub mod metrics;
 mod metrics_groups;
 mod metrics_http;
 pub mod producer_ids;
+mod publisher;
 pub mod service;
 pub mod size_status;
 

@@ -121,6 +121,8 @@ pub struct Metrics {
     pub(crate) subscribe_streams: Gauge,
     pub(crate) connections: Gauge,
     leadership_changes: Counter,
+    pub(crate) nacks: Counter,
+    pub(crate) dead_letters_published: Counter,
     state: StateGauges,
     groups: GroupGauges,
     /// The raft term each hosted group was last seen in: leadership changes are counted as the
@@ -189,6 +191,8 @@ impl Metrics {
             subscribe_streams: Gauge::default(),
             connections: Gauge::default(),
             leadership_changes: Counter::default(),
+            nacks: Counter::default(),
+            dead_letters_published: Counter::default(),
             state: StateGauges::default(),
             groups: GroupGauges::default(),
             terms: Mutex::new(BTreeMap::new()),
@@ -226,6 +230,12 @@ impl Metrics {
             "leadership_changes",
             "Raft terms begun in the partitions hosted here since the node started (elections and leader step-downs)",
             m.leadership_changes.clone(),
+        );
+        r.register("group_nacks", "Failed processing attempts recorded by group coordinators here", m.nacks.clone());
+        r.register(
+            "dead_letters_published",
+            "Dead letters this node's coordinators published and confirmed (each once)",
+            m.dead_letters_published.clone(),
         );
         r.register(
             "raft_apply_lag_max",

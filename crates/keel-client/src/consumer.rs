@@ -91,6 +91,9 @@ pub struct ConsumerRecord {
     /// The idempotent producer that wrote it, with the record's own sequence (what `keel audit`
     /// checks for gaps and duplicates); `None` for records written without one.
     pub producer: Option<RecordProducer>,
+    /// Which delivery attempt this is: 1 as first consumed; 2 and up for a failed record a
+    /// consumer group hands back for another attempt ([`crate::GroupConsumer::nack`]).
+    pub attempt: u32,
 }
 
 /// The idempotent producer stamp of one record.
@@ -530,6 +533,7 @@ fn decode(
                     value: record.value,
                     headers,
                     producer,
+                    attempt: 1,
                 };
                 take(offset, record, &mut next)?;
             }
@@ -547,6 +551,7 @@ fn decode(
             headers: r.headers.iter().map(|h| (h.key.clone(), h.value.clone())).collect(),
             // The decoded-records format does not carry producer stamps.
             producer: None,
+            attempt: 1,
         };
         take(r.offset, record, &mut next)?;
     }

@@ -521,6 +521,7 @@ mod tests {
                 .map(|v| vec![("msg-id".to_owned(), Some(v.as_bytes().to_vec().into()))])
                 .unwrap_or_default(),
             producer: Some(RecordProducer { id: 9, epoch: 0, sequence }),
+            attempt: 1,
         }
     }
 

@@ -28,6 +28,10 @@ use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset};
 use crate::core::{Core, MESSAGE_BYTES_MAX};
 use crate::error::ClientError;
 
+#[path = "group_retry.rs"]
+mod retry;
+pub use retry::{HandlerError, NackOutcome, ProcessSummary, RetryPolicy};
+
 /// Salt of the group clients' random streams (see [`Core::new`]).
 const SALT: u64 = 0x9a0b;
 /// Longest a `poll` waits in the consumer before it looks at the assignment again.
@@ -73,6 +77,8 @@ pub struct GroupConfig {
     pub commit_on_revoke: bool,
     /// How the partitions are read.
     pub consumer: ConsumerConfig,
+    /// How records this member nacks are retried (fixed by each record's first failure).
+    pub retry: RetryPolicy,
 }
 
 impl GroupConfig {
@@ -89,6 +95,7 @@ impl GroupConfig {
             auto_commit_interval: None,
             commit_on_revoke: true,
             consumer: ConsumerConfig::default(),
+            retry: RetryPolicy::default(),
         }
     }
 
@@ -228,6 +235,9 @@ struct Shared {
     /// The member must drop everything and rejoin (fenced, removed, or out of touch).
     fenced: bool,
     last_heard: Instant,
+    /// Failed records due for another attempt, as the last heartbeat answer listed them:
+    /// (partition, offset, attempt).
+    redeliveries: Vec<(TopicPartition, u64, u32)>,
 }
 
 /// A member of a consumer group.
@@ -244,6 +254,10 @@ pub struct GroupConsumer {
     owned: BTreeSet<TopicPartition>,
     listener: Option<Box<dyn RebalanceListener>>,
     last_auto_commit: Instant,
+    /// Redeliveries `poll` returned and not yet acked or nacked.
+    in_progress: BTreeSet<(TopicPartition, u64, u32)>,
+    /// Redeliveries acked or nacked here that a heartbeat answer may still list.
+    settled_here: BTreeSet<(TopicPartition, u64, u32)>,
 }
 
 impl std::fmt::Debug for GroupConsumer {
@@ -280,6 +294,7 @@ impl GroupConsumer {
             owned: BTreeSet::new(),
             fenced: false,
             last_heard: Instant::now(),
+            redeliveries: Vec::new(),
         }));
         let wake = Arc::new(Notify::new());
         let (changed_tx, changed) = watch::channel(0u64);
@@ -302,6 +317,8 @@ impl GroupConsumer {
             owned: BTreeSet::new(),
             listener: None,
             last_auto_commit: Instant::now(),
+            in_progress: BTreeSet::new(),
+            settled_here: BTreeSet::new(),
         })
     }
 
@@ -334,6 +351,8 @@ impl GroupConsumer {
     /// the coordinator's assignment first. Every offset of a partition is returned once, in
     /// order, while the member owns it; after a rebalance a partition restarts at its
     /// committed offset, so records after the last commit may come again (at-least-once).
+    /// Failed records due for another attempt come first, each with its `attempt` number:
+    /// [`GroupConsumer::ack`] or [`GroupConsumer::nack`] every one of them.
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>, ClientError> {
         let deadline = Instant::now() + timeout;
         if let Some(every) = self.config.auto_commit_interval
@@ -351,6 +370,10 @@ impl GroupConsumer {
             let now = Instant::now();
             if now >= deadline {
                 return Ok(Vec::new());
+            }
+            let redelivered = self.take_redeliveries().await?;
+            if !redelivered.is_empty() {
+                return Ok(redelivered);
             }
             let slice = (deadline - now).min(RECONCILE_EVERY);
             if self.owned.is_empty() {
@@ -635,6 +658,8 @@ async fn heartbeat_loop(
                 let news = s.epoch != r.member_epoch || s.target.as_ref() != Some(&target);
                 s.epoch = r.member_epoch;
                 s.target = Some(target);
+                s.redeliveries =
+                    r.redeliveries.into_iter().map(|d| ((d.topic, d.partition), d.offset, d.attempt)).collect();
                 drop(s);
                 if news {
                     changed.send_modify(|v| *v += 1);

@@ -44,7 +44,10 @@ pub use admin::{Admin, AuditChunk};
 pub use config::{ClientConfig, Connect, TcpConnect, parse_bootstrap};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchResult, Offset, RecordProducer};
 pub use error::{ClientError, GROUP_REASONS, NOT_LEADER_REASON};
-pub use group::{GroupAdmin, GroupConfig, GroupConsumer, OffsetReset, RebalanceListener, TopicPartition};
+pub use group::{
+    GroupAdmin, GroupConfig, GroupConsumer, HandlerError, NackOutcome, OffsetReset, ProcessSummary, RebalanceListener,
+    RetryPolicy, TopicPartition,
+};
 pub use keel_proto::v1::{
     DescribeClusterResponse as ClusterDescription, NodeDescription, PartitionDescription, TopicConfig, TopicDescription,
 };

@@ -20,7 +20,8 @@ use std::collections::BTreeMap;
 pub use lag::{CommitSample, ConsumerStatus, LagLimits, LagWindows, StatusRules, group_status, partition_status};
 pub use ops::{CommitInput, HeartbeatInput, HeartbeatOutput, Outcome, TopicsView};
 pub use records::{
-    Committed, GroupMeta, GroupRecord, Member, Publish, PublishHeader, Publisher, Redelivery, RedeliveryState, Target, Tp,
+    Committed, GroupMeta, GroupRecord, Member, Publish, PublishHeader, Publisher, Redelivery, RedeliveryState, Target,
+    Tp,
 };
 pub use retry::{DeadLetterRecord, NackInput, NackOutput, RetryLimits, RetryPolicy, SettleInput, dead_letter_topic};
 

@@ -631,7 +631,11 @@ pub(crate) fn fence<'a>(
         match m.owns(tp) {
             Some(assigned_at) if assigned_at <= member_epoch => {}
             _ => {
-                return Err(GroupError::StaleEpoch { member: m.member_id.clone(), epoch: member_epoch, tp: tp.clone() });
+                return Err(GroupError::StaleEpoch {
+                    member: m.member_id.clone(),
+                    epoch: member_epoch,
+                    tp: tp.clone(),
+                });
             }
         }
     }

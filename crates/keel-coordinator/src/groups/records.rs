@@ -198,9 +198,7 @@ mod b64 {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
-        Option::<String>::deserialize(d)?
-            .map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom))
-            .transpose()
+        Option::<String>::deserialize(d)?.map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom)).transpose()
     }
 }
 
@@ -351,7 +349,12 @@ impl GroupRecord {
                 let (e, s) = stamp.split_once('.').ok_or_else(|| format!("bad stamp {stamp:?}"))?;
                 let epoch = e.parse().map_err(|_| format!("bad epoch {e:?}"))?;
                 let sequence = s.parse().map_err(|_| format!("bad sequence {s:?}"))?;
-                Ok(GroupRecord::Publish((*g).to_owned(), Tp::new(*t, partition), (epoch, sequence), parse(&record.value)?))
+                Ok(GroupRecord::Publish(
+                    (*g).to_owned(),
+                    Tp::new(*t, partition),
+                    (epoch, sequence),
+                    parse(&record.value)?,
+                ))
             }
             _ if parts.len() > KEY_PARTS_MAX => Err(format!("key of kind {kind} has more than {KEY_PARTS_MAX} parts")),
             _ => Err(format!("unknown key kind {kind} with {} parts", parts.len())),

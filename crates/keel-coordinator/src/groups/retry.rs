@@ -30,9 +30,20 @@ pub mod headers {
     pub const LAST_ERROR: &str = "keel-last-error";
     /// When the first attempt failed (ms since the epoch).
     pub const FIRST_FAILURE_MS: &str = "keel-first-failure-ms";
+    /// The original record's timestamp (the dead letter's own is when it was decided: the
+    /// target partition ages its producers by batch timestamps).
+    pub const ORIGIN_TIMESTAMP_MS: &str = "keel-origin-timestamp-ms";
     /// Every header the coordinator sets (a record dead-lettered again loses its old ones).
-    pub const ALL: &[&str] =
-        &[ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET, GROUP, ATTEMPTS, LAST_ERROR, FIRST_FAILURE_MS];
+    pub const ALL: &[&str] = &[
+        ORIGIN_TOPIC,
+        ORIGIN_PARTITION,
+        ORIGIN_OFFSET,
+        GROUP,
+        ATTEMPTS,
+        LAST_ERROR,
+        FIRST_FAILURE_MS,
+        ORIGIN_TIMESTAMP_MS,
+    ];
 }
 
 /// The dead-letter topic of `group`, or why it cannot have one (the name would be too long).
@@ -336,6 +347,7 @@ impl Groups {
                 header(headers::ATTEMPTS, attempts),
                 header(headers::LAST_ERROR, &r.last_error),
                 header(headers::FIRST_FAILURE_MS, r.first_failure_ms),
+                header(headers::ORIGIN_TIMESTAMP_MS, input.record.timestamp_ms),
             ]);
             let record = DeadLetterRecord { headers, ..input.record.clone() };
             used_spare_id = decide_publish(&mut g, name, &dlq, record, limits, now_ms, spare_producer_id)?;
@@ -475,9 +487,7 @@ fn decide_publish(
         }
         // Idle (the target may have forgotten it) or far into its sequences: a new epoch starts
         // at sequence 0, which the target accepts whatever it remembers.
-        Some(p) if p.epoch < i16::MAX => {
-            Publisher { epoch: p.epoch + 1, next_sequence: 0, ..p.clone() }
-        }
+        Some(p) if p.epoch < i16::MAX => Publisher { epoch: p.epoch + 1, next_sequence: 0, ..p.clone() },
         Some(_) => fresh(&mut used)?,
     };
     let stamp = (p.epoch, p.next_sequence);
@@ -488,7 +498,7 @@ fn decide_publish(
         key: record.key,
         value: record.value,
         headers: record.headers,
-        timestamp_ms: record.timestamp_ms,
+        timestamp_ms: now_ms,
         decided_ms: now_ms,
     };
     p.next_sequence += 1;

@@ -688,10 +688,7 @@ mod retry {
         ));
         nack(&mut c, &nack_input("a", epoch, 5, 2, true), None).unwrap();
         // The last attempt decides the dead letter, which needs a producer id.
-        assert_eq!(
-            nack(&mut c, &nack_input("a", epoch, 5, 3, true), None).unwrap_err(),
-            GroupError::ProducerIdNeeded
-        );
+        assert_eq!(nack(&mut c, &nack_input("a", epoch, 5, 3, true), None).unwrap_err(), GroupError::ProducerIdNeeded);
         let last = nack(&mut c, &nack_input("a", epoch, 5, 3, true), Some(77)).unwrap();
         assert!(last.dead_lettered && last.used_spare_id);
         let g = c.group();
