@@ -127,6 +127,8 @@ pub struct BrokerStats {
     pub zombie_commits: (u64, u64),
     /// Member lives (joins under a new member id).
     pub member_lives: u64,
+    /// Nacks acknowledged to members, redelivered records processed, and records dead-lettered.
+    pub retries: (u64, u64, u64),
 }
 
 /// The wall clock of a simulated broker: turmoil's, which starts at [`EPOCH_SECS`].
@@ -847,6 +849,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         commits: s.members.commits.len() as u64,
         zombie_commits: (s.members.zombie_commits, s.members.zombie_fenced),
         member_lives: s.members.lives,
+        retries: (s.members.nacks, s.members.redelivered, s.members.dead.len() as u64),
         ..BrokerStats::default()
     };
     for op in &s.history {

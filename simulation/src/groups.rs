@@ -14,15 +14,22 @@
 //!   assignment epoch and its current one (zombie commits fenced), committed offsets never move
 //!   backwards and never pass the partition's high watermark;
 //! - at-least-once: after healing the group converges (stable, every partition owned) and every
-//!   acknowledged record was processed by some member.
+//!   acknowledged record was processed by some member, or dead-lettered;
+//! - retry and dead letter: records fail by a rule of their value (some once, some on every
+//!   attempt, some with a non-retryable error). An acknowledged nack is on a quorum of disks;
+//!   in the audit, a record's attempts go up by exactly one per recorded failure and never
+//!   start over, a record acknowledged on a redelivery is never dead-lettered, and no origin
+//!   gets two publish decisions; after healing, `<group>.dlq` holds every record a member was
+//!   told was dead-lettered, each exactly once, with max-attempts attempts for a poison record
+//!   and one for a non-retryable failure, and nothing that ever succeeded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use keel_client::{ConsumerConfig, GroupAdmin, GroupConfig, GroupConsumer, Offset};
+use keel_client::{ConsumerConfig, ConsumerRecord, GroupAdmin, GroupConfig, GroupConsumer, Offset, RetryPolicy};
 use keel_coordinator::Shard;
-use keel_coordinator::groups::{GroupRecord, Groups, Tp};
+use keel_coordinator::groups::{GroupRecord, Groups, RedeliveryState, Tp};
 use keel_raft::{GroupId, RaftNode};
 use keel_storage::SimDisk;
 use rand::{Rng, SeedableRng};
@@ -38,6 +45,31 @@ pub const GROUP: &str = "sim-group";
 const SESSION: Duration = Duration::from_secs(3);
 /// How long a member may take to revoke.
 const REBALANCE: Duration = Duration::from_secs(6);
+/// Attempts of a failing record before it is dead-lettered.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// How processing a record goes, by a rule of its value (the same for every member).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Processed at the first attempt.
+    Fine,
+    /// Fails its first attempt (retryable), then succeeds.
+    Flaky,
+    /// Fails every attempt (retryable): dead-lettered after [`MAX_ATTEMPTS`].
+    Poison,
+    /// Fails with a non-retryable error: dead-lettered at once.
+    Fatal,
+}
+
+/// The fate of a value: about 4% poison, 2% fatal, 8% flaky.
+pub fn fate(value: &str) -> Fate {
+    match keel_record::fnv1a_64(value.as_bytes()) % 100 {
+        0..4 => Fate::Poison,
+        4..6 => Fate::Fatal,
+        6..14 => Fate::Flaky,
+        _ => Fate::Fine,
+    }
+}
 
 /// A commit a member saw acknowledged.
 #[derive(Debug, Clone)]
@@ -73,6 +105,12 @@ pub struct GroupView {
     pub lives: u64,
     /// The idle group's offsets, by partition, once acknowledged.
     pub idle: Option<BTreeMap<u32, u64>>,
+    /// Nacks acknowledged to a member.
+    pub nacks: u64,
+    /// Values a member was told were dead-lettered.
+    pub dead: BTreeSet<String>,
+    /// Redelivered records processed (and acked).
+    pub redelivered: u64,
 }
 
 /// Settings of the members.
@@ -101,6 +139,77 @@ fn durable_commit_copies(disks: &[SimDisk], dir: &Path, partition: u32, offset: 
     })
 }
 
+/// White-box, when a member learns its nack was recorded: on how many disks
+/// `__consumer_offsets` durably holds the record's failure at `attempt` or later.
+fn durable_nack_copies(disks: &[SimDisk], dir: &Path, partition: u32, offset: u64, attempt: u32) -> usize {
+    let key = GroupRecord::Redelivery(GROUP.to_owned(), Tp::new(TOPIC, partition), offset, None).encode().key;
+    checker::durable_records(disks, dir, |record| {
+        record.key == key
+            && matches!(GroupRecord::decode(record), Ok(GroupRecord::Redelivery(_, _, _, Some(r))) if r.attempts >= attempt)
+    })
+}
+
+/// Runs a member's handler on what one poll returned, in order: ack or nack each record by its
+/// fate. Returns false when a first attempt's failure could not be recorded: the member must
+/// not commit past it, so it gives up this life (its partitions then restart at the commit).
+async fn handle(
+    state: &Shared,
+    disks: &[SimDisk],
+    host: &str,
+    member: &mut GroupConsumer,
+    records: Vec<ConsumerRecord>,
+) -> bool {
+    for r in records {
+        let value = checker::text(r.value.as_deref());
+        let failure = match (fate(&value), r.attempt) {
+            (Fate::Fine, _) => None,
+            (Fate::Flaky, a) if a > 1 => None,
+            (Fate::Flaky | Fate::Poison, _) => Some(true),
+            (Fate::Fatal, _) => Some(false),
+        };
+        let Some(retryable) = failure else {
+            if r.attempt > 1 {
+                // Not acknowledged: the coordinator lists it again, and it runs again.
+                match member.ack(&r).await {
+                    Ok(()) => state.borrow_mut().members.redelivered += 1,
+                    Err(e) => log(state, format!("{host}: ack {value}@{}: {e}", r.attempt)),
+                }
+            }
+            state.borrow_mut().members.processed.insert(value);
+            continue;
+        };
+        match member.nack(&r, &format!("{value} failed"), retryable).await {
+            Ok(outcome) => {
+                let dir = state.borrow().members.offsets_group.map(|g| Path::new(DATA_DIR).join(format!("group-{g}")));
+                let copies =
+                    dir.as_ref().map_or(0, |d| durable_nack_copies(disks, d, r.partition, r.offset, r.attempt));
+                let mut s = state.borrow_mut();
+                if copies < 2 {
+                    s.violations.push(format!(
+                        "{host}: nack of {value} (attempt {}) acknowledged without a durable quorum ({copies} disks)",
+                        r.attempt
+                    ));
+                }
+                s.members.nacks += 1;
+                if outcome.dead_lettered {
+                    s.members.dead.insert(value.clone());
+                }
+                drop(s);
+                log(state, format!("{host}: nacked {value}@{}: {outcome:?}", r.attempt));
+            }
+            // Decided before (read again from a commit below it): nothing left to do.
+            Err(e) if e.group_reason() == Some("RECORD_SETTLED") => log(state, format!("{host}: {value}: {e}")),
+            Err(e) => {
+                log(state, format!("{host}: nack {value}@{}: {e}", r.attempt));
+                if r.attempt == 1 {
+                    return false;
+                }
+            }
+        }
+    }
+    true
+}
+
 /// One member's lives until the group is told to stop.
 pub(crate) async fn member_main(
     k: u64,
@@ -127,6 +236,11 @@ pub(crate) async fn member_main(
             fetch_wait_max: Duration::from_millis(500),
             offset_default: Offset::Beginning,
         };
+        config.retry = RetryPolicy {
+            max_attempts: MAX_ATTEMPTS,
+            backoff_min: Duration::from_millis(300),
+            backoff_max: Duration::from_secs(2),
+        };
         let client = client_config(seed ^ (life << 24), nodes);
         let mut member = match GroupConsumer::subscribe(client, config, &[TOPIC]).await {
             Ok(m) => m,
@@ -142,9 +256,11 @@ pub(crate) async fn member_main(
             let stop = state.borrow().members.stop;
             match member.poll(Duration::from_millis(200)).await {
                 Ok(records) => {
-                    let mut s = state.borrow_mut();
-                    for r in records {
-                        s.members.processed.insert(checker::text(r.value.as_deref()));
+                    if !handle(&state, &disks, &host, &mut member, records).await {
+                        log(&state, format!("{host}: a failure could not be recorded: rejoining"));
+                        drop(member);
+                        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1_000))).await;
+                        break;
                     }
                 }
                 Err(e) => log(&state, format!("{host}: poll: {e}")),
@@ -298,7 +414,10 @@ pub(crate) async fn converge(
     state.borrow_mut().members.quiet = true;
     let pending = || -> Vec<String> {
         let s = state.borrow();
-        let missing: Vec<&String> = acked.iter().filter(|v| !s.members.processed.contains(*v)).collect();
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|v| matches!(fate(v), Fate::Fine | Fate::Flaky) && !s.members.processed.contains(*v))
+            .collect();
         if missing.is_empty() {
             Vec::new()
         } else {
@@ -306,6 +425,11 @@ pub(crate) async fn converge(
         }
     };
     crate::broker::within(bound, "the group did not process every acknowledged record", pending).await?;
+    // The failing ones: every acknowledged one dead-lettered (while the members still run: a
+    // poison record needs its redeliveries), each once.
+    let failing: BTreeSet<String> =
+        acked.iter().filter(|v| matches!(fate(v), Fate::Poison | Fate::Fatal)).cloned().collect();
+    check_dead_letters(state, seed, &failing, bound).await?;
     let nodes = state.borrow().nodes;
     let admin = GroupAdmin::new(client_config(seed ^ 0x9a, nodes)).map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + bound;
@@ -365,6 +489,84 @@ pub(crate) async fn converge(
     Ok(())
 }
 
+/// After healing: `<group>.dlq` holds every acknowledged failing record (and every one a
+/// member was told was dead-lettered), once, with the attempts its fate implies, and nothing
+/// else.
+async fn check_dead_letters(
+    state: &Shared,
+    seed: u64,
+    failing: &BTreeSet<String>,
+    bound: Duration,
+) -> Result<(), String> {
+    let mut dead = state.borrow().members.dead.clone();
+    dead.extend(failing.iter().cloned());
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let nodes = state.borrow().nodes;
+    let consumer = keel_client::Consumer::new(client_config(seed ^ 0xd1, nodes), ConsumerConfig::default())
+        .map_err(|e| e.to_string())?;
+    let topic = format!("{GROUP}.dlq");
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let letters = read_all(&consumer, &topic).await;
+        let found: BTreeSet<String> = letters.iter().map(|(v, _)| v.clone()).collect();
+        let missing: Vec<&String> = dead.difference(&found).collect();
+        if missing.is_empty() {
+            let mut origins = BTreeSet::new();
+            for (value, headers) in &letters {
+                let origin =
+                    (headers.get("keel-origin-partition").cloned(), headers.get("keel-origin-offset").cloned());
+                if !origins.insert(origin.clone()) {
+                    return Err(format!("dead letter published twice: {value} from {origin:?}"));
+                }
+                let attempts: u32 = headers.get("keel-attempts").and_then(|a| a.parse().ok()).unwrap_or(0);
+                let wanted = match fate(value) {
+                    Fate::Poison => MAX_ATTEMPTS,
+                    Fate::Fatal => 1,
+                    f => return Err(format!("{value} ({f:?}) was dead-lettered")),
+                };
+                if attempts != wanted {
+                    return Err(format!(
+                        "dead letter {value} ({:?}) after {attempts} attempts, not {wanted}",
+                        fate(value)
+                    ));
+                }
+            }
+            log(state, format!("{} dead letters, each once", letters.len()));
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{} dead-lettered records missing from {topic} after {bound:?}, e.g. {:?}",
+                missing.len(),
+                missing.first()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every committed record of partition 0 of `topic`: value and headers.
+async fn read_all(consumer: &keel_client::Consumer, topic: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    let Ok((_, end)) = consumer.watermarks(topic, 0).await else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < end {
+        let Ok(fetched) = consumer.fetch(topic, 0, offset).await else { return Vec::new() };
+        let before = offset;
+        for r in fetched.records.into_iter().filter(|r| r.offset < end) {
+            let headers = r.headers.iter().map(|(k, v)| (k.clone(), checker::text(v.as_deref()))).collect();
+            out.push((checker::text(r.value.as_deref()), headers));
+            offset = r.offset + 1;
+        }
+        if offset == before {
+            return Vec::new();
+        }
+    }
+    out
+}
+
 /// One batch of the coordinator's log: the records of one operation, appended atomically.
 pub type OpRecords = Vec<(u64, keel_coordinator::Record)>;
 
@@ -409,6 +611,7 @@ pub fn read_offsets_log(node: &RaftNode, group: GroupId) -> Result<Vec<OpRecords
 pub fn audit(log: &[OpRecords], high_watermarks: &BTreeMap<u32, u64>) -> Result<(), String> {
     let mut state = Groups::default();
     let mut last: BTreeMap<(String, Tp), u64> = BTreeMap::new();
+    let mut retries = RetryAudit::default();
     let start = log.first().and_then(|op| op.first()).map_or(0, |(o, _)| *o);
     let mut complete = start == 0;
     for op in log {
@@ -424,6 +627,7 @@ pub fn audit(log: &[OpRecords], high_watermarks: &BTreeMap<u32, u64>) -> Result<
                 continue;
             }
             audit_record(&before, &mut last, *offset, record, high_watermarks, complete)?;
+            retries.record(&before, *offset, record, complete)?;
             state.replay(*offset, record).map_err(|e| e.to_string())?;
         }
         let offset = op.last().map_or(0, |(o, _)| *o);
@@ -480,4 +684,73 @@ fn audit_record(
         }
     }
     Ok(())
+}
+
+/// What the audit remembers of retries: records whose redelivery state was removed (settled and
+/// passed by the commit: their attempts must never start over), and every dead letter's origin
+/// with the publish decision that carries it.
+#[derive(Default)]
+struct RetryAudit {
+    removed: BTreeSet<(String, Tp, u64)>,
+    origins: BTreeMap<(String, String, String), (i16, i32)>,
+}
+
+impl RetryAudit {
+    fn record(
+        &mut self,
+        state: &Groups,
+        offset: u64,
+        record: &keel_coordinator::Record,
+        complete: bool,
+    ) -> Result<(), String> {
+        let Ok(decoded) = GroupRecord::decode(record) else { return Ok(()) };
+        match decoded {
+            GroupRecord::Redelivery(g, tp, at, value) => {
+                let key = (g.clone(), tp.clone(), at);
+                let before = state.get(&g).and_then(|group| group.redeliveries.get(&(tp.clone(), at)));
+                let Some(r) = value else {
+                    self.removed.insert(key);
+                    return Ok(());
+                };
+                if before == Some(&r) {
+                    return Ok(()); // a compaction's rewrite
+                }
+                let fine = match before {
+                    None if self.removed.contains(&key) => false,
+                    // A log that starts after a trim knows chains only from their rewrite on.
+                    None => r.attempts == 1 || !complete,
+                    Some(b) => match (b.state, r.state) {
+                        (RedeliveryState::Pending, RedeliveryState::Pending | RedeliveryState::DeadLettered) => {
+                            r.attempts == b.attempts + 1
+                        }
+                        (RedeliveryState::Pending, RedeliveryState::Resolved) => r.attempts == b.attempts,
+                        _ => false,
+                    },
+                };
+                if !fine {
+                    return Err(format!(
+                        "retry state of {tp}@{at} went from {before:?} to {r:?} at __consumer_offsets@{offset} (removed before: {})",
+                        self.removed.contains(&key)
+                    ));
+                }
+            }
+            GroupRecord::Publish(g, target, stamp, Some(p)) => {
+                if state.get(&g).and_then(|group| group.publishes.get(&(target.clone(), stamp))) == Some(&p) {
+                    return Ok(());
+                }
+                let header = |k: &str| {
+                    p.headers.iter().find(|h| h.key == k).map(|h| checker::text(h.value.as_deref())).unwrap_or_default()
+                };
+                let origin =
+                    (header("keel-origin-topic"), header("keel-origin-partition"), header("keel-origin-offset"));
+                if let Some(first) = self.origins.insert(origin.clone(), stamp) {
+                    return Err(format!(
+                        "{origin:?} decided for the dead-letter topic twice: stamps {first:?} and {stamp:?} (__consumer_offsets@{offset})"
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }

@@ -45,6 +45,9 @@ pub enum Workload {
     /// The negative control: the controller answers a successor's claim of a producer identity
     /// with the epoch its predecessor holds.
     BrokerIdentityEpochReused,
+    /// The negative control: group coordinators publish dead letters without their producer
+    /// stamp, so a send repeated after a failover or an ambiguous answer lands twice.
+    BrokerDeadLetterUnstamped,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -65,6 +68,7 @@ impl Workload {
             Workload::BrokerNoIdempotence => "broker-no-idempotence",
             Workload::BrokerProducerIdsReused => "broker-producer-ids-reused",
             Workload::BrokerIdentityEpochReused => "broker-identity-epoch-reused",
+            Workload::BrokerDeadLetterUnstamped => "broker-dead-letter-unstamped",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -259,6 +263,13 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
                 coordinator: keel_broker::CoordinatorFaults { identity_epoch_reused: true, ..Default::default() },
                 nemesis: false,
                 safety: std::time::Duration::from_secs(20),
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerDeadLetterUnstamped => {
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { publish_unstamped: true, ..Default::default() },
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

@@ -57,6 +57,8 @@ enum WorkloadArg {
     BrokerProducerIdsReused,
     /// The negative control: a successor of a producer identity gets its predecessor's epoch.
     BrokerIdentityEpochReused,
+    /// The negative control: dead letters published without their producer stamp.
+    BrokerDeadLetterUnstamped,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -89,6 +91,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerNoIdempotence => Workload::BrokerNoIdempotence,
         WorkloadArg::BrokerProducerIdsReused => Workload::BrokerProducerIdsReused,
         WorkloadArg::BrokerIdentityEpochReused => Workload::BrokerIdentityEpochReused,
+        WorkloadArg::BrokerDeadLetterUnstamped => Workload::BrokerDeadLetterUnstamped,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -92,6 +92,9 @@ pub struct ProcessSummary {
 
 type Redelivery = (TopicPartition, u64, u32);
 
+/// The refusal of a nack or ack for a record whose outcome is already decided.
+pub const RECORD_SETTLED: &str = "RECORD_SETTLED";
+
 fn key_of(record: &ConsumerRecord) -> Redelivery {
     ((record.topic.clone(), record.partition), record.offset, record.attempt)
 }
@@ -141,7 +144,11 @@ impl GroupConsumer {
                 let request = request.clone();
                 async move { c.nack(request).await }
             })
-            .await?;
+            .await
+            .inspect_err(|_| {
+                // Not recorded: the coordinator lists a redelivery again and it comes back.
+                self.in_progress.remove(&key_of(record));
+            })?;
         self.settled(record);
         Ok(NackOutcome { attempts: r.attempts, dead_lettered: r.dead_lettered, next_attempt_at_ms: r.due_at_ms })
     }
@@ -171,7 +178,10 @@ impl GroupConsumer {
                 let request = request.clone();
                 async move { c.ack_redelivery(request).await }
             })
-            .await?;
+            .await
+            .inspect_err(|_| {
+                self.in_progress.remove(&key_of(record));
+            })?;
         self.settled(record);
         Ok(())
     }
@@ -267,6 +277,16 @@ impl GroupConsumer {
                     }
                 }),
             };
+            let settled = match settled {
+                // Its outcome was decided before (a record read again from a commit below it):
+                // nothing left to do for it.
+                Err(e) if e.group_reason() == Some(RECORD_SETTLED) => {
+                    debug!(group = self.config.group, error = %e, "record already settled");
+                    self.in_progress.remove(&key_of(record));
+                    Ok(())
+                }
+                other => other,
+            };
             match settled {
                 Ok(()) if record.attempt == 1 => {
                     commit.insert(tp, record.offset + 1);
@@ -277,9 +297,6 @@ impl GroupConsumer {
                     if record.attempt == 1 {
                         self.consumer.seek(&record.topic, record.partition, Offset::At(record.offset))?;
                         stopped.insert(tp);
-                    } else {
-                        // Not recorded: the coordinator lists it again and it comes back.
-                        self.in_progress.remove(&key_of(record));
                     }
                     first_error.get_or_insert(e);
                 }

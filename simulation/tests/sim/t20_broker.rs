@@ -124,3 +124,14 @@ fn a_successor_sharing_its_predecessors_epoch_is_caught() {
         assert!(violation.contains(caught_as), "seed {seed}: {violation:?}");
     }
 }
+
+/// Dead letters are published exactly once because each is sent with the producer stamp its
+/// decision recorded: without the stamp, a send repeated after a coordinator failover or an
+/// ambiguous answer lands twice in `<group>.dlq`, which the check after healing reports.
+#[test]
+fn dead_letters_published_without_their_stamp_are_caught() {
+    for seed in [3u64, 5] {
+        let violation = run(Workload::BrokerDeadLetterUnstamped, seed).violation.unwrap_or_default();
+        assert!(violation.contains("dead letter published twice"), "seed {seed}: {violation:?}");
+    }
+}

@@ -1,7 +1,8 @@
 //! Retry and dead letter as group operations (DESIGN.md, "Retry and dead letter"). A consumer's
 //! nack is fenced like a commit and recorded as a [`Redelivery`]; the attempt it names must be
 //! the next one, so a retried nack is recognised and recorded once: recorded attempts are
-//! exact, whatever the network does. On the last attempt, or at once for a non-retryable
+//! exact, whatever the network does. A nack of an attempt already recorded (a retry, or the
+//! record read again from a commit below it) is answered with the record's current state. On the last attempt, or at once for a non-retryable
 //! error, the operation also decides to publish the record to the group's dead-letter topic: a
 //! [`Publish`] stamped with the group's producer identity for that partition, committed before
 //! anything is sent, so the runtime's sends (again after a failover, with the same stamp) land
@@ -279,18 +280,19 @@ impl Groups {
         let existing = before.redeliveries.get(&key);
         let recorded = existing.map_or(0, |r| r.attempts);
         if let Some(r) = existing {
+            if input.attempt <= r.attempts {
+                // A retry of a recorded nack, or the record read again from a commit below it
+                // (its earlier attempts' outcome is known): the current state, no record.
+                let dead_lettered = r.state == RedeliveryState::DeadLettered;
+                let response = NackOutput {
+                    attempts: r.attempts,
+                    due_at_ms: (r.state == RedeliveryState::Pending).then_some(r.due_at_ms),
+                    dead_lettered,
+                    used_spare_id: false,
+                };
+                return Ok(Outcome { records: Vec::new(), response });
+            }
             match r.state {
-                _ if input.attempt == r.attempts && r.state != RedeliveryState::Resolved => {
-                    // A retry of the nack that recorded this attempt: same answer, no record.
-                    let dead_lettered = r.state == RedeliveryState::DeadLettered;
-                    let response = NackOutput {
-                        attempts: r.attempts,
-                        due_at_ms: (!dead_lettered).then_some(r.due_at_ms),
-                        dead_lettered,
-                        used_spare_id: false,
-                    };
-                    return Ok(Outcome { records: Vec::new(), response });
-                }
                 RedeliveryState::Resolved => return Err(settled(&input.tp, input.offset, "resolved")),
                 RedeliveryState::DeadLettered => return Err(settled(&input.tp, input.offset, "dead-lettered")),
                 RedeliveryState::Pending => {}
