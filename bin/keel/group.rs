@@ -160,6 +160,11 @@ pub fn consume(args: ConsumeArgs, group: &str, connection: &Connection) -> anyho
         AutoOffsetReset::Latest => OffsetReset::Latest,
         AutoOffsetReset::Error => OffsetReset::Error,
     };
+    config.retry = keel_client::RetryPolicy {
+        max_attempts: args.max_attempts,
+        backoff_min: Duration::from_millis(u64::from(args.backoff_ms)),
+        backoff_max: Duration::from_millis(u64::from(args.backoff_ms)).max(Duration::from_secs(60)),
+    };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     runtime()?.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -197,13 +202,43 @@ pub fn consume(args: ConsumeArgs, group: &str, connection: &Connection) -> anyho
                 if args.count.is_some_and(|n| printed >= n) {
                     break;
                 }
-                written = print_record(&mut stdout, args.format, r);
-                if written.is_err() {
-                    break;
+                let failing = args
+                    .nack_on
+                    .as_deref()
+                    .is_some_and(|text| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).contains(text));
+                if failing {
+                    match member.nack(r, "matched --nack-on", !args.nack_fatal).await {
+                        Ok(o) if o.dead_lettered => eprintln!(
+                            "nacked {}/{}@{} (attempt {}): dead-lettered to {group}.dlq",
+                            r.topic, r.partition, r.offset, r.attempt
+                        ),
+                        Ok(_) => eprintln!(
+                            "nacked {}/{}@{} (attempt {}): it comes back after its backoff",
+                            r.topic, r.partition, r.offset, r.attempt
+                        ),
+                        Err(e) if e.group_reason() == Some("RECORD_SETTLED") => {}
+                        Err(e) => {
+                            // Not recorded: stop before committing past it, so it comes again.
+                            written = Err(std::io::Error::other(format!("nack failed: {e}")));
+                            break;
+                        }
+                    }
+                } else {
+                    written = print_record(&mut stdout, args.format, r);
+                    if written.is_err() {
+                        break;
+                    }
+                    printed += 1;
+                    if r.attempt > 1
+                        && let Err(e) = member.ack(r).await
+                    {
+                        eprintln!("warning: acknowledging a redelivered record failed (it comes again): {e}");
+                    }
                 }
-                let next = uncommitted.entry((r.topic.clone(), r.partition)).or_insert(0);
-                *next = (*next).max(r.offset + 1);
-                printed += 1;
+                if r.attempt == 1 {
+                    let next = uncommitted.entry((r.topic.clone(), r.partition)).or_insert(0);
+                    *next = (*next).max(r.offset + 1);
+                }
             }
             if let Err(e) = written.and_then(|()| stdout.flush()) {
                 // Output that may not have reached its reader is not processed: nothing of this

@@ -7,6 +7,7 @@ mod bench_net;
 mod clock;
 mod dev;
 mod dev_control;
+mod dlq;
 mod group;
 mod health;
 mod server;
@@ -66,6 +67,13 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
+    /// Dead-letter topics of consumer groups: list, inspect, replay to the origin topic.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
     /// Check a topic for lost or duplicated records: per idempotent producer, the sequences
     /// present, the gaps between them and the duplicates (exit status 1 when it finds either).
     Audit {
@@ -105,6 +113,7 @@ fn main() -> std::process::ExitCode {
         Command::Produce { args, connection } => tools::produce(args, &connection, cli.output),
         Command::Consume { args, connection } => tools::consume(args, &connection),
         Command::Group { command, connection } => group::run(command, &connection, cli.output),
+        Command::Dlq { command, connection } => dlq::run(command, &connection, cli.output),
         Command::Audit { args, connection } => match audit::run(args, &connection, cli.output) {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::FAILURE,

@@ -145,6 +145,20 @@ pub struct ConsumeArgs {
     /// Shown by `keel group describe` [default: keel-cli].
     #[arg(long, requires = "group")]
     pub(crate) client_id: Option<String>,
+    /// For demos of retry and dead letter: fail (nack) every record whose value contains this
+    /// text instead of printing it; the group hands it back after a backoff, and after
+    /// --max-attempts publishes it to `<group>.dlq` (`keel dlq inspect GROUP`).
+    #[arg(long, requires = "group")]
+    pub(crate) nack_on: Option<String>,
+    /// With --nack-on: the failure is not retryable (dead-lettered at once).
+    #[arg(long, requires = "nack_on")]
+    pub(crate) nack_fatal: bool,
+    /// Attempts of a failing record before it is dead-lettered.
+    #[arg(long, default_value_t = 5, requires = "group")]
+    pub(crate) max_attempts: u32,
+    /// Backoff before the second attempt, doubled for each further one up to 60 s.
+    #[arg(long, default_value_t = 1_000, requires = "group")]
+    pub(crate) backoff_ms: u32,
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -449,6 +463,7 @@ pub(crate) fn print_record(out: &mut impl Write, format: Format, r: &ConsumerRec
                 "value": bytes_json(&r.value),
                 "timestamp": r.timestamp_ms,
                 "headers": headers,
+                "attempt": r.attempt,
             });
             writeln!(out, "{line}")
         }

@@ -562,16 +562,7 @@ impl pb::groups_server::Groups for Api {
             error: r.error,
             retryable: r.retryable,
             policy,
-            record: DeadLetterRecord {
-                key: record.key.map(|k| k.to_vec()),
-                value: record.value.map(|v| v.to_vec()),
-                headers: record
-                    .headers
-                    .into_iter()
-                    .map(|h| PublishHeader { key: h.key, value: h.value.map(|v| v.to_vec()) })
-                    .collect(),
-                timestamp_ms: record.timestamp_ms,
-            },
+            record: dead_letter_record(record),
         };
         let topics = self.inner.topics_view();
         let mut spare = None;
@@ -629,5 +620,68 @@ impl pb::groups_server::Groups for Api {
             .await
             .map_err(|e| self.run_status(&r.group, e))?;
         Ok(Response::new(pb::AckRedeliveryResponse {}))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: Request<pb::ReplayDeadLettersRequest>,
+    ) -> Result<Response<pb::ReplayDeadLettersResponse>, Status> {
+        let r = request.into_inner();
+        let coordinator = self.coordinator_for(&r.group)?;
+        let limits = self.inner.config.groups.retry_limits;
+        if r.letters.len() > limits.replay_batch_max {
+            return Err(Status::invalid_argument(format!(
+                "at most {} dead letters per replay",
+                limits.replay_batch_max
+            )));
+        }
+        let mut letters: Vec<(u64, DeadLetterRecord)> =
+            r.letters.into_iter().map(|l| (l.offset, dead_letter_record(l.record.unwrap_or_default()))).collect();
+        let topics = self.inner.topics_view();
+        let mut response = pb::ReplayDeadLettersResponse::default();
+        let mut spare = None;
+        // Each origin partition new to the group takes a producer id: one per round.
+        while !letters.is_empty() {
+            let now_ms = self.inner.clock.now_ms();
+            let outcome = coordinator
+                .runtime
+                .run(&r.group, |s: &Groups| {
+                    let out = s.replay_dead_letters(&r.group, &letters, &topics, &limits, now_ms, spare)?;
+                    Ok((encode(&out.records), out.response))
+                })
+                .await;
+            match outcome {
+                Err(RunError::Refused(GroupError::ProducerIdNeeded)) if spare.is_none() => {
+                    spare = Some(self.inner.next_producer_id().await?);
+                }
+                Err(e) => return Err(self.run_status(&r.group, e)),
+                Ok(out) => {
+                    if out.used_spare_id {
+                        spare = None;
+                    }
+                    if !out.replayed.is_empty() {
+                        coordinator.publish_wake.notify_one();
+                    }
+                    response.replayed.extend(&out.replayed);
+                    response.already_replayed.extend(&out.already);
+                    letters.retain(|(o, _)| out.deferred.contains(o));
+                }
+            }
+        }
+        Ok(Response::new(response))
+    }
+}
+
+/// A record as a client sent it, as the coordinator keeps it.
+fn dead_letter_record(record: pb::Record) -> DeadLetterRecord {
+    DeadLetterRecord {
+        key: record.key.map(|k| k.to_vec()),
+        value: record.value.map(|v| v.to_vec()),
+        headers: record
+            .headers
+            .into_iter()
+            .map(|h| PublishHeader { key: h.key, value: h.value.map(|v| v.to_vec()) })
+            .collect(),
+        timestamp_ms: record.timestamp_ms,
     }
 }

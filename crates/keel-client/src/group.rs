@@ -769,6 +769,43 @@ impl GroupAdmin {
         Ok(r.offsets)
     }
 
+    /// Re-publishes dead letters of `<group>.dlq` (as read there: offset and record) to their
+    /// origin partitions, each once per offset however often it is asked. Returns the offsets
+    /// replayed now and those replayed before.
+    pub async fn replay_dead_letters(
+        &self,
+        group: &str,
+        letters: &[ConsumerRecord],
+    ) -> Result<(Vec<u64>, Vec<u64>), ClientError> {
+        let request = pb::ReplayDeadLettersRequest {
+            group: group.to_owned(),
+            letters: letters
+                .iter()
+                .map(|r| pb::DeadLetter {
+                    offset: r.offset,
+                    record: Some(pb::Record {
+                        key: r.key.clone(),
+                        value: r.value.clone(),
+                        headers: r
+                            .headers
+                            .iter()
+                            .map(|(k, v)| pb::Header { key: k.clone(), value: v.clone() })
+                            .collect(),
+                        timestamp_ms: r.timestamp_ms,
+                    }),
+                })
+                .collect(),
+        };
+        let r = self
+            .route(group)
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.replay_dead_letters(request).await }
+            })
+            .await?;
+        Ok((r.replayed, r.already_replayed))
+    }
+
     /// Deletes a group with no members, and its committed offsets.
     pub async fn delete_group(&self, group: &str) -> Result<(), ClientError> {
         let request = pb::DeleteGroupRequest { group: group.to_owned() };

@@ -23,7 +23,9 @@ pub use records::{
     Committed, GroupMeta, GroupRecord, Member, Publish, PublishHeader, Publisher, Redelivery, RedeliveryState, Target,
     Tp,
 };
-pub use retry::{DeadLetterRecord, NackInput, NackOutput, RetryLimits, RetryPolicy, SettleInput, dead_letter_topic};
+pub use retry::{
+    DeadLetterRecord, NackInput, NackOutput, ReplayOutput, RetryLimits, RetryPolicy, SettleInput, dead_letter_topic,
+};
 
 use crate::{Record, ReplayError, Shard};
 
@@ -290,6 +292,8 @@ pub struct Group {
     pub publishers: BTreeMap<Tp, Publisher>,
     /// Publish decisions not confirmed yet, per target partition in stamp order.
     pub publishes: BTreeMap<(Tp, (i16, i32)), Publish>,
+    /// Offsets of the dead-letter topic replayed so far, as sorted `[start, end)` ranges.
+    pub replayed: Vec<(u64, u64)>,
 }
 
 /// How a group is doing, as `ListGroups` and `DescribeGroup` report it.
@@ -366,6 +370,9 @@ impl Group {
         for ((tp, stamp), p) in &self.publishes {
             out.push(GroupRecord::Publish(name.to_owned(), tp.clone(), *stamp, Some(p.clone())));
         }
+        if !self.replayed.is_empty() {
+            out.push(GroupRecord::Replayed(name.to_owned(), Some(self.replayed.clone())));
+        }
         out
     }
 
@@ -377,6 +384,7 @@ impl Group {
             && self.redeliveries.is_empty()
             && self.publishers.is_empty()
             && self.publishes.is_empty()
+            && self.replayed.is_empty()
     }
 }
 
@@ -442,6 +450,7 @@ impl Groups {
             GroupRecord::Publish(_, tp, stamp, None) => {
                 group.publishes.remove(&(tp, stamp));
             }
+            GroupRecord::Replayed(_, ranges) => group.replayed = ranges.unwrap_or_default(),
         }
         if group.is_void() {
             self.groups.remove(&name);

@@ -151,6 +151,10 @@ pub fn diff(name: &str, before: Option<&Group>, after: &Group) -> Vec<GroupRecor
     for (tp, stamp) in before.publishes.keys().filter(|k| !after.publishes.contains_key(*k)) {
         out.push(GroupRecord::Publish(name.to_owned(), tp.clone(), *stamp, None));
     }
+    if before.replayed != after.replayed {
+        let ranges = (!after.replayed.is_empty()).then(|| after.replayed.clone());
+        out.push(GroupRecord::Replayed(name.to_owned(), ranges));
+    }
     out
 }
 

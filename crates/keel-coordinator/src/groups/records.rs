@@ -254,6 +254,8 @@ pub enum GroupRecord {
     Publisher(String, Tp, Option<Publisher>),
     /// A publish decision `(epoch, sequence)` for a target partition; `None` confirms it.
     Publish(String, Tp, (i16, i32), Option<Publish>),
+    /// Offsets of the group's dead-letter topic already replayed, as `[start, end)` ranges.
+    Replayed(String, Option<Vec<(u64, u64)>>),
 }
 
 const META: u8 = b'g';
@@ -263,6 +265,7 @@ const OFFSET: u8 = b'o';
 const REDELIVERY: u8 = b'r';
 const PUBLISHER: u8 = b'p';
 const PUBLISH: u8 = b'd';
+const REPLAYED: u8 = b'x';
 /// Parts of a key after its kind: group, topic, partition and offset (or stamp) at most.
 const KEY_PARTS_MAX: usize = 4;
 
@@ -288,7 +291,8 @@ impl GroupRecord {
             GroupRecord::Offset(g, _, _)
             | GroupRecord::Redelivery(g, _, _, _)
             | GroupRecord::Publisher(g, _, _)
-            | GroupRecord::Publish(g, _, _, _) => g,
+            | GroupRecord::Publish(g, _, _, _)
+            | GroupRecord::Replayed(g, _) => g,
         }
     }
 
@@ -313,6 +317,7 @@ impl GroupRecord {
                 key: key(PUBLISH, &[g, &tp.topic, &tp.partition.to_string(), &format!("{epoch:05}.{sequence:010}")]),
                 value: value(v),
             },
+            GroupRecord::Replayed(g, v) => Record { key: key(REPLAYED, &[g]), value: value(v) },
         }
     }
 
@@ -340,6 +345,7 @@ impl GroupRecord {
                 let offset = o.parse().map_err(|_| format!("bad offset {o:?}"))?;
                 Ok(GroupRecord::Redelivery((*g).to_owned(), Tp::new(*t, partition), offset, parse(&record.value)?))
             }
+            (REPLAYED, [g]) => Ok(GroupRecord::Replayed((*g).to_owned(), parse(&record.value)?)),
             (PUBLISHER, [g, t, p]) => {
                 let partition = p.parse().map_err(|_| format!("bad partition {p:?}"))?;
                 Ok(GroupRecord::Publisher((*g).to_owned(), Tp::new(*t, partition), parse(&record.value)?))

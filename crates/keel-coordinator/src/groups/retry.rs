@@ -34,6 +34,8 @@ pub mod headers {
     /// The original record's timestamp (the dead letter's own is when it was decided: the
     /// target partition ages its producers by batch timestamps).
     pub const ORIGIN_TIMESTAMP_MS: &str = "keel-origin-timestamp-ms";
+    /// On a replayed record: the dead letter's offset in `<group>.dlq`.
+    pub const REPLAYED_FROM: &str = "keel-replayed-from";
     /// Every header the coordinator sets (a record dead-lettered again loses its old ones).
     pub const ALL: &[&str] = &[
         ORIGIN_TOPIC,
@@ -44,6 +46,7 @@ pub mod headers {
         LAST_ERROR,
         FIRST_FAILURE_MS,
         ORIGIN_TIMESTAMP_MS,
+        REPLAYED_FROM,
     ];
 }
 
@@ -78,6 +81,10 @@ pub struct RetryLimits {
     /// A publisher idle this long starts a new epoch: its target may have forgotten it (the
     /// partition's producer expiry must be longer).
     pub publisher_idle_ms: i64,
+    /// Dead letters one replay request may carry.
+    pub replay_batch_max: usize,
+    /// Disjoint ranges of replayed dead-letter offsets a group remembers.
+    pub replayed_ranges_max: usize,
 }
 
 impl Default for RetryLimits {
@@ -91,6 +98,8 @@ impl Default for RetryLimits {
             record_bytes_max: 512 * 1024,
             due_per_heartbeat_max: 100,
             publisher_idle_ms: 3_600_000,
+            replay_batch_max: 100,
+            replayed_ranges_max: 10_000,
         }
     }
 }
@@ -442,6 +451,125 @@ impl Groups {
     }
 }
 
+/// What a replay did with each dead letter it was given, by its offset in `<group>.dlq`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayOutput {
+    /// Decided for publishing to their origin now.
+    pub replayed: Vec<u64>,
+    /// Replayed before: nothing done.
+    pub already: Vec<u64>,
+    /// Not looked at (their origin partitions need producer ids this request did not have):
+    /// send them again.
+    pub deferred: Vec<u64>,
+    /// Whether the spare producer id was used.
+    pub used_spare_id: bool,
+}
+
+impl Groups {
+    /// Replays dead letters to their origin topic and partition (from their headers), each at
+    /// most once per offset of `<group>.dlq`: the replay is a publish decision like a dead
+    /// letter's, so it lands once, as a new record with a fresh attempt count.
+    pub fn replay_dead_letters(
+        &self,
+        group: &str,
+        letters: &[(u64, DeadLetterRecord)],
+        topics: &TopicsView,
+        limits: &RetryLimits,
+        now_ms: i64,
+        spare_producer_id: Option<i64>,
+    ) -> Result<Outcome<ReplayOutput>, GroupError> {
+        validate_group_name(group)?;
+        let dlq = dead_letter_topic(group)?;
+        if letters.len() > limits.replay_batch_max {
+            return Err(GroupError::Invalid(format!("at most {} dead letters per replay", limits.replay_batch_max)));
+        }
+        let before = self.groups.get(group).ok_or_else(|| GroupError::UnknownGroup(group.to_owned()))?;
+        let mut g = before.clone();
+        let mut out = ReplayOutput::default();
+        let mut spare = spare_producer_id;
+        for (offset, letter) in letters {
+            if letter.size() > limits.record_bytes_max {
+                return Err(GroupError::Invalid(format!(
+                    "dead letter {dlq}@{offset} exceeds {} bytes",
+                    limits.record_bytes_max
+                )));
+            }
+            if g.replayed.iter().any(|(start, end)| (*start..*end).contains(offset)) {
+                out.already.push(*offset);
+                continue;
+            }
+            let named = |k: &str| {
+                letter
+                    .headers
+                    .iter()
+                    .find(|h| h.key == k)
+                    .and_then(|h| h.value.as_deref())
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_owned)
+            };
+            let origin = match (named(headers::ORIGIN_TOPIC), named(headers::ORIGIN_PARTITION)) {
+                (Some(topic), Some(partition)) => {
+                    let partition = partition.parse().map_err(|_| {
+                        GroupError::Invalid(format!("{dlq}@{offset}: bad {} header", headers::ORIGIN_PARTITION))
+                    })?;
+                    Tp::new(topic, partition)
+                }
+                _ => {
+                    return Err(GroupError::Invalid(format!(
+                        "{dlq}@{offset} is not a dead letter: it has no {} and {} headers",
+                        headers::ORIGIN_TOPIC,
+                        headers::ORIGIN_PARTITION
+                    )));
+                }
+            };
+            check_tp(&origin, topics)?;
+            let mut headers: Vec<PublishHeader> =
+                letter.headers.iter().filter(|h| !headers::ALL.contains(&h.key.as_str())).cloned().collect();
+            headers.push(header(headers::REPLAYED_FROM, format!("{dlq}@{offset}")));
+            let record = DeadLetterRecord { headers, ..letter.clone() };
+            match decide_publish(&mut g, group, &origin, record, limits, now_ms, spare) {
+                Ok(used) => {
+                    if used {
+                        spare = None;
+                        out.used_spare_id = true;
+                    }
+                }
+                Err(GroupError::ProducerIdNeeded) if !out.replayed.is_empty() || out.used_spare_id => {
+                    out.deferred.push(*offset);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            insert_range(&mut g.replayed, *offset);
+            if g.replayed.len() > limits.replayed_ranges_max {
+                return Err(GroupError::RetryBacklogFull {
+                    group: group.to_owned(),
+                    what: "ranges of replayed dead letters",
+                    max: limits.replayed_ranges_max,
+                });
+            }
+            out.replayed.push(*offset);
+        }
+        Ok(Outcome { records: diff(group, Some(before), &g), response: out })
+    }
+}
+
+/// Adds `offset` to sorted disjoint `[start, end)` ranges, merging neighbours.
+fn insert_range(ranges: &mut Vec<(u64, u64)>, offset: u64) {
+    let at = ranges.partition_point(|(_, end)| *end < offset);
+    match ranges.get_mut(at) {
+        Some((start, end)) if *start <= offset && offset < *end => return,
+        Some((start, _)) if *start == offset + 1 => *start = offset,
+        Some((_, end)) if *end == offset => *end = offset + 1,
+        _ => ranges.insert(at, (offset, offset + 1)),
+    }
+    // The range grown at its end may now touch the next one.
+    if at + 1 < ranges.len() && ranges[at].1 == ranges[at + 1].0 {
+        ranges[at].1 = ranges[at + 1].1;
+        ranges.remove(at + 1);
+    }
+}
+
 fn settled(tp: &Tp, offset: u64, state: &'static str) -> GroupError {
     GroupError::RecordSettled { tp: tp.clone(), offset, state }
 }
@@ -508,4 +636,24 @@ fn decide_publish(
     g.publishers.insert(target.clone(), p);
     g.publishes.insert((target.clone(), stamp), publish);
     Ok(used)
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::insert_range;
+
+    #[test]
+    fn ranges_merge_as_offsets_fill_the_gaps() {
+        let mut r = Vec::new();
+        for o in [5, 7, 6, 1, 0, 9, 2] {
+            insert_range(&mut r, o);
+        }
+        assert_eq!(r, vec![(0, 3), (5, 8), (9, 10)]);
+        insert_range(&mut r, 8);
+        insert_range(&mut r, 6);
+        assert_eq!(r, vec![(0, 3), (5, 10)]);
+        insert_range(&mut r, 4);
+        insert_range(&mut r, 3);
+        assert_eq!(r, vec![(0, 10)]);
+    }
 }

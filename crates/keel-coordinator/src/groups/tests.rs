@@ -834,6 +834,36 @@ mod retry {
     }
 
     #[test]
+    fn a_dead_letter_is_replayed_to_its_origin_once() {
+        let (mut c, epoch) = one_member();
+        nack(&mut c, &nack_input("a", epoch, 5, 1, false), Some(9)).unwrap();
+        let letter = c.group().publishes.values().next().unwrap().clone();
+        let letter =
+            DeadLetterRecord { key: letter.key, value: letter.value, headers: letter.headers, timestamp_ms: 1 };
+        let limits = RetryLimits::default();
+        // The origin partition needs a publisher of its own: a producer id first.
+        let first = c.state.replay_dead_letters("g", &[(0, letter.clone())], &c.topics, &limits, 5, None);
+        assert_eq!(first.unwrap_err(), GroupError::ProducerIdNeeded);
+        let out = c.state.replay_dead_letters("g", &[(0, letter.clone())], &c.topics, &limits, 5, Some(30)).unwrap();
+        assert_eq!((out.response.replayed.clone(), out.response.used_spare_id), (vec![0], true));
+        c.append(&out.records);
+        let (_, p) = c.group().publishes.iter().find(|((tp, _), _)| *tp == Tp::new("t", 0)).unwrap();
+        assert_eq!(p.producer_id, 30);
+        let names: Vec<&str> = p.headers.iter().map(|h| h.key.as_str()).collect();
+        assert_eq!(names, vec![headers::REPLAYED_FROM], "the old keel headers go: a fresh attempt count");
+        // Replaying it again does nothing; another letter with it is replayed.
+        let again = c.state.replay_dead_letters("g", &[(0, letter.clone()), (1, letter)], &c.topics, &limits, 6, None);
+        let again = again.unwrap();
+        assert_eq!((again.response.already, again.response.replayed), (vec![0], vec![1]));
+        c.append(&again.records);
+        assert_eq!(c.group().replayed, vec![(0, 2)]);
+        // Something that is not a dead letter is refused, and changes nothing.
+        let plain = DeadLetterRecord { value: Some(b"x".to_vec()), ..DeadLetterRecord::default() };
+        let refused = c.state.replay_dead_letters("g", &[(7, plain)], &c.topics, &limits, 7, None);
+        assert!(matches!(refused, Err(GroupError::Invalid(_))));
+    }
+
+    #[test]
     fn backoff_doubles_up_to_its_cap_and_jitters_in_its_upper_half() {
         let p = RetryPolicy { max_attempts: 10, backoff_min_ms: 100, backoff_max_ms: 1_000 };
         assert_eq!(p.backoff_ms(1, 0), 50);
