@@ -65,12 +65,7 @@ pub fn durable_records(disks: &[SimDisk], dir: &Path, wanted: impl Fn(&keel_coor
             segments.iter().any(|path| {
                 disk.durable_bytes(path).is_some_and(|bytes| {
                     batches_of(Bytes::from(bytes)).iter().any(|batch| {
-                        batch.records().filter_map(Result::ok).any(|r| {
-                            wanted(&keel_coordinator::Record {
-                                key: r.key.map(|k| k.to_vec()).unwrap_or_default(),
-                                value: r.value.map(|v| v.to_vec()),
-                            })
-                        })
+                        batch.records().filter_map(Result::ok).any(|r| wanted(&keel_coordinator::Record::from(r)))
                     })
                 })
             })

@@ -586,11 +586,7 @@ pub fn read_offsets_log(node: &RaftNode, group: GroupId) -> Result<Vec<OpRecords
             let mut op = Vec::new();
             for r in b.records() {
                 let r = r.map_err(|e| e.to_string())?;
-                let record = keel_coordinator::Record {
-                    key: r.key.map(|k| k.to_vec()).unwrap_or_default(),
-                    value: r.value.map(|v| v.to_vec()),
-                };
-                op.push((r.offset, record));
+                op.push((r.offset, keel_coordinator::Record::from(r)));
             }
             out.push(op);
             next = b.header().next_offset();

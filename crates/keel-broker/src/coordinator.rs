@@ -345,24 +345,54 @@ impl<S: Shard> Runtime<S> {
                 if record.offset < next {
                     continue;
                 }
-                let r = Record {
-                    key: record.key.map(|k| k.to_vec()).unwrap_or_default(),
-                    value: record.value.map(|v| v.to_vec()),
-                };
+                let offset = record.offset;
+                let r = Record::from(record);
                 if let Some(floor) = r.compaction_floor() {
-                    let below =
-                        floor.map_err(|()| format!("compaction record at offset {} has no offset", record.offset))?;
+                    let below = floor.map_err(|()| format!("compaction record at offset {offset} has no offset"))?;
                     self.compacted(below);
                     continue;
                 }
                 let size = r.key.len() + r.value.as_ref().map_or(0, Vec::len);
                 self.since_compaction.fetch_add(size as u64, Ordering::Relaxed);
-                state.replay(record.offset, &r).map_err(|e| e.to_string())?;
+                state.replay(offset, &r).map_err(|e| e.to_string())?;
+                let rescan = state.take_rescan();
+                if !rescan.is_empty() {
+                    self.rescan(&mut state, rescan)?;
+                }
             }
             next = next.max(batch.header().next_offset());
         }
         drop(state);
         self.applied.send_replace(next);
+        Ok(())
+    }
+
+    /// Reads earlier records again into the shard, as its last replayed record asked
+    /// ([`Shard::take_rescan`]), before anything after that record is replayed.
+    fn rescan(&self, state: &mut S, ranges: Vec<std::ops::Range<u64>>) -> Result<(), String> {
+        let store = self.node.store(self.raft_group).map_err(|e| format!("rescanning: {e}"))?;
+        for range in ranges {
+            let mut next = range.start;
+            while next < range.end {
+                let batches =
+                    store.read_committed(next, REPLAY_BYTES).map_err(|e| format!("rescanning at {next}: {e}"))?;
+                if batches.is_empty() {
+                    return Err(format!("rescanning: nothing readable at {next} below {}", range.end));
+                }
+                for batch in &batches {
+                    for record in batch.records() {
+                        let record = record.map_err(|e| format!("undecodable record: {e}"))?;
+                        if record.offset < next || record.offset >= range.end {
+                            continue;
+                        }
+                        let offset = record.offset;
+                        state.rescanned(offset, &Record::from(record)).map_err(|e| e.to_string())?;
+                    }
+                    next = next.max(batch.header().next_offset());
+                }
+            }
+        }
+        state.rescan_done();
         Ok(())
     }
 
@@ -391,7 +421,8 @@ impl<S: Shard> Runtime<S> {
         self.check_active().map_err(widen)?;
         // Read the floor before the keys: a key created after it has all its records above it,
         // and one deleted after it has its tombstones above it.
-        let floor = *self.applied.borrow();
+        let replayed = *self.applied.borrow();
+        let floor = self.read(|s| s.compaction_floor(replayed));
         let keys = self.read(S::keys);
         let budget = self.node_batch_limit() / 2;
         for key in keys {

@@ -1,5 +1,5 @@
-//! Fuzz targets for the decoder of `__consumer_offsets` records (`GroupRecord::decode`, and
-//! `Shard::replay`, which decodes and applies): keys and JSON values over arbitrary bytes and over
+//! Fuzz targets for the decoders of `__consumer_offsets` and `__delayed` records
+//! (`GroupRecord::decode`, `TimerRecord::decode`, and `Shard::replay`, which decodes and applies): keys and JSON values over arbitrary bytes and over
 //! damaged valid records. A partition replayed after damage, or written by other code, must be
 //! refused with a `ReplayError`, never a panic, and must not make the coordinator allocate more
 //! than the record justifies.
@@ -12,7 +12,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::groups::{Committed, GroupMeta, GroupRecord, Groups, Member, Target, Tp};
+use crate::groups::{
+    Committed, GroupMeta, GroupRecord, Groups, Member, Publish, PublishHeader, Publisher, Redelivery, RedeliveryState,
+    Target, Tp,
+};
+use crate::timers::{Timer, TimerRecord, Timers};
 use crate::{Record, Shard};
 use keel_fuzzkit::{AllocBound, CountingAlloc, arbitrary_bytes, assert_counting, measure, mutated};
 use proptest::prelude::*;
@@ -46,6 +50,14 @@ fn check_record(record: &Record) -> TestCaseResult {
     if let Err(e) = replayed {
         prop_assert_eq!(e.offset, 7);
     }
+    let decoded = BOUND.check("TimerRecord::decode", record_len(record), || TimerRecord::decode(record))?;
+    if let Ok(d) = &decoded {
+        let again = TimerRecord::decode(&d.encode()).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(&again, d);
+    }
+    let mut timers = Timers::default();
+    let replayed = BOUND.check("Timers::replay", record_len(record), || timers.replay(7, record))?;
+    prop_assert_eq!(replayed.is_ok(), decoded.is_ok());
     Ok(())
 }
 
@@ -89,15 +101,72 @@ fn seeds() -> Vec<GroupRecord> {
         GroupRecord::Target("g".into(), Some(target)),
         GroupRecord::Offset("g".into(), tp("a", 0), Some(committed)),
         GroupRecord::Offset("g".into(), tp("a", 0), None),
+        GroupRecord::Redelivery(
+            "g".into(),
+            tp("a", 0),
+            17,
+            Some(Redelivery {
+                attempts: 2,
+                max_attempts: 5,
+                backoff_min_ms: 100,
+                backoff_max_ms: 1_000,
+                due_at_ms: 1_700_000_000_500,
+                first_failure_ms: 1_700_000_000_000,
+                last_error: "boom \"x\"".into(),
+                state: RedeliveryState::Pending,
+            }),
+        ),
+        GroupRecord::Publisher("g".into(), tp("g.dlq", 0), Some(publisher())),
+        GroupRecord::Publish("g".into(), tp("g.dlq", 0), (1, 2), Some(publish())),
+        GroupRecord::Replayed("g".into(), Some(vec![(0, 3), (5, 9)])),
     ]
 }
 
+fn publisher() -> Publisher {
+    Publisher { producer_id: 9, epoch: 1, next_sequence: 3, last_decided_ms: 1_700_000_000_000 }
+}
+
+fn publish() -> Publish {
+    Publish {
+        producer_id: 9,
+        epoch: 1,
+        sequence: 2,
+        key: Some(b"k".to_vec()),
+        value: Some(vec![0, 255, 7]),
+        headers: vec![PublishHeader { key: "h".into(), value: None }],
+        timestamp_ms: 1,
+        decided_ms: 1,
+    }
+}
+
+fn timer_seeds() -> Vec<TimerRecord> {
+    let timer = Timer {
+        target: Tp::new("t", 1),
+        deliver_at_ms: 1_700_000_360_000,
+        key: None,
+        value: Some(b"v".to_vec()),
+        headers: vec![PublishHeader { key: "h".into(), value: Some(b"x".to_vec()) }],
+    };
+    vec![
+        TimerRecord::Scheduled(timer),
+        TimerRecord::Cancelled(12, 1_700_000_360_000),
+        TimerRecord::Fired(13, 1_700_000_360_000),
+        TimerRecord::Horizon(1_700_002_800_000),
+        TimerRecord::Publisher(Tp::new("t", 1), Some(publisher())),
+        TimerRecord::Publish(Tp::new("t", 1), (1, 2), Some(publish())),
+    ]
+}
+
+fn all_encoded() -> Vec<Record> {
+    seeds().iter().map(GroupRecord::encode).chain(timer_seeds().iter().map(TimerRecord::encode)).collect()
+}
+
 fn key_seeds() -> Vec<Vec<u8>> {
-    seeds().iter().map(|r| r.encode().key).collect()
+    all_encoded().into_iter().map(|r| r.key).collect()
 }
 
 fn value_seeds() -> Vec<Vec<u8>> {
-    seeds().iter().filter_map(|r| r.encode().value).collect()
+    all_encoded().into_iter().filter_map(|r| r.value).collect()
 }
 
 proptest! {
@@ -131,6 +200,9 @@ fn counting_allocator_is_installed() {
 fn every_seed_decodes() {
     for r in seeds() {
         assert_eq!(GroupRecord::decode(&r.encode()).unwrap(), r);
+    }
+    for r in timer_seeds() {
+        assert_eq!(TimerRecord::decode(&r.encode()).unwrap(), r);
     }
 }
 

@@ -4,9 +4,14 @@
 //! answer to give once they are committed, without touching the state. The runtime that appends,
 //! waits for the commit and replays lives in the broker; nothing here does I/O or reads a clock.
 //!
-//! - [`groups`]: consumer groups — members, epochs, server-side assignment, committed offsets.
+//! - [`groups`]: consumer groups — members, epochs, server-side assignment, committed offsets,
+//!   retry and dead letter;
+//! - [`publish`]: publishing exactly once from a shard (dead letters, replays, fired timers);
+//! - [`timers`]: delayed and scheduled messages over `__delayed`, bounded in memory.
 
 pub mod groups;
+pub mod publish;
+pub mod timers;
 
 /// One record of an internal topic: a key that names what it sets, and the value it now has
 /// (`None` deletes it). Records are "latest value per key", so a partition rewritten as the
@@ -38,6 +43,13 @@ impl Record {
     }
 }
 
+/// A stored record as a shard sees it: its key (a null key is empty) and value.
+impl From<keel_record::Record> for Record {
+    fn from(r: keel_record::Record) -> Record {
+        Record { key: r.key.map(|k| k.to_vec()).unwrap_or_default(), value: r.value.map(|v| v.to_vec()) }
+    }
+}
+
 /// A record that cannot be replayed: the partition holds something this code did not write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("record at offset {offset} cannot be replayed: {reason}")]
@@ -61,6 +73,30 @@ pub trait Shard: Default + Send + 'static {
     /// Every record that, replayed into an empty shard, rebuilds `key`'s live state, sorted by
     /// record key: the rewrite that lets the records before it be trimmed.
     fn live_records(&self, key: &str) -> Vec<Record>;
+
+    /// Ranges of earlier offsets to read again, asked for by the record just replayed (the
+    /// timers shard loading an hour of far timers it only counted). The runtime reads them at
+    /// once, in order, into [`Shard::rescanned`], then calls [`Shard::rescan_done`]: every
+    /// replica does the same at the same record, so their states stay alike. Taking them clears
+    /// them.
+    fn take_rescan(&mut self) -> Vec<std::ops::Range<u64>> {
+        Vec::new()
+    }
+
+    /// A record read again for a rescan.
+    fn rescanned(&mut self, _offset: u64, _record: &Record) -> Result<(), ReplayError> {
+        Ok(())
+    }
+
+    /// The rescan asked for is complete.
+    fn rescan_done(&mut self) {}
+
+    /// Below which offset a compaction that started at replay position `replayed_to` may trim:
+    /// `replayed_to` when every live state is rewritten by [`Shard::live_records`]; lower for a
+    /// shard whose state lives in records it never rewrites (pending timers stay in place).
+    fn compaction_floor(&self, replayed_to: u64) -> u64 {
+        replayed_to
+    }
 }
 
 #[cfg(test)]

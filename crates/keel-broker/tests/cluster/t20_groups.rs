@@ -329,12 +329,10 @@ async fn compact_and_replay(faults: keel_broker::CoordinatorFaults) -> Vec<Strin
             for batch in store.read_committed(next, 1 << 20).unwrap() {
                 for r in batch.records() {
                     let r = r.unwrap();
-                    let record = keel_coordinator::Record {
-                        key: r.key.map(|k| k.to_vec()).unwrap_or_default(),
-                        value: r.value.map(|v| v.to_vec()),
-                    };
+                    let offset = r.offset;
+                    let record = keel_coordinator::Record::from(r);
                     if record.key != keel_coordinator::COMPACTED_KEY {
-                        keel_coordinator::Shard::replay(&mut state, r.offset, &record).unwrap();
+                        keel_coordinator::Shard::replay(&mut state, offset, &record).unwrap();
                     }
                 }
                 next = batch.header().next_offset();

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::Record;
+pub use crate::publish::{Publish, PublishHeader, Publisher};
 
 /// A topic partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -165,76 +166,6 @@ pub struct Redelivery {
     pub last_error: String,
     /// Pending, resolved or dead-lettered.
     pub state: RedeliveryState,
-}
-
-/// The coordinator's idempotent-producer identity for one target partition: what it publishes
-/// there (dead letters, replays) is stamped with it, so a resend after a failover is
-/// deduplicated by the target partition itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Publisher {
-    /// Producer id (allocated by the controller like any other).
-    pub producer_id: i64,
-    /// Producer epoch: bumped only when nothing is unconfirmed (a resend of an older epoch
-    /// would be fenced).
-    pub epoch: i16,
-    /// The sequence the next decision gets.
-    pub next_sequence: i32,
-    /// When the last decision was made (coordinator clock): a publisher idle long enough may
-    /// have been forgotten by its target, so its next decision starts a new epoch.
-    pub last_decided_ms: i64,
-}
-
-/// Bytes as base64 in the JSON values (a record's key and value are arbitrary bytes).
-mod b64 {
-    use base64::Engine as _;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(b) => s.serialize_some(&STANDARD.encode(b)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
-        Option::<String>::deserialize(d)?.map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom)).transpose()
-    }
-}
-
-/// A header of a record to publish.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PublishHeader {
-    /// Name.
-    pub key: String,
-    /// Value.
-    #[serde(with = "b64", default)]
-    pub value: Option<Vec<u8>>,
-}
-
-/// A decision to publish one record to a partition, stamped before it is sent: the runtime
-/// sends it (again after a failover, with the same stamp) until it is confirmed, and the
-/// target's deduplication makes it land once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Publish {
-    /// Producer id of the stamp.
-    pub producer_id: i64,
-    /// Producer epoch of the stamp.
-    pub epoch: i16,
-    /// Sequence of the stamp.
-    pub sequence: i32,
-    /// The record's key.
-    #[serde(with = "b64", default)]
-    pub key: Option<Vec<u8>>,
-    /// The record's value.
-    #[serde(with = "b64", default)]
-    pub value: Option<Vec<u8>>,
-    /// Its headers.
-    pub headers: Vec<PublishHeader>,
-    /// Its timestamp.
-    pub timestamp_ms: i64,
-    /// When the decision was made (coordinator clock).
-    pub decided_ms: i64,
 }
 
 /// What one record of a group sets.

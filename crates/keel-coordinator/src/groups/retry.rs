@@ -9,8 +9,9 @@
 //! once.
 
 use super::ops::{Outcome, TopicsView, diff, fence};
-use super::records::{Publish, PublishHeader, Publisher, Redelivery, RedeliveryState, Tp};
+use super::records::{Publish, PublishHeader, Redelivery, RedeliveryState, Tp};
 use super::{Group, GroupError, Groups, validate_group_name};
+use crate::publish;
 
 /// The suffix of a group's dead-letter topic.
 pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
@@ -446,7 +447,7 @@ impl Groups {
     pub fn confirm_published(&self, group: &str, target: &Tp, stamp: (i16, i32)) -> Vec<super::GroupRecord> {
         let Some(before) = self.groups.get(group) else { return Vec::new() };
         let mut g = before.clone();
-        g.publishes.retain(|(tp, s), _| tp != target || *s > stamp);
+        publish::confirm(&mut g.publishes, target, stamp);
         diff(group, Some(before), &g)
     }
 }
@@ -581,10 +582,8 @@ fn check_tp(tp: &Tp, topics: &TopicsView) -> Result<(), GroupError> {
     }
 }
 
-/// Appends a publish decision for `target` to `g`, stamped by the group's publisher there
-/// (created from `spare` if the group has none, or moved to a new epoch if it was idle long
-/// enough to have been forgotten and nothing of it is unconfirmed). Returns whether `spare`
-/// was used.
+/// Decides to publish `record` to `target` for group `name` ([`crate::publish::decide`]).
+/// Returns whether `spare` was used.
 fn decide_publish(
     g: &mut Group,
     name: &str,
@@ -594,48 +593,14 @@ fn decide_publish(
     now_ms: i64,
     spare: Option<i64>,
 ) -> Result<bool, GroupError> {
-    if g.publishes.len() >= limits.publishes_max {
-        return Err(GroupError::RetryBacklogFull {
-            group: name.to_owned(),
-            what: "records waiting to be published",
-            max: limits.publishes_max,
-        });
-    }
-    let unconfirmed = g.publishes.keys().any(|(tp, _)| tp == target);
-    let mut used = false;
-    let fresh = |used: &mut bool| -> Result<Publisher, GroupError> {
-        let producer_id = spare.ok_or(GroupError::ProducerIdNeeded)?;
-        *used = true;
-        Ok(Publisher { producer_id, epoch: 0, next_sequence: 0, last_decided_ms: now_ms })
-    };
-    let mut p = match g.publishers.get(target) {
-        None => fresh(&mut used)?,
-        Some(p) if unconfirmed => p.clone(),
-        // Sequences are far from wrapping and the target still remembers it: go on.
-        Some(p) if now_ms.saturating_sub(p.last_decided_ms) < limits.publisher_idle_ms && p.next_sequence < 1 << 30 => {
-            p.clone()
+    let bounds = publish::Bounds { publishes_max: limits.publishes_max, publisher_idle_ms: limits.publisher_idle_ms };
+    let record = publish::Outgoing { key: record.key, value: record.value, headers: record.headers };
+    publish::decide(&mut g.publishers, &mut g.publishes, target, record, &bounds, now_ms, spare).map_err(|e| match e {
+        publish::DecideError::Full { max } => {
+            GroupError::RetryBacklogFull { group: name.to_owned(), what: "records waiting to be published", max }
         }
-        // Idle (the target may have forgotten it) or far into its sequences: a new epoch starts
-        // at sequence 0, which the target accepts whatever it remembers.
-        Some(p) if p.epoch < i16::MAX => Publisher { epoch: p.epoch + 1, next_sequence: 0, ..p.clone() },
-        Some(_) => fresh(&mut used)?,
-    };
-    let stamp = (p.epoch, p.next_sequence);
-    let publish = Publish {
-        producer_id: p.producer_id,
-        epoch: p.epoch,
-        sequence: p.next_sequence,
-        key: record.key,
-        value: record.value,
-        headers: record.headers,
-        timestamp_ms: now_ms,
-        decided_ms: now_ms,
-    };
-    p.next_sequence += 1;
-    p.last_decided_ms = now_ms;
-    g.publishers.insert(target.clone(), p);
-    g.publishes.insert((target.clone(), stamp), publish);
-    Ok(used)
+        publish::DecideError::ProducerIdNeeded => GroupError::ProducerIdNeeded,
+    })
 }
 
 #[cfg(test)]

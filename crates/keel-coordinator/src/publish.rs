@@ -1,0 +1,176 @@
+//! Publishing exactly once from a shard (DESIGN.md, "publishing exactly once from a shard"). A
+//! shard that must put a record into a topic (a dead letter, a replay, a delayed record that is
+//! due) does not send it: its operation records a [`Publish`] decision stamped with the shard's
+//! idempotent-producer identity for the target partition (a [`Publisher`]: producer id, epoch,
+//! next sequence). The runtime sends each unconfirmed decision, one batch per decision and in
+//! stamp order, with exactly that stamp, then confirms it ([`confirm`]); a new runtime after a
+//! failover sends what is unconfirmed again with the same stamps, and the target partition's
+//! producer table recognises the duplicates. Nothing here does I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::groups::Tp;
+
+/// The coordinator's idempotent-producer identity for one target partition: what it publishes
+/// there (dead letters, replays) is stamped with it, so a resend after a failover is
+/// deduplicated by the target partition itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publisher {
+    /// Producer id (allocated by the controller like any other).
+    pub producer_id: i64,
+    /// Producer epoch: bumped only when nothing is unconfirmed (a resend of an older epoch
+    /// would be fenced).
+    pub epoch: i16,
+    /// The sequence the next decision gets.
+    pub next_sequence: i32,
+    /// When the last decision was made (coordinator clock): a publisher idle long enough may
+    /// have been forgotten by its target, so its next decision starts a new epoch.
+    pub last_decided_ms: i64,
+}
+
+/// Bytes as base64 in the JSON values (a record's key and value are arbitrary bytes).
+pub(crate) mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?.map(|t| STANDARD.decode(t).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+/// A header of a record to publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishHeader {
+    /// Name.
+    pub key: String,
+    /// Value.
+    #[serde(with = "b64", default)]
+    pub value: Option<Vec<u8>>,
+}
+
+/// A decision to publish one record to a partition, stamped before it is sent: the runtime
+/// sends it (again after a failover, with the same stamp) until it is confirmed, and the
+/// target's deduplication makes it land once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publish {
+    /// Producer id of the stamp.
+    pub producer_id: i64,
+    /// Producer epoch of the stamp.
+    pub epoch: i16,
+    /// Sequence of the stamp.
+    pub sequence: i32,
+    /// The record's key.
+    #[serde(with = "b64", default)]
+    pub key: Option<Vec<u8>>,
+    /// The record's value.
+    #[serde(with = "b64", default)]
+    pub value: Option<Vec<u8>>,
+    /// Its headers.
+    pub headers: Vec<PublishHeader>,
+    /// Its timestamp.
+    pub timestamp_ms: i64,
+    /// When the decision was made (coordinator clock).
+    pub decided_ms: i64,
+}
+
+/// A record to publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub value: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Vec<PublishHeader>,
+}
+
+/// Bounds of a shard's publishing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Decisions not yet confirmed a shard (or a group) may hold.
+    pub publishes_max: usize,
+    /// A publisher idle this long starts a new epoch: its target may have forgotten it (the
+    /// target's producer expiry must be longer).
+    pub publisher_idle_ms: i64,
+}
+
+/// Why no decision was made; nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecideError {
+    /// As many decisions wait to be confirmed as the bound allows.
+    Full {
+        /// The bound.
+        max: usize,
+    },
+    /// The target needs a new publisher and no spare producer id was given.
+    ProducerIdNeeded,
+}
+
+/// Records a decision to publish `record` to `target`, stamped by the publisher there: created
+/// from `spare` when there is none, or moved to a new epoch at sequence 0 when it was idle for
+/// `publisher_idle_ms` (or is far into its sequences) and nothing of it is unconfirmed, so that a
+/// target that forgot it accepts it (a resend of an older epoch would be fenced, hence not while
+/// anything is unconfirmed); a new id from `spare` once its epochs run out. The record's
+/// timestamp is `now_ms`: the target ages producers by batch timestamps. Returns whether
+/// `spare` was used.
+pub fn decide(
+    publishers: &mut BTreeMap<Tp, Publisher>,
+    publishes: &mut BTreeMap<(Tp, (i16, i32)), Publish>,
+    target: &Tp,
+    record: Outgoing,
+    bounds: &Bounds,
+    now_ms: i64,
+    spare: Option<i64>,
+) -> Result<bool, DecideError> {
+    if publishes.len() >= bounds.publishes_max {
+        return Err(DecideError::Full { max: bounds.publishes_max });
+    }
+    let unconfirmed = publishes.keys().any(|(tp, _)| tp == target);
+    let mut used = false;
+    let fresh = |used: &mut bool| -> Result<Publisher, DecideError> {
+        let producer_id = spare.ok_or(DecideError::ProducerIdNeeded)?;
+        *used = true;
+        Ok(Publisher { producer_id, epoch: 0, next_sequence: 0, last_decided_ms: now_ms })
+    };
+    let mut p = match publishers.get(target) {
+        None => fresh(&mut used)?,
+        Some(p) if unconfirmed => p.clone(),
+        // Sequences are far from wrapping and the target still remembers it: go on.
+        Some(p) if now_ms.saturating_sub(p.last_decided_ms) < bounds.publisher_idle_ms && p.next_sequence < 1 << 30 => {
+            p.clone()
+        }
+        Some(p) if p.epoch < i16::MAX => Publisher { epoch: p.epoch + 1, next_sequence: 0, ..p.clone() },
+        Some(_) => fresh(&mut used)?,
+    };
+    let stamp = (p.epoch, p.next_sequence);
+    let publish = Publish {
+        producer_id: p.producer_id,
+        epoch: p.epoch,
+        sequence: p.next_sequence,
+        key: record.key,
+        value: record.value,
+        headers: record.headers,
+        timestamp_ms: now_ms,
+        decided_ms: now_ms,
+    };
+    p.next_sequence += 1;
+    p.last_decided_ms = now_ms;
+    publishers.insert(target.clone(), p);
+    publishes.insert((target.clone(), stamp), publish);
+    Ok(used)
+}
+
+/// Forgets the decisions for `target` up to and including `stamp`: the target has them.
+pub fn confirm(publishes: &mut BTreeMap<(Tp, (i16, i32)), Publish>, target: &Tp, stamp: (i16, i32)) {
+    publishes.retain(|(tp, s), _| tp != target || *s > stamp);
+}
