@@ -90,10 +90,12 @@ fn group_checkers_catch_a_broken_coordinator() {
 
 /// Issue 11: the checker refuses any duplicate, and the producers' retries (faults drop answers,
 /// kill leaders, reorder in-flight batches) write duplicates unless the producer is idempotent
-/// and the leader deduplicates: without idempotence the same seeds are caught.
+/// and the leader deduplicates: without idempotence the same seeds are caught. A run whose
+/// retries all happen to land once shows no duplicate (seeds 1 and 7 of 0..8 since the members
+/// nack): the pinned seeds are ones that write some.
 #[test]
 fn without_idempotence_retries_write_duplicates() {
-    for seed in 0..2u64 {
+    for seed in [0u64, 2] {
         let report = run(Workload::BrokerNoIdempotence, seed);
         let violation = report.violation.unwrap_or_default();
         assert!(violation.contains("appears at"), "seed {seed}: {violation:?}");
