@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use keel_broker::{Broker, BrokerConfig, Clock, GroupSettings, Limits};
+use keel_broker::{Broker, BrokerConfig, Clock, DelayedSettings, GroupSettings, Limits};
 use keel_raft::{NetworkConfig, RaftTimings, TcpConnector};
 use keel_storage::{FileDisk, LogConfig};
 use serde::Deserialize;
@@ -105,6 +105,15 @@ struct FileConfig {
     group_lag_partitions_max: Option<usize>,
     /// Silence (with records waiting) after which a consumer is STOP.
     group_lag_stop_ms: Option<i64>,
+    /// Partitions of `__delayed` (used once, when the cluster creates it).
+    delayed_partitions: Option<u32>,
+    /// The longest delay a delayed produce may ask for (default: 366 days).
+    delay_max_ms: Option<i64>,
+    /// Timers pending per `__delayed` partition.
+    delayed_pending_max: Option<u64>,
+    /// Compact a `__delayed` partition once this many bytes were written since its last
+    /// compaction.
+    delayed_compact_bytes: Option<u64>,
 }
 
 /// Parses `1@host:port,2@host:port`.
@@ -262,6 +271,11 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         }
         groups.lag_stop_ms = ms;
     }
+    let mut delayed = DelayedSettings::default();
+    delayed.partitions = file.delayed_partitions.unwrap_or(delayed.partitions);
+    delayed.limits.delay_max_ms = file.delay_max_ms.unwrap_or(delayed.limits.delay_max_ms);
+    delayed.limits.pending_max = file.delayed_pending_max.unwrap_or(delayed.limits.pending_max);
+    delayed.compact_bytes = file.delayed_compact_bytes.unwrap_or(delayed.compact_bytes);
     let config = BrokerConfig {
         node_id,
         advertised_addr: advertise,
@@ -274,6 +288,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         retention_interval: Duration::from_secs(30),
         limits,
         groups,
+        delayed,
         seed: crate::clock::entropy(),
     };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;

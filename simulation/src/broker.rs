@@ -225,6 +225,8 @@ pub(crate) fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
             maintenance_interval: Duration::from_secs(5),
             ..GroupSettings::default()
         },
+        // One timers partition, for the same reason, compacted as often.
+        delayed: keel_broker::DelayedSettings { partitions: 1, compact_bytes: 24 << 10, ..Default::default() },
         seed,
     }
 }

@@ -33,7 +33,8 @@ use crate::coordinator::CoordinatorFaults;
 use crate::error::{BrokerError, append_status, meta_status, not_leader, producer_fenced};
 use crate::groups::GroupCoordinator;
 use crate::metadata::{
-    self, Command, META_GROUP, META_TOPIC, MetaError, Metadata, OFFSETS_TOPIC, Partition, ProducerEpoch, Topic,
+    self, Command, DELAYED_TOPIC, META_GROUP, META_TOPIC, MetaError, Metadata, OFFSETS_TOPIC, Partition, ProducerEpoch,
+    Topic,
 };
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::producer_ids::{PRODUCER_ID_BLOCK, ProducerIds};
@@ -89,6 +90,11 @@ pub(crate) struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Group coordinators, by `__consumer_offsets` partition hosted here.
     pub(crate) groups: Mutex<BTreeMap<u32, Arc<GroupCoordinator>>>,
+    /// Timer coordinators, by `__delayed` partition hosted here.
+    pub(crate) timers: Mutex<BTreeMap<u32, Arc<crate::delayed::TimerCoordinator>>>,
+    /// The wall clock when the node started, and the monotonic instant then: the timers' second
+    /// opinion of the time (a wall clock stepped forward since does not fire timers early).
+    pub(crate) booted: (i64, tokio::time::Instant),
     /// Bugs injected into the coordinators (negative controls only).
     pub(crate) coordinator_faults: CoordinatorFaults,
     /// The highest high watermark seen per partition (they only grow): commits are checked
@@ -182,6 +188,7 @@ impl Broker {
         let (ready, _) = watch::channel(false);
         let rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ 0x6b65_656c);
         let limits = config.limits;
+        let booted = (clock.now_ms(), tokio::time::Instant::now());
         let inner = Arc::new(Inner {
             config,
             node,
@@ -197,6 +204,8 @@ impl Broker {
             ready,
             tasks: Mutex::new(Vec::new()),
             groups: Mutex::new(BTreeMap::new()),
+            timers: Mutex::new(BTreeMap::new()),
+            booted,
             coordinator_faults: storage.coordinator,
             high_watermarks: Mutex::new(BTreeMap::new()),
             lag_timestamps: Mutex::new(crate::lag::TimestampCache::default()),
@@ -589,42 +598,40 @@ impl Inner {
         }
     }
 
-    /// On the controller leader: creates `__consumer_offsets` once min(3, voters) nodes are
-    /// registered (at cluster initialisation, and on the first start of a cluster created
-    /// before consumer groups existed).
+    /// On the controller leader: creates `__consumer_offsets` and `__delayed` once min(3,
+    /// voters) nodes are registered (at cluster initialisation, and on the first start of a
+    /// cluster created before they existed).
     async fn create_internal_topics(self: Arc<Self>) {
         let replication = (self.config.voters.len() as u32).min(3);
+        let wanted =
+            [(OFFSETS_TOPIC, self.config.groups.offsets_partitions), (DELAYED_TOPIC, self.config.delayed.partitions)];
         loop {
             let meta = self.metadata();
-            if meta.topics.contains_key(OFFSETS_TOPIC) {
+            let Some(&(name, partitions)) = wanted.iter().find(|(name, _)| !meta.topics.contains_key(*name)) else {
                 return;
-            }
+            };
             if self.leads_meta() && meta.cluster_id.is_some() && meta.nodes.len() >= replication as usize {
-                match self.create_offsets_topic(replication).await {
-                    Ok(()) => info!(
-                        partitions = self.config.groups.offsets_partitions,
-                        replication, "created {OFFSETS_TOPIC}"
-                    ),
-                    Err(status) => debug!(%status, "creating {OFFSETS_TOPIC} failed; retrying"),
+                match self.create_internal_topic(name, partitions, replication).await {
+                    Ok(()) => {
+                        info!(partitions, replication, "created {name}");
+                        continue;
+                    }
+                    Err(status) => debug!(%status, "creating {name} failed; retrying"),
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn create_offsets_topic(&self, replication: u32) -> Result<(), Status> {
+    async fn create_internal_topic(&self, name: &str, partitions: u32, replication: u32) -> Result<(), Status> {
         let _turn = self.controller_turn().await?;
         let meta = self.metadata();
-        if meta.topics.contains_key(OFFSETS_TOPIC) {
+        if meta.topics.contains_key(name) {
             return Ok(());
         }
-        let assignment =
-            meta.plan_assignment(self.config.groups.offsets_partitions, replication).map_err(meta_status)?;
-        let command = Command::CreateInternalTopic {
-            name: OFFSETS_TOPIC.to_owned(),
-            replication_factor: replication,
-            assignment,
-        };
+        let assignment = meta.plan_assignment(partitions, replication).map_err(meta_status)?;
+        let command =
+            Command::CreateInternalTopic { name: name.to_owned(), replication_factor: replication, assignment };
         self.propose(&command).await.map(|_| ())
     }
 
@@ -1108,6 +1115,7 @@ impl Inner {
             }
         }
         self.start_group_coordinators();
+        self.start_timer_coordinators();
         for group in open {
             if group != META_GROUP
                 && !wanted.contains_key(&group)
@@ -1310,6 +1318,9 @@ impl Inner {
         if request.topic == META_TOPIC {
             return Err(Status::invalid_argument("__meta is written by the controller only"));
         }
+        if request.deliver_at_ms.is_some() || request.delay_ms.is_some() {
+            return Err(Status::invalid_argument("a delayed produce is sent with the unary Produce call"));
+        }
         if self.metadata().topics.get(&request.topic).is_some_and(|t| t.internal) {
             return Err(Status::permission_denied(format!(
                 "{} is internal to Keel: only Keel writes it",
@@ -1465,6 +1476,7 @@ pub(crate) mod tests {
             retention_interval: Duration::from_secs(3600),
             limits: crate::Limits::default(),
             groups: Default::default(),
+            delayed: Default::default(),
             seed: 1,
         };
         let broker = Broker::start(config, disk, Arc::new(keel_raft::TcpConnector::default()), Arc::new(FixedClock))

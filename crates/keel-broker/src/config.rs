@@ -160,6 +160,29 @@ impl Default for GroupSettings {
     }
 }
 
+/// Delayed-message settings: the shape of `__delayed` and the timer coordinators' bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct DelayedSettings {
+    /// Partitions of `__delayed`, fixed when the cluster creates it (a target partition's timers
+    /// live in partition `fnv1a_64(topic, partition) mod` this).
+    pub partitions: u32,
+    /// Bounds: the longest delay, pending timers per partition, record size, the horizon.
+    pub limits: keel_coordinator::timers::TimerLimits,
+    /// Rewrite a `__delayed` partition and trim below its lowest pending timer once it holds this
+    /// many more bytes than the last rewrite left.
+    pub compact_bytes: u64,
+}
+
+impl Default for DelayedSettings {
+    fn default() -> DelayedSettings {
+        DelayedSettings {
+            partitions: 4,
+            limits: keel_coordinator::timers::TimerLimits::default(),
+            compact_bytes: 64 << 20,
+        }
+    }
+}
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -186,6 +209,8 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// Consumer groups.
     pub groups: GroupSettings,
+    /// Delayed and scheduled messages.
+    pub delayed: DelayedSettings,
     /// Seed of this node's randomness (election timeouts, the cluster id it may coin).
     pub seed: u64,
 }
@@ -212,6 +237,18 @@ impl BrokerConfig {
         }
         if self.groups.offsets_partitions == 0 || self.groups.offsets_partitions > 1_000 {
             return Err(BrokerError::Config("offsets_partitions must be 1 to 1000".into()));
+        }
+        if self.delayed.partitions == 0 || self.delayed.partitions > 1_000 {
+            return Err(BrokerError::Config("delayed partitions must be 1 to 1000".into()));
+        }
+        if self.delayed.limits.delay_max_ms < 60_000 {
+            return Err(BrokerError::Config("delay_max_ms must be at least one minute".into()));
+        }
+        if self.delayed.limits.publish.publisher_idle_ms >= self.limits.producer_id_expiration_ms {
+            return Err(BrokerError::Config(format!(
+                "the delayed publisher's idle rotation ({} ms) must be below producer_id_expiration_ms ({} ms)",
+                self.delayed.limits.publish.publisher_idle_ms, self.limits.producer_id_expiration_ms
+            )));
         }
         if self.groups.retry_limits.publisher_idle_ms >= self.limits.producer_id_expiration_ms {
             // A group's publisher must move to a new epoch before its target partitions could

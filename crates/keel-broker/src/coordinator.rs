@@ -54,6 +54,9 @@ pub struct CoordinatorFaults {
     /// Publish decided records (dead letters) without their producer stamp: a send repeated
     /// after a failover or an ambiguous answer lands twice.
     pub publish_unstamped: bool,
+    /// Fire timers by the wall clock alone, without the monotonic second opinion: a clock
+    /// stepped forward fires them early.
+    pub timers_wall_clock_only: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.
@@ -171,6 +174,16 @@ impl<S: Shard> Runtime<S> {
         key: &str,
         op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>,
     ) -> Result<T, RunError<E>> {
+        self.run_placed(key, op).await.map(|(answer, _)| answer)
+    }
+
+    /// [`Runtime::run`], also answering the offset of the first record appended (`None` when
+    /// the operation appended nothing): the ids of records that are named by their offset.
+    pub(crate) async fn run_placed<T, E>(
+        self: &Arc<Self>,
+        key: &str,
+        op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>,
+    ) -> Result<(T, Option<u64>), RunError<E>> {
         self.check_active().map_err(widen)?;
         let key_lock = {
             let mut locks = lock(&self.locks);
@@ -187,17 +200,17 @@ impl<S: Shard> Runtime<S> {
         self: &Arc<Self>,
         turn: tokio::sync::OwnedMutexGuard<()>,
         op: impl FnOnce(&S) -> Result<(Vec<Record>, T), E>,
-    ) -> Result<T, RunError<E>> {
+    ) -> Result<(T, Option<u64>), RunError<E>> {
         let term = self.check_active().map_err(widen)?;
         let (records, answer) = op(&lock(&self.state)).map_err(RunError::Refused)?;
         if records.is_empty() {
-            return Ok(answer);
+            return Ok((answer, None));
         }
         let batch = self.encode(&records)?;
         if self.faults.unlock_on_cancel {
             let outcome = self.append(term, batch).await;
             drop(turn);
-            return outcome.map(|()| answer).map_err(widen);
+            return outcome.map(|base| (answer, Some(base))).map_err(widen);
         }
         let this = Arc::clone(self);
         let append = tokio::spawn(async move {
@@ -206,7 +219,7 @@ impl<S: Shard> Runtime<S> {
             outcome
         });
         match append.await {
-            Ok(Ok(())) => Ok(answer),
+            Ok(Ok(base)) => Ok((answer, Some(base))),
             Ok(Err(e)) => Err(widen(e)),
             Err(e) => {
                 // The task panicked or its runtime is shutting down: the outcome is unknown.
@@ -216,15 +229,17 @@ impl<S: Shard> Runtime<S> {
         }
     }
 
-    /// Appends one operation's batch and waits until it is committed and replayed.
-    async fn append(&self, term: u64, batch: bytes::Bytes) -> Result<(), RunError<std::convert::Infallible>> {
+    /// Appends one operation's batch and waits until it is committed and replayed; returns the
+    /// offset of its first record.
+    async fn append(&self, term: u64, batch: bytes::Bytes) -> Result<u64, RunError<std::convert::Infallible>> {
         let pending = match self.node.submit(self.raft_group, batch).await {
             Ok(p) => p,
             Err(e) => return Err(self.append_failed(term, e)),
         };
         if self.faults.ack_before_commit {
-            // Negative control: the answer leaves before the quorum has the records.
-            return Ok(());
+            // Negative control: the answer leaves before the quorum has the records (and before
+            // their offset is known: the replay position stands in for it).
+            return Ok(*self.applied.borrow());
         }
         let appended = match pending.wait().await {
             Ok(a) => a,
@@ -238,7 +253,7 @@ impl<S: Shard> Runtime<S> {
             self.deactivate(term, "a committed operation was not replayed in time");
             return Err(RunError::Ambiguous("the operation committed but this coordinator is behind; retry".into()));
         }
-        Ok(())
+        Ok(appended.base_offset)
     }
 
     fn encode<E>(&self, records: &[Record]) -> Result<bytes::Bytes, RunError<E>> {

@@ -37,7 +37,7 @@ pub const UNKNOWN_PRODUCER_ID: &str = "UNKNOWN_PRODUCER_ID";
 /// offsets no longer known.
 pub const DUPLICATE_SEQUENCE_NUMBER: &str = "DUPLICATE_SEQUENCE_NUMBER";
 
-fn with_reason(code: Code, message: String, reason: &str, metadata: &[(&str, String)]) -> Status {
+pub(crate) fn with_reason(code: Code, message: String, reason: &str, metadata: &[(&str, String)]) -> Status {
     let metadata: std::collections::HashMap<String, String> =
         metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
     Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, metadata))

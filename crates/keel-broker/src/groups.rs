@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::broker::Inner;
 use crate::coordinator::{RunError, Runtime};
+use crate::publisher::PublishSource;
 
 /// How often a coordinator looks for members whose session or revocation timed out.
 const EXPIRY_POLL: Duration = Duration::from_millis(200);
@@ -34,7 +35,7 @@ pub struct GroupCoordinator {
     /// Heartbeat and revocation deadlines per (group, member), only while active.
     clocks: Mutex<BTreeMap<(String, String), MemberClock>>,
     /// Woken when an operation decided a record to publish (`publisher.rs`).
-    pub(crate) publish_wake: tokio::sync::Notify,
+    pub(crate) publish_wake: Arc<tokio::sync::Notify>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -148,13 +149,21 @@ impl Inner {
             let coordinator = Arc::new(GroupCoordinator {
                 runtime: Arc::clone(&runtime),
                 clocks: Mutex::new(BTreeMap::new()),
-                publish_wake: tokio::sync::Notify::new(),
+                publish_wake: Arc::new(tokio::sync::Notify::new()),
             });
             lock(&self.groups).insert(partition, Arc::clone(&coordinator));
             info!(partition, group = p.group, "group coordinator started");
             self.spawn("coord-replay", Arc::clone(&runtime).replay_loop());
-            self.spawn("coord-leadership", runtime.leadership_loop());
-            self.spawn("coord-publish", Arc::clone(self).publish_loop(Arc::clone(&coordinator)));
+            self.spawn("coord-leadership", Arc::clone(&runtime).leadership_loop());
+            let metrics = Arc::clone(&self.metrics);
+            let source = PublishSource {
+                runtime: Arc::clone(&runtime),
+                wake: Arc::clone(&coordinator.publish_wake),
+                landed: Box::new(move |_| {
+                    metrics.dead_letters_published.inc();
+                }),
+            };
+            self.spawn("coord-publish", Arc::clone(self).publish_loop(source));
             self.spawn("coord-timers", Arc::clone(self).group_timers(coordinator));
         }
     }

@@ -6,8 +6,9 @@
 //! - [`service`]: Producer, Consumer, Admin, Controller and NodeStatus over gRPC;
 //! - [`coordinator`]: the coordinator runtime (DESIGN.md §6.1) over an internal-topic partition;
 //! - [`groups`]: consumer-group coordinators on that runtime, served by the `Groups` gRPC service;
+//! - [`delayed`]: timer coordinators of `__delayed` (delayed produce, cancel, firing);
 //! - [`producer_ids`]: the node's block of producer ids behind `InitProducerId`;
-//! - `publisher`: a coordinator's decided records (dead letters) sent exactly once;
+//! - `publisher`: a coordinator's decided records (dead letters, due timers) sent exactly once;
 //! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
 //! - [`metrics`]: the node's Prometheus series, served on `/metrics` by its own HTTP listener;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
@@ -15,6 +16,7 @@
 pub mod broker;
 pub mod config;
 pub mod coordinator;
+pub mod delayed;
 pub mod error;
 pub mod groups;
 mod groups_service;
@@ -29,10 +31,10 @@ pub mod service;
 pub mod size_status;
 
 pub use broker::{Broker, Clock, REQUEST_ID_HEADER, StorageMode};
-pub use config::{BrokerConfig, GroupSettings, Identity, Limits};
+pub use config::{BrokerConfig, DelayedSettings, GroupSettings, Identity, Limits};
 pub use coordinator::CoordinatorFaults;
 pub use error::BrokerError;
-pub use metadata::{META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC};
+pub use metadata::{DELAYED_TOPIC, META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC};
 
 #[cfg(test)]
 mod fuzz_decoders;

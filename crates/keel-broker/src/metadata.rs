@@ -15,6 +15,9 @@ pub const META_TOPIC: &str = "__meta";
 /// The internal topic of committed group offsets and group membership (one coordinator per
 /// partition). Created by the controller; users can neither produce to it nor delete it.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// The internal topic of delayed records (one timer coordinator per partition, chosen by the
+/// target partition, so that one target's timers fire in the order of their times).
+pub const DELAYED_TOPIC: &str = "__delayed";
 /// Longest topic name (as in Kafka: it must fit in file names with room to spare).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// Most partitions one topic may have.
@@ -287,7 +290,7 @@ impl Metadata {
                 Ok(())
             }
             Command::CreateInternalTopic { name, replication_factor, assignment } => {
-                if name != OFFSETS_TOPIC {
+                if name != OFFSETS_TOPIC && name != DELAYED_TOPIC {
                     return Err(MetaError::Invalid(format!("{name:?} is not one of Keel's internal topics")));
                 }
                 if self.topics.contains_key(name) {
@@ -457,6 +460,11 @@ impl Metadata {
     /// The partitions of `__consumer_offsets`, once the controller created it.
     pub fn offsets_topic(&self) -> Option<&Topic> {
         self.topics.get(OFFSETS_TOPIC).filter(|t| t.internal)
+    }
+
+    /// The partitions of `__delayed`, once the controller created it.
+    pub fn delayed_topic(&self) -> Option<&Topic> {
+        self.topics.get(DELAYED_TOPIC).filter(|t| t.internal)
     }
 
     /// Partition counts of the user topics (what group subscriptions can match).

@@ -123,6 +123,12 @@ pub struct Metrics {
     leadership_changes: Counter,
     pub(crate) nacks: Counter,
     pub(crate) dead_letters_published: Counter,
+    pub(crate) delayed_scheduled: Counter,
+    pub(crate) delayed_published: Counter,
+    pub(crate) delayed_dropped: Counter,
+    pub(crate) delayed_cancelled: Counter,
+    pub(crate) delayed_lateness: Histogram,
+    pub(crate) delayed_pending: Gauge,
     state: StateGauges,
     groups: GroupGauges,
     /// The raft term each hosted group was last seen in: leadership changes are counted as the
@@ -193,6 +199,13 @@ impl Metrics {
             leadership_changes: Counter::default(),
             nacks: Counter::default(),
             dead_letters_published: Counter::default(),
+            delayed_scheduled: Counter::default(),
+            delayed_published: Counter::default(),
+            delayed_dropped: Counter::default(),
+            delayed_cancelled: Counter::default(),
+            // 1 ms to ~9 h (doubling): a timer fired on time to one held back by an outage.
+            delayed_lateness: Histogram::new(exponential_buckets(0.001, 2.0, 25)),
+            delayed_pending: Gauge::default(),
             state: StateGauges::default(),
             groups: GroupGauges::default(),
             terms: Mutex::new(BTreeMap::new()),
@@ -236,6 +249,32 @@ impl Metrics {
             "dead_letters_published",
             "Dead letters this node's coordinators published and confirmed (each once)",
             m.dead_letters_published.clone(),
+        );
+        r.register(
+            "delayed_scheduled",
+            "Delayed records this node's timer coordinators scheduled (acknowledged to producers)",
+            m.delayed_scheduled.clone(),
+        );
+        r.register(
+            "delayed_published",
+            "Delayed records this node's timer coordinators published to their target and confirmed (each once)",
+            m.delayed_published.clone(),
+        );
+        r.register(
+            "delayed_dropped",
+            "Delayed records dropped when due because their target topic had been deleted",
+            m.delayed_dropped.clone(),
+        );
+        r.register("delayed_cancelled", "Delayed records cancelled before they were due", m.delayed_cancelled.clone());
+        r.register(
+            "delayed_lateness_seconds",
+            "How long after its deliver-at time a delayed record was confirmed in its target",
+            m.delayed_lateness.clone(),
+        );
+        r.register(
+            "delayed_pending",
+            "Timers pending in the __delayed partitions this node coordinates",
+            m.delayed_pending.clone(),
         );
         r.register(
             "raft_apply_lag_max",

@@ -1,7 +1,7 @@
 //! Publishing exactly once from a coordinator (DESIGN.md, "publishing exactly once from a
-//! shard"). A group operation that must put a record into a topic (a dead letter) does not send
-//! it: it commits a `Publish` decision stamped with the group's producer identity for the target
-//! partition (id, epoch, sequence). This loop, on the coordinator's leader only, sends every
+//! shard"). An operation that must put a record into a topic (a group's dead letter, a delayed
+//! record that is due) does not send it: it commits a `Publish` decision stamped with the
+//! shard's producer identity for the target partition (id, epoch, sequence). This loop, on the coordinator's leader only, sends every
 //! unconfirmed decision in stamp order as an idempotent produce with exactly that stamp, then
 //! confirms it with another group operation. A failover between the send and the confirmation
 //! makes the next coordinator send it again with the same stamp, and the target's producer table
@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_coordinator::groups::retry::PendingPublish;
-use keel_coordinator::groups::{Groups, Tp};
+use keel_coordinator::groups::Tp;
+use keel_coordinator::publish::{Pending, Publishing};
 use keel_proto::v1 as pb;
 use keel_proto::v1::admin_client::AdminClient;
 use tonic::{Code, Status};
@@ -21,8 +21,8 @@ use tonic_types::StatusExt;
 use tracing::{debug, info, warn};
 
 use crate::broker::{Inner, is_transport_failure};
+use crate::coordinator::Runtime;
 use crate::error::{DUPLICATE_SEQUENCE_NUMBER, NOT_LEADER};
-use crate::groups::{GroupCoordinator, encode};
 
 /// How often an idle coordinator looks for decisions it was not woken for (a replayed
 /// history after a failover).
@@ -32,25 +32,44 @@ const PUBLISH_RETRY: Duration = Duration::from_millis(500);
 /// Decisions looked at per round.
 const PUBLISH_SCAN_MAX: usize = 1_000;
 
+/// A coordinator whose shard publishes: its runtime, what wakes its publisher, and what to do
+/// once a record landed (metrics).
+pub(crate) struct PublishSource<S: Publishing> {
+    /// The shard's runtime.
+    pub(crate) runtime: Arc<Runtime<S>>,
+    /// Woken when an operation decided a record to publish.
+    pub(crate) wake: Arc<tokio::sync::Notify>,
+    /// Called for each record confirmed in its target.
+    pub(crate) landed: Box<dyn Fn(&Pending) + Send + Sync>,
+}
+
+/// What became of one decision.
+enum Sent {
+    /// It is in its target.
+    Landed,
+    /// Its target topic no longer exists (a delayed record's topic deleted meanwhile): dropped.
+    Dropped,
+}
+
 impl Inner {
     /// Sends the coordinator's unconfirmed publish decisions, in stamp order per target, while
-    /// this node coordinates; each confirmed by a group operation once the target has it.
-    pub(crate) async fn publish_loop(self: Arc<Self>, coordinator: Arc<GroupCoordinator>) {
-        let mut active = coordinator.runtime.active();
+    /// this node coordinates; each confirmed by an operation once the target has it.
+    pub(crate) async fn publish_loop<S: Publishing>(self: Arc<Self>, source: PublishSource<S>) {
+        let mut active = source.runtime.active();
         loop {
             if active.wait_for(Option::is_some).await.is_err() {
                 return;
             }
             while active.borrow().is_some() {
-                let pending = coordinator.runtime.read(|s: &Groups| s.pending_publishes(PUBLISH_SCAN_MAX));
+                let pending = source.runtime.read(|s: &S| s.pending_publishes(PUBLISH_SCAN_MAX));
                 if pending.is_empty() {
                     tokio::select! {
-                        _ = coordinator.publish_wake.notified() => {}
+                        _ = source.wake.notified() => {}
                         _ = tokio::time::sleep(PUBLISH_POLL) => {}
                     }
                     continue;
                 }
-                if !self.publish_round(&coordinator, pending).await {
+                if !self.publish_round(&source, pending).await {
                     tokio::time::sleep(PUBLISH_RETRY).await;
                 }
             }
@@ -59,33 +78,44 @@ impl Inner {
 
     /// Sends each decision, skipping the rest of a target after one fails (the target accepts a
     /// sequence only after the one before it). Returns whether anything was confirmed.
-    async fn publish_round(&self, coordinator: &GroupCoordinator, pending: Vec<PendingPublish>) -> bool {
+    async fn publish_round<S: Publishing>(&self, source: &PublishSource<S>, pending: Vec<Pending>) -> bool {
         let mut blocked: BTreeSet<(String, Tp)> = BTreeSet::new();
         let mut progressed = false;
         for p in pending {
-            let key = (p.group.clone(), p.target.clone());
-            if blocked.contains(&key) || coordinator.runtime.active().borrow().is_none() {
+            let key = (p.key.clone(), p.target.clone());
+            if blocked.contains(&key) || source.runtime.active().borrow().is_none() {
                 continue;
             }
-            if let Err(why) = self.publish(&p).await {
-                warn!(group = p.group, target = %p.target, sequence = p.publish.sequence, why, "publishing a dead letter failed; retried");
-                blocked.insert(key);
-                continue;
-            }
+            let sent = match self.publish(&p, S::creates_targets()).await {
+                Ok(sent) => sent,
+                Err(why) => {
+                    warn!(key = p.key, target = %p.target, sequence = p.publish.sequence, why, "publishing a decided record failed; retried");
+                    blocked.insert(key);
+                    continue;
+                }
+            };
             let stamp = (p.publish.epoch, p.publish.sequence);
-            let confirmed = coordinator
+            let confirmed = source
                 .runtime
-                .run(&p.group, |s: &Groups| Ok::<_, ()>((encode(&s.confirm_published(&p.group, &p.target, stamp)), ())))
+                .run(&p.key, |s: &S| Ok::<_, ()>((s.confirm_records(&p.key, &p.target, stamp), ())))
                 .await;
             match confirmed {
                 Ok(()) => {
-                    debug!(group = p.group, target = %p.target, sequence = p.publish.sequence, "dead letter published");
-                    self.metrics.dead_letters_published.inc();
                     progressed = true;
+                    match sent {
+                        Sent::Landed => {
+                            debug!(key = p.key, target = %p.target, sequence = p.publish.sequence, "decided record published");
+                            (source.landed)(&p);
+                        }
+                        Sent::Dropped => {
+                            warn!(key = p.key, target = %p.target, "the target topic was deleted: the decided record is dropped");
+                            self.metrics.delayed_dropped.inc();
+                        }
+                    }
                 }
                 // Sent but not confirmed: whoever coordinates next sends it again, deduplicated.
                 Err(e) => {
-                    debug!(group = p.group, error = ?e, "confirming a publish failed; it will be sent again");
+                    debug!(key = p.key, error = ?e, "confirming a publish failed; it will be sent again");
                     blocked.insert(key);
                 }
             }
@@ -93,9 +123,14 @@ impl Inner {
         progressed
     }
 
-    /// Produces one decided record to its target's leader with the decision's stamp.
-    async fn publish(&self, p: &PendingPublish) -> Result<(), String> {
-        self.ensure_topic(&p.target.topic).await?;
+    /// Produces one decided record to its target's leader with the decision's stamp. A missing
+    /// target topic is created when `create` (dead letters), and the record dropped otherwise.
+    async fn publish(&self, p: &Pending, create: bool) -> Result<Sent, String> {
+        if create {
+            self.ensure_topic(&p.target.topic).await?;
+        } else if self.metadata().partition(&p.target.topic, p.target.partition).is_err() {
+            return Ok(Sent::Dropped);
+        }
         let d = &p.publish;
         // Negative control: without the stamp, a send repeated after a failover or an ambiguous
         // answer writes the record twice.
@@ -118,13 +153,14 @@ impl Inner {
             producer_id: stamped.then_some(d.producer_id),
             producer_epoch: stamped.then_some(i32::from(d.epoch)),
             base_sequence: stamped.then_some(d.sequence),
+            ..Default::default()
         };
-        self.produce_to_leader(request).await
+        self.produce_to_leader(request).await.map(|()| Sent::Landed)
     }
 
     /// Sends a produce request to the partition's leader, following NOT_LEADER hints and
     /// trying each replica. A DUPLICATE_SEQUENCE_NUMBER answer means the record is there.
-    async fn produce_to_leader(&self, request: pb::ProduceRequest) -> Result<(), String> {
+    pub(crate) async fn produce_to_leader(&self, request: pb::ProduceRequest) -> Result<(), String> {
         let (group, replicas, _) =
             self.resolve(&request.topic, request.partition).map_err(|s| s.message().to_owned())?;
         let mut candidates: Vec<String> = self.node.leader(group).and_then(|l| self.addr_of(l)).into_iter().collect();

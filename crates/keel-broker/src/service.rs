@@ -135,6 +135,9 @@ impl Api {
 
     async fn produce_unary(&self, request: pb::ProduceRequest, hops: u32) -> Result<pb::ProduceResponse, Status> {
         let inner = &self.inner;
+        if request.deliver_at_ms.is_some() || request.delay_ms.is_some() {
+            return inner.produce_delayed(request, hops).await;
+        }
         let what = format!("{}/{}", request.topic, request.partition);
         let submitted = inner.submit(&request).await;
         let status = match submitted {
@@ -146,6 +149,7 @@ impl Api {
                         base_offset: appended.base_offset,
                         record_count: (appended.next_offset - appended.base_offset) as u32,
                         error: None,
+                        timer_ids: Vec::new(),
                     });
                 }
                 Err(e) => append_status(&what, e),
@@ -683,6 +687,7 @@ impl pb::producer_server::Producer for Api {
                                         base_offset: a.base_offset,
                                         record_count: (a.next_offset - a.base_offset) as u32,
                                         error: None,
+                                        timer_ids: Vec::new(),
                                     }
                                 }
                                 Err(e) => {
@@ -707,6 +712,14 @@ impl pb::producer_server::Producer for Api {
             }
         });
         Ok(Response::new(channel_stream(rx)))
+    }
+
+    async fn cancel_delayed(
+        &self,
+        request: Request<pb::CancelDelayedRequest>,
+    ) -> Result<Response<pb::CancelDelayedResponse>, Status> {
+        let hops = hops(&request);
+        self.inner.cancel_delayed(request.into_inner(), hops).await.map(Response::new)
     }
 
     async fn init_producer_id(
@@ -749,7 +762,7 @@ fn claimed_epoch(producer_id: &Option<i64>, epoch: &Option<i32>) -> Result<Optio
 }
 
 fn error_response(request_id: u64, status: &Status) -> pb::ProduceResponse {
-    pb::ProduceResponse { request_id, base_offset: 0, record_count: 0, error: Some(to_pb_error(status)) }
+    pb::ProduceResponse { request_id, error: Some(to_pb_error(status)), ..Default::default() }
 }
 
 #[tonic::async_trait]

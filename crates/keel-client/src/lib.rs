@@ -52,4 +52,4 @@ pub use keel_proto::v1::{
     DescribeClusterResponse as ClusterDescription, NodeDescription, PartitionDescription, TopicConfig, TopicDescription,
 };
 pub use partitioner::{fnv1a_64, partition_for_key};
-pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use producer::{DeliverAt, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};

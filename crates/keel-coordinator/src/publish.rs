@@ -12,6 +12,32 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::groups::Tp;
+use crate::{Record, Shard};
+
+/// A publish decision the runtime must send: who decided it, target, stamp and record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The lock key of the state that decided it (a group; the timers).
+    pub key: String,
+    /// Where it goes.
+    pub target: Tp,
+    /// The decision.
+    pub publish: Publish,
+}
+
+/// A shard whose operations decide records to publish; the runtime sends them and confirms.
+pub trait Publishing: Shard {
+    /// Decisions not confirmed yet, per key and target in stamp order, at most `max`.
+    fn pending_publishes(&self, max: usize) -> Vec<Pending>;
+
+    /// The records that confirm the decision of `key` stamped `stamp` for `target` (and every
+    /// earlier one there): the target has them.
+    fn confirm_records(&self, key: &str, target: &Tp, stamp: (i16, i32)) -> Vec<Record>;
+
+    /// Whether a target topic that does not exist is created (dead letters) rather than the
+    /// decision dropped (a delayed record whose topic was deleted meanwhile).
+    fn creates_targets() -> bool;
+}
 
 /// The coordinator's idempotent-producer identity for one target partition: what it publishes
 /// there (dead letters, replays) is stamped with it, so a resend after a failover is

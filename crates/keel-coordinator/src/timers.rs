@@ -29,6 +29,12 @@ pub const CHUNK_RECORDS: u64 = 1 << 16;
 /// The lock key of every timer operation (one shard, one state).
 pub const KEY: &str = "timers";
 
+/// How long a schedule's request token is remembered: a retry within it gets the first
+/// attempt's timer ids instead of scheduling again.
+pub const TOKEN_WINDOW_MS: i64 = 15 * 60_000;
+/// Request tokens remembered at most (the oldest go first): 40 bytes each.
+pub const TOKENS_MAX: usize = 100_000;
+
 /// Header a fired record carries: its timer's id (`<__delayed partition>-<offset>`).
 pub const TIMER_ID_HEADER: &str = "keel-timer-id";
 /// Header a fired record carries: the time it was due (ms since the epoch).
@@ -100,6 +106,24 @@ pub enum TimerRecord {
     Publisher(Tp, Option<Publisher>),
     /// A publish decision for a target partition; `None` confirms it.
     Publish(Tp, (i16, i32), Option<Publish>),
+    /// A schedule's request token: the timers it scheduled (the records right after this one
+    /// when `first` is `None`).
+    Token(Token),
+}
+
+/// A schedule's request token and the timers it scheduled, so that a retry of the same request
+/// (its answer was lost) is answered with them rather than scheduling the records twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// The client's token (random, the same on every retry of one request).
+    pub token: u64,
+    /// The first timer's id; `None`: the offset after the token record's own.
+    #[serde(default)]
+    pub first: Option<u64>,
+    /// How many timers, at consecutive offsets.
+    pub count: u32,
+    /// When it was scheduled (coordinator clock): it is forgotten `TOKEN_WINDOW_MS` later.
+    pub at_ms: i64,
 }
 
 const SCHEDULED: u8 = b's';
@@ -108,6 +132,7 @@ const FIRED: u8 = b'f';
 const HORIZON: u8 = b'h';
 const PUBLISHER: u8 = b'p';
 const PUBLISH: u8 = b'd';
+const TOKEN: u8 = b't';
 
 fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
@@ -151,6 +176,7 @@ impl TimerRecord {
                 let stamp = format!("{epoch:05}.{sequence:010}");
                 Record { key: key(PUBLISH, &[&t, &n, &stamp]), value: p.as_ref().map(json) }
             }
+            TimerRecord::Token(t) => Record { key: key(TOKEN, &[&format!("{:020}", t.token)]), value: Some(json(t)) },
         }
     }
 
@@ -180,6 +206,7 @@ impl TimerRecord {
                 let stamp = (e.parse().map_err(|_| "bad epoch")?, s.parse().map_err(|_| "bad sequence")?);
                 Ok(TimerRecord::Publish(tp(t, p)?, stamp, record.value.as_deref().map(parse).transpose()?))
             }
+            (TOKEN, [_]) => Ok(TimerRecord::Token(parse(value()?)?)),
             _ => Err(format!("unknown key kind {kind} with {} parts", parts.len())),
         }
     }
@@ -224,6 +251,10 @@ pub struct Timers {
     pub publishers: BTreeMap<Tp, Publisher>,
     /// Fired records not yet confirmed in their target, in stamp order.
     pub publishes: BTreeMap<(Tp, (i16, i32)), Publish>,
+    /// Request tokens of recent schedules: token → (first id, count, when).
+    tokens: BTreeMap<u64, (u64, u32, i64)>,
+    /// The same tokens by time, oldest first (what is forgotten first).
+    tokens_by_time: BTreeSet<(i64, u64)>,
 }
 
 fn hour_of(ms: i64) -> i64 {
@@ -234,6 +265,20 @@ fn hour_of(ms: i64) -> i64 {
 fn ceil_hour(ms: i64) -> i64 {
     let h = hour_of(ms);
     if ms.rem_euclid(HOUR_MS) == 0 { h * HOUR_MS } else { (h + 1).saturating_mul(HOUR_MS) }
+}
+
+/// What a schedule appends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scheduling {
+    /// These records: a `Token` first when the request had one, then one `Scheduled` per timer.
+    New(Vec<TimerRecord>),
+    /// Nothing: a retry of a request that scheduled these timers.
+    Already {
+        /// The first timer's id.
+        first: u64,
+        /// How many (consecutive ids).
+        count: u32,
+    },
 }
 
 /// A timer due now, for the runtime to read and fire.
@@ -330,17 +375,43 @@ impl Timers {
             TimerRecord::Publish(tp, stamp, None) => {
                 self.publishes.remove(&(tp, stamp));
             }
+            TimerRecord::Token(t) => {
+                let first = t.first.unwrap_or(offset + 1);
+                if let Some((_, _, at)) = self.tokens.insert(t.token, (first, t.count, t.at_ms)) {
+                    self.tokens_by_time.remove(&(at, t.token));
+                }
+                self.tokens_by_time.insert((t.at_ms, t.token));
+                // Forget by age and by count, at the same record on every replica.
+                while let Some(&(at, token)) = self.tokens_by_time.first() {
+                    if at > t.at_ms.saturating_sub(TOKEN_WINDOW_MS) && self.tokens.len() <= TOKENS_MAX {
+                        break;
+                    }
+                    self.tokens_by_time.pop_first();
+                    self.tokens.remove(&token);
+                }
+            }
         }
     }
 
-    /// Schedules delayed records (each due at its `deliver_at_ms`): their records, in order; the
-    /// offsets they are appended at are their ids.
+    /// The timers a schedule with request `token` already scheduled: (first id, count).
+    pub fn scheduled_by(&self, token: u64) -> Option<(u64, u32)> {
+        self.tokens.get(&token).map(|(first, count, _)| (*first, *count))
+    }
+
+    /// Schedules delayed records (each due at its `deliver_at_ms`): their records, in order,
+    /// after a `Token` record when the request carries a `token` (non-zero); the offsets the
+    /// `Scheduled` records are appended at are their ids. A token already seen is answered
+    /// [`Scheduling::Already`] and schedules nothing.
     pub fn schedule(
         &self,
         timers: Vec<Timer>,
+        token: u64,
         now_ms: i64,
         limits: &TimerLimits,
-    ) -> Result<Vec<TimerRecord>, TimerError> {
+    ) -> Result<Scheduling, TimerError> {
+        if let Some((first, count)) = (token != 0).then(|| self.scheduled_by(token)).flatten() {
+            return Ok(Scheduling::Already { first, count });
+        }
         if self.pending().saturating_add(timers.len() as u64) > limits.pending_max {
             return Err(TimerError::Full(format!(
                 "this partition holds its limit of {} pending timers",
@@ -362,7 +433,13 @@ impl Timers {
                 )));
             }
         }
-        Ok(timers.into_iter().map(TimerRecord::Scheduled).collect())
+        let count = u32::try_from(timers.len()).map_err(|_| TimerError::Invalid("too many records".into()))?;
+        let mut records = Vec::with_capacity(timers.len() + 1);
+        if token != 0 {
+            records.push(TimerRecord::Token(Token { token, first: None, count, at_ms: now_ms }));
+        }
+        records.extend(timers.into_iter().map(TimerRecord::Scheduled));
+        Ok(Scheduling::New(records))
     }
 
     /// Cancels the timer `id` (whose `Scheduled` record the runtime read: `timer`).
@@ -466,6 +543,24 @@ impl Timers {
     }
 }
 
+impl publish::Publishing for Timers {
+    fn pending_publishes(&self, max: usize) -> Vec<publish::Pending> {
+        self.publishes
+            .iter()
+            .take(max)
+            .map(|((tp, _), p)| publish::Pending { key: KEY.to_owned(), target: tp.clone(), publish: p.clone() })
+            .collect()
+    }
+
+    fn confirm_records(&self, _key: &str, target: &Tp, stamp: (i16, i32)) -> Vec<Record> {
+        self.confirm_published(target, stamp).iter().map(TimerRecord::encode).collect()
+    }
+
+    fn creates_targets() -> bool {
+        false
+    }
+}
+
 impl Shard for Timers {
     fn replay(&mut self, offset: u64, record: &Record) -> Result<(), ReplayError> {
         let decoded = TimerRecord::decode(record).map_err(|reason| ReplayError { offset, reason })?;
@@ -490,6 +585,9 @@ impl Shard for Timers {
         out.extend(
             self.publishes.iter().map(|((tp, s), p)| TimerRecord::Publish(tp.clone(), *s, Some(p.clone())).encode()),
         );
+        out.extend(self.tokens.iter().map(|(token, (first, count, at_ms))| {
+            TimerRecord::Token(Token { token: *token, first: Some(*first), count: *count, at_ms: *at_ms }).encode()
+        }));
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }

@@ -122,6 +122,7 @@ macro_rules! requests {
 requests!(
     ProduceRequest,
     InitProducerIdRequest,
+    CancelDelayedRequest,
     FetchRequest,
     SubscribeRequest,
     CreateTopicRequest,
@@ -190,8 +191,12 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             producer_id: Some(5),
             producer_epoch: Some(1),
             base_sequence: Some(10),
+            deliver_at_ms: Some(1_700_000_060_000),
+            delay_ms: Some(30_000),
+            request_token: 99,
         }),
         enc(pb::ProduceRequest { topic: "t".into(), batch: Bytes::from(vec![1u8; 80]), ..Default::default() }),
+        enc(pb::CancelDelayedRequest { timer_id: "0-1234".into() }),
         enc(pb::InitProducerIdRequest::default()),
         enc(pb::InitProducerIdRequest {
             producer_identity: Some("orders-writer".into()),

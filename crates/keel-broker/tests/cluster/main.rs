@@ -9,3 +9,4 @@ mod t20_producer_ids;
 mod t30_group_consumer;
 mod t30_group_lag;
 mod t40_group_retry;
+mod t50_delayed;

@@ -29,6 +29,7 @@ fn produce(topic: &str, partition: u32, values: &[&str]) -> pb::ProduceRequest {
         producer_id: None,
         producer_epoch: None,
         base_sequence: None,
+        ..Default::default()
     }
 }
 

@@ -80,6 +80,7 @@ pub async fn start_clocked(
             retention_interval: Duration::from_secs(3600),
             limits: Limits::default(),
             groups: Default::default(),
+            delayed: Default::default(),
             seed: id,
         };
         let mut config = config;

@@ -522,6 +522,7 @@ impl Accumulator {
                         producer_id: None,
                         producer_epoch: None,
                         base_sequence: None,
+                        ..Default::default()
                     };
                     q.in_flight += 1;
                     self.in_flight.insert(request_id, batch);
@@ -715,7 +716,7 @@ mod tests {
     }
 
     fn ok(request_id: u64, base_offset: u64, record_count: u32) -> Result<pb::ProduceResponse, ClientError> {
-        Ok(pb::ProduceResponse { request_id, base_offset, record_count, error: None })
+        Ok(pb::ProduceResponse { request_id, base_offset, record_count, ..Default::default() })
     }
 
     fn offset(rx: &mut Outcome) -> u64 {

@@ -12,7 +12,10 @@
 //! reorder batches (as in Kafka without idempotence); `in_flight_max: 1` avoids that.
 
 mod accumulator;
+mod delayed;
 mod stream;
+
+pub use self::delayed::DeliverAt;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -199,7 +199,12 @@ impl Cluster {
         p.batches.push(Bytes::from(bytes));
         drop(state);
         self.appended.notify_waiters();
-        Ok(pb::ProduceResponse { request_id: request.request_id, base_offset, record_count: count, error: None })
+        Ok(pb::ProduceResponse {
+            request_id: request.request_id,
+            base_offset,
+            record_count: count,
+            ..Default::default()
+        })
     }
 
     /// Batches from `offset` on, up to about `max_bytes` (at least one).
@@ -314,6 +319,13 @@ impl Producer for Node {
             }
         });
         Ok(Response::new(channel_stream(rx)))
+    }
+
+    async fn cancel_delayed(
+        &self,
+        _: Request<pb::CancelDelayedRequest>,
+    ) -> Result<Response<pb::CancelDelayedResponse>, Status> {
+        Err(Status::unimplemented("the fake node keeps no timers"))
     }
 
     async fn init_producer_id(

@@ -9,7 +9,7 @@
 //! once.
 
 use super::ops::{Outcome, TopicsView, diff, fence};
-use super::records::{Publish, PublishHeader, Redelivery, RedeliveryState, Tp};
+use super::records::{PublishHeader, Redelivery, RedeliveryState, Tp};
 use super::{Group, GroupError, Groups, validate_group_name};
 use crate::publish;
 
@@ -233,17 +233,6 @@ pub struct Due {
     pub attempt: u32,
 }
 
-/// A publish decision the runtime must send: target, stamp and record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingPublish {
-    /// The group that decided it.
-    pub group: String,
-    /// Where it goes.
-    pub target: Tp,
-    /// The decision.
-    pub publish: Publish,
-}
-
 fn cut(text: &str, max: usize) -> String {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
@@ -428,12 +417,12 @@ impl Groups {
     }
 
     /// Every publish decision not confirmed yet, per group and target in stamp order.
-    pub fn pending_publishes(&self, max: usize) -> Vec<PendingPublish> {
+    pub fn pending_publishes(&self, max: usize) -> Vec<publish::Pending> {
         self.groups
             .iter()
             .flat_map(|(name, g)| {
-                g.publishes.iter().map(move |((tp, _), p)| PendingPublish {
-                    group: name.clone(),
+                g.publishes.iter().map(move |((tp, _), p)| publish::Pending {
+                    key: name.clone(),
                     target: tp.clone(),
                     publish: p.clone(),
                 })
@@ -601,6 +590,20 @@ fn decide_publish(
         }
         publish::DecideError::ProducerIdNeeded => GroupError::ProducerIdNeeded,
     })
+}
+
+impl publish::Publishing for Groups {
+    fn pending_publishes(&self, max: usize) -> Vec<publish::Pending> {
+        Groups::pending_publishes(self, max)
+    }
+
+    fn confirm_records(&self, group: &str, target: &Tp, stamp: (i16, i32)) -> Vec<crate::Record> {
+        self.confirm_published(group, target, stamp).iter().map(super::GroupRecord::encode).collect()
+    }
+
+    fn creates_targets() -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

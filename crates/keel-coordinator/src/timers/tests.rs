@@ -35,6 +35,14 @@ fn replay_one(state: &mut Timers, log: &[Record], offset: u64, record: &Record) 
     state.rescan_done();
 }
 
+/// The records of a schedule that is not a retry.
+fn new(s: Scheduling) -> Vec<TimerRecord> {
+    match s {
+        Scheduling::New(records) => records,
+        Scheduling::Already { .. } => panic!("not a retry"),
+    }
+}
+
 fn timer(at: i64) -> Timer {
     Timer { target: Tp::new("t", 0), deliver_at_ms: at, value: Some(at.to_string().into_bytes()), ..Timer::default() }
 }
@@ -72,7 +80,7 @@ fn near_timers_fire_once_when_due_and_far_ones_after_their_hour_loads() {
     advance(&mut log, T0);
     let near_at = T0 + 5_000;
     let far_at = T0 + 5 * HOUR_MS + 17;
-    let ids = log.append(&log.state.schedule(vec![timer(near_at), timer(far_at)], T0, &limits()).unwrap());
+    let ids = log.append(&log.state.schedule(vec![timer(near_at), timer(far_at)], 0, T0, &limits()).map(new).unwrap());
     assert_eq!(log.state.pending(), 2);
     assert_eq!(log.state.memory_entries(), 2, "one near entry and one count");
     assert!(log.state.due(near_at - 1, 10).is_empty(), "nothing before its time");
@@ -104,7 +112,9 @@ fn near_timers_fire_once_when_due_and_far_ones_after_their_hour_loads() {
 fn a_cancelled_timer_never_fires_near_or_far() {
     let mut log = Log::default();
     advance(&mut log, T0);
-    let ids = log.append(&log.state.schedule(vec![timer(T0 + 1_000), timer(T0 + 3 * HOUR_MS)], T0, &limits()).unwrap());
+    let ids = log.append(
+        &log.state.schedule(vec![timer(T0 + 1_000), timer(T0 + 3 * HOUR_MS)], 0, T0, &limits()).map(new).unwrap(),
+    );
     for (id, at) in [(ids[0], T0 + 1_000), (ids[1], T0 + 3 * HOUR_MS)] {
         let records = log.state.cancel(id, &timer(at)).unwrap();
         log.append(&records);
@@ -117,7 +127,7 @@ fn a_cancelled_timer_never_fires_near_or_far() {
     assert!(log.state.due(i64::MAX, 10).is_empty());
     assert_eq!(log.state.memory_entries(), 0, "the far cancellation went with its hour");
     // A fired timer cannot be cancelled.
-    let late = log.append(&log.state.schedule(vec![timer(T0 + 5 * HOUR_MS)], T0, &limits()).unwrap())[0];
+    let late = log.append(&log.state.schedule(vec![timer(T0 + 5 * HOUR_MS)], 0, T0, &limits()).map(new).unwrap())[0];
     advance(&mut log, T0 + 5 * HOUR_MS);
     assert_eq!(fire_due(&mut log, T0 + 5 * HOUR_MS, Some(3)).fired, vec![late]);
     assert_eq!(log.state.cancel(late, &timer(T0 + 5 * HOUR_MS)), Err(TimerError::NotPending(late)));
@@ -127,13 +137,13 @@ fn a_cancelled_timer_never_fires_near_or_far() {
 fn delays_and_sizes_are_bounded() {
     let state = Timers::default();
     let too_far = timer(T0 + limits().delay_max_ms + 1);
-    assert!(matches!(state.schedule(vec![too_far], T0, &limits()), Err(TimerError::Invalid(_))));
-    assert!(state.schedule(vec![timer(T0 + 365 * 24 * HOUR_MS)], T0, &limits()).is_ok(), "a year is allowed");
+    assert!(matches!(state.schedule(vec![too_far], 0, T0, &limits()), Err(TimerError::Invalid(_))));
+    assert!(state.schedule(vec![timer(T0 + 365 * 24 * HOUR_MS)], 0, T0, &limits()).is_ok(), "a year is allowed");
     let mut big = timer(T0);
     big.value = Some(vec![0; limits().record_bytes_max + 1]);
-    assert!(matches!(state.schedule(vec![big], T0, &limits()), Err(TimerError::Invalid(_))));
+    assert!(matches!(state.schedule(vec![big], 0, T0, &limits()), Err(TimerError::Invalid(_))));
     let full = TimerLimits { pending_max: 1, ..limits() };
-    assert!(matches!(state.schedule(vec![timer(T0), timer(T0)], T0, &full), Err(TimerError::Full(_))));
+    assert!(matches!(state.schedule(vec![timer(T0), timer(T0)], 0, T0, &full), Err(TimerError::Full(_))));
 }
 
 /// Timers spread from 1 s to 30 days: memory holds the ones within the horizon and a count per
@@ -152,7 +162,7 @@ fn memory_stays_bounded_with_timers_spread_over_thirty_days() {
         x ^= x << 17;
         batch.push(timer(T0 + 1_000 + (x % span as u64) as i64));
         if batch.len() == 1_000 {
-            let records = log.state.schedule(std::mem::take(&mut batch), T0, &limits()).unwrap();
+            let records = log.state.schedule(std::mem::take(&mut batch), 0, T0, &limits()).map(new).unwrap();
             log.append(&records);
         }
     }
@@ -185,7 +195,7 @@ fn a_replay_from_the_compaction_floor_knows_the_same_timers() {
     let mut log = Log::default();
     advance(&mut log, T0);
     let batch: Vec<Timer> = (0..50).map(|i| timer(T0 + i * 10 * 60_000)).collect();
-    let ids = log.append(&log.state.schedule(batch, T0, &limits()).unwrap());
+    let ids = log.append(&log.state.schedule(batch, 0, T0, &limits()).map(new).unwrap());
     // Cancel a far one, fire what is due in the first 20 minutes.
     log.append(&log.state.cancel(ids[40], &timer(T0 + 400 * 60_000)).unwrap());
     fire_due(&mut log, T0 + 20 * 60_000, Some(1));
@@ -223,10 +233,37 @@ fn records_round_trip_and_garbage_is_a_replay_error() {
         TimerRecord::Publisher(Tp::new("a", 1), Some(p)),
         TimerRecord::Publisher(Tp::new("a", 1), None),
         TimerRecord::Publish(Tp::new("a", 1), (2, 3), None),
+        TimerRecord::Token(Token { token: 12, first: Some(13), count: 14, at_ms: 15 }),
+        TimerRecord::Token(Token { token: 12, first: None, count: 14, at_ms: 15 }),
     ] {
         assert_eq!(TimerRecord::decode(&r.encode()).unwrap(), r);
     }
     let mut t = Timers::default();
     assert!(t.replay(0, &Record { key: b"zz".to_vec(), value: None }).is_err());
     assert!(t.replay(0, &Record { key: vec![SCHEDULED], value: Some(b"{".to_vec()) }).is_err());
+}
+
+/// A retried schedule (its answer was lost) is answered with the first attempt's ids, also
+/// after a compaction rewrote the token; a token is forgotten after its window.
+#[test]
+fn a_retried_schedule_gets_its_first_ids_and_schedules_nothing() {
+    let mut log = Log::default();
+    advance(&mut log, T0);
+    let first =
+        log.append(&log.state.schedule(vec![timer(T0 + 1), timer(T0 + 2)], 42, T0, &limits()).map(new).unwrap());
+    assert_eq!(first.len(), 3, "a token record, then the two timers");
+    let retry = log.state.schedule(vec![timer(T0 + 1), timer(T0 + 2)], 42, T0 + 5, &limits()).unwrap();
+    assert_eq!(retry, Scheduling::Already { first: first[1], count: 2 });
+    assert_eq!(log.state.pending(), 2);
+
+    let mut replica = Timers::default();
+    for r in Shard::live_records(&log.state, KEY) {
+        replica.replay(1_000, &r).unwrap();
+    }
+    assert_eq!(replica.scheduled_by(42), Some((first[1], 2)), "the rewrite keeps the token's ids");
+
+    let later = T0 + TOKEN_WINDOW_MS + 1;
+    log.append(&log.state.schedule(vec![timer(later + 1)], 43, later, &limits()).map(new).unwrap());
+    assert_eq!(log.state.scheduled_by(42), None, "forgotten after its window");
+    assert!(matches!(log.state.schedule(vec![timer(later)], 42, later, &limits()), Ok(Scheduling::New(_))));
 }
