@@ -105,7 +105,7 @@ fn parse_reset_to(s: &str) -> Result<ResetTo, String> {
 }
 
 /// A timestamp in ms since the epoch as RFC 3339 in UTC, for messages.
-fn iso(ms: i64) -> String {
+pub(crate) fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map_or_else(|| format!("ms:{ms}"), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }

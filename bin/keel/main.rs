@@ -53,6 +53,14 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
+    /// Cancel delayed records (by the timer ids `keel produce --delay` printed) before they are due.
+    CancelDelayed {
+        /// Timer ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
     /// Print records of a topic (committed records only); with --group, as a consumer-group member.
     Consume {
         #[command(flatten)]
@@ -112,6 +120,7 @@ fn main() -> std::process::ExitCode {
         Command::Topic { command, connection } => tools::topic(command, &connection, cli.output),
         Command::Produce { args, connection } => tools::produce(args, &connection, cli.output),
         Command::Consume { args, connection } => tools::consume(args, &connection),
+        Command::CancelDelayed { ids, connection } => tools::cancel_delayed(ids, &connection, cli.output),
         Command::Group { command, connection } => group::run(command, &connection, cli.output),
         Command::Dlq { command, connection } => dlq::run(command, &connection, cli.output),
         Command::Audit { args, connection } => match audit::run(args, &connection, cli.output) {

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::Table;
 use keel_client::{
-    Admin, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, Offset, Producer, ProducerConfig, ProducerRecord,
+    Admin, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, DeliverAt, Offset, Producer, ProducerConfig,
+    ProducerRecord,
 };
 use serde_json::{Value, json};
 
@@ -89,6 +90,23 @@ pub struct ProduceArgs {
     /// Send every record to this partition (default: by key, or spread).
     #[arg(long)]
     partition: Option<u32>,
+    /// Deliver the records this long after the broker receives them (`30s`, `5m`, `2h 30m`,
+    /// `7days`): each line prints its timer id instead of an offset.
+    #[arg(long, value_parser = parse_delay, conflicts_with = "at")]
+    delay: Option<std::time::Duration>,
+    /// Deliver the records at this time (RFC 3339, e.g. `2026-12-24T18:00:00Z`).
+    #[arg(long, value_parser = parse_at)]
+    at: Option<i64>,
+}
+
+fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 2h ({e})"))
+}
+
+fn parse_at(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2026-12-24T18:00:00Z ({e})"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,6 +115,81 @@ pub enum Format {
     Json,
     /// The value only, one per line.
     Value,
+}
+
+/// Delayed produce: each line is scheduled (one request per line, retried safely), and its timer
+/// id printed once the schedule is acknowledged.
+async fn produce_delayed(
+    args: ProduceArgs,
+    config: keel_client::ClientConfig,
+    when: DeliverAt,
+    output: Output,
+) -> anyhow::Result<()> {
+    let producer = Producer::new(config, ProducerConfig::default())?;
+    let mut failed = 0u64;
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("reading stdin")?;
+        let (key, value) = match args.key_separator.as_deref().and_then(|sep| line.split_once(sep)) {
+            Some((k, v)) => (Some(Bytes::from(k.to_owned())), v.to_owned()),
+            None => (None, line),
+        };
+        let mut record = ProducerRecord::new(Bytes::from(value));
+        if let Some(k) = key {
+            record = record.with_key(k);
+        }
+        if let Some(p) = args.partition {
+            record = record.with_partition(p);
+        }
+        match producer.send_delayed(&args.topic, vec![record], when).await {
+            Ok(ids) => {
+                let id = ids.first().cloned().unwrap_or_default();
+                match output {
+                    Output::Json => println!("{}", json!({"line": i + 1, "topic": args.topic, "timer_id": id})),
+                    Output::Text => println!("line {}: scheduled as timer {id}", i + 1),
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("line {}: not scheduled: {e}", i + 1);
+            }
+        }
+    }
+    producer.close().await;
+    if failed > 0 {
+        bail!("{failed} records were not scheduled");
+    }
+    Ok(())
+}
+
+/// Cancels delayed records by their timer ids; fails if any could not be cancelled.
+pub fn cancel_delayed(ids: Vec<String>, connection: &Connection, output: Output) -> anyhow::Result<()> {
+    let config = connection.config()?;
+    runtime()?.block_on(async move {
+        let producer = Producer::new(config, ProducerConfig::default())?;
+        let mut failed = 0u64;
+        for id in ids {
+            match producer.cancel_delayed(&id).await {
+                Ok(due) => match output {
+                    Output::Json => println!("{}", json!({"timer_id": id, "cancelled": true, "deliver_at_ms": due})),
+                    Output::Text => println!("timer {id} cancelled (it was due at {})", crate::group::iso(due)),
+                },
+                Err(e) => {
+                    failed += 1;
+                    match output {
+                        Output::Json => {
+                            println!("{}", json!({"timer_id": id, "cancelled": false, "error": e.to_string()}))
+                        }
+                        Output::Text => eprintln!("timer {id}: not cancelled: {e}"),
+                    }
+                }
+            }
+        }
+        producer.close().await;
+        if failed > 0 {
+            bail!("{failed} timers were not cancelled");
+        }
+        Ok(())
+    })
 }
 
 /// Where a group member starts partitions the group never committed.
@@ -377,6 +470,14 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
 
 pub fn produce(args: ProduceArgs, connection: &Connection, output: Output) -> anyhow::Result<()> {
     let config = connection.config()?;
+    let when = match (args.delay, args.at) {
+        (Some(d), _) => Some(DeliverAt::After(d)),
+        (None, Some(at)) => Some(DeliverAt::AtMs(at)),
+        (None, None) => None,
+    };
+    if let Some(when) = when {
+        return runtime()?.block_on(produce_delayed(args, config, when, output));
+    }
     runtime()?.block_on(async move {
         let producer = Producer::new(config, ProducerConfig::default())?;
         // Acknowledgements are printed in input order by a second task, so reading stdin never

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -131,13 +132,14 @@ pub struct BrokerStats {
     pub retries: (u64, u64, u64),
 }
 
-/// The wall clock of a simulated broker: turmoil's, which starts at [`EPOCH_SECS`].
-struct SimClock;
+/// The wall clock of a simulated broker: turmoil's, which starts at [`EPOCH_SECS`], plus the
+/// node's skew (stepped by [`crate::delayed::ClockSteps`]).
+struct SimClock(Arc<AtomicI64>);
 
 impl Clock for SimClock {
     fn now_ms(&self) -> i64 {
         let since = turmoil::since_epoch().unwrap_or(Duration::from_secs(EPOCH_SECS));
-        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        i64::try_from(since.as_millis()).unwrap_or(i64::MAX).saturating_add(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -177,6 +179,8 @@ pub(crate) struct State {
     pub(crate) members: crate::groups::GroupView,
     /// Whether the producers are idempotent.
     pub(crate) idempotence: bool,
+    /// The delayed records' client and what it saw.
+    pub(crate) delayed: crate::delayed::DelayedView,
 }
 
 impl State {
@@ -240,6 +244,7 @@ pub(crate) async fn broker_main(
     faults: Faults,
     coordinator: CoordinatorFaults,
     registry: Registry,
+    skew: Arc<AtomicI64>,
 ) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
     let id = config.node_id;
@@ -249,7 +254,7 @@ pub(crate) async fn broker_main(
         storage,
         Arc::new(disk) as Arc<dyn Disk>,
         Arc::new(TurmoilConnector),
-        Arc::new(SimClock),
+        Arc::new(SimClock(skew)),
     )
     .await?;
     let routes = broker.router()?;
@@ -301,15 +306,18 @@ pub(crate) async fn create_topic(seed: u64, state: &Shared, registry: &Registry)
     let nodes = state.borrow().nodes;
     let admin = Admin::new(client_config(seed, nodes))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match admin.create_topic(TOPIC, PARTITIONS, REPLICATION, keel_client::TopicConfig::default()).await {
-            Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
-            Err(e) => {
-                log(state, format!("create topic: {e}"));
-                if tokio::time::Instant::now() > deadline {
-                    return Err(format!("the topic could not be created in 60 s: {e}").into());
+    let topics = [(TOPIC, PARTITIONS), (crate::delayed::TOPIC, crate::delayed::PARTITIONS)];
+    for (topic, partitions) in topics {
+        loop {
+            match admin.create_topic(topic, partitions, REPLICATION, keel_client::TopicConfig::default()).await {
+                Ok(_) | Err(ClientError::AlreadyExists(_)) => break,
+                Err(e) => {
+                    log(state, format!("create topic {topic}: {e}"));
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(format!("topic {topic} could not be created in 60 s: {e}").into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
@@ -581,6 +589,7 @@ async fn liveness_main(
     within(CATCH_UP_BOUND, "the consumer did not catch up", behind).await?;
     log(&state, "consumer caught up".into());
     state.borrow_mut().stop_consumer = true;
+    crate::delayed::converge(&state, CATCH_UP_BOUND).await?;
     let acked: BTreeSet<String> = state
         .borrow()
         .history
@@ -766,11 +775,13 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     let state: Shared = Rc::new(RefCell::new(State::new(nodes, VOTERS)));
     state.borrow_mut().idempotence = config.idempotence;
     trace(format!("{nodes} nodes, {VOTERS} of them metadata voters"));
+    let mut clocks = crate::delayed::ClockSteps::new(seed, nodes);
     for id in 1..=nodes {
         let (disk, registry) = (disks[(id - 1) as usize].clone(), Rc::clone(&registry));
         let boots = Rc::new(RefCell::new(0u64));
         let faults = config.faults;
         let coordinator = config.coordinator;
+        let skew = Arc::clone(&clocks.skews[&id]);
         sim.host(host_name(id), move || {
             let boot = {
                 let mut b = boots.borrow_mut();
@@ -778,7 +789,10 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
                 *b
             };
             let seed = seed ^ (id << 32) ^ (boot << 48);
-            broker_main(broker_config(id, seed), boot, disk.clone(), faults, coordinator, Rc::clone(&registry))
+            // A node boots with a true clock (NTP sets it before the broker starts).
+            skew.store(0, Ordering::Relaxed);
+            let config = broker_config(id, seed);
+            broker_main(config, boot, disk.clone(), faults, coordinator, Rc::clone(&registry), Arc::clone(&skew))
         });
     }
     sim.client("admin", admin_main(seed ^ 0xad, Rc::clone(&state), Rc::clone(&registry)));
@@ -787,6 +801,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         sim.client(format!("producer{k}"), producer);
     }
     sim.client("consumer", consumer_main(seed ^ 0xc0, Rc::clone(&state)));
+    sim.client("delayed", crate::delayed::delayed_main(seed ^ 0xde, config.safety, Rc::clone(&state)));
     let members = config.members.unwrap_or_else(|| crate::groups::members_for(seed));
     let plan = crate::groups::MemberPlan { members, zombie_at: config.zombie_at };
     for k in 1..=members {
@@ -798,6 +813,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     hosts.push("admin".into());
     hosts.extend((1..=config.producers).map(|k| format!("producer{k}")));
     hosts.push("consumer".into());
+    hosts.push("delayed".into());
     hosts.extend((1..=members).map(|k| format!("member{k}")));
 
     let mut ctx = Driver {
@@ -829,6 +845,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
             if config.nemesis && ctx.state.borrow().topic_ready {
                 let mut nodes = Nodes { hosts: &hosts, disks: ctx.disks, registry: ctx.registry, state: ctx.state };
                 nemesis.step(sim, now, &mut nodes, &mut *ctx.trace);
+                clocks.step(now, &mut *ctx.trace);
             }
         },
     )
@@ -836,6 +853,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     let phases = safety.and_then(|()| {
         // Liveness phase: everything healed.
         nemesis.heal_all(&mut sim, &mut *ctx.trace);
+        clocks.heal();
         let liveness = liveness_main(seed ^ 0x11fe, members, Rc::clone(&state), Rc::clone(&registry), disks.clone());
         sim.client("liveness", liveness);
         let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND * 4 + CONVERGE_BOUND;

@@ -12,6 +12,7 @@
 pub mod broker;
 pub mod checker;
 pub mod cluster;
+pub mod delayed;
 pub mod groups;
 pub mod nemesis;
 pub mod net;
@@ -48,6 +49,9 @@ pub enum Workload {
     /// The negative control: group coordinators publish dead letters without their producer
     /// stamp, so a send repeated after a failover or an ambiguous answer lands twice.
     BrokerDeadLetterUnstamped,
+    /// The negative control: timer coordinators fire by the wall clock alone, so a clock stepped
+    /// forward fires delayed records early.
+    BrokerDelayedWallClock,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -69,6 +73,7 @@ impl Workload {
             Workload::BrokerProducerIdsReused => "broker-producer-ids-reused",
             Workload::BrokerIdentityEpochReused => "broker-identity-epoch-reused",
             Workload::BrokerDeadLetterUnstamped => "broker-dead-letter-unstamped",
+            Workload::BrokerDelayedWallClock => "broker-delayed-wall-clock",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -270,6 +275,13 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         Workload::BrokerDeadLetterUnstamped => {
             let config = broker::BrokerSim {
                 coordinator: keel_broker::CoordinatorFaults { publish_unstamped: true, ..Default::default() },
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerDelayedWallClock => {
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { timers_wall_clock_only: true, ..Default::default() },
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

@@ -59,6 +59,8 @@ enum WorkloadArg {
     BrokerIdentityEpochReused,
     /// The negative control: dead letters published without their producer stamp.
     BrokerDeadLetterUnstamped,
+    /// The negative control: timers fired by the wall clock alone (early under a forward step).
+    BrokerDelayedWallClock,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -92,6 +94,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerProducerIdsReused => Workload::BrokerProducerIdsReused,
         WorkloadArg::BrokerIdentityEpochReused => Workload::BrokerIdentityEpochReused,
         WorkloadArg::BrokerDeadLetterUnstamped => Workload::BrokerDeadLetterUnstamped,
+        WorkloadArg::BrokerDelayedWallClock => Workload::BrokerDelayedWallClock,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -191,7 +191,15 @@ fn run(seed: u64, settings: OneWayCut, trace: &mut dyn FnMut(String)) -> Result<
             let seed = seed ^ (id << 32) ^ (1 << 48);
             let mut config = broker_config(id, seed);
             config.timings = settings.timings;
-            broker_main(config, 1, disk.clone(), Default::default(), Default::default(), Rc::clone(&registry))
+            broker_main(
+                config,
+                1,
+                disk.clone(),
+                Default::default(),
+                Default::default(),
+                Rc::clone(&registry),
+                Default::default(),
+            )
         });
     }
     {

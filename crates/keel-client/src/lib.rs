@@ -52,4 +52,7 @@ pub use keel_proto::v1::{
     DescribeClusterResponse as ClusterDescription, NodeDescription, PartitionDescription, TopicConfig, TopicDescription,
 };
 pub use partitioner::{fnv1a_64, partition_for_key};
-pub use producer::{DeliverAt, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use producer::{
+    DELIVER_AT_HEADER, DeliverAt, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+    TIMER_ID_HEADER,
+};

@@ -34,6 +34,10 @@ pub const KEY: &str = "timers";
 pub const TOKEN_WINDOW_MS: i64 = 15 * 60_000;
 /// Request tokens remembered at most (the oldest go first): 40 bytes each.
 pub const TOKENS_MAX: usize = 100_000;
+/// Cancelled timers remembered at most, so that a retried cancel is answered "cancelled" rather
+/// than "not pending" (the earliest due go first; each also goes once timers due a window after
+/// it have fired).
+pub const RECENT_CANCELS_MAX: usize = 100_000;
 
 /// Header a fired record carries: its timer's id (`<__delayed partition>-<offset>`).
 pub const TIMER_ID_HEADER: &str = "keel-timer-id";
@@ -218,8 +222,8 @@ pub enum TimerError {
     /// Bad input (a delay above the maximum, a record too large).
     #[error("{0}")]
     Invalid(String),
-    /// The timer does not exist, already fired or was already cancelled.
-    #[error("timer {0} is not pending (already delivered, cancelled, or never scheduled)")]
+    /// The timer already fired (or never existed).
+    #[error("timer {0} is not pending: it was delivered (or never scheduled)")]
     NotPending(u64),
     /// As many timers are pending as the partition may hold, or as many fired records wait to
     /// be published.
@@ -251,6 +255,8 @@ pub struct Timers {
     pub publishers: BTreeMap<Tp, Publisher>,
     /// Fired records not yet confirmed in their target, in stamp order.
     pub publishes: BTreeMap<(Tp, (i16, i32)), Publish>,
+    /// Timers cancelled within the horizon, remembered for a retried cancel: (due time, id).
+    recent_cancels: BTreeSet<(i64, u64)>,
     /// Request tokens of recent schedules: token → (first id, count, when).
     tokens: BTreeMap<u64, (u64, u32, i64)>,
     /// The same tokens by time, oldest first (what is forgotten first).
@@ -311,7 +317,7 @@ impl Timers {
 
     /// Entries held in memory: what a pending timer costs is this over [`Timers::pending`].
     pub fn memory_entries(&self) -> usize {
-        self.near.len() + self.far.len() + self.cancelled_far.len()
+        self.near.len() + self.far.len() + self.cancelled_far.len() + self.recent_cancels.len()
     }
 
     /// Applies one decoded record at `offset`.
@@ -328,13 +334,23 @@ impl Timers {
                 }
             }
             TimerRecord::Cancelled(id, at) => {
-                if !self.near.remove(&(at, id)) && at >= self.horizon_ms {
+                if at < self.horizon_ms {
+                    self.near.remove(&(at, id));
+                    self.recent_cancels.insert((at, id));
+                    if self.recent_cancels.len() > RECENT_CANCELS_MAX {
+                        self.recent_cancels.pop_first();
+                    }
+                } else {
                     self.cancelled_far.insert(id, at);
                 }
             }
             TimerRecord::Fired(id, at) => {
                 self.near.remove(&(at, id));
                 self.latest_fired_ms = self.latest_fired_ms.max(at);
+                let forget_below = self.latest_fired_ms.saturating_sub(TOKEN_WINDOW_MS);
+                while self.recent_cancels.first().is_some_and(|(due, _)| *due < forget_below) {
+                    self.recent_cancels.pop_first();
+                }
             }
             TimerRecord::Horizon(until) => {
                 // Whole hours only: a timer is in memory exactly when its hour was loaded or it
@@ -442,9 +458,13 @@ impl Timers {
         Ok(Scheduling::New(records))
     }
 
-    /// Cancels the timer `id` (whose `Scheduled` record the runtime read: `timer`).
+    /// Cancels the timer `id` (whose `Scheduled` record the runtime read: `timer`). One already
+    /// cancelled is answered with no records (a retried cancel succeeds again).
     pub fn cancel(&self, id: u64, timer: &Timer) -> Result<Vec<TimerRecord>, TimerError> {
         let at = timer.deliver_at_ms;
+        if self.recent_cancels.contains(&(at, id)) || self.cancelled_far.contains_key(&id) {
+            return Ok(Vec::new());
+        }
         let pending =
             if at < self.horizon_ms { self.near.contains(&(at, id)) } else { !self.cancelled_far.contains_key(&id) };
         if !pending {
@@ -581,6 +601,7 @@ impl Shard for Timers {
         // cancellations of timers beyond the horizon.
         let mut out = vec![TimerRecord::Horizon(self.horizon_ms).encode()];
         out.extend(self.cancelled_far.iter().map(|(id, at)| TimerRecord::Cancelled(*id, *at).encode()));
+        out.extend(self.recent_cancels.iter().map(|(at, id)| TimerRecord::Cancelled(*id, *at).encode()));
         out.extend(self.publishers.iter().map(|(tp, p)| TimerRecord::Publisher(tp.clone(), Some(p.clone())).encode()));
         out.extend(
             self.publishes.iter().map(|((tp, s), p)| TimerRecord::Publish(tp.clone(), *s, Some(p.clone())).encode()),
@@ -599,9 +620,12 @@ impl Shard for Timers {
     fn rescanned(&mut self, offset: u64, record: &Record) -> Result<(), ReplayError> {
         if let Ok(TimerRecord::Scheduled(t)) = TimerRecord::decode(record)
             && self.loading.contains(&hour_of(t.deliver_at_ms))
-            && self.cancelled_far.remove(&offset).is_none()
         {
-            self.near.insert((t.deliver_at_ms, offset));
+            if self.cancelled_far.remove(&offset).is_some() {
+                self.recent_cancels.insert((t.deliver_at_ms, offset));
+            } else {
+                self.near.insert((t.deliver_at_ms, offset));
+            }
         }
         Ok(())
     }

@@ -10,6 +10,11 @@ use keel_proto::v1::producer_client::ProducerClient;
 use super::{Producer, ProducerRecord};
 use crate::error::ClientError;
 
+/// Header of a delivered delayed record: its timer id (`<__delayed partition>-<offset>`).
+pub const TIMER_ID_HEADER: &str = "keel-timer-id";
+/// Header of a delivered delayed record: when it was due (ms since the Unix epoch).
+pub const DELIVER_AT_HEADER: &str = "keel-deliver-at-ms";
+
 /// When a delayed record becomes visible to consumers of its topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliverAt {

@@ -15,7 +15,7 @@ mod accumulator;
 mod delayed;
 mod stream;
 
-pub use self::delayed::DeliverAt;
+pub use self::delayed::{DELIVER_AT_HEADER, DeliverAt, TIMER_ID_HEADER};
 
 use std::collections::BTreeMap;
 use std::future::Future;
