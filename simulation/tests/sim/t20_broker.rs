@@ -81,11 +81,8 @@ fn group_checkers_catch_a_broken_coordinator() {
     // A zombie's commit is visible in the log only when it rewrites the committed offset (one
     // below it changes nothing): the zombies of seeds 0 and 3 hold exactly the committed offset
     // (those of 1, 2 and 4 do not, and their commits change nothing either way).
-    for seed in [0] {
-        let report = run(Workload::BrokerGroupNoFencing, seed);
-        let violation = report.violation.unwrap_or_default();
-        assert!(violation.contains("zombie commit accepted"), "seed {seed}: {violation:?}");
-    }
+    let violation = run(Workload::BrokerGroupNoFencing, 0).violation.unwrap_or_default();
+    assert!(violation.contains("zombie commit accepted"), "seed 0: {violation:?}");
 }
 
 /// Issue 11: the checker refuses any duplicate, and the producers' retries (faults drop answers,
