@@ -99,6 +99,24 @@ pub struct ProduceArgs {
     at: Option<i64>,
 }
 
+impl ProduceArgs {
+    /// The record a line of stdin stands for: split at the key separator, to the partition asked.
+    fn record(&self, line: &str) -> ProducerRecord {
+        let (key, value) = match self.key_separator.as_deref().and_then(|sep| line.split_once(sep)) {
+            Some((k, v)) => (Some(k), v),
+            None => (None, line),
+        };
+        let mut record = ProducerRecord::new(Bytes::from(value.to_owned()));
+        if let Some(k) = key {
+            record = record.with_key(Bytes::from(k.to_owned()));
+        }
+        if let Some(p) = self.partition {
+            record = record.with_partition(p);
+        }
+        record
+    }
+}
+
 fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 2h ({e})"))
 }
@@ -128,18 +146,7 @@ async fn produce_delayed(
     let producer = Producer::new(config, ProducerConfig::default())?;
     let mut failed = 0u64;
     for (i, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.context("reading stdin")?;
-        let (key, value) = match args.key_separator.as_deref().and_then(|sep| line.split_once(sep)) {
-            Some((k, v)) => (Some(Bytes::from(k.to_owned())), v.to_owned()),
-            None => (None, line),
-        };
-        let mut record = ProducerRecord::new(Bytes::from(value));
-        if let Some(k) = key {
-            record = record.with_key(k);
-        }
-        if let Some(p) = args.partition {
-            record = record.with_partition(p);
-        }
+        let record = args.record(&line.context("reading stdin")?);
         match producer.send_delayed(&args.topic, vec![record], when).await {
             Ok(ids) => {
                 let id = ids.first().cloned().unwrap_or_default();
@@ -509,21 +516,7 @@ pub fn produce(args: ProduceArgs, connection: &Connection, output: Output) -> an
         });
         let stdin = std::io::stdin();
         for (i, line) in stdin.lock().lines().enumerate() {
-            let line = line.context("reading stdin")?;
-            let (key, value) = match &args.key_separator {
-                Some(sep) => match line.split_once(sep.as_str()) {
-                    Some((k, v)) => (Some(Bytes::from(k.to_owned())), v.to_owned()),
-                    None => (None, line),
-                },
-                None => (None, line),
-            };
-            let mut record = ProducerRecord::new(Bytes::from(value));
-            if let Some(k) = key {
-                record = record.with_key(k);
-            }
-            if let Some(p) = args.partition {
-                record = record.with_partition(p);
-            }
+            let record = args.record(&line.context("reading stdin")?);
             let delivery = producer.send(&args.topic, record).await?;
             if tx.send((i as u64 + 1, delivery)).await.is_err() {
                 break;
