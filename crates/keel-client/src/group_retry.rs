@@ -208,6 +208,19 @@ impl GroupConsumer {
                 continue;
             }
             let fetched = match self.consumer.fetch(&tp.0, tp.1, *offset).await {
+                Ok(f) if *offset >= f.log_start_offset && !f.records.iter().any(|r| r.offset == *offset) => {
+                    // Still in the log but not served: a new leader whose high watermark has not
+                    // caught up answers a long poll with nothing. Dead-lettering it as gone would
+                    // lose a record that can still succeed (simulation seeds 160 and 193).
+                    debug!(
+                        group = self.config.group,
+                        topic = tp.0,
+                        partition = tp.1,
+                        offset,
+                        "a redelivery is not readable yet"
+                    );
+                    continue;
+                }
                 Ok(f) => f.records.into_iter().find(|r| r.offset == *offset),
                 Err(ClientError::OutOfRange(_)) => None,
                 Err(e) if e.is_retriable() => {

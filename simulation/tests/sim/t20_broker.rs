@@ -20,11 +20,13 @@ const SEEDS: u64 = 200;
 /// 679 checked a node before it had rejoined (convergence is now part of the liveness phase),
 /// 847 restarted a node that kept a dead cached channel to the controller and never turned ready,
 /// 108, 109 and 110 gave a partition to two members (a cancelled heartbeat released its group's
-/// lock while its records were still committing).
+/// lock while its records were still committing), 160 and 193 dead-lettered a record that was
+/// due for its second attempt (a new leader answered the member's fetch with nothing, and the
+/// member took that for a record retention had removed).
 /// Their histories were those of the 30-second runs with six kinds of fault; the runs have grown
 /// since (120 s, repeated leader isolation, five-node seeds), so these seeds now replay other
 /// histories and guard the fixes less directly than they did. Those below `SEEDS` run in the sweep.
-const PINNED: [u64; 7] = [0, 13, 679, 847, 108, 109, 110];
+const PINNED: [u64; 9] = [0, 13, 679, 847, 108, 109, 110, 160, 193];
 
 /// Seeds run twice in one process, which must replay identically: a run must not depend on what
 /// ran before it (tokio's task ids, for one, are global to the process) nor on how fast the
