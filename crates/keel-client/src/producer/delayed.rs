@@ -70,8 +70,9 @@ impl Producer {
         Ok(answer.timer_ids)
     }
 
-    /// Cancels a delayed record before it is due; returns when it was due. FAILED_PRECONDITION
-    /// (`TIMER_NOT_PENDING`) once it was delivered or cancelled.
+    /// Cancels a delayed record before it is due; returns when it was due. A cancel repeated
+    /// after its answer was lost succeeds again; once the record was delivered (or the id never
+    /// named a timer) it is FAILED_PRECONDITION (`TIMER_NOT_PENDING`).
     pub async fn cancel_delayed(&self, timer_id: &str) -> Result<i64, ClientError> {
         let request = pb::CancelDelayedRequest { timer_id: timer_id.to_owned() };
         let answer = self
