@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Commits(crate::bench_groups::CommitsBenchArgs),
     /// Kill a group member and time until another member consumes its partitions again.
     GroupFailover(crate::bench_groups::FailoverBenchArgs),
+    /// Delayed messages: the nodes' memory per pending timer, and fires/s while they wait.
+    Delayed(crate::bench_delayed::DelayedBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +80,7 @@ pub fn run(what: BenchCommand, output: Output) -> anyhow::Result<()> {
         BenchCommand::Consume(args) => crate::bench_net::consume(args, output),
         BenchCommand::Commits(args) => crate::bench_groups::commits(args, output),
         BenchCommand::GroupFailover(args) => crate::bench_groups::group_failover(args, output),
+        BenchCommand::Delayed(args) => crate::bench_delayed::delayed(args, output),
     }
 }
 

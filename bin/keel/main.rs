@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod bench_delayed;
 mod bench_groups;
 mod bench_net;
 mod clock;

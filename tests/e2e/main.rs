@@ -12,3 +12,4 @@ mod t30_e2e_abuse;
 mod t30_e2e_catch_up;
 mod t30_e2e_groups;
 mod t40_e2e_retry;
+mod t50_e2e_delayed;

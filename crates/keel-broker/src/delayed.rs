@@ -238,12 +238,16 @@ impl Inner {
         let found = self.read_scheduled(coordinator, &ids)?;
         let due: Vec<(u64, Timer)> = ids.iter().filter_map(|id| Some((*id, found.get(id)?.clone()))).collect();
         let (limits, partition, wall) = (self.config.delayed.limits, coordinator.partition, self.clock.now_ms());
+        let meta = self.metadata();
+        let batch_limit =
+            |tp: &Tp| self.batch_limit(meta.topics.get(&tp.topic).and_then(|t| t.settings.batch_bytes_max));
         let mut spare = None;
         loop {
             let fired = coordinator
                 .runtime
                 .run(timers::KEY, |s: &Timers| {
-                    s.fire(&due, |id| timer_id(partition, id), &limits, wall, spare).map(|(r, out)| (encode(&r), out))
+                    s.fire(&due, |id| timer_id(partition, id), batch_limit, &limits, wall, spare)
+                        .map(|(r, out)| (encode(&r), out))
                 })
                 .await;
             match fired {
@@ -353,6 +357,22 @@ impl Inner {
             return Err(Status::permission_denied(format!("{} is internal to Keel", request.topic)));
         }
         meta.partition(&request.topic, request.partition).map_err(meta_status)?;
+        // A record its target's batches cannot hold would be refused at its time, forever, and
+        // hold back every later timer of that partition: refuse it now.
+        let limit = self.batch_limit(meta.topics.get(&request.topic).and_then(|t| t.settings.batch_bytes_max));
+        for r in &request.records {
+            let size = r.key.as_ref().map_or(0, |k| k.len())
+                + r.value.as_ref().map_or(0, |v| v.len())
+                + r.headers.iter().map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len())).sum::<usize>();
+            if size + timers::RECORD_OVERHEAD_BYTES + timers::BATCH_OVERHEAD_BYTES > limit {
+                return Err(Status::invalid_argument(format!(
+                    "a delayed record of {size} bytes does not fit the batches of {} (at most {limit} bytes, \
+                     {} of them for framing)",
+                    request.topic,
+                    timers::RECORD_OVERHEAD_BYTES + timers::BATCH_OVERHEAD_BYTES
+                )));
+            }
+        }
         let Some(delayed) = meta.delayed_topic() else {
             return Err(Status::unavailable("the cluster has not created __delayed yet; retry"));
         };

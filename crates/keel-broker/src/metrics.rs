@@ -141,6 +141,8 @@ pub struct Metrics {
 struct StateGauges {
     ready: Gauge,
     raft_groups: Gauge,
+    memory_resident_bytes: Gauge,
+    memory_anonymous_bytes: Gauge,
     partitions_led: Gauge,
     partitions_leaderless: Gauge,
     partitions_under_replicated: Gauge,
@@ -218,6 +220,16 @@ impl Metrics {
             Info::new(NodeLabels { node_id: node_id.to_string(), version: env!("CARGO_PKG_VERSION") }),
         );
         r.register("node_ready", "1 once the node knows its cluster and serves clients, else 0", m.state.ready.clone());
+        r.register(
+            "memory_resident_bytes",
+            "Resident memory of the node's process (VmRSS: mapped segment pages it touched included)",
+            m.state.memory_resident_bytes.clone(),
+        );
+        r.register(
+            "memory_anonymous_bytes",
+            "Anonymous resident memory of the node's process (RssAnon: its heap, without file pages)",
+            m.state.memory_anonymous_bytes.clone(),
+        );
         r.register(
             "raft_groups",
             "Raft groups open on this node (partitions hosted, __meta included)",
@@ -455,6 +467,9 @@ impl Metrics {
         let per_partition = groups.len() < self.partition_series_max;
         s.ready.set(i64::from(*inner.ready.borrow()));
         s.raft_groups.set(gauge(groups.len() as u64));
+        let (resident, anonymous) = process_memory();
+        s.memory_resident_bytes.set(gauge(resident));
+        s.memory_anonymous_bytes.set(gauge(anonymous));
         s.partition_series_exported.set(i64::from(per_partition));
         let (in_flight, in_flight_max) = inner.in_flight_bytes.usage();
         s.in_flight_bytes.set(gauge(in_flight as u64));
@@ -600,6 +615,20 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// The process's resident and anonymous resident bytes from `/proc/self/status` (Linux); zeros
+/// where it cannot be read.
+fn process_memory() -> (u64, u64) {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return (0, 0) };
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |k| k.saturating_mul(1024))
+    };
+    (kib("VmRSS:"), kib("RssAnon:"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
@@ -717,6 +746,7 @@ mod tests {
         let names = exported_names();
         for name in [
             "keel_node_ready",
+            "keel_memory_anonymous_bytes",
             "keel_partitions_leaderless",
             "keel_partitions_under_replicated",
             "keel_partitions_below_quorum",

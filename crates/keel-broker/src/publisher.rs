@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_coordinator::groups::Tp;
-use keel_coordinator::publish::{Pending, Publishing};
+use keel_coordinator::publish::{self, Pending, Publishing};
 use keel_proto::v1 as pb;
 use keel_proto::v1::admin_client::AdminClient;
 use tonic::{Code, Status};
@@ -76,17 +76,18 @@ impl Inner {
         }
     }
 
-    /// Sends each decision, skipping the rest of a target after one fails (the target accepts a
-    /// sequence only after the one before it). Returns whether anything was confirmed.
+    /// Sends each batch of decisions, skipping the rest of a target after one fails (the target
+    /// accepts a sequence only after the one before it). Returns whether anything was confirmed.
     async fn publish_round<S: Publishing>(&self, source: &PublishSource<S>, pending: Vec<Pending>) -> bool {
         let mut blocked: BTreeSet<(String, Tp)> = BTreeSet::new();
         let mut progressed = false;
-        for p in pending {
+        for batch in publish::batches(pending) {
+            let (Some(p), Some(last)) = (batch.first(), batch.last()) else { continue };
             let key = (p.key.clone(), p.target.clone());
             if blocked.contains(&key) || source.runtime.active().borrow().is_none() {
                 continue;
             }
-            let sent = match self.publish(&p, S::creates_targets()).await {
+            let sent = match self.publish(&batch, S::creates_targets()).await {
                 Ok(sent) => sent,
                 Err(why) => {
                     warn!(key = p.key, target = %p.target, sequence = p.publish.sequence, why, "publishing a decided record failed; retried");
@@ -94,7 +95,7 @@ impl Inner {
                     continue;
                 }
             };
-            let stamp = (p.publish.epoch, p.publish.sequence);
+            let stamp = (last.publish.epoch, last.publish.sequence);
             let confirmed = source
                 .runtime
                 .run(&p.key, |s: &S| Ok::<_, ()>((s.confirm_records(&p.key, &p.target, stamp), ())))
@@ -104,12 +105,12 @@ impl Inner {
                     progressed = true;
                     match sent {
                         Sent::Landed => {
-                            debug!(key = p.key, target = %p.target, sequence = p.publish.sequence, "decided record published");
-                            (source.landed)(&p);
+                            debug!(key = p.key, target = %p.target, sequence = p.publish.sequence, records = batch.len(), "decided records published");
+                            batch.iter().for_each(|p| (source.landed)(p));
                         }
                         Sent::Dropped => {
-                            warn!(key = p.key, target = %p.target, "the target topic was deleted: the decided record is dropped");
-                            self.metrics.delayed_dropped.inc();
+                            warn!(key = p.key, target = %p.target, records = batch.len(), "the target topic was deleted: the decided records are dropped");
+                            self.metrics.delayed_dropped.inc_by(batch.len() as u64);
                         }
                     }
                 }
@@ -123,9 +124,11 @@ impl Inner {
         progressed
     }
 
-    /// Produces one decided record to its target's leader with the decision's stamp. A missing
-    /// target topic is created when `create` (dead letters), and the record dropped otherwise.
-    async fn publish(&self, p: &Pending, create: bool) -> Result<Sent, String> {
+    /// Produces one batch of decided records (one target, consecutive stamps) to the target's
+    /// leader with the first decision's stamp. A missing target topic is created when `create`
+    /// (dead letters), and the records dropped otherwise.
+    async fn publish(&self, batch: &[Pending], create: bool) -> Result<Sent, String> {
+        let Some(p) = batch.first() else { return Ok(Sent::Landed) };
         if create {
             self.ensure_topic(&p.target.topic).await?;
         } else if self.metadata().partition(&p.target.topic, p.target.partition).is_err() {
@@ -139,16 +142,20 @@ impl Inner {
             request_id: 0,
             topic: p.target.topic.clone(),
             partition: p.target.partition,
-            records: vec![pb::Record {
-                key: d.key.clone().map(Into::into),
-                value: d.value.clone().map(Into::into),
-                headers: d
-                    .headers
-                    .iter()
-                    .map(|h| pb::Header { key: h.key.clone(), value: h.value.clone().map(Into::into) })
-                    .collect(),
-                timestamp_ms: d.timestamp_ms,
-            }],
+            records: batch
+                .iter()
+                .map(|p| pb::Record {
+                    key: p.publish.key.clone().map(Into::into),
+                    value: p.publish.value.clone().map(Into::into),
+                    headers: p
+                        .publish
+                        .headers
+                        .iter()
+                        .map(|h| pb::Header { key: h.key.clone(), value: h.value.clone().map(Into::into) })
+                        .collect(),
+                    timestamp_ms: p.publish.timestamp_ms,
+                })
+                .collect(),
             batch: Default::default(),
             producer_id: stamped.then_some(d.producer_id),
             producer_epoch: stamped.then_some(i32::from(d.epoch)),

@@ -136,6 +136,7 @@ fn publish() -> Publish {
         headers: vec![PublishHeader { key: "h".into(), value: None }],
         timestamp_ms: 1,
         decided_ms: 1,
+        batch_base: Some(2),
     }
 }
 

@@ -27,7 +27,8 @@ pub struct Pending {
 
 /// A shard whose operations decide records to publish; the runtime sends them and confirms.
 pub trait Publishing: Shard {
-    /// Decisions not confirmed yet, per key and target in stamp order, at most `max`.
+    /// Decisions not confirmed yet, per key and target in stamp order: at most `max`, and more
+    /// only to complete the batch the last one belongs to.
     fn pending_publishes(&self, max: usize) -> Vec<Pending>;
 
     /// The records that confirm the decision of `key` stamped `stamp` for `target` (and every
@@ -107,6 +108,11 @@ pub struct Publish {
     pub timestamp_ms: i64,
     /// When the decision was made (coordinator clock).
     pub decided_ms: i64,
+    /// The sequence of the first decision of the batch this one is sent in, when decisions are
+    /// sent together (fired timers); none: alone. Batch boundaries are decided once and
+    /// recorded, so a resend after a failover is the same batch and the target recognises it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_base: Option<i32>,
 }
 
 /// A record to publish.
@@ -188,12 +194,39 @@ pub fn decide(
         headers: record.headers,
         timestamp_ms: now_ms,
         decided_ms: now_ms,
+        batch_base: None,
     };
     p.next_sequence += 1;
     p.last_decided_ms = now_ms;
     publishers.insert(target.clone(), p);
     publishes.insert((target.clone(), stamp), publish);
     Ok(used)
+}
+
+/// Groups `pending` (in stamp order per key and target) into the batches they are sent in: runs
+/// of decisions sharing a `batch_base` that starts at that base, and single decisions. A run
+/// whose first decision is not at its base is left out, and [`Publishing::pending_publishes`]
+/// never stops inside a run, so a batch is only ever sent whole, with the boundaries it was
+/// decided with.
+pub fn batches(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
+    let mut out: Vec<Vec<Pending>> = Vec::new();
+    for p in pending {
+        if let Some(last) = out.last_mut()
+            && let Some(first) = last.first()
+            && p.publish.batch_base.is_some()
+            && first.publish.batch_base == p.publish.batch_base
+            && first.key == p.key
+            && first.target == p.target
+            && first.publish.epoch == p.publish.epoch
+            && last.last().is_some_and(|l| l.publish.sequence.checked_add(1) == Some(p.publish.sequence))
+        {
+            last.push(p);
+            continue;
+        }
+        out.push(vec![p]);
+    }
+    out.retain(|b| b.first().is_some_and(|f| f.publish.batch_base.is_none_or(|base| base == f.publish.sequence)));
+    out
 }
 
 /// Forgets the decisions for `target` up to and including `stamp`: the target has them.

@@ -38,6 +38,13 @@ pub const TOKENS_MAX: usize = 100_000;
 /// than "not pending" (the earliest due go first; each also goes once timers due a window after
 /// it have fired).
 pub const RECENT_CANCELS_MAX: usize = 100_000;
+/// Bytes of fired records sent to one target in one batch (more start another batch).
+pub const PUBLISH_BATCH_BYTES_MAX: usize = 1 << 20;
+/// What a fired record is counted beyond its key, value and headers: the two headers it gets
+/// and its framing, rounded up.
+pub const RECORD_OVERHEAD_BYTES: usize = 128;
+/// What a batch is counted beyond its records (its header, rounded up).
+pub const BATCH_OVERHEAD_BYTES: usize = 128;
 
 /// Header a fired record carries: its timer's id (`<__delayed partition>-<offset>`).
 pub const TIMER_ID_HEADER: &str = "keel-timer-id";
@@ -490,12 +497,15 @@ impl Timers {
     }
 
     /// Fires due timers (each with the `Scheduled` record the runtime read): a `Fired` marker and
-    /// a publish decision to its target per timer, in one batch. `timer_id` names a timer in
-    /// the header its record carries.
+    /// a publish decision to its target per timer, in one batch. The decisions of one target are
+    /// sent together (`batch_base`), up to [`PUBLISH_BATCH_BYTES_MAX`] a batch or the target's
+    /// own batch limit (`batch_limit`) if lower. `timer_id` names a timer in the header its record
+    /// carries.
     pub fn fire(
         &self,
         due: &[(u64, Timer)],
         timer_id: impl Fn(u64) -> String,
+        batch_limit: impl Fn(&Tp) -> usize,
         limits: &TimerLimits,
         now_ms: i64,
         spare_producer_id: Option<i64>,
@@ -505,6 +515,8 @@ impl Timers {
         let mut records = Vec::new();
         let mut out = FireOutput::default();
         let mut spare = spare_producer_id;
+        // Per target: the batch being filled (its base sequence and bytes so far).
+        let mut open: BTreeMap<Tp, (i32, usize)> = BTreeMap::new();
         for (id, t) in due {
             if !self.near.contains(&(t.deliver_at_ms, *id)) {
                 continue;
@@ -516,11 +528,31 @@ impl Timers {
                 value: Some(t.deliver_at_ms.to_string().into_bytes()),
             });
             let record = publish::Outgoing { key: t.key.clone(), value: t.value.clone(), headers };
+            let bytes = t.size().saturating_add(RECORD_OVERHEAD_BYTES);
             match publish::decide(&mut publishers, &mut publishes, &t.target, record, &limits.publish, now_ms, spare) {
                 Ok(used) => {
                     if used {
                         spare = None;
                         out.used_spare_id = true;
+                    }
+                    if let Some(p) = publishers.get(&t.target) {
+                        let stamp = (p.epoch, p.next_sequence - 1);
+                        let base = match open.get(&t.target) {
+                            Some(&(base, size))
+                                if size.saturating_add(bytes)
+                                    <= PUBLISH_BATCH_BYTES_MAX.min(batch_limit(&t.target)) =>
+                            {
+                                open.insert(t.target.clone(), (base, size + bytes));
+                                base
+                            }
+                            _ => {
+                                open.insert(t.target.clone(), (stamp.1, BATCH_OVERHEAD_BYTES + bytes));
+                                stamp.1
+                            }
+                        };
+                        if let Some(d) = publishes.get_mut(&(t.target.clone(), stamp)) {
+                            d.batch_base = Some(base);
+                        }
                     }
                 }
                 Err(publish::DecideError::ProducerIdNeeded) if !out.fired.is_empty() || out.used_spare_id => {
@@ -565,11 +597,17 @@ impl Timers {
 
 impl publish::Publishing for Timers {
     fn pending_publishes(&self, max: usize) -> Vec<publish::Pending> {
-        self.publishes
-            .iter()
-            .take(max)
-            .map(|((tp, _), p)| publish::Pending { key: KEY.to_owned(), target: tp.clone(), publish: p.clone() })
-            .collect()
+        let mut out: Vec<publish::Pending> = Vec::new();
+        for ((tp, _), p) in &self.publishes {
+            let same_batch = out.last().is_some_and(|l| {
+                l.target == *tp && l.publish.batch_base.is_some() && l.publish.batch_base == p.batch_base
+            });
+            if out.len() >= max && !same_batch {
+                break;
+            }
+            out.push(publish::Pending { key: KEY.to_owned(), target: tp.clone(), publish: p.clone() });
+        }
+        out
     }
 
     fn confirm_records(&self, _key: &str, target: &Tp, stamp: (i16, i32)) -> Vec<Record> {

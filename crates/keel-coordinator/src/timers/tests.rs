@@ -69,7 +69,7 @@ fn fire_due(log: &mut Log, now: i64, spare: Option<i64>) -> FireOutput {
             other => panic!("timer {} is {other:?}", d.id),
         })
         .collect();
-    let (records, out) = log.state.fire(&due, |id| format!("0-{id}"), &limits(), now, spare).unwrap();
+    let (records, out) = log.state.fire(&due, |id| format!("0-{id}"), |_| 1 << 20, &limits(), now, spare).unwrap();
     log.append(&records);
     out
 }
@@ -267,4 +267,31 @@ fn a_retried_schedule_gets_its_first_ids_and_schedules_nothing() {
     log.append(&log.state.schedule(vec![timer(later + 1)], 43, later, &limits()).map(new).unwrap());
     assert_eq!(log.state.scheduled_by(42), None, "forgotten after its window");
     assert!(matches!(log.state.schedule(vec![timer(later)], 42, later, &limits()), Ok(Scheduling::New(_))));
+}
+
+#[test]
+fn fired_records_are_sent_in_the_batches_they_were_decided_in() {
+    let mut log = Log::default();
+    advance(&mut log, T0);
+    let at = T0 + 1_000;
+    log.append(&log.state.schedule((0..5).map(|_| timer(at)).collect(), 0, T0, &limits()).map(new).unwrap());
+    assert_eq!(fire_due(&mut log, at, Some(7)).fired.len(), 5);
+    log.append(&log.state.schedule((0..3).map(|_| timer(at + 1)).collect(), 0, T0, &limits()).map(new).unwrap());
+    assert_eq!(fire_due(&mut log, at + 1, None).fired.len(), 3);
+    let sizes =
+        |pending: Vec<publish::Pending>| -> Vec<usize> { publish::batches(pending).iter().map(Vec::len).collect() };
+    use publish::Publishing as _;
+    assert_eq!(sizes(log.state.pending_publishes(100)), vec![5, 3], "one batch per fire, per target");
+    assert_eq!(log.state.pending_publishes(2).len(), 5, "a scan never stops inside a batch");
+    let mut cut = log.state.pending_publishes(100);
+    cut.remove(0);
+    assert_eq!(sizes(cut), vec![3], "a batch missing its start is not sent");
+    // Large records: a batch holds at most PUBLISH_BATCH_BYTES_MAX.
+    let big = |at: i64| Timer { value: Some(vec![7; 600 << 10]), ..timer(at) };
+    log.append(&log.state.schedule((0..3).map(|_| big(at + 2)).collect(), 0, T0, &limits()).map(new).unwrap());
+    assert_eq!(fire_due(&mut log, at + 2, None).fired.len(), 3);
+    assert_eq!(sizes(log.state.pending_publishes(100)), vec![5, 3, 1, 1, 1]);
+    // Confirming a batch's last stamp confirms the batch.
+    log.append(&log.state.confirm_published(&Tp::new("t", 0), (0, 4)));
+    assert_eq!(sizes(log.state.pending_publishes(100)), vec![3, 1, 1, 1]);
 }
