@@ -186,6 +186,7 @@ impl Inner {
                 return;
             }
             let mut reported = 0i64;
+            let mut last_fired = None;
             while active.borrow().is_some() {
                 let now = self.timer_now(&coordinator);
                 let mut busy = false;
@@ -200,7 +201,7 @@ impl Inner {
                         debug!(error = ?e, "moving the timers' horizon failed; retried");
                     }
                 }
-                match self.fire_due(&coordinator, now).await {
+                match self.fire_due(&coordinator, now, &mut last_fired).await {
                     Ok(fired) => busy = fired > 0,
                     Err(why) => warn!(partition = coordinator.partition, why, "firing due timers failed; retried"),
                 }
@@ -228,10 +229,18 @@ impl Inner {
         }
     }
 
-    /// Fires up to [`FIRE_BATCH`] timers due at `now`; returns how many fired.
-    async fn fire_due(&self, coordinator: &TimerCoordinator, now: i64) -> Result<usize, String> {
+    /// Fires up to [`FIRE_BATCH`] timers due at `now`; returns how many fired. `last_fired` is a
+    /// timer the previous round fired: while it is still due the state does not hold that round
+    /// yet (an answer that left before its replay), and firing again would only repeat the round
+    /// in a loop that never yields, so this waits for the state instead.
+    async fn fire_due(
+        &self,
+        coordinator: &TimerCoordinator,
+        now: i64,
+        last_fired: &mut Option<u64>,
+    ) -> Result<usize, String> {
         let due = coordinator.runtime.read(|s| s.due(now, FIRE_BATCH));
-        if due.is_empty() {
+        if due.is_empty() || due.iter().any(|d| Some(d.id) == *last_fired) {
             return Ok(0);
         }
         let ids: Vec<u64> = due.iter().map(|d| d.id).collect();
@@ -255,6 +264,7 @@ impl Inner {
                     if !out.fired.is_empty() {
                         coordinator.publish_wake.notify_one();
                     }
+                    *last_fired = out.fired.first().copied();
                     return Ok(out.fired.len());
                 }
                 Err(RunError::Refused(TimerError::ProducerIdNeeded)) if spare.is_none() => {
