@@ -7,10 +7,10 @@ use keel_simulation::{Workload, failure_report, run, sweep_list};
 
 /// Seeds run by `cargo test`, each a run of about two and a half simulated minutes (120 s of
 /// faults, then healing) with the consumer group's members and the compaction of
-/// `__consumer_offsets` (rewrites, not trims: see `broker_config`), on every core: ~7 s of one
-/// core each in the test build (`target/debug/keel-simulation --workload broker --seeds 0..10
-/// --jobs 2`: ~40 s on the 2-core machine), so the sweep takes about 12 minutes of the ~33 that
-/// `.ci/run` takes from a fresh clone;
+/// `__consumer_offsets` (rewrites, not trims: see `broker_config`) and the delayed client, on
+/// every core: ~6.5 s of one core each in the test build (`target/debug/keel-simulation
+/// --workload broker --seeds 0..10 --jobs 2`: ~33 s on the 2-core machine), so this binary takes
+/// about 12.5 minutes of the ~28 that `.ci/run` takes from a fresh clone;
 /// `cargo run -p keel-simulation --release -- --workload broker --seeds 0..10000` sweeps more.
 const SEEDS: u64 = 200;
 
