@@ -26,6 +26,8 @@ use crate::tools::{Connection, table};
 
 /// Records per schedule request (they share one deliver-at time).
 const PER_REQUEST_MAX: usize = 10_000;
+/// Time the nodes get to settle before their memory is read.
+const SETTLE: Duration = Duration::from_secs(5);
 /// Longest wait for the fired records to arrive after the last was due.
 const ARRIVAL_MAX: Duration = Duration::from_secs(300);
 
@@ -76,8 +78,13 @@ struct DelayedReport {
     nodes_pending_before: u64,
     nodes_pending_after: u64,
     anonymous_bytes_before: u64,
+    /// After the first half of the pending timers.
+    anonymous_bytes_middle: u64,
     anonymous_bytes_after: u64,
+    /// Growth over all the pending timers (includes the nodes warming up to the load).
     bytes_per_pending_timer: f64,
+    /// Growth over the second half: what one more pending timer costs a warm cluster.
+    bytes_per_pending_timer_second_half: f64,
     fired: u64,
     fire_seconds: f64,
     fires_per_sec: f64,
@@ -230,25 +237,37 @@ pub fn delayed(args: DelayedBenchArgs, output: Output) -> anyhow::Result<()> {
             p
         };
 
-        // The pending timers: each request's delay a step further along the span.
+        // The pending timers: each request's delay a step further along the span. They go in two
+        // halves: the first also warms the nodes up (allocator arenas, buffers and caches sized
+        // to the load, kept after it), the second shows what one more pending timer costs.
         let requests = args.pending.div_ceil(args.batch as u64).max(1);
         let (from, to) = (args.pending_from.as_millis() as u64, args.pending_to.as_millis() as u64);
+        let when = |i: u64| DeliverAt::After(Duration::from_millis(from + (to - from) * i / requests));
+        let first_requests = requests / 2;
+        let first_half = (first_requests * args.batch as u64).min(args.pending);
         let progress = bar(args.pending, "pending");
         let clock = Stopwatch::start();
-        let scheduled = schedule(
+        let mut scheduled =
+            schedule(&producer, &pending_topic, pending_partitions, &args, first_half, when, &progress).await?;
+        let mut schedule_seconds = clock.elapsed().as_secs_f64();
+        // Let the nodes settle (replays, the horizon's first load) before reading their memory.
+        tokio::time::sleep(SETTLE).await;
+        let middle = node_figures(&metrics).await?;
+        let clock = Stopwatch::start();
+        let second_half = schedule(
             &producer,
             &pending_topic,
             pending_partitions,
             &args,
-            args.pending,
-            |i| DeliverAt::After(Duration::from_millis(from + (to - from) * i / requests)),
+            args.pending - first_half,
+            |i| when(first_requests + i),
             &progress,
         )
         .await?;
-        let schedule_seconds = clock.elapsed().as_secs_f64();
+        scheduled += second_half;
+        schedule_seconds += clock.elapsed().as_secs_f64();
         progress.finish_and_clear();
-        // Let the nodes settle (replays, the horizon's first load) before reading their memory.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(SETTLE).await;
         let after = node_figures(&metrics).await?;
 
         // The fired ones: all due at one moment, a little after they are all scheduled.
@@ -303,7 +322,9 @@ pub fn delayed(args: DelayedBenchArgs, output: Output) -> anyhow::Result<()> {
         }
         progress.finish_and_clear();
         let fire_seconds = ((last_arrival - due).max(1)) as f64 / 1_000.0;
-        let grown = after.anonymous_bytes.saturating_sub(before.anonymous_bytes);
+        let per_timer = |from: NodeFigures, count: u64| {
+            after.anonymous_bytes.saturating_sub(from.anonymous_bytes) as f64 / count.max(1) as f64
+        };
         let report = DelayedReport {
             what: "delayed",
             pending: scheduled,
@@ -314,8 +335,10 @@ pub fn delayed(args: DelayedBenchArgs, output: Output) -> anyhow::Result<()> {
             nodes_pending_before: before.pending,
             nodes_pending_after: after.pending,
             anonymous_bytes_before: before.anonymous_bytes,
+            anonymous_bytes_middle: middle.anonymous_bytes,
             anonymous_bytes_after: after.anonymous_bytes,
-            bytes_per_pending_timer: grown as f64 / scheduled.max(1) as f64,
+            bytes_per_pending_timer: per_timer(before, scheduled),
+            bytes_per_pending_timer_second_half: per_timer(middle, second_half),
             fired: arrived,
             fire_seconds,
             fires_per_sec: arrived as f64 / fire_seconds,
@@ -341,9 +364,20 @@ pub fn delayed(args: DelayedBenchArgs, output: Output) -> anyhow::Result<()> {
                     ),
                     (
                         "nodes' heap (sum of RssAnon)".to_owned(),
-                        format!("{} → {}", mib(report.anonymous_bytes_before), mib(report.anonymous_bytes_after)),
+                        format!(
+                            "{} → {} (half) → {}",
+                            mib(report.anonymous_bytes_before),
+                            mib(report.anonymous_bytes_middle),
+                            mib(report.anonymous_bytes_after)
+                        ),
                     ),
-                    ("heap per pending timer".to_owned(), format!("{:.1} bytes", report.bytes_per_pending_timer)),
+                    (
+                        "heap per pending timer, all / second half".to_owned(),
+                        format!(
+                            "{:.1} / {:.1} bytes",
+                            report.bytes_per_pending_timer, report.bytes_per_pending_timer_second_half
+                        ),
+                    ),
                     ("timers fired (all due at once)".to_owned(), report.fired.to_string()),
                     ("fires/s".to_owned(), format!("{:.0}", report.fires_per_sec)),
                     (
