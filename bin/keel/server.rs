@@ -114,6 +114,8 @@ struct FileConfig {
     /// Compact a `__delayed` partition once this many bytes were written since its last
     /// compaction.
     delayed_compact_bytes: Option<u64>,
+    /// Register node ids that are not metadata voters (brokers that follow the metadata).
+    admit_new_nodes: Option<bool>,
 }
 
 /// Parses `1@host:port,2@host:port`.
@@ -290,6 +292,9 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         groups,
         delayed,
         seed: crate::clock::entropy(),
+        // A secret, unlike the seed: from the OS's random source.
+        new_node_key: rand::random(),
+        admit_new_nodes: file.admit_new_nodes.unwrap_or(false),
     };
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let grace = Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000));

@@ -232,6 +232,9 @@ pub(crate) fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         // One timers partition, for the same reason, compacted as often.
         delayed: keel_broker::DelayedSettings { partitions: 1, compact_bytes: 24 << 10, ..Default::default() },
         seed,
+        new_node_key: keel_broker::node_key_from_seed(seed ^ id),
+        // The five-node seeds run two brokers beyond the three voters.
+        admit_new_nodes: true,
     }
 }
 

@@ -249,3 +249,40 @@ async fn keel_audit_reports_duplicates_and_retries_are_not_written() {
     assert_eq!(producer["producer_id"].as_i64(), Some(7), "{report}");
     assert_eq!(producer["duplicates"], 1, "{report}");
 }
+
+/// Anyone who reaches a node's port may call RegisterNode (the controller service shares the
+/// client port until peers get a listener of their own): a forged registration of an existing
+/// node id, which would point the cluster's traffic for that node at the forger, is refused
+/// without its data dir's key, as is an id the controller was not told to admit, and no address
+/// changes. The real node, restarted, registers with its key as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_registration_is_refused_and_moves_nothing() {
+    let mut cluster = common::Cluster::start(3, 50).await;
+    let admin = cluster.admin();
+    let before = admin.describe_cluster().await.unwrap();
+    let addresses = |d: &pb::DescribeClusterResponse| {
+        let mut nodes: Vec<(u64, String)> = d.nodes.iter().map(|n| (n.node_id, n.addr.clone())).collect();
+        nodes.sort();
+        nodes
+    };
+    assert_eq!(addresses(&before).len(), 3);
+    for node in &cluster.nodes {
+        let channel = Channel::from_shared(format!("http://{}", node.addr)).unwrap().connect().await.unwrap();
+        let mut controller = pb::controller_client::ControllerClient::new(channel);
+        let forge = |node_id: u64| pb::RegisterNodeRequest {
+            node_id,
+            addr: "127.0.0.1:1".into(),
+            cluster_id: before.cluster_id.clone(),
+            node_key: vec![0x5a; 32].into(),
+        };
+        for (node_id, what) in [(2, "an existing node"), (9, "an unknown node")] {
+            let refused = controller.register_node(forge(node_id)).await.unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{what} via node {}: {refused:?}", node.id);
+        }
+    }
+    assert_eq!(addresses(&admin.describe_cluster().await.unwrap()), addresses(&before));
+    cluster.kill(2);
+    cluster.restart(2);
+    cluster.wait_healthy(Duration::from_secs(60)).await;
+    assert_eq!(addresses(&admin.describe_cluster().await.unwrap()), addresses(&before));
+}

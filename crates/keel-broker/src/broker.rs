@@ -25,8 +25,8 @@ use rand::{RngCore, SeedableRng};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tonic::{Code, Request, Status};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{BrokerConfig, Identity, claim_data_dir};
 use crate::coordinator::CoordinatorFaults;
@@ -55,6 +55,9 @@ pub trait Clock: Send + Sync + 'static {
 pub(crate) const HOPS_HEADER: &str = "keel-hops";
 /// Requests are forwarded at most this often (client → follower → leader).
 const HOPS_MAX: u32 = 2;
+
+/// Bytes of a node key.
+const NODE_KEY_BYTES: usize = 32;
 
 /// A running node; clones share it.
 #[derive(Clone)]
@@ -157,7 +160,7 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<Broker, BrokerError> {
         config.validate()?;
-        let (identity, new_dir) = claim_data_dir(&*disk, &config.data_dir, config.node_id)?;
+        let (identity, new_dir) = claim_data_dir(&*disk, &config.data_dir, config.node_id, &config.new_node_key)?;
         info!(node = config.node_id, new_dir, cluster = ?identity.cluster_id, "starting");
         let node_config = NodeConfig {
             node_id: config.node_id,
@@ -638,9 +641,15 @@ impl Inner {
     /// Registers this node (id and address) in the metadata, then reports ready.
     async fn register(self: Arc<Self>) {
         let me = self.config.node_id;
+        let node_key = Bytes::from(self.identity.lock().unwrap_or_else(|e| e.into_inner()).key_bytes());
+        let mut last_refusal = None;
         loop {
             let meta = self.metadata();
-            let registered = meta.nodes.get(&me).is_some_and(|n| n.addr == self.config.advertised_addr);
+            let my_key = crate::config::node_key_hash(&node_key);
+            let registered = meta
+                .nodes
+                .get(&me)
+                .is_some_and(|n| n.addr == self.config.advertised_addr && n.key_hash.as_ref() == Some(&my_key));
             if registered && meta.cluster_id.is_some() {
                 // A restarted node replays `__meta` from its own replica (or a voter); until it
                 // has caught up with what is committed now, it would answer from old metadata
@@ -661,10 +670,20 @@ impl Inner {
                 let request = pb::RegisterNodeRequest {
                     node_id: me,
                     addr: self.config.advertised_addr.clone(),
-                    cluster_id: String::new(),
+                    cluster_id: meta.cluster_id.clone().unwrap_or_default(),
+                    node_key: node_key.clone(),
                 };
-                if let Err(status) = self.register_node(request, 0).await {
-                    debug!(%status, "registration failed; retrying");
+                match self.register_node(request, 0).await {
+                    Ok(()) => {}
+                    // Not a passing state: the cluster knows this id with another key (another
+                    // data dir), or was not told to admit it. The operator must act.
+                    Err(status) if matches!(status.code(), Code::PermissionDenied | Code::FailedPrecondition) => {
+                        if last_refusal.as_deref() != Some(status.message()) {
+                            error!(%status, "this node is refused by the cluster; it does not serve until that changes");
+                            last_refusal = Some(status.message().to_owned());
+                        }
+                    }
+                    Err(status) => debug!(%status, "registration failed; retrying"),
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -686,10 +705,19 @@ impl Inner {
         Ok(self.metadata().applied_offset)
     }
 
-    /// Handles a RegisterNode request: on the controller leader, appends it; elsewhere forwards.
+    /// Handles a RegisterNode request: on the controller leader, checks and appends it;
+    /// elsewhere forwards. The checks: the request's cluster is this one; a known id presents
+    /// the key it registered with (no one takes over a node's address by claiming its id); an
+    /// unknown id is a metadata voter, or the controller admits new nodes.
     pub(crate) async fn register_node(&self, request: pb::RegisterNodeRequest, hops: u32) -> Result<(), Status> {
         if request.addr.is_empty() {
             return Err(Status::invalid_argument("a node must register with an address"));
+        }
+        if request.node_key.len() != NODE_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "a node registers with its {NODE_KEY_BYTES}-byte key (its data dir's), not {} bytes",
+                request.node_key.len()
+            )));
         }
         if !self.leads_meta() {
             let request = self.forwardable(request, hops)?;
@@ -699,11 +727,48 @@ impl Inner {
                 })
                 .await;
         }
-        let meta = self.metadata();
-        if meta.nodes.get(&request.node_id).is_some_and(|n| n.addr == request.addr) {
-            return Ok(());
+        let _turn = self.controller_turn().await?;
+        let before = self.metadata();
+        let node_id = request.node_id;
+        let key_hash = crate::config::node_key_hash(&request.node_key);
+        let refused = |why: String| {
+            warn!(node = node_id, addr = %request.addr, why, "registration refused");
+            Status::permission_denied(why)
+        };
+        match before.cluster_id.as_deref() {
+            Some(cluster) if cluster == request.cluster_id => {}
+            cluster => {
+                let why = format!(
+                    "node {node_id} registers for cluster {:?}, but this is cluster {cluster:?}",
+                    request.cluster_id
+                );
+                warn!(node = node_id, addr = %request.addr, why, "registration refused");
+                return Err(Status::failed_precondition(why));
+            }
         }
-        self.propose(&Command::RegisterNode { node_id: request.node_id, addr: request.addr }).await.map(|_| ())
+        match before.nodes.get(&node_id) {
+            Some(known) if known.key_hash.as_ref().is_some_and(|h| *h != key_hash) => {
+                return Err(refused(format!(
+                    "node {node_id} is registered with another key: only that node (its data dir) can change \
+                     its address"
+                )));
+            }
+            Some(known) if known.addr == request.addr && known.key_hash.is_some() => return Ok(()),
+            Some(_) => {}
+            None if self.config.voters.contains_key(&node_id) || self.config.admit_new_nodes => {}
+            None => {
+                return Err(refused(format!(
+                    "node {node_id} is not a metadata voter and this controller does not admit new nodes \
+                     (admit_new_nodes = true on the voters lets brokers join)"
+                )));
+            }
+        }
+        let command = Command::RegisterNode { node_id, addr: request.addr.clone(), key_hash: Some(key_hash) };
+        let offset = self.propose(&command).await?;
+        match self.outcome_at(&before, offset)? {
+            None => Ok(()),
+            Some(refusal) => Err(meta_status(refusal)),
+        }
     }
 
     /// A draw from the node's seeded generator (the simulation's seed drives it).
@@ -1478,6 +1543,8 @@ pub(crate) mod tests {
             groups: Default::default(),
             delayed: Default::default(),
             seed: 1,
+            new_node_key: crate::config::node_key_from_seed(1),
+            admit_new_nodes: false,
         };
         let broker = Broker::start(config, disk, Arc::new(keel_raft::TcpConnector::default()), Arc::new(FixedClock))
             .await
@@ -1485,6 +1552,45 @@ pub(crate) mod tests {
         let mut ready = broker.ready();
         tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r)).await.unwrap().unwrap();
         broker
+    }
+
+    /// Registration proves identity: a known id with another key, another cluster's id and an
+    /// id the controller does not admit are refused, and the metadata does not change; the
+    /// node itself, with its key, may move.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_registration_must_prove_the_node_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = single_node(dir.path()).await;
+        let inner = &broker.inner;
+        let before = inner.metadata();
+        let cluster = before.cluster_id.clone().unwrap();
+        let request = |node_id: u64, addr: &str, cluster: &str, key: [u8; 32]| pb::RegisterNodeRequest {
+            node_id,
+            addr: addr.into(),
+            cluster_id: cluster.into(),
+            node_key: Bytes::copy_from_slice(&key),
+        };
+        let own_key = crate::config::node_key_from_seed(1);
+        let forged = inner.register_node(request(1, "attacker:1", &cluster, [0; 32]), 0).await.unwrap_err();
+        assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
+        let other_cluster = inner.register_node(request(1, "attacker:1", "another", own_key), 0).await.unwrap_err();
+        assert_eq!(other_cluster.code(), Code::FailedPrecondition, "{other_cluster:?}");
+        let unknown = inner.register_node(request(7, "new:1", &cluster, [7; 32]), 0).await.unwrap_err();
+        assert_eq!(unknown.code(), Code::PermissionDenied, "{unknown:?}");
+        let short = inner.register_node(
+            pb::RegisterNodeRequest { node_key: Bytes::new(), ..request(1, "a:1", &cluster, own_key) },
+            0,
+        );
+        assert_eq!(short.await.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(inner.metadata().nodes, before.nodes, "a refused registration changed the metadata");
+        // Even a command that reached the log unchecked changes nothing.
+        let sneaked = Command::RegisterNode { node_id: 1, addr: "attacker:1".into(), key_hash: Some("00".repeat(32)) };
+        let at = inner.propose(&sneaked).await.unwrap();
+        assert!(matches!(inner.outcome_at(&before, at).unwrap(), Some(MetaError::Denied(_))));
+        assert_eq!(inner.metadata().nodes, before.nodes);
+        // The node itself moves.
+        inner.register_node(request(1, "moved:1", &cluster, own_key), 0).await.unwrap();
+        assert_eq!(inner.metadata().nodes[&1].addr, "moved:1");
     }
 
     /// The controller learns whether its own allocation applied by replaying from the metadata
@@ -1499,7 +1605,7 @@ pub(crate) mod tests {
         let first = before.next_producer_id;
         let command = Command::AllocateProducerIds { first, count: 10 };
         let applied = inner.propose(&command).await.unwrap();
-        inner.propose(&Command::RegisterNode { node_id: 9, addr: "elsewhere:1".into() }).await.unwrap();
+        inner.propose(&Command::RegisterNode { node_id: 9, addr: "elsewhere:1".into(), key_hash: None }).await.unwrap();
         let repeated = inner.propose(&command).await.unwrap();
         assert_eq!(inner.metadata().next_producer_id, first + 10);
         assert_eq!(inner.outcome_at(&before, applied).unwrap(), None);

@@ -213,6 +213,12 @@ pub struct BrokerConfig {
     pub delayed: DelayedSettings,
     /// Seed of this node's randomness (election timeouts, the cluster id it may coin).
     pub seed: u64,
+    /// The key a new data dir gets (it proves the node's identity when it registers): from the
+    /// OS's random source in `keel server`, from the seed in the simulation and tests.
+    pub new_node_key: [u8; 32],
+    /// Whether the controller registers node ids that are not metadata voters (brokers that
+    /// only follow the metadata); off, an unknown id is refused.
+    pub admit_new_nodes: bool,
 }
 
 impl BrokerConfig {
@@ -274,6 +280,10 @@ pub struct Identity {
     pub node_id: NodeId,
     /// The cluster, once known.
     pub cluster_id: Option<String>,
+    /// The node's key, hex (absent in a directory from before keys: it gets one at its next
+    /// start, and the metadata adopts it at the next registration).
+    #[serde(default)]
+    pub node_key: Option<String>,
 }
 
 const IDENTITY_FILE: &str = "keel.id";
@@ -299,22 +309,65 @@ impl Identity {
     }
 }
 
-/// Claims `data_dir` for `node_id`, refusing a directory that belongs to another node.
-/// Returns the identity and whether the directory was new.
-pub fn claim_data_dir(disk: &dyn Disk, data_dir: &Path, node_id: NodeId) -> Result<(Identity, bool), BrokerError> {
+/// Claims `data_dir` for `node_id`, refusing a directory that belongs to another node; a
+/// directory without a key gets `new_key`. Returns the identity and whether the directory was
+/// new.
+pub fn claim_data_dir(
+    disk: &dyn Disk,
+    data_dir: &Path,
+    node_id: NodeId,
+    new_key: &[u8; 32],
+) -> Result<(Identity, bool), BrokerError> {
     match Identity::load(disk, data_dir)? {
         Some(identity) if identity.node_id != node_id => Err(BrokerError::Config(format!(
             "data dir {} belongs to node {}, not node {node_id}; use that node id or another directory",
             data_dir.display(),
             identity.node_id
         ))),
-        Some(identity) => Ok((identity, false)),
+        Some(identity) if identity.node_key.is_some() => Ok((identity, false)),
+        Some(mut identity) => {
+            identity.node_key = Some(hex(new_key));
+            identity.store(disk, data_dir)?;
+            Ok((identity, false))
+        }
         None => {
-            let identity = Identity { node_id, cluster_id: None };
+            let identity = Identity { node_id, cluster_id: None, node_key: Some(hex(new_key)) };
             identity.store(disk, data_dir)?;
             Ok((identity, true))
         }
     }
+}
+
+impl Identity {
+    /// The node key's bytes (empty when the directory has none or it is not hex).
+    pub fn key_bytes(&self) -> Vec<u8> {
+        self.node_key.as_deref().and_then(unhex).unwrap_or_default()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// A node key drawn from `seed` (tests and the simulation, whose runs must replay).
+pub fn node_key_from_seed(seed: u64) -> [u8; 32] {
+    use rand::{RngCore as _, SeedableRng as _};
+    let mut key = [0; 32];
+    rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x6e6f_6465_6b65_7973).fill_bytes(&mut key);
+    key
+}
+
+/// What the metadata keeps of a node key: its SHA-256, hex.
+pub fn node_key_hash(key: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex(&sha2::Sha256::digest(key))
 }
 
 #[cfg(test)]
@@ -332,11 +385,29 @@ mod tests {
         for seed in 0..32 {
             let disk = SimDisk::new(seed);
             let dir = Path::new("/var/keel/node-3");
-            let (identity, new) = claim_data_dir(&disk, dir, 3).unwrap();
+            let (identity, new) = claim_data_dir(&disk, dir, 3, &[7; 32]).unwrap();
             assert!(new);
             disk.crash_with(CrashMode::DropUnflushed);
             assert_eq!(Identity::load(&disk, dir).unwrap(), Some(identity), "seed {seed}");
         }
+    }
+
+    /// A directory keeps its key across starts; one from before keys gets one, once.
+    #[test]
+    fn a_data_dir_keeps_its_node_key() {
+        let disk = SimDisk::new(1);
+        let dir = Path::new("/var/keel/node-3");
+        let (first, _) = claim_data_dir(&disk, dir, 3, &[7; 32]).unwrap();
+        assert_eq!(first.key_bytes(), vec![7; 32]);
+        let (again, new) = claim_data_dir(&disk, dir, 3, &[9; 32]).unwrap();
+        assert!(!new);
+        assert_eq!(again.key_bytes(), vec![7; 32], "a restart must not change the key");
+        Identity { node_id: 3, cluster_id: Some("c".into()), node_key: None }.store(&disk, dir).unwrap();
+        let (upgraded, _) = claim_data_dir(&disk, dir, 3, &[9; 32]).unwrap();
+        assert_eq!(upgraded.key_bytes(), vec![9; 32]);
+        assert_eq!(upgraded.cluster_id.as_deref(), Some("c"));
+        assert_ne!(node_key_hash(&[7; 32]), node_key_hash(&[9; 32]));
+        assert_eq!(node_key_hash(&[]).len(), 64);
     }
 
     #[test]

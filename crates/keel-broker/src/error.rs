@@ -65,6 +65,7 @@ pub fn meta_status(e: MetaError) -> Status {
         MetaError::TopicExists(_) => Status::already_exists(e.to_string()),
         MetaError::Precondition(m) => Status::failed_precondition(m),
         MetaError::Exhausted(m) => Status::resource_exhausted(m),
+        MetaError::Denied(m) => Status::permission_denied(m),
     }
 }
 

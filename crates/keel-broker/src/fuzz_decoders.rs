@@ -36,7 +36,7 @@ const BOUND: AllocBound = AllocBound { bytes_per_input_byte: 48, bytes_fixed: 40
 fn seeds() -> Vec<Vec<u8>> {
     let commands = [
         Command::InitCluster { cluster_id: "c-1".into() },
-        Command::RegisterNode { node_id: 1, addr: "10.0.0.1:7070".into() },
+        Command::RegisterNode { node_id: 1, addr: "10.0.0.1:7070".into(), key_hash: Some("ab".repeat(32)) },
         Command::CreateTopic {
             name: "orders".into(),
             replication_factor: 3,
@@ -81,7 +81,7 @@ fn cluster() -> Metadata {
     let mut m = Metadata::new();
     for node_id in 1..=3 {
         let offset = m.applied_offset;
-        m.apply(offset, &Command::RegisterNode { node_id, addr: format!("n{node_id}:1") }).unwrap();
+        m.apply(offset, &Command::RegisterNode { node_id, addr: format!("n{node_id}:1"), key_hash: None }).unwrap();
     }
     m
 }

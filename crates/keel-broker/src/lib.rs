@@ -31,7 +31,7 @@ pub mod service;
 pub mod size_status;
 
 pub use broker::{Broker, Clock, REQUEST_ID_HEADER, StorageMode};
-pub use config::{BrokerConfig, DelayedSettings, GroupSettings, Identity, Limits};
+pub use config::{BrokerConfig, DelayedSettings, GroupSettings, Identity, Limits, node_key_from_seed};
 pub use coordinator::CoordinatorFaults;
 pub use error::BrokerError;
 pub use metadata::{DELAYED_TOPIC, META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC};

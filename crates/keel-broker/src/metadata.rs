@@ -56,6 +56,10 @@ pub struct ProducerEpoch {
 pub struct NodeInfo {
     /// Where clients and peers reach it (`host:port`).
     pub addr: String,
+    /// SHA-256 of its node key (hex): a later registration under its id must present the key.
+    /// Absent for a node registered before keys, until its next registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_hash: Option<String>,
 }
 
 /// A topic's own settings; `None` means the cluster default.
@@ -108,6 +112,9 @@ pub enum Command {
         node_id: NodeId,
         /// Its advertised address.
         addr: String,
+        /// SHA-256 of the key it presented (hex).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_hash: Option<String>,
     },
     /// A new topic with its assignment (computed by the controller leader).
     CreateTopic {
@@ -191,6 +198,9 @@ pub enum MetaError {
     /// A bounded table of the metadata is full.
     #[error("{0}")]
     Exhausted(String),
+    /// The request claims an identity it does not prove.
+    #[error("{0}")]
+    Denied(String),
 }
 
 /// Why a node cannot go on replaying `__meta`: its metadata would differ from every other
@@ -269,8 +279,17 @@ impl Metadata {
                 }
                 Ok(())
             }
-            Command::RegisterNode { node_id, addr } => {
-                self.nodes.insert(*node_id, NodeInfo { addr: addr.clone() });
+            Command::RegisterNode { node_id, addr, key_hash } => {
+                let known = self.nodes.get(node_id).and_then(|n| n.key_hash.clone());
+                if known.is_some() && *key_hash != known {
+                    return Err(MetaError::Denied(format!(
+                        "node {node_id} is registered with another key: only that node (its data dir) can \
+                         change its address"
+                    )));
+                }
+                // A node registered before keys adopts the first key it registers with.
+                let key_hash = key_hash.clone().or(known);
+                self.nodes.insert(*node_id, NodeInfo { addr: addr.clone(), key_hash });
                 Ok(())
             }
             Command::CreateTopic { name, replication_factor, settings, assignment } => {
@@ -629,7 +648,11 @@ mod tests {
     fn cluster(nodes: u64) -> Metadata {
         let mut m = Metadata::new();
         for (i, n) in (1..=nodes).enumerate() {
-            m.apply(i as u64, &Command::RegisterNode { node_id: n, addr: format!("127.0.0.1:{}", 9000 + n) }).unwrap();
+            m.apply(
+                i as u64,
+                &Command::RegisterNode { node_id: n, addr: format!("127.0.0.1:{}", 9000 + n), key_hash: None },
+            )
+            .unwrap();
         }
         m
     }
@@ -762,7 +785,8 @@ mod tests {
     /// error, and the metadata is left as it was before the record.
     #[test]
     fn replay_never_skips_a_record() {
-        let register = |n: u64| encode_command(&Command::RegisterNode { node_id: n, addr: format!("n{n}:1") });
+        let register =
+            |n: u64| encode_command(&Command::RegisterNode { node_id: n, addr: format!("n{n}:1"), key_hash: None });
         let mut m = Metadata::new();
         assert_eq!(m.replay(0, &register(1)), Ok(None));
         assert_eq!(m.replay(1, &register(2)), Ok(None));

@@ -284,7 +284,12 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
                 pb::DeadLetter { offset: 1, record: None },
             ],
         }),
-        enc(pb::RegisterNodeRequest { node_id: 2, addr: "10.0.0.2:7070".into(), cluster_id: "c".into() }),
+        enc(pb::RegisterNodeRequest {
+            node_id: 2,
+            addr: "10.0.0.2:7070".into(),
+            cluster_id: "c".into(),
+            node_key: vec![7; 32].into(),
+        }),
         enc(pb::MetaPositionRequest {}),
         enc(pb::AllocateProducerIdsRequest { count: 1000 }),
         enc(pb::LocalStatusRequest {}),

@@ -82,6 +82,9 @@ pub async fn start_clocked(
             groups: Default::default(),
             delayed: Default::default(),
             seed: id,
+            new_node_key: keel_broker::node_key_from_seed(id),
+            // Some tests run brokers beyond the voters.
+            admit_new_nodes: true,
         };
         let mut config = config;
         tweak(&mut config);
