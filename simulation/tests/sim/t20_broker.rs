@@ -22,11 +22,13 @@ const SEEDS: u64 = 200;
 /// 108, 109 and 110 gave a partition to two members (a cancelled heartbeat released its group's
 /// lock while its records were still committing), 160 and 193 dead-lettered a record that was
 /// due for its second attempt (a new leader answered the member's fetch with nothing, and the
-/// member took that for a record retention had removed).
+/// member took that for a record retention had removed), 69 and 153 found the delayed checker
+/// owing a record whose cancel had an unknown outcome (the client's retries may have cancelled
+/// it).
 /// Their histories were those of the 30-second runs with six kinds of fault; the runs have grown
 /// since (120 s, repeated leader isolation, five-node seeds), so these seeds now replay other
 /// histories and guard the fixes less directly than they did. Those below `SEEDS` run in the sweep.
-const PINNED: [u64; 9] = [0, 13, 679, 847, 108, 109, 110, 160, 193];
+const PINNED: [u64; 11] = [0, 13, 679, 847, 108, 109, 110, 160, 193, 69, 153];
 
 /// Seeds run twice in one process, which must replay identically: a run must not depend on what
 /// ran before it (tokio's task ids, for one, are global to the process) nor on how fast the
@@ -59,10 +61,13 @@ fn broker_seeds_pass_and_replay() {
 
 /// A checker that cannot fail proves nothing: acknowledging before the flush, with every node
 /// crashed now and then, must be reported by the black-box checker as acknowledged writes lost
-/// (the white-box durable-quorum check catches it too, but comes second in the report).
+/// (the white-box durable-quorum check catches it too, but comes second in the report). Every
+/// seed of 0..6 is caught; seed 2 (since node keys changed the metadata's records) reports
+/// first a producer id handed out twice (the controller's allocation acknowledged before its
+/// flush and lost), so the pinned seeds are ones whose first symptom is a lost write.
 #[test]
 fn ack_before_flush_loses_writes() {
-    for seed in 0..3u64 {
+    for seed in [0u64, 1, 3] {
         let report = run(Workload::BrokerAckBeforeFlush, seed);
         let violation = report.violation.unwrap_or_default();
         assert!(violation.contains("lost write"), "seed {seed}: expected lost writes, got {violation:?}");
