@@ -69,6 +69,22 @@ struct StartArgs {
     /// Give up if the cluster is not healthy after this many seconds.
     #[arg(long, default_value_t = 60)]
     wait_secs: u64,
+    /// Run the nodes in plaintext, without TLS (by default `keel dev` makes a CA and node
+    /// certificates in DIR/tls and serves TLS).
+    #[arg(long)]
+    insecure: bool,
+}
+
+/// Where `keel dev` keeps its CA and certificates.
+pub fn tls_dir(dir: &Path) -> PathBuf {
+    dir.join("tls")
+}
+
+/// The TLS a client of the `keel dev` cluster in `dir` needs: its CA, if it made one and its
+/// nodes serve TLS.
+pub fn client_tls(dir: &Path) -> Option<tonic::transport::ClientTlsConfig> {
+    let ca = std::fs::read(tls_dir(dir).join("ca.pem")).ok()?;
+    Some(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca)))
 }
 
 pub fn run(args: DevArgs, output: Output) -> anyhow::Result<()> {
@@ -92,6 +108,8 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Supervisor> {
 struct Slot {
     id: u64,
     addr: String,
+    /// The node's peer listener (HOST:PORT): the client port + 1000.
+    peer_addr: String,
     /// The node's `/metrics` listener (HOST:PORT).
     metrics_addr: String,
     data_dir: PathBuf,
@@ -114,6 +132,8 @@ pub struct Supervisor {
     exe: PathBuf,
     voters: String,
     dir: PathBuf,
+    /// The nodes serve TLS with the certificates in `tls_dir(dir)`; `None`: plaintext.
+    tls: Option<tonic::transport::ClientTlsConfig>,
     nodes: Vec<Slot>,
     /// The cluster was healthy once. Before that, a node exiting fails the start (the cause is
     /// likely to hit every node: a port in use, a bad data dir) instead of being reported.
@@ -149,6 +169,17 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
             args.port
         );
     }
+    let peer_port = u64::from(args.port) + u64::from(crate::server::PEER_PORT_OFFSET);
+    let peer_last = peer_port + args.nodes - 1;
+    if peer_last > u64::from(u16::MAX) {
+        bail!("the peer ports {peer_port}..={peer_last} (client port + 1000) do not fit; pass another --port");
+    }
+    if metrics_port <= peer_last && peer_port <= metrics_last {
+        bail!(
+            "the metrics ports {metrics_port}..={metrics_last} overlap the peer ports {peer_port}..={peer_last}; \
+             pass another --metrics-port"
+        );
+    }
     // Before anything is started: a second `keel dev` on this directory stops here.
     let dir_lock = DirLock::acquire(&args.dir)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -158,7 +189,11 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
     };
     let addrs: Vec<String> =
         (0..args.nodes).map(|i| SocketAddr::new(args.ip, args.port + i as u16).to_string()).collect();
-    let voters = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
+    // Checked above: every peer port fits in a u16.
+    let peer_addrs: Vec<String> = (0..args.nodes)
+        .map(|i| SocketAddr::new(args.ip, u16::try_from(peer_port + i).unwrap_or(u16::MAX)).to_string())
+        .collect();
+    let voters = peer_addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
     let nodes = addrs
         .iter()
         .enumerate()
@@ -169,6 +204,7 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
             Slot {
                 id,
                 addr: addr.clone(),
+                peer_addr: peer_addrs[i].clone(),
                 metrics_addr: SocketAddr::new(args.ip, port).to_string(),
                 data_dir: args.dir.join(format!("node-{id}")),
                 log: args.dir.join(format!("node-{id}.log")),
@@ -181,8 +217,37 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let supervisor =
-        Supervisor { exe, voters, dir: args.dir.clone(), nodes, started: false, thread: std::thread::current().id() };
+    let tls = if args.insecure {
+        // A CA left from an earlier TLS run would make `keel dev status` speak TLS to these.
+        let _ = std::fs::remove_dir_all(tls_dir(&args.dir));
+        None
+    } else {
+        let tls = tls_dir(&args.dir);
+        if !tls.join("ca.pem").exists() {
+            crate::cert::create_ca(&tls)?;
+        }
+        let hosts = [args.ip.to_string(), "localhost".to_owned()];
+        for id in 1..=args.nodes {
+            crate::cert::issue_node(&tls, id, &hosts)?;
+        }
+        // The `dev` superuser's token, kept for the next run (the tokens file holds its hash).
+        if !tls.join("dev.token").exists() {
+            let (token, line) = crate::access::new_token("dev")?;
+            crate::access::append_line(&tls.join("tokens"), &line)?;
+            crate::cert::write_secret(&tls.join("dev.token"), &token)?;
+        }
+        client_tls(&args.dir)
+    };
+
+    let supervisor = Supervisor {
+        exe,
+        voters,
+        dir: args.dir.clone(),
+        tls,
+        nodes,
+        started: false,
+        thread: std::thread::current().id(),
+    };
     // Dropping the supervisor stops the nodes, so an error or a panic never leaves them behind.
     let shared: Shared = Arc::new(Mutex::new(supervisor));
     for i in 0..addrs.len() {
@@ -229,11 +294,23 @@ async fn supervise(shared: &Shared, socket: &ControlSocket, args: &StartArgs, ou
         (0..supervisor.nodes.len()).map(|i| supervisor.node_status(i)).collect()
     };
     let bootstrap = nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
+    let token = match args.insecure {
+        true => None,
+        false => Some(
+            std::fs::read_to_string(tls_dir(&args.dir).join("dev.token"))
+                .context("reading keel dev's token")?
+                .trim()
+                .to_owned(),
+        ),
+    };
     match output {
         Output::Json => {
             let control_socket = dev_control::socket_path(&args.dir).display().to_string();
-            let started =
-                serde_json::json!({ "bootstrap": bootstrap, "nodes": nodes, "control_socket": control_socket });
+            let ca_file = (!args.insecure).then(|| tls_dir(&args.dir).join("ca.pem").display().to_string());
+            let started = serde_json::json!({
+                "bootstrap": bootstrap, "nodes": nodes, "control_socket": control_socket, "ca_file": ca_file,
+                "token": token,
+            });
             println!("{}", serde_json::to_string(&started)?)
         }
         Output::Text => {
@@ -253,6 +330,10 @@ async fn supervise(shared: &Shared, socket: &ControlSocket, args: &StartArgs, ou
             println!("{table}");
             println!("Keel is running. In another shell:\n");
             println!("export KEEL_BOOTSTRAP={bootstrap}");
+            if let Some(token) = &token {
+                println!("export KEEL_CA_FILE={}", tls_dir(&args.dir).join("ca.pem").display());
+                println!("export KEEL_TOKEN={token}");
+            }
             if let Some(first) = nodes.first() {
                 println!("\nMetrics (Prometheus text): curl -s {}", first.metrics);
             }
@@ -288,6 +369,7 @@ async fn wait_healthy(shared: &Shared, wait: Duration, output: Output) -> anyhow
     bar.set_style(ProgressStyle::with_template("{spinner} {msg}")?);
     bar.enable_steady_tick(Duration::from_millis(120));
     let addrs: Vec<String> = lock(shared).nodes.iter().map(|n| n.addr.clone()).collect();
+    let tls = lock(shared).tls.clone();
     let started = Stopwatch::start();
     loop {
         let exited = {
@@ -309,7 +391,7 @@ async fn wait_healthy(shared: &Shared, wait: Duration, output: Output) -> anyhow
         }
         let mut healthy = 0;
         for addr in &addrs {
-            if crate::health::serving(addr).await {
+            if crate::health::serving(addr, tls.as_ref()).await {
                 healthy += 1;
             }
         }
@@ -363,10 +445,26 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = command
+        command
             .arg("server")
             .args(["--node-id", &slot.id.to_string(), "--listen", &slot.addr, "--voters", &self.voters])
-            .args(["--metrics-listen", &slot.metrics_addr])
+            .args(["--peer-listen", &slot.peer_addr, "--metrics-listen", &slot.metrics_addr]);
+        if self.tls.is_some() {
+            let tls = tls_dir(&self.dir);
+            command
+                .arg("--tls-cert-file")
+                .arg(tls.join(format!("node-{}.pem", slot.id)))
+                .arg("--tls-key-file")
+                .arg(tls.join(format!("node-{}.key", slot.id)))
+                .arg("--tls-ca-file")
+                .arg(tls.join("ca.pem"))
+                .arg("--tokens-file")
+                .arg(tls.join("tokens"))
+                .args(["--superusers", "dev"]);
+        } else {
+            command.arg("--insecure");
+        }
+        let child = command
             .arg("--data-dir")
             .arg(&slot.data_dir)
             .env_remove("KEEL_CONFIG")
@@ -597,12 +695,13 @@ pub async fn restart(
             }
         }
     }
-    let (pid, addr, log) = {
+    let (pid, addr, log, tls) = {
         let mut supervisor = lock(shared);
         let pid = supervisor.start_node(i).map_err(|e| format!("{e:#}"))?;
+        let tls = supervisor.tls.clone();
         let slot = &mut supervisor.nodes[i];
         slot.restarts += 1;
-        (pid, slot.addr.clone(), slot.log.clone())
+        (pid, slot.addr.clone(), slot.log.clone(), tls)
     };
     eprintln!("keel dev: node {node_id} started again (pid {pid}) as asked by `keel dev restart`");
     replies.progress(format!("node {node_id} started (pid {pid}); waiting until it serves on {addr}")).await;
@@ -620,7 +719,7 @@ pub async fn restart(
                 log_tail(&log)
             ));
         }
-        if crate::health::serving(&addr).await {
+        if crate::health::serving(&addr, tls.as_ref()).await {
             break;
         }
         if clock.elapsed() >= wait {

@@ -397,7 +397,9 @@ async fn status(dir: &Path, output: Output) -> anyhow::Result<()> {
     let Reply::Nodes(nodes) = reply else { bail!("the supervisor answered {reply:?} to a status request") };
     // Whether a node serves is asked of the node itself, all at once: a stopped node takes the
     // probe's whole timeout to say nothing.
-    let serving = futures_util::future::join_all(nodes.iter().map(|n| crate::health::serving(&n.addr))).await;
+    let tls = crate::dev::client_tls(dir);
+    let serving =
+        futures_util::future::join_all(nodes.iter().map(|n| crate::health::serving(&n.addr, tls.as_ref()))).await;
     match output {
         Output::Json => {
             #[derive(Serialize)]

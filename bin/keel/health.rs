@@ -5,9 +5,14 @@ use std::time::Duration;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Whether the node at `addr` answers SERVING within a second.
-pub async fn serving(addr: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else { return false };
+/// Whether the node at `addr` answers SERVING within a second (over TLS when `tls` is set).
+pub async fn serving(addr: &str, tls: Option<&tonic::transport::ClientTlsConfig>) -> bool {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let Ok(mut endpoint) = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")) else { return false };
+    if let Some(tls) = tls {
+        let Ok(with_tls) = endpoint.tls_config(tls.clone()) else { return false };
+        endpoint = with_tls;
+    }
     let probe = async {
         let channel = endpoint.connect_timeout(Duration::from_millis(500)).connect().await.ok()?;
         let response = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;

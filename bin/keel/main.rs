@@ -1,10 +1,12 @@
 //! `keel`: one binary for the node, the local dev cluster and the user tools.
 
+mod access;
 mod audit;
 mod bench;
 mod bench_delayed;
 mod bench_groups;
 mod bench_net;
+mod cert;
 mod clock;
 mod dev;
 mod dev_control;
@@ -98,6 +100,23 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
+    /// Client tokens: `keel token create NAME --file TOKENS` (README, "Security").
+    Token {
+        #[command(subcommand)]
+        command: access::TokenCommand,
+    },
+    /// Access rules: `keel acl add|remove|list` (README, "Security").
+    Acl {
+        #[command(subcommand)]
+        command: access::AclCommand,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
+    /// Make a cluster CA and node or client certificates (README, "Security").
+    Cert {
+        #[command(subcommand)]
+        command: cert::CertCommand,
+    },
     /// Measure Keel's speed.
     Bench {
         #[command(subcommand)]
@@ -118,6 +137,9 @@ fn main() -> std::process::ExitCode {
         Command::Bench { what } => bench::run(what, cli.output),
         Command::Server(args) => server::run(args),
         Command::Dev(args) => dev::run(args, cli.output),
+        Command::Cert { command } => cert::run(command),
+        Command::Token { command } => access::token(command),
+        Command::Acl { command, connection } => access::acl(command, &connection, cli.output),
         Command::Topic { command, connection } => tools::topic(command, &connection, cli.output),
         Command::Produce { args, connection } => tools::produce(args, &connection, cli.output),
         Command::Consume { args, connection } => tools::consume(args, &connection),

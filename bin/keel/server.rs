@@ -25,14 +25,21 @@ pub struct ServerArgs {
     /// This node's id (unique in the cluster, ≥ 1).
     #[arg(long, env = "KEEL_NODE_ID")]
     node_id: Option<u64>,
-    /// Address to listen on (host:port).
+    /// Address clients connect to (host:port).
     #[arg(long, env = "KEEL_LISTEN")]
     listen: Option<String>,
-    /// Address clients and peers reach this node at (defaults to --listen).
+    /// Address clients reach this node at (defaults to --listen).
     #[arg(long, env = "KEEL_ADVERTISE")]
     advertise: Option<String>,
-    /// The metadata voters, the same on every node: `1@host:port,2@host:port,3@host:port`.
-    /// Defaults to this node alone (a one-node cluster).
+    /// Address of the peer listener (raft, the controller, calls between nodes). Defaults to
+    /// the listen address with its port + 1000 (9092 → 10092).
+    #[arg(long, env = "KEEL_PEER_LISTEN")]
+    peer_listen: Option<String>,
+    /// Address other nodes reach the peer listener at (defaults to --peer-listen).
+    #[arg(long, env = "KEEL_PEER_ADVERTISE")]
+    peer_advertise: Option<String>,
+    /// The metadata voters by peer address, the same on every node:
+    /// `1@host:peerport,2@host:peerport,3@host:peerport`. Defaults to this node alone.
     #[arg(long, env = "KEEL_VOTERS")]
     voters: Option<String>,
     /// Where this node keeps its data.
@@ -42,6 +49,26 @@ pub struct ServerArgs {
     /// address with its port + 100 (9092 → 9192).
     #[arg(long, env = "KEEL_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// This node's certificate (PEM), with the URI SAN `keel://node/ID` (`keel cert node`).
+    #[arg(long, env = "KEEL_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file (PEM).
+    #[arg(long, env = "KEEL_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// The cluster CA (PEM): peers' and client certificates must chain to it.
+    #[arg(long, env = "KEEL_TLS_CA_FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// Serve plaintext, without TLS or peer authentication: for development only. Without TLS
+    /// files a node refuses to start unless this is given.
+    #[arg(long, env = "KEEL_INSECURE")]
+    insecure: bool,
+    /// Client tokens (`NAME SHA256HEX` lines, `keel token create`): set, clients must present a
+    /// token or a client certificate, and ACLs decide what they may do.
+    #[arg(long, env = "KEEL_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Principal names that pass every ACL check (comma-separated, without `User:`).
+    #[arg(long, env = "KEEL_SUPERUSERS", value_delimiter = ',')]
+    superusers: Option<Vec<String>>,
 }
 
 /// The TOML file, every key optional.
@@ -51,6 +78,16 @@ struct FileConfig {
     node_id: Option<u64>,
     listen: Option<String>,
     advertise: Option<String>,
+    /// The peer listener (README, "Configuration").
+    peer_listen: Option<String>,
+    peer_advertise: Option<String>,
+    /// TLS (README, "Security").
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_ca_file: Option<PathBuf>,
+    insecure: Option<bool>,
+    tokens_file: Option<PathBuf>,
+    superusers: Option<Vec<String>>,
     voters: Option<String>,
     data_dir: Option<PathBuf>,
     /// The `/metrics` HTTP listener (README, "Metrics").
@@ -146,38 +183,91 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
 /// consecutive node ports (up to 9 nodes) never meet their metrics ports.
 const METRICS_PORT_OFFSET: u16 = 100;
 
-/// Where the `/metrics` listener goes: `setting` if given (`off` for none), else the gRPC listen
-/// address with its port + [`METRICS_PORT_OFFSET`] (0 stays 0: any free port, for tests).
-fn metrics_listen(setting: Option<String>, listen: &str) -> anyhow::Result<Option<String>> {
-    let split = |addr: &str| -> anyhow::Result<(String, u16)> {
-        let (host, port) = addr.rsplit_once(':').with_context(|| format!("{addr:?} is not HOST:PORT"))?;
-        let port = port.parse().with_context(|| format!("{addr:?}: the port is not a number from 0 to 65535"))?;
-        Ok((host.to_owned(), port))
-    };
-    let (host, port) = split(listen).context("listen")?;
-    match setting.as_deref().map(str::trim) {
-        Some("off") => Ok(None),
+/// How far above the client port the peer listener is by default.
+pub const PEER_PORT_OFFSET: u16 = 1_000;
+
+fn split_addr(addr: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':').with_context(|| format!("{addr:?} is not HOST:PORT"))?;
+    let port = port.parse().with_context(|| format!("{addr:?}: the port is not a number from 0 to 65535"))?;
+    Ok((host.to_owned(), port))
+}
+
+/// The address of a listener beside the client one: `setting` if given, else the client listen
+/// address with its port + `offset` (0 stays 0: any free port, for tests). `key` names the
+/// setting in errors.
+fn beside(setting: Option<&str>, listen: &str, offset: u16, key: &str) -> anyhow::Result<String> {
+    let (host, port) = split_addr(listen).context("listen")?;
+    match setting {
         Some(addr) => {
-            let (_, metrics_port) = split(addr).context("metrics_listen")?;
-            if addr == listen && metrics_port != 0 {
-                bail!("metrics_listen {addr} is the gRPC listen address; give it a port of its own");
+            let (_, own_port) = split_addr(addr).with_context(|| key.to_owned())?;
+            if addr == listen && own_port != 0 {
+                bail!("{key} {addr} is the client listen address; give it a port of its own");
             }
-            Ok(Some(addr.to_owned()))
+            Ok(addr.to_owned())
         }
-        None if port == 0 => Ok(Some(format!("{host}:0"))),
-        None => match port.checked_add(METRICS_PORT_OFFSET) {
-            Some(metrics_port) => Ok(Some(format!("{host}:{metrics_port}"))),
-            None => bail!(
-                "listen port {port} leaves no room for the default metrics port (+{METRICS_PORT_OFFSET}); \
-                 set metrics_listen (or `off`)"
-            ),
+        None if port == 0 => Ok(format!("{host}:0")),
+        None => match port.checked_add(offset) {
+            Some(own_port) => Ok(format!("{host}:{own_port}")),
+            None => bail!("listen port {port} leaves no room for the default {key} port (+{offset}); set {key}"),
         },
     }
 }
 
-/// What `resolve` gives `serve`: the node's config, where to listen (gRPC, then metrics), the
-/// shutdown grace period.
-type Resolved = (BrokerConfig, String, Option<String>, Duration);
+/// Where the `/metrics` listener goes: `setting` if given (`off` for none), else the gRPC listen
+/// address with its port + [`METRICS_PORT_OFFSET`].
+fn metrics_listen(setting: Option<String>, listen: &str) -> anyhow::Result<Option<String>> {
+    match setting.as_deref().map(str::trim) {
+        Some("off") => Ok(None),
+        setting => beside(setting, listen, METRICS_PORT_OFFSET, "metrics_listen").map(Some),
+    }
+}
+
+/// Where a node listens: clients, peers, metrics (if on); and its TLS files (`None`: insecure).
+struct Listen {
+    client: String,
+    peer: String,
+    metrics: Option<String>,
+    tls: Option<TlsFiles>,
+}
+
+/// A node's TLS files.
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+/// TLS on, from all three files, or off only when asked for (`insecure`); anything between is
+/// refused, so that a typo never leaves a node in plaintext.
+fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    insecure: bool,
+) -> anyhow::Result<Option<TlsFiles>> {
+    match (cert, key, ca, insecure) {
+        (Some(cert), Some(key), Some(ca), false) => Ok(Some(TlsFiles { cert, key, ca })),
+        (None, None, None, true) => Ok(None),
+        (Some(_), Some(_), Some(_), true) => {
+            bail!("TLS files are set and so is insecure: choose one (remove insecure to serve TLS)")
+        }
+        (None, None, None, false) => bail!(
+            "no TLS configured: set tls_cert_file, tls_key_file and tls_ca_file (`keel cert` makes them; `keel dev` \
+             does it for you), or set insecure = true (--insecure) to serve plaintext for development"
+        ),
+        (cert, key, ca, _) => {
+            let missing: Vec<&str> =
+                [("tls_cert_file", cert.is_none()), ("tls_key_file", key.is_none()), ("tls_ca_file", ca.is_none())]
+                    .into_iter()
+                    .filter_map(|(name, missing)| missing.then_some(name))
+                    .collect();
+            bail!("TLS is half-configured: {} missing (all three files, or none with insecure)", missing.join(", "))
+        }
+    }
+}
+
+/// What `resolve` gives `serve`: the node's config, where to listen, the shutdown grace period.
+type Resolved = (BrokerConfig, Listen, Duration);
 
 /// Merges file, environment and flags into a node's config.
 fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
@@ -191,9 +281,12 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     }
     let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:9092".into());
     let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.clone());
+    let peer_listen =
+        beside(args.peer_listen.or(file.peer_listen).as_deref(), &listen, PEER_PORT_OFFSET, "peer_listen")?;
+    let peer_advertise = args.peer_advertise.or(file.peer_advertise).unwrap_or_else(|| peer_listen.clone());
     let voters = match args.voters.or(file.voters) {
         Some(v) => parse_voters(&v)?,
-        None => BTreeMap::from([(node_id, advertise.clone())]),
+        None => BTreeMap::from([(node_id, peer_advertise.clone())]),
     };
     let metrics = metrics_listen(args.metrics_listen.or(file.metrics_listen), &listen)?;
     let data_dir =
@@ -281,6 +374,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     let config = BrokerConfig {
         node_id,
         advertised_addr: advertise,
+        peer_addr: peer_advertise,
         data_dir,
         voters,
         timings,
@@ -295,22 +389,79 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         // A secret, unlike the seed: from the OS's random source.
         new_node_key: rand::random(),
         admit_new_nodes: file.admit_new_nodes.unwrap_or(false),
+        auth: keel_broker::AuthSettings {
+            tokens_file: args.tokens_file.or(file.tokens_file),
+            superusers: args
+                .superusers
+                .or(file.superusers)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.trim().trim_start_matches("User:").to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        },
     };
-    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let grace = Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000));
-    Ok((config, listen, metrics, grace))
+    let tls = tls_files(
+        args.tls_cert_file.or(file.tls_cert_file),
+        args.tls_key_file.or(file.tls_key_file),
+        args.tls_ca_file.or(file.tls_ca_file),
+        args.insecure || file.insecure.unwrap_or(false),
+    )?;
+    Ok((config, Listen { client: listen, peer: peer_listen, metrics, tls }, grace))
+}
+
+/// Binds `addr`; a port 0 in `advertised` (the default when the listen port is 0) becomes the
+/// port bound.
+async fn bind(addr: &str, what: &str, advertised: &mut String) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for {what} on {addr}"))?;
+    if let (Ok((host, 0)), Ok(bound)) = (split_addr(advertised), listener.local_addr()) {
+        *advertised = format!("{host}:{}", bound.port());
+    }
+    Ok(listener)
 }
 
 /// Runs a node until Ctrl-C / SIGTERM, or until it must stop.
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let (config, listen, metrics, grace) = resolve(args)?;
+    let (config, listen, grace) = resolve(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    runtime.block_on(serve(config, listen, metrics, grace))
+    runtime.block_on(serve(config, listen, grace))
 }
 
-async fn serve(config: BrokerConfig, listen: String, metrics: Option<String>, grace: Duration) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+async fn serve(mut config: BrokerConfig, listen: Listen, grace: Duration) -> anyhow::Result<()> {
     // Bound before the node starts, so that a taken port stops it before it joins the cluster.
+    let listener = bind(&listen.client, "clients", &mut config.advertised_addr).await?;
+    let unbound_peer = config.peer_addr.clone();
+    let peer_listener = bind(&listen.peer, "peers (peer_listen)", &mut config.peer_addr).await?;
+    if config.voters.get(&config.node_id) == Some(&unbound_peer) {
+        // The default voter list (this node alone) names the port actually bound.
+        config.voters.insert(config.node_id, config.peer_addr.clone());
+    }
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (connector, acceptors) = match &listen.tls {
+        Some(files) => {
+            let (connector, acceptors) = tls_setup(files, config.node_id)?;
+            (connector, Some(acceptors))
+        }
+        None => {
+            warn!(
+                "serving WITHOUT TLS (insecure): anyone who reaches the peer port can speak for a node; development only"
+            );
+            if config.auth.tokens_file.is_some() {
+                warn!("client tokens travel in plaintext (insecure)");
+            }
+            (TcpConnector::default(), None)
+        }
+    };
+    if let Some(tokens) = &config.auth.tokens_file {
+        info!(tokens = %tokens.display(), superusers = ?config.auth.superusers, "clients must authenticate; ACLs apply");
+    }
+    let (client_tls, peer_tls) = match acceptors {
+        Some((client, peer)) => (Some(client), Some(peer)),
+        None => (None, None),
+    };
+    let (metrics, listen) = (listen.metrics, listen.client);
     let metrics_listener = match &metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -321,17 +472,18 @@ async fn serve(config: BrokerConfig, listen: String, metrics: Option<String>, gr
     };
     let node_id = config.node_id;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let broker = Broker::start(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), clock)
+    let broker = Broker::start(config, Arc::new(FileDisk::new()), Arc::new(connector), clock)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let routes = broker.router().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let peer = broker.peer_addr().to_owned();
     match metrics_listener {
         Some(metrics_listener) => {
             let addr = metrics_listener.local_addr().context("the metrics listener's address")?;
             broker.serve_metrics(metrics_listener);
-            info!(node = node_id, %listen, metrics = %format!("http://{addr}/metrics"), "serving");
+            info!(node = node_id, %listen, %peer, metrics = %format!("http://{addr}/metrics"), "serving");
         }
-        None => info!(node = node_id, %listen, "serving; metrics are off"),
+        None => info!(node = node_id, %listen, %peer, "serving; metrics are off"),
     }
     // How long open requests may still run once the node stops: the grace period after a
     // signal, nothing after a fatal error (a node that cannot go on must not answer anything).
@@ -380,18 +532,19 @@ async fn serve(config: BrokerConfig, listen: String, metrics: Option<String>, gr
             tokio::time::sleep(allowed).await;
         }
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let incoming = {
+    let incoming = |listener: tokio::net::TcpListener, tls: Option<keel_broker::tls::TlsAcceptor>| {
         let broker = broker.clone();
-        futures_util::StreamExt::map(incoming, move |accepted| {
-            accepted.map(|stream| Counted { stream, _open: broker.connection_opened() })
-        })
+        keel_broker::tls::incoming(listener, tls, move || broker.connection_opened())
     };
-    let server = broker.server().add_routes(routes).serve_with_incoming_shutdown(incoming, stop);
+    // The peer listener stops with the client one: the same shutdown, shared.
+    let stop = futures_util::FutureExt::shared(Box::pin(stop));
+    let server =
+        broker.server().add_routes(routes).serve_with_incoming_shutdown(incoming(listener, client_tls), stop.clone());
+    let peer_server = broker.peer_server().serve_with_incoming_shutdown(incoming(peer_listener, peer_tls), stop);
     // A graceful stop waits for every open request, and a consumer's Subscribe stream never
     // ends by itself: past the grace period, dropping the server closes what is left.
     tokio::select! {
-        served = server => served.context("serving gRPC")?,
+        served = async { tokio::try_join!(server, peer_server) } => { served.context("serving gRPC")?; }
         _ = deadline => warn!("requests still open after the grace period; closing their connections"),
     }
     broker.shutdown().await;
@@ -401,65 +554,33 @@ async fn serve(config: BrokerConfig, listen: String, metrics: Option<String>, gr
     Ok(())
 }
 
-/// A gRPC connection (client or peer), counted in `keel_connections` while it is open.
-struct Counted {
-    stream: tokio::net::TcpStream,
-    _open: keel_broker::metrics::GaugeGuard,
-}
-
-impl tonic::transport::server::Connected for Counted {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    // The peer address, as for a bare TcpStream: Subscribe limits streams per connection by it.
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+/// TLS from a node's files: the connector it dials peers with (its certificate as client
+/// identity), and the acceptors of its client listener (client certificates optional) and peer
+/// listener (a node certificate required). The certificate must be this node's.
+fn tls_setup(
+    files: &TlsFiles,
+    node_id: u64,
+) -> anyhow::Result<(TcpConnector, (keel_broker::tls::TlsAcceptor, keel_broker::tls::TlsAcceptor))> {
+    use keel_broker::tls::{ClientCerts, Principal, acceptor, principal_of};
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let (cert, key, ca) = (read(&files.cert)?, read(&files.key)?, read(&files.ca)?);
+    let leaf = keel_broker::tls::first_cert_der(&cert)
+        .with_context(|| format!("{}: no PEM certificate", files.cert.display()))?;
+    match principal_of(&leaf) {
+        Some(Principal::Node(id)) if id == node_id => {}
+        other => bail!(
+            "{} is not node {node_id}'s certificate (it names {other:?}; a node certificate carries the URI SAN \
+             keel://node/{node_id}: `keel cert node --id {node_id}`)",
+            files.cert.display()
+        ),
     }
-}
-
-impl tokio::io::AsyncRead for Counted {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Counted {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+    let client = acceptor(&files.cert, &files.key, &files.ca, ClientCerts::Optional)?;
+    let peer = acceptor(&files.cert, &files.key, &files.ca, ClientCerts::Required)?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    info!(cert = %files.cert.display(), ca = %files.ca.display(), "TLS on both listeners; peers need a node certificate");
+    Ok((TcpConnector { tls: Some(tls), ..TcpConnector::default() }, (client, peer)))
 }
 
 #[cfg(test)]

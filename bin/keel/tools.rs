@@ -24,12 +24,44 @@ pub struct Connection {
     // Global, so that it may also follow a subcommand (`keel group describe G --bootstrap …`).
     #[arg(long, global = true, env = "KEEL_BOOTSTRAP", default_value = "127.0.0.1:9091,127.0.0.1:9092,127.0.0.1:9093")]
     pub bootstrap: String,
+    /// The CA the brokers' certificates chain to (PEM): set, the client speaks TLS (`keel dev`
+    /// prints it).
+    #[arg(long, global = true, env = "KEEL_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate to present (PEM); its common name is the principal.
+    #[arg(long, global = true, env = "KEEL_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The key of --cert-file (PEM).
+    #[arg(long, global = true, env = "KEEL_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// A bearer token (`keel token create`; `keel dev` prints one).
+    #[arg(long, global = true, env = "KEEL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 impl Connection {
     /// The client settings for this cluster.
     pub fn config(&self) -> anyhow::Result<ClientConfig> {
-        Ok(ClientConfig::from_bootstrap(&self.bootstrap)?.with_seed(crate::clock::entropy()))
+        let config = ClientConfig::from_bootstrap(&self.bootstrap)?.with_seed(crate::clock::entropy());
+        let config = match self.tls()? {
+            Some(tls) => config.with_tls(&tls),
+            None => config,
+        };
+        Ok(match &self.token {
+            Some(token) => config.with_token(token.trim()),
+            None => config,
+        })
+    }
+
+    /// The TLS settings, if a CA file is given.
+    pub fn tls(&self) -> anyhow::Result<Option<keel_client::Tls>> {
+        match &self.ca_file {
+            Some(ca) => {
+                Ok(Some(keel_client::Tls::from_files(ca, self.cert_file.as_deref(), self.key_file.as_deref())?))
+            }
+            None if self.cert_file.is_some() => anyhow::bail!("--cert-file needs --ca-file (KEEL_CA_FILE)"),
+            None => Ok(None),
+        }
     }
 }
 

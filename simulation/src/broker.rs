@@ -38,7 +38,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checker::{self, HighWatermarks, Op, Outcome};
 use crate::nemesis::{NORMAL_LATENCY_MAX, Nemesis, Target, host_name};
-use crate::net::{PORT, TurmoilConnector, incoming};
+use crate::net::{PEER_PORT, PORT, TurmoilConnector, incoming};
 
 /// Metadata voters; a five-node run has two more brokers that follow the metadata from them.
 const VOTERS: u64 = 3;
@@ -199,12 +199,13 @@ pub(crate) fn log(state: &Shared, line: String) {
 
 pub(crate) fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
     // Every node knows the voters; the others find the rest through the metadata.
-    let addr = |id: NodeId| format!("{}:{PORT}", host_name(id));
+    let peer_addr = |id: NodeId| format!("{}:{PEER_PORT}", host_name(id));
     BrokerConfig {
         node_id: id,
-        advertised_addr: addr(id),
+        advertised_addr: format!("{}:{PORT}", host_name(id)),
+        peer_addr: peer_addr(id),
         data_dir: PathBuf::from(DATA_DIR),
-        voters: (1..=VOTERS).map(|id| (id, addr(id))).collect(),
+        voters: (1..=VOTERS).map(|id| (id, peer_addr(id))).collect(),
         timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 300, election_max_ms: 600 },
         // Small segments, so that runs roll them; preallocation steps no larger than a segment.
         log: keel_storage::LogConfig {
@@ -235,6 +236,7 @@ pub(crate) fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         new_node_key: keel_broker::node_key_from_seed(seed ^ id),
         // The five-node seeds run two brokers beyond the three voters.
         admit_new_nodes: true,
+        auth: Default::default(),
     }
 }
 
@@ -250,6 +252,7 @@ pub(crate) async fn broker_main(
     skew: Arc<AtomicI64>,
 ) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+    let peer_listener = turmoil::net::TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
     let id = config.node_id;
     let storage = StorageMode { io: IoMode::Inline, faults, coordinator };
     let broker = Broker::start_with(
@@ -263,6 +266,13 @@ pub(crate) async fn broker_main(
     let routes = broker.router()?;
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(incoming(listener)).await;
+    });
+    // The production peer gate, on the same bare server as the client services.
+    let peers = tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(keel_broker::tls::PeerGate))
+        .add_routes(broker.peer_router());
+    tokio::spawn(async move {
+        let _ = peers.serve_with_incoming(incoming(peer_listener)).await;
     });
     registry.borrow_mut().insert(id, (boot, broker));
     // The host lives until the simulation crashes it.

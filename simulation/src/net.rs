@@ -10,8 +10,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// The port every simulated node serves gRPC on.
+/// The port every simulated node serves its client gRPC services on.
 pub const PORT: u16 = 9000;
+
+/// The port of every simulated node's peer listener (raft, the controller, forwarded calls).
+pub const PEER_PORT: u16 = 10000;
 
 /// How long a dial may take. Simulated TCP answers a connect in one round trip, or never (a
 /// partition), so this only bounds how long a call waits on a cut link before it fails.
@@ -58,12 +61,18 @@ impl keel_client::Connect for TurmoilConnector {
     }
 }
 
-/// An accepted simulated connection, as tonic's server wants it.
-pub struct Accepted(turmoil::net::TcpStream);
+/// An accepted simulated connection, as tonic's server wants it, with the node of the host
+/// that dialled (`nN`), if it is one.
+pub struct Accepted(turmoil::net::TcpStream, Option<u64>);
 
+/// What a simulated connection proves: turmoil's streams carry no TLS, so the dialling host's
+/// name stands in for a node certificate, and the peer gate and the raft and RegisterNode
+/// claim checks run as they do over mTLS.
 impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = keel_broker::tls::ConnInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        keel_broker::tls::ConnInfo::simulated(self.1)
+    }
 }
 
 impl AsyncRead for Accepted {
@@ -89,7 +98,11 @@ pub fn incoming(
     listener: turmoil::net::TcpListener,
 ) -> impl futures_util::Stream<Item = Result<Accepted, std::io::Error>> {
     futures_util::stream::unfold(listener, |listener| async move {
-        let next = listener.accept().await.map(|(s, _)| Accepted(s));
+        let next = listener.accept().await.map(|(s, from)| {
+            let node = turmoil::reverse_lookup(from.ip())
+                .and_then(|host| host.strip_prefix('n').and_then(|id| id.parse().ok()));
+            Accepted(s, node)
+        });
         Some((next, listener))
     })
 }

@@ -15,6 +15,8 @@ use keel_client::{Admin, ClientConfig};
 pub struct Node {
     pub id: u64,
     pub addr: String,
+    /// The peer listener (raft, the controller, forwarded calls).
+    pub peer_addr: String,
     /// The `/metrics` listener (a free port of its own: the default, gRPC port + 100, could be
     /// taken on a shared machine).
     pub metrics_addr: String,
@@ -28,6 +30,19 @@ pub struct Node {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
+    /// With TLS on: the directory of its CA and certificates (`keel cert`), and what a client
+    /// needs.
+    pub tls: Option<(PathBuf, keel_client::Tls)>,
+    /// With authentication on: each principal's token (`admin` is a superuser, the default
+    /// client's identity).
+    pub tokens: std::collections::BTreeMap<String, String>,
+}
+
+/// Runs `keel <args>` to its end; panics if it fails.
+pub fn keel(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel")).args(args).output().unwrap();
+    assert!(out.status.success(), "keel {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A free port on `ip` (the port is released before the node binds it; tests on one machine
@@ -38,19 +53,38 @@ fn free_port(ip: &str) -> u16 {
 }
 
 impl Cluster {
-    /// Starts `n` nodes (all metadata voters) and waits until every one is healthy. `first_ip`
-    /// picks the loopback addresses (127.0.0.first_ip …), so tests running at once never collide.
+    /// Starts `n` nodes (all metadata voters, plaintext: `insecure`) and waits until every one
+    /// is healthy. `first_ip` picks the loopback addresses (127.0.0.first_ip …), so tests running
+    /// at once never collide.
     pub async fn start(n: u64, first_ip: u8) -> Cluster {
+        Cluster::start_with(n, first_ip, false, &[]).await
+    }
+
+    /// [`Cluster::start`] with TLS on both listeners: a CA and node certificates made by
+    /// `keel cert` in the cluster's directory (`tls/`).
+    pub async fn start_tls(n: u64, first_ip: u8) -> Cluster {
+        Cluster::start_with(n, first_ip, true, &[]).await
+    }
+
+    /// [`Cluster::start_tls`] with client authentication: a tokens file with a token for
+    /// `admin` (a superuser) and for each of `principals`.
+    pub async fn start_auth(n: u64, first_ip: u8, principals: &[&str]) -> Cluster {
+        Cluster::start_with(n, first_ip, true, principals).await
+    }
+
+    async fn start_with(n: u64, first_ip: u8, tls: bool, principals: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for i in 0..n {
             let ip = format!("127.0.0.{}", u64::from(first_ip) + i);
             let addr = format!("{ip}:{}", free_port(&ip));
+            let peer_addr = format!("{ip}:{}", free_port(&ip));
             let metrics_addr = format!("{ip}:{}", free_port(&ip));
             let id = i + 1;
             nodes.push(Node {
                 id,
                 addr,
+                peer_addr,
                 metrics_addr,
                 data_dir: dir.path().join(format!("node-{id}")),
                 config: dir.path().join(format!("node-{id}.toml")),
@@ -58,21 +92,54 @@ impl Cluster {
                 child: None,
             });
         }
-        let voters = nodes.iter().map(|n| format!("{}@{}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+        let voters = nodes.iter().map(|n| format!("{}@{}", n.id, n.peer_addr)).collect::<Vec<_>>().join(",");
+        let tls_dir = dir.path().join("tls");
+        let tls_dir_text = tls_dir.display().to_string();
+        let tokens_file = tls_dir.join("tokens");
+        let mut tokens = std::collections::BTreeMap::new();
+        if tls {
+            keel(&["cert", "ca", "--dir", &tls_dir_text]);
+            if !principals.is_empty() {
+                for name in std::iter::once("admin").chain(principals.iter().copied()) {
+                    let token = keel(&["token", "create", name, "--file", &tokens_file.display().to_string()]);
+                    tokens.insert(name.to_owned(), token.trim().to_owned());
+                }
+            }
+        }
         for node in &nodes {
+            let security = if tls {
+                let ip = node.addr.rsplit_once(':').unwrap().0;
+                keel(&["cert", "node", "--id", &node.id.to_string(), "--hosts", ip, "--dir", &tls_dir_text]);
+                let auth = if tokens.is_empty() {
+                    String::new()
+                } else {
+                    format!("tokens_file = \"{tls_dir_text}/tokens\"\nsuperusers = [\"admin\"]\n")
+                };
+                format!(
+                    "tls_cert_file = \"{0}/node-{1}.pem\"\ntls_key_file = \"{0}/node-{1}.key\"\ntls_ca_file = \"{0}/ca.pem\"\n{auth}",
+                    tls_dir_text, node.id
+                )
+            } else {
+                "insecure = true\n".to_owned()
+            };
             // The config file path is part of what is tested: flags only name the file.
             let toml = format!(
-                "node_id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\nvoters = \"{voters}\"\ndata_dir = \"{}\"\n\
+                "node_id = {}\nlisten = \"{}\"\npeer_listen = \"{}\"\nmetrics_listen = \"{}\"\nvoters = \"{voters}\"\ndata_dir = \"{}\"\n\
                  heartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nappend_timeout_ms = 5000\n\
                  segment_bytes_max = 4194304\nshutdown_grace_ms = 1000\n",
                 node.id,
                 node.addr,
+                node.peer_addr,
                 node.metrics_addr,
                 node.data_dir.display()
             );
-            std::fs::write(&node.config, toml).unwrap();
+            std::fs::write(&node.config, toml + &security).unwrap();
         }
-        let mut cluster = Cluster { dir, nodes };
+        let tls = tls.then(|| {
+            let client = keel_client::Tls::from_files(&tls_dir.join("ca.pem"), None, None).unwrap();
+            (tls_dir, client)
+        });
+        let mut cluster = Cluster { dir, nodes, tls, tokens };
         for i in 0..n as usize {
             cluster.spawn(i);
         }
@@ -147,7 +214,7 @@ impl Cluster {
                 if let Some(status) = child.try_wait().unwrap() {
                     panic!("node {} exited ({status}):\n{}", node.id, std::fs::read_to_string(&node.log).unwrap());
                 }
-                if serving(&node.addr).await {
+                if serving_with(&node.addr, self.tls.as_ref().map(|(_, t)| t)).await {
                     break;
                 }
                 assert!(std::time::Instant::now() < deadline, "node {} not healthy in time", node.id);
@@ -163,7 +230,20 @@ impl Cluster {
 
     /// Client settings for this cluster.
     pub fn client(&self, seed: u64) -> ClientConfig {
-        ClientConfig::from_bootstrap(&self.bootstrap()).unwrap().with_seed(seed)
+        self.client_as("admin", seed)
+    }
+
+    /// Client settings with `principal`'s token (when the cluster has tokens).
+    pub fn client_as(&self, principal: &str, seed: u64) -> ClientConfig {
+        let config = ClientConfig::from_bootstrap(&self.bootstrap()).unwrap().with_seed(seed);
+        let config = match &self.tls {
+            Some((_, tls)) => config.with_tls(tls),
+            None => config,
+        };
+        match self.tokens.get(principal) {
+            Some(token) => config.with_token(token),
+            None => config,
+        }
     }
 
     /// An admin client.
@@ -185,8 +265,17 @@ impl Drop for Cluster {
 
 /// Whether the node at `addr` answers SERVING on grpc.health.v1 within a second.
 pub async fn serving(addr: &str) -> bool {
+    serving_with(addr, None).await
+}
+
+/// [`serving`], over TLS when `tls` is given.
+pub async fn serving_with(addr: &str, tls: Option<&keel_client::Tls>) -> bool {
     use tonic_health::pb::health_client::HealthClient;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")).unwrap();
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client_config()).unwrap();
+    }
     let probe = async {
         let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect().await.ok()?;
         let request = tonic_health::pb::HealthCheckRequest { service: String::new() };

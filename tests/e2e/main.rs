@@ -11,5 +11,6 @@ mod t20_e2e_restart;
 mod t30_e2e_abuse;
 mod t30_e2e_catch_up;
 mod t30_e2e_groups;
+mod t30_e2e_tls;
 mod t40_e2e_retry;
 mod t50_e2e_delayed;

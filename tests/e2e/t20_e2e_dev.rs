@@ -22,13 +22,13 @@ use serde_json::Value;
 const IP: &str = "127.0.0.50";
 
 /// A port P with P, P+1 and P+2 free on `IP` (`keel dev` puts node N on port + N - 1), and the
-/// same 100 above (node N's metrics listener, by default).
+/// same 100 above (node N's metrics listener, by default) and 1000 above (its peer listener).
 fn free_ports() -> u16 {
     for _ in 0..100 {
         let first = std::net::TcpListener::bind((IP, 0)).unwrap();
         let port = first.local_addr().unwrap().port();
         let free = |p: u16| std::net::TcpListener::bind((IP, p)).is_ok();
-        if port <= u16::MAX - 102 && [1, 2, 100, 101, 102].iter().all(|d| free(port + d)) {
+        if port <= u16::MAX - 1002 && [1, 2, 100, 101, 102, 1000, 1001, 1002].iter().all(|d| free(port + d)) {
             return port;
         }
     }
@@ -165,6 +165,38 @@ async fn a_killed_node_is_reported_and_restarted_while_the_others_serve() {
     let printed = std::fs::read_to_string(&supervisor.stdout).unwrap();
     assert!(printed.contains("dev kill 2") && printed.contains("dev restart 2"), "{printed}");
     eprintln!("cluster up after {:?}", started.elapsed());
+    // The quick start: the printed export lines are all a client needs (TLS and a token).
+    let exports: Vec<(String, String)> = printed
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let names: Vec<&str> = exports.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["KEEL_BOOTSTRAP", "KEEL_CA_FILE", "KEEL_TOKEN"], "{printed}");
+    let cli = |args: &[&str], stdin: &str, exported: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command.args(args).env_remove("KEEL_CA_FILE").env_remove("KEEL_TOKEN").stdin(Stdio::piped());
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in exports.iter().filter(|(k, _)| exported || k == "KEEL_BOOTSTRAP") {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let created = cli(&["topic", "create", "orders", "-p", "1", "-r", "3"], "", true);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let produced = cli(&["produce", "orders"], "a\nb\n", true);
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    let consumed = cli(&["consume", "orders", "--from", "beginning", "-n", "2", "--format", "value"], "", true);
+    assert_eq!(text(&consumed.stdout), "a\nb\n", "{}", text(&consumed.stderr));
+    assert!(!cli(&["topic", "list"], "", false).status.success(), "a client without the exports got in");
+    let ca = keel_client::Tls::from_files(&dir.join("tls").join("ca.pem"), None, None).unwrap();
+    let serving = |addr: String| {
+        let ca = ca.clone();
+        async move { common::serving_with(&addr, Some(&ca)).await }
+    };
 
     // A second supervisor on the same directory is refused, and disturbs nothing.
     let out = keel_dev(&dir, &["--nodes", "3", "--ip", IP, "--port", &port.to_string()], Duration::from_secs(20));
@@ -190,9 +222,9 @@ async fn a_killed_node_is_reported_and_restarted_while_the_others_serve() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     supervisor.assert_running();
     for i in [0, 2] {
-        assert!(common::serving(&addrs[i]).await, "node {} serves {:?} after node 2 died", i + 1, killed_at.elapsed());
+        assert!(serving(addrs[i].clone()).await, "node {} serves {:?} after node 2 died", i + 1, killed_at.elapsed());
     }
-    assert!(!common::serving(&addrs[1]).await);
+    assert!(!serving(addrs[1].clone()).await);
     let nodes = status(&dir);
     assert_eq!(nodes[1]["state"], "exited");
     assert_eq!(nodes[1]["last_exit_signal"], 9);
@@ -205,7 +237,7 @@ async fn a_killed_node_is_reported_and_restarted_while_the_others_serve() {
     assert!(out.status.success(), "keel dev restart: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains("node 2 is back"), "{}", text(&out.stdout));
     eprintln!("node 2 restarted in {:?}", restart_at.elapsed());
-    assert!(common::serving(&addrs[1]).await, "node 2 serves after its restart");
+    assert!(serving(addrs[1].clone()).await, "node 2 serves after its restart");
     let nodes = status(&dir);
     assert!(nodes.iter().all(|n| n["state"] == "running" && n["serving"] == true), "{nodes:?}");
     assert_eq!(nodes[1]["restarts"], 1);
@@ -239,7 +271,7 @@ async fn a_killed_node_is_reported_and_restarted_while_the_others_serve() {
         std::thread::sleep(Duration::from_millis(50));
     }
     for addr in &addrs {
-        assert!(!common::serving(addr).await, "{addr} still serves");
+        assert!(!serving(addr.clone()).await, "{addr} still serves");
     }
     assert!(!dir.join("control.sock").exists(), "the supervisor removes its socket");
     eprintln!("test took {:?}", started.elapsed());

@@ -96,7 +96,7 @@ async fn topics_offsets_and_data_survive_a_full_restart() {
     cluster.kill(1);
     let node = &cluster.nodes[0];
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["server", "--node-id", "7", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["server", "--node-id", "7", "--listen", "127.0.0.1:0", "--insecure", "--data-dir"])
         .arg(&node.data_dir)
         .env_remove("KEEL_CONFIG")
         .output()

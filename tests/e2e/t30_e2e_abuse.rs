@@ -250,11 +250,11 @@ async fn keel_audit_reports_duplicates_and_retries_are_not_written() {
     assert_eq!(producer["duplicates"], 1, "{report}");
 }
 
-/// Anyone who reaches a node's port may call RegisterNode (the controller service shares the
-/// client port until peers get a listener of their own): a forged registration of an existing
-/// node id, which would point the cluster's traffic for that node at the forger, is refused
-/// without its data dir's key, as is an id the controller was not told to admit, and no address
-/// changes. The real node, restarted, registers with its key as before.
+/// The client port serves no peer service: raft, Controller and NodeStatus answer UNIMPLEMENTED
+/// there. On the peer port (reachable by anyone while the cluster runs without mTLS), a forged
+/// registration of an existing node id, which would point the cluster's traffic for that node at
+/// the forger, is refused without its data dir's key, as is an id the controller was not told to
+/// admit, and no address changes. The real node, restarted, registers with its key as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_registration_is_refused_and_moves_nothing() {
     let mut cluster = common::Cluster::start(3, 50).await;
@@ -266,15 +266,28 @@ async fn a_forged_registration_is_refused_and_moves_nothing() {
         nodes
     };
     assert_eq!(addresses(&before).len(), 3);
+    let forge = |node_id: u64| pb::RegisterNodeRequest {
+        node_id,
+        addr: "127.0.0.1:1".into(),
+        cluster_id: before.cluster_id.clone(),
+        node_key: vec![0x5a; 32].into(),
+        peer_addr: "127.0.0.1:2".into(),
+    };
     for node in &cluster.nodes {
         let channel = Channel::from_shared(format!("http://{}", node.addr)).unwrap().connect().await.unwrap();
+        let mut raft = pb::raft_client::RaftClient::new(channel.clone());
+        let vote = pb::VoteRequest { group_id: 0, ..Default::default() };
+        let refused = raft.vote(vote).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unimplemented, "raft on the client port of node {}: {refused:?}", node.id);
+        let mut controller = pb::controller_client::ControllerClient::new(channel.clone());
+        let refused = controller.register_node(forge(2)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unimplemented, "the controller on the client port: {refused:?}");
+        let mut status = pb::node_status_client::NodeStatusClient::new(channel);
+        let refused = status.local_status(pb::LocalStatusRequest {}).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unimplemented, "NodeStatus on the client port: {refused:?}");
+
+        let channel = Channel::from_shared(format!("http://{}", node.peer_addr)).unwrap().connect().await.unwrap();
         let mut controller = pb::controller_client::ControllerClient::new(channel);
-        let forge = |node_id: u64| pb::RegisterNodeRequest {
-            node_id,
-            addr: "127.0.0.1:1".into(),
-            cluster_id: before.cluster_id.clone(),
-            node_key: vec![0x5a; 32].into(),
-        };
         for (node_id, what) in [(2, "an existing node"), (9, "an unknown node")] {
             let refused = controller.register_node(forge(node_id)).await.unwrap_err();
             assert_eq!(refused.code(), Code::PermissionDenied, "{what} via node {}: {refused:?}", node.id);

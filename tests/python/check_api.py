@@ -4,6 +4,7 @@ grpcio-tools and creates a topic, produces and consumes against a running cluste
 
     pip install grpcio grpcio-tools
     keel dev &                                  # or any running cluster
+    export KEEL_CA_FILE=… KEEL_TOKEN=…          # as keel dev prints them (TLS and a token)
     python3 tests/python/check_api.py 127.0.0.1:9091
 """
 
@@ -15,6 +16,19 @@ import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def open_channel(grpc, addr):
+    """A channel to `addr`: TLS trusting KEEL_CA_FILE when it is set (as `keel dev` prints it),
+    with KEEL_TOKEN as the bearer token of every call; plaintext otherwise."""
+    ca_file, token = os.environ.get("KEEL_CA_FILE"), os.environ.get("KEEL_TOKEN")
+    if not ca_file:
+        return grpc.insecure_channel(addr)
+    with open(ca_file, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(addr, credentials)
 
 
 def generate(out):
@@ -38,7 +52,7 @@ def main():
         import grpc
         from keel.v1 import keel_pb2 as pb, keel_pb2_grpc as rpc
 
-        channel = grpc.insecure_channel(addr)
+        channel = open_channel(grpc, addr)
         admin, producer, consumer = rpc.AdminStub(channel), rpc.ProducerStub(channel), rpc.ConsumerStub(channel)
         topic = "py-" + uuid.uuid4().hex[:8]
         created = admin.CreateTopic(pb.CreateTopicRequest(name=topic, partitions=2, replication_factor=0), timeout=30)

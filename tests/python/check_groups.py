@@ -91,6 +91,19 @@ def refusal(error):
     return Refusal(error, None, {})
 
 
+def open_channel(grpc, addr):
+    """A channel to `addr`: TLS trusting KEEL_CA_FILE when it is set (as `keel dev` prints it),
+    with KEEL_TOKEN as the bearer token of every call; plaintext otherwise."""
+    ca_file, token = os.environ.get("KEEL_CA_FILE"), os.environ.get("KEEL_TOKEN")
+    if not ca_file:
+        return grpc.insecure_channel(addr)
+    with open(ca_file, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(addr, credentials)
+
+
 class Cluster:
     """Channels per node address, opened on first use."""
 
@@ -99,7 +112,7 @@ class Cluster:
 
     def stub(self, addr, kind):
         if addr not in self.channels:
-            self.channels[addr] = self.grpc.insecure_channel(addr)
+            self.channels[addr] = open_channel(self.grpc, addr)
         return getattr(self.rpc, kind + "Stub")(self.channels[addr])
 
 

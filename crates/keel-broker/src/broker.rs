@@ -118,6 +118,10 @@ pub(crate) struct Inner {
     producer_ids: ProducerIds,
     /// The node's Prometheus series (`/metrics`).
     pub(crate) metrics: Arc<Metrics>,
+    /// The tokens file, when client authentication is on.
+    pub(crate) tokens: Option<Arc<crate::auth::Tokens>>,
+    /// When each principal's last denial was logged (at most one line per second each).
+    pub(crate) denials_logged: Mutex<BTreeMap<String, tokio::time::Instant>>,
 }
 
 /// How a node's partitions do their disk work, and bugs injected for negative controls. The
@@ -164,7 +168,7 @@ impl Broker {
         info!(node = config.node_id, new_dir, cluster = ?identity.cluster_id, "starting");
         let node_config = NodeConfig {
             node_id: config.node_id,
-            advertised_addr: config.advertised_addr.clone(),
+            advertised_addr: config.peer_addr.clone(),
             data_dir: config.data_dir.clone(),
             timings: config.timings,
             log: config.log.clone(),
@@ -182,6 +186,12 @@ impl Broker {
         // Before any group opens: faults and the flush observer apply to groups opened from then on.
         node.set_faults(storage.faults);
         let metrics = Arc::new(Metrics::new(config.node_id, config.limits.metrics_partition_series_max));
+        let tokens = match &config.auth.tokens_file {
+            Some(path) => {
+                Some(Arc::new(crate::auth::Tokens::load(path).map_err(|e| BrokerError::Config(e.to_string()))?))
+            }
+            None => None,
+        };
         node.set_flush_observer(Arc::clone(&metrics) as Arc<dyn keel_raft::FlushObserver>);
         for (id, addr) in &config.voters {
             node.set_peer_addr(*id, addr);
@@ -218,6 +228,8 @@ impl Broker {
             stopping: watch::channel(false).0,
             producer_ids: ProducerIds::new(),
             metrics,
+            tokens,
+            denials_logged: Mutex::new(BTreeMap::new()),
         });
         if inner.config.is_voter() {
             let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
@@ -240,6 +252,11 @@ impl Broker {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.inner.config.node_id
+    }
+
+    /// Where other nodes reach this node's peer listener.
+    pub fn peer_addr(&self) -> &str {
+        &self.inner.config.peer_addr
     }
 
     /// The raft node (groups, stores): for tests and the simulation.
@@ -385,12 +402,45 @@ impl Inner {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
     }
 
-    /// The address of a node, from the metadata or the voter list.
+    /// Where clients reach a node (what leader hints name), from the metadata.
     pub(crate) fn addr_of(&self, node: NodeId) -> Option<String> {
         if node == self.config.node_id {
             return Some(self.config.advertised_addr.clone());
         }
-        self.metadata().nodes.get(&node).map(|n| n.addr.clone()).or_else(|| self.config.voters.get(&node).cloned())
+        self.metadata().nodes.get(&node).map(|n| n.addr.clone())
+    }
+
+    /// The status of a failed append, its leader hint naming the leader's client address (raft
+    /// memberships know peer addresses).
+    pub(crate) fn append_status(&self, what: &str, e: AppendError) -> Status {
+        match e {
+            AppendError::NotLeader { leader } => {
+                not_leader(what, leader.and_then(|(id, _)| Some((id, self.addr_of(id)?))))
+            }
+            e => append_status(what, e),
+        }
+    }
+
+    /// The peer address of the leader a NOT_LEADER status names (its `leader_id`): hints carry
+    /// client addresses, and calls between nodes go to peer listeners.
+    pub(crate) fn hinted_peer(&self, status: &Status) -> Option<String> {
+        use tonic_types::StatusExt;
+        let info = status.get_details_error_info()?;
+        let leader = info.metadata.get("leader_id")?.parse().ok()?;
+        self.peer_addr_of(leader)
+    }
+
+    /// Where this node reaches another node's peer listener: every call between nodes goes
+    /// there, never to the client address.
+    pub(crate) fn peer_addr_of(&self, node: NodeId) -> Option<String> {
+        if node == self.config.node_id {
+            return Some(self.config.peer_addr.clone());
+        }
+        self.metadata()
+            .nodes
+            .get(&node)
+            .and_then(|n| n.peer_addr.clone())
+            .or_else(|| self.config.voters.get(&node).cloned())
     }
 
     /// The leader of the metadata group, as far as this node knows.
@@ -406,7 +456,7 @@ impl Inner {
     /// voter in turn.
     pub(crate) fn controller_candidates(&self) -> Vec<(NodeId, String)> {
         if let Some(leader) = self.meta_leader()
-            && let Some(addr) = self.addr_of(leader)
+            && let Some(addr) = self.peer_addr_of(leader)
         {
             return vec![(leader, addr)];
         }
@@ -431,7 +481,7 @@ impl Inner {
         }
         let mut members = BTreeMap::new();
         for id in &replicas {
-            let Some(addr) = self.addr_of(*id) else {
+            let Some(addr) = self.peer_addr_of(*id) else {
                 warn!(group, node = id, "no address for a replica; the group waits for its peers");
                 return;
             };
@@ -646,10 +696,11 @@ impl Inner {
         loop {
             let meta = self.metadata();
             let my_key = crate::config::node_key_hash(&node_key);
-            let registered = meta
-                .nodes
-                .get(&me)
-                .is_some_and(|n| n.addr == self.config.advertised_addr && n.key_hash.as_ref() == Some(&my_key));
+            let registered = meta.nodes.get(&me).is_some_and(|n| {
+                n.addr == self.config.advertised_addr
+                    && n.peer_addr.as_ref() == Some(&self.config.peer_addr)
+                    && n.key_hash.as_ref() == Some(&my_key)
+            });
             if registered && meta.cluster_id.is_some() {
                 // A restarted node replays `__meta` from its own replica (or a voter); until it
                 // has caught up with what is committed now, it would answer from old metadata
@@ -672,6 +723,7 @@ impl Inner {
                     addr: self.config.advertised_addr.clone(),
                     cluster_id: meta.cluster_id.clone().unwrap_or_default(),
                     node_key: node_key.clone(),
+                    peer_addr: self.config.peer_addr.clone(),
                 };
                 match self.register_node(request, 0).await {
                     Ok(()) => {}
@@ -710,8 +762,8 @@ impl Inner {
     /// the key it registered with (no one takes over a node's address by claiming its id); an
     /// unknown id is a metadata voter, or the controller admits new nodes.
     pub(crate) async fn register_node(&self, request: pb::RegisterNodeRequest, hops: u32) -> Result<(), Status> {
-        if request.addr.is_empty() {
-            return Err(Status::invalid_argument("a node must register with an address"));
+        if request.addr.is_empty() || request.peer_addr.is_empty() {
+            return Err(Status::invalid_argument("a node must register with a client and a peer address"));
         }
         if request.node_key.len() != NODE_KEY_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -753,7 +805,13 @@ impl Inner {
                      its address"
                 )));
             }
-            Some(known) if known.addr == request.addr && known.key_hash.is_some() => return Ok(()),
+            Some(known)
+                if known.addr == request.addr
+                    && known.peer_addr.as_ref() == Some(&request.peer_addr)
+                    && known.key_hash.is_some() =>
+            {
+                return Ok(());
+            }
             Some(_) => {}
             None if self.config.voters.contains_key(&node_id) || self.config.admit_new_nodes => {}
             None => {
@@ -763,7 +821,12 @@ impl Inner {
                 )));
             }
         }
-        let command = Command::RegisterNode { node_id, addr: request.addr.clone(), key_hash: Some(key_hash) };
+        let command = Command::RegisterNode {
+            node_id,
+            addr: request.addr.clone(),
+            peer_addr: Some(request.peer_addr.clone()),
+            key_hash: Some(key_hash),
+        };
         let offset = self.propose(&command).await?;
         match self.outcome_at(&before, offset)? {
             None => Ok(()),
@@ -1010,8 +1073,11 @@ impl Inner {
         builder
             .push(NewRecord { timestamp_ms: self.clock.now_ms(), key: None, value: Some(&value), headers: &[] })
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let appended =
-            self.node.append(META_GROUP, builder.build()).await.map_err(|e| append_status("the metadata log", e))?;
+        let appended = self
+            .node
+            .append(META_GROUP, builder.build())
+            .await
+            .map_err(|e| self.append_status("the metadata log", e))?;
         self.wait_applied(appended.next_offset).await?;
         Ok(appended.base_offset)
     }
@@ -1112,6 +1178,17 @@ impl Inner {
         self.propose(&Command::DeleteTopic { name }).await.map(|_| ())
     }
 
+    /// Adds or removes an ACL rule (controller leader only); refused rules change nothing.
+    pub(crate) async fn change_acl(&self, command: Command) -> Result<(), Status> {
+        let _turn = self.controller_turn().await?;
+        let before = self.metadata();
+        let offset = self.propose(&command).await?;
+        match self.outcome_at(&before, offset)? {
+            None => Ok(()),
+            Some(refusal) => Err(meta_status(refusal)),
+        }
+    }
+
     /// Grows a topic (controller leader only).
     pub(crate) async fn add_partitions(&self, name: String, growth: Growth) -> Result<Topic, Status> {
         let _turn = self.controller_turn().await?;
@@ -1159,8 +1236,10 @@ impl Inner {
     async fn reconcile(self: &Arc<Self>, meta: &Metadata, cleaned_upto: &mut GroupId) {
         let me = self.config.node_id;
         for (id, node) in &meta.nodes {
-            if *id != me {
-                self.node.set_peer_addr(*id, &node.addr);
+            if *id != me
+                && let Some(peer_addr) = &node.peer_addr
+            {
+                self.node.set_peer_addr(*id, peer_addr);
             }
         }
         let wanted = meta.groups_of(me);
@@ -1403,7 +1482,7 @@ impl Inner {
                 let leader = replicas.first().and_then(|id| Some((*id, self.addr_of(*id)?)));
                 Err(not_leader(&what, leader))
             }
-            Err(e) => Err(append_status(&what, e)),
+            Err(e) => Err(self.append_status(&what, e)),
         }
     }
 }
@@ -1528,12 +1607,12 @@ pub(crate) mod tests {
 
     /// [`single_node`] on the given disk.
     pub(crate) async fn single_node_on(dir: &std::path::Path, disk: Arc<dyn Disk>) -> Broker {
-        let addr = "127.0.0.1:1".to_owned();
         let config = BrokerConfig {
             node_id: 1,
-            advertised_addr: addr.clone(),
+            advertised_addr: "127.0.0.1:1".to_owned(),
+            peer_addr: "127.0.0.1:2".to_owned(),
             data_dir: dir.join("node-1"),
-            voters: BTreeMap::from([(1, addr)]),
+            voters: BTreeMap::from([(1, "127.0.0.1:2".to_owned())]),
             timings: keel_raft::RaftTimings { heartbeat_ms: 50, election_min_ms: 200, election_max_ms: 400 },
             log: LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: 1 << 20, ..LogConfig::default() },
             network: keel_raft::NetworkConfig::default(),
@@ -1545,6 +1624,7 @@ pub(crate) mod tests {
             seed: 1,
             new_node_key: crate::config::node_key_from_seed(1),
             admit_new_nodes: false,
+            auth: Default::default(),
         };
         let broker = Broker::start(config, disk, Arc::new(keel_raft::TcpConnector::default()), Arc::new(FixedClock))
             .await
@@ -1569,6 +1649,7 @@ pub(crate) mod tests {
             addr: addr.into(),
             cluster_id: cluster.into(),
             node_key: Bytes::copy_from_slice(&key),
+            peer_addr: format!("{addr}0"),
         };
         let own_key = crate::config::node_key_from_seed(1);
         let forged = inner.register_node(request(1, "attacker:1", &cluster, [0; 32]), 0).await.unwrap_err();
@@ -1584,13 +1665,21 @@ pub(crate) mod tests {
         assert_eq!(short.await.unwrap_err().code(), Code::InvalidArgument);
         assert_eq!(inner.metadata().nodes, before.nodes, "a refused registration changed the metadata");
         // Even a command that reached the log unchecked changes nothing.
-        let sneaked = Command::RegisterNode { node_id: 1, addr: "attacker:1".into(), key_hash: Some("00".repeat(32)) };
+        let sneaked = Command::RegisterNode {
+            node_id: 1,
+            addr: "attacker:1".into(),
+            peer_addr: Some("attacker:2".into()),
+            key_hash: Some("00".repeat(32)),
+        };
         let at = inner.propose(&sneaked).await.unwrap();
         assert!(matches!(inner.outcome_at(&before, at).unwrap(), Some(MetaError::Denied(_))));
         assert_eq!(inner.metadata().nodes, before.nodes);
         // The node itself moves.
         inner.register_node(request(1, "moved:1", &cluster, own_key), 0).await.unwrap();
         assert_eq!(inner.metadata().nodes[&1].addr, "moved:1");
+        assert_eq!(inner.metadata().nodes[&1].peer_addr.as_deref(), Some("moved:10"));
+        let no_peer = pb::RegisterNodeRequest { peer_addr: String::new(), ..request(1, "moved:1", &cluster, own_key) };
+        assert_eq!(inner.register_node(no_peer, 0).await.unwrap_err().code(), Code::InvalidArgument);
     }
 
     /// The controller learns whether its own allocation applied by replaying from the metadata
@@ -1605,7 +1694,10 @@ pub(crate) mod tests {
         let first = before.next_producer_id;
         let command = Command::AllocateProducerIds { first, count: 10 };
         let applied = inner.propose(&command).await.unwrap();
-        inner.propose(&Command::RegisterNode { node_id: 9, addr: "elsewhere:1".into(), key_hash: None }).await.unwrap();
+        inner
+            .propose(&Command::RegisterNode { node_id: 9, addr: "elsewhere:1".into(), peer_addr: None, key_hash: None })
+            .await
+            .unwrap();
         let repeated = inner.propose(&command).await.unwrap();
         assert_eq!(inner.metadata().next_producer_id, first + 10);
         assert_eq!(inner.outcome_at(&before, applied).unwrap(), None);

@@ -188,12 +188,15 @@ impl Default for DelayedSettings {
 pub struct BrokerConfig {
     /// This node's id (unique in the cluster).
     pub node_id: NodeId,
-    /// Where clients and peers reach this node.
+    /// Where clients reach this node.
     pub advertised_addr: String,
+    /// Where other nodes reach this node's peer listener (raft, Controller, NodeStatus and the
+    /// calls nodes forward to each other), which is never the client address.
+    pub peer_addr: String,
     /// Where its data lives.
     pub data_dir: PathBuf,
-    /// The voters of the metadata group (`id → address`): the same on every node. A node whose
-    /// id is among them hosts a replica of `__meta`; the others follow it from a voter.
+    /// The voters of the metadata group (`id → peer address`): the same on every node. A node
+    /// whose id is among them hosts a replica of `__meta`; the others follow it from a voter.
     pub voters: BTreeMap<NodeId, String>,
     /// Raft timing of every group.
     pub timings: RaftTimings,
@@ -219,6 +222,19 @@ pub struct BrokerConfig {
     /// Whether the controller registers node ids that are not metadata voters (brokers that
     /// only follow the metadata); off, an unknown id is refused.
     pub admit_new_nodes: bool,
+    /// Client authentication and authorization.
+    pub auth: AuthSettings,
+}
+
+/// Client authentication and authorization (README, "Security").
+#[derive(Debug, Clone, Default)]
+pub struct AuthSettings {
+    /// The tokens file (`NAME SHA256HEX` lines). Set, every client request needs a principal
+    /// (a token or a client certificate) and ACLs decide what it may do; unset, clients are
+    /// anonymous and unrestricted.
+    pub tokens_file: Option<PathBuf>,
+    /// Principal names (without `User:`) that pass every ACL check.
+    pub superusers: std::collections::BTreeSet<String>,
 }
 
 impl BrokerConfig {
@@ -230,15 +246,22 @@ impl BrokerConfig {
         if self.node_id == keel_raft::NOBODY || self.voters.contains_key(&keel_raft::NOBODY) {
             return Err(BrokerError::Config(format!("node id {} is reserved", keel_raft::NOBODY)));
         }
-        if self.advertised_addr.is_empty() {
-            return Err(BrokerError::Config("the advertised address must not be empty".into()));
+        if self.advertised_addr.is_empty() || self.peer_addr.is_empty() {
+            return Err(BrokerError::Config("the advertised client and peer addresses must not be empty".into()));
+        }
+        if self.advertised_addr == self.peer_addr {
+            return Err(BrokerError::Config(format!(
+                "the peer address {} is the client address: peers (raft, the controller) need a listener of \
+                 their own",
+                self.peer_addr
+            )));
         }
         if let Some(addr) = self.voters.get(&self.node_id)
-            && addr != &self.advertised_addr
+            && addr != &self.peer_addr
         {
             return Err(BrokerError::Config(format!(
-                "node {} is a voter at {addr} but advertises {}",
-                self.node_id, self.advertised_addr
+                "node {} is a voter at {addr} but its peer address is {} (voters list peer addresses)",
+                self.node_id, self.peer_addr
             )));
         }
         if self.groups.offsets_partitions == 0 || self.groups.offsets_partitions > 1_000 {

@@ -393,7 +393,7 @@ impl Inner {
             Err(status) if hops == 0 => {
                 let request = pb::ProduceRequest { deliver_at_ms: Some(deliver_at_ms), delay_ms: None, ..request };
                 return self
-                    .forward_to_timers(partition, status, request, |channel, request| async move {
+                    .forward_to_timers(partition, status, request, None, |channel, request| async move {
                         pb::producer_client::ProducerClient::new(channel).produce(request).await
                     })
                     .await;
@@ -458,6 +458,7 @@ impl Inner {
         &self,
         request: pb::CancelDelayedRequest,
         hops: u32,
+        caller: Option<crate::auth::Caller>,
     ) -> Result<pb::CancelDelayedResponse, Status> {
         self.check_serving()?;
         let Some((partition, id)) = parse_timer_id(&request.timer_id) else {
@@ -477,8 +478,13 @@ impl Inner {
         let coordinator = match self.serving_timers(partition) {
             Ok(c) => c,
             Err(status) if hops == 0 => {
+                // Only the coordinator knows the timer's topic: it checks on the caller's behalf.
+                let principal = match &caller {
+                    Some(crate::auth::Caller::Principal(p @ crate::tls::Principal::User(_))) => Some(p.to_string()),
+                    _ => None,
+                };
                 return self
-                    .forward_to_timers(partition, status, request, |channel, request| async move {
+                    .forward_to_timers(partition, status, request, principal, |channel, request| async move {
                         pb::producer_client::ProducerClient::new(channel).cancel_delayed(request).await
                     })
                     .await;
@@ -490,6 +496,11 @@ impl Inner {
             .map_err(|e| Status::unavailable(format!("reading timer {}: {e}; retry", request.timer_id)))?
             .remove(&id)
             .ok_or_else(|| timer_status(partition, None, RunError::Refused(TimerError::NotPending(id))))?;
+        self.authorize(
+            caller.as_ref(),
+            crate::acl::Resource::Topic(&timer.target.topic),
+            crate::acl::Operation::Produce,
+        )?;
         coordinator
             .runtime
             .run(timers::KEY, |s: &Timers| s.cancel(id, &timer).map(|r| (encode(&r), ())))
@@ -506,6 +517,7 @@ impl Inner {
         partition: u32,
         refused: Status,
         message: T,
+        principal: Option<String>,
         call: F,
     ) -> Result<R, Status>
     where
@@ -514,10 +526,10 @@ impl Inner {
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
         use tonic_types::StatusExt;
-        let hinted = |s: &Status| s.get_details_error_info().and_then(|i| i.metadata.get("leader_addr").cloned());
-        let mut candidates: Vec<String> = hinted(&refused).into_iter().collect();
+        let mut candidates: Vec<String> = self.hinted_peer(&refused).into_iter().collect();
         if let Some((_, replicas)) = self.delayed_group(partition) {
-            candidates.extend(replicas.iter().filter(|r| **r != self.config.node_id).filter_map(|r| self.addr_of(*r)));
+            candidates
+                .extend(replicas.iter().filter(|r| **r != self.config.node_id).filter_map(|r| self.peer_addr_of(*r)));
         }
         let mut tried = std::collections::BTreeSet::new();
         let mut last = refused;
@@ -528,6 +540,9 @@ impl Inner {
             let mut request = Request::new(message.clone());
             request.set_timeout(deadline);
             request.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+            if let Some(value) = principal.as_deref().and_then(|p| p.parse().ok()) {
+                request.metadata_mut().insert(crate::auth::PRINCIPAL_HEADER, value);
+            }
             let status = match tokio::time::timeout(deadline, call(channel, request)).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) => status,
@@ -540,7 +555,7 @@ impl Inner {
             };
             let not_leader = status.get_details_error_info().is_some_and(|i| i.reason == NOT_LEADER);
             if not_leader {
-                if let Some(addr) = hinted(&status).filter(|a| !tried.contains(a)) {
+                if let Some(addr) = self.hinted_peer(&status).filter(|a| !tried.contains(a)) {
                     candidates.insert(0, addr);
                 }
             } else if is_transport_failure(&status) {

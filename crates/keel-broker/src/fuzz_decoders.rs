@@ -36,7 +36,12 @@ const BOUND: AllocBound = AllocBound { bytes_per_input_byte: 48, bytes_fixed: 40
 fn seeds() -> Vec<Vec<u8>> {
     let commands = [
         Command::InitCluster { cluster_id: "c-1".into() },
-        Command::RegisterNode { node_id: 1, addr: "10.0.0.1:7070".into(), key_hash: Some("ab".repeat(32)) },
+        Command::RegisterNode {
+            node_id: 1,
+            addr: "10.0.0.1:7070".into(),
+            peer_addr: Some("10.0.0.1:8070".into()),
+            key_hash: Some("ab".repeat(32)),
+        },
         Command::CreateTopic {
             name: "orders".into(),
             replication_factor: 3,
@@ -53,6 +58,15 @@ fn seeds() -> Vec<Vec<u8>> {
             assignment: vec![vec![1]],
         },
         Command::AddPartitions { name: "orders".into(), assignment: vec![vec![3, 1, 2]], partitions_before: Some(2) },
+        Command::AddAcl {
+            rule: crate::acl::AclRule {
+                principal: "User:alice".into(),
+                resource_type: crate::acl::ResourceType::Topic,
+                name: "orders".into(),
+                prefix: true,
+                operation: crate::acl::Operation::Produce,
+            },
+        },
         Command::DeleteTopic { name: "orders".into() },
         // Applies to a fresh cluster (ids start at 0); the other is refused there.
         Command::AllocateProducerIds { first: 0, count: 1000 },
@@ -81,7 +95,11 @@ fn cluster() -> Metadata {
     let mut m = Metadata::new();
     for node_id in 1..=3 {
         let offset = m.applied_offset;
-        m.apply(offset, &Command::RegisterNode { node_id, addr: format!("n{node_id}:1"), key_hash: None }).unwrap();
+        m.apply(
+            offset,
+            &Command::RegisterNode { node_id, addr: format!("n{node_id}:1"), peer_addr: None, key_hash: None },
+        )
+        .unwrap();
     }
     m
 }

@@ -14,6 +14,7 @@ use keel_raft::{GroupId, NodeId};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::acl::{Operation, Resource};
 use crate::coordinator::RunError;
 use crate::error::DOMAIN;
 use crate::groups::{GroupCoordinator, encode, offsets_group};
@@ -122,26 +123,27 @@ impl Api {
         let local = inner.node.store(group).ok().map(|s| *s.high_watermark().borrow());
         let mut best = cached.unwrap_or(0).max(local.unwrap_or(0));
         if best < want {
-            let asks = replicas.iter().filter(|n| **n != inner.config.node_id).filter_map(|n| inner.addr_of(*n)).map(
-                |addr| async move {
-                    let channel = inner.channel(&addr).ok()?;
-                    let mut client = pb::node_status_client::NodeStatusClient::new(channel);
-                    let call = client.local_status(pb::LocalStatusRequest {});
-                    match tokio::time::timeout(PEER_DEADLINE, call).await {
-                        Ok(Ok(r)) => {
-                            r.into_inner().groups.into_iter().find(|g| g.group == group).map(|g| g.high_watermark)
+            let asks =
+                replicas.iter().filter(|n| **n != inner.config.node_id).filter_map(|n| inner.peer_addr_of(*n)).map(
+                    |addr| async move {
+                        let channel = inner.channel(&addr).ok()?;
+                        let mut client = pb::node_status_client::NodeStatusClient::new(channel);
+                        let call = client.local_status(pb::LocalStatusRequest {});
+                        match tokio::time::timeout(PEER_DEADLINE, call).await {
+                            Ok(Ok(r)) => {
+                                r.into_inner().groups.into_iter().find(|g| g.group == group).map(|g| g.high_watermark)
+                            }
+                            Ok(Err(status)) => {
+                                inner.forget_broken(&addr, &status);
+                                None
+                            }
+                            Err(_) => {
+                                inner.drop_channel(&addr);
+                                None
+                            }
                         }
-                        Ok(Err(status)) => {
-                            inner.forget_broken(&addr, &status);
-                            None
-                        }
-                        Err(_) => {
-                            inner.drop_channel(&addr);
-                            None
-                        }
-                    }
-                },
-            );
+                    },
+                );
             for hw in futures_util::future::join_all(asks).await.into_iter().flatten() {
                 best = best.max(hw);
             }
@@ -227,7 +229,8 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let host = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Join)?;
+        let host = crate::tls::remote_of(&request).map(|a| a.to_string()).unwrap_or_default();
         let r = request.into_inner();
         let coordinator = self.coordinator_for(&r.group)?;
         let limits = self.inner.config.groups.limits;
@@ -296,6 +299,7 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::CommitOffsetsRequest>,
     ) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Join)?;
         let r = request.into_inner();
         let coordinator = self.coordinator_for(&r.group)?;
         let limits = self.inner.config.groups.limits;
@@ -340,6 +344,7 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::FetchOffsetsRequest>,
     ) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Describe)?;
         let r = request.into_inner();
         let coordinator = self.coordinator_for(&r.group)?;
         let wanted: BTreeSet<Tp> =
@@ -366,6 +371,7 @@ impl pb::groups_server::Groups for Api {
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let inner = &self.inner;
         inner.check_serving()?;
+        let caller = crate::auth::caller(&request);
         if let Some(partition) = request.into_inner().offsets_partition {
             return Ok(Response::new(pb::ListGroupsResponse {
                 groups: self.list_local(partition)?,
@@ -393,7 +399,7 @@ impl pb::groups_server::Groups for Api {
                     statuses.as_ref().and_then(|s| s.get(&raft_group)).and_then(|v| v.leader)
                 }
             };
-            let answer = match leader.filter(|l| *l != inner.config.node_id).and_then(|l| inner.addr_of(l)) {
+            let answer = match leader.filter(|l| *l != inner.config.node_id).and_then(|l| inner.peer_addr_of(l)) {
                 None => None,
                 Some(addr) => {
                     let channel = inner.channel(&addr)?;
@@ -417,6 +423,8 @@ impl pb::groups_server::Groups for Api {
                 None => response.unavailable_partitions.push(partition),
             }
         }
+        // Only the groups the caller may describe.
+        response.groups.retain(|g| inner.may(caller.as_ref(), Resource::Group(&g.group), Operation::Describe));
         response.groups.sort_by(|a, b| a.group.cmp(&b.group));
         Ok(Response::new(response))
     }
@@ -425,6 +433,7 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Describe)?;
         let name = request.into_inner().group;
         let coordinator = self.coordinator_for(&name)?;
         let group = coordinator
@@ -485,6 +494,7 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::ResetOffsetsRequest>,
     ) -> Result<Response<pb::ResetOffsetsResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Delete)?;
         let r = request.into_inner();
         let coordinator = self.coordinator_for(&r.group)?;
         let limits = self.inner.config.groups.limits;
@@ -524,6 +534,7 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Delete)?;
         let group = request.into_inner().group;
         let coordinator = self.coordinator_for(&group)?;
         coordinator
@@ -535,6 +546,7 @@ impl pb::groups_server::Groups for Api {
     }
 
     async fn nack(&self, request: Request<pb::NackRequest>) -> Result<Response<pb::NackResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Join)?;
         let r = request.into_inner();
         let coordinator = self.coordinator_for(&r.group)?;
         let settings = &self.inner.config.groups;
@@ -601,6 +613,7 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::AckRedeliveryRequest>,
     ) -> Result<Response<pb::AckRedeliveryResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Join)?;
         let r = request.into_inner();
         let coordinator = self.coordinator_for(&r.group)?;
         let input = SettleInput {
@@ -626,6 +639,7 @@ impl pb::groups_server::Groups for Api {
         &self,
         request: Request<pb::ReplayDeadLettersRequest>,
     ) -> Result<Response<pb::ReplayDeadLettersResponse>, Status> {
+        self.allow(&request, Resource::Group(&request.get_ref().group), Operation::Join)?;
         let r = request.into_inner();
         let coordinator = self.coordinator_for(&r.group)?;
         let limits = self.inner.config.groups.retry_limits;

@@ -11,8 +11,12 @@
 //! - `publisher`: a coordinator's decided records (dead letters, due timers) sent exactly once;
 //! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
 //! - [`metrics`]: the node's Prometheus series, served on `/metrics` by its own HTTP listener;
+//! - [`tls`]: TLS on the listeners and the principal a connection proves;
+//! - [`auth`]: tokens and the caller of a request; [`acl`]: allow rules and their decision;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
 
+pub mod acl;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod coordinator;
@@ -29,9 +33,10 @@ pub mod producer_ids;
 mod publisher;
 pub mod service;
 pub mod size_status;
+pub mod tls;
 
 pub use broker::{Broker, Clock, REQUEST_ID_HEADER, StorageMode};
-pub use config::{BrokerConfig, DelayedSettings, GroupSettings, Identity, Limits, node_key_from_seed};
+pub use config::{AuthSettings, BrokerConfig, DelayedSettings, GroupSettings, Identity, Limits, node_key_from_seed};
 pub use coordinator::CoordinatorFaults;
 pub use error::BrokerError;
 pub use metadata::{DELAYED_TOPIC, META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC};

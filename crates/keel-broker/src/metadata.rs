@@ -54,8 +54,12 @@ pub struct ProducerEpoch {
 /// A node as the cluster knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
-    /// Where clients and peers reach it (`host:port`).
+    /// Where clients reach it (`host:port`).
     pub addr: String,
+    /// Where other nodes reach its peer listener. Absent for a node registered before the
+    /// peer listener existed, until its next registration (which every node makes at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
     /// SHA-256 of its node key (hex): a later registration under its id must present the key.
     /// Absent for a node registered before keys, until its next registration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,8 +114,11 @@ pub enum Command {
     RegisterNode {
         /// Its id.
         node_id: NodeId,
-        /// Its advertised address.
+        /// Its advertised client address.
         addr: String,
+        /// Its advertised peer address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_addr: Option<String>,
         /// SHA-256 of the key it presented (hex).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key_hash: Option<String>,
@@ -178,6 +185,16 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "is_zero")]
         request_token: u64,
     },
+    /// Adds an allow rule (adding one that exists changes nothing).
+    AddAcl {
+        /// The rule.
+        rule: crate::acl::AclRule,
+    },
+    /// Removes an allow rule (removing one that does not exist changes nothing).
+    RemoveAcl {
+        /// The rule.
+        rule: crate::acl::AclRule,
+    },
 }
 
 /// Why a command or a request is refused.
@@ -243,6 +260,8 @@ pub struct Metadata {
     pub next_producer_id: i64,
     /// Stable producer identities and the id and epoch each was last given.
     pub producer_identities: BTreeMap<String, IdentityHolder>,
+    /// The access rules (see [`crate::acl`]).
+    pub acls: std::collections::BTreeSet<crate::acl::AclRule>,
 }
 
 impl Metadata {
@@ -279,7 +298,22 @@ impl Metadata {
                 }
                 Ok(())
             }
-            Command::RegisterNode { node_id, addr, key_hash } => {
+            Command::AddAcl { rule } => {
+                rule.validate()?;
+                if !self.acls.contains(rule) && self.acls.len() >= crate::acl::ACL_RULES_MAX {
+                    return Err(MetaError::Exhausted(format!(
+                        "the cluster holds {} ACL rules already; remove some (or use prefixes)",
+                        crate::acl::ACL_RULES_MAX
+                    )));
+                }
+                self.acls.insert(rule.clone());
+                Ok(())
+            }
+            Command::RemoveAcl { rule } => {
+                self.acls.remove(rule);
+                Ok(())
+            }
+            Command::RegisterNode { node_id, addr, peer_addr, key_hash } => {
                 let known = self.nodes.get(node_id).and_then(|n| n.key_hash.clone());
                 if known.is_some() && *key_hash != known {
                     return Err(MetaError::Denied(format!(
@@ -289,7 +323,7 @@ impl Metadata {
                 }
                 // A node registered before keys adopts the first key it registers with.
                 let key_hash = key_hash.clone().or(known);
-                self.nodes.insert(*node_id, NodeInfo { addr: addr.clone(), key_hash });
+                self.nodes.insert(*node_id, NodeInfo { addr: addr.clone(), peer_addr: peer_addr.clone(), key_hash });
                 Ok(())
             }
             Command::CreateTopic { name, replication_factor, settings, assignment } => {
@@ -650,7 +684,12 @@ mod tests {
         for (i, n) in (1..=nodes).enumerate() {
             m.apply(
                 i as u64,
-                &Command::RegisterNode { node_id: n, addr: format!("127.0.0.1:{}", 9000 + n), key_hash: None },
+                &Command::RegisterNode {
+                    node_id: n,
+                    addr: format!("127.0.0.1:{}", 9000 + n),
+                    peer_addr: None,
+                    key_hash: None,
+                },
             )
             .unwrap();
         }
@@ -785,8 +824,14 @@ mod tests {
     /// error, and the metadata is left as it was before the record.
     #[test]
     fn replay_never_skips_a_record() {
-        let register =
-            |n: u64| encode_command(&Command::RegisterNode { node_id: n, addr: format!("n{n}:1"), key_hash: None });
+        let register = |n: u64| {
+            encode_command(&Command::RegisterNode {
+                node_id: n,
+                addr: format!("n{n}:1"),
+                peer_addr: None,
+                key_hash: None,
+            })
+        };
         let mut m = Metadata::new();
         assert_eq!(m.replay(0, &register(1)), Ok(None));
         assert_eq!(m.replay(1, &register(2)), Ok(None));

@@ -170,8 +170,9 @@ impl Inner {
     pub(crate) async fn produce_to_leader(&self, request: pb::ProduceRequest) -> Result<(), String> {
         let (group, replicas, _) =
             self.resolve(&request.topic, request.partition).map_err(|s| s.message().to_owned())?;
-        let mut candidates: Vec<String> = self.node.leader(group).and_then(|l| self.addr_of(l)).into_iter().collect();
-        candidates.extend(replicas.iter().filter_map(|r| self.addr_of(*r)));
+        let mut candidates: Vec<String> =
+            self.node.leader(group).and_then(|l| self.peer_addr_of(l)).into_iter().collect();
+        candidates.extend(replicas.iter().filter_map(|r| self.peer_addr_of(*r)));
         let mut tried = BTreeSet::new();
         let mut last = String::from("no replica reachable");
         let deadline = self.config.append_timeout + Duration::from_secs(1);
@@ -192,9 +193,9 @@ impl Inner {
             match info.as_ref().map(|i| i.reason.as_str()) {
                 Some(DUPLICATE_SEQUENCE_NUMBER) => return Ok(()),
                 Some(NOT_LEADER) => {
-                    if let Some(leader) = info.as_ref().and_then(|i| i.metadata.get("leader_addr")) {
-                        candidates.insert(0, leader.clone());
-                        tried.remove(leader);
+                    if let Some(leader) = self.hinted_peer(&status) {
+                        tried.remove(&leader);
+                        candidates.insert(0, leader);
                         if tried.len() > replicas.len() + 2 {
                             break;
                         }

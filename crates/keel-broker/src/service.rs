@@ -1,5 +1,6 @@
-//! The gRPC services of a node: Producer, Consumer, Admin (public), Controller and NodeStatus
-//! (between nodes), plus grpc.health.v1 and reflection, all on one server beside the raft RPC.
+//! The gRPC services of a node, on two listeners: the client one (Producer, Consumer, Admin,
+//! Groups, grpc.health.v1, reflection) and the peer one (raft, Controller, NodeStatus, and the
+//! client services again for the calls nodes forward to each other).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -15,8 +16,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span};
 
+use crate::acl::{Operation, Resource};
 use crate::broker::{Broker, HOPS_HEADER, Inner};
-use crate::error::{append_status, not_leader, to_pb_error};
+use crate::error::{not_leader, to_pb_error};
 use crate::metadata::{self, META_GROUP, Metadata, ProducerEpoch, Topic, TopicSettings};
 use crate::metrics::{Api as Counted, GaugeGuard};
 use crate::size_status::{SizeStatus, size_status};
@@ -54,11 +56,66 @@ fn channel_stream<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> B
 }
 
 impl Broker {
-    /// Every gRPC service of this node on one tonic router: raft, Producer, Consumer, Admin,
-    /// Controller, NodeStatus, grpc.health.v1 and reflection (v1 and v1alpha).
-    pub fn router(&self) -> Result<tonic::service::Routes, crate::error::BrokerError> {
+    /// The client services, each behind `gate` (the client gate that establishes the caller on
+    /// the client listener; none on the peer listener, whose own gate does it).
+    fn client_services<G>(&self, routes: tonic::service::Routes, gate: G) -> tonic::service::Routes
+    where
+        G: tonic::service::Interceptor + Clone + Send + Sync + 'static,
+    {
+        use tonic::service::interceptor::InterceptedService;
         let api = Api { inner: Arc::clone(&self.inner) };
         let (message_max, fetch_message_max) = self.inner.message_limits();
+        // Keel's services answer size limits with RESOURCE_EXHAUSTED (see `size_status`); the
+        // gate runs first and answers for itself.
+        routes
+            .add_service(InterceptedService::new(
+                SizeStatus::new(
+                    pb::producer_server::ProducerServer::new(api.clone())
+                        .max_decoding_message_size(message_max)
+                        .max_encoding_message_size(message_max),
+                ),
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                SizeStatus::new(
+                    pb::consumer_server::ConsumerServer::new(api.clone())
+                        .max_decoding_message_size(message_max)
+                        .max_encoding_message_size(fetch_message_max),
+                ),
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                SizeStatus::new(pb::admin_server::AdminServer::new(api.clone())),
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(SizeStatus::new(pb::groups_server::GroupsServer::new(api)), gate))
+    }
+
+    /// A server for [`Broker::peer_router`]: [`Broker::server`] behind the peer gate (with TLS,
+    /// only node certificates get in; raft and RegisterNode check the id they claim).
+    pub fn peer_server(
+        &self,
+    ) -> tonic::transport::server::Router<
+        tower_layer::Stack<tonic::service::InterceptorLayer<crate::tls::PeerGate>, tower_layer::Identity>,
+    > {
+        self.server().layer(tonic::service::InterceptorLayer::new(crate::tls::PeerGate)).add_routes(self.peer_router())
+    }
+
+    /// The peer listener's services: raft, Controller, NodeStatus, and the client services for
+    /// forwarded calls. Never served on the client listener: whoever reaches a peer service can
+    /// speak for a node.
+    pub fn peer_router(&self) -> tonic::service::Routes {
+        let api = Api { inner: Arc::clone(&self.inner) };
+        let routes = tonic::service::Routes::default()
+            .add_service(self.inner.node.service().into_server())
+            .add_service(SizeStatus::new(pb::controller_server::ControllerServer::new(api.clone())))
+            .add_service(SizeStatus::new(pb::node_status_server::NodeStatusServer::new(api)));
+        self.client_services(routes, |request: Request<()>| Ok::<_, Status>(request))
+    }
+
+    /// The client listener's services: Producer, Consumer, Admin, Groups, grpc.health.v1 and
+    /// reflection (v1 and v1alpha).
+    pub fn router(&self) -> Result<tonic::service::Routes, crate::error::BrokerError> {
         let reflection = |e: tonic_reflection::server::Error| crate::error::BrokerError::Config(e.to_string());
         let v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
@@ -86,32 +143,23 @@ impl Broker {
                 health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
             }
         });
-        let mut routes = tonic::service::Routes::default();
-        // Keel's services answer size limits with RESOURCE_EXHAUSTED (see `size_status`).
-        routes = routes
-            .add_service(self.inner.node.service().into_server())
-            .add_service(SizeStatus::new(
-                pb::producer_server::ProducerServer::new(api.clone())
-                    .max_decoding_message_size(message_max)
-                    .max_encoding_message_size(message_max),
-            ))
-            .add_service(SizeStatus::new(
-                pb::consumer_server::ConsumerServer::new(api.clone())
-                    .max_decoding_message_size(message_max)
-                    .max_encoding_message_size(fetch_message_max),
-            ))
-            .add_service(SizeStatus::new(pb::admin_server::AdminServer::new(api.clone())))
-            .add_service(SizeStatus::new(pb::groups_server::GroupsServer::new(api.clone())))
-            .add_service(SizeStatus::new(pb::controller_server::ControllerServer::new(api.clone())))
-            .add_service(SizeStatus::new(pb::node_status_server::NodeStatusServer::new(api)))
-            .add_service(health)
-            .add_service(v1)
-            .add_service(v1alpha);
-        Ok(routes)
+        let routes = tonic::service::Routes::default().add_service(health).add_service(v1).add_service(v1alpha);
+        Ok(self.client_services(routes, crate::auth::ClientGate::new(self.inner.tokens.clone())))
     }
 }
 
 impl Api {
+    /// Refuses the request unless its caller may do `operation` on `resource` (see
+    /// [`crate::auth`]).
+    pub(crate) fn allow<T>(
+        &self,
+        request: &Request<T>,
+        resource: Resource<'_>,
+        operation: Operation,
+    ) -> Result<(), Status> {
+        self.inner.authorize(crate::auth::caller(request).as_ref(), resource, operation)
+    }
+
     /// Sends an admin write to the controller leader, then waits (bounded) until this node's own
     /// metadata shows its effect, so that the client reads its write from the node it asked.
     async fn forward_admin<T, R, F, Fut>(
@@ -152,15 +200,15 @@ impl Api {
                         timer_ids: Vec::new(),
                     });
                 }
-                Err(e) => append_status(&what, e),
+                Err(e) => inner.append_status(&what, e),
             },
             Err(status) => status,
         };
         // A generic client that reached a follower is served by forwarding once to the leader.
         let error = to_pb_error(&status);
         match (error.leader_id, hops) {
-            (Some(leader), 0) if leader != inner.config.node_id && !error.leader_addr.is_empty() => {
-                let addr = error.leader_addr.clone();
+            (Some(leader), 0) if leader != inner.config.node_id && inner.peer_addr_of(leader).is_some() => {
+                let addr = inner.peer_addr_of(leader).unwrap_or_default();
                 let channel = inner.channel(&addr)?;
                 let mut forwarded = Request::new(request);
                 forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
@@ -365,7 +413,7 @@ impl Api {
                 "{what}: forwarded to a node that cannot answer (not open here yet, or the leader moved); retry"
             )));
         }
-        let Some(addr) = to.and_then(|id| inner.addr_of(id)) else {
+        let Some(addr) = to.and_then(|id| inner.peer_addr_of(id)) else {
             return Err(not_leader(&what, None));
         };
         let channel = inner.channel(&addr)?;
@@ -421,7 +469,8 @@ impl Api {
     /// the answers (see [`merge`]).
     pub(crate) async fn gather(&self, meta: &Metadata) -> (Statuses, BTreeMap<NodeId, bool>) {
         let inner = &self.inner;
-        let mut nodes: BTreeMap<NodeId, String> = meta.nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect();
+        let mut nodes: BTreeMap<NodeId, String> =
+            meta.nodes.iter().filter_map(|(id, n)| Some((*id, n.peer_addr.clone()?))).collect();
         for (id, addr) in &inner.config.voters {
             nodes.entry(*id).or_insert_with(|| addr.clone());
         }
@@ -618,6 +667,7 @@ fn settings_from_pb(c: Option<pb::TopicConfig>, batch_bytes_max: usize) -> Resul
 #[tonic::async_trait]
 impl pb::producer_server::Producer for Api {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+        self.allow(&request, Resource::Topic(&request.get_ref().topic), Operation::Produce)?;
         let hops = hops(&request);
         let request = request.into_inner();
         let metrics = &self.inner.metrics;
@@ -637,6 +687,8 @@ impl pb::producer_server::Producer for Api {
         &self,
         request: Request<Streaming<pb::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        // One stream, one caller; each request is checked against its own topic.
+        let caller = crate::auth::caller(&request);
         let mut inbound = request.into_inner();
         let inner = Arc::clone(&self.inner);
         let in_flight = inner.config.limits.stream_in_flight_max;
@@ -671,7 +723,12 @@ impl pb::producer_server::Producer for Api {
                 let Ok(held) = Arc::clone(&bytes).acquire_many_owned(size).await else { return };
                 let id = request.request_id;
                 let what = format!("{}/{}", request.topic, request.partition);
-                match inner.submit(&request).await {
+                let allowed = inner.authorize(caller.as_ref(), Resource::Topic(&request.topic), Operation::Produce);
+                let submitted = match allowed {
+                    Ok(()) => inner.submit(&request).await,
+                    Err(status) => Err(status),
+                };
+                match submitted {
                     Ok((pending, in_flight)) => {
                         drop(request);
                         let tx = tx.clone();
@@ -691,7 +748,7 @@ impl pb::producer_server::Producer for Api {
                                     }
                                 }
                                 Err(e) => {
-                                    let status = append_status(&what, e);
+                                    let status = inner.append_status(&what, e);
                                     metrics.error(Counted::Produce, &status);
                                     error_response(id, &status)
                                 }
@@ -719,7 +776,8 @@ impl pb::producer_server::Producer for Api {
         request: Request<pb::CancelDelayedRequest>,
     ) -> Result<Response<pb::CancelDelayedResponse>, Status> {
         let hops = hops(&request);
-        self.inner.cancel_delayed(request.into_inner(), hops).await.map(Response::new)
+        let caller = crate::auth::caller(&request);
+        self.inner.cancel_delayed(request.into_inner(), hops, caller).await.map(Response::new)
     }
 
     async fn init_producer_id(
@@ -768,6 +826,7 @@ fn error_response(request_id: u64, status: &Status) -> pb::ProduceResponse {
 #[tonic::async_trait]
 impl pb::consumer_server::Consumer for Api {
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        self.allow(&request, Resource::Topic(&request.get_ref().topic), Operation::Consume)?;
         let hops = hops(&request);
         let request = request.into_inner();
         let wait = request.max_wait_ms;
@@ -785,7 +844,8 @@ impl pb::consumer_server::Consumer for Api {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let connection = request.remote_addr();
+        self.allow(&request, Resource::Topic(&request.get_ref().topic), Operation::Consume)?;
+        let connection = crate::tls::remote_of(&request);
         let request = request.into_inner();
         let api = self.clone();
         // Fail fast on a bad topic or partition, before the stream starts.
@@ -905,12 +965,52 @@ impl Drop for SubscribeSlot {
     }
 }
 
+/// An ACL rule from the wire; INVALID_ARGUMENT for unknown types or operations.
+fn acl_from_pb(rule: Option<&pb::AclRule>) -> Result<crate::acl::AclRule, Status> {
+    use crate::acl::ResourceType;
+    let rule = rule.ok_or_else(|| Status::invalid_argument("the request carries no rule"))?;
+    let resource_type = match rule.resource_type.as_str() {
+        "topic" => ResourceType::Topic,
+        "group" => ResourceType::Group,
+        "cluster" => ResourceType::Cluster,
+        other => return Err(Status::invalid_argument(format!("resource type {other:?}: topic, group or cluster"))),
+    };
+    let operation = Operation::parse(&rule.operation).ok_or_else(|| {
+        let all: Vec<&str> = Operation::ALL.iter().map(|o| o.name()).collect();
+        Status::invalid_argument(format!("operation {:?}: one of {}", rule.operation, all.join(", ")))
+    })?;
+    Ok(crate::acl::AclRule {
+        principal: rule.principal.clone(),
+        resource_type,
+        name: rule.name.clone(),
+        prefix: rule.prefix,
+        operation,
+    })
+}
+
+fn acl_to_pb(rule: &crate::acl::AclRule) -> pb::AclRule {
+    use crate::acl::ResourceType;
+    let resource_type = match rule.resource_type {
+        ResourceType::Topic => "topic",
+        ResourceType::Group => "group",
+        ResourceType::Cluster => "cluster",
+    };
+    pb::AclRule {
+        principal: rule.principal.clone(),
+        resource_type: resource_type.into(),
+        name: rule.name.clone(),
+        prefix: rule.prefix,
+        operation: rule.operation.name().into(),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for Api {
     async fn create_topic(
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        self.allow(&request, Resource::Topic(&request.get_ref().name), Operation::Create)?;
         let hops = hops(&request);
         let inner = &self.inner;
         let r = request.get_ref();
@@ -938,6 +1038,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.allow(&request, Resource::Topic(&request.get_ref().name), Operation::Delete)?;
         let hops = hops(&request);
         let inner = &self.inner;
         if request.get_ref().name.is_empty() {
@@ -954,12 +1055,19 @@ impl pb::admin_server::Admin for Api {
 
     async fn list_topics(
         &self,
-        _request: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         self.inner.check_serving()?;
+        let caller = crate::auth::caller(&request);
         let meta = self.inner.metadata();
         let (statuses, _) = self.gather(&meta).await;
-        let topics = meta.topics.iter().map(|(name, t)| self.describe(name, t, &statuses)).collect();
+        // Only the topics the caller may describe (as Kafka lists them).
+        let topics = meta
+            .topics
+            .iter()
+            .filter(|(name, _)| self.inner.may(caller.as_ref(), Resource::Topic(name), Operation::Describe))
+            .map(|(name, t)| self.describe(name, t, &statuses))
+            .collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))
     }
 
@@ -967,6 +1075,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        self.allow(&request, Resource::Topic(&request.get_ref().name), Operation::Describe)?;
         self.inner.check_serving()?;
         let name = request.into_inner().name;
         let meta = self.inner.metadata();
@@ -980,6 +1089,7 @@ impl pb::admin_server::Admin for Api {
         &self,
         request: Request<pb::AddPartitionsRequest>,
     ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
+        self.allow(&request, Resource::Topic(&request.get_ref().name), Operation::Alter)?;
         let hops = hops(&request);
         let inner = &self.inner;
         let r = request.get_ref();
@@ -1017,15 +1127,56 @@ impl pb::admin_server::Admin for Api {
         &self,
         request: Request<pb::AuditPartitionRequest>,
     ) -> Result<Response<pb::AuditPartitionResponse>, Status> {
+        self.allow(&request, Resource::Topic(&request.get_ref().topic), Operation::Consume)?;
         let request = request.into_inner();
         let span = info_span!("audit_partition", topic = %request.topic, partition = request.partition);
         self.audit_partition(request).instrument(span).await.map(Response::new)
     }
 
+    async fn add_acl(&self, request: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
+        self.allow(&request, Resource::Cluster, Operation::Admin)?;
+        let rule = acl_from_pb(request.get_ref().rule.as_ref())?;
+        rule.validate().map_err(crate::error::meta_status)?;
+        if !self.inner.leads_meta() {
+            let hops = hops(&request);
+            let call = |channel, request| async move { AdminClient::new(channel).add_acl(request).await };
+            return self.forward_admin(request, hops, call, |m, _| m.acls.contains(&rule)).await;
+        }
+        self.inner.change_acl(metadata::Command::AddAcl { rule }).await?;
+        Ok(Response::new(pb::AclResponse {}))
+    }
+
+    async fn remove_acl(&self, request: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
+        self.allow(&request, Resource::Cluster, Operation::Admin)?;
+        let rule = acl_from_pb(request.get_ref().rule.as_ref())?;
+        if !self.inner.leads_meta() {
+            let hops = hops(&request);
+            let call = |channel, request| async move { AdminClient::new(channel).remove_acl(request).await };
+            return self.forward_admin(request, hops, call, |m, _| !m.acls.contains(&rule)).await;
+        }
+        self.inner.change_acl(metadata::Command::RemoveAcl { rule }).await?;
+        Ok(Response::new(pb::AclResponse {}))
+    }
+
+    async fn list_acls(&self, request: Request<pb::ListAclsRequest>) -> Result<Response<pb::ListAclsResponse>, Status> {
+        self.allow(&request, Resource::Cluster, Operation::Describe)?;
+        let principal = request.into_inner().principal;
+        let rules = self
+            .inner
+            .metadata()
+            .acls
+            .iter()
+            .filter(|r| principal.is_empty() || r.principal == principal || r.principal == "*")
+            .map(acl_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListAclsResponse { rules }))
+    }
+
     async fn describe_cluster(
         &self,
-        _request: Request<pb::DescribeClusterRequest>,
+        request: Request<pb::DescribeClusterRequest>,
     ) -> Result<Response<pb::DescribeClusterResponse>, Status> {
+        self.allow(&request, Resource::Cluster, Operation::Describe)?;
         self.inner.check_serving()?;
         let inner = &self.inner;
         let meta = inner.metadata();
@@ -1079,6 +1230,17 @@ impl pb::controller_server::Controller for Api {
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         let hops = hops(&request);
+        // Forwarded registrations come from the node that checked this at its door.
+        if let Some(keel_raft::VerifiedNode(proved)) = request.extensions().get().copied()
+            && hops == 0
+            && proved != request.get_ref().node_id
+        {
+            tracing::warn!(proved, claimed = request.get_ref().node_id, "RegisterNode for another node refused");
+            return Err(Status::permission_denied(format!(
+                "this connection's certificate is node {proved}'s: it cannot register node {}",
+                request.get_ref().node_id
+            )));
+        }
         self.inner.register_node(request.into_inner(), hops).await?;
         let cluster_id = self.inner.metadata().cluster_id.clone().unwrap_or_default();
         Ok(Response::new(pb::RegisterNodeResponse { cluster_id }))

@@ -73,6 +73,43 @@ impl Admin {
         Ok(())
     }
 
+    /// Adds an access rule (README, "Security"); adding one that exists succeeds.
+    pub async fn add_acl(&self, rule: pb::AclRule) -> Result<(), ClientError> {
+        let request = pb::AclRequest { rule: Some(rule) };
+        self.core
+            .call_any("add acl", |channel| {
+                let request = request.clone();
+                async move { Core::admin(channel).add_acl(request).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Removes an access rule; removing one that does not exist succeeds.
+    pub async fn remove_acl(&self, rule: pb::AclRule) -> Result<(), ClientError> {
+        let request = pb::AclRequest { rule: Some(rule) };
+        self.core
+            .call_any("remove acl", |channel| {
+                let request = request.clone();
+                async move { Core::admin(channel).remove_acl(request).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The access rules, or those of one principal (`User:NAME`; `*` rules included).
+    pub async fn list_acls(&self, principal: Option<&str>) -> Result<Vec<pb::AclRule>, ClientError> {
+        let request = pb::ListAclsRequest { principal: principal.unwrap_or_default().to_owned() };
+        let response = self
+            .core
+            .call_any("list acls", |channel| {
+                let request = request.clone();
+                async move { Core::admin(channel).list_acls(request).await }
+            })
+            .await?;
+        Ok(response.rules)
+    }
+
     /// Every topic.
     pub async fn list_topics(&self) -> Result<Vec<pb::TopicDescription>, ClientError> {
         let response = self

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::ClientError;
 
@@ -22,17 +22,74 @@ pub struct TcpConnect {
     pub connect_timeout: Duration,
     /// Interval of HTTP/2 pings that find dead connections (a peer that vanished without a FIN).
     pub keep_alive_interval: Duration,
+    /// TLS, if the brokers speak it (see [`Tls`]); `None` dials plaintext.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl Default for TcpConnect {
     fn default() -> TcpConnect {
-        TcpConnect { connect_timeout: Duration::from_secs(1), keep_alive_interval: Duration::from_secs(5) }
+        TcpConnect { connect_timeout: Duration::from_secs(1), keep_alive_interval: Duration::from_secs(5), tls: None }
+    }
+}
+
+/// TLS settings of a client, as PEM: the CA the brokers' certificates chain to and, optionally,
+/// a client certificate and key (mutual TLS: the certificate's common name is the principal).
+#[derive(Clone, Default)]
+pub struct Tls {
+    /// The CA certificate(s) to trust.
+    pub ca_pem: Vec<u8>,
+    /// This client's certificate chain, if it presents one.
+    pub cert_pem: Option<Vec<u8>>,
+    /// The key of `cert_pem`.
+    pub key_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("Tls").field("client_cert", &self.cert_pem.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Reads the PEM files: the CA, and a client certificate and key if both are given.
+    pub fn from_files(
+        ca: &std::path::Path,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Tls, ClientError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError::Config(format!("reading {}: {e}", p.display())))
+        };
+        let (cert_pem, key_pem) = match (cert, key) {
+            (Some(c), Some(k)) => (Some(read(c)?), Some(read(k)?)),
+            (None, None) => (None, None),
+            _ => {
+                return Err(ClientError::Config(
+                    "a client certificate needs its key, and a key its certificate".into(),
+                ));
+            }
+        };
+        Ok(Tls { ca_pem: read(ca)?, cert_pem, key_pem })
+    }
+
+    /// tonic's client TLS settings from these.
+    pub fn client_config(&self) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        match (&self.cert_pem, &self.key_pem) {
+            (Some(cert), Some(key)) => config.identity(Identity::from_pem(cert, key)),
+            _ => config,
+        }
     }
 }
 
 impl Connect for TcpConnect {
     fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| e.to_string())?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| e.to_string())?;
+        }
         Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
@@ -61,6 +118,9 @@ pub struct ClientConfig {
     pub seed: u64,
     /// The network door.
     pub connect: Arc<dyn Connect>,
+    /// A bearer token sent with every call (`authorization: Bearer …`), when the brokers
+    /// authenticate clients by token.
+    pub token: Option<String>,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -91,6 +151,7 @@ impl ClientConfig {
             metadata_max_age: Duration::from_secs(30),
             seed: 0,
             connect: Arc::new(TcpConnect::default()),
+            token: None,
         }
     }
 
@@ -103,6 +164,29 @@ impl ClientConfig {
     pub fn with_seed(mut self, seed: u64) -> ClientConfig {
         self.seed = seed;
         self
+    }
+
+    /// Dials the brokers over TLS (with a client certificate if `tls` has one).
+    pub fn with_tls(mut self, tls: &Tls) -> ClientConfig {
+        self.connect = Arc::new(TcpConnect { tls: Some(tls.client_config()), ..TcpConnect::default() });
+        self
+    }
+
+    /// Sends `token` with every call.
+    pub fn with_token(mut self, token: impl Into<String>) -> ClientConfig {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The `authorization` value of the token, if set.
+    pub(crate) fn bearer(&self) -> Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>, ClientError> {
+        match &self.token {
+            None => Ok(None),
+            Some(token) => format!("Bearer {token}")
+                .parse()
+                .map(Some)
+                .map_err(|_| ClientError::Config("the token must be printable ASCII".into())),
+        }
     }
 
     /// Sets the network door.

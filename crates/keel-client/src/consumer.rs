@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::core::Conn as Channel;
 use bytes::Bytes;
 use keel_proto::v1 as pb;
 use keel_proto::v1::consumer_client::ConsumerClient;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tracing::debug;
 
 use crate::config::ClientConfig;

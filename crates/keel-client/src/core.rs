@@ -15,6 +15,7 @@ use keel_proto::v1::admin_client::AdminClient;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::debug;
 
@@ -72,6 +73,24 @@ pub(crate) enum Doubt {
     CannotServe,
 }
 
+/// A connection to a broker with the client's credentials attached to each call.
+pub(crate) type Conn = InterceptedService<Channel, Credentials>;
+
+/// Attaches the bearer token, if any, to every call.
+#[derive(Clone)]
+pub(crate) struct Credentials {
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(bearer) = &self.bearer {
+            request.metadata_mut().insert("authorization", bearer.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// Connections, randomness and metadata of one client object.
 pub(crate) struct Core {
     pub(crate) config: ClientConfig,
@@ -101,15 +120,20 @@ impl Core {
         })
     }
 
-    /// The cached channel to `addr`, dialled lazily on first use.
-    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+    /// The cached channel to `addr`, dialled lazily on first use, carrying the client's
+    /// credentials on every call.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Conn, ClientError> {
         let mut channels = lock(&self.channels);
-        if let Some(channel) = channels.get(addr) {
-            return Ok(channel.clone());
-        }
-        let channel = self.config.connect.channel(addr).map_err(|e| ClientError::Transport(format!("{addr}: {e}")))?;
-        channels.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
+        let channel = match channels.get(addr) {
+            Some(channel) => channel.clone(),
+            None => {
+                let channel =
+                    self.config.connect.channel(addr).map_err(|e| ClientError::Transport(format!("{addr}: {e}")))?;
+                channels.insert(addr.to_owned(), channel.clone());
+                channel
+            }
+        };
+        Ok(InterceptedService::new(channel, Credentials { bearer: self.config.bearer()? }))
     }
 
     /// Forgets the channel to `addr`; the next call dials again. Calls still using the old one
@@ -145,7 +169,7 @@ impl Core {
     /// Runs one RPC to `addr` under `timeout`. A timeout or broken connection drops the channel.
     pub(crate) async fn call<T, F, Fut>(&self, addr: &str, timeout: Duration, rpc: F) -> Result<T, ClientError>
     where
-        F: FnOnce(Channel) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let channel = self.channel(addr)?;
@@ -197,7 +221,7 @@ impl Core {
     /// errors, until one answers or `request_timeout` has passed.
     pub(crate) async fn call_any<T, F, Fut>(&self, what: &str, mut rpc: F) -> Result<T, ClientError>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let budget = self.config.request_timeout;
@@ -235,7 +259,7 @@ impl Core {
     }
 
     /// An admin client over `channel` that accepts the largest messages Keel sends.
-    pub(crate) fn admin(channel: Channel) -> AdminClient<Channel> {
+    pub(crate) fn admin(channel: Conn) -> AdminClient<Conn> {
         AdminClient::new(channel)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX)

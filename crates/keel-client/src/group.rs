@@ -15,12 +15,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::core::Conn as Channel;
 use keel_proto::v1 as pb;
 use keel_proto::v1::groups_client::GroupsClient;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::config::ClientConfig;

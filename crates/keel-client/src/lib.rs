@@ -41,7 +41,7 @@ mod partitioner;
 mod producer;
 
 pub use admin::{Admin, AuditChunk};
-pub use config::{ClientConfig, Connect, TcpConnect, parse_bootstrap};
+pub use config::{ClientConfig, Connect, TcpConnect, Tls, parse_bootstrap};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchResult, Offset, RecordProducer};
 pub use error::{ClientError, GROUP_REASONS, NOT_LEADER_REASON};
 pub use group::{

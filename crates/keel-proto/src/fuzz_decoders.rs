@@ -132,6 +132,8 @@ requests!(
     AddPartitionsRequest,
     DescribeClusterRequest,
     AuditPartitionRequest,
+    AclRequest,
+    ListAclsRequest,
     FindCoordinatorRequest,
     HeartbeatRequest,
     CommitOffsetsRequest,
@@ -231,6 +233,16 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         enc(pb::AddPartitionsRequest { name: "t".into(), count: 2, target_total: 5 }),
         enc(pb::DescribeClusterRequest {}),
         enc(pb::AuditPartitionRequest { topic: "t".into(), partition: 2, from_offset: Some(7), max_records: 1000 }),
+        enc(pb::AclRequest {
+            rule: Some(pb::AclRule {
+                principal: "User:alice".into(),
+                resource_type: "topic".into(),
+                name: "orders".into(),
+                prefix: false,
+                operation: "produce".into(),
+            }),
+        }),
+        enc(pb::ListAclsRequest { principal: "User:alice".into() }),
         enc(pb::FindCoordinatorRequest { group: "g".into() }),
         enc(pb::HeartbeatRequest {
             group: "g".into(),
@@ -289,6 +301,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             addr: "10.0.0.2:7070".into(),
             cluster_id: "c".into(),
             node_key: vec![7; 32].into(),
+            peer_addr: "10.0.0.2:8070".into(),
         }),
         enc(pb::MetaPositionRequest {}),
         enc(pb::AllocateProducerIdsRequest { count: 1000 }),

@@ -23,7 +23,7 @@ pub mod store;
 pub mod types;
 
 pub use leadership::NOBODY;
-pub use network::{Connector, NetworkConfig, RaftService, TcpConnector};
+pub use network::{Connector, NetworkConfig, RaftService, TcpConnector, VerifiedNode};
 pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
 pub use sequencer::ProducerRefusal;
 pub use store::{Faults, FlushObserver, IoMode, PartitionStore};

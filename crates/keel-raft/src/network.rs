@@ -40,17 +40,23 @@ pub trait Connector: Send + Sync + 'static {
 pub struct TcpConnector {
     /// Deadline for establishing a connection.
     pub connect_timeout: Duration,
+    /// TLS to peers (the node's own certificate as its client identity), or plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for TcpConnector {
     fn default() -> TcpConnector {
-        TcpConnector { connect_timeout: Duration::from_millis(500) }
+        TcpConnector { connect_timeout: Duration::from_millis(500), tls: None }
     }
 }
 
 impl Connector for TcpConnector {
     fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| e.to_string())?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| e.to_string())?;
+        }
         Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
@@ -127,6 +133,15 @@ impl Peers {
         if peer.addr != addr {
             peer.addr = addr.to_owned();
             peer.client = None;
+        }
+    }
+
+    /// Records where a peer listens unless an address is known already: a membership keeps
+    /// the addresses of when it was made, and the owner's later [`Peers::set_addr`] (from its
+    /// metadata) is newer.
+    pub fn learn_addr(&self, node: NodeId, addr: &str) {
+        if !self.lock().contains_key(&node) {
+            self.set_addr(node, addr);
         }
     }
 
@@ -393,7 +408,7 @@ impl RaftNetworkFactory<KeelRaft> for GroupNetwork {
     type Network = GroupNetworkAdapter<KeelRaft, GroupId, Peers>;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        self.peers.set_addr(target, &node.addr);
+        self.peers.learn_addr(target, &node.addr);
         GroupNetworkAdapter::new(self.peers.clone(), target, self.group_id)
     }
 }
@@ -470,6 +485,27 @@ fn invalid(e: ConvertError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// The node a peer connection proved to be (its certificate's node id), put in a request's
+/// extensions by the server's peer gate. When present, a raft RPC must speak for that node: a
+/// vote's candidate, an AppendEntries' or snapshot's leader, a handover's leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedNode(pub NodeId);
+
+/// Refuses a request whose claimed node is not the one its connection proved.
+fn check_claim<T>(request: &Request<T>, vote: Option<&pb::Vote>) -> Result<(), Status> {
+    let Some(VerifiedNode(proved)) = request.extensions().get::<VerifiedNode>().copied() else {
+        return Ok(());
+    };
+    let claimed = vote.map(|v| v.node_id);
+    if claimed == Some(proved) {
+        return Ok(());
+    }
+    warn!(proved, ?claimed, "a raft request claims another node than its certificate's; refused");
+    Err(Status::permission_denied(format!(
+        "this connection is node {proved}'s, but the request speaks for node {claimed:?}"
+    )))
+}
+
 fn raft_failed(e: impl std::fmt::Display) -> Status {
     warn!(error = %e, "raft rpc failed");
     Status::unavailable(e.to_string())
@@ -497,6 +533,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
         let raft = self.groups.get(r.group_id)?;
         let rpc = AppendEntriesRequest {
@@ -519,6 +556,7 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
+        check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
         let raft = self.groups.get(r.group_id)?;
         let response = raft.vote(vote_request_from_pb(r)?).await.map_err(raft_failed)?;
@@ -526,6 +564,7 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn pre_vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
+        check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
         let raft = self.groups.get(r.group_id)?;
         let response = raft.pre_vote(vote_request_from_pb(r)?).await.map_err(raft_failed)?;
@@ -536,6 +575,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
         let raft = self.groups.get(r.group_id)?;
         let vote = convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?;
@@ -549,6 +589,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        check_claim(&request, request.get_ref().from_leader.as_ref())?;
         let r = request.into_inner();
         let raft = self.groups.get(r.group_id)?;
         let request = convert::transfer_leader_from_pb(&r).map_err(invalid)?;

@@ -98,7 +98,7 @@ async fn producer_ids_are_unique_across_the_cluster() {
     // AllocateProducerIds is bounded, on the controller and on a node that forwards it, and a
     // refused request allocates nothing.
     let follower = cluster.brokers.iter().position(|b| b.node_id() != leader.node_id()).unwrap();
-    for addr in [&cluster.addrs[(leader.node_id() - 1) as usize], &cluster.addrs[follower]] {
+    for addr in [&cluster.peer_addrs[(leader.node_id() - 1) as usize], &cluster.peer_addrs[follower]] {
         let mut c = ControllerClient::new(channel(addr).await);
         for count in [0, 100_001] {
             let refused = c.allocate_producer_ids(pb::AllocateProducerIdsRequest { count }).await.unwrap_err();
@@ -107,7 +107,7 @@ async fn producer_ids_are_unique_across_the_cluster() {
     }
     assert_eq!(leader.metadata().next_producer_id, next);
     // A block allocated through a follower starts where the last one ended.
-    let mut c = ControllerClient::new(channel(&cluster.addrs[follower]).await);
+    let mut c = ControllerClient::new(channel(&cluster.peer_addrs[follower]).await);
     let block = c.allocate_producer_ids(pb::AllocateProducerIdsRequest { count: 7 }).await.unwrap().into_inner();
     assert_eq!((block.first, block.count), (next, 7));
     assert_eq!(leader.metadata().next_producer_id, next + 7);

@@ -22,7 +22,10 @@ impl Clock for FixedClock {
 pub struct Cluster {
     pub _dir: tempfile::TempDir,
     pub brokers: Vec<Broker>,
+    /// Client addresses.
     pub addrs: Vec<String>,
+    /// Peer addresses.
+    pub peer_addrs: Vec<String>,
 }
 
 pub async fn start(nodes: u64) -> Cluster {
@@ -59,18 +62,22 @@ pub async fn start_clocked(
 ) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let mut listeners = Vec::new();
+    let mut peer_listeners = Vec::new();
     for _ in 0..nodes {
         listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        peer_listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     }
     let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let peer_addrs: Vec<String> = peer_listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
     let voters: BTreeMap<u64, String> =
-        addrs.iter().enumerate().take(voters as usize).map(|(i, a)| (i as u64 + 1, a.clone())).collect();
+        peer_addrs.iter().enumerate().take(voters as usize).map(|(i, a)| (i as u64 + 1, a.clone())).collect();
     let mut brokers = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
+    for (i, (listener, peer_listener)) in listeners.into_iter().zip(peer_listeners).enumerate() {
         let id = i as u64 + 1;
         let config = BrokerConfig {
             node_id: id,
             advertised_addr: addrs[i].clone(),
+            peer_addr: peer_addrs[i].clone(),
             data_dir: dir.path().join(format!("node-{id}")),
             voters: voters.clone(),
             timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800 },
@@ -85,6 +92,7 @@ pub async fn start_clocked(
             new_node_key: keel_broker::node_key_from_seed(id),
             // Some tests run brokers beyond the voters.
             admit_new_nodes: true,
+            auth: Default::default(),
         };
         let mut config = config;
         tweak(&mut config);
@@ -101,13 +109,15 @@ pub async fn start_clocked(
         let routes = broker.router().unwrap();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         tokio::spawn(broker.server().add_routes(routes).serve_with_incoming(incoming));
+        let incoming = tonic::transport::server::TcpIncoming::from(peer_listener);
+        tokio::spawn(broker.server().add_routes(broker.peer_router()).serve_with_incoming(incoming));
         brokers.push(broker);
     }
     for b in &brokers {
         let mut ready = b.ready();
         tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r)).await.unwrap().unwrap();
     }
-    Cluster { _dir: dir, brokers, addrs }
+    Cluster { _dir: dir, brokers, addrs, peer_addrs }
 }
 
 pub async fn channel(addr: &str) -> Channel {

@@ -472,6 +472,18 @@ impl Admin for Node {
         Err(Status::unimplemented("the fake broker does not audit"))
     }
 
+    async fn add_acl(&self, _: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no ACLs"))
+    }
+
+    async fn remove_acl(&self, _: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no ACLs"))
+    }
+
+    async fn list_acls(&self, _: Request<pb::ListAclsRequest>) -> Result<Response<pb::ListAclsResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no ACLs"))
+    }
+
     async fn describe_cluster(
         &self,
         _: Request<pb::DescribeClusterRequest>,
