@@ -88,6 +88,9 @@ struct FileConfig {
     insecure: Option<bool>,
     tokens_file: Option<PathBuf>,
     superusers: Option<Vec<String>>,
+    /// Per-principal byte rates per node (README, "Security").
+    quota_produce_bytes_per_sec: Option<u64>,
+    quota_fetch_bytes_per_sec: Option<u64>,
     voters: Option<String>,
     data_dir: Option<PathBuf>,
     /// The `/metrics` HTTP listener (README, "Metrics").
@@ -399,6 +402,8 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
                 .map(|s| s.trim().trim_start_matches("User:").to_owned())
                 .filter(|s| !s.is_empty())
                 .collect(),
+            produce_bytes_per_sec: file.quota_produce_bytes_per_sec,
+            fetch_bytes_per_sec: file.quota_fetch_bytes_per_sec,
         },
     };
     let grace = Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000));

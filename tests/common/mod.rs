@@ -57,22 +57,27 @@ impl Cluster {
     /// is healthy. `first_ip` picks the loopback addresses (127.0.0.first_ip …), so tests running
     /// at once never collide.
     pub async fn start(n: u64, first_ip: u8) -> Cluster {
-        Cluster::start_with(n, first_ip, false, &[]).await
+        Cluster::start_with(n, first_ip, false, &[], "").await
     }
 
     /// [`Cluster::start`] with TLS on both listeners: a CA and node certificates made by
     /// `keel cert` in the cluster's directory (`tls/`).
     pub async fn start_tls(n: u64, first_ip: u8) -> Cluster {
-        Cluster::start_with(n, first_ip, true, &[]).await
+        Cluster::start_with(n, first_ip, true, &[], "").await
     }
 
     /// [`Cluster::start_tls`] with client authentication: a tokens file with a token for
     /// `admin` (a superuser) and for each of `principals`.
     pub async fn start_auth(n: u64, first_ip: u8, principals: &[&str]) -> Cluster {
-        Cluster::start_with(n, first_ip, true, principals).await
+        Cluster::start_with(n, first_ip, true, principals, "").await
     }
 
-    async fn start_with(n: u64, first_ip: u8, tls: bool, principals: &[&str]) -> Cluster {
+    /// [`Cluster::start_auth`] with `extra` appended to every node's config file.
+    pub async fn start_auth_with(n: u64, first_ip: u8, principals: &[&str], extra: &str) -> Cluster {
+        Cluster::start_with(n, first_ip, true, principals, extra).await
+    }
+
+    async fn start_with(n: u64, first_ip: u8, tls: bool, principals: &[&str], extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -133,7 +138,7 @@ impl Cluster {
                 node.metrics_addr,
                 node.data_dir.display()
             );
-            std::fs::write(&node.config, toml + &security).unwrap();
+            std::fs::write(&node.config, toml + &security + extra).unwrap();
         }
         let tls = tls.then(|| {
             let client = keel_client::Tls::from_files(&tls_dir.join("ca.pem"), None, None).unwrap();

@@ -246,3 +246,60 @@ async fn tokens_and_acls_decide_who_does_what() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A produce quota: a principal over its byte rate gets RESOURCE_EXHAUSTED with a RetryInfo
+/// (and nothing is written), is served again once it waited that long, and the Rust producer,
+/// which honours the delay, gets every record acknowledged through the throttling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_over_its_quota_is_told_when_to_come_back() {
+    use tonic_types::StatusExt;
+    // 100 KB/s, and requests of 200 KB: the second in a row overdraws (a request would have to
+    // take more than a second to stay under it).
+    let cluster = common::Cluster::start_auth_with(1, 108, &["alice"], "quota_produce_bytes_per_sec = 100000\n").await;
+    let (tls_dir, _) = cluster.tls.clone().unwrap();
+    let admin = cluster.admin();
+    admin.create_topic("q", 1, 1, TopicConfig::default()).await.unwrap();
+    common::wait_leaders(&admin, "q").await;
+    let alice = cluster.tokens["alice"].clone();
+    let rule = pb::AclRule {
+        principal: "User:alice".into(),
+        resource_type: "topic".into(),
+        name: "q".into(),
+        operation: "produce".into(),
+        ..Default::default()
+    };
+    admin.add_acl(rule).await.unwrap();
+    let channel = connect(&cluster.nodes[0].addr, &tls_dir.join("ca.pem"), None).await.unwrap();
+    let produce = |channel: Channel| {
+        let alice = alice.clone();
+        async move {
+            let mut request = tonic::Request::new(pb::ProduceRequest {
+                topic: "q".into(),
+                partition: 0,
+                records: vec![pb::Record { value: Some(vec![7u8; 200_000].into()), ..Default::default() }],
+                ..Default::default()
+            });
+            request.metadata_mut().insert("authorization", format!("Bearer {alice}").parse().unwrap());
+            pb::producer_client::ProducerClient::new(channel).produce(request).await
+        }
+    };
+    produce(channel.clone()).await.unwrap();
+    let refused = produce(channel.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let wait = refused.get_details_retry_info().and_then(|r| r.retry_delay).expect("a RetryInfo");
+    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(2), "{wait:?}");
+    let written = |d: &pb::TopicDescription| d.partitions[0].high_watermark;
+    assert_eq!(written(&admin.describe_topic("q").await.unwrap()), 1, "the refused produce wrote nothing");
+    tokio::time::sleep(wait).await;
+    produce(channel).await.unwrap();
+
+    // The Rust producer waits as told and gets everything acknowledged (one record per request:
+    // each waits for the one before, so most of them meet the quota).
+    let producer = Producer::new(cluster.client_as("alice", 5), ProducerConfig::default()).unwrap();
+    for _ in 0..6 {
+        let record = ProducerRecord::new(vec![1u8; 100_000]).with_partition(0);
+        producer.send("q", record).await.unwrap().await.unwrap();
+    }
+    producer.close().await;
+    assert_eq!(written(&admin.describe_topic("q").await.unwrap()), 8);
+}

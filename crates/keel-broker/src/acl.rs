@@ -41,7 +41,7 @@ pub enum Operation {
     Alter,
     /// Be a member of a group: heartbeat, commit, nack, replay its dead letters.
     Join,
-    /// Administer the cluster: manage ACLs, describe the cluster.
+    /// Administer the cluster: manage ACLs.
     Admin,
 }
 

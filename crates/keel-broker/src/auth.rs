@@ -234,6 +234,36 @@ impl crate::broker::Inner {
         Err(Status::permission_denied(format!("{principal} may not {} {resource}", operation.name())))
     }
 
+    /// RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED, with a `RetryInfo`) while the caller is over its
+    /// `direction` quota; nodes and anonymous callers have none.
+    pub(crate) fn check_quota(
+        &self,
+        caller: Option<&Caller>,
+        direction: crate::quota::Direction,
+    ) -> Result<(), Status> {
+        let Some(Caller::Principal(Principal::User(name))) = caller else { return Ok(()) };
+        match self.quotas.check(name, direction, Instant::now()) {
+            Ok(()) => Ok(()),
+            Err(wait) => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                let mut details = ErrorDetails::with_retry_info(Some(wait));
+                details.set_error_info("QUOTA_EXCEEDED", crate::error::DOMAIN, std::collections::HashMap::new());
+                Err(Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    format!("User:{name} is over its {direction:?} quota on this node; retry in {wait:?}"),
+                    details,
+                ))
+            }
+        }
+    }
+
+    /// Charges `bytes` to the caller's `direction` quota.
+    pub(crate) fn charge_quota(&self, caller: Option<&Caller>, direction: crate::quota::Direction, bytes: usize) {
+        if let Some(Caller::Principal(Principal::User(name))) = caller {
+            self.quotas.charge(name, direction, bytes as u64, Instant::now());
+        }
+    }
+
     /// Whether `caller` may do `operation` on `resource`, without logging a denial (filters
     /// of listings).
     pub(crate) fn may(

@@ -122,6 +122,8 @@ pub(crate) struct Inner {
     pub(crate) tokens: Option<Arc<crate::auth::Tokens>>,
     /// When each principal's last denial was logged (at most one line per second each).
     pub(crate) denials_logged: Mutex<BTreeMap<String, tokio::time::Instant>>,
+    /// Per-principal produce and fetch byte rates.
+    pub(crate) quotas: crate::quota::Quotas,
 }
 
 /// How a node's partitions do their disk work, and bugs injected for negative controls. The
@@ -186,6 +188,7 @@ impl Broker {
         // Before any group opens: faults and the flush observer apply to groups opened from then on.
         node.set_faults(storage.faults);
         let metrics = Arc::new(Metrics::new(config.node_id, config.limits.metrics_partition_series_max));
+        let config_quotas = (config.auth.produce_bytes_per_sec, config.auth.fetch_bytes_per_sec);
         let tokens = match &config.auth.tokens_file {
             Some(path) => {
                 Some(Arc::new(crate::auth::Tokens::load(path).map_err(|e| BrokerError::Config(e.to_string()))?))
@@ -228,6 +231,7 @@ impl Broker {
             stopping: watch::channel(false).0,
             producer_ids: ProducerIds::new(),
             metrics,
+            quotas: crate::quota::Quotas::new(config_quotas.0, config_quotas.1),
             tokens,
             denials_logged: Mutex::new(BTreeMap::new()),
         });

@@ -235,6 +235,10 @@ pub struct AuthSettings {
     pub tokens_file: Option<PathBuf>,
     /// Principal names (without `User:`) that pass every ACL check.
     pub superusers: std::collections::BTreeSet<String>,
+    /// Bytes per second each authenticated principal may produce to this node (`None`: no quota).
+    pub produce_bytes_per_sec: Option<u64>,
+    /// Bytes per second each authenticated principal may fetch from this node.
+    pub fetch_bytes_per_sec: Option<u64>,
 }
 
 impl BrokerConfig {

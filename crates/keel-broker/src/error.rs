@@ -122,6 +122,7 @@ pub fn to_pb_error(status: &Status) -> keel_proto::v1::Error {
         leader_id: None,
         leader_addr: String::new(),
         reason: String::new(),
+        retry_after_ms: status.get_details_retry_info().and_then(|r| r.retry_delay).map(|d| d.as_millis() as u64),
     };
     if let Some(info) = status.get_details_error_info()
         && info.domain == DOMAIN

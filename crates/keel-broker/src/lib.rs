@@ -13,6 +13,7 @@
 //! - [`metrics`]: the node's Prometheus series, served on `/metrics` by its own HTTP listener;
 //! - [`tls`]: TLS on the listeners and the principal a connection proves;
 //! - [`auth`]: tokens and the caller of a request; [`acl`]: allow rules and their decision;
+//!   [`quota`]: per-principal byte rates;
 //! - [`config`]: settings and the data dir's identity; [`error`]: errors and their statuses.
 
 pub mod acl;
@@ -31,6 +32,7 @@ mod metrics_groups;
 mod metrics_http;
 pub mod producer_ids;
 mod publisher;
+pub mod quota;
 pub mod service;
 pub mod size_status;
 pub mod tls;

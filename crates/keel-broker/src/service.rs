@@ -21,6 +21,7 @@ use crate::broker::{Broker, HOPS_HEADER, Inner};
 use crate::error::{not_leader, to_pb_error};
 use crate::metadata::{self, META_GROUP, Metadata, ProducerEpoch, Topic, TopicSettings};
 use crate::metrics::{Api as Counted, GaugeGuard};
+use crate::quota::Direction;
 use crate::size_status::{SizeStatus, size_status};
 
 /// Records one AuditPartition reads when the request leaves it to the node.
@@ -668,6 +669,9 @@ fn settings_from_pb(c: Option<pb::TopicConfig>, batch_bytes_max: usize) -> Resul
 impl pb::producer_server::Producer for Api {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
         self.allow(&request, Resource::Topic(&request.get_ref().topic), Operation::Produce)?;
+        let caller = crate::auth::caller(&request);
+        self.inner.check_quota(caller.as_ref(), Direction::Produce)?;
+        self.inner.charge_quota(caller.as_ref(), Direction::Produce, request.get_ref().encoded_len());
         let hops = hops(&request);
         let request = request.into_inner();
         let metrics = &self.inner.metrics;
@@ -723,7 +727,12 @@ impl pb::producer_server::Producer for Api {
                 let Ok(held) = Arc::clone(&bytes).acquire_many_owned(size).await else { return };
                 let id = request.request_id;
                 let what = format!("{}/{}", request.topic, request.partition);
-                let allowed = inner.authorize(caller.as_ref(), Resource::Topic(&request.topic), Operation::Produce);
+                let allowed = inner
+                    .authorize(caller.as_ref(), Resource::Topic(&request.topic), Operation::Produce)
+                    .and_then(|()| inner.check_quota(caller.as_ref(), Direction::Produce));
+                if allowed.is_ok() {
+                    inner.charge_quota(caller.as_ref(), Direction::Produce, request.encoded_len());
+                }
                 let submitted = match allowed {
                     Ok(()) => inner.submit(&request).await,
                     Err(status) => Err(status),
@@ -827,13 +836,16 @@ fn error_response(request_id: u64, status: &Status) -> pb::ProduceResponse {
 impl pb::consumer_server::Consumer for Api {
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
         self.allow(&request, Resource::Topic(&request.get_ref().topic), Operation::Consume)?;
+        let caller = crate::auth::caller(&request);
+        self.inner.check_quota(caller.as_ref(), Direction::Fetch)?;
         let hops = hops(&request);
         let request = request.into_inner();
         let wait = request.max_wait_ms;
         let span = info_span!("fetch", topic = %request.topic, partition = request.partition, offset = request.offset);
         let answer = self.fetch(request, wait, hops).instrument(span).await;
-        if let Err(status) = &answer {
-            self.inner.metrics.error(Counted::Fetch, status);
+        match &answer {
+            Ok(response) => self.inner.charge_quota(caller.as_ref(), Direction::Fetch, response.encoded_len()),
+            Err(status) => self.inner.metrics.error(Counted::Fetch, status),
         }
         answer.map(Response::new)
     }
@@ -845,6 +857,7 @@ impl pb::consumer_server::Consumer for Api {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.allow(&request, Resource::Topic(&request.get_ref().topic), Operation::Consume)?;
+        let caller = crate::auth::caller(&request);
         let connection = crate::tls::remote_of(&request);
         let request = request.into_inner();
         let api = self.clone();
@@ -877,6 +890,18 @@ impl pb::consumer_server::Consumer for Api {
                     _ = stopping.wait_for(|s| *s) => break,
                     _ = tx.closed() => return,
                 };
+                // Over its fetch quota, the stream waits rather than fails: the consumer just
+                // receives more slowly.
+                if let Err(status) = api.inner.check_quota(caller.as_ref(), Direction::Fetch) {
+                    let wait = tonic_types::StatusExt::get_details_retry_info(&status)
+                        .and_then(|r| r.retry_delay)
+                        .unwrap_or(Duration::from_millis(100));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stopping.wait_for(|s| *s) => break,
+                        _ = tx.closed() => return,
+                    }
+                }
                 let fetch = pb::FetchRequest {
                     topic: request.topic.clone(),
                     partition: request.partition,
@@ -898,6 +923,7 @@ impl pb::consumer_server::Consumer for Api {
                             continue;
                         }
                         offset = response.next_offset;
+                        api.inner.charge_quota(caller.as_ref(), Direction::Fetch, response.encoded_len());
                         if tx.send(Ok((response, Some(permit)))).await.is_err() {
                             return;
                         }
@@ -1176,16 +1202,19 @@ impl pb::admin_server::Admin for Api {
         &self,
         request: Request<pb::DescribeClusterRequest>,
     ) -> Result<Response<pb::DescribeClusterResponse>, Status> {
-        self.allow(&request, Resource::Cluster, Operation::Describe)?;
+        // Every client needs the nodes and its topics' leaders (the Rust client's metadata):
+        // no ACL beyond authentication, and only the topics the caller may describe.
+        let caller = crate::auth::caller(&request);
         self.inner.check_serving()?;
         let inner = &self.inner;
         let meta = inner.metadata();
         let (statuses, reachable) = self.gather(&meta).await;
         let mut nodes: BTreeMap<NodeId, pb::NodeDescription> = BTreeMap::new();
-        for (id, addr) in &inner.config.voters {
+        for id in inner.config.voters.keys() {
+            // A voter's client address is known once it registered (`voters` names peer ones).
             nodes.insert(
                 *id,
-                pb::NodeDescription { node_id: *id, addr: addr.clone(), controller_voter: true, reachable: false },
+                pb::NodeDescription { node_id: *id, addr: String::new(), controller_voter: true, reachable: false },
             );
         }
         for (id, n) in &meta.nodes {
@@ -1200,7 +1229,12 @@ impl pb::admin_server::Admin for Api {
         for (id, node) in nodes.iter_mut() {
             node.reachable = reachable.get(id).copied().unwrap_or(false);
         }
-        let topics: Vec<_> = meta.topics.iter().map(|(name, t)| self.describe(name, t, &statuses)).collect();
+        let topics: Vec<_> = meta
+            .topics
+            .iter()
+            .filter(|(name, _)| inner.may(caller.as_ref(), Resource::Topic(name), Operation::Describe))
+            .map(|(name, t)| self.describe(name, t, &statuses))
+            .collect();
         let mut under_replicated = 0;
         let mut leaderless = 0;
         for p in topics.iter().flat_map(|t| &t.partitions) {

@@ -431,7 +431,7 @@ async fn fetch_with_retries(
             core.leader_moved(&request.topic, request.partition, &error);
         }
         let retriable = error.is_retriable() || matches!(error, ClientError::NotFound(_)) && attempt == 0;
-        let pause = core.backoff(attempt);
+        let pause = core.backoff(attempt).max(error.retry_after().unwrap_or_default());
         if !retriable || Instant::now() + pause >= deadline {
             return Err(error);
         }
@@ -626,7 +626,7 @@ impl PartitionTask {
                 self.fail(error).await;
                 return;
             }
-            tokio::time::sleep(self.core.backoff(attempt)).await;
+            tokio::time::sleep(self.core.backoff(attempt).max(error.retry_after().unwrap_or_default())).await;
             attempt = attempt.saturating_add(1);
         }
     }

@@ -247,7 +247,8 @@ impl Core {
                     }
                     Err(e) => return Err(e),
                 }
-                let pause = self.backoff(attempt);
+                let throttled = last_error.as_ref().and_then(ClientError::retry_after).unwrap_or_default();
+                let pause = self.backoff(attempt).max(throttled);
                 attempt = attempt.saturating_add(1);
                 let now = Instant::now();
                 if now + pause >= deadline {

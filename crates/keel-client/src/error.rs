@@ -77,6 +77,15 @@ pub enum ClientError {
     /// RESOURCE_EXHAUSTED: a configured limit was hit.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// RESOURCE_EXHAUSTED with a retry delay (reason QUOTA_EXCEEDED): over a byte-rate quota;
+    /// retried after at least `retry_after`.
+    #[error("throttled for {retry_after:?}: {message}")]
+    Throttled {
+        /// The broker's message.
+        message: String,
+        /// How long the broker asked to wait.
+        retry_after: Duration,
+    },
     /// DEADLINE_EXCEEDED from the server: the write may or may not have been committed.
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
@@ -163,6 +172,7 @@ impl ClientError {
         matches!(
             self,
             ClientError::NotLeader { .. }
+                | ClientError::Throttled { .. }
                 | ClientError::Unavailable(_)
                 | ClientError::DeadlineExceeded(_)
                 | ClientError::Timeout { .. }
@@ -224,6 +234,15 @@ impl ClientError {
         }
     }
 
+    /// How long the broker asked to wait before a retry (a quota's throttle), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Throttled { retry_after, .. } => Some(*retry_after),
+            ClientError::MaybeWritten(last) => last.retry_after(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn timeout(what: impl Into<String>, after: Duration) -> ClientError {
         ClientError::Timeout { what: what.into(), after }
     }
@@ -275,6 +294,11 @@ impl From<tonic::Status> for ClientError {
                 coordinator_addr: info.metadata.get("coordinator_addr").filter(|a| !a.is_empty()).cloned(),
             };
         }
+        if status.code() == Code::ResourceExhausted
+            && let Some(retry_after) = status.get_error_details().retry_info().and_then(|r| r.retry_delay)
+        {
+            return ClientError::Throttled { message: status.message().to_owned(), retry_after };
+        }
         let not_leader = if status.code() == Code::Unavailable {
             status.get_error_details().error_info().filter(|info| info.reason == NOT_LEADER_REASON).map(|info| {
                 let leader_id = info.metadata.get("leader_id").and_then(|id| id.parse::<u64>().ok());
@@ -294,6 +318,9 @@ impl From<&pb::Error> for ClientError {
     fn from(error: &pb::Error) -> ClientError {
         if PRODUCER_REASONS.contains(&error.reason.as_str()) {
             return ClientError::Producer { reason: error.reason.clone(), message: error.message.clone() };
+        }
+        if let Some(ms) = error.retry_after_ms.filter(|_| error.code == Code::ResourceExhausted as i32) {
+            return ClientError::Throttled { message: error.message.clone(), retry_after: Duration::from_millis(ms) };
         }
         let code = Code::from_i32(error.code);
         let leader_addr = (!error.leader_addr.is_empty()).then(|| error.leader_addr.clone());
@@ -410,6 +437,7 @@ mod tests {
             leader_id: Some(2),
             leader_addr: "n2:1".into(),
             reason: "NOT_LEADER".into(),
+            ..Default::default()
         });
         assert_eq!(
             e,
@@ -421,6 +449,7 @@ mod tests {
             leader_id: None,
             leader_addr: String::new(),
             reason: String::new(),
+            ..Default::default()
         });
         assert_eq!(e, ClientError::Unavailable("busy".into()));
         // A leader that lost its quorum knows no leader to name, but is still not the leader:
@@ -431,6 +460,7 @@ mod tests {
             leader_id: None,
             leader_addr: String::new(),
             reason: "NOT_LEADER".into(),
+            ..Default::default()
         });
         assert_eq!(e, ClientError::NotLeader { message: "no leader known".into(), leader_id: None, leader_addr: None });
         let e = ClientError::from(&pb::Error {
@@ -439,9 +469,22 @@ mod tests {
             leader_id: None,
             leader_addr: String::new(),
             reason: String::new(),
+            ..Default::default()
         });
         assert_eq!(e, ClientError::NotFound("no t".into()));
         let e = ClientError::from(&pb::Error { code: 0, message: "?".into(), ..Default::default() });
         assert!(matches!(e, ClientError::Server { code: Code::Internal, .. }));
+        // A quota's throttle: retriable, after at least the delay the broker gave.
+        let e = ClientError::from(&pb::Error {
+            code: Code::ResourceExhausted as i32,
+            message: "over quota".into(),
+            reason: "QUOTA_EXCEEDED".into(),
+            retry_after_ms: Some(1_500),
+            ..Default::default()
+        });
+        assert!(e.is_retriable(), "{e}");
+        assert_eq!(e.retry_after(), Some(Duration::from_millis(1_500)));
+        let limit = ClientError::from(&pb::Error { code: Code::ResourceExhausted as i32, ..Default::default() });
+        assert!(!limit.is_retriable(), "a limit without a delay is no throttle");
     }
 }

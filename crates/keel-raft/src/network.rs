@@ -597,3 +597,29 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(convert::transfer_leader_response_to_pb(&response)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A connection proved to be node 3 may speak for node 3 only; without a proof (plaintext
+    /// peers) nothing is checked.
+    #[test]
+    fn a_raft_request_must_speak_for_its_connections_node() {
+        let vote = |node_id| Some(pb::Vote { term: 9, node_id, committed: false });
+        let proved = |node: Option<NodeId>| {
+            let mut request = Request::new(());
+            if let Some(node) = node {
+                request.extensions_mut().insert(VerifiedNode(node));
+            }
+            request
+        };
+        assert!(check_claim(&proved(Some(3)), vote(3).as_ref()).is_ok());
+        let refused = check_claim(&proved(Some(3)), vote(2).as_ref()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(check_claim(&proved(Some(3)), None).is_err(), "a request that claims no one is refused too");
+        assert!(check_claim(&proved(None), vote(2).as_ref()).is_ok());
+    }
+}

@@ -136,7 +136,7 @@ fn a_successor_sharing_its_predecessors_epoch_is_caught() {
 /// ambiguous answer lands twice in `<group>.dlq`, which the check after healing reports.
 #[test]
 fn dead_letters_published_without_their_stamp_are_caught() {
-    for seed in [3u64, 5] {
+    for seed in [1u64, 2] {
         let violation = run(Workload::BrokerDeadLetterUnstamped, seed).violation.unwrap_or_default();
         // The same fault unstamps fired delayed records: either duplicate is the bug caught.
         let caught = violation.contains("dead letter published twice") || violation.contains("delivered twice");

@@ -607,6 +607,8 @@ impl Accumulator {
                 // A named leader is worth trying at once; anything else waits.
                 let wait =
                     if error.leader_hint().is_some() && q.failures == 0 { Duration::ZERO } else { backoff(q.failures) };
+                // A quota's throttle says how long at least.
+                let wait = wait.max(error.retry_after().unwrap_or_default());
                 q.failures = q.failures.saturating_add(1);
                 q.retry_at = Some(now + wait);
             }

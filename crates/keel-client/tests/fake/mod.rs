@@ -261,6 +261,7 @@ fn to_pb_error(status: &Status) -> pb::Error {
         leader_id: None,
         leader_addr: String::new(),
         reason: String::new(),
+        retry_after_ms: None,
     };
     if let Some(info) = status.get_details_error_info() {
         error.leader_id = info.metadata.get("leader_id").and_then(|s| s.parse().ok());
