@@ -120,17 +120,31 @@ pub enum Caller {
 }
 
 /// The client listener's gate: reads the bearer token (or the certificate's principal) and
-/// attaches the [`Caller`]. With a tokens file, a request without either is UNAUTHENTICATED,
-/// except the health and reflection services (probes and tools need no credentials).
+/// attaches the [`Caller`]. With a tokens file, a request without either is UNAUTHENTICATED
+/// (the gate guards the client services only: health and reflection answer anyone). Without
+/// one, a caller is its certificate's principal or anonymous, and authorization is off.
 #[derive(Clone)]
 pub struct ClientGate {
     tokens: Option<Arc<Tokens>>,
+    /// When a refusal was last logged: at most one line a second, whatever a client sends.
+    last_logged: Arc<Mutex<Option<Instant>>>,
 }
 
 impl ClientGate {
     /// A gate checking `tokens`; `None`: authentication off.
     pub fn new(tokens: Option<Arc<Tokens>>) -> ClientGate {
-        ClientGate { tokens }
+        ClientGate { tokens, last_logged: Arc::new(Mutex::new(None)) }
+    }
+
+    /// Logs a refusal (rate-limited) and returns its status.
+    fn refuse(&self, info: &ConnInfo, why: &str) -> Status {
+        let now = Instant::now();
+        let mut last = self.last_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            *last = Some(now);
+            warn!(remote = ?info.remote(), why, "unauthenticated request refused");
+        }
+        unauthenticated(why)
     }
 }
 
@@ -146,36 +160,30 @@ impl tonic::service::Interceptor for ClientGate {
         let bearer = match request.metadata().get("authorization") {
             None => None,
             Some(value) => {
-                let value = value.to_str().map_err(|_| unauthenticated("the authorization header is not text"))?;
+                let value = value.to_str().map_err(|_| self.refuse(&info, "the authorization header is not text"))?;
                 let token = value
                     .strip_prefix("Bearer ")
-                    .ok_or_else(|| unauthenticated("the authorization header is not `Bearer TOKEN`"))?;
+                    .ok_or_else(|| self.refuse(&info, "the authorization header is not `Bearer TOKEN`"))?;
                 Some(token.trim().to_owned())
             }
         };
         let caller = match (&self.tokens, bearer) {
             (Some(tokens), Some(token)) => {
                 if token.len() > TOKEN_BYTES_MAX {
-                    return Err(unauthenticated("the token is too long"));
+                    return Err(self.refuse(&info, "the token is too long"));
                 }
                 match tokens.principal(&token) {
                     Some(name) => Caller::Principal(Principal::User(name)),
-                    None => {
-                        warn!(remote = ?info.remote(), "a request with an unknown token refused");
-                        return Err(unauthenticated("unknown token"));
-                    }
+                    None => return Err(self.refuse(&info, "unknown token")),
                 }
             }
-            (None, Some(_)) => {
-                return Err(Status::unauthenticated("this node has no tokens file: tokens cannot be checked here"));
-            }
+            // Authentication is off here: a token is ignored, so that clients can be given
+            // tokens before the nodes get their tokens file (a rolling change).
+            (None, Some(_)) => Caller::Anonymous,
             (_, None) => match info.principal() {
                 Some(principal) => Caller::Principal(principal.clone()),
                 None if self.tokens.is_none() => Caller::Anonymous,
-                None => {
-                    // Health and reflection answer anyone; the gate sees them by their path.
-                    return Err(unauthenticated("no credentials"));
-                }
+                None => return Err(self.refuse(&info, "no credentials")),
             },
         };
         request.extensions_mut().insert(caller);
