@@ -23,6 +23,8 @@ import tempfile
 import time
 import uuid
 
+from check_api import open_channel  # TLS and the token, as keel dev prints them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The subset of googleapis' google/rpc messages that Keel's refusals use. Package and field
@@ -89,19 +91,6 @@ def refusal(error):
             if detail.Unpack(info):
                 return Refusal(error, info.reason, dict(info.metadata))
     return Refusal(error, None, {})
-
-
-def open_channel(grpc, addr):
-    """A channel to `addr`: TLS trusting KEEL_CA_FILE when it is set (as `keel dev` prints it),
-    with KEEL_TOKEN as the bearer token of every call; plaintext otherwise."""
-    ca_file, token = os.environ.get("KEEL_CA_FILE"), os.environ.get("KEEL_TOKEN")
-    if not ca_file:
-        return grpc.insecure_channel(addr)
-    with open(ca_file, "rb") as f:
-        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
-    if token:
-        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-    return grpc.secure_channel(addr, credentials)
 
 
 class Cluster:

@@ -208,28 +208,40 @@ impl crate::broker::Inner {
         self.tokens.is_some()
     }
 
-    /// Whether `caller` may do `operation` on `resource`: nodes, superusers and (with
-    /// authentication off) everyone may; otherwise an ACL must allow it. A denial is
-    /// PERMISSION_DENIED and logged (rate-limited per principal).
+    /// What the rules say of `caller` doing `operation` on `resource`: `Ok(None)` allowed,
+    /// `Ok(Some(principal))` denied, `Err` unauthenticated. Nodes, superusers and (with
+    /// authentication off) everyone may; otherwise an ACL must allow it.
+    fn decide(
+        &self,
+        caller: Option<&Caller>,
+        resource: &crate::acl::Resource<'_>,
+        operation: crate::acl::Operation,
+    ) -> Result<Option<String>, Status> {
+        let name = match caller {
+            Some(Caller::Peer | Caller::Principal(Principal::Node(_)) | Caller::Anonymous) => return Ok(None),
+            None if !self.auth_on() => return Ok(None),
+            None => return Err(unauthenticated("no credentials")),
+            Some(Caller::Principal(Principal::User(name))) => name,
+        };
+        if !self.auth_on() || self.config.auth.superusers.contains(name) {
+            return Ok(None);
+        }
+        let principal = format!("User:{name}");
+        if crate::acl::allowed(&self.metadata().acls, &principal, resource, operation) {
+            return Ok(None);
+        }
+        Ok(Some(principal))
+    }
+
+    /// Refuses `caller` doing `operation` on `resource` unless [`Self::decide`] allows it. A
+    /// denial is PERMISSION_DENIED and logged (rate-limited per principal).
     pub(crate) fn authorize(
         &self,
         caller: Option<&Caller>,
         resource: crate::acl::Resource<'_>,
         operation: crate::acl::Operation,
     ) -> Result<(), Status> {
-        let name = match caller {
-            Some(Caller::Peer | Caller::Principal(Principal::Node(_)) | Caller::Anonymous) => return Ok(()),
-            None if !self.auth_on() => return Ok(()),
-            None => return Err(unauthenticated("no credentials")),
-            Some(Caller::Principal(Principal::User(name))) => name,
-        };
-        if !self.auth_on() || self.config.auth.superusers.contains(name) {
-            return Ok(());
-        }
-        let principal = format!("User:{name}");
-        if crate::acl::allowed(&self.metadata().acls, &principal, &resource, operation) {
-            return Ok(());
-        }
+        let Some(principal) = self.decide(caller, &resource, operation)? else { return Ok(()) };
         let now = tokio::time::Instant::now();
         let mut logged = self.denials_logged.lock().unwrap_or_else(|e| e.into_inner());
         if logged.get(&principal).is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(1)) {
@@ -280,14 +292,7 @@ impl crate::broker::Inner {
         resource: crate::acl::Resource<'_>,
         operation: crate::acl::Operation,
     ) -> bool {
-        match caller {
-            Some(Caller::Principal(Principal::User(name))) if self.auth_on() => {
-                self.config.auth.superusers.contains(name)
-                    || crate::acl::allowed(&self.metadata().acls, &format!("User:{name}"), &resource, operation)
-            }
-            None => !self.auth_on(),
-            _ => true,
-        }
+        matches!(self.decide(caller, &resource, operation), Ok(None))
     }
 }
 

@@ -207,9 +207,9 @@ impl Api {
         };
         // A generic client that reached a follower is served by forwarding once to the leader.
         let error = to_pb_error(&status);
-        match (error.leader_id, hops) {
-            (Some(leader), 0) if leader != inner.config.node_id && inner.peer_addr_of(leader).is_some() => {
-                let addr = inner.peer_addr_of(leader).unwrap_or_default();
+        let leader_peer = error.leader_id.filter(|l| *l != inner.config.node_id).and_then(|l| inner.peer_addr_of(l));
+        match (leader_peer, hops) {
+            (Some(addr), 0) => {
                 let channel = inner.channel(&addr)?;
                 let mut forwarded = Request::new(request);
                 forwarded.metadata_mut().insert(HOPS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
