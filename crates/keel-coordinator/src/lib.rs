@@ -7,11 +7,13 @@
 //! - [`groups`]: consumer groups — members, epochs, server-side assignment, committed offsets,
 //!   retry and dead letter;
 //! - [`publish`]: publishing exactly once from a shard (dead letters, replays, fired timers);
-//! - [`timers`]: delayed and scheduled messages over `__delayed`, bounded in memory.
+//! - [`timers`]: delayed and scheduled messages over `__delayed`, bounded in memory;
+//! - [`txn`]: transactional (half) messages with check-back over `__txn`.
 
 pub mod groups;
 pub mod publish;
 pub mod timers;
+pub mod txn;
 
 /// One record of an internal topic: a key that names what it sets, and the value it now has
 /// (`None` deletes it). Records are "latest value per key", so a partition rewritten as the

@@ -233,3 +233,89 @@ pub fn batches(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
 pub fn confirm(publishes: &mut BTreeMap<(Tp, (i16, i32)), Publish>, target: &Tp, stamp: (i16, i32)) {
     publishes.retain(|(tp, s), _| tp != target || *s > stamp);
 }
+
+/// Decisions of one operation, grouped per target into batches of at most a byte limit
+/// (`batch_base` set on each), so that the records one operation decides for one target land
+/// together and a resend after a failover repeats the same batches. Works on copies of the
+/// shard's publishers and decisions; [`Batcher::records`] tells what changed.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    /// Publishers as the decisions so far left them.
+    pub publishers: BTreeMap<Tp, Publisher>,
+    /// Decisions, those of this operation included.
+    pub publishes: BTreeMap<(Tp, (i16, i32)), Publish>,
+    /// Per target: the batch being filled (its base sequence and bytes so far).
+    open: BTreeMap<Tp, (i32, usize)>,
+    /// The producer id a new publisher may take, until one does.
+    spare: Option<i64>,
+    /// Whether `spare` was taken.
+    pub used_spare: bool,
+}
+
+impl Batcher {
+    /// Starts from the shard's publishers and decisions.
+    pub fn new(
+        publishers: &BTreeMap<Tp, Publisher>,
+        publishes: &BTreeMap<(Tp, (i16, i32)), Publish>,
+        spare: Option<i64>,
+    ) -> Batcher {
+        Batcher {
+            publishers: publishers.clone(),
+            publishes: publishes.clone(),
+            open: BTreeMap::new(),
+            spare,
+            used_spare: false,
+        }
+    }
+
+    /// Decides `record` (counted as `bytes`) for `target`, in the open batch there if it still
+    /// fits `batch_bytes_max` (counting `batch_overhead` once per batch), else in a new one.
+    #[allow(clippy::too_many_arguments)] // The decision's inputs, each of a different kind.
+    pub fn add(
+        &mut self,
+        target: &Tp,
+        record: Outgoing,
+        bytes: usize,
+        batch_bytes_max: usize,
+        batch_overhead: usize,
+        bounds: &Bounds,
+        now_ms: i64,
+    ) -> Result<(), DecideError> {
+        if decide(&mut self.publishers, &mut self.publishes, target, record, bounds, now_ms, self.spare)? {
+            self.spare = None;
+            self.used_spare = true;
+        }
+        let Some(p) = self.publishers.get(target) else { return Ok(()) };
+        let stamp = (p.epoch, p.next_sequence - 1);
+        let base = match self.open.get(target) {
+            Some(&(base, size)) if size.saturating_add(bytes) <= batch_bytes_max => {
+                self.open.insert(target.clone(), (base, size + bytes));
+                base
+            }
+            _ => {
+                self.open.insert(target.clone(), (stamp.1, batch_overhead + bytes));
+                stamp.1
+            }
+        };
+        if let Some(d) = self.publishes.get_mut(&(target.clone(), stamp)) {
+            d.batch_base = Some(base);
+        }
+        Ok(())
+    }
+
+    /// What changed against the shard's `publishers` and `publishes`: publishers that are new or
+    /// moved on, and the new decisions, in key order.
+    #[allow(clippy::type_complexity)] // The two halves of a shard's publishing state.
+    pub fn changes(
+        &self,
+        publishers: &BTreeMap<Tp, Publisher>,
+        publishes: &BTreeMap<(Tp, (i16, i32)), Publish>,
+    ) -> (Vec<(Tp, Publisher)>, Vec<(Tp, (i16, i32), Publish)>) {
+        let moved = self.publishers.iter().filter(|(tp, p)| publishers.get(*tp) != Some(*p));
+        let new = self.publishes.iter().filter(|(k, _)| !publishes.contains_key(*k));
+        (
+            moved.map(|(tp, p)| (tp.clone(), p.clone())).collect(),
+            new.map(|((tp, s), p)| (tp.clone(), *s, p.clone())).collect(),
+        )
+    }
+}

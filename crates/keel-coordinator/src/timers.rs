@@ -510,13 +510,9 @@ impl Timers {
         now_ms: i64,
         spare_producer_id: Option<i64>,
     ) -> Result<(Vec<TimerRecord>, FireOutput), TimerError> {
-        let mut publishers = self.publishers.clone();
-        let mut publishes = self.publishes.clone();
+        let mut batcher = publish::Batcher::new(&self.publishers, &self.publishes, spare_producer_id);
         let mut records = Vec::new();
         let mut out = FireOutput::default();
-        let mut spare = spare_producer_id;
-        // Per target: the batch being filled (its base sequence and bytes so far).
-        let mut open: BTreeMap<Tp, (i32, usize)> = BTreeMap::new();
         for (id, t) in due {
             if !self.near.contains(&(t.deliver_at_ms, *id)) {
                 continue;
@@ -529,33 +525,10 @@ impl Timers {
             });
             let record = publish::Outgoing { key: t.key.clone(), value: t.value.clone(), headers };
             let bytes = t.size().saturating_add(RECORD_OVERHEAD_BYTES);
-            match publish::decide(&mut publishers, &mut publishes, &t.target, record, &limits.publish, now_ms, spare) {
-                Ok(used) => {
-                    if used {
-                        spare = None;
-                        out.used_spare_id = true;
-                    }
-                    if let Some(p) = publishers.get(&t.target) {
-                        let stamp = (p.epoch, p.next_sequence - 1);
-                        let base = match open.get(&t.target) {
-                            Some(&(base, size))
-                                if size.saturating_add(bytes)
-                                    <= PUBLISH_BATCH_BYTES_MAX.min(batch_limit(&t.target)) =>
-                            {
-                                open.insert(t.target.clone(), (base, size + bytes));
-                                base
-                            }
-                            _ => {
-                                open.insert(t.target.clone(), (stamp.1, BATCH_OVERHEAD_BYTES + bytes));
-                                stamp.1
-                            }
-                        };
-                        if let Some(d) = publishes.get_mut(&(t.target.clone(), stamp)) {
-                            d.batch_base = Some(base);
-                        }
-                    }
-                }
-                Err(publish::DecideError::ProducerIdNeeded) if !out.fired.is_empty() || out.used_spare_id => {
+            let limit = PUBLISH_BATCH_BYTES_MAX.min(batch_limit(&t.target));
+            match batcher.add(&t.target, record, bytes, limit, BATCH_OVERHEAD_BYTES, &limits.publish, now_ms) {
+                Ok(()) => {}
+                Err(publish::DecideError::ProducerIdNeeded) if !out.fired.is_empty() || batcher.used_spare => {
                     out.deferred.push(*id);
                     continue;
                 }
@@ -571,16 +544,10 @@ impl Timers {
             records.push(TimerRecord::Fired(*id, t.deliver_at_ms));
             out.fired.push(*id);
         }
-        for (tp, p) in &publishers {
-            if self.publishers.get(tp) != Some(p) {
-                records.push(TimerRecord::Publisher(tp.clone(), Some(p.clone())));
-            }
-        }
-        for ((tp, stamp), p) in &publishes {
-            if !self.publishes.contains_key(&(tp.clone(), *stamp)) {
-                records.push(TimerRecord::Publish(tp.clone(), *stamp, Some(p.clone())));
-            }
-        }
+        out.used_spare_id = batcher.used_spare;
+        let (publishers, publishes) = batcher.changes(&self.publishers, &self.publishes);
+        records.extend(publishers.into_iter().map(|(tp, p)| TimerRecord::Publisher(tp, Some(p))));
+        records.extend(publishes.into_iter().map(|(tp, s, p)| TimerRecord::Publish(tp, s, Some(p))));
         Ok((records, out))
     }
 
