@@ -155,6 +155,27 @@ pub enum ClientError {
     /// records may have been stored all the same.
     #[error("{0} (an earlier attempt may have stored the records)")]
     MaybeWritten(Box<ClientError>),
+    /// The producer's outbox holds `bytes_max` bytes ([`crate::WhenFull`]); nothing was written.
+    #[error("the outbox is full ({bytes_max} bytes)")]
+    OutboxFull {
+        /// The configured bound.
+        bytes_max: u64,
+    },
+    /// The outbox's log could not be written or flushed (a full disk, a failed fsync): the
+    /// producer stops; what the log holds is sent when it is opened again.
+    #[error("outbox I/O: {0}")]
+    Outbox(String),
+    /// The outbox's log is damaged before its end (a flipped bit, a lost segment): refused
+    /// rather than served, so nothing is sent twice or dropped silently.
+    #[error("outbox log corrupt in {path} at byte {offset}: {detail}")]
+    OutboxCorrupt {
+        /// The segment (or the directory).
+        path: String,
+        /// Where in it.
+        offset: u64,
+        /// What was found.
+        detail: String,
+    },
 }
 
 impl ClientError {

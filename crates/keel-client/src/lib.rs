@@ -37,6 +37,7 @@ mod core;
 pub mod dedup;
 mod error;
 mod group;
+pub mod outbox;
 mod partitioner;
 mod producer;
 
@@ -50,6 +51,9 @@ pub use group::{
 };
 pub use keel_proto::v1::{
     DescribeClusterResponse as ClusterDescription, NodeDescription, PartitionDescription, TopicConfig, TopicDescription,
+};
+pub use outbox::{
+    OutboxAlarm, OutboxConfig, OutboxRow, OutboxStats, OutboxStore, ParkedBatch, RelayError, WhenFull, relay_once,
 };
 pub use partitioner::{fnv1a_64, partition_for_key};
 pub use producer::{

@@ -29,6 +29,36 @@ pub(crate) struct Limits {
     pub(crate) delivery_timeout: Duration,
     /// Stamp batches with a producer id, epoch and sequence, so that retries are deduplicated.
     pub(crate) idempotent: bool,
+    /// Records come from a durable outbox: a batch leaves it only once stored, so a batch that
+    /// fails for good is parked (kept for the user to decide) rather than failed, and a batch
+    /// that may be stored is never stamped afresh.
+    pub(crate) outbox: bool,
+}
+
+/// A stamp given to a batch of outbox records, to be made durable before the batch is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NewStamp {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) producer_id: i64,
+    pub(crate) epoch: i16,
+    pub(crate) base_sequence: i32,
+    pub(crate) ids: Vec<u64>,
+}
+
+/// An outbox batch that failed for good: its records stay in the outbox until the user discards
+/// or re-sends them.
+#[derive(Debug, Clone)]
+pub(crate) struct ParkedOut {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) ids: Vec<u64>,
+    /// The encoded batch, as last sent.
+    pub(crate) bytes: Bytes,
+    pub(crate) stamp: Option<(i64, i16, i32)>,
+    pub(crate) error: ClientError,
+    /// An attempt may have stored it: sending it again under a new stamp may duplicate it.
+    pub(crate) maybe_written: bool,
 }
 
 /// The producer identity a partition's batches are stamped with, and the next sequence.
@@ -53,6 +83,8 @@ struct Supplied {
 struct OpenBatch {
     builder: BatchBuilder,
     replies: Vec<Reply>,
+    /// Outbox ids of the records, in record order (empty without an outbox).
+    ids: Vec<u64>,
     created: Instant,
 }
 
@@ -74,6 +106,10 @@ struct Batch {
     stamped: Option<(i64, i16)>,
     /// Dropped when the batch is resolved, which is what `flush` waits for.
     flush_waiters: Vec<oneshot::Sender<()>>,
+    /// Outbox ids of the records, in record order (empty without an outbox).
+    ids: Vec<u64>,
+    /// Re-sent from the outbox after a restart: the previous process may have stored it.
+    restored: bool,
 }
 
 #[derive(Default)]
@@ -114,6 +150,8 @@ pub(crate) struct Dispatch {
     pub(crate) wants_refresh: bool,
     /// Some partition waits for a producer id ([`Accumulator::supply_producer_id`]).
     pub(crate) wants_producer_id: bool,
+    /// Stamps given to outbox batches in `requests`: durable before any of them is sent.
+    pub(crate) stamps: Vec<NewStamp>,
 }
 
 /// The outcome of one answered request.
@@ -140,6 +178,10 @@ pub(crate) struct Accumulator {
     /// Another instance of this producer's stable identity took over (PRODUCER_FENCED): this one
     /// can send nothing more, and every record fails with this error.
     fenced: Option<ClientError>,
+    /// Outbox ids of records stored since the last [`Accumulator::take_outbox_events`].
+    outbox_done: Vec<u64>,
+    /// Outbox batches parked since then.
+    outbox_parked: Vec<ParkedOut>,
 }
 
 fn succeed(buffer: &Semaphore, batch: Batch, base_offset: u64) {
@@ -187,6 +229,8 @@ impl PartitionQueue {
             maybe_written: false,
             stamped: None,
             flush_waiters: Vec::new(),
+            ids: open.ids,
+            restored: false,
         });
         true
     }
@@ -264,6 +308,8 @@ impl Accumulator {
             next_request_id: 1,
             latest: None,
             fenced: None,
+            outbox_done: Vec::new(),
+            outbox_parked: Vec::new(),
         }
     }
 
@@ -350,6 +396,19 @@ impl Accumulator {
         reply: Reply,
         now: Instant,
     ) -> Result<bool, ClientError> {
+        self.append_with_id(topic, partition, record, reply, now, None)
+    }
+
+    /// [`Accumulator::append`] of a record with its outbox id.
+    pub(crate) fn append_with_id(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        record: &ProducerRecord,
+        reply: Reply,
+        now: Instant,
+        id: Option<u64>,
+    ) -> Result<bool, ClientError> {
         if let Some(error) = &self.fenced {
             return Err(error.clone());
         }
@@ -369,6 +428,7 @@ impl Accumulator {
         if let Some(open) = &mut q.open {
             if open.builder.push(new).is_ok() {
                 open.replies.push(reply);
+                open.ids.extend(id);
                 return Ok(false);
             }
             // Full (or a timestamp too far from the batch's first): start a new batch, where a
@@ -388,7 +448,7 @@ impl Accumulator {
         }
         let t = self.topic_mut(topic);
         let q = t.partitions.entry(partition).or_default();
-        q.open = Some(OpenBatch { builder, replies: vec![reply], created: now });
+        q.open = Some(OpenBatch { builder, replies: vec![reply], ids: id.into_iter().collect(), created: now });
         Ok(true)
     }
 
@@ -506,7 +566,18 @@ impl Accumulator {
                             }
                         }
                         if let (Some(ident), Some(front)) = (q.ident.as_mut(), q.ready.front_mut()) {
+                            let base_sequence = ident.next_sequence;
                             stamp(front, ident);
+                            if !front.ids.is_empty() {
+                                out.stamps.push(NewStamp {
+                                    topic: topic.clone(),
+                                    partition,
+                                    producer_id: ident.producer_id,
+                                    epoch: ident.epoch,
+                                    base_sequence,
+                                    ids: front.ids.clone(),
+                                });
+                            }
                         }
                     }
                     let Some(batch) = q.ready.pop_front() else { break };
@@ -577,6 +648,7 @@ impl Accumulator {
         let error = match result {
             Ok(r) if r.record_count as usize == batch.replies.len() => {
                 q.failures = 0;
+                self.outbox_done.extend_from_slice(&batch.ids);
                 succeed(&self.buffer, batch, r.base_offset);
                 return Some(Completion { topic, partition, error: None });
             }
@@ -592,7 +664,18 @@ impl Accumulator {
         if matches!(&error, ClientError::Producer { reason, .. } if reason == "PRODUCER_FENCED") {
             self.fenced.get_or_insert_with(|| error.clone());
         }
-        if matches!(&error, ClientError::Producer { reason, .. } if reason == "UNKNOWN_PRODUCER_ID") {
+        let unknown_producer =
+            matches!(&error, ClientError::Producer { reason, .. } if reason == "UNKNOWN_PRODUCER_ID");
+        if unknown_producer && self.limits.outbox && (batch.maybe_written || batch.restored) {
+            // An outbox batch that may be stored (by an earlier attempt, or by the process
+            // before a restart) whose producer the partition has since forgotten (expired):
+            // stamped afresh it would be written twice if it was stored. It is parked, and the
+            // user decides.
+            q.retire_identity();
+            self.park(batch, error.clone());
+            return Some(Completion { topic, partition, error: Some(error) });
+        }
+        if unknown_producer {
             // The partition forgot the producer, so no attempt of this batch is stored (it would
             // know the producer): it goes again under a new identity, like everything after it.
             batch.stamped = None;
@@ -619,9 +702,84 @@ impl Accumulator {
             if batch.stamped.is_some() {
                 q.retire_identity();
             }
-            fail(&self.buffer, batch, &error);
+            let stored =
+                matches!(&error, ClientError::Producer { reason, .. } if reason == "DUPLICATE_SEQUENCE_NUMBER");
+            if self.limits.outbox && !batch.ids.is_empty() && !stored {
+                self.park(batch, error.clone());
+            } else {
+                // Stored long ago (where is no longer known): the outbox is done with it.
+                self.outbox_done.extend_from_slice(&batch.ids);
+                fail(&self.buffer, batch, &error);
+            }
         }
         Some(Completion { topic, partition, error: Some(error) })
+    }
+
+    /// Fails an outbox batch's futures and keeps the batch for the user.
+    fn park(&mut self, batch: Batch, error: ClientError) {
+        let parked = ParkedOut {
+            topic: batch.topic.clone(),
+            partition: batch.partition,
+            ids: batch.ids.clone(),
+            bytes: batch.bytes.clone(),
+            stamp: keel_record::check(&batch.bytes).ok().and_then(|h| h.producer_stamp(0)),
+            error: error.clone(),
+            maybe_written: batch.maybe_written || batch.restored,
+        };
+        self.outbox_parked.push(parked);
+        fail(&self.buffer, batch, &error);
+    }
+
+    /// Forgets a dispatched request that was never sent (its stamp could not be made durable),
+    /// failing its records' futures with `error`; the records stay in the outbox.
+    pub(crate) fn abandon(&mut self, request_id: u64, error: &ClientError) {
+        let Some(batch) = self.in_flight.remove(&request_id) else { return };
+        if let Some(q) = self.topics.get_mut(&batch.topic).and_then(|t| t.partitions.get_mut(&batch.partition)) {
+            q.in_flight = q.in_flight.saturating_sub(1);
+        }
+        fail(&self.buffer, batch, error);
+    }
+
+    /// Outbox ids stored and batches parked since the last call.
+    pub(crate) fn take_outbox_events(&mut self) -> (Vec<u64>, Vec<ParkedOut>) {
+        (std::mem::take(&mut self.outbox_done), std::mem::take(&mut self.outbox_parked))
+    }
+
+    /// Queues an encoded batch of outbox records behind everything of its partition: one the
+    /// previous process stamped (`stamped`: sent again with exactly that stamp, so the
+    /// partition recognises it if it was stored), or one the user re-sends (stamped afresh).
+    /// Nobody waits for its records' futures.
+    pub(crate) fn restore_batch(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        ids: Vec<u64>,
+        bytes: Bytes,
+        stamped: Option<(i64, i16)>,
+        now: Instant,
+    ) {
+        debug_assert!(!ids.is_empty());
+        let replies: Vec<Reply> = ids.iter().map(|_| oneshot::channel().0).collect();
+        // The records hold buffer room like any others until they resolve (which gives it back).
+        self.buffer.forget_permits(replies.len());
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let restored = stamped.is_some();
+        let q = self.topic_mut(topic).partitions.entry(partition).or_default();
+        q.ready.push_back(Batch {
+            seq,
+            topic: topic.to_owned(),
+            partition,
+            bytes,
+            replies,
+            created: now,
+            last_error: None,
+            maybe_written: restored,
+            stamped,
+            flush_waiters: Vec::new(),
+            ids,
+            restored,
+        });
     }
 
     /// When the sender task must look again even if nothing happens: a linger ending, a backoff
@@ -694,6 +852,7 @@ mod tests {
             in_flight_max,
             delivery_timeout: Duration::from_secs(60),
             idempotent: false,
+            outbox: false,
         };
         Accumulator::new(limits, Arc::new(Semaphore::new(0)))
     }

@@ -11,7 +11,7 @@
 //! acknowledged meanwhile stay where they are, so a failure in the middle of a pipeline can
 //! reorder batches (as in Kafka without idempotence); `in_flight_max: 1` avoids that.
 
-mod accumulator;
+pub(crate) mod accumulator;
 mod delayed;
 mod stream;
 
@@ -37,6 +37,7 @@ use self::stream::{Event, StreamHandle};
 use crate::config::ClientConfig;
 use crate::core::Core;
 use crate::error::ClientError;
+use crate::outbox::{Outbox, OutboxConfig, OutboxStats, ParkedBatch};
 use crate::partitioner::partition_for_key;
 
 /// Salt of the producer's random stream (see [`Core::new`]).
@@ -219,6 +220,8 @@ struct Shared {
     closing: AtomicBool,
     /// The sender task must exit.
     stop: AtomicBool,
+    /// The durable outbox, when the producer has one.
+    outbox: Option<Arc<Outbox>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -241,6 +244,64 @@ impl Producer {
     /// A producer; its sender task starts at once on the current tokio runtime, and nothing is
     /// dialled until the first record.
     pub fn new(config: ClientConfig, producer: ProducerConfig) -> Result<Producer, ClientError> {
+        Producer::build(config, producer, None)
+    }
+
+    /// A producer with a durable outbox (see the crate's `outbox` module and the README):
+    /// `send` appends each record to the outbox's log and flushes it before it returns, and
+    /// the record leaves the log only once stored. Opening recovers the log and sends again
+    /// what it holds: batches stamped before a restart with exactly their stamps (so a
+    /// partition that stored them answers them as duplicates), records never stamped under a
+    /// new producer id. Records are retried until stored (`delivery_timeout` only bounds how
+    /// long `close` waits); one that cannot be stored is parked with an alarm and stays in the
+    /// outbox. Needs idempotence and no stable `identity`. An outbox I/O error (a full disk, a
+    /// failed fsync) fails that `send` and stops the producer: open it again to continue.
+    pub async fn with_outbox(
+        config: ClientConfig,
+        producer: ProducerConfig,
+        outbox: OutboxConfig,
+    ) -> Result<Producer, ClientError> {
+        producer.validate()?;
+        outbox.validate()?;
+        if !producer.idempotence || producer.identity.is_some() {
+            return Err(ClientError::Config(
+                "an outbox needs an idempotent producer without a stable identity (a new epoch would fence the batches it re-sends)".into(),
+            ));
+        }
+        let skip_stamps = outbox.negative_control_skip_stamps;
+        let (outbox, restored) = Outbox::open(outbox, skip_stamps).await?;
+        let this = Producer::build(config, producer, Some(Arc::new(outbox)))?;
+        {
+            let now = Instant::now();
+            let shared = &this.shared;
+            let mut acc = lock(&shared.acc);
+            for b in restored.stamped {
+                acc.restore_batch(&b.topic, b.partition, b.ids, b.bytes, Some(b.stamp), now);
+            }
+            for r in restored.unstamped {
+                // Nobody waits for these futures; the records hold buffer room until stored.
+                let (tx, _rx) = oneshot::channel();
+                shared.buffer.forget_permits(1);
+                if let Err(error) = acc.append_with_id(&r.topic, r.partition, &r.record, tx, now, Some(r.id)) {
+                    // Only a smaller batch_bytes_max than the record was written with gets here:
+                    // sent alone, in a batch of its own.
+                    warn!(%error, id = r.id, "outbox: a recovered record does not fit a batch; sent alone");
+                    match crate::outbox::single_batch(&r) {
+                        Ok(bytes) => acc.restore_batch(&r.topic, r.partition, vec![r.id], bytes, None, now),
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+        }
+        this.shared.wake.notify_one();
+        Ok(this)
+    }
+
+    fn build(
+        config: ClientConfig,
+        producer: ProducerConfig,
+        outbox: Option<Arc<Outbox>>,
+    ) -> Result<Producer, ClientError> {
         producer.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| ClientError::Config("a Producer must be created inside a tokio runtime".into()))?;
@@ -250,8 +311,10 @@ impl Producer {
             batch_bytes_max: producer.batch_bytes_max,
             linger: producer.linger,
             in_flight_max: producer.in_flight_max,
-            delivery_timeout: producer.delivery_timeout,
+            // Outbox records are retried until stored: the outbox is their durable buffer.
+            delivery_timeout: if outbox.is_some() { OUTBOX_RETRY_FOREVER } else { producer.delivery_timeout },
             idempotent: producer.idempotence,
+            outbox: outbox.is_some(),
         };
         let shared = Arc::new(Shared {
             core,
@@ -261,6 +324,7 @@ impl Producer {
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            outbox,
         });
         let task = runtime.spawn(Sender::new(shared.clone()).run());
         Ok(Producer { shared, task: Mutex::new(Some(task)) })
@@ -269,7 +333,14 @@ impl Producer {
     /// Queues a record, waiting while `buffer_records_max` records are unresolved. The returned
     /// future resolves when the record is acknowledged; an error here means the record was not
     /// queued (too large, unknown topic or partition, producer closed).
+    ///
+    /// With an outbox, `Ok` means the record is in the outbox's log, flushed: it will be stored
+    /// exactly once even if this process dies now, and its future resolves once it is stored.
     pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture, ClientError> {
+        if self.shared.outbox.is_some() {
+            let mut futures = self.send_outbox(vec![(topic.to_owned(), record)], None).await?;
+            return futures.pop().ok_or(ClientError::Closed);
+        }
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
@@ -286,6 +357,122 @@ impl Producer {
             self.shared.wake.notify_one();
         }
         Ok(DeliveryFuture { rx })
+    }
+
+    /// Sends records (each with its topic) as one durable outbox write: one flush for all, and
+    /// `mark` (an external id, e.g. the highest database row id among them) recorded in the same
+    /// write, so that [`Producer::outbox_mark`] tells after any crash whether they were handed
+    /// over. Needs an outbox; see [`crate::relay_once`].
+    pub async fn send_marked(
+        &self,
+        records: Vec<(String, ProducerRecord)>,
+        mark: u64,
+    ) -> Result<Vec<DeliveryFuture>, ClientError> {
+        if self.shared.outbox.is_none() {
+            return Err(ClientError::Config("send_marked needs a producer with an outbox".into()));
+        }
+        self.send_outbox(records, Some(mark)).await
+    }
+
+    /// Sends records (each with its topic) as one durable outbox write when the producer has an
+    /// outbox (one flush for all), or one by one otherwise.
+    pub async fn send_all(&self, records: Vec<(String, ProducerRecord)>) -> Result<Vec<DeliveryFuture>, ClientError> {
+        if self.shared.outbox.is_some() {
+            return self.send_outbox(records, None).await;
+        }
+        let mut futures = Vec::with_capacity(records.len());
+        for (topic, record) in records {
+            futures.push(self.send(&topic, record).await?);
+        }
+        Ok(futures)
+    }
+
+    async fn send_outbox(
+        &self,
+        records: Vec<(String, ProducerRecord)>,
+        mark: Option<u64>,
+    ) -> Result<Vec<DeliveryFuture>, ClientError> {
+        let Some(outbox) = &self.shared.outbox else { return Err(ClientError::Closed) };
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(ClientError::Closed);
+        }
+        if let Some(error) = lock(&self.shared.acc).fenced() {
+            return Err(error.clone());
+        }
+        let count = u32::try_from(records.len())
+            .ok()
+            .filter(|n| (*n as usize) <= self.shared.config.buffer_records_max)
+            .ok_or_else(|| ClientError::InvalidArgument("more records in one call than buffer_records_max".into()))?;
+        let permit = self.shared.buffer.acquire_many(count).await.map_err(|_| ClientError::Closed)?;
+        let mut routed = Vec::with_capacity(records.len());
+        for (topic, record) in records {
+            let partition = self.partition_for(&topic, &record).await?;
+            check_encodable(&record, self.shared.config.batch_bytes_max)?;
+            routed.push((topic, partition, record.with_partition(partition)));
+        }
+        // Durable from here on, whatever happens to this process.
+        let ids = outbox.append(routed.clone(), mark).await?;
+        let now = Instant::now();
+        let mut futures = Vec::with_capacity(ids.len());
+        let mut wake = false;
+        {
+            let mut acc = lock(&self.shared.acc);
+            for ((topic, partition, record), id) in routed.iter().zip(ids) {
+                let (tx, rx) = oneshot::channel();
+                // Only a fence (another outbox error) refuses it now; the record stays in the
+                // outbox and is sent when the outbox is opened again.
+                wake |= acc.append_with_id(topic, *partition, record, tx, now, Some(id))?;
+                futures.push(DeliveryFuture { rx });
+            }
+        }
+        permit.forget();
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(futures)
+    }
+
+    /// The outbox's gauges (`None` without an outbox): pending records and bytes, log bytes,
+    /// the oldest pending record's age, parked batches.
+    pub fn outbox_stats(&self) -> Option<OutboxStats> {
+        self.shared.outbox.as_ref().map(|o| o.stats())
+    }
+
+    /// The latest mark given to [`Producer::send_marked`] (durable), `None` before any.
+    pub fn outbox_mark(&self) -> Result<Option<u64>, ClientError> {
+        match &self.shared.outbox {
+            Some(o) => Ok(o.mark()),
+            None => Err(ClientError::Config("the producer has no outbox".into())),
+        }
+    }
+
+    /// The outbox batches parked with an alarm: refused for good, or possibly stored under a
+    /// producer id the partition has since forgotten (then only the user can tell whether
+    /// sending it again duplicates it).
+    pub fn outbox_parked(&self) -> Vec<ParkedBatch> {
+        self.shared.outbox.as_ref().map(|o| o.parked()).unwrap_or_default()
+    }
+
+    /// Drops a parked batch's records from the outbox for good (durably, before returning).
+    pub async fn outbox_discard(&self, parked_id: u64) -> Result<(), ClientError> {
+        let Some(outbox) = &self.shared.outbox else { return Err(ClientError::Config("no outbox".into())) };
+        let out = outbox.unpark(parked_id)?;
+        if let Err(e) = outbox.discard(out.ids.clone()).await {
+            outbox.repark(parked_id, out);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Sends a parked batch again under a new stamp. If it may be stored already
+    /// ([`ParkedBatch::maybe_written`]), this may store it twice: the caller has decided that
+    /// it was not stored, or that a duplicate is acceptable.
+    pub fn outbox_resend(&self, parked_id: u64) -> Result<(), ClientError> {
+        let Some(outbox) = &self.shared.outbox else { return Err(ClientError::Config("no outbox".into())) };
+        let out = outbox.unpark(parked_id)?;
+        lock(&self.shared.acc).restore_batch(&out.topic, out.partition, out.ids, out.bytes, None, Instant::now());
+        self.shared.wake.notify_one();
+        Ok(())
     }
 
     async fn partition_for(&self, topic: &str, record: &ProducerRecord) -> Result<u32, ClientError> {
@@ -323,7 +510,25 @@ impl Producer {
     /// the close fail with [`ClientError::Closed`].
     pub async fn close(&self) {
         self.shared.closing.store(true, Ordering::Release);
-        self.flush().await;
+        if let Some(outbox) = &self.shared.outbox {
+            // Outbox records are retried until stored; what is not stored by then stays in the
+            // outbox for the next open.
+            let _ = tokio::time::timeout(self.shared.config.delivery_timeout, self.flush()).await;
+            self.shared.stop.store(true, Ordering::Release);
+            self.shared.wake.notify_one();
+            let task = lock(&self.task).take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+            let (done, parked) = lock(&self.shared.acc).take_outbox_events();
+            outbox.done(done);
+            outbox.park(parked);
+            if let Err(error) = outbox.sync_done().await {
+                warn!(%error, "outbox: the last done entries were not written (their records are sent again on open)");
+            }
+        } else {
+            self.flush().await;
+        }
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake.notify_one();
         let task = lock(&self.task).take();
@@ -348,6 +553,25 @@ impl Drop for Producer {
         if let Some(task) = lock(&self.task).take() {
             task.abort();
         }
+    }
+}
+
+/// How long outbox records are retried: for ever, in effect (an `Instant` must not overflow).
+const OUTBOX_RETRY_FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Refuses a record that no batch of `batch_bytes_max` can hold, before it enters the outbox.
+fn check_encodable(record: &ProducerRecord, batch_bytes_max: usize) -> Result<(), ClientError> {
+    let headers: Vec<(&str, Option<&[u8]>)> = record.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+    let new = keel_record::NewRecord {
+        timestamp_ms: record.timestamp_ms,
+        key: record.key.as_deref(),
+        value: record.value.as_deref(),
+        headers: &headers,
+    };
+    match keel_record::BatchBuilder::new(batch_bytes_max).push(new) {
+        Ok(()) => Ok(()),
+        Err(keel_record::EncodeError::TooLarge { size, limit }) => Err(ClientError::RecordTooLarge { size, limit }),
+        Err(keel_record::EncodeError::Invalid(why)) => Err(ClientError::InvalidArgument(why.to_owned())),
     }
 }
 
@@ -420,8 +644,44 @@ impl Sender {
                 let dispatch = acc.dispatch(now, core.metadata_version(), |t, p| core.cached_leader(t, p));
                 (dispatch, acc.next_deadline())
             };
-            for (addr, request) in dispatch.requests {
-                self.send_to(addr, request);
+            let accumulator::Dispatch { requests, wants_refresh, wants_producer_id, stamps } = dispatch;
+            let dispatch =
+                accumulator::Dispatch { requests: Vec::new(), wants_refresh, wants_producer_id, stamps: Vec::new() };
+            let stamped = match (&self.shared.outbox, stamps.is_empty()) {
+                (Some(outbox), false) => outbox.stamp(stamps).await,
+                _ => Ok(()),
+            };
+            match stamped {
+                Ok(()) => {
+                    for (addr, request) in requests {
+                        self.send_to(addr, request);
+                    }
+                }
+                Err(error) => {
+                    // The stamps are not durable, so the batches must not go out: a restart
+                    // would stamp them afresh. The producer stops; the records stay in the
+                    // outbox for the next open.
+                    warn!(%error, "outbox: a stamp could not be written; the producer stops");
+                    let mut acc = lock(&self.shared.acc);
+                    acc.fence(error.clone());
+                    for (_, request) in requests {
+                        acc.abandon(request.request_id, &error);
+                    }
+                }
+            }
+            let now = Instant::now();
+            let mut next = next;
+            if let Some(outbox) = self.shared.outbox.clone() {
+                match outbox.done_deadline() {
+                    Some(at) if at <= now => {
+                        if let Err(error) = outbox.sync_done().await {
+                            warn!(%error, "outbox: done entries could not be written; the producer stops");
+                            lock(&self.shared.acc).fence(error);
+                        }
+                    }
+                    Some(at) => next = Some(next.map_or(at, |n: Instant| n.min(at))),
+                    None => {}
+                }
             }
             if dispatch.wants_refresh {
                 self.refresh_wanted = true;
@@ -461,6 +721,11 @@ impl Sender {
             // Answers come in bursts; take them all before the next dispatch.
             while let Ok(event) = self.events.try_recv() {
                 self.handle(event);
+            }
+            if let Some(outbox) = &self.shared.outbox {
+                let (done, parked) = lock(&self.shared.acc).take_outbox_events();
+                outbox.done(done);
+                outbox.park(parked);
             }
         }
         debug!("producer sender task stopped");

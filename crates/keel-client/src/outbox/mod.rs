@@ -1,0 +1,701 @@
+//! The durable client outbox: an opt-in producer mode ([`crate::Producer::with_outbox`]) in which
+//! `send` first appends the record to a local, flushed, CRC-checked write-ahead log (`log.rs`)
+//! and the record leaves it only once a partition has stored it.
+//!
+//! The exactly-once argument: the broker deduplicates per batch by (producer id, epoch, base
+//! sequence, record count). A batch's stamp is made durable (a stamp entry, flushed) before the
+//! batch goes on the wire, so every batch that may have reached a partition is re-sent after a
+//! restart with exactly its stamp and records, and the partition answers it as a duplicate if it
+//! stored it. Records that were never stamped never went out and get new stamps. A stored batch
+//! is marked done (a done entry); done entries are flushed lazily (with the next write, or after
+//! [`OutboxConfig::done_sync_interval`]), which only ever re-sends a few batches the partition
+//! still remembers (at most `in_flight_max` per partition are stamped and not durably done).
+//!
+//! What the broker cannot recognise, the outbox does not guess at: a batch that may be stored
+//! and whose producer the partition has forgotten (UNKNOWN_PRODUCER_ID: the producer expired)
+//! is parked with an alarm, as is a batch refused for good; parked records stay in the log until
+//! the user discards or re-sends them.
+
+pub(crate) mod log;
+mod relay;
+
+pub use self::relay::{OutboxRow, OutboxStore, RelayError, relay_once};
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_record::{BatchBuilder, NewRecord, ProducerStamp};
+use keel_storage::{Disk, FileDisk};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use self::log::{Entry, OpenError, OutboxLog, RecordEntry, StampEntry};
+use crate::error::ClientError;
+use crate::producer::ProducerRecord;
+use crate::producer::accumulator::{NewStamp, ParkedOut};
+
+/// What `send` does when the outbox holds `bytes_max` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait for room (acknowledged records free it), at most [`OutboxConfig::block_timeout`].
+    Block,
+    /// Fail at once with [`ClientError::OutboxFull`].
+    Fail,
+}
+
+/// Called with every alarm (also logged with `tracing::error!`).
+pub type AlarmHandler = Arc<dyn Fn(&OutboxAlarm) + Send + Sync>;
+
+/// Settings of a producer's outbox.
+#[derive(Clone)]
+pub struct OutboxConfig {
+    /// The directory of the log (created if missing); one producer at a time.
+    pub dir: PathBuf,
+    /// The file system: [`FileDisk`] for real files, a `SimDisk` in tests.
+    pub disk: Arc<dyn Disk>,
+    /// Most bytes of log files (preallocated segments); at least twice `segment_bytes`. Stamp
+    /// and done entries are never refused for room (they are what frees it), so the files may
+    /// exceed it by a segment.
+    pub bytes_max: u64,
+    /// Size of each segment file; a segment is deleted once every record in it is done and
+    /// every older one was deleted.
+    pub segment_bytes: u64,
+    /// What `send` does when the outbox is full.
+    pub when_full: WhenFull,
+    /// Longest wait for room with [`WhenFull::Block`].
+    pub block_timeout: Duration,
+    /// How long done entries may wait for a write to carry them before one is flushed for
+    /// them alone.
+    pub done_sync_interval: Duration,
+    /// Run flushes on tokio's blocking pool (production) rather than inline (the simulation's
+    /// disk, which never blocks).
+    pub blocking_io: bool,
+    /// Called with every alarm.
+    pub on_alarm: Option<AlarmHandler>,
+    /// A deliberately broken outbox, for the simulation's negative control only: stamps are
+    /// not written, so a restart stamps possibly stored batches afresh (duplicates).
+    #[doc(hidden)]
+    pub negative_control_skip_stamps: bool,
+}
+
+impl fmt::Debug for OutboxConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxConfig")
+            .field("dir", &self.dir)
+            .field("bytes_max", &self.bytes_max)
+            .field("segment_bytes", &self.segment_bytes)
+            .field("when_full", &self.when_full)
+            .field("block_timeout", &self.block_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboxConfig {
+    /// An outbox in `dir` on the real file system: 256 MiB in 4 MiB segments, blocking when full.
+    pub fn new(dir: impl Into<PathBuf>) -> OutboxConfig {
+        OutboxConfig { blocking_io: true, ..OutboxConfig::with_disk(Arc::new(FileDisk::new()), dir) }
+    }
+
+    /// An outbox in `dir` on `disk`, with the defaults of [`OutboxConfig::new`] (inline I/O:
+    /// for simulated disks).
+    pub fn with_disk(disk: Arc<dyn Disk>, dir: impl Into<PathBuf>) -> OutboxConfig {
+        OutboxConfig {
+            dir: dir.into(),
+            disk,
+            bytes_max: 256 << 20,
+            segment_bytes: 4 << 20,
+            when_full: WhenFull::Block,
+            block_timeout: Duration::from_secs(30),
+            done_sync_interval: Duration::from_millis(100),
+            blocking_io: false,
+            on_alarm: None,
+            negative_control_skip_stamps: false,
+        }
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        if self.segment_bytes < 4096 {
+            return Err(ClientError::Config("outbox segment_bytes must be at least 4096".into()));
+        }
+        if self.bytes_max < 2 * self.segment_bytes {
+            return Err(ClientError::Config("outbox bytes_max must be at least twice segment_bytes".into()));
+        }
+        if self.done_sync_interval.is_zero() {
+            return Err(ClientError::Config("outbox done_sync_interval must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The outbox's gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Records not yet stored (parked ones included).
+    pub records: u64,
+    /// Their encoded size in the log.
+    pub record_bytes: u64,
+    /// Bytes of log files.
+    pub log_bytes: u64,
+    /// How long the oldest pending record has waited (records recovered at open count from
+    /// the open).
+    pub oldest_age: Option<Duration>,
+    /// Parked batches.
+    pub parked: u64,
+    /// The latest external id relayed ([`crate::Producer::send_marked`]).
+    pub mark: Option<u64>,
+}
+
+/// An alarm: a batch of outbox records that will not be sent again without a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxAlarm {
+    /// The parked batch ([`crate::Producer::outbox_parked`]).
+    pub parked_id: u64,
+    /// Its topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: u32,
+    /// How many records it holds.
+    pub records: usize,
+    /// Whether an earlier attempt may have stored it (then a re-send may duplicate it).
+    pub maybe_written: bool,
+    /// Why it stopped.
+    pub error: ClientError,
+}
+
+/// A batch of outbox records that failed for good, kept in the outbox until the user decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedBatch {
+    /// Its id, for [`crate::Producer::outbox_discard`] and [`crate::Producer::outbox_resend`].
+    pub id: u64,
+    /// Its topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: u32,
+    /// The outbox ids of its records.
+    pub record_ids: Vec<u64>,
+    /// Its last stamp: (producer id, epoch, base sequence).
+    pub stamp: Option<(i64, i16, i32)>,
+    /// Whether an earlier attempt may have stored it.
+    pub maybe_written: bool,
+    /// Why it stopped.
+    pub error: ClientError,
+}
+
+struct Pending {
+    bytes: u64,
+    /// First LSN of the segment holding the record entry, and of the one holding its latest
+    /// stamp: both must stay until the record is done.
+    record_segment: u64,
+    stamp_segment: Option<u64>,
+    since: Instant,
+}
+
+struct Parked {
+    out: ParkedOut,
+}
+
+struct State {
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// Done ids not yet written.
+    done: Vec<u64>,
+    done_since: Option<Instant>,
+    parked: BTreeMap<u64, Parked>,
+    next_parked: u64,
+    /// Cached from the log for the gauges.
+    log_bytes: u64,
+    mark: Option<u64>,
+    failed: Option<ClientError>,
+}
+
+/// What a reopened outbox holds to send again.
+pub(crate) struct Restored {
+    /// Batches stamped before the restart, in the order they were stamped.
+    pub(crate) stamped: Vec<RestoredBatch>,
+    /// Records never stamped, in the order they were appended.
+    pub(crate) unstamped: Vec<RecordEntry>,
+}
+
+/// A batch to send again with exactly its stamp.
+pub(crate) struct RestoredBatch {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) ids: Vec<u64>,
+    pub(crate) bytes: Bytes,
+    pub(crate) stamp: (i64, i16),
+}
+
+/// A producer's outbox: the log plus what is pending in it.
+pub(crate) struct Outbox {
+    config: OutboxConfig,
+    log: Arc<Mutex<OutboxLog>>,
+    state: Mutex<State>,
+    /// Signalled when segments were deleted (room for blocked sends).
+    room: Notify,
+    /// For the negative control of the simulation: stamps are not written, so a restart stamps
+    /// batches that may be stored afresh (duplicates).
+    skip_stamps: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_error(e: &io::Error) -> ClientError {
+    ClientError::Outbox(e.to_string())
+}
+
+/// Encodes records as one batch (as the producer would) and stamps it.
+fn build_batch(records: &[&RecordEntry], stamp: Option<ProducerStamp>) -> Result<Bytes, ClientError> {
+    let mut builder = BatchBuilder::new(keel_record::BATCH_BYTES_MAX);
+    for r in records {
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            r.record.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        let new = NewRecord {
+            timestamp_ms: r.record.timestamp_ms,
+            key: r.record.key.as_deref(),
+            value: r.record.value.as_deref(),
+            headers: &headers,
+        };
+        builder.push(new).map_err(|e| ClientError::Outbox(format!("record {} cannot be encoded again: {e}", r.id)))?;
+    }
+    let mut bytes = builder.build().to_vec();
+    if let Some(stamp) = stamp {
+        keel_record::stamp_producer(&mut bytes, stamp)
+            .map_err(|e| ClientError::Outbox(format!("a rebuilt batch cannot be stamped: {e}")))?;
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// One recovered record as a batch of its own, unstamped.
+pub(crate) fn single_batch(record: &RecordEntry) -> Result<Bytes, ClientError> {
+    build_batch(&[record], None)
+}
+
+fn entry_bytes(entry: &RecordEntry) -> u64 {
+    let r = &entry.record;
+    let headers: usize = r.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len) + 10).sum();
+    (entry.topic.len() + r.key.as_ref().map_or(0, Bytes::len) + r.value.as_ref().map_or(0, Bytes::len) + headers + 40)
+        as u64
+}
+
+impl Outbox {
+    /// Opens the outbox: recovers the log and returns what must be sent again.
+    pub(crate) async fn open(config: OutboxConfig, skip_stamps: bool) -> Result<(Outbox, Restored), ClientError> {
+        config.validate()?;
+        let (disk, dir, segment_bytes) = (Arc::clone(&config.disk), config.dir.clone(), config.segment_bytes);
+        let opened = run_io(config.blocking_io, move || Ok(OutboxLog::open(disk, &dir, segment_bytes))).await?;
+        let (log, recovered) = opened.map_err(|e| match e {
+            OpenError::Io(e) => io_error(&e),
+            OpenError::Corrupt(c) => {
+                ClientError::OutboxCorrupt { path: c.path.display().to_string(), offset: c.offset, detail: c.detail }
+            }
+        })?;
+        if recovered.torn_bytes > 0 {
+            tracing::warn!(dir = %config.dir.display(), bytes = recovered.torn_bytes, "outbox: a torn tail was dropped");
+        }
+        let now = Instant::now();
+        let mut records: BTreeMap<u64, (RecordEntry, u64)> = BTreeMap::new();
+        // Per record id: the index of its latest stamp in `stamps`.
+        let mut stamp_of: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut stamps: Vec<(StampEntry, u64)> = Vec::new();
+        let mut next_id = 0;
+        for (segment, entry) in recovered.entries {
+            match entry {
+                Entry::Record(r) => {
+                    next_id = next_id.max(r.id + 1);
+                    records.insert(r.id, (r, segment));
+                }
+                Entry::Stamp(s) => {
+                    for id in &s.ids {
+                        stamp_of.insert(*id, stamps.len());
+                    }
+                    stamps.push((s, segment));
+                }
+                Entry::Done(ids) => {
+                    for id in ids {
+                        records.remove(&id);
+                        stamp_of.remove(&id);
+                    }
+                }
+                Entry::Mark(_) => {}
+            }
+        }
+        let mut pending = BTreeMap::new();
+        for (id, (r, segment)) in &records {
+            let stamp_segment = stamp_of.get(id).map(|i| stamps[*i].1);
+            pending.insert(*id, Pending { bytes: entry_bytes(r), record_segment: *segment, stamp_segment, since: now });
+        }
+        let mut restored = Restored { stamped: Vec::new(), unstamped: Vec::new() };
+        for (i, (stamp, _)) in stamps.iter().enumerate() {
+            let live: Vec<u64> = stamp.ids.iter().copied().filter(|id| stamp_of.get(id) == Some(&i)).collect();
+            if live.is_empty() {
+                continue;
+            }
+            let corrupt = |detail: String| ClientError::OutboxCorrupt {
+                path: config.dir.display().to_string(),
+                offset: 0,
+                detail,
+            };
+            // Batches are done and stamped as a whole: part of one pending is not a state the
+            // writer can leave.
+            if live.len() != stamp.ids.len() {
+                return Err(corrupt(format!(
+                    "only {} of the {} records of a stamped batch are pending",
+                    live.len(),
+                    stamp.ids.len()
+                )));
+            }
+            let members: Vec<&RecordEntry> = match live.iter().map(|id| records.get(id).map(|(r, _)| r)).collect() {
+                Some(m) => m,
+                None => return Err(corrupt("a stamp names a record the log does not hold".into())),
+            };
+            let producer = ProducerStamp {
+                producer_id: stamp.producer_id,
+                producer_epoch: stamp.epoch,
+                base_sequence: stamp.base_sequence,
+            };
+            restored.stamped.push(RestoredBatch {
+                topic: stamp.topic.clone(),
+                partition: stamp.partition,
+                ids: live,
+                bytes: build_batch(&members, Some(producer))?,
+                stamp: (stamp.producer_id, stamp.epoch),
+            });
+        }
+        restored.unstamped =
+            records.into_iter().filter(|(id, _)| !stamp_of.contains_key(id)).map(|(_, (r, _))| r).collect();
+        let state = State {
+            next_id,
+            pending,
+            done: Vec::new(),
+            done_since: None,
+            parked: BTreeMap::new(),
+            next_parked: 0,
+            log_bytes: log.bytes(),
+            mark: log.mark(),
+            failed: None,
+        };
+        tracing::info!(
+            dir = %config.dir.display(),
+            stamped = restored.stamped.len(),
+            unstamped = restored.unstamped.len(),
+            "outbox opened"
+        );
+        let outbox = Outbox {
+            config,
+            log: Arc::new(Mutex::new(log)),
+            state: Mutex::new(state),
+            room: Notify::new(),
+            skip_stamps,
+        };
+        Ok((outbox, restored))
+    }
+
+    /// Fails every later write with `error` (the first error wins).
+    fn fail(&self, error: &ClientError) -> ClientError {
+        lock(&self.state).failed.get_or_insert_with(|| error.clone()).clone()
+    }
+
+    /// Runs `work` on the log with the done entries waiting, then applies what became durable.
+    async fn write(&self, mut entries: Vec<Entry>, done_only: bool) -> Result<(u64, Vec<u64>), ClientError> {
+        let done = {
+            let mut s = lock(&self.state);
+            if let Some(e) = &s.failed {
+                return Err(e.clone());
+            }
+            s.done_since = None;
+            std::mem::take(&mut s.done)
+        };
+        if done_only && done.is_empty() {
+            return Ok((0, done));
+        }
+        if !done.is_empty() {
+            entries.push(Entry::Done(done.clone()));
+        }
+        let log = Arc::clone(&self.log);
+        let result = run_io(self.config.blocking_io, move || {
+            let mut log = lock(&log);
+            let segment = log.append(&entries)?;
+            Ok((segment, log.bytes()))
+        })
+        .await;
+        match result {
+            Ok((segment, bytes)) => {
+                lock(&self.state).log_bytes = bytes;
+                Ok((segment, done))
+            }
+            Err(e) => Err(self.fail(&e)),
+        }
+    }
+
+    /// Forgets durably done records and deletes the segments nothing pending needs.
+    async fn collect(&self, done: &[u64]) -> Result<(), ClientError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let keep_from = {
+            let mut s = lock(&self.state);
+            for id in done {
+                s.pending.remove(id);
+            }
+            s.pending.values().map(|p| p.record_segment.min(p.stamp_segment.unwrap_or(u64::MAX))).min()
+        };
+        let log = Arc::clone(&self.log);
+        let keep_from = keep_from.unwrap_or(u64::MAX);
+        let removed = run_io(self.config.blocking_io, move || {
+            let mut log = lock(&log);
+            let removed = log.remove_before(keep_from)?;
+            Ok((removed, log.bytes()))
+        })
+        .await;
+        match removed {
+            Ok((removed, bytes)) => {
+                lock(&self.state).log_bytes = bytes;
+                if removed > 0 {
+                    self.room.notify_waiters();
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.fail(&e)),
+        }
+    }
+
+    /// Appends records (with their routed partitions) durably, and the mark if given; returns
+    /// their outbox ids. Waits for room or fails, per [`OutboxConfig::when_full`].
+    pub(crate) async fn append(
+        &self,
+        records: Vec<(String, u32, ProducerRecord)>,
+        mark: Option<u64>,
+    ) -> Result<Vec<u64>, ClientError> {
+        let size: u64 = records
+            .iter()
+            .map(|(t, p, r)| entry_bytes(&RecordEntry { id: 0, topic: t.clone(), partition: *p, record: r.clone() }))
+            .sum();
+        let deadline = Instant::now() + self.config.block_timeout;
+        loop {
+            // Registered before the check, so that room freed in between is not missed.
+            let room = self.room.notified();
+            let full = {
+                let s = lock(&self.state);
+                s.log_bytes + size + self.config.segment_bytes > self.config.bytes_max && !s.pending.is_empty()
+            };
+            if !full {
+                break;
+            }
+            if self.config.when_full == WhenFull::Fail {
+                return Err(ClientError::OutboxFull { bytes_max: self.config.bytes_max });
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(ClientError::OutboxFull { bytes_max: self.config.bytes_max });
+            }
+        }
+        let now = Instant::now();
+        let (entries, pending): (Vec<Entry>, Vec<(u64, u64)>) = {
+            let mut s = lock(&self.state);
+            let first = s.next_id;
+            s.next_id += records.len() as u64;
+            records
+                .into_iter()
+                .enumerate()
+                .map(|(i, (topic, partition, record))| {
+                    let entry = RecordEntry { id: first + i as u64, topic, partition, record };
+                    let bytes = entry_bytes(&entry);
+                    (Entry::Record(entry), (first + i as u64, bytes))
+                })
+                .unzip()
+        };
+        let mut entries = entries;
+        if let Some(mark) = mark {
+            entries.push(Entry::Mark(mark));
+        }
+        {
+            // Pending before the write, at segment 0, which keeps every segment: a concurrent
+            // collection must not delete the segment this write lands in before it is known.
+            let mut s = lock(&self.state);
+            for (id, bytes) in &pending {
+                s.pending.insert(*id, Pending { bytes: *bytes, record_segment: 0, stamp_segment: None, since: now });
+            }
+        }
+        let (segment, done) = self.write(entries, false).await?;
+        {
+            let mut s = lock(&self.state);
+            for (id, _) in &pending {
+                if let Some(p) = s.pending.get_mut(id) {
+                    p.record_segment = segment;
+                }
+            }
+            if let Some(mark) = mark {
+                s.mark = Some(s.mark.map_or(mark, |m| m.max(mark)));
+            }
+        }
+        self.collect(&done).await?;
+        Ok(pending.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Makes stamps durable; the batches they stamp may be sent once this returns `Ok`.
+    pub(crate) async fn stamp(&self, stamps: Vec<NewStamp>) -> Result<(), ClientError> {
+        if self.skip_stamps {
+            return Ok(());
+        }
+        let entries: Vec<Entry> = stamps
+            .iter()
+            .map(|s| {
+                Entry::Stamp(StampEntry {
+                    topic: s.topic.clone(),
+                    partition: s.partition,
+                    producer_id: s.producer_id,
+                    epoch: s.epoch,
+                    base_sequence: s.base_sequence,
+                    ids: s.ids.clone(),
+                })
+            })
+            .collect();
+        let (segment, done) = self.write(entries, false).await?;
+        {
+            let mut s = lock(&self.state);
+            for id in stamps.iter().flat_map(|s| &s.ids) {
+                if let Some(p) = s.pending.get_mut(id) {
+                    p.stamp_segment = Some(segment);
+                }
+            }
+        }
+        self.collect(&done).await
+    }
+
+    /// Notes records stored; written with the next write, or by [`Outbox::sync_done`].
+    pub(crate) fn done(&self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut s = lock(&self.state);
+        s.done_since.get_or_insert_with(Instant::now);
+        s.done.extend(ids);
+    }
+
+    /// When done entries must be flushed on their own, if any wait.
+    pub(crate) fn done_deadline(&self) -> Option<Instant> {
+        let s = lock(&self.state);
+        if s.failed.is_some() {
+            return None;
+        }
+        s.done_since.map(|at| at + self.config.done_sync_interval)
+    }
+
+    /// Flushes the waiting done entries and deletes what they free.
+    pub(crate) async fn sync_done(&self) -> Result<(), ClientError> {
+        let (_, done) = self.write(Vec::new(), true).await?;
+        self.collect(&done).await
+    }
+
+    /// Keeps parked batches and raises an alarm for each.
+    pub(crate) fn park(&self, batches: Vec<ParkedOut>) {
+        for out in batches {
+            let alarm = {
+                let mut s = lock(&self.state);
+                let id = s.next_parked;
+                s.next_parked += 1;
+                let alarm = OutboxAlarm {
+                    parked_id: id,
+                    topic: out.topic.clone(),
+                    partition: out.partition,
+                    records: out.ids.len(),
+                    maybe_written: out.maybe_written,
+                    error: out.error.clone(),
+                };
+                s.parked.insert(id, Parked { out });
+                alarm
+            };
+            tracing::error!(
+                parked_id = alarm.parked_id,
+                topic = alarm.topic,
+                partition = alarm.partition,
+                records = alarm.records,
+                maybe_written = alarm.maybe_written,
+                error = %alarm.error,
+                "outbox: a batch is parked and will not be sent again without a decision (discard or resend)"
+            );
+            if let Some(handler) = &self.config.on_alarm {
+                handler(&alarm);
+            }
+        }
+    }
+
+    /// The parked batches.
+    pub(crate) fn parked(&self) -> Vec<ParkedBatch> {
+        lock(&self.state)
+            .parked
+            .iter()
+            .map(|(id, p)| ParkedBatch {
+                id: *id,
+                topic: p.out.topic.clone(),
+                partition: p.out.partition,
+                record_ids: p.out.ids.clone(),
+                stamp: p.out.stamp,
+                maybe_written: p.out.maybe_written,
+                error: p.out.error.clone(),
+            })
+            .collect()
+    }
+
+    /// Takes a parked batch out (to discard or re-send it).
+    pub(crate) fn unpark(&self, id: u64) -> Result<ParkedOut, ClientError> {
+        lock(&self.state)
+            .parked
+            .remove(&id)
+            .map(|p| p.out)
+            .ok_or_else(|| ClientError::NotFound(format!("no parked outbox batch {id}")))
+    }
+
+    /// Puts a batch back (its discard failed).
+    pub(crate) fn repark(&self, id: u64, out: ParkedOut) {
+        lock(&self.state).parked.insert(id, Parked { out });
+    }
+
+    /// Durably drops records: they will never be sent again.
+    pub(crate) async fn discard(&self, ids: Vec<u64>) -> Result<(), ClientError> {
+        self.done(ids);
+        self.sync_done().await
+    }
+
+    /// The gauges.
+    pub(crate) fn stats(&self) -> OutboxStats {
+        let s = lock(&self.state);
+        let now = Instant::now();
+        OutboxStats {
+            records: s.pending.len() as u64,
+            record_bytes: s.pending.values().map(|p| p.bytes).sum(),
+            log_bytes: s.log_bytes,
+            oldest_age: s.pending.values().map(|p| p.since).min().map(|since| now.saturating_duration_since(since)),
+            parked: s.parked.len() as u64,
+            mark: s.mark,
+        }
+    }
+
+    /// The latest mark.
+    pub(crate) fn mark(&self) -> Option<u64> {
+        lock(&self.state).mark
+    }
+}
+
+/// Runs disk work inline or on the blocking pool.
+async fn run_io<T: Send + 'static>(
+    blocking: bool,
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, ClientError> {
+    let result = if blocking {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| io::Error::other(format!("outbox disk task failed: {e}")))
+            .and_then(|r| r)
+    } else {
+        work()
+    };
+    result.map_err(|e| io_error(&e))
+}
