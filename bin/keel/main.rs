@@ -15,6 +15,7 @@ mod group;
 mod health;
 mod server;
 mod tools;
+mod txn;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -112,6 +113,14 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
+    /// Transactional messages: `keel txn list|resume|commit|rollback` (README, "Transactional
+    /// messages").
+    Txn {
+        #[command(subcommand)]
+        command: txn::TxnCommand,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
     /// Make a cluster CA and node or client certificates (README, "Security").
     Cert {
         #[command(subcommand)]
@@ -140,6 +149,7 @@ fn main() -> std::process::ExitCode {
         Command::Cert { command } => cert::run(command),
         Command::Token { command } => access::token(command),
         Command::Acl { command, connection } => access::acl(command, &connection, cli.output),
+        Command::Txn { command, connection } => txn::run(command, &connection, cli.output),
         Command::Topic { command, connection } => tools::topic(command, &connection, cli.output),
         Command::Produce { args, connection } => tools::produce(args, &connection, cli.output),
         Command::Consume { args, connection } => tools::consume(args, &connection),

@@ -154,6 +154,22 @@ struct FileConfig {
     /// Compact a `__delayed` partition once this many bytes were written since its last
     /// compaction.
     delayed_compact_bytes: Option<u64>,
+    /// Partitions of `__txn` (used once, when the cluster creates it).
+    txn_partitions: Option<u32>,
+    /// The timeout of a transaction whose prepare names none, before its first check-back.
+    txn_timeout_ms: Option<i64>,
+    /// Check-backs sent before the expiry policy applies.
+    txn_checks_max: Option<u32>,
+    /// The wait after the first check-back (each later one doubles it, up to the maximum).
+    txn_check_backoff_ms: Option<i64>,
+    /// The longest wait between two check-backs.
+    txn_check_backoff_max_ms: Option<i64>,
+    /// What expiry does to a transaction whose checks went unanswered: `rollback` or `commit`.
+    txn_expiry_policy: Option<String>,
+    /// Pending transactions per `__txn` partition.
+    txn_pending_max: Option<usize>,
+    /// Bytes of pending transactions' records per `__txn` partition (held in memory).
+    txn_pending_bytes_max: Option<u64>,
     /// Register node ids that are not metadata voters (brokers that follow the metadata).
     admit_new_nodes: Option<bool>,
 }
@@ -374,6 +390,20 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
     delayed.limits.delay_max_ms = file.delay_max_ms.unwrap_or(delayed.limits.delay_max_ms);
     delayed.limits.pending_max = file.delayed_pending_max.unwrap_or(delayed.limits.pending_max);
     delayed.compact_bytes = file.delayed_compact_bytes.unwrap_or(delayed.compact_bytes);
+    let mut txn = keel_broker::TxnSettings::default();
+    txn.partitions = file.txn_partitions.unwrap_or(txn.partitions);
+    let t = &mut txn.limits;
+    t.timeout_default_ms = file.txn_timeout_ms.unwrap_or(t.timeout_default_ms);
+    t.checks_max = file.txn_checks_max.unwrap_or(t.checks_max);
+    t.check_backoff_ms = file.txn_check_backoff_ms.unwrap_or(t.check_backoff_ms);
+    t.check_backoff_max_ms = file.txn_check_backoff_max_ms.unwrap_or(t.check_backoff_max_ms.max(t.check_backoff_ms));
+    t.pending_max = file.txn_pending_max.unwrap_or(t.pending_max);
+    t.pending_bytes_max = file.txn_pending_bytes_max.unwrap_or(t.pending_bytes_max);
+    t.expiry = match file.txn_expiry_policy.as_deref() {
+        None | Some("rollback") => keel_broker::TxnExpiryPolicy::Rollback,
+        Some("commit") => keel_broker::TxnExpiryPolicy::Commit,
+        Some(other) => anyhow::bail!("txn_expiry_policy is `rollback` or `commit` (got {other:?})"),
+    };
     let config = BrokerConfig {
         node_id,
         advertised_addr: advertise,
@@ -388,6 +418,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         limits,
         groups,
         delayed,
+        txn,
         seed: crate::clock::entropy(),
         // A secret, unlike the seed: from the OS's random source.
         new_node_key: rand::random(),

@@ -232,6 +232,19 @@ pub(crate) fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         },
         // One timers partition, for the same reason, compacted as often.
         delayed: keel_broker::DelayedSettings { partitions: 1, compact_bytes: 24 << 10, ..Default::default() },
+        // One transactions partition, compacted as often; check-backs within the run's time
+        // scale (the first after 1.5 s, then every 0.5 to 2 s, six in all).
+        txn: keel_broker::TxnSettings {
+            partitions: 1,
+            compact_bytes: 24 << 10,
+            limits: keel_broker::TxnLimits {
+                timeout_default_ms: 1_500,
+                checks_max: 6,
+                check_backoff_ms: 500,
+                check_backoff_max_ms: 2_000,
+                ..Default::default()
+            },
+        },
         seed,
         new_node_key: keel_broker::node_key_from_seed(seed ^ id),
         // The five-node seeds run two brokers beyond the three voters.

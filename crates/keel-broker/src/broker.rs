@@ -34,7 +34,7 @@ use crate::error::{BrokerError, append_status, meta_status, not_leader, producer
 use crate::groups::GroupCoordinator;
 use crate::metadata::{
     self, Command, DELAYED_TOPIC, META_GROUP, META_TOPIC, MetaError, Metadata, OFFSETS_TOPIC, Partition, ProducerEpoch,
-    Topic,
+    TXN_TOPIC, Topic,
 };
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::producer_ids::{PRODUCER_ID_BLOCK, ProducerIds};
@@ -95,6 +95,8 @@ pub(crate) struct Inner {
     pub(crate) groups: Mutex<BTreeMap<u32, Arc<GroupCoordinator>>>,
     /// Timer coordinators, by `__delayed` partition hosted here.
     pub(crate) timers: Mutex<BTreeMap<u32, Arc<crate::delayed::TimerCoordinator>>>,
+    /// The transaction coordinators of the `__txn` partitions this node hosts.
+    pub(crate) txns: Mutex<BTreeMap<u32, Arc<crate::txn::TxnCoordinator>>>,
     /// The wall clock when the node started, and the monotonic instant then: the timers' second
     /// opinion of the time (a wall clock stepped forward since does not fire timers early).
     pub(crate) booted: (i64, tokio::time::Instant),
@@ -221,6 +223,7 @@ impl Broker {
             tasks: Mutex::new(Vec::new()),
             groups: Mutex::new(BTreeMap::new()),
             timers: Mutex::new(BTreeMap::new()),
+            txns: Mutex::new(BTreeMap::new()),
             booted,
             coordinator_faults: storage.coordinator,
             high_watermarks: Mutex::new(BTreeMap::new()),
@@ -655,13 +658,16 @@ impl Inner {
         }
     }
 
-    /// On the controller leader: creates `__consumer_offsets` and `__delayed` once min(3,
+    /// On the controller leader: creates `__consumer_offsets`, `__delayed` and `__txn` once min(3,
     /// voters) nodes are registered (at cluster initialisation, and on the first start of a
     /// cluster created before they existed).
     async fn create_internal_topics(self: Arc<Self>) {
         let replication = (self.config.voters.len() as u32).min(3);
-        let wanted =
-            [(OFFSETS_TOPIC, self.config.groups.offsets_partitions), (DELAYED_TOPIC, self.config.delayed.partitions)];
+        let wanted = [
+            (OFFSETS_TOPIC, self.config.groups.offsets_partitions),
+            (DELAYED_TOPIC, self.config.delayed.partitions),
+            (TXN_TOPIC, self.config.txn.partitions),
+        ];
         loop {
             let meta = self.metadata();
             let Some(&(name, partitions)) = wanted.iter().find(|(name, _)| !meta.topics.contains_key(*name)) else {
@@ -1264,6 +1270,7 @@ impl Inner {
         }
         self.start_group_coordinators();
         self.start_timer_coordinators();
+        self.start_txn_coordinators();
         for group in open {
             if group != META_GROUP
                 && !wanted.contains_key(&group)
@@ -1625,6 +1632,7 @@ pub(crate) mod tests {
             limits: crate::Limits::default(),
             groups: Default::default(),
             delayed: Default::default(),
+            txn: Default::default(),
             seed: 1,
             new_node_key: crate::config::node_key_from_seed(1),
             admit_new_nodes: false,

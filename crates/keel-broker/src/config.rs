@@ -183,6 +183,26 @@ impl Default for DelayedSettings {
     }
 }
 
+/// Transactional-message settings: the shape of `__txn` and the transaction coordinators'
+/// bounds and check-back timings.
+#[derive(Debug, Clone, Copy)]
+pub struct TxnSettings {
+    /// Partitions of `__txn`, fixed when the cluster creates it (a producer group's transactions
+    /// live in partition `fnv1a_64(group) mod` this).
+    pub partitions: u32,
+    /// Bounds, check-back timings and the expiry policy.
+    pub limits: keel_coordinator::txn::TxnLimits,
+    /// Rewrite a `__txn` partition once it holds this many more bytes than the last rewrite left
+    /// (and at least twice the bytes of the transactions it holds, so rewrites stay amortised).
+    pub compact_bytes: u64,
+}
+
+impl Default for TxnSettings {
+    fn default() -> TxnSettings {
+        TxnSettings { partitions: 4, limits: keel_coordinator::txn::TxnLimits::default(), compact_bytes: 64 << 20 }
+    }
+}
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -214,6 +234,8 @@ pub struct BrokerConfig {
     pub groups: GroupSettings,
     /// Delayed and scheduled messages.
     pub delayed: DelayedSettings,
+    /// Transactional messages.
+    pub txn: TxnSettings,
     /// Seed of this node's randomness (election timeouts, the cluster id it may coin).
     pub seed: u64,
     /// The key a new data dir gets (it proves the node's identity when it registers): from the
@@ -273,6 +295,22 @@ impl BrokerConfig {
         }
         if self.delayed.partitions == 0 || self.delayed.partitions > 1_000 {
             return Err(BrokerError::Config("delayed partitions must be 1 to 1000".into()));
+        }
+        if self.txn.partitions == 0 || self.txn.partitions > 1_000 {
+            return Err(BrokerError::Config("txn partitions must be 1 to 1000".into()));
+        }
+        let t = &self.txn.limits;
+        if t.check_backoff_ms < 1 || t.check_backoff_max_ms < t.check_backoff_ms || t.timeout_default_ms < 1 {
+            return Err(BrokerError::Config(
+                "txn check backoffs and the default timeout must be positive, the maximum backoff at least the first"
+                    .into(),
+            ));
+        }
+        if t.publish.publisher_idle_ms >= self.limits.producer_id_expiration_ms {
+            return Err(BrokerError::Config(format!(
+                "the txn publisher's idle rotation ({} ms) must be below producer_id_expiration_ms ({} ms)",
+                t.publish.publisher_idle_ms, self.limits.producer_id_expiration_ms
+            )));
         }
         if self.delayed.limits.delay_max_ms < 60_000 {
             return Err(BrokerError::Config("delay_max_ms must be at least one minute".into()));

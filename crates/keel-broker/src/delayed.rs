@@ -320,6 +320,10 @@ impl Inner {
         Some((p.group, p.replicas.clone()))
     }
 
+    fn delayed_replicas(&self, partition: u32) -> Vec<NodeId> {
+        self.delayed_group(partition).map(|(_, r)| r).unwrap_or_default()
+    }
+
     /// The coordinator of `partition` if this node serves it, or the status that says where to
     /// go instead (with the leader's address when known).
     fn serving_timers(&self, partition: u32) -> Result<Arc<TimerCoordinator>, Status> {
@@ -393,9 +397,15 @@ impl Inner {
             Err(status) if hops == 0 => {
                 let request = pb::ProduceRequest { deliver_at_ms: Some(deliver_at_ms), delay_ms: None, ..request };
                 return self
-                    .forward_to_timers(partition, status, request, None, |channel, request| async move {
-                        pb::producer_client::ProducerClient::new(channel).produce(request).await
-                    })
+                    .forward_to_coordinator(
+                        &self.delayed_replicas(partition),
+                        status,
+                        request,
+                        None,
+                        |channel, request| async move {
+                            pb::producer_client::ProducerClient::new(channel).produce(request).await
+                        },
+                    )
                     .await;
             }
             Err(status) => return Err(status),
@@ -484,9 +494,15 @@ impl Inner {
                     _ => None,
                 };
                 return self
-                    .forward_to_timers(partition, status, request, principal, |channel, request| async move {
-                        pb::producer_client::ProducerClient::new(channel).cancel_delayed(request).await
-                    })
+                    .forward_to_coordinator(
+                        &self.delayed_replicas(partition),
+                        status,
+                        request,
+                        principal,
+                        |channel, request| async move {
+                            pb::producer_client::ProducerClient::new(channel).cancel_delayed(request).await
+                        },
+                    )
                     .await;
             }
             Err(status) => return Err(status),
@@ -510,11 +526,11 @@ impl Inner {
         Ok(pb::CancelDelayedResponse { deliver_at_ms: timer.deliver_at_ms })
     }
 
-    /// Sends a request to the coordinator of a `__delayed` partition: the node `refused` names,
-    /// then each replica, following one more leader hint.
-    async fn forward_to_timers<T, R, F, Fut>(
+    /// Sends a request to the coordinator of an internal-topic partition held by `replicas`: the
+    /// node `refused` names, then each replica, following one more leader hint.
+    pub(crate) async fn forward_to_coordinator<T, R, F, Fut>(
         &self,
-        partition: u32,
+        replicas: &[NodeId],
         refused: Status,
         message: T,
         principal: Option<String>,
@@ -527,10 +543,7 @@ impl Inner {
     {
         use tonic_types::StatusExt;
         let mut candidates: Vec<String> = self.hinted_peer(&refused).into_iter().collect();
-        if let Some((_, replicas)) = self.delayed_group(partition) {
-            candidates
-                .extend(replicas.iter().filter(|r| **r != self.config.node_id).filter_map(|r| self.peer_addr_of(*r)));
-        }
+        candidates.extend(replicas.iter().filter(|r| **r != self.config.node_id).filter_map(|r| self.peer_addr_of(*r)));
         let mut tried = std::collections::BTreeSet::new();
         let mut last = refused;
         let deadline = self.config.append_timeout + Duration::from_secs(1);
@@ -549,7 +562,7 @@ impl Inner {
                 Err(_) => {
                     self.drop_channel(&addr);
                     return Err(Status::deadline_exceeded(format!(
-                        "the timers coordinator at {addr} did not answer in time; the change may or may not have been made"
+                        "the coordinator at {addr} did not answer in time; the change may or may not have been made"
                     )));
                 }
             };

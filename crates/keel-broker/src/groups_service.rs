@@ -206,11 +206,19 @@ impl pb::groups_server::Groups for Api {
     ) -> Result<Response<pb::FindCoordinatorResponse>, Status> {
         let inner = &self.inner;
         inner.check_serving()?;
-        let group = request.into_inner().group;
+        let request = request.into_inner();
+        let group = request.group;
         validate_group_name(&group).map_err(|e| group_status(&e))?;
         let meta = inner.metadata();
-        let topic =
-            meta.offsets_topic().ok_or_else(|| Status::unavailable("__consumer_offsets is not created yet; retry"))?;
+        let topic = match pb::CoordinatorKind::try_from(request.kind) {
+            Ok(pb::CoordinatorKind::CoordinatorGroup) => meta
+                .offsets_topic()
+                .ok_or_else(|| Status::unavailable("__consumer_offsets is not created yet; retry"))?,
+            Ok(pb::CoordinatorKind::CoordinatorTransactions) => {
+                meta.txn_topic().ok_or_else(|| Status::unavailable("__txn is not created yet; retry"))?
+            }
+            Err(_) => return Err(Status::invalid_argument(format!("unknown coordinator kind {}", request.kind))),
+        };
         let partition = partition_for_group(&group, topic.partitions.len() as u32);
         let raft_group = topic.partitions[partition as usize].group;
         let leader = match inner.node.leader(raft_group) {

@@ -7,6 +7,7 @@
 //! - [`coordinator`]: the coordinator runtime (DESIGN.md §6.1) over an internal-topic partition;
 //! - [`groups`]: consumer-group coordinators on that runtime, served by the `Groups` gRPC service;
 //! - [`delayed`]: timer coordinators of `__delayed` (delayed produce, cancel, firing);
+//! - [`txn`]: transaction coordinators of `__txn` (half messages, END, check-backs, expiry);
 //! - [`producer_ids`]: the node's block of producer ids behind `InitProducerId`;
 //! - `publisher`: a coordinator's decided records (dead letters, due timers) sent exactly once;
 //! - [`size_status`]: tonic's size-limit answers turned into RESOURCE_EXHAUSTED;
@@ -36,12 +37,16 @@ pub mod quota;
 pub mod service;
 pub mod size_status;
 pub mod tls;
+pub mod txn;
 
 pub use broker::{Broker, Clock, REQUEST_ID_HEADER, StorageMode};
-pub use config::{AuthSettings, BrokerConfig, DelayedSettings, GroupSettings, Identity, Limits, node_key_from_seed};
+pub use config::{
+    AuthSettings, BrokerConfig, DelayedSettings, GroupSettings, Identity, Limits, TxnSettings, node_key_from_seed,
+};
 pub use coordinator::CoordinatorFaults;
 pub use error::BrokerError;
-pub use metadata::{DELAYED_TOPIC, META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC};
+pub use keel_coordinator::txn::{ExpiryPolicy as TxnExpiryPolicy, TxnLimits};
+pub use metadata::{DELAYED_TOPIC, META_GROUP, META_TOPIC, Metadata, OFFSETS_TOPIC, TXN_TOPIC};
 
 #[cfg(test)]
 mod fuzz_decoders;

@@ -18,6 +18,8 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// The internal topic of delayed records (one timer coordinator per partition, chosen by the
 /// target partition, so that one target's timers fire in the order of their times).
 pub const DELAYED_TOPIC: &str = "__delayed";
+/// The internal topic of transactional (half) messages: one coordinator per partition.
+pub const TXN_TOPIC: &str = "__txn";
 /// Longest topic name (as in Kafka: it must fit in file names with room to spare).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// Most partitions one topic may have.
@@ -343,7 +345,7 @@ impl Metadata {
                 Ok(())
             }
             Command::CreateInternalTopic { name, replication_factor, assignment } => {
-                if name != OFFSETS_TOPIC && name != DELAYED_TOPIC {
+                if name != OFFSETS_TOPIC && name != DELAYED_TOPIC && name != TXN_TOPIC {
                     return Err(MetaError::Invalid(format!("{name:?} is not one of Keel's internal topics")));
                 }
                 if self.topics.contains_key(name) {
@@ -518,6 +520,11 @@ impl Metadata {
     /// The partitions of `__delayed`, once the controller created it.
     pub fn delayed_topic(&self) -> Option<&Topic> {
         self.topics.get(DELAYED_TOPIC).filter(|t| t.internal)
+    }
+
+    /// `__txn`, once the cluster created it.
+    pub fn txn_topic(&self) -> Option<&Topic> {
+        self.topics.get(TXN_TOPIC).filter(|t| t.internal)
     }
 
     /// Partition counts of the user topics (what group subscriptions can match).

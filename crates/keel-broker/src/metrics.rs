@@ -129,6 +129,14 @@ pub struct Metrics {
     pub(crate) delayed_cancelled: Counter,
     pub(crate) delayed_lateness: Histogram,
     pub(crate) delayed_pending: Gauge,
+    pub(crate) txn_prepared: Counter,
+    pub(crate) txn_committed: Counter,
+    pub(crate) txn_rolled_back: Counter,
+    pub(crate) txn_expired: Counter,
+    pub(crate) txn_checks: Counter,
+    pub(crate) txn_published: Counter,
+    pub(crate) txn_pending: Gauge,
+    pub(crate) txn_expired_held: Gauge,
     state: StateGauges,
     groups: GroupGauges,
     /// The raft term each hosted group was last seen in: leadership changes are counted as the
@@ -208,6 +216,14 @@ impl Metrics {
             // 1 ms to ~9 h (doubling): a timer fired on time to one held back by an outage.
             delayed_lateness: Histogram::new(exponential_buckets(0.001, 2.0, 25)),
             delayed_pending: Gauge::default(),
+            txn_prepared: Counter::default(),
+            txn_committed: Counter::default(),
+            txn_rolled_back: Counter::default(),
+            txn_expired: Counter::default(),
+            txn_checks: Counter::default(),
+            txn_published: Counter::default(),
+            txn_pending: Gauge::default(),
+            txn_expired_held: Gauge::default(),
             state: StateGauges::default(),
             groups: GroupGauges::default(),
             terms: Mutex::new(BTreeMap::new()),
@@ -287,6 +303,34 @@ impl Metrics {
             "delayed_pending",
             "Timers pending in the __delayed partitions this node coordinates",
             m.delayed_pending.clone(),
+        );
+        for (name, help, counter) in [
+            ("txn_prepared", "Transactions this node's coordinators prepared", &m.txn_prepared),
+            ("txn_committed", "Transactions committed (by END or a check-back answer)", &m.txn_committed),
+            ("txn_rolled_back", "Transactions rolled back (by END or a check-back answer)", &m.txn_rolled_back),
+            (
+                "txn_expired",
+                "Transactions whose check-backs all went unanswered (expiry policy applied)",
+                &m.txn_expired,
+            ),
+            (
+                "txn_checks",
+                "Check-backs recorded (whether or not a producer of the group was connected)",
+                &m.txn_checks,
+            ),
+            ("txn_published", "Committed transactional records published and confirmed (each once)", &m.txn_published),
+        ] {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            "txn_pending",
+            "Transactions pending in the __txn partitions this node coordinates",
+            m.txn_pending.clone(),
+        );
+        r.register(
+            "txn_expired_held",
+            "Expired transactions held (listed by `keel txn list`) in the __txn partitions this node coordinates",
+            m.txn_expired_held.clone(),
         );
         r.register(
             "raft_apply_lag_max",

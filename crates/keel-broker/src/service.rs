@@ -789,6 +789,51 @@ impl pb::producer_server::Producer for Api {
         self.inner.cancel_delayed(request.into_inner(), hops, caller).await.map(Response::new)
     }
 
+    async fn prepare_txn(&self, request: Request<pb::PrepareTxnRequest>) -> Result<Response<pb::TxnStatus>, Status> {
+        let (hops, caller) = (hops(&request), crate::auth::caller(&request));
+        self.inner.prepare_txn(request.into_inner(), hops, caller).await.map(Response::new)
+    }
+
+    async fn end_txn(&self, request: Request<pb::EndTxnRequest>) -> Result<Response<pb::TxnStatus>, Status> {
+        let (hops, caller) = (hops(&request), crate::auth::caller(&request));
+        self.inner.end_txn(request.into_inner(), hops, caller).await.map(Response::new)
+    }
+
+    type TxnChecksStream = BoxStream<pb::TxnCheck>;
+
+    async fn txn_checks(
+        &self,
+        request: Request<Streaming<pb::TxnCheckAnswer>>,
+    ) -> Result<Response<Self::TxnChecksStream>, Status> {
+        let caller = crate::auth::caller(&request);
+        let mut inbound = request.into_inner();
+        let first = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(Status::invalid_argument("a check-back stream opens with the producer group")),
+            Err(status) => return Err(status),
+        };
+        let group = first.group;
+        self.inner.authorize(caller.as_ref(), Resource::Group(&group), Operation::Join)?;
+        let inner = Arc::clone(&self.inner);
+        let (coordinator, id, rx) = inner.open_checks(&group)?;
+        tokio::spawn(async move {
+            // Answers are applied one at a time, in order; the stream's end unregisters it.
+            loop {
+                match inbound.message().await {
+                    Ok(Some(answer)) => {
+                        let txn_id = answer.transaction_id.clone();
+                        if let Err(status) = inner.check_answer(&coordinator, &group, answer, caller.as_ref()).await {
+                            debug!(group, txn = txn_id, %status, "a check-back answer was not applied");
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            inner.close_checks(&coordinator, &group, id);
+        });
+        Ok(Response::new(channel_stream(rx)))
+    }
+
     async fn init_producer_id(
         &self,
         request: Request<pb::InitProducerIdRequest>,
@@ -1196,6 +1241,16 @@ impl pb::admin_server::Admin for Api {
             .map(acl_to_pb)
             .collect();
         Ok(Response::new(pb::ListAclsResponse { rules }))
+    }
+
+    async fn list_txns(&self, request: Request<pb::ListTxnsRequest>) -> Result<Response<pb::ListTxnsResponse>, Status> {
+        let (hops, caller) = (hops(&request), crate::auth::caller(&request));
+        self.inner.list_txns(request.into_inner(), hops, caller).await.map(Response::new)
+    }
+
+    async fn resume_txn(&self, request: Request<pb::ResumeTxnRequest>) -> Result<Response<pb::TxnStatus>, Status> {
+        let (hops, caller) = (hops(&request), crate::auth::caller(&request));
+        self.inner.resume_txn(request.into_inner(), hops, caller).await.map(Response::new)
     }
 
     async fn describe_cluster(

@@ -32,6 +32,22 @@ impl Admin {
         Ok(Admin { core: Core::new(config, SALT)? })
     }
 
+    /// Transactions pending or expired (and ended ones when `include_ended`), of one producer
+    /// group or of every group, in (group, id) order.
+    pub async fn list_transactions(
+        &self,
+        group: Option<&str>,
+        include_ended: bool,
+    ) -> Result<Vec<pb::TxnStatus>, ClientError> {
+        crate::txn::list_txns(&self.core, group, include_ended).await
+    }
+
+    /// Puts a transaction the expiry policy rolled back back to pending (its group is checked
+    /// again at once).
+    pub async fn resume_transaction(&self, group: &str, transaction_id: &str) -> Result<pb::TxnStatus, ClientError> {
+        crate::txn::resume_txn(&self.core, group, transaction_id).await
+    }
+
     /// Creates a topic. `replication_factor` must be odd; 0 lets the cluster choose (3, or 1 on a
     /// cluster of fewer than 3 nodes).
     ///

@@ -40,6 +40,11 @@ pub const GROUP_REASONS: &[&str] = &[
 pub const PRODUCER_REASONS: &[&str] =
     &["OUT_OF_ORDER_SEQUENCE", "PRODUCER_FENCED", "UNKNOWN_PRODUCER_ID", "DUPLICATE_SEQUENCE_NUMBER"];
 
+/// ErrorInfo reasons of refused transaction calls (keel.proto, PrepareTxn and EndTxn), reported
+/// as [`ClientError::Producer`]; none is retriable.
+pub const TXN_REASONS: &[&str] =
+    &["TXN_CONTRADICTS", "TXN_EXPIRED", "TXN_UNKNOWN", "TXN_CONFLICT", "TXN_NOT_RESUMABLE"];
+
 /// Why a client call failed.
 ///
 /// [`ClientError::is_retriable`] separates errors that a later attempt may cure (the cluster
@@ -143,7 +148,8 @@ pub enum ClientError {
     /// `reason` is one of [`PRODUCER_REASONS`]. OUT_OF_ORDER_SEQUENCE (an earlier batch is being
     /// resent) and UNKNOWN_PRODUCER_ID (the partition forgot the producer, which starts a new
     /// sequence) are retried by the producer; DUPLICATE_SEQUENCE_NUMBER means the batch was
-    /// stored long ago, at offsets no longer known.
+    /// stored long ago, at offsets no longer known. A refused transaction call carries one of
+    /// [`TXN_REASONS`] (`TXN_CONTRADICTS`: the END contradicts how the transaction ended).
     #[error("{reason}: {message}")]
     Producer {
         /// The ErrorInfo reason.
@@ -301,7 +307,7 @@ impl From<tonic::Status> for ClientError {
             return ClientError::Transport(format!("{:?}: {}", status.code(), status.message()));
         }
         if let Some(info) = status.get_error_details().error_info()
-            && PRODUCER_REASONS.contains(&info.reason.as_str())
+            && (PRODUCER_REASONS.contains(&info.reason.as_str()) || TXN_REASONS.contains(&info.reason.as_str()))
         {
             return ClientError::Producer { reason: info.reason.clone(), message: status.message().to_owned() };
         }

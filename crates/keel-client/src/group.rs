@@ -146,7 +146,7 @@ impl Route {
         if let Some(addr) = lock(&self.coordinator).clone() {
             return Ok(addr);
         }
-        let request = pb::FindCoordinatorRequest { group: self.group.clone() };
+        let request = pb::FindCoordinatorRequest { group: self.group.clone(), ..Default::default() };
         let found = self
             .core
             .call_any("find coordinator", |channel| {

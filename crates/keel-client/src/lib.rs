@@ -40,11 +40,12 @@ mod group;
 pub mod outbox;
 mod partitioner;
 mod producer;
+mod txn;
 
 pub use admin::{Admin, AuditChunk};
 pub use config::{ClientConfig, Connect, TcpConnect, Tls, parse_bootstrap};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchResult, Offset, RecordProducer};
-pub use error::{ClientError, GROUP_REASONS, NOT_LEADER_REASON};
+pub use error::{ClientError, GROUP_REASONS, NOT_LEADER_REASON, TXN_REASONS};
 pub use group::{
     GroupAdmin, GroupConfig, GroupConsumer, HandlerError, NackOutcome, OffsetReset, ProcessSummary, RebalanceListener,
     RetryPolicy, TopicPartition,
@@ -56,6 +57,8 @@ pub use outbox::{
     OutboxAlarm, OutboxConfig, OutboxRow, OutboxStats, OutboxStore, ParkedBatch, RelayError, WhenFull, relay_once,
 };
 pub use partitioner::{fnv1a_64, partition_for_key};
+pub use txn::{CheckServer, Transactions, TxnOutcome};
+pub use keel_proto::v1::{TxnCheck, TxnState, TxnStatus};
 pub use producer::{
     DELIVER_AT_HEADER, DeliverAt, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
     TIMER_ID_HEADER,

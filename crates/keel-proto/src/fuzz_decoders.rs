@@ -243,7 +243,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             }),
         }),
         enc(pb::ListAclsRequest { principal: "User:alice".into() }),
-        enc(pb::FindCoordinatorRequest { group: "g".into() }),
+        enc(pb::FindCoordinatorRequest { group: "g".into(), ..Default::default() }),
         enc(pb::HeartbeatRequest {
             group: "g".into(),
             member_id: "m".into(),

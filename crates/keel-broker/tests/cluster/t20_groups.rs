@@ -24,7 +24,9 @@ fn reason(status: &tonic::Status) -> String {
 async fn coordinator(cluster: &Cluster, group: &str) -> (u64, GroupsClient<Channel>) {
     for _ in 0..200 {
         let mut any = GroupsClient::new(channel(&cluster.addrs[0]).await);
-        if let Ok(r) = any.find_coordinator(pb::FindCoordinatorRequest { group: group.into() }).await {
+        if let Ok(r) =
+            any.find_coordinator(pb::FindCoordinatorRequest { group: group.into(), ..Default::default() }).await
+        {
             let r = r.into_inner();
             if let Some(id) = r.coordinator_id {
                 let mut c = GroupsClient::new(channel(&r.coordinator_addr).await);
@@ -136,7 +138,11 @@ async fn members_share_partitions_and_commits_are_fenced() {
     // Every node agrees on the coordinator; a node that is not it answers with a hint.
     for addr in &cluster.addrs {
         let mut any = GroupsClient::new(channel(addr).await);
-        let r = any.find_coordinator(pb::FindCoordinatorRequest { group: "g1".into() }).await.unwrap().into_inner();
+        let r = any
+            .find_coordinator(pb::FindCoordinatorRequest { group: "g1".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.coordinator_id, Some(coord_id));
         if r.coordinator_addr != *addr {
             let refused = any.heartbeat(join("g1", "x", &["orders"])).await.unwrap_err();

@@ -88,6 +88,7 @@ pub async fn start_clocked(
             limits: Limits::default(),
             groups: Default::default(),
             delayed: Default::default(),
+            txn: Default::default(),
             seed: id,
             new_node_key: keel_broker::node_key_from_seed(id),
             // Some tests run brokers beyond the voters.

@@ -329,6 +329,23 @@ impl Producer for Node {
         Err(Status::unimplemented("the fake node keeps no timers"))
     }
 
+    async fn prepare_txn(&self, _: Request<pb::PrepareTxnRequest>) -> Result<Response<pb::TxnStatus>, Status> {
+        Err(Status::unimplemented("the fake node keeps no transactions"))
+    }
+
+    async fn end_txn(&self, _: Request<pb::EndTxnRequest>) -> Result<Response<pb::TxnStatus>, Status> {
+        Err(Status::unimplemented("the fake node keeps no transactions"))
+    }
+
+    type TxnChecksStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::TxnCheck, Status>> + Send>>;
+
+    async fn txn_checks(
+        &self,
+        _: Request<tonic::Streaming<pb::TxnCheckAnswer>>,
+    ) -> Result<Response<Self::TxnChecksStream>, Status> {
+        Err(Status::unimplemented("the fake node keeps no transactions"))
+    }
+
     async fn init_producer_id(
         &self,
         _request: Request<pb::InitProducerIdRequest>,
@@ -483,6 +500,14 @@ impl Admin for Node {
 
     async fn list_acls(&self, _: Request<pb::ListAclsRequest>) -> Result<Response<pb::ListAclsResponse>, Status> {
         Err(Status::unimplemented("the fake broker has no ACLs"))
+    }
+
+    async fn list_txns(&self, _: Request<pb::ListTxnsRequest>) -> Result<Response<pb::ListTxnsResponse>, Status> {
+        Err(Status::unimplemented("the fake node keeps no transactions"))
+    }
+
+    async fn resume_txn(&self, _: Request<pb::ResumeTxnRequest>) -> Result<Response<pb::TxnStatus>, Status> {
+        Err(Status::unimplemented("the fake node keeps no transactions"))
     }
 
     async fn describe_cluster(
