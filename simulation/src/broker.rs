@@ -88,6 +88,8 @@ pub struct BrokerSim {
     pub coordinator: CoordinatorFaults,
     /// The producers' idempotence; off is the negative control of the no-duplicate check.
     pub idempotence: bool,
+    /// The outbox producer does not write its stamps: the negative control of the outbox check.
+    pub outbox_skip_stamps: bool,
 }
 
 impl Default for BrokerSim {
@@ -102,6 +104,7 @@ impl Default for BrokerSim {
             zombie_at: None,
             coordinator: CoordinatorFaults::default(),
             idempotence: true,
+            outbox_skip_stamps: false,
         }
     }
 }
@@ -181,6 +184,8 @@ pub(crate) struct State {
     pub(crate) idempotence: bool,
     /// The delayed records' client and what it saw.
     pub(crate) delayed: crate::delayed::DelayedView,
+    /// The outbox producer and what it saw.
+    pub(crate) outbox: crate::outbox::OutboxView,
 }
 
 impl State {
@@ -616,6 +621,7 @@ async fn liveness_main(
     log(&state, "consumer caught up".into());
     state.borrow_mut().stop_consumer = true;
     crate::delayed::converge(&state, CATCH_UP_BOUND).await?;
+    crate::outbox::converge(&state, CATCH_UP_BOUND).await?;
     let acked: BTreeSet<String> = state
         .borrow()
         .history
@@ -828,6 +834,8 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     }
     sim.client("consumer", consumer_main(seed ^ 0xc0, Rc::clone(&state)));
     sim.client("delayed", crate::delayed::delayed_main(seed ^ 0xde, config.safety, Rc::clone(&state)));
+    let outbox = crate::outbox::outbox_main(seed ^ 0x0b, config.safety, config.outbox_skip_stamps, Rc::clone(&state));
+    sim.client("outbox", outbox);
     let members = config.members.unwrap_or_else(|| crate::groups::members_for(seed));
     let plan = crate::groups::MemberPlan { members, zombie_at: config.zombie_at };
     for k in 1..=members {
@@ -840,6 +848,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     hosts.extend((1..=config.producers).map(|k| format!("producer{k}")));
     hosts.push("consumer".into());
     hosts.push("delayed".into());
+    hosts.push("outbox".into());
     hosts.extend((1..=members).map(|k| format!("member{k}")));
 
     let mut ctx = Driver {
@@ -882,7 +891,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         clocks.heal();
         let liveness = liveness_main(seed ^ 0x11fe, members, Rc::clone(&state), Rc::clone(&registry), disks.clone());
         sim.client("liveness", liveness);
-        let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND * 4 + CONVERGE_BOUND;
+        let limit = sim.elapsed() + WRITE_BOUND * (PARTITIONS + 1) + CATCH_UP_BOUND * 5 + CONVERGE_BOUND;
         drive(&mut sim, &mut ctx, limit, |_| false, |_, _, _| {}).map_err(|e| format!("liveness phase: {e}"))
     });
     sample(&registry, &state, &mut ctx.high_watermarks);

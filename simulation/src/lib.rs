@@ -16,6 +16,7 @@ pub mod delayed;
 pub mod groups;
 pub mod nemesis;
 pub mod net;
+pub mod outbox;
 pub mod scenario;
 
 use std::fmt;
@@ -52,6 +53,9 @@ pub enum Workload {
     /// The negative control: timer coordinators fire by the wall clock alone, so a clock stepped
     /// forward fires delayed records early.
     BrokerDelayedWallClock,
+    /// The negative control: the outbox producer does not write its stamps, so a producer
+    /// restarted after a crash stamps batches that may be stored afresh (duplicates).
+    BrokerOutboxUnstamped,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -74,6 +78,7 @@ impl Workload {
             Workload::BrokerIdentityEpochReused => "broker-identity-epoch-reused",
             Workload::BrokerDeadLetterUnstamped => "broker-dead-letter-unstamped",
             Workload::BrokerDelayedWallClock => "broker-delayed-wall-clock",
+            Workload::BrokerOutboxUnstamped => "broker-outbox-unstamped",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -246,6 +251,10 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
                 zombie_at: Some(std::time::Duration::from_secs(20)),
                 ..broker::BrokerSim::default()
             };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerOutboxUnstamped => {
+            let config = broker::BrokerSim { outbox_skip_stamps: true, ..broker::BrokerSim::default() };
             broker::run_broker(seed, config, trace).err()
         }
         Workload::BrokerNoIdempotence => {

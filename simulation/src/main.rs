@@ -61,6 +61,10 @@ enum WorkloadArg {
     BrokerDeadLetterUnstamped,
     /// The negative control: timers fired by the wall clock alone (early under a forward step).
     BrokerDelayedWallClock,
+    /// The negative control: contradictory transaction ENDs acknowledged instead of refused.
+    BrokerTxnContradictionsAccepted,
+    /// The negative control: the outbox producer writes no stamps (duplicates after restarts).
+    BrokerOutboxUnstamped,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -95,6 +99,8 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerIdentityEpochReused => Workload::BrokerIdentityEpochReused,
         WorkloadArg::BrokerDeadLetterUnstamped => Workload::BrokerDeadLetterUnstamped,
         WorkloadArg::BrokerDelayedWallClock => Workload::BrokerDelayedWallClock,
+        WorkloadArg::BrokerTxnContradictionsAccepted => Workload::BrokerTxnContradictionsAccepted,
+        WorkloadArg::BrokerOutboxUnstamped => Workload::BrokerOutboxUnstamped,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -155,3 +155,27 @@ fn timers_fired_by_the_wall_clock_alone_are_caught_early() {
         assert!(violation.contains("before its time"), "seed {seed}: {violation:?}");
     }
 }
+
+/// A transaction leaves PENDING once: an END that contradicts how it ended is refused. A
+/// coordinator that acknowledges it instead must be caught by the transactional client, which
+/// sends a contradictory END after some acknowledged ones. Every seed of 0..4 is caught.
+#[test]
+fn contradictory_txn_ends_acknowledged_are_caught() {
+    for seed in [0u64, 2] {
+        let violation = run(Workload::BrokerTxnContradictionsAccepted, seed).violation.unwrap_or_default();
+        assert!(violation.contains("contradictory END was acknowledged"), "seed {seed}: {violation:?}");
+    }
+}
+
+/// The durable outbox re-sends a batch after a restart with exactly the stamp it went out with,
+/// so the partition answers it as a duplicate if it was stored: an outbox that does not write
+/// its stamps stamps such batches afresh after a crash (after an acknowledgement not yet marked
+/// done, or an answer lost with the process), and the check after healing reads them twice.
+/// Every seed of 0..4 is caught.
+#[test]
+fn an_outbox_without_durable_stamps_writes_duplicates() {
+    for seed in [0u64, 1] {
+        let violation = run(Workload::BrokerOutboxUnstamped, seed).violation.unwrap_or_default();
+        assert!(violation.contains("stored twice (duplicate)"), "seed {seed}: {violation:?}");
+    }
+}

@@ -699,3 +699,201 @@ async fn run_io<T: Send + 'static>(
     };
     result.map_err(|e| io_error(&e))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use keel_storage::{CrashMode, SimDisk};
+
+    use super::*;
+
+    fn config(disk: &SimDisk) -> OutboxConfig {
+        let mut c = OutboxConfig::with_disk(Arc::new(disk.clone()), "/ob");
+        c.segment_bytes = 4096;
+        c.bytes_max = 64 << 10;
+        c
+    }
+
+    fn records(values: &[&str]) -> Vec<(String, u32, ProducerRecord)> {
+        values.iter().map(|v| ("t".to_owned(), 1, ProducerRecord::new(v.to_string()).with_partition(1))).collect()
+    }
+
+    fn new_stamp(ids: &[u64], base_sequence: i32) -> NewStamp {
+        NewStamp { topic: "t".into(), partition: 1, producer_id: 7, epoch: 1, base_sequence, ids: ids.to_vec() }
+    }
+
+    fn batch_values(bytes: &Bytes) -> Vec<String> {
+        let batch = keel_record::Batch::from_bytes(bytes.clone()).unwrap();
+        batch.records().map(|r| String::from_utf8(r.unwrap().value.unwrap().to_vec()).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_restart_resends_stamped_batches_with_their_stamps_and_nothing_done() {
+        let disk = SimDisk::new(1);
+        let (outbox, restored) = Outbox::open(config(&disk), false).await.unwrap();
+        assert!(restored.stamped.is_empty() && restored.unstamped.is_empty());
+        let ids = outbox.append(records(&["a", "b", "c", "d"]), None).await.unwrap();
+        assert_eq!(ids, [0, 1, 2, 3]);
+        outbox.stamp(vec![new_stamp(&[0], 4), new_stamp(&[1, 2], 5)]).await.unwrap();
+        // "a" is acknowledged and its done entry flushed; "b", "c" are acknowledged, but the
+        // process dies before their done entry is written: they go again with their stamp, and
+        // the partition answers them as duplicates.
+        outbox.done(vec![0]);
+        outbox.sync_done().await.unwrap();
+        outbox.done(vec![1, 2]);
+        assert_eq!(outbox.stats().records, 3);
+        drop(outbox);
+        disk.crash_with(CrashMode::RandomPages);
+        let (outbox, restored) = Outbox::open(config(&disk), false).await.unwrap();
+        assert_eq!(restored.stamped.len(), 1);
+        let b = &restored.stamped[0];
+        assert_eq!((b.ids.clone(), b.stamp), (vec![1, 2], (7, 1)));
+        let header = keel_record::check(&b.bytes).unwrap();
+        assert_eq!(header.producer_stamp(0), Some((7, 1, 5)), "exactly the stamp it went out with");
+        assert_eq!(batch_values(&b.bytes), ["b", "c"]);
+        let unstamped: Vec<u64> = restored.unstamped.iter().map(|r| r.id).collect();
+        assert_eq!(unstamped, [3], "never stamped, so never sent: stamped afresh");
+        assert_eq!(outbox.stats().records, 3);
+        // New records continue the ids.
+        assert_eq!(outbox.append(records(&["e"]), None).await.unwrap(), [4]);
+    }
+
+    #[tokio::test]
+    async fn done_records_free_their_segments() {
+        let disk = SimDisk::new(2);
+        let (outbox, _) = Outbox::open(config(&disk), false).await.unwrap();
+        let value = "v".repeat(300);
+        let mut all = Vec::new();
+        for _ in 0..40 {
+            let ids = outbox.append(records(&[value.as_str()]), None).await.unwrap();
+            outbox.stamp(vec![new_stamp(&ids, ids[0] as i32)]).await.unwrap();
+            all.extend(ids);
+        }
+        let full = outbox.stats().log_bytes;
+        assert!(full >= 4 * 4096, "{full}");
+        outbox.done(all[..39].to_vec());
+        outbox.sync_done().await.unwrap();
+        let stats = outbox.stats();
+        assert!(stats.log_bytes <= 2 * 4096, "{stats:?}");
+        assert_eq!(stats.records, 1);
+        drop(outbox);
+        disk.crash_with(CrashMode::DropUnflushed);
+        let (_, restored) = Outbox::open(config(&disk), false).await.unwrap();
+        let ids: Vec<Vec<u64>> = restored.stamped.iter().map(|b| b.ids.clone()).collect();
+        assert_eq!(ids, [vec![39]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_outbox_fails_or_blocks_until_room_is_freed() {
+        let disk = SimDisk::new(3);
+        let mut c = config(&disk);
+        c.bytes_max = 3 * 4096;
+        c.when_full = WhenFull::Fail;
+        let (outbox, _) = Outbox::open(c.clone(), false).await.unwrap();
+        let value = "x".repeat(1000);
+        let mut ids = Vec::new();
+        let refused = loop {
+            match outbox.append(records(&[value.as_str()]), None).await {
+                Ok(id) => ids.extend(id),
+                Err(e) => break e,
+            }
+            assert!(ids.len() < 100, "never full");
+        };
+        assert_eq!(refused, ClientError::OutboxFull { bytes_max: 3 * 4096 });
+        drop(outbox);
+
+        let disk = SimDisk::new(4);
+        let mut c = config(&disk);
+        c.bytes_max = 3 * 4096;
+        c.block_timeout = Duration::from_secs(5);
+        let (outbox, _) = Outbox::open(c, false).await.unwrap();
+        let outbox = Arc::new(outbox);
+        let mut ids = Vec::new();
+        for _ in 0..100 {
+            let more =
+                tokio::time::timeout(Duration::from_secs(1), outbox.append(records(&[value.as_str()]), None)).await;
+            match more {
+                Ok(Ok(id)) => ids.extend(id),
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => break,
+            }
+        }
+        assert!(!ids.is_empty());
+        // Blocked now; acknowledging everything frees the old segments and lets it through.
+        let blocked = tokio::spawn({
+            let outbox = Arc::clone(&outbox);
+            let value = value.clone();
+            async move { outbox.append(records(&[value.as_str()]), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!blocked.is_finished(), "waits for room");
+        outbox.done(ids);
+        outbox.sync_done().await.unwrap();
+        assert!(blocked.await.unwrap().is_ok(), "room was freed");
+        // With nothing freed, the wait ends at block_timeout.
+        let mut refused = None;
+        for _ in 0..100 {
+            if let Err(e) = outbox.append(records(&[value.as_str()]), None).await {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert_eq!(refused, Some(ClientError::OutboxFull { bytes_max: 3 * 4096 }));
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_reaches_the_caller_and_stops_the_outbox() {
+        let disk = SimDisk::new(5);
+        let (outbox, _) = Outbox::open(config(&disk), false).await.unwrap();
+        outbox.append(records(&["a"]), None).await.unwrap();
+        // The power goes out during the write or its flush.
+        disk.crash_after(1);
+        let err = outbox.append(records(&["b"]), None).await.unwrap_err();
+        assert!(matches!(err, ClientError::Outbox(_)), "{err}");
+        disk.crash_with(CrashMode::DropUnflushed);
+        let again = outbox.append(records(&["c"]), None).await.unwrap_err();
+        assert!(matches!(again, ClientError::Outbox(_)), "stopped: {again}");
+        assert!(outbox.stamp(vec![new_stamp(&[0], 0)]).await.is_err());
+        drop(outbox);
+        let (_, restored) = Outbox::open(config(&disk), false).await.unwrap();
+        let values: Vec<String> = restored
+            .unstamped
+            .iter()
+            .map(|r| String::from_utf8(r.record.value.clone().unwrap().to_vec()).unwrap())
+            .collect();
+        assert!(values == ["a"] || values == ["a", "b"], "{values:?}");
+    }
+
+    #[tokio::test]
+    async fn a_flipped_bit_is_refused_at_open() {
+        let disk = SimDisk::new(6);
+        let (outbox, _) = Outbox::open(config(&disk), false).await.unwrap();
+        for v in ["a", "b", "c"] {
+            outbox.append(records(&[v]), None).await.unwrap();
+        }
+        drop(outbox);
+        disk.flip_bit(std::path::Path::new("/ob/00000000000000000000.outbox"), 40, 2).unwrap();
+        let err = Outbox::open(config(&disk), false).await.err().unwrap();
+        assert!(matches!(err, ClientError::OutboxCorrupt { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_mark_survives_restarts_and_segment_deletion() {
+        let disk = SimDisk::new(7);
+        let (outbox, _) = Outbox::open(config(&disk), false).await.unwrap();
+        let value = "m".repeat(500);
+        let mut ids = Vec::new();
+        for mark in 1..=30u64 {
+            ids.extend(outbox.append(records(&[value.as_str()]), Some(mark)).await.unwrap());
+        }
+        outbox.done(ids);
+        outbox.sync_done().await.unwrap();
+        assert_eq!(outbox.mark(), Some(30));
+        drop(outbox);
+        disk.crash_with(CrashMode::TornLastWrite);
+        let (outbox, restored) = Outbox::open(config(&disk), false).await.unwrap();
+        assert!(restored.unstamped.is_empty());
+        assert_eq!(outbox.mark(), Some(30));
+    }
+}
