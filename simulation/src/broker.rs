@@ -186,6 +186,8 @@ pub(crate) struct State {
     pub(crate) delayed: crate::delayed::DelayedView,
     /// The outbox producer and what it saw.
     pub(crate) outbox: crate::outbox::OutboxView,
+    /// The transactional client and what it saw.
+    pub(crate) txn: crate::txn::TxnView,
 }
 
 impl State {
@@ -337,7 +339,11 @@ pub(crate) async fn create_topic(seed: u64, state: &Shared, registry: &Registry)
     let nodes = state.borrow().nodes;
     let admin = Admin::new(client_config(seed, nodes))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let topics = [(TOPIC, PARTITIONS), (crate::delayed::TOPIC, crate::delayed::PARTITIONS)];
+    let topics = [
+        (TOPIC, PARTITIONS),
+        (crate::delayed::TOPIC, crate::delayed::PARTITIONS),
+        (crate::txn::TOPIC, crate::txn::PARTITIONS),
+    ];
     for (topic, partitions) in topics {
         loop {
             match admin.create_topic(topic, partitions, REPLICATION, keel_client::TopicConfig::default()).await {
@@ -622,6 +628,7 @@ async fn liveness_main(
     state.borrow_mut().stop_consumer = true;
     crate::delayed::converge(&state, CATCH_UP_BOUND).await?;
     crate::outbox::converge(&state, CATCH_UP_BOUND).await?;
+    crate::txn::converge(&state, CATCH_UP_BOUND, seed).await?;
     let acked: BTreeSet<String> = state
         .borrow()
         .history
@@ -836,6 +843,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     sim.client("delayed", crate::delayed::delayed_main(seed ^ 0xde, config.safety, Rc::clone(&state)));
     let outbox = crate::outbox::outbox_main(seed ^ 0x0b, config.safety, config.outbox_skip_stamps, Rc::clone(&state));
     sim.client("outbox", outbox);
+    sim.client("txn", crate::txn::txn_main(seed ^ 0x7a, config.safety, Rc::clone(&state)));
     let members = config.members.unwrap_or_else(|| crate::groups::members_for(seed));
     let plan = crate::groups::MemberPlan { members, zombie_at: config.zombie_at };
     for k in 1..=members {
@@ -849,6 +857,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     hosts.push("consumer".into());
     hosts.push("delayed".into());
     hosts.push("outbox".into());
+    hosts.push("txn".into());
     hosts.extend((1..=members).map(|k| format!("member{k}")));
 
     let mut ctx = Driver {

@@ -18,6 +18,7 @@ pub mod nemesis;
 pub mod net;
 pub mod outbox;
 pub mod scenario;
+pub mod txn;
 
 use std::fmt;
 
@@ -53,6 +54,9 @@ pub enum Workload {
     /// The negative control: timer coordinators fire by the wall clock alone, so a clock stepped
     /// forward fires delayed records early.
     BrokerDelayedWallClock,
+    /// The negative control: transaction coordinators acknowledge an END that contradicts how
+    /// the transaction already ended, instead of refusing it.
+    BrokerTxnContradictionsAccepted,
     /// The negative control: the outbox producer does not write its stamps, so a producer
     /// restarted after a crash stamps batches that may be stored afresh (duplicates).
     BrokerOutboxUnstamped,
@@ -78,6 +82,7 @@ impl Workload {
             Workload::BrokerIdentityEpochReused => "broker-identity-epoch-reused",
             Workload::BrokerDeadLetterUnstamped => "broker-dead-letter-unstamped",
             Workload::BrokerDelayedWallClock => "broker-delayed-wall-clock",
+            Workload::BrokerTxnContradictionsAccepted => "broker-txn-contradictions-accepted",
             Workload::BrokerOutboxUnstamped => "broker-outbox-unstamped",
             Workload::OneWayCut => "one-way-cut",
         }
@@ -284,6 +289,13 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         Workload::BrokerDeadLetterUnstamped => {
             let config = broker::BrokerSim {
                 coordinator: keel_broker::CoordinatorFaults { publish_unstamped: true, ..Default::default() },
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerTxnContradictionsAccepted => {
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { txn_contradictions_accepted: true, ..Default::default() },
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

@@ -57,6 +57,9 @@ pub struct CoordinatorFaults {
     /// Fire timers by the wall clock alone, without the monotonic second opinion: a clock
     /// stepped forward fires them early.
     pub timers_wall_clock_only: bool,
+    /// Acknowledge an END that contradicts how its transaction already ended (answering with
+    /// the transaction's status) instead of refusing it.
+    pub txn_contradictions_accepted: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.

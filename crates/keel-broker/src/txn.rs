@@ -422,6 +422,12 @@ impl Inner {
                 Err(RunError::Refused(TxnError::ProducerIdNeeded)) if spare.is_none() => {
                     spare = Some(self.next_producer_id().await?);
                 }
+                Err(RunError::Refused(TxnError::Contradicts { .. }))
+                    if self.coordinator_faults.txn_contradictions_accepted =>
+                {
+                    let status = coordinator.runtime.read(|s| s.status(group, txn_id).cloned());
+                    return status.ok_or_else(|| Status::internal("the transaction vanished"));
+                }
                 Err(e) => return Err(txn_status(coordinator.partition, None, e)),
             }
         }

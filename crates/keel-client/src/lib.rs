@@ -53,13 +53,13 @@ pub use group::{
 pub use keel_proto::v1::{
     DescribeClusterResponse as ClusterDescription, NodeDescription, PartitionDescription, TopicConfig, TopicDescription,
 };
+pub use keel_proto::v1::{TxnCheck, TxnState, TxnStatus};
 pub use outbox::{
     OutboxAlarm, OutboxConfig, OutboxRow, OutboxStats, OutboxStore, ParkedBatch, RelayError, WhenFull, relay_once,
 };
 pub use partitioner::{fnv1a_64, partition_for_key};
-pub use txn::{CheckServer, Transactions, TxnOutcome};
-pub use keel_proto::v1::{TxnCheck, TxnState, TxnStatus};
 pub use producer::{
     DELIVER_AT_HEADER, DeliverAt, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
     TIMER_ID_HEADER,
 };
+pub use txn::{CheckServer, Transactions, TxnOutcome};
