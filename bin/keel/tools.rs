@@ -10,8 +10,8 @@ use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::Table;
 use keel_client::{
-    Admin, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, DeliverAt, Offset, Producer, ProducerConfig,
-    ProducerRecord,
+    Admin, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, DeliverAt, Offset, OutboxConfig, Producer,
+    ProducerConfig, ProducerRecord,
 };
 use serde_json::{Value, json};
 
@@ -129,6 +129,12 @@ pub struct ProduceArgs {
     /// Deliver the records at this time (RFC 3339, e.g. `2026-12-24T18:00:00Z`).
     #[arg(long, value_parser = parse_at)]
     at: Option<i64>,
+    /// Write each record to a durable outbox in this directory before sending it (flushed;
+    /// printed as `appended line N`): a producer killed at any point and started again with
+    /// the same directory stores every appended record exactly once. A restart sends what the
+    /// outbox holds, then what stdin brings, and exits once the outbox is empty.
+    #[arg(long, conflicts_with_all = ["delay", "at"])]
+    outbox: Option<std::path::PathBuf>,
 }
 
 impl ProduceArgs {
@@ -518,7 +524,10 @@ pub fn produce(args: ProduceArgs, connection: &Connection, output: Output) -> an
         return runtime()?.block_on(produce_delayed(args, config, when, output));
     }
     runtime()?.block_on(async move {
-        let producer = Producer::new(config, ProducerConfig::default())?;
+        let producer = match &args.outbox {
+            Some(dir) => Producer::with_outbox(config, ProducerConfig::default(), OutboxConfig::new(dir)).await?,
+            None => Producer::new(config, ProducerConfig::default())?,
+        };
         // Acknowledgements are printed in input order by a second task, so reading stdin never
         // waits for the cluster (records are batched and pipelined).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, keel_client::DeliveryFuture)>(10_000);
@@ -550,6 +559,15 @@ pub fn produce(args: ProduceArgs, connection: &Connection, output: Output) -> an
         for (i, line) in stdin.lock().lines().enumerate() {
             let record = args.record(&line.context("reading stdin")?);
             let delivery = producer.send(&args.topic, record).await?;
+            if args.outbox.is_some() {
+                // Durable now: the line is owed exactly once, whatever happens to this process.
+                let mut stdout = std::io::stdout().lock();
+                let _ = match output {
+                    Output::Json => writeln!(stdout, "{}", json!({"line": i as u64 + 1, "appended": true})),
+                    Output::Text => writeln!(stdout, "appended line {}", i as u64 + 1),
+                };
+                let _ = stdout.flush();
+            }
             if tx.send((i as u64 + 1, delivery)).await.is_err() {
                 break;
             }
@@ -557,6 +575,19 @@ pub fn produce(args: ProduceArgs, connection: &Connection, output: Output) -> an
         drop(tx);
         producer.flush().await;
         let failed = printer.await.context("the printer task failed")?;
+        if args.outbox.is_some() {
+            // What an earlier run left in the outbox has no line here: wait until it is stored.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while producer.outbox_stats().is_some_and(|s| s.records > 0) {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("the outbox still holds records: {:?}", producer.outbox_stats());
+                }
+                if let Some(parked) = producer.outbox_parked().first() {
+                    bail!("an outbox batch is parked: {parked:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         producer.close().await;
         if failed > 0 {
             bail!("{failed} records were not acknowledged");
