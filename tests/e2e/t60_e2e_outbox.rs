@@ -139,3 +139,103 @@ async fn a_producer_killed_mid_stream_stores_every_appended_record_once() {
     assert!(strangers.is_empty(), "never sent: {strangers:?}");
     eprintln!("{} records owed, {} read, each once", owed.len(), read.len());
 }
+
+/// The user's outbox table, in memory: rows with growing ids, and a delete that fails when told
+/// to (a crash between handing rows to the producer's outbox and deleting them).
+#[derive(Default)]
+struct Table {
+    rows: Vec<keel_client::OutboxRow>,
+    /// Deletes that succeed before one fails.
+    deletes_before_failure: Option<u32>,
+}
+
+#[derive(Debug)]
+struct TableGone;
+
+impl std::fmt::Display for TableGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the table is gone")
+    }
+}
+
+impl std::error::Error for TableGone {}
+
+impl keel_client::OutboxStore for Table {
+    type Error = TableGone;
+
+    fn rows_after(&mut self, after: u64, limit: usize) -> Result<Vec<keel_client::OutboxRow>, TableGone> {
+        Ok(self.rows.iter().filter(|r| r.id > after).take(limit).cloned().collect())
+    }
+
+    fn delete_through(&mut self, through: u64) -> Result<(), TableGone> {
+        match &mut self.deletes_before_failure {
+            Some(0) => {
+                self.deletes_before_failure = None;
+                return Err(TableGone);
+            }
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        self.rows.retain(|r| r.id > through);
+        Ok(())
+    }
+}
+
+/// `relay_once` moves committed rows into a producer's outbox exactly once: rows handed over
+/// before a crash that kept them in the table (the delete never happened) are recognised by the
+/// outbox's mark after the producer is opened again, and deleted, not sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_rows_are_published_once_across_a_crash_before_their_delete() {
+    let cluster = common::Cluster::start(1, 114).await;
+    let admin = cluster.admin();
+    admin.create_topic("relayed", 1, 1, TopicConfig::default()).await.unwrap();
+    common::wait_leaders(&admin, "relayed").await;
+    let dir = tempfile::tempdir().unwrap();
+    let open = || async {
+        keel_client::Producer::with_outbox(
+            cluster.client(3),
+            keel_client::ProducerConfig::default(),
+            keel_client::OutboxConfig::new(dir.path()),
+        )
+        .await
+        .unwrap()
+    };
+    let row = |id: u64| keel_client::OutboxRow {
+        id,
+        topic: "relayed".into(),
+        record: keel_client::ProducerRecord::new(format!("row-{id}")),
+    };
+    let mut table = Table { rows: (1..=10).map(row).collect(), deletes_before_failure: None };
+    let producer = open().await;
+    assert_eq!(keel_client::relay_once(&producer, &mut table, 4).await.unwrap(), 4);
+    // The relay's first delete (rows up to the mark, 4) goes through; the one after handing
+    // rows 5..=8 over fails.
+    table.deletes_before_failure = Some(1);
+    let crashed = keel_client::relay_once(&producer, &mut table, 4).await;
+    assert!(matches!(crashed, Err(keel_client::RelayError::Store(_))), "{crashed:?}");
+    assert_eq!(table.rows.first().map(|r| r.id), Some(5), "rows 5..=8 are in the outbox and the table");
+    drop(producer);
+    // Opened again: the mark says rows up to 8 are in the outbox already.
+    let producer = open().await;
+    assert_eq!(producer.outbox_mark().unwrap(), Some(8));
+    let mut moved = 0;
+    loop {
+        let n = keel_client::relay_once(&producer, &mut table, 4).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        moved += n;
+    }
+    assert_eq!(moved, 2, "only rows 9 and 10 were left to hand over");
+    assert!(table.rows.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while producer.outbox_stats().unwrap().records > 0 {
+        assert!(Instant::now() < deadline, "not stored: {:?}", producer.outbox_stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    producer.close().await;
+    let until: BTreeMap<u32, u64> = [(0, 10)].into();
+    let read = common::read_all(cluster.client(4), "relayed", &until).await;
+    let values: Vec<String> = read.into_values().collect();
+    assert_eq!(values, (1..=10).map(|id| format!("row-{id}")).collect::<Vec<_>>());
+}

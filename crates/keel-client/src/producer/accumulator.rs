@@ -1049,6 +1049,103 @@ mod tests {
         assert_eq!(offset(&mut first), 4);
     }
 
+    fn outbox(in_flight_max: usize) -> Accumulator {
+        let mut a = idempotent(in_flight_max);
+        a.limits.outbox = true;
+        a.limits.delivery_timeout = Duration::from_secs(10 * 365 * 24 * 3600);
+        a
+    }
+
+    fn push_outbox(a: &mut Accumulator, partition: u32, value: &str, id: u64, now: Instant) -> Outcome {
+        let (tx, rx) = oneshot::channel();
+        a.append_with_id("t", partition, &record(value), tx, now, Some(id)).unwrap();
+        rx
+    }
+
+    #[test]
+    fn outbox_batches_report_their_stamps_before_they_are_sent_and_their_ids_once_stored() {
+        let mut a = outbox(5);
+        let t0 = Instant::now();
+        a.supply_producer_id(7, 2);
+        let mut r = [push_outbox(&mut a, 0, "a", 10, t0), push_outbox(&mut a, 0, "b", 11, t0)];
+        a.flush();
+        let d = a.dispatch(t0, 1, leader);
+        let want =
+            NewStamp { topic: "t".into(), partition: 0, producer_id: 7, epoch: 2, base_sequence: 0, ids: vec![10, 11] };
+        assert_eq!(d.stamps, [want]);
+        assert_eq!(stamp_of(&d.requests[0].1), (7, 2, 0));
+        assert_eq!(a.take_outbox_events().0, Vec::<u64>::new(), "nothing is done before it is stored");
+        let id = d.requests[0].1.request_id;
+        a.complete(id, ok(id, 40, 2), t0, |_| Duration::ZERO);
+        assert_eq!(a.take_outbox_events().0, [10, 11]);
+        assert_eq!(r.iter_mut().map(offset).collect::<Vec<_>>(), [40, 41]);
+    }
+
+    #[test]
+    fn a_restored_batch_keeps_its_stamp_and_is_parked_when_its_producer_was_forgotten() {
+        let mut a = outbox(5);
+        let t0 = Instant::now();
+        // A batch the previous process stamped (7, 0, 3) before it died.
+        let mut builder = BatchBuilder::new(1 << 20);
+        builder.push(NewRecord { value: Some(b"r"), ..NewRecord::default() }).unwrap();
+        let mut bytes = builder.build().to_vec();
+        let stamp = ProducerStamp { producer_id: 7, producer_epoch: 0, base_sequence: 3 };
+        keel_record::stamp_producer(&mut bytes, stamp).unwrap();
+        a.restore_batch("t", 0, vec![21], Bytes::from(bytes), Some((7, 0)), t0);
+        let d = a.dispatch(t0, 1, leader);
+        assert!(d.stamps.is_empty() && !d.wants_producer_id, "sent with its own stamp, no new id needed");
+        assert_eq!(stamp_of(&d.requests[0].1), (7, 0, 3));
+        // Its producer expired on the partition: stamped afresh, it could be written twice.
+        let id = d.requests[0].1.request_id;
+        a.complete(id, refused("UNKNOWN_PRODUCER_ID"), t0, |_| Duration::ZERO);
+        let (done, parked) = a.take_outbox_events();
+        assert!(done.is_empty());
+        assert_eq!(parked.len(), 1);
+        assert_eq!(
+            (parked[0].ids.clone(), parked[0].stamp, parked[0].maybe_written),
+            (vec![21], Some((7, 0, 3)), true)
+        );
+        let again = a.dispatch(t0 + Duration::from_secs(5), 1, leader);
+        assert!(again.requests.is_empty(), "never sent again without the user's decision");
+    }
+
+    #[test]
+    fn outbox_batches_stored_long_ago_are_done_and_refused_ones_parked() {
+        let mut a = outbox(5);
+        let t0 = Instant::now();
+        a.supply_producer_id(7, 0);
+        let _stale = push_outbox(&mut a, 0, "a", 1, t0);
+        let _bad = push_outbox(&mut a, 1, "b", 2, t0);
+        a.flush();
+        let d = a.dispatch(t0, 1, leader);
+        for (_, r) in &d.requests {
+            let answer = if r.partition == 0 {
+                refused("DUPLICATE_SEQUENCE_NUMBER")
+            } else {
+                Err(ClientError::InvalidArgument("no".into()))
+            };
+            a.complete(r.request_id, answer, t0, |_| Duration::ZERO);
+        }
+        let (done, parked) = a.take_outbox_events();
+        assert_eq!(done, [1], "stored, where no longer known: done");
+        assert_eq!(parked.iter().map(|p| (p.ids.clone(), p.maybe_written)).collect::<Vec<_>>(), [(vec![2], false)]);
+    }
+
+    #[test]
+    fn outbox_records_are_retried_past_the_delivery_timeout() {
+        let mut a = outbox(5);
+        let t0 = Instant::now();
+        a.supply_producer_id(7, 0);
+        let mut r = push_outbox(&mut a, 0, "a", 1, t0);
+        a.flush();
+        let id = a.dispatch(t0, 1, leader).requests[0].1.request_id;
+        let later = t0 + Duration::from_secs(3600);
+        a.complete(id, Err(ClientError::Unavailable("down".into())), later, |_| Duration::ZERO);
+        assert!(r.try_recv().is_err(), "not failed");
+        let again = a.dispatch(later, 1, leader).requests;
+        assert_eq!(stamp_of(&again[0].1), (7, 0, 0), "the same stamp");
+    }
+
     #[test]
     fn records_accumulate_until_linger() {
         let mut a = acc(1 << 20, 5);

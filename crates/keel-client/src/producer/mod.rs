@@ -419,10 +419,21 @@ impl Producer {
             let mut acc = lock(&self.shared.acc);
             for ((topic, partition, record), id) in routed.iter().zip(ids) {
                 let (tx, rx) = oneshot::channel();
-                // Only a fence (another outbox error) refuses it now; the record stays in the
-                // outbox and is sent when the outbox is opened again.
-                wake |= acc.append_with_id(topic, *partition, record, tx, now, Some(id))?;
-                futures.push(DeliveryFuture { rx });
+                let (refused, refusal) = oneshot::channel();
+                match acc.append_with_id(topic, *partition, record, tx, now, Some(id)) {
+                    Ok(w) => {
+                        wake |= w;
+                        futures.push(DeliveryFuture { rx });
+                    }
+                    Err(error) => {
+                        // Only a fence (another outbox error) refuses it now. The record is
+                        // durable all the same and is sent when the outbox is opened again, so
+                        // `send` still answers Ok (an Err would invite a second copy); its
+                        // future tells that this process will not deliver it.
+                        let _ = refused.send(Err(error));
+                        futures.push(DeliveryFuture { rx: refusal });
+                    }
+                }
             }
         }
         permit.forget();
@@ -645,8 +656,6 @@ impl Sender {
                 (dispatch, acc.next_deadline())
             };
             let accumulator::Dispatch { requests, wants_refresh, wants_producer_id, stamps } = dispatch;
-            let dispatch =
-                accumulator::Dispatch { requests: Vec::new(), wants_refresh, wants_producer_id, stamps: Vec::new() };
             let stamped = match (&self.shared.outbox, stamps.is_empty()) {
                 (Some(outbox), false) => outbox.stamp(stamps).await,
                 _ => Ok(()),
@@ -683,13 +692,13 @@ impl Sender {
                     None => {}
                 }
             }
-            if dispatch.wants_refresh {
+            if wants_refresh {
                 self.refresh_wanted = true;
             } else if !self.refresh_running {
                 self.refresh_streak = 0;
             }
             self.maybe_refresh(now);
-            let id_at = if dispatch.wants_producer_id && !self.id_running {
+            let id_at = if wants_producer_id && !self.id_running {
                 if now >= self.id_not_before {
                     self.fetch_producer_id();
                     None
