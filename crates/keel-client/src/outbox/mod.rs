@@ -31,7 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use keel_record::{BatchBuilder, NewRecord, ProducerStamp};
 use keel_storage::{Disk, FileDisk};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use self::log::{Entry, OpenError, OutboxLog, RecordEntry, StampEntry};
@@ -235,6 +235,8 @@ pub(crate) struct RestoredBatch {
 pub(crate) struct Outbox {
     config: OutboxConfig,
     log: Arc<Mutex<OutboxLog>>,
+    /// Frames to write, to the writer task (group commit).
+    writes: mpsc::Sender<WriteRequest>,
     state: Mutex<State>,
     /// Signalled when segments were deleted (room for blocked sends).
     room: Notify,
@@ -388,13 +390,10 @@ impl Outbox {
             unstamped = restored.unstamped.len(),
             "outbox opened"
         );
-        let outbox = Outbox {
-            config,
-            log: Arc::new(Mutex::new(log)),
-            state: Mutex::new(state),
-            room: Notify::new(),
-            skip_stamps,
-        };
+        let log = Arc::new(Mutex::new(log));
+        let (writes, requests) = mpsc::channel(WRITE_QUEUE_MAX);
+        tokio::spawn(writer(Arc::clone(&log), config.blocking_io, requests));
+        let outbox = Outbox { config, log, writes, state: Mutex::new(state), room: Notify::new(), skip_stamps };
         Ok((outbox, restored))
     }
 
@@ -419,13 +418,11 @@ impl Outbox {
         if !done.is_empty() {
             entries.push(Entry::Done(done.clone()));
         }
-        let log = Arc::clone(&self.log);
-        let result = run_io(self.config.blocking_io, move || {
-            let mut log = lock(&log);
-            let segment = log.append(&entries)?;
-            Ok((segment, log.bytes()))
-        })
-        .await;
+        let (reply, answer) = oneshot::channel();
+        let result = match self.writes.send(WriteRequest { entries, reply }).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(ClientError::Outbox("the outbox writer stopped".into()))),
+            Err(_) => Err(ClientError::Outbox("the outbox writer stopped".into())),
+        };
         match result {
             Ok((segment, bytes)) => {
                 lock(&self.state).log_bytes = bytes;
@@ -684,6 +681,57 @@ impl Outbox {
     }
 }
 
+/// Writes waiting for the writer task at most; more wait to be queued.
+const WRITE_QUEUE_MAX: usize = 1024;
+/// A frame gathers waiting writes up to about this many bytes (a single larger write goes alone).
+const GROUP_BYTES_MAX: u64 = 4 << 20;
+
+/// Entries to write as (part of) one flushed frame; the answer is the segment that holds them
+/// and the log's size after.
+struct WriteRequest {
+    entries: Vec<Entry>,
+    reply: oneshot::Sender<Result<(u64, u64), ClientError>>,
+}
+
+fn approx_bytes(entries: &[Entry]) -> u64 {
+    entries
+        .iter()
+        .map(|e| match e {
+            Entry::Record(r) => entry_bytes(r),
+            Entry::Stamp(s) => 64 + 8 * s.ids.len() as u64,
+            Entry::Done(ids) => 8 + 8 * ids.len() as u64,
+            Entry::Mark(_) => 16,
+        })
+        .sum()
+}
+
+/// The writer task: group commit. Every write waiting when a flush ends goes into the next
+/// frame, so concurrent `send`s share one fsync. It owns nothing but the log, and ends when the
+/// outbox is dropped.
+async fn writer(log: Arc<Mutex<OutboxLog>>, blocking: bool, mut requests: mpsc::Receiver<WriteRequest>) {
+    while let Some(first) = requests.recv().await {
+        let mut bytes = approx_bytes(&first.entries);
+        let mut group = vec![first];
+        while bytes < GROUP_BYTES_MAX {
+            let Ok(next) = requests.try_recv() else { break };
+            bytes += approx_bytes(&next.entries);
+            group.push(next);
+        }
+        let entries: Vec<Entry> = group.iter_mut().flat_map(|r| std::mem::take(&mut r.entries)).collect();
+        let log = Arc::clone(&log);
+        let result = run_io(blocking, move || {
+            let mut log = lock(&log);
+            let segment = log.append(&entries)?;
+            Ok((segment, log.bytes()))
+        })
+        .await;
+        for request in group {
+            // A caller that went away has nothing to learn.
+            let _ = request.reply.send(result.clone());
+        }
+    }
+}
+
 /// Runs disk work inline or on the blocking pool.
 async fn run_io<T: Send + 'static>(
     blocking: bool,
@@ -757,6 +805,32 @@ mod tests {
         assert_eq!(outbox.stats().records, 3);
         // New records continue the ids.
         assert_eq!(outbox.append(records(&["e"]), None).await.unwrap(), [4]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_flushes() {
+        let disk = SimDisk::new(8);
+        let (outbox, _) = Outbox::open(config(&disk), false).await.unwrap();
+        let outbox = Arc::new(outbox);
+        let before = disk.flush_count();
+        let appends: Vec<_> = (0..50)
+            .map(|i| {
+                let outbox = Arc::clone(&outbox);
+                tokio::spawn(async move { outbox.append(records(&[&format!("c{i}")]), None).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for append in appends {
+            ids.extend(append.await.unwrap().unwrap());
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (0..50).collect::<Vec<u64>>());
+        let flushes = disk.flush_count() - before;
+        assert!(flushes < 10, "50 concurrent appends took {flushes} flushes");
+        drop(outbox);
+        disk.crash_with(CrashMode::DropUnflushed);
+        let (_, restored) = Outbox::open(config(&disk), false).await.unwrap();
+        assert_eq!(restored.unstamped.len(), 50, "every acknowledged append is durable");
     }
 
     #[tokio::test]

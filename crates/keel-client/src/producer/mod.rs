@@ -403,43 +403,61 @@ impl Producer {
             .ok()
             .filter(|n| (*n as usize) <= self.shared.config.buffer_records_max)
             .ok_or_else(|| ClientError::InvalidArgument("more records in one call than buffer_records_max".into()))?;
-        let permit = self.shared.buffer.acquire_many(count).await.map_err(|_| ClientError::Closed)?;
+        let permit =
+            Arc::clone(&self.shared.buffer).acquire_many_owned(count).await.map_err(|_| ClientError::Closed)?;
         let mut routed = Vec::with_capacity(records.len());
         for (topic, record) in records {
             let partition = self.partition_for(&topic, &record).await?;
             check_encodable(&record, self.shared.config.batch_bytes_max)?;
             routed.push((topic, partition, record.with_partition(partition)));
         }
-        // Durable from here on, whatever happens to this process.
-        let ids = outbox.append(routed.clone(), mark).await?;
-        let now = Instant::now();
-        let mut futures = Vec::with_capacity(ids.len());
-        let mut wake = false;
-        {
-            let mut acc = lock(&self.shared.acc);
-            for ((topic, partition, record), id) in routed.iter().zip(ids) {
-                let (tx, rx) = oneshot::channel();
-                let (refused, refusal) = oneshot::channel();
-                match acc.append_with_id(topic, *partition, record, tx, now, Some(id)) {
-                    Ok(w) => {
-                        wake |= w;
-                        futures.push(DeliveryFuture { rx });
-                    }
-                    Err(error) => {
-                        // Only a fence (another outbox error) refuses it now. The record is
-                        // durable all the same and is sent when the outbox is opened again, so
-                        // `send` still answers Ok (an Err would invite a second copy); its
-                        // future tells that this process will not deliver it.
-                        let _ = refused.send(Err(error));
-                        futures.push(DeliveryFuture { rx: refusal });
+        let bytes: usize = routed
+            .iter()
+            .map(|(t, _, r)| t.len() + r.key.as_ref().map_or(0, Bytes::len) + r.value.as_ref().map_or(0, Bytes::len))
+            .sum();
+        if bytes > OUTBOX_CALL_BYTES_MAX {
+            return Err(ClientError::InvalidArgument(format!(
+                "{bytes} bytes in one outbox call; at most {OUTBOX_CALL_BYTES_MAX}"
+            )));
+        }
+        // The append and the hand-over to the accumulator run in a task of their own: a caller
+        // that goes away (a cancelled `send`) must not leave a durable record that this
+        // process never sends.
+        let (outbox, shared) = (Arc::clone(outbox), Arc::clone(&self.shared));
+        let handed = tokio::spawn(async move {
+            // Durable from here on, whatever happens to this process.
+            let ids = outbox.append(routed.clone(), mark).await?;
+            let now = Instant::now();
+            let mut futures = Vec::with_capacity(ids.len());
+            let mut wake = false;
+            {
+                let mut acc = lock(&shared.acc);
+                for ((topic, partition, record), id) in routed.iter().zip(ids) {
+                    let (tx, rx) = oneshot::channel();
+                    let (refused, refusal) = oneshot::channel();
+                    match acc.append_with_id(topic, *partition, record, tx, now, Some(id)) {
+                        Ok(w) => {
+                            wake |= w;
+                            futures.push(DeliveryFuture { rx });
+                        }
+                        Err(error) => {
+                            // Only a fence (another outbox error) refuses it now. The record is
+                            // durable all the same and is sent when the outbox is opened again,
+                            // so `send` still answers Ok (an Err would invite a second copy); its
+                            // future tells that this process will not deliver it.
+                            let _ = refused.send(Err(error));
+                            futures.push(DeliveryFuture { rx: refusal });
+                        }
                     }
                 }
             }
-        }
-        permit.forget();
-        if wake {
-            self.shared.wake.notify_one();
-        }
+            permit.forget();
+            if wake {
+                shared.wake.notify_one();
+            }
+            Ok::<_, ClientError>(futures)
+        });
+        let futures = handed.await.map_err(|_| ClientError::Closed)??;
         Ok(futures)
     }
 
@@ -569,6 +587,9 @@ impl Drop for Producer {
 
 /// How long outbox records are retried: for ever, in effect (an `Instant` must not overflow).
 const OUTBOX_RETRY_FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Most bytes of records in one outbox call (one log frame holds them all).
+const OUTBOX_CALL_BYTES_MAX: usize = 32 << 20;
 
 /// Refuses a record that no batch of `batch_bytes_max` can hold, before it enters the outbox.
 fn check_encodable(record: &ProducerRecord, batch_bytes_max: usize) -> Result<(), ClientError> {
