@@ -60,6 +60,11 @@ impl Cluster {
         Cluster::start_with(n, first_ip, false, &[], "").await
     }
 
+    /// [`Cluster::start`] with `extra` appended to every node's config file.
+    pub async fn start_configured(n: u64, first_ip: u8, extra: &str) -> Cluster {
+        Cluster::start_with(n, first_ip, false, &[], extra).await
+    }
+
     /// [`Cluster::start`] with TLS on both listeners: a CA and node certificates made by
     /// `keel cert` in the cluster's directory (`tls/`).
     pub async fn start_tls(n: u64, first_ip: u8) -> Cluster {

@@ -15,3 +15,4 @@ mod t30_e2e_tls;
 mod t40_e2e_retry;
 mod t50_e2e_delayed;
 mod t60_e2e_outbox;
+mod t70_e2e_txn;

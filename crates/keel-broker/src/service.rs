@@ -14,7 +14,7 @@ use keel_raft::{GroupId, NodeId};
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::acl::{Operation, Resource};
 use crate::broker::{Broker, HOPS_HEADER, Inner};
@@ -823,7 +823,7 @@ impl pb::producer_server::Producer for Api {
                     Ok(Some(answer)) => {
                         let txn_id = answer.transaction_id.clone();
                         if let Err(status) = inner.check_answer(&coordinator, &group, answer, caller.as_ref()).await {
-                            debug!(group, txn = txn_id, %status, "a check-back answer was not applied");
+                            warn!(group, txn = txn_id, %status, "a check-back answer was not applied");
                         }
                     }
                     Ok(None) | Err(_) => break,

@@ -397,13 +397,13 @@ impl Inner {
         let meta = self.metadata();
         let batch_limit =
             |tp: &Tp| self.batch_limit(meta.topics.get(&tp.topic).and_then(|t| t.settings.batch_bytes_max));
-        let mut spare = None;
+        let mut spares = Vec::new();
         loop {
             let ended = coordinator
                 .runtime
                 .run(txn::KEY, |s: &Txns| {
                     let was = s.status(group, txn_id).map(|st| st.state);
-                    s.end(group, txn_id, commit, now, &batch_limit, &limits, spare)
+                    s.end(group, txn_id, commit, now, &batch_limit, &limits, &spares)
                         .map(|(r, st)| (encode(&r), (was != Some(st.state), st)))
                 })
                 .await;
@@ -419,8 +419,8 @@ impl Inner {
                     }
                     return Ok(status);
                 }
-                Err(RunError::Refused(TxnError::ProducerIdNeeded)) if spare.is_none() => {
-                    spare = Some(self.next_producer_id().await?);
+                Err(RunError::Refused(TxnError::ProducerIdNeeded)) if spares.is_empty() => {
+                    spares = self.spare_producer_ids(coordinator, group, txn_id).await?;
                 }
                 Err(RunError::Refused(TxnError::Contradicts { .. }))
                     if self.coordinator_faults.txn_contradictions_accepted =>
@@ -431,6 +431,21 @@ impl Inner {
                 Err(e) => return Err(txn_status(coordinator.partition, None, e)),
             }
         }
+    }
+
+    /// A producer id for each target partition of (group, txn) without a publisher yet.
+    async fn spare_producer_ids(
+        &self,
+        coordinator: &TxnCoordinator,
+        group: &str,
+        txn_id: &str,
+    ) -> Result<Vec<i64>, Status> {
+        let needed = coordinator.runtime.read(|s| s.publishers_needed(group, txn_id)).max(1);
+        let mut ids = Vec::with_capacity(needed);
+        for _ in 0..needed {
+            ids.push(self.next_producer_id().await?);
+        }
+        Ok(ids)
     }
 
     /// A resume (forwarded to the group's coordinator when that is not this node).
@@ -547,7 +562,7 @@ impl Inner {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let id = coordinator.next.fetch_add(1, Ordering::Relaxed);
         lock(&coordinator.checkers).entry(group.to_owned()).or_default().push(Checker { id, tx });
-        debug!(group, partition, "check-back stream opened");
+        info!(group, partition, "check-back stream opened");
         // Transactions of this group may have waited for a producer to ask.
         coordinator.check_wake.notify_one();
         Ok((coordinator, id, rx))
@@ -652,18 +667,21 @@ impl Inner {
         let meta = self.metadata();
         let batch_limit =
             |tp: &Tp| self.batch_limit(meta.topics.get(&tp.topic).and_then(|t| t.settings.batch_bytes_max));
-        let mut spare = None;
+        let mut spares = Vec::new();
         let checked = loop {
             let outcome = coordinator
                 .runtime
                 .run(txn::KEY, |s: &Txns| {
-                    s.check(group, txn_id, now, &batch_limit, &limits, spare).map(|(r, c)| (encode(&r), c))
+                    s.check(group, txn_id, now, &batch_limit, &limits, &spares).map(|(r, c)| (encode(&r), c))
                 })
                 .await;
             match outcome {
                 Ok(c) => break c,
-                Err(RunError::Refused(TxnError::ProducerIdNeeded)) if spare.is_none() => {
-                    spare = Some(self.next_producer_id().await.map_err(|s| s.message().to_owned())?);
+                Err(RunError::Refused(TxnError::ProducerIdNeeded)) if spares.is_empty() => {
+                    spares = self
+                        .spare_producer_ids(coordinator, group, txn_id)
+                        .await
+                        .map_err(|s| s.message().to_owned())?;
                 }
                 Err(e) => return Err(format!("{e:?}")),
             }

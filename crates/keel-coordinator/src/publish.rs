@@ -246,24 +246,24 @@ pub struct Batcher {
     pub publishes: BTreeMap<(Tp, (i16, i32)), Publish>,
     /// Per target: the batch being filled (its base sequence and bytes so far).
     open: BTreeMap<Tp, (i32, usize)>,
-    /// The producer id a new publisher may take, until one does.
-    spare: Option<i64>,
-    /// Whether `spare` was taken.
+    /// Producer ids new publishers may take (from the back), one each.
+    spares: Vec<i64>,
+    /// Whether a spare was taken.
     pub used_spare: bool,
 }
 
 impl Batcher {
-    /// Starts from the shard's publishers and decisions.
+    /// Starts from the shard's publishers and decisions, with producer ids for new publishers.
     pub fn new(
         publishers: &BTreeMap<Tp, Publisher>,
         publishes: &BTreeMap<(Tp, (i16, i32)), Publish>,
-        spare: Option<i64>,
+        spares: Vec<i64>,
     ) -> Batcher {
         Batcher {
             publishers: publishers.clone(),
             publishes: publishes.clone(),
             open: BTreeMap::new(),
-            spare,
+            spares,
             used_spare: false,
         }
     }
@@ -281,8 +281,9 @@ impl Batcher {
         bounds: &Bounds,
         now_ms: i64,
     ) -> Result<(), DecideError> {
-        if decide(&mut self.publishers, &mut self.publishes, target, record, bounds, now_ms, self.spare)? {
-            self.spare = None;
+        let spare = self.spares.last().copied();
+        if decide(&mut self.publishers, &mut self.publishes, target, record, bounds, now_ms, spare)? {
+            self.spares.pop();
             self.used_spare = true;
         }
         let Some(p) = self.publishers.get(target) else { return Ok(()) };

@@ -510,7 +510,8 @@ impl Timers {
         now_ms: i64,
         spare_producer_id: Option<i64>,
     ) -> Result<(Vec<TimerRecord>, FireOutput), TimerError> {
-        let mut batcher = publish::Batcher::new(&self.publishers, &self.publishes, spare_producer_id);
+        let mut batcher =
+            publish::Batcher::new(&self.publishers, &self.publishes, spare_producer_id.into_iter().collect());
         let mut records = Vec::new();
         let mut out = FireOutput::default();
         for (id, t) in due {

@@ -301,8 +301,8 @@ pub enum TxnError {
     /// A bound is reached.
     #[error("{0}; retry later")]
     Full(String),
-    /// A commit needs a publisher for a new target partition and no producer id was given.
-    #[error("the transaction coordinator needs a producer id to publish; retry")]
+    /// A commit needs publishers for new target partitions and too few producer ids were given.
+    #[error("the transaction coordinator needs producer ids to publish; retry")]
     ProducerIdNeeded,
 }
 
@@ -546,7 +546,7 @@ impl Txns {
         now_ms: i64,
         batch_limit: impl Fn(&Tp) -> usize,
         limits: &TxnLimits,
-        spare_producer_id: Option<i64>,
+        spare_producer_ids: &[i64],
     ) -> Result<(Vec<TxnRecord>, TxnStatus), TxnError> {
         let s = self.status(group, txn).ok_or_else(|| TxnError::Unknown(txn.into()))?;
         let agrees = match (s.state, commit) {
@@ -561,7 +561,7 @@ impl Txns {
             return Ok((Vec::new(), s.clone()));
         }
         let state = if commit { TxnState::Committed } else { TxnState::RolledBack };
-        self.finish(group, txn, state, now_ms, batch_limit, limits, spare_producer_id)
+        self.finish(group, txn, state, now_ms, batch_limit, limits, spare_producer_ids)
     }
 
     /// Moves (group, txn) out of pending or expired into `state`, publishing its records when
@@ -575,7 +575,7 @@ impl Txns {
         now_ms: i64,
         batch_limit: impl Fn(&Tp) -> usize,
         limits: &TxnLimits,
-        spare_producer_id: Option<i64>,
+        spare_producer_ids: &[i64],
     ) -> Result<(Vec<TxnRecord>, TxnStatus), TxnError> {
         let k = (group.to_owned(), txn.to_owned());
         let Some(old) = self.status.get(&k) else { return Err(TxnError::Unknown(txn.into())) };
@@ -584,7 +584,7 @@ impl Txns {
         let mut out = Vec::new();
         if publishes {
             let records = self.payloads.get(&k).map(Vec::as_slice).unwrap_or_default();
-            let mut batcher = publish::Batcher::new(&self.publishers, &self.publishes, spare_producer_id);
+            let mut batcher = publish::Batcher::new(&self.publishers, &self.publishes, spare_producer_ids.to_vec());
             for r in records {
                 let mut headers = r.headers.clone();
                 headers.push(PublishHeader { key: TXN_ID_HEADER.into(), value: Some(txn.as_bytes().to_vec()) });
@@ -619,6 +619,14 @@ impl Txns {
         Ok((out, status))
     }
 
+    /// How many target partitions of (group, txn) have no publisher yet: the producer ids a
+    /// commit of it needs.
+    pub fn publishers_needed(&self, group: &str, txn: &str) -> usize {
+        let Some(records) = self.payloads.get(&(group.to_owned(), txn.to_owned())) else { return 0 };
+        let targets: BTreeSet<&Tp> = records.iter().map(|r| &r.target).collect();
+        targets.iter().filter(|t| !self.publishers.contains_key(**t)).count()
+    }
+
     /// Pending transactions whose check is due at `now_ms`, earliest first, at most `max`.
     pub fn due_checks(&self, now_ms: i64, max: usize) -> Vec<DueCheck> {
         self.checks
@@ -643,7 +651,7 @@ impl Txns {
         now_ms: i64,
         batch_limit: impl Fn(&Tp) -> usize,
         limits: &TxnLimits,
-        spare_producer_id: Option<i64>,
+        spare_producer_ids: &[i64],
     ) -> Result<(Vec<TxnRecord>, Checked), TxnError> {
         let Some(s) = self.status(group, txn) else { return Ok((Vec::new(), Checked::Nothing)) };
         if s.state != TxnState::Pending || s.next_check_ms > now_ms {
@@ -652,7 +660,7 @@ impl Txns {
         if s.checks >= limits.checks_max {
             let committed = limits.expiry == ExpiryPolicy::Commit;
             let state = TxnState::Expired { committed };
-            let (records, _) = self.finish(group, txn, state, now_ms, batch_limit, limits, spare_producer_id)?;
+            let (records, _) = self.finish(group, txn, state, now_ms, batch_limit, limits, spare_producer_ids)?;
             return Ok((records, Checked::Expired { committed }));
         }
         let attempt = s.checks + 1;

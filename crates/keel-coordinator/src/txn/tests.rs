@@ -26,13 +26,13 @@ impl Log {
     }
 
     fn end(&mut self, txn: &str, commit: bool, now: i64) -> Result<TxnStatus, TxnError> {
-        let (records, status) = self.state.end("g", txn, commit, now, |_| usize::MAX, &limits(), Some(7))?;
+        let (records, status) = self.state.end("g", txn, commit, now, |_| usize::MAX, &limits(), &[7, 8])?;
         self.append(&records);
         Ok(status)
     }
 
     fn check(&mut self, txn: &str, now: i64, limits: &TxnLimits) -> Checked {
-        let (records, checked) = self.state.check("g", txn, now, |_| usize::MAX, limits, Some(7)).unwrap();
+        let (records, checked) = self.state.check("g", txn, now, |_| usize::MAX, limits, &[7, 8]).unwrap();
         self.append(&records);
         checked
     }
@@ -195,11 +195,11 @@ fn ended_transactions_are_forgotten_after_their_window() {
     let l = TxnLimits { ended_window_ms: 100, ..limits() };
     let (records, _) = log.state.prepare("g", "old", half(&["a"]), 0, 0, &l).unwrap();
     log.append(&records);
-    let (records, _) = log.state.end("g", "old", false, 10, |_| usize::MAX, &l, None).unwrap();
+    let (records, _) = log.state.end("g", "old", false, 10, |_| usize::MAX, &l, &[]).unwrap();
     log.append(&records);
     let (records, _) = log.state.prepare("g", "new", half(&["b"]), 0, 0, &l).unwrap();
     log.append(&records);
-    let (records, _) = log.state.end("g", "new", false, 500, |_| usize::MAX, &l, None).unwrap();
+    let (records, _) = log.state.end("g", "new", false, 500, |_| usize::MAX, &l, &[]).unwrap();
     log.append(&records);
     assert!(log.state.status("g", "old").is_none(), "forgotten once its window passed");
     assert!(log.state.status("g", "new").is_some());
@@ -210,7 +210,7 @@ fn a_commit_that_needs_a_producer_id_asks_for_one() {
     let mut log = Log::default();
     log.prepare("t", &["a"], 0);
     assert_eq!(
-        log.state.end("g", "t", true, 1, |_| usize::MAX, &limits(), None).map(|_| ()),
+        log.state.end("g", "t", true, 1, |_| usize::MAX, &limits(), &[]).map(|_| ()),
         Err(TxnError::ProducerIdNeeded)
     );
 }
@@ -223,7 +223,7 @@ fn the_compaction_rewrite_replays_to_the_same_state() {
     log.end("committed", true, 1).unwrap();
     log.prepare("expired", &["e"], 0);
     let l = TxnLimits { checks_max: 0, ..limits() };
-    let (records, _) = log.state.check("g", "expired", 1_000, |_| usize::MAX, &l, Some(7)).unwrap();
+    let (records, _) = log.state.check("g", "expired", 1_000, |_| usize::MAX, &l, &[7, 8]).unwrap();
     log.append(&records);
     let mut rebuilt = Txns::default();
     for (i, r) in log.state.live_records(KEY).iter().enumerate() {
@@ -239,4 +239,19 @@ fn damaged_records_are_refused_at_replay() {
         let r = Record { key: key.to_vec(), value: Some(b"{not json".to_vec()) };
         assert!(s.replay(0, &r).is_err(), "{key:?}");
     }
+}
+
+#[test]
+fn a_commit_to_new_targets_takes_one_producer_id_each() {
+    let mut log = Log::default();
+    let mut records = half(&["a"]);
+    records.push(HalfRecord { target: Tp::new("orders", 1), value: Some(b"b".to_vec()), ..HalfRecord::default() });
+    let (appended, _) = log.state.prepare("g", "t", records, 1_000, 0, &limits()).unwrap();
+    log.append(&appended);
+    assert_eq!(log.state.publishers_needed("g", "t"), 2);
+    let one = log.state.end("g", "t", true, 1, |_| usize::MAX, &limits(), &[7]);
+    assert_eq!(one.map(|_| ()), Err(TxnError::ProducerIdNeeded), "one id for two new targets is too few");
+    log.end("t", true, 2).unwrap();
+    let ids: BTreeSet<i64> = log.state.publishers.values().map(|p| p.producer_id).collect();
+    assert_eq!(ids, [7, 8].into(), "each target its own publisher");
 }
