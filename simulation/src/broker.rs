@@ -90,6 +90,8 @@ pub struct BrokerSim {
     pub idempotence: bool,
     /// The outbox producer does not write its stamps: the negative control of the outbox check.
     pub outbox_skip_stamps: bool,
+    /// The outbox producer's disk lies about flushes: the negative control of the loss check.
+    pub outbox_lying_flush: bool,
 }
 
 impl Default for BrokerSim {
@@ -105,6 +107,7 @@ impl Default for BrokerSim {
             coordinator: CoordinatorFaults::default(),
             idempotence: true,
             outbox_skip_stamps: false,
+            outbox_lying_flush: false,
         }
     }
 }
@@ -841,7 +844,9 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     }
     sim.client("consumer", consumer_main(seed ^ 0xc0, Rc::clone(&state)));
     sim.client("delayed", crate::delayed::delayed_main(seed ^ 0xde, config.safety, Rc::clone(&state)));
-    let outbox = crate::outbox::outbox_main(seed ^ 0x0b, config.safety, config.outbox_skip_stamps, Rc::clone(&state));
+    let faults =
+        crate::outbox::OutboxFaults { skip_stamps: config.outbox_skip_stamps, lying_flush: config.outbox_lying_flush };
+    let outbox = crate::outbox::outbox_main(seed ^ 0x0b, config.safety, faults, Rc::clone(&state));
     sim.client("outbox", outbox);
     sim.client("txn", crate::txn::txn_main(seed ^ 0x7a, config.safety, Rc::clone(&state)));
     let members = config.members.unwrap_or_else(|| crate::groups::members_for(seed));

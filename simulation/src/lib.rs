@@ -60,6 +60,9 @@ pub enum Workload {
     /// The negative control: the outbox producer does not write its stamps, so a producer
     /// restarted after a crash stamps batches that may be stored afresh (duplicates).
     BrokerOutboxUnstamped,
+    /// The negative control: the outbox producer's disk acknowledges flushes and persists
+    /// nothing, so a crash loses records whose send returned Ok.
+    BrokerOutboxLyingFlush,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -84,6 +87,7 @@ impl Workload {
             Workload::BrokerDelayedWallClock => "broker-delayed-wall-clock",
             Workload::BrokerTxnContradictionsAccepted => "broker-txn-contradictions-accepted",
             Workload::BrokerOutboxUnstamped => "broker-outbox-unstamped",
+            Workload::BrokerOutboxLyingFlush => "broker-outbox-lying-flush",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -256,6 +260,10 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
                 zombie_at: Some(std::time::Duration::from_secs(20)),
                 ..broker::BrokerSim::default()
             };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerOutboxLyingFlush => {
+            let config = broker::BrokerSim { outbox_lying_flush: true, ..broker::BrokerSim::default() };
             broker::run_broker(seed, config, trace).err()
         }
         Workload::BrokerOutboxUnstamped => {

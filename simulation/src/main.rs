@@ -65,6 +65,8 @@ enum WorkloadArg {
     BrokerTxnContradictionsAccepted,
     /// The negative control: the outbox producer writes no stamps (duplicates after restarts).
     BrokerOutboxUnstamped,
+    /// The negative control: the outbox's disk lies about flushes (records lost after crashes).
+    BrokerOutboxLyingFlush,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -101,6 +103,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerDelayedWallClock => Workload::BrokerDelayedWallClock,
         WorkloadArg::BrokerTxnContradictionsAccepted => Workload::BrokerTxnContradictionsAccepted,
         WorkloadArg::BrokerOutboxUnstamped => Workload::BrokerOutboxUnstamped,
+        WorkloadArg::BrokerOutboxLyingFlush => Workload::BrokerOutboxLyingFlush,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -27,6 +27,16 @@ pub(crate) const TOPIC: &str = "sim-outbox";
 const PARTITIONS: u32 = 2;
 const DIR: &str = "/outbox";
 
+/// Deliberate bugs for the negative controls.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct OutboxFaults {
+    /// The outbox writes no stamps: a restart stamps batches that may be stored afresh.
+    pub(crate) skip_stamps: bool,
+    /// The outbox's disk acknowledges flushes and persists nothing: a crash loses records
+    /// whose `send` returned `Ok`.
+    pub(crate) lying_flush: bool,
+}
+
 /// Where a life of the producer ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Crash {
@@ -82,13 +92,14 @@ async fn create_topic(seed: u64, state: &Shared) -> turmoil::Result {
 
 /// Sends through an outbox, crashing and reopening it, until `until`; then keeps a last life
 /// open until the check is done, while reading the topic.
-pub(crate) async fn outbox_main(seed: u64, until: Duration, skip_stamps: bool, state: Shared) -> turmoil::Result {
+pub(crate) async fn outbox_main(seed: u64, until: Duration, faults: OutboxFaults, state: Shared) -> turmoil::Result {
     wait_topic(&state).await;
     create_topic(seed ^ 0xad, &state).await?;
     let consumer = consume(seed ^ 0xc0, Rc::clone(&state));
     let produce = async {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0b0c);
         let disk = SimDisk::new(seed ^ 0xd15c);
+        disk.set_lying_flush(faults.lying_flush);
         let nodes = state.borrow().nodes;
         let mut n = 0u64;
         for life in 0u64.. {
@@ -97,7 +108,7 @@ pub(crate) async fn outbox_main(seed: u64, until: Duration, skip_stamps: bool, s
             let producer = match Producer::with_outbox(
                 config,
                 producer_config(Duration::from_secs(10), true, None),
-                outbox_config(&disk, skip_stamps),
+                outbox_config(&disk, faults.skip_stamps),
             )
             .await
             {

@@ -180,3 +180,14 @@ fn an_outbox_without_durable_stamps_writes_duplicates() {
         assert!(violation.contains("stored twice (duplicate)"), "seed {seed}: {violation:?}");
     }
 }
+
+/// Every record whose `send` returned `Ok` is owed: an outbox on a disk that acknowledges flushes
+/// and persists nothing forgets such records when its producer crashes before sending them, and
+/// the check after healing reports them lost.
+#[test]
+fn an_outbox_on_a_lying_disk_loses_records() {
+    for seed in [0u64, 1] {
+        let violation = run(Workload::BrokerOutboxLyingFlush, seed).violation.unwrap_or_default();
+        assert!(violation.contains("appended but never stored (lost)"), "seed {seed}: {violation:?}");
+    }
+}
