@@ -31,7 +31,7 @@ const TRANSACTIONS: u32 = 40;
 const ENDED: u32 = 10;
 
 fn committed(i: u32) -> bool {
-    i % 2 == 0
+    i.is_multiple_of(2)
 }
 
 fn values(i: u32) -> [String; 2] {
@@ -163,7 +163,11 @@ fn missing(wanted: &BTreeSet<String>, seen: &BTreeMap<String, Vec<(u32, u64)>>) 
 async fn txn_producer_process() {
     let Ok(role) = std::env::var("KEEL_E2E_TXN_ROLE") else { return };
     // What the client did, on the test's stderr, for when the test fails.
-    let _ = tracing_subscriber::fmt().with_env_filter("keel_client=info").with_ansi(false).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("keel_client=info")
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
     let bootstrap = std::env::var("KEEL_E2E_TXN_BOOTSTRAP").unwrap();
     let database = std::path::PathBuf::from(std::env::var("KEEL_E2E_TXN_DATABASE").unwrap());
     let txns = Transactions::new(ClientConfig::from_bootstrap(&bootstrap).unwrap(), GROUP).unwrap();

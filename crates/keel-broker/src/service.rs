@@ -818,15 +818,10 @@ impl pb::producer_server::Producer for Api {
         let (coordinator, id, rx) = inner.open_checks(&group)?;
         tokio::spawn(async move {
             // Answers are applied one at a time, in order; the stream's end unregisters it.
-            loop {
-                match inbound.message().await {
-                    Ok(Some(answer)) => {
-                        let txn_id = answer.transaction_id.clone();
-                        if let Err(status) = inner.check_answer(&coordinator, &group, answer, caller.as_ref()).await {
-                            warn!(group, txn = txn_id, %status, "a check-back answer was not applied");
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
+            while let Ok(Some(answer)) = inbound.message().await {
+                let txn_id = answer.transaction_id.clone();
+                if let Err(status) = inner.check_answer(&coordinator, &group, answer, caller.as_ref()).await {
+                    warn!(group, txn = txn_id, %status, "a check-back answer was not applied");
                 }
             }
             inner.close_checks(&coordinator, &group, id);

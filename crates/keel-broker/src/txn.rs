@@ -51,6 +51,9 @@ pub const TXN_CONFLICT: &str = "TXN_CONFLICT";
 /// `ErrorInfo.reason` of a resume of a transaction that is not expired-and-rolled-back.
 pub const TXN_NOT_RESUMABLE: &str = "TXN_NOT_RESUMABLE";
 
+/// What a check-back stream sends: checks, or the status that ends it.
+pub(crate) type CheckStream = mpsc::Receiver<Result<pb::TxnCheck, Status>>;
+
 /// An open check-back stream of a producer group.
 struct Checker {
     id: u64,
@@ -403,7 +406,7 @@ impl Inner {
                 .runtime
                 .run(txn::KEY, |s: &Txns| {
                     let was = s.status(group, txn_id).map(|st| st.state);
-                    s.end(group, txn_id, commit, now, &batch_limit, &limits, &spares)
+                    s.end(group, txn_id, commit, now, batch_limit, &limits, &spares)
                         .map(|(r, st)| (encode(&r), (was != Some(st.state), st)))
                 })
                 .await;
@@ -552,10 +555,7 @@ impl Inner {
 
     /// Registers a producer group's check-back stream on this coordinator: checks go out on
     /// `tx`; the stream ends when this node stops coordinating.
-    pub(crate) fn open_checks(
-        &self,
-        group: &str,
-    ) -> Result<(Arc<TxnCoordinator>, u64, mpsc::Receiver<Result<pb::TxnCheck, Status>>), Status> {
+    pub(crate) fn open_checks(&self, group: &str) -> Result<(Arc<TxnCoordinator>, u64, CheckStream), Status> {
         validate_group_name(group).map_err(|e| Status::invalid_argument(format!("producer group: {e}")))?;
         let (partition, _) = self.txn_partition_of(group)?;
         let coordinator = self.serving_txns(partition)?;
@@ -672,7 +672,7 @@ impl Inner {
             let outcome = coordinator
                 .runtime
                 .run(txn::KEY, |s: &Txns| {
-                    s.check(group, txn_id, now, &batch_limit, &limits, &spares).map(|(r, c)| (encode(&r), c))
+                    s.check(group, txn_id, now, batch_limit, &limits, &spares).map(|(r, c)| (encode(&r), c))
                 })
                 .await;
             match outcome {
