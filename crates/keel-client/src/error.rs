@@ -171,6 +171,13 @@ pub enum ClientError {
     /// producer stops; what the log holds is sent when it is opened again.
     #[error("outbox I/O: {0}")]
     Outbox(String),
+    /// An outbox batch that may be stored was stamped so long ago (`age_ms`) that the brokers
+    /// may have forgotten its producer id, so a re-send could be stored twice: parked.
+    #[error("outbox batch stamped {age_ms} ms ago, past the producer expiration: parked")]
+    OutboxStale {
+        /// How long ago it was stamped.
+        age_ms: u64,
+    },
     /// The outbox's log is damaged before its end (a flipped bit, a lost segment): refused
     /// rather than served, so nothing is sent twice or dropped silently.
     #[error("outbox log corrupt in {path} at byte {offset}: {detail}")]

@@ -55,7 +55,8 @@ pub use keel_proto::v1::{
 };
 pub use keel_proto::v1::{TxnCheck, TxnState, TxnStatus};
 pub use outbox::{
-    OutboxAlarm, OutboxConfig, OutboxRow, OutboxStats, OutboxStore, ParkedBatch, RelayError, WhenFull, relay_once,
+    AlarmHandler, OutboxAlarm, OutboxConfig, OutboxRow, OutboxStats, OutboxStore, ParkedBatch, RelayError, WallClock,
+    WhenFull, relay_once,
 };
 pub use partitioner::{fnv1a_64, partition_for_key};
 pub use producer::{

@@ -57,6 +57,8 @@ pub(crate) struct StampEntry {
     pub(crate) base_sequence: i32,
     /// The records of the batch, in batch order.
     pub(crate) ids: Vec<u64>,
+    /// When it was stamped (wall clock, ms since the epoch), if the outbox has a clock.
+    pub(crate) stamped_at_ms: Option<i64>,
 }
 
 /// One entry of a frame.
@@ -237,6 +239,13 @@ fn encode_entries(entries: &[Entry]) -> Vec<u8> {
                 w.u32(s.epoch as u16 as u32);
                 w.u32(s.base_sequence as u32);
                 w.ids(&s.ids);
+                match s.stamped_at_ms {
+                    None => w.u8(0),
+                    Some(at) => {
+                        w.u8(1);
+                        w.u64(at as u64);
+                    }
+                }
             }
             Entry::Done(ids) => {
                 w.u8(TAG_DONE);
@@ -283,7 +292,12 @@ pub(crate) fn decode_entries(payload: &[u8]) -> Option<Vec<Entry>> {
                 let epoch = i16::try_from(r.u32()?).ok()?;
                 let base_sequence = i32::try_from(r.u32()?).ok()?;
                 let ids = r.ids()?;
-                Entry::Stamp(StampEntry { topic, partition, producer_id, epoch, base_sequence, ids })
+                let stamped_at_ms = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.u64()? as i64),
+                    _ => return None,
+                };
+                Entry::Stamp(StampEntry { topic, partition, producer_id, epoch, base_sequence, ids, stamped_at_ms })
             }
             TAG_DONE => Entry::Done(r.ids()?),
             TAG_MARK => Entry::Mark(r.u64()?),
@@ -645,6 +659,7 @@ mod tests {
                     epoch: 2,
                     base_sequence: i as i32,
                     ids: vec![i],
+                    stamped_at_ms: (i % 2 == 0).then_some(1_700_000_000_000 + i as i64),
                 }),
                 Entry::Done(vec![i]),
             ];

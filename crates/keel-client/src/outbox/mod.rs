@@ -51,6 +51,9 @@ pub enum WhenFull {
 /// Called with every alarm (also logged with `tracing::error!`).
 pub type AlarmHandler = Arc<dyn Fn(&OutboxAlarm) + Send + Sync>;
 
+/// A wall clock: milliseconds since the Unix epoch.
+pub type WallClock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
 /// Settings of a producer's outbox.
 #[derive(Clone)]
 pub struct OutboxConfig {
@@ -77,6 +80,12 @@ pub struct OutboxConfig {
     pub blocking_io: bool,
     /// Called with every alarm.
     pub on_alarm: Option<AlarmHandler>,
+    /// The wall clock stamps are timed with (`None`: untimed). A partition's first batch under a
+    /// producer id (sequence 0) re-sent after the brokers forgot that id would be taken for a new
+    /// one, so such a batch stamped longer than `producer_expiry` ago is parked at open instead.
+    pub wall_clock_ms: Option<WallClock>,
+    /// Below the brokers' producer expiration (24 h by default), by a margin for clock error.
+    pub producer_expiry: Duration,
     /// A deliberately broken outbox, for the simulation's negative control only: stamps are
     /// not written, so a restart stamps possibly stored batches afresh (duplicates).
     #[doc(hidden)]
@@ -98,7 +107,17 @@ impl fmt::Debug for OutboxConfig {
 impl OutboxConfig {
     /// An outbox in `dir` on the real file system: 256 MiB in 4 MiB segments, blocking when full.
     pub fn new(dir: impl Into<PathBuf>) -> OutboxConfig {
-        OutboxConfig { blocking_io: true, ..OutboxConfig::with_disk(Arc::new(FileDisk::new()), dir) }
+        // The production door to the wall clock: stamps are timed across restarts of the process.
+        #[allow(clippy::disallowed_methods)]
+        let clock: WallClock = Arc::new(|| {
+            let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        });
+        OutboxConfig {
+            blocking_io: true,
+            wall_clock_ms: Some(clock),
+            ..OutboxConfig::with_disk(Arc::new(FileDisk::new()), dir)
+        }
     }
 
     /// An outbox in `dir` on `disk`, with the defaults of [`OutboxConfig::new`] (inline I/O:
@@ -114,6 +133,8 @@ impl OutboxConfig {
             done_sync_interval: Duration::from_millis(100),
             blocking_io: false,
             on_alarm: None,
+            wall_clock_ms: None,
+            producer_expiry: Duration::from_secs(23 * 3600),
             negative_control_skip_stamps: false,
         }
     }
@@ -220,6 +241,8 @@ pub(crate) struct Restored {
     pub(crate) stamped: Vec<RestoredBatch>,
     /// Records never stamped, in the order they were appended.
     pub(crate) unstamped: Vec<RecordEntry>,
+    /// Stamped batches too old to send again without a decision.
+    pub(crate) parked: Vec<ParkedOut>,
 }
 
 /// A batch to send again with exactly its stamp.
@@ -334,7 +357,9 @@ impl Outbox {
             let stamp_segment = stamp_of.get(id).map(|i| stamps[*i].1);
             pending.insert(*id, Pending { bytes: entry_bytes(r), record_segment: *segment, stamp_segment, since: now });
         }
-        let mut restored = Restored { stamped: Vec::new(), unstamped: Vec::new() };
+        let mut restored = Restored { stamped: Vec::new(), unstamped: Vec::new(), parked: Vec::new() };
+        let now_ms = config.wall_clock_ms.as_ref().map(|clock| clock());
+        let expiry_ms = i64::try_from(config.producer_expiry.as_millis()).unwrap_or(i64::MAX);
         for (i, (stamp, _)) in stamps.iter().enumerate() {
             let live: Vec<u64> = stamp.ids.iter().copied().filter(|id| stamp_of.get(id) == Some(&i)).collect();
             if live.is_empty() {
@@ -363,11 +388,30 @@ impl Outbox {
                 producer_epoch: stamp.epoch,
                 base_sequence: stamp.base_sequence,
             };
+            let bytes = build_batch(&members, Some(producer))?;
+            let age_ms = match (now_ms, stamp.stamped_at_ms) {
+                (Some(now), Some(at)) => now.saturating_sub(at),
+                _ => 0,
+            };
+            if stamp.base_sequence == 0 && age_ms > expiry_ms {
+                // Only sequence 0 needs this: a later sequence of a forgotten producer is refused
+                // by the partition (UNKNOWN_PRODUCER_ID), and parked then.
+                restored.parked.push(ParkedOut {
+                    topic: stamp.topic.clone(),
+                    partition: stamp.partition,
+                    ids: live,
+                    bytes,
+                    stamp: Some((stamp.producer_id, stamp.epoch, stamp.base_sequence)),
+                    error: ClientError::OutboxStale { age_ms: age_ms as u64 },
+                    maybe_written: true,
+                });
+                continue;
+            }
             restored.stamped.push(RestoredBatch {
                 topic: stamp.topic.clone(),
                 partition: stamp.partition,
                 ids: live,
-                bytes: build_batch(&members, Some(producer))?,
+                bytes,
                 stamp: (stamp.producer_id, stamp.epoch),
             });
         }
@@ -541,6 +585,7 @@ impl Outbox {
         if self.skip_stamps {
             return Ok(());
         }
+        let stamped_at_ms = self.config.wall_clock_ms.as_ref().map(|clock| clock());
         let entries: Vec<Entry> = stamps
             .iter()
             .map(|s| {
@@ -551,6 +596,7 @@ impl Outbox {
                     epoch: s.epoch,
                     base_sequence: s.base_sequence,
                     ids: s.ids.clone(),
+                    stamped_at_ms,
                 })
             })
             .collect();
@@ -805,6 +851,46 @@ mod tests {
         assert_eq!(outbox.stats().records, 3);
         // New records continue the ids.
         assert_eq!(outbox.append(records(&["e"]), None).await.unwrap(), [4]);
+    }
+
+    #[tokio::test]
+    async fn a_first_batch_stamped_longer_ago_than_the_producer_expiry_is_parked_at_open() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        let disk = SimDisk::new(9);
+        let now = Arc::new(AtomicI64::new(1_700_000_000_000));
+        let clock = Arc::clone(&now);
+        let alarms: Arc<Mutex<Vec<OutboxAlarm>>> = Arc::default();
+        let heard = Arc::clone(&alarms);
+        let timed = OutboxConfig {
+            wall_clock_ms: Some(Arc::new(move || clock.load(Ordering::Relaxed))),
+            on_alarm: Some(Arc::new(move |alarm: &OutboxAlarm| lock(&heard).push(alarm.clone()))),
+            ..config(&disk)
+        };
+        let (outbox, _) = Outbox::open(timed.clone(), false).await.unwrap();
+        outbox.append(records(&["first", "later"]), None).await.unwrap();
+        outbox.stamp(vec![new_stamp(&[0], 0), new_stamp(&[1], 1)]).await.unwrap();
+        drop(outbox);
+        disk.crash_with(CrashMode::DropUnflushed);
+        // Within the expiry both go again with their stamps.
+        now.fetch_add(3_600_000, Ordering::Relaxed);
+        let (outbox, restored) = Outbox::open(timed.clone(), false).await.unwrap();
+        assert_eq!((restored.stamped.len(), restored.parked.len()), (2, 0));
+        drop(outbox);
+        // A day later the partition may have forgotten the producer: sequence 0 would be taken
+        // for a new batch, so it is parked; sequence 1 would be refused as UNKNOWN_PRODUCER_ID
+        // (and parked then), so it goes.
+        now.fetch_add(24 * 3_600_000, Ordering::Relaxed);
+        let (outbox, restored) = Outbox::open(timed, false).await.unwrap();
+        let parked: Vec<(Vec<u64>, bool)> = restored.parked.iter().map(|p| (p.ids.clone(), p.maybe_written)).collect();
+        assert_eq!(parked, [(vec![0], true)]);
+        assert!(matches!(restored.parked[0].error, ClientError::OutboxStale { age_ms } if age_ms > 24 * 3_600_000));
+        assert_eq!(restored.stamped.iter().map(|b| b.ids.clone()).collect::<Vec<_>>(), [vec![1]]);
+        outbox.park(restored.parked);
+        assert_eq!(outbox.parked().len(), 1);
+        let heard: Vec<(u32, usize, bool)> =
+            lock(&alarms).iter().map(|a| (a.partition, a.records, a.maybe_written)).collect();
+        assert_eq!(heard, [(1, 1, true)], "the alarm callback heard it");
+        assert_eq!(outbox.stats().records, 2, "parked records stay in the outbox");
     }
 
     #[tokio::test]

@@ -270,7 +270,9 @@ impl Producer {
         }
         let skip_stamps = outbox.negative_control_skip_stamps;
         let (outbox, restored) = Outbox::open(outbox, skip_stamps).await?;
-        let this = Producer::build(config, producer, Some(Arc::new(outbox)))?;
+        let outbox = Arc::new(outbox);
+        outbox.park(restored.parked);
+        let this = Producer::build(config, producer, Some(outbox))?;
         {
             let now = Instant::now();
             let shared = &this.shared;
