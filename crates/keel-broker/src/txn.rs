@@ -614,12 +614,13 @@ impl Inner {
             while active.borrow().is_some() {
                 let now = self.clock.now_ms();
                 let due = coordinator.runtime.read(|s| s.due_checks(now, CHECK_BATCH));
-                let mut busy = false;
+                let (mut busy, mut failed) = (false, false);
                 for check in due {
                     match self.check_one(&coordinator, &check.key, now).await {
                         Ok(progressed) => busy |= progressed,
                         Err(why) => {
                             warn!(partition = coordinator.partition, why, "a transaction check failed; retried");
+                            failed = true;
                             break;
                         }
                     }
@@ -634,10 +635,11 @@ impl Inner {
                 self.metrics.txn_pending.inc_by(pending.0 - reported.0);
                 self.metrics.txn_expired_held.inc_by(pending.1 - reported.1);
                 reported = pending;
-                if busy {
+                if busy && !failed {
                     continue;
                 }
-                let next = coordinator.runtime.read(Txns::next_check_ms);
+                let next = coordinator.runtime.read(Txns::next_check_ms).filter(|_| !failed);
+                // After a failure the due check is still due: wait a poll, not a millisecond.
                 let wait = next.map_or(CHECK_POLL, |at| {
                     Duration::from_millis(u64::try_from(at.saturating_sub(now)).unwrap_or(0).clamp(1, 250))
                 });
