@@ -39,6 +39,12 @@ const CHECK_BATCH: usize = 256;
 /// Checks queued per open stream; a producer that does not read them misses checks (each is
 /// still counted, and sent again after its backoff).
 const STREAM_QUEUE: usize = 256;
+/// Unread messages after which a stream is taken for dead (its producer crashed or is cut off
+/// without the connection breaking) and closed: checks then go to the group's other streams.
+const STREAM_UNREAD_MAX: usize = 16;
+/// How often every open stream gets a keepalive (a TxnCheck without a transaction id), so that
+/// a producer whose coordinator died without closing the connection notices the silence.
+pub const KEEPALIVE: Duration = Duration::from_secs(3);
 
 /// `ErrorInfo.reason` of an END contradicting how the transaction ended (FAILED_PRECONDITION).
 pub const TXN_CONTRADICTS: &str = "TXN_CONTRADICTS";
@@ -75,6 +81,11 @@ pub struct TxnCoordinator {
     checkers: Mutex<BTreeMap<String, Vec<Checker>>>,
     /// Ids of streams, and the round-robin position of checks.
     next: AtomicU64,
+}
+
+/// Whether a stream is open and its producer reads it (dropping it ends the stream).
+fn live(c: &Checker) -> bool {
+    !c.tx.is_closed() && STREAM_QUEUE - c.tx.capacity() <= STREAM_UNREAD_MAX
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -611,9 +622,21 @@ impl Inner {
                 return;
             }
             let mut reported = (0i64, 0i64);
+            let mut keepalive_at = tokio::time::Instant::now();
             while active.borrow().is_some() {
                 let now = self.clock.now_ms();
                 let due = coordinator.runtime.read(|s| s.due_checks(now, CHECK_BATCH));
+                if tokio::time::Instant::now() >= keepalive_at {
+                    keepalive_at = tokio::time::Instant::now() + KEEPALIVE;
+                    let mut checkers = lock(&coordinator.checkers);
+                    for list in checkers.values_mut() {
+                        list.retain(live);
+                        for c in list.iter() {
+                            let _ = c.tx.try_send(Ok(pb::TxnCheck::default()));
+                        }
+                    }
+                    checkers.retain(|_, list| !list.is_empty());
+                }
                 let (mut busy, mut failed) = (false, false);
                 for check in due {
                     match self.check_one(&coordinator, &check.key, now).await {
@@ -724,7 +747,7 @@ impl Inner {
     fn send_check(&self, coordinator: &TxnCoordinator, group: &str, check: pb::TxnCheck) -> bool {
         let mut checkers = lock(&coordinator.checkers);
         let Some(list) = checkers.get_mut(group) else { return false };
-        list.retain(|c| !c.tx.is_closed());
+        list.retain(live);
         let n = list.len();
         let start = coordinator.next.fetch_add(1, Ordering::Relaxed) as usize;
         for i in 0..n {

@@ -36,6 +36,10 @@ use crate::error::ClientError;
 use crate::partitioner::partition_for_key;
 use crate::producer::ProducerRecord;
 
+/// A check-back stream with nothing on it this long (coordinators send a keepalive every 3 s)
+/// is dead: its coordinator crashed or is cut off without the connection breaking.
+const SILENCE_MAX: Duration = Duration::from_secs(10);
+
 /// A producer's local outcome of a transaction, as it answers a check-back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxnOutcome {
@@ -277,15 +281,22 @@ where
     info!(group, addr, "answering check-backs");
     let mut answered = 0u64;
     loop {
-        let check = match inbound.message().await {
-            Ok(Some(check)) => check,
-            Ok(None) => return Ok(answered),
-            Err(status) => {
+        let check = match tokio::time::timeout(SILENCE_MAX, inbound.message()).await {
+            Ok(Ok(Some(check))) if check.transaction_id.is_empty() => continue,
+            Ok(Ok(Some(check))) => check,
+            Ok(Ok(None)) => return Ok(answered),
+            Ok(Err(status)) => {
                 let e = ClientError::from(status);
                 if e.breaks_connection() {
                     core.drop_channel(&addr);
                 }
                 return if answered > 0 { Ok(answered) } else { Err(e) };
+            }
+            Err(_) => {
+                // Not even a keepalive: the coordinator died or is cut off with the connection
+                // still up. Find the coordinator again.
+                core.drop_channel(&addr);
+                return Err(ClientError::timeout(format!("check-back stream to {addr} (no keepalive)"), SILENCE_MAX));
             }
         };
         let transaction_id = check.transaction_id.clone();
