@@ -63,6 +63,8 @@ pub(crate) struct OutboxView {
     stop: bool,
     /// Producer lives (opens of the outbox), and records read.
     pub(crate) counts: (u64, u64),
+    /// The last producer's outbox, as last seen.
+    status: String,
 }
 
 fn outbox_config(disk: &SimDisk, skip_stamps: bool) -> OutboxConfig {
@@ -123,6 +125,9 @@ pub(crate) async fn outbox_main(seed: u64, until: Duration, faults: OutboxFaults
                 log(&state, format!("outbox: last life {life}: {:?}", producer.outbox_stats()));
                 while !state.borrow().outbox.stop {
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    // What the outbox still holds, for the report should the check fail.
+                    let status = format!("{:?}, parked {:?}", producer.outbox_stats(), producer.outbox_parked());
+                    state.borrow_mut().outbox.status = status;
                 }
                 let stats = producer.outbox_stats().unwrap_or_default();
                 if stats.parked > 0 {
@@ -230,7 +235,8 @@ pub(crate) async fn converge(state: &Shared, bound: Duration) -> Result<(), Stri
         out.truncate(5);
         out
     };
-    crate::broker::within(bound, "outbox records appended but never stored (lost)", missing).await?;
+    let lost = crate::broker::within(bound, "outbox records appended but never stored (lost)", missing).await;
+    lost.map_err(|e| format!("{e}; the outbox holds {}", state.borrow().outbox.status))?;
     let mut s = state.borrow_mut();
     s.outbox.stop = true;
     for (value, at) in &s.outbox.seen {

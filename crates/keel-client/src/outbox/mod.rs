@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -260,6 +261,9 @@ pub(crate) struct Outbox {
     log: Arc<Mutex<OutboxLog>>,
     /// Frames to write, to the writer task (group commit).
     writes: mpsc::Sender<WriteRequest>,
+    /// Cleared when the producer is dropped or closed: tasks still holding the outbox (a send
+    /// in flight, the writer) touch the disk no more, so another instance may open it.
+    alive: Arc<AtomicBool>,
     state: Mutex<State>,
     /// Signalled when segments were deleted (room for blocked sends).
     room: Notify,
@@ -436,8 +440,9 @@ impl Outbox {
         );
         let log = Arc::new(Mutex::new(log));
         let (writes, requests) = mpsc::channel(WRITE_QUEUE_MAX);
-        tokio::spawn(writer(Arc::clone(&log), config.blocking_io, requests));
-        let outbox = Outbox { config, log, writes, state: Mutex::new(state), room: Notify::new(), skip_stamps };
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(writer(Arc::clone(&log), Arc::clone(&alive), config.blocking_io, requests));
+        let outbox = Outbox { config, log, writes, alive, state: Mutex::new(state), room: Notify::new(), skip_stamps };
         Ok((outbox, restored))
     }
 
@@ -488,10 +493,11 @@ impl Outbox {
             }
             s.pending.values().map(|p| p.record_segment.min(p.stamp_segment.unwrap_or(u64::MAX))).min()
         };
-        let log = Arc::clone(&self.log);
+        let (log, alive) = (Arc::clone(&self.log), Arc::clone(&self.alive));
         let keep_from = keep_from.unwrap_or(u64::MAX);
         let removed = run_io(self.config.blocking_io, move || {
             let mut log = lock(&log);
+            check_alive(&alive)?;
             let removed = log.remove_before(keep_from)?;
             Ok((removed, log.bytes()))
         })
@@ -721,6 +727,13 @@ impl Outbox {
         }
     }
 
+    /// Stops every later disk operation (the producer was dropped or closed).
+    pub(crate) fn stop(&self) {
+        // Under the log's lock, so that no operation is half done when this returns.
+        let _log = lock(&self.log);
+        self.alive.store(false, Ordering::Release);
+    }
+
     /// The latest mark.
     pub(crate) fn mark(&self) -> Option<u64> {
         lock(&self.state).mark
@@ -754,7 +767,12 @@ fn approx_bytes(entries: &[Entry]) -> u64 {
 /// The writer task: group commit. Every write waiting when a flush ends goes into the next
 /// frame, so concurrent `send`s share one fsync. It owns nothing but the log, and ends when the
 /// outbox is dropped.
-async fn writer(log: Arc<Mutex<OutboxLog>>, blocking: bool, mut requests: mpsc::Receiver<WriteRequest>) {
+async fn writer(
+    log: Arc<Mutex<OutboxLog>>,
+    alive: Arc<AtomicBool>,
+    blocking: bool,
+    mut requests: mpsc::Receiver<WriteRequest>,
+) {
     while let Some(first) = requests.recv().await {
         let mut bytes = approx_bytes(&first.entries);
         let mut group = vec![first];
@@ -764,9 +782,10 @@ async fn writer(log: Arc<Mutex<OutboxLog>>, blocking: bool, mut requests: mpsc::
             group.push(next);
         }
         let entries: Vec<Entry> = group.iter_mut().flat_map(|r| std::mem::take(&mut r.entries)).collect();
-        let log = Arc::clone(&log);
+        let (log, alive) = (Arc::clone(&log), Arc::clone(&alive));
         let result = run_io(blocking, move || {
             let mut log = lock(&log);
+            check_alive(&alive)?;
             let segment = log.append(&entries)?;
             Ok((segment, log.bytes()))
         })
@@ -776,6 +795,10 @@ async fn writer(log: Arc<Mutex<OutboxLog>>, blocking: bool, mut requests: mpsc::
             let _ = request.reply.send(result.clone());
         }
     }
+}
+
+fn check_alive(alive: &AtomicBool) -> io::Result<()> {
+    if alive.load(Ordering::Acquire) { Ok(()) } else { Err(io::Error::other("the producer was closed or dropped")) }
 }
 
 /// Runs disk work inline or on the blocking pool.

@@ -557,6 +557,7 @@ impl Producer {
             if let Err(error) = outbox.sync_done().await {
                 warn!(%error, "outbox: the last done entries were not written (their records are sent again on open)");
             }
+            outbox.stop();
         } else {
             self.flush().await;
         }
@@ -583,6 +584,11 @@ impl Drop for Producer {
         // futures then resolve as Closed. Nothing here waits.
         if let Some(task) = lock(&self.task).take() {
             task.abort();
+        }
+        // Tasks that outlive the producer (a send in flight, the outbox's writer) must not
+        // write to an outbox that another instance may open next.
+        if let Some(outbox) = &self.shared.outbox {
+            outbox.stop();
         }
     }
 }
