@@ -62,7 +62,8 @@ pub struct OutboxConfig {
     pub dir: PathBuf,
     /// The file system: [`FileDisk`] for real files, a `SimDisk` in tests.
     pub disk: Arc<dyn Disk>,
-    /// Most bytes of log files (preallocated segments); at least twice `segment_bytes`. Stamp
+    /// Most bytes of log files (preallocated segments); at least three times `segment_bytes`
+    /// (a record is taken when the files, plus a segment a roll may add, stay within it). Stamp
     /// and done entries are never refused for room (they are what frees it), so the files may
     /// exceed it by a segment.
     pub bytes_max: u64,
@@ -145,8 +146,8 @@ impl OutboxConfig {
         if self.segment_bytes < 4096 {
             return Err(ClientError::Config("outbox segment_bytes must be at least 4096".into()));
         }
-        if self.bytes_max < 2 * self.segment_bytes {
-            return Err(ClientError::Config("outbox bytes_max must be at least twice segment_bytes".into()));
+        if self.bytes_max < 3 * self.segment_bytes {
+            return Err(ClientError::Config("outbox bytes_max must be at least three times segment_bytes".into()));
         }
         if self.done_sync_interval.is_zero() {
             return Err(ClientError::Config("outbox done_sync_interval must be positive".into()));
