@@ -36,6 +36,8 @@ mod consumer;
 mod core;
 pub mod dedup;
 mod error;
+#[cfg(test)]
+mod fuzz_decoders;
 mod group;
 pub mod outbox;
 mod partitioner;

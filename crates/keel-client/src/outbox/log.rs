@@ -275,7 +275,9 @@ pub(crate) fn decode_entries(payload: &[u8]) -> Option<Vec<Entry>> {
                 let key = r.opt()?;
                 let value = r.opt()?;
                 let count = r.u32()? as usize;
-                if count > keel_record::RECORD_HEADERS_MAX {
+                // A header takes at least 5 bytes (its key's length and its value's flag): a
+                // count the bytes present cannot hold allocates nothing.
+                if count > keel_record::RECORD_HEADERS_MAX || count > r.0.len() / 5 {
                     return None;
                 }
                 let mut headers = Vec::with_capacity(count);
