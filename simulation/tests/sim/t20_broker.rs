@@ -66,12 +66,13 @@ fn broker_seeds_pass_and_replay() {
 /// A checker that cannot fail proves nothing: acknowledging before the flush, with every node
 /// crashed now and then, must be reported by the black-box checker as acknowledged writes lost
 /// (the white-box durable-quorum check catches it too, but comes second in the report). Every
-/// seed of 0..6 is caught; seed 2 (since node keys changed the metadata's records) reports
-/// first a producer id handed out twice (the controller's allocation acknowledged before its
-/// flush and lost), so the pinned seeds are ones whose first symptom is a lost write.
+/// seed of 0..7 is caught; some report another symptom of the same bug first (seed 1 a raft
+/// group a node no longer hosts, 4 a producer id held twice, 6 a nack without a quorum, since
+/// the transactional and outbox clients joined the run), so the pinned seeds are ones whose
+/// first symptom is a lost write.
 #[test]
 fn ack_before_flush_loses_writes() {
-    for seed in [0u64, 1, 3] {
+    for seed in [0u64, 2, 3] {
         let report = run(Workload::BrokerAckBeforeFlush, seed);
         let violation = report.violation.unwrap_or_default();
         assert!(violation.contains("lost write"), "seed {seed}: expected lost writes, got {violation:?}");
