@@ -16,7 +16,7 @@ pub mod testing;
 pub use disk::{Disk, DiskFile, SECTOR_BYTES, create_dir_durable, parent, read_whole, write_atomic};
 pub use error::{Result, StorageError};
 pub use file_disk::FileDisk;
-pub use log::{Appended, FlushTicket, LogConfig, LogPosition, SEGMENT_BYTES_MIN, SegmentLog};
+pub use log::{Appended, FlushTicket, LogConfig, LogPosition, PREALLOCATE_FIRST_BYTES, SEGMENT_BYTES_MIN, SegmentLog};
 pub use sim_disk::{CrashMode, PAGE_BYTES, SimDisk};
 
 #[cfg(test)]

@@ -45,8 +45,10 @@ pub struct LogConfig {
     pub retention_ms: Option<i64>,
     /// Where an empty log starts.
     pub initial: LogPosition,
-    /// Segment files grow in steps of this size (fallocate), not all at once: a node with
+    /// Largest step a segment file grows by (fallocate), not all at once: a node with
     /// hundreds of partitions must not reserve `segment_bytes_max` of disk for each up front.
+    /// A new file starts at [`PREALLOCATE_FIRST_BYTES`] and doubles up to this step, so an idle
+    /// partition holds a few pages while a busy one grows in few syscalls.
     pub preallocate_step_bytes: u64,
 }
 
@@ -65,6 +67,12 @@ impl Default for LogConfig {
 
 /// Smallest allowed segment: a header page and the largest batch must fit.
 pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+
+/// What a new segment file of a partition that is not rolling from a full segment reserves
+/// (header page included): with thousands of partitions per node, most are idle, and each
+/// reserving `preallocate_step_bytes` (16 MiB) of disk and pre-faulted page cache would cost
+/// tens of gigabytes for nothing.
+pub const PREALLOCATE_FIRST_BYTES: u64 = 64 * 1024;
 
 impl LogConfig {
     fn validate(&self) -> Result<()> {
@@ -503,7 +511,7 @@ impl SegmentLog {
         if seg.data_end + len > max && seg.records() > 0 {
             let next = seg.end;
             self.seal_active()?;
-            self.create_segment(next)?;
+            self.create_segment_sized(next, self.config.preallocate_step_bytes)?;
         }
         let Some(seg) = self.segments.last() else { return Ok(()) };
         let need = seg.data_end + len;
@@ -511,7 +519,9 @@ impl SegmentLog {
             return Ok(());
         }
         let path = seg.path.clone();
-        let target = need.next_multiple_of(self.config.preallocate_step_bytes).min(max.max(need));
+        // Doubling, capped at the step: a partition that has written little reserves little.
+        let step = seg.file.len().clamp(SEGMENT_HEADER_BYTES, self.config.preallocate_step_bytes);
+        let target = need.max(seg.file.len() + step).next_multiple_of(SEGMENT_HEADER_BYTES).min(max.max(need));
         match seg.file.preallocate(target) {
             Ok(()) => Ok(()),
             Err(e) => self.fail(StorageError::Io { op: "preallocate", path, source: e }),
@@ -543,7 +553,14 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// Creates the active segment at `base`, reserving [`PREALLOCATE_FIRST_BYTES`].
     fn create_segment(&mut self, base: LogPosition) -> Result<()> {
+        self.create_segment_sized(base, PREALLOCATE_FIRST_BYTES)
+    }
+
+    /// Creates the active segment at `base`, reserving `first` bytes (a roll from a full segment
+    /// reserves a whole step: that partition is busy).
+    fn create_segment_sized(&mut self, base: LogPosition, first: u64) -> Result<()> {
         let path = self.dir.join(format!("{:020}.log", base.offset));
         let index_path = self.dir.join(format!("{:020}.index", base.offset));
         let mut tmp = path.clone().into_os_string();
@@ -559,7 +576,10 @@ impl SegmentLog {
                 }
             }
             let file = self.disk.create(&tmp).ctx("create", &tmp)?;
-            let first = self.config.preallocate_step_bytes.min(self.config.segment_bytes_max).max(SEGMENT_HEADER_BYTES);
+            let first = first
+                .min(self.config.preallocate_step_bytes)
+                .min(self.config.segment_bytes_max)
+                .max(SEGMENT_HEADER_BYTES);
             file.preallocate(first).ctx("preallocate", &tmp)?;
             file.write(0, &segment::encode_header(SegmentHeader { base_offset: base.offset, base_index: base.index }))
                 .ctx("write header", &tmp)?;

@@ -67,3 +67,39 @@ fn corruption_on_a_real_file_is_detected() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+/// Thousands of partitions per node are mostly idle: a new log must not reserve a whole
+/// preallocation step of disk (and pre-faulted page cache) before anything is written, while a
+/// busy one grows to full steps and a segment rolled from a full one starts at a full step.
+#[test]
+fn idle_logs_reserve_little_and_busy_ones_grow_in_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("p");
+    let step = 256 << 10;
+    let config = LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: step, ..LogConfig::default() };
+    let mut log = SegmentLog::open(Arc::new(FileDisk::new()) as Arc<dyn Disk>, &dir, config.clone()).unwrap();
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    let first = log.segment_paths()[0].clone();
+    assert_eq!(size(&first), keel_storage::PREALLOCATE_FIRST_BYTES, "an empty log reserves only the first step");
+
+    let mut sizes = vec![size(&first)];
+    let mut tag = 0;
+    while log.segment_count() == 1 {
+        log.append(&mut batch(tag, 4, 200), 1).unwrap();
+        tag += 1;
+        let now = size(&first);
+        if log.segment_count() == 1 && now != *sizes.last().unwrap() {
+            sizes.push(now);
+        }
+    }
+    // 64 KiB, then doubling up to the step, then whole steps up to the segment's limit.
+    assert_eq!(sizes[..3], [64 << 10, 128 << 10, 256 << 10], "{sizes:?}");
+    assert!(sizes.windows(2).skip(2).all(|w| w[1] - w[0] <= step), "growth is capped at the step: {sizes:?}");
+    let rolled = log.segment_paths()[1].clone();
+    assert_eq!(size(&rolled), step, "a segment rolled from a full one starts at a whole step");
+    log.flush().unwrap();
+    let expect = all_batches(&log);
+    drop(log);
+    let log = SegmentLog::open(Arc::new(FileDisk::new()) as Arc<dyn Disk>, &dir, config).unwrap();
+    assert_eq!(all_batches(&log), expect);
+}
