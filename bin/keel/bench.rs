@@ -29,6 +29,9 @@ pub enum BenchCommand {
     GroupFailover(crate::bench_groups::FailoverBenchArgs),
     /// Delayed messages: the nodes' memory per pending timer, and fires/s while they wait.
     Delayed(crate::bench_delayed::DelayedBenchArgs),
+    /// What idle partitions cost: the nodes' CPU, memory, open files and threads before and
+    /// after creating a topic of many partitions, and how long their leader elections took.
+    Idle(crate::bench_idle::IdleBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -81,6 +84,7 @@ pub fn run(what: BenchCommand, output: Output) -> anyhow::Result<()> {
         BenchCommand::Commits(args) => crate::bench_groups::commits(args, output),
         BenchCommand::GroupFailover(args) => crate::bench_groups::group_failover(args, output),
         BenchCommand::Delayed(args) => crate::bench_delayed::delayed(args, output),
+        BenchCommand::Idle(args) => crate::bench_idle::idle(args, output),
     }
 }
 

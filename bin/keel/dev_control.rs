@@ -492,7 +492,7 @@ async fn restart(dir: &Path, node_id: u64, wait_secs: u64, output: Output) -> an
 
 /// Sends one request to the supervisor of `dir` and returns its final answer, handing progress
 /// lines to `progress`. Gives up after `longest` plus some slack.
-async fn call(
+pub(crate) async fn call(
     dir: &Path,
     request: &Request,
     longest: Duration,
