@@ -105,6 +105,9 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
     election_min_ms: Option<u64>,
     election_max_ms: Option<u64>,
+    /// Whether idle partitions stop their raft heartbeats and election timers (node heartbeats
+    /// keep their liveness).
+    raft_quiesce: Option<bool>,
     /// How long a produce waits for its commit.
     append_timeout_ms: Option<u64>,
     /// How long SIGTERM or Ctrl-C lets open requests and streams finish before closing them.
@@ -315,6 +318,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         heartbeat_ms: file.heartbeat_ms.unwrap_or(defaults.heartbeat_ms),
         election_min_ms: file.election_min_ms.unwrap_or(defaults.election_min_ms),
         election_max_ms: file.election_max_ms.unwrap_or(defaults.election_max_ms),
+        quiesce: file.raft_quiesce.unwrap_or(defaults.quiesce),
     };
     let log = LogConfig {
         segment_bytes_max: file.segment_bytes_max.unwrap_or(LogConfig::default().segment_bytes_max),

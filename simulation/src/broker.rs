@@ -216,7 +216,7 @@ pub(crate) fn broker_config(id: NodeId, seed: u64) -> BrokerConfig {
         peer_addr: peer_addr(id),
         data_dir: PathBuf::from(DATA_DIR),
         voters: (1..=VOTERS).map(|id| (id, peer_addr(id))).collect(),
-        timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 300, election_max_ms: 600 },
+        timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 300, election_max_ms: 600, quiesce: true },
         // Small segments, so that runs roll them; preallocation steps no larger than a segment.
         log: keel_storage::LogConfig {
             segment_bytes_max: keel_storage::SEGMENT_BYTES_MIN,

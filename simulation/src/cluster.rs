@@ -67,7 +67,7 @@ async fn node_main(
         node_id: id,
         advertised_addr: format!("{}:{PORT}", host_name(id)),
         data_dir: PathBuf::from("/data"),
-        timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1_000 },
+        timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1_000, quiesce: true },
         log: keel_storage::LogConfig { segment_bytes_max: keel_storage::SEGMENT_BYTES_MIN, ..Default::default() },
         io: IoMode::Inline,
         network: keel_raft::NetworkConfig::default(),

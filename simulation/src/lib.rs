@@ -63,6 +63,9 @@ pub enum Workload {
     /// The negative control: the outbox producer's disk acknowledges flushes and persists
     /// nothing, so a crash loses records whose send returned Ok.
     BrokerOutboxLyingFlush,
+    /// The negative control: a write to a quiescent partition leader does not wake its raft
+    /// group, so once a partition goes quiet it never takes a write again.
+    BrokerQuiescentWritesDoNotWake,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -88,6 +91,7 @@ impl Workload {
             Workload::BrokerTxnContradictionsAccepted => "broker-txn-contradictions-accepted",
             Workload::BrokerOutboxUnstamped => "broker-outbox-unstamped",
             Workload::BrokerOutboxLyingFlush => "broker-outbox-lying-flush",
+            Workload::BrokerQuiescentWritesDoNotWake => "broker-quiescent-writes-do-not-wake",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -224,7 +228,7 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         Workload::Cluster => cluster::run_cluster(seed, cluster::ClusterSim::default(), trace).err(),
         Workload::ClusterAckBeforeFlush => {
             let config = cluster::ClusterSim {
-                faults: keel_raft::Faults { ack_before_flush: true },
+                faults: keel_raft::Faults { ack_before_flush: true, ..Default::default() },
                 crash_all_weight: 6,
                 ..cluster::ClusterSim::default()
             };
@@ -233,7 +237,7 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         Workload::Broker => broker::run_broker(seed, broker::BrokerSim::default(), trace).err(),
         Workload::BrokerAckBeforeFlush => {
             let config = broker::BrokerSim {
-                faults: keel_raft::Faults { ack_before_flush: true },
+                faults: keel_raft::Faults { ack_before_flush: true, ..Default::default() },
                 crash_all_weight: 6,
                 // Crashes of every node come often: a short run is enough to lose writes.
                 safety: std::time::Duration::from_secs(40),
@@ -268,6 +272,15 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         }
         Workload::BrokerOutboxUnstamped => {
             let config = broker::BrokerSim { outbox_skip_stamps: true, ..broker::BrokerSim::default() };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerQuiescentWritesDoNotWake => {
+            let quiesce = keel_raft::QuiesceFaults { writes_do_not_wake: true };
+            let config = broker::BrokerSim {
+                faults: keel_raft::Faults { quiesce, ..Default::default() },
+                safety: std::time::Duration::from_secs(40),
+                ..broker::BrokerSim::default()
+            };
             broker::run_broker(seed, config, trace).err()
         }
         Workload::BrokerNoIdempotence => {

@@ -1120,6 +1120,7 @@ impl Inner {
     pub(crate) async fn controller_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
         let guard = self.admin_lock.lock().await;
         let raft: Raft = self.node.raft(META_GROUP).map_err(|_| not_leader("the metadata log", None))?;
+        self.node.wake(META_GROUP).await;
         let read = tokio::time::timeout(self.config.append_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex))
             .await
             .map_err(|_| Status::deadline_exceeded("the metadata leader could not confirm its leadership in time"))?
@@ -1355,6 +1356,7 @@ impl Inner {
                     .is_some_and(|m| m.as_ref().is_some_and(|m| m.index >= applied));
                 if caught_up && let Ok(raft) = self.node.raft(group) {
                     info!(group, to = preferred, "handing leadership back to the preferred replica");
+                    self.node.wake(group).await;
                     let _ = raft.trigger().transfer_leader(preferred).await;
                 }
             }
@@ -1624,7 +1626,12 @@ pub(crate) mod tests {
             peer_addr: "127.0.0.1:2".to_owned(),
             data_dir: dir.join("node-1"),
             voters: BTreeMap::from([(1, "127.0.0.1:2".to_owned())]),
-            timings: keel_raft::RaftTimings { heartbeat_ms: 50, election_min_ms: 200, election_max_ms: 400 },
+            timings: keel_raft::RaftTimings {
+                heartbeat_ms: 50,
+                election_min_ms: 200,
+                election_max_ms: 400,
+                quiesce: true,
+            },
             log: LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: 1 << 20, ..LogConfig::default() },
             network: keel_raft::NetworkConfig::default(),
             append_timeout: Duration::from_secs(5),

@@ -510,6 +510,7 @@ impl<S: Shard> Runtime<S> {
 
     async fn activate(&self, term: u64, last_log_index: u64) -> Result<(), String> {
         let raft = self.node.raft(self.raft_group).map_err(|e| e.to_string())?;
+        self.node.wake(self.raft_group).await;
         let read = tokio::time::timeout(self.append_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex))
             .await
             .map_err(|_| "leadership not confirmed in time".to_owned())?

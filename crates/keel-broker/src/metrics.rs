@@ -549,7 +549,9 @@ impl Metrics {
         for group in &groups {
             let Some(&(topic, partition)) = names.get(group) else { continue };
             let (Ok(raft), Ok(store)) = (inner.node.metrics(*group), inner.node.store(*group)) else { continue };
-            let view = PartitionView::of(&raft, inner.node.leader_in(&raft), me, inner.node.lease());
+            let leader = inner.node.leader_in(*group, &raft);
+            let in_sync = inner.node.in_sync_voters(*group, &raft);
+            let view = PartitionView::of(&raft, leader, me, in_sync);
             let seen = terms.entry(*group).or_insert(raft.current_term);
             self.leadership_changes.inc_by(raft.current_term.saturating_sub(*seen));
             *seen = (*seen).max(raft.current_term);
@@ -608,13 +610,17 @@ struct PartitionView {
 impl PartitionView {
     /// `leader` is the leader this node presents (`RaftNode::leader_in`): a leader cut off from
     /// its quorum does not name itself, so its partitions count as leaderless, not led.
-    fn of(metrics: &keel_raft::types::Metrics, leader: Option<NodeId>, me: NodeId, lease: Duration) -> PartitionView {
+    fn of(
+        metrics: &keel_raft::types::Metrics,
+        leader: Option<NodeId>,
+        me: NodeId,
+        (in_sync, voters): (usize, usize),
+    ) -> PartitionView {
         let leads = leader == Some(me);
         let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
         let apply_lag = metrics.last_log_index.unwrap_or(0).saturating_sub(applied);
         let (mut under_replicated, mut below_quorum) = (false, false);
         if leads {
-            let (in_sync, voters) = keel_raft::leadership::in_sync_voters(me, metrics, lease);
             under_replicated = in_sync < voters;
             below_quorum = in_sync < voters / 2 + 1;
         }

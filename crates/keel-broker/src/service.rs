@@ -561,7 +561,7 @@ fn local_status(inner: &Inner) -> pb::LocalStatusResponse {
     let mut groups = Vec::new();
     for group in inner.node.group_ids() {
         let (Ok(metrics), Ok(store)) = (inner.node.metrics(group), inner.node.store(group)) else { continue };
-        let leader_id = inner.node.leader_in(&metrics);
+        let leader_id = inner.node.leader_in(group, &metrics);
         let leader = leader_id == Some(me);
         let high_watermark = *store.high_watermark().borrow();
         let (start, _, _) = store.positions();

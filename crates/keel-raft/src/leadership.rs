@@ -33,14 +33,14 @@ pub const NOBODY: NodeId = NodeId::MAX;
 
 /// How long ago a quorum last acknowledged this node as the leader of a group, from its metrics
 /// (`None`: it is not the leader, or no quorum has acknowledged it yet).
-fn quorum_ack_age(metrics: &Metrics) -> Option<Duration> {
+pub(crate) fn quorum_ack_age(metrics: &Metrics) -> Option<Duration> {
     use openraft::Instant as _;
     metrics.last_quorum_acked.map(|acked| acked.into_inner().elapsed())
 }
 
 /// Whether the group has more than one voter: a single voter is a quorum by itself and can never
 /// be cut off from it.
-fn needs_others(metrics: &Metrics) -> bool {
+pub(crate) fn needs_others(metrics: &Metrics) -> bool {
     metrics.membership_config.membership().voter_ids().take(2).count() > 1
 }
 
@@ -83,7 +83,15 @@ pub(crate) fn cut_off(quorum_ack_age: Option<Duration>, leading_for: Duration, l
 
 /// Runs until the node's groups are gone: every `period`, steps down each group this node has
 /// led for a whole `lease` without a quorum acknowledging it.
-pub(crate) async fn step_down_loop(groups: WeakGroups, period: Duration, lease: Duration) {
+/// A quiescent group is skipped (its leader has no raft acknowledgements by design; the
+/// quiescence task wakes it when its voters' nodes stop answering), and a woken one is counted
+/// as leading from when it woke.
+pub(crate) async fn step_down_loop(
+    groups: WeakGroups,
+    quiescence: std::sync::Arc<crate::quiesce::Quiescence>,
+    period: Duration,
+    lease: Duration,
+) {
     // Since when this node has led each group, and in which term.
     let mut leading: BTreeMap<GroupId, (u64, tokio::time::Instant)> = BTreeMap::new();
     loop {
@@ -101,11 +109,22 @@ pub(crate) async fn step_down_loop(groups: WeakGroups, period: Duration, lease: 
                 }
                 (m.current_term, quorum_ack_age(&m))
             };
+            if quiescence.is_quiescent(group) {
+                continue;
+            }
             let since = match leading.get(&group) {
                 Some((t, since)) if *t == term => *since,
                 _ => now,
             };
             still_leading.insert(group, (term, since));
+            // A woken leader's last acknowledgement is as old as its quiet spell: its lease
+            // counts from when it woke.
+            let woken = quiescence.woken_at(group);
+            let age = match woken {
+                Some(at) => age.map(|a| a.min(now - at)),
+                None => age,
+            };
+            let since = woken.map_or(since, |at| since.max(at));
             if cut_off(age, now - since, lease) {
                 due.push((group, raft, term));
             }

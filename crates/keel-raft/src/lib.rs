@@ -10,6 +10,7 @@
 //! - [`node`]: a node hosting many groups and the `append` API the broker uses;
 //! - [`leadership`]: how a node presents a group's leader, and the step-down of a leader that no
 //!   quorum acknowledges any more;
+//! - [`quiesce`]: idle groups stop their timers; node heartbeats keep their liveness;
 //! - [`convert`]: every conversion between protobuf, openraft and the batch encoding.
 
 pub mod convert;
@@ -17,6 +18,7 @@ pub mod leadership;
 pub mod network;
 pub mod node;
 pub mod producers;
+pub mod quiesce;
 pub mod sequencer;
 pub mod state_machine;
 pub mod store;
@@ -25,6 +27,7 @@ pub mod types;
 pub use leadership::NOBODY;
 pub use network::{Connector, NetworkConfig, RaftService, TcpConnector, VerifiedNode};
 pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
+pub use quiesce::QuiesceFaults;
 pub use sequencer::ProducerRefusal;
 pub use store::{Faults, FlushObserver, IoMode, PartitionStore};
 pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};

@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::convert::{self, ConvertError};
+use crate::quiesce::{QUIESCE_GROUPS_MAX, Quiescence, VoteAction};
 use crate::types::{GroupId, KeelRaft, Node, NodeId, Raft, Vote};
 
 /// How this node dials a peer. Production dials TCP; the simulation hands in turmoil's network.
@@ -258,6 +259,28 @@ fn vote_response_from_pb(r: pb::VoteResponse) -> Result<VoteResponse<KeelRaft>, 
     })
 }
 
+impl Peers {
+    /// Sends one node heartbeat; whether `target` acknowledged it.
+    pub(crate) async fn node_heartbeat(&self, target: NodeId, me: NodeId) -> bool {
+        let request = pb::NodeHeartbeatRequest { from: me };
+        let option = RPCOption::new(self.inner.config.rpc_timeout);
+        self.call(target, &option, |mut c| async move { c.node_heartbeat(request).await }).await.is_ok()
+    }
+
+    /// Asks `target` to quiesce `groups` this node leads; the ones it did (`None`: no answer).
+    pub(crate) async fn quiesce(
+        &self,
+        target: NodeId,
+        me: NodeId,
+        groups: Vec<pb::QuiescentGroup>,
+    ) -> Option<Vec<GroupId>> {
+        let request = pb::QuiesceRequest { from: me, groups };
+        let option = RPCOption::new(self.inner.config.rpc_timeout);
+        let response = self.call(target, &option, |mut c| async move { c.quiesce(request).await }).await.ok()?;
+        Some(response.quiesced)
+    }
+}
+
 /// Which of the two vote RPCs to send; they carry the same messages.
 #[derive(Debug, Clone, Copy)]
 enum Ballot {
@@ -465,12 +488,43 @@ impl WeakGroups {
 #[derive(Clone)]
 pub struct RaftService {
     groups: Groups,
+    quiescence: Arc<Quiescence>,
 }
 
 impl RaftService {
-    /// A service routing to `groups`.
-    pub fn new(groups: Groups) -> RaftService {
-        RaftService { groups }
+    /// A service routing to `groups`, waking quiescent ones first.
+    pub(crate) fn new(groups: Groups, quiescence: Arc<Quiescence>) -> RaftService {
+        RaftService { groups, quiescence }
+    }
+
+    /// The group's raft, woken if it was quiescent: a message from its leader arrived.
+    fn woken(&self, group: GroupId) -> Result<Raft, Status> {
+        let raft = self.groups.get(group)?;
+        self.quiescence.wake(group, &raft);
+        Ok(raft)
+    }
+
+    async fn ballot(
+        &self,
+        ballot: Ballot,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        check_claim(&request, request.get_ref().vote.as_ref())?;
+        let r = request.into_inner();
+        let raft = self.groups.get(r.group_id)?;
+        let candidate = r.vote.as_ref().map_or(crate::NOBODY, |v| v.node_id);
+        let response = match self.quiescence.on_vote(r.group_id, candidate, &raft) {
+            VoteAction::Refuse => Quiescence::refusal(&raft),
+            VoteAction::Pass => {
+                let request = vote_request_from_pb(r)?;
+                match ballot {
+                    Ballot::Vote => raft.vote(request).await,
+                    Ballot::PreVote => raft.pre_vote(request).await,
+                }
+                .map_err(raft_failed)?
+            }
+        };
+        Ok(Response::new(vote_response_to_pb(response)))
     }
 
     /// The tonic server for it.
@@ -504,6 +558,11 @@ fn check_claim<T>(request: &Request<T>, vote: Option<&pb::Vote>) -> Result<(), S
     Err(Status::permission_denied(format!(
         "this connection is node {proved}'s, but the request speaks for node {claimed:?}"
     )))
+}
+
+/// Refuses a node-level request that names another node than its connection proved.
+fn check_node_claim<T>(request: &Request<T>, from: NodeId) -> Result<(), Status> {
+    check_claim(request, Some(&pb::Vote { term: 0, node_id: from, committed: false }))
 }
 
 fn raft_failed(e: impl std::fmt::Display) -> Status {
@@ -542,6 +601,14 @@ impl pb::raft_server::Raft for RaftService {
             entries: convert::entries_from_pb(r.entries).map_err(invalid)?,
             leader_commit: r.leader_commit.as_ref().map(convert::log_id_from_pb),
         };
+        self.quiescence.on_append(
+            r.group_id,
+            &raft,
+            &rpc.vote,
+            rpc.prev_log_id.as_ref(),
+            rpc.leader_commit.as_ref(),
+            !rpc.entries.is_empty(),
+        );
         let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
         use pb::append_entries_response::{Conflict, PartialSuccess, Result as R, Success};
         let result = match response {
@@ -556,19 +623,11 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
-        check_claim(&request, request.get_ref().vote.as_ref())?;
-        let r = request.into_inner();
-        let raft = self.groups.get(r.group_id)?;
-        let response = raft.vote(vote_request_from_pb(r)?).await.map_err(raft_failed)?;
-        Ok(Response::new(vote_response_to_pb(response)))
+        self.ballot(Ballot::Vote, request).await
     }
 
     async fn pre_vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
-        check_claim(&request, request.get_ref().vote.as_ref())?;
-        let r = request.into_inner();
-        let raft = self.groups.get(r.group_id)?;
-        let response = raft.pre_vote(vote_request_from_pb(r)?).await.map_err(raft_failed)?;
-        Ok(Response::new(vote_response_to_pb(response)))
+        self.ballot(Ballot::PreVote, request).await
     }
 
     async fn install_snapshot(
@@ -577,7 +636,7 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
-        let raft = self.groups.get(r.group_id)?;
+        let raft = self.woken(r.group_id)?;
         let vote = convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?;
         let meta = convert::snapshot_meta_from_pb(r.meta).map_err(invalid)?;
         let snapshot = openraft::storage::Snapshot { meta, snapshot: r.data.to_vec() };
@@ -591,10 +650,34 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         check_claim(&request, request.get_ref().from_leader.as_ref())?;
         let r = request.into_inner();
-        let raft = self.groups.get(r.group_id)?;
+        let raft = self.woken(r.group_id)?;
         let request = convert::transfer_leader_from_pb(&r).map_err(invalid)?;
         let response = raft.handle_transfer_leader(request).await.map_err(raft_failed)?;
         Ok(Response::new(convert::transfer_leader_response_to_pb(&response)))
+    }
+
+    async fn node_heartbeat(
+        &self,
+        request: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        let from = request.get_ref().from;
+        check_node_claim(&request, from)?;
+        self.quiescence.heard_from(from);
+        Ok(Response::new(pb::NodeHeartbeatResponse {}))
+    }
+
+    async fn quiesce(&self, request: Request<pb::QuiesceRequest>) -> Result<Response<pb::QuiesceResponse>, Status> {
+        let from = request.get_ref().from;
+        check_node_claim(&request, from)?;
+        let r = request.into_inner();
+        if r.groups.len() > QUIESCE_GROUPS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} groups in one quiesce request; at most {QUIESCE_GROUPS_MAX}",
+                r.groups.len()
+            )));
+        }
+        let quiesced = self.quiescence.on_quiesce(from, r.groups, &self.groups);
+        Ok(Response::new(pb::QuiesceResponse { quiesced }))
     }
 }
 

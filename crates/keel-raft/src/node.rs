@@ -16,6 +16,7 @@ use tracing::{Instrument, info, info_span};
 
 use crate::network::{Connector, GroupNetwork, Groups, NetworkConfig, Peers, RaftService};
 use crate::producers::{ProducerLimits, Stamped};
+use crate::quiesce::Quiescence;
 use crate::sequencer::{Answer, Check, ProducerRefusal, Sequencer};
 use crate::store::{Faults, FlushObserver, IoMode, PartitionStore};
 use crate::types::{Appended, BatchData, GroupId, Node, NodeId, Raft, Runtime};
@@ -29,13 +30,16 @@ pub struct RaftTimings {
     pub heartbeat_ms: u64,
     /// Shortest election timeout.
     pub election_min_ms: u64,
-    /// Longest election timeout.
+    /// Longest election timeout; also the leader lease and the node liveness timeout.
     pub election_max_ms: u64,
+    /// Whether idle, caught-up groups stop their heartbeats and election timers
+    /// ([`crate::quiesce`]); node heartbeats then keep their liveness.
+    pub quiesce: bool,
 }
 
 impl Default for RaftTimings {
     fn default() -> RaftTimings {
-        RaftTimings { heartbeat_ms: 500, election_min_ms: 1_500, election_max_ms: 3_000 }
+        RaftTimings { heartbeat_ms: 500, election_min_ms: 1_500, election_max_ms: 3_000, quiesce: true }
     }
 }
 
@@ -195,6 +199,8 @@ pub struct RaftNode {
     producer_limits: Mutex<ProducerLimits>,
     /// Told about every flush of the groups opened from then on (metrics).
     flush_observer: Mutex<Option<Arc<dyn FlushObserver>>>,
+    /// Which groups are quiescent, and which peers' nodes are alive.
+    quiescence: Arc<Quiescence>,
 }
 
 impl RaftNode {
@@ -205,6 +211,13 @@ impl RaftNode {
         let peers = Peers::new(connector, config.network);
         peers.set_addr(config.node_id, &config.advertised_addr);
         let seed = Mutex::new(config.seed);
+        let t = config.timings;
+        let quiescence = Arc::new(Quiescence::new(
+            config.node_id,
+            t.quiesce,
+            Duration::from_millis(t.election_max_ms),
+            Duration::from_millis(t.heartbeat_ms),
+        ));
         RaftNode {
             config,
             disk,
@@ -217,6 +230,7 @@ impl RaftNode {
             sequencers: Mutex::new(BTreeMap::new()),
             producer_limits: Mutex::new(ProducerLimits::default()),
             flush_observer: Mutex::new(None),
+            quiescence,
         }
     }
 
@@ -228,6 +242,7 @@ impl RaftNode {
     /// Injects bugs into groups opened from now on: for negative controls only.
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+        self.quiescence.set_faults(faults.quiesce);
     }
 
     /// Sets the bounds of the producer tables of groups opened from now on: the cluster's
@@ -238,7 +253,7 @@ impl RaftNode {
 
     /// The gRPC service receiving raft RPCs for every group on this node.
     pub fn service(&self) -> RaftService {
-        RaftService::new(self.groups.clone())
+        RaftService::new(self.groups.clone(), Arc::clone(&self.quiescence))
     }
 
     /// This node's id.
@@ -316,8 +331,12 @@ impl RaftNode {
             // its lease running out.
             let t = self.config.timings;
             let (period, lease) = (Duration::from_millis(t.heartbeat_ms.max(1)), self.lease());
-            let task = crate::leadership::step_down_loop(self.groups.downgrade(), period, lease);
+            let task =
+                crate::leadership::step_down_loop(self.groups.downgrade(), Arc::clone(&self.quiescence), period, lease);
             tokio::spawn(task.instrument(info_span!("step-down", node = self.config.node_id)));
+            let task =
+                crate::quiesce::run(Arc::clone(&self.quiescence), self.groups.downgrade(), self.peers.clone(), period);
+            tokio::spawn(task.instrument(info_span!("quiesce", node = self.config.node_id)));
         }
         Ok(())
     }
@@ -327,6 +346,7 @@ impl RaftNode {
         if let Some(raft) = self.groups.remove(group) {
             let _ = raft.shutdown().await;
         }
+        self.quiescence.remove(group);
         self.sequencers.lock().unwrap_or_else(|e| e.into_inner()).remove(&group);
         let store = self.stores.lock().unwrap_or_else(|e| e.into_inner()).remove(&group);
         if let Some(store) = &store {
@@ -398,6 +418,7 @@ impl RaftNode {
         }
         let raft = self.groups.get(group).map_err(|_| AppendError::UnknownGroup(group))?;
         let timeout = self.config.append_timeout;
+        self.quiescence.wake_to_lead(group, &raft, timeout).await;
         if header.producer_id < 0 {
             let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
             raft.client_write_ff(BatchData(batch), Some(responder))
@@ -416,7 +437,7 @@ impl RaftNode {
         let sequencer = Arc::clone(self.sequencers.lock().unwrap_or_else(|e| e.into_inner()).entry(group).or_default());
         // Held until raft has the batch queued: checks happen in log order.
         let mut sequencer = sequencer.lock().await;
-        self.wait_own_term_applied(&raft).await?;
+        self.wait_own_term_applied(group, &raft).await?;
         let check = store.with_producers(|table| sequencer.check(table, &stamped));
         match check {
             Check::Done(Ok(appended)) => Ok(PendingAppend { answer: Pending::Ready(appended), timeout }),
@@ -449,7 +470,7 @@ impl RaftNode {
 
     /// Waits (bounded) until this node leads the group and has applied an entry of its own term,
     /// so that the producer table holds every batch written before the term.
-    async fn wait_own_term_applied(&self, raft: &Raft) -> Result<(), AppendError> {
+    async fn wait_own_term_applied(&self, group: GroupId, raft: &Raft) -> Result<(), AppendError> {
         let me = self.config.node_id;
         let ready = |m: &crate::types::Metrics| {
             m.current_leader != Some(me) || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
@@ -459,7 +480,7 @@ impl RaftNode {
             // no waiter per batch.
             let now = raft.metrics();
             let m = now.borrow_watched();
-            if m.current_leader == Some(me) && ready(&m) && self.leader_in(&m) == Some(me) {
+            if m.current_leader == Some(me) && ready(&m) && self.leader_in(group, &m) == Some(me) {
                 return Ok(());
             }
         }
@@ -468,7 +489,7 @@ impl RaftNode {
             .metrics(ready, "an entry of the leader's term applied")
             .await
             .map_err(|_| AppendError::Timeout)?;
-        if metrics.current_leader == Some(me) && self.leader_in(&metrics) == Some(me) {
+        if metrics.current_leader == Some(me) && self.leader_in(group, &metrics) == Some(me) {
             return Ok(());
         }
         let leader = metrics.current_leader.filter(|l| *l != me).map(|id| {
@@ -518,12 +539,41 @@ impl RaftNode {
     /// neither commit nor learn that they elected another, so clients must look elsewhere.
     pub fn leader(&self, group: GroupId) -> Option<NodeId> {
         let raft = self.groups.get(group).ok()?;
-        self.leader_in(&raft.metrics().borrow_watched())
+        self.leader_in(group, &raft.metrics().borrow_watched())
     }
 
-    /// [`RaftNode::leader`] from a group's metrics, as of now.
-    pub fn leader_in(&self, metrics: &crate::types::Metrics) -> Option<NodeId> {
-        crate::leadership::presented_leader(self.config.node_id, metrics, self.lease())
+    /// [`RaftNode::leader`] from a group's metrics, as of now. A quiescent leader has no recent
+    /// raft acknowledgements; it names itself while a quorum of its voters' nodes acknowledges
+    /// its node heartbeats ([`crate::quiesce`]).
+    pub fn leader_in(&self, group: GroupId, metrics: &crate::types::Metrics) -> Option<NodeId> {
+        let me = self.config.node_id;
+        crate::leadership::presented_leader(me, metrics, self.lease())
+            .or_else(|| self.quiescence.leads_quietly(group, metrics).then_some(me))
+    }
+
+    /// For a group this node leads: how many voters are in sync, and how many voters it has
+    /// (metrics; see [`crate::leadership::in_sync_voters`]). A quiescent group's voters all hold
+    /// its last entry (it quiesced only then); they are in sync while their nodes answer.
+    pub fn in_sync_voters(&self, group: GroupId, metrics: &crate::types::Metrics) -> (usize, usize) {
+        let (in_sync, voters) = crate::leadership::in_sync_voters(self.config.node_id, metrics, self.lease());
+        match self.quiescence.is_quiescent(group) {
+            true => (self.quiescence.voters_heard(metrics).max(in_sync), voters),
+            false => (in_sync, voters),
+        }
+    }
+
+    /// Wakes a quiescent group this node leads and waits (bounded) until a quorum acknowledges
+    /// it again: call before raft operations other than [`RaftNode::submit`] that need a
+    /// leader's lease (read-index barriers, leadership transfers).
+    pub async fn wake(&self, group: GroupId) {
+        if let Ok(raft) = self.groups.get(group) {
+            self.quiescence.wake_to_lead(group, &raft, self.config.append_timeout).await;
+        }
+    }
+
+    /// Whether a group is quiescent on this node.
+    pub fn is_quiescent(&self, group: GroupId) -> bool {
+        self.quiescence.is_quiescent(group)
     }
 
     /// Groups hosted here.

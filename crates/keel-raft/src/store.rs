@@ -62,6 +62,8 @@ pub struct Faults {
     /// Report appended entries as persisted at once and flush only once a second: the classic
     /// acknowledge-before-fsync bug (what `flush = async` would do under raft).
     pub ack_before_flush: bool,
+    /// Quiescence bugs ([`crate::quiesce::QuiesceFaults`]).
+    pub quiesce: crate::quiesce::QuiesceFaults,
 }
 
 /// Told about every completed flush of a partition, for the node's metrics. Called on the

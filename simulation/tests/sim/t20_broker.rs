@@ -196,3 +196,16 @@ fn an_outbox_on_a_lying_disk_loses_records() {
         assert!(violation.contains("appended but never stored (lost)"), "seed {seed}: {violation:?}");
     }
 }
+
+/// Idle raft groups quiesce in every broker run; a write must wake its group (openraft refuses
+/// the writes of a leader whose lease ran out while it was quiet). A leader that does not wake
+/// for writes leaves every partition that once went quiet unwritable, and the checks after
+/// healing find acknowledged delayed records never delivered (their `__delayed` partition, or
+/// the target's, takes no write) or dead letters missing. Seeds 0, 1 and 2 are caught.
+#[test]
+fn quiescent_groups_that_do_not_wake_for_writes_are_caught() {
+    for seed in [0u64, 1] {
+        let violation = run(Workload::BrokerQuiescentWritesDoNotWake, seed).violation.unwrap_or_default();
+        assert!(violation.contains("liveness phase"), "seed {seed}: {violation:?}");
+    }
+}

@@ -80,7 +80,7 @@ pub async fn start_clocked(
             peer_addr: peer_addrs[i].clone(),
             data_dir: dir.path().join(format!("node-{id}")),
             voters: voters.clone(),
-            timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800 },
+            timings: RaftTimings { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, quiesce: true },
             log: LogConfig { segment_bytes_max: 1 << 20, preallocate_step_bytes: 1 << 20, ..LogConfig::default() },
             network: NetworkConfig::default(),
             append_timeout: Duration::from_secs(5),

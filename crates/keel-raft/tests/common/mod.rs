@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 /// Fast timings so tests fail over in well under a second.
 pub fn test_timings() -> RaftTimings {
-    RaftTimings { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600 }
+    RaftTimings { heartbeat_ms: 50, election_min_ms: 300, election_max_ms: 600, quiesce: true }
 }
 
 /// One running node: raft groups plus a gRPC server on its own address.
