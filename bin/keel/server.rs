@@ -108,6 +108,9 @@ struct FileConfig {
     /// Whether idle partitions stop their raft heartbeats and election timers (node heartbeats
     /// keep their liveness).
     raft_quiesce: Option<bool>,
+    /// `node` (the default: one syncfs covers every dirty partition of the node) or `partition`
+    /// (each partition msyncs its own file).
+    flush_scope: Option<String>,
     /// How long a produce waits for its commit.
     append_timeout_ms: Option<u64>,
     /// How long SIGTERM or Ctrl-C lets open requests and streams finish before closing them.
@@ -289,7 +292,7 @@ fn tls_files(
 }
 
 /// What `resolve` gives `serve`: the node's config, where to listen, the shutdown grace period.
-type Resolved = (BrokerConfig, Listen, Duration);
+type Resolved = (BrokerConfig, Listen, Duration, keel_raft::FlushScope);
 
 /// Merges file, environment and flags into a node's config.
 fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
@@ -448,7 +451,12 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         args.tls_ca_file.or(file.tls_ca_file),
         args.insecure || file.insecure.unwrap_or(false),
     )?;
-    Ok((config, Listen { client: listen, peer: peer_listen, metrics, tls }, grace))
+    let flush = match file.flush_scope.as_deref() {
+        None | Some("node") => keel_raft::FlushScope::Node,
+        Some("partition") => keel_raft::FlushScope::Partition,
+        Some(other) => anyhow::bail!("flush_scope is `node` or `partition` (got {other:?})"),
+    };
+    Ok((config, Listen { client: listen, peer: peer_listen, metrics, tls }, grace, flush))
 }
 
 /// Binds `addr`; a port 0 in `advertised` (the default when the listen port is 0) becomes the
@@ -464,12 +472,17 @@ async fn bind(addr: &str, what: &str, advertised: &mut String) -> anyhow::Result
 
 /// Runs a node until Ctrl-C / SIGTERM, or until it must stop.
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let (config, listen, grace) = resolve(args)?;
+    let (config, listen, grace, flush) = resolve(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    runtime.block_on(serve(config, listen, grace))
+    runtime.block_on(serve(config, listen, grace, flush))
 }
 
-async fn serve(mut config: BrokerConfig, listen: Listen, grace: Duration) -> anyhow::Result<()> {
+async fn serve(
+    mut config: BrokerConfig,
+    listen: Listen,
+    grace: Duration,
+    flush: keel_raft::FlushScope,
+) -> anyhow::Result<()> {
     // Bound before the node starts, so that a taken port stops it before it joins the cluster.
     let listener = bind(&listen.client, "clients", &mut config.advertised_addr).await?;
     let unbound_peer = config.peer_addr.clone();
@@ -512,7 +525,8 @@ async fn serve(mut config: BrokerConfig, listen: Listen, grace: Duration) -> any
     };
     let node_id = config.node_id;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let broker = Broker::start(config, Arc::new(FileDisk::new()), Arc::new(connector), clock)
+    let storage = keel_broker::StorageMode { flush, ..keel_broker::StorageMode::default() };
+    let broker = Broker::start_with(config, storage, Arc::new(FileDisk::new()), Arc::new(connector), clock)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let routes = broker.router().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -277,7 +277,7 @@ pub(crate) async fn broker_main(
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
     let peer_listener = turmoil::net::TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
     let id = config.node_id;
-    let storage = StorageMode { io: IoMode::Inline, faults, coordinator };
+    let storage = StorageMode { io: IoMode::Inline, faults, coordinator, flush: keel_raft::FlushScope::Node };
     let broker = Broker::start_with(
         config,
         storage,

@@ -63,6 +63,9 @@ pub enum Workload {
     /// The negative control: the outbox producer's disk acknowledges flushes and persists
     /// nothing, so a crash loses records whose send returned Ok.
     BrokerOutboxLyingFlush,
+    /// The negative control: a node-wide flush of several partitions reports success without
+    /// syncing (as a syncfs of the wrong file system would), so power cuts lose acked writes.
+    BrokerNodeFlushWrongFilesystem,
     /// The negative control: a write to a quiescent partition leader does not wake its raft
     /// group, so once a partition goes quiet it never takes a write again.
     BrokerQuiescentWritesDoNotWake,
@@ -92,6 +95,7 @@ impl Workload {
             Workload::BrokerOutboxUnstamped => "broker-outbox-unstamped",
             Workload::BrokerOutboxLyingFlush => "broker-outbox-lying-flush",
             Workload::BrokerQuiescentWritesDoNotWake => "broker-quiescent-writes-do-not-wake",
+            Workload::BrokerNodeFlushWrongFilesystem => "broker-node-flush-wrong-filesystem",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -272,6 +276,15 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         }
         Workload::BrokerOutboxUnstamped => {
             let config = broker::BrokerSim { outbox_skip_stamps: true, ..broker::BrokerSim::default() };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerNodeFlushWrongFilesystem => {
+            let config = broker::BrokerSim {
+                faults: keel_raft::Faults { node_flush_wrong_filesystem: true, ..Default::default() },
+                crash_all_weight: 6,
+                safety: std::time::Duration::from_secs(40),
+                ..broker::BrokerSim::default()
+            };
             broker::run_broker(seed, config, trace).err()
         }
         Workload::BrokerQuiescentWritesDoNotWake => {

@@ -67,6 +67,8 @@ enum WorkloadArg {
     BrokerOutboxUnstamped,
     /// The negative control: the outbox's disk lies about flushes (records lost after crashes).
     BrokerOutboxLyingFlush,
+    /// The negative control: node-wide flushes of several partitions sync nothing (must fail).
+    BrokerNodeFlushWrongFilesystem,
     /// The negative control: writes to a quiescent leader do not wake its group (must fail).
     BrokerQuiescentWritesDoNotWake,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
@@ -107,6 +109,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerOutboxUnstamped => Workload::BrokerOutboxUnstamped,
         WorkloadArg::BrokerOutboxLyingFlush => Workload::BrokerOutboxLyingFlush,
         WorkloadArg::BrokerQuiescentWritesDoNotWake => Workload::BrokerQuiescentWritesDoNotWake,
+        WorkloadArg::BrokerNodeFlushWrongFilesystem => Workload::BrokerNodeFlushWrongFilesystem,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -27,6 +27,7 @@ const AT_STARTUP: &[&str] = &[
     "keel_node_info",
     "keel_node_ready",
     "keel_raft_groups",
+    "keel_raft_groups_quiescent",
     "keel_partitions_led",
     "keel_partitions_leaderless",
     "keel_partitions_under_replicated",

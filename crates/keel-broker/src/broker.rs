@@ -139,11 +139,18 @@ pub struct StorageMode {
     pub faults: Faults,
     /// Injected coordinator bugs (negative controls only).
     pub coordinator: CoordinatorFaults,
+    /// Whether partitions' flushes are coalesced node-wide (the default) or per partition.
+    pub flush: keel_raft::FlushScope,
 }
 
 impl Default for StorageMode {
     fn default() -> StorageMode {
-        StorageMode { io: IoMode::Blocking, faults: Faults::default(), coordinator: CoordinatorFaults::default() }
+        StorageMode {
+            io: IoMode::Blocking,
+            faults: Faults::default(),
+            coordinator: CoordinatorFaults::default(),
+            flush: keel_raft::FlushScope::Node,
+        }
     }
 }
 
@@ -180,6 +187,7 @@ impl Broker {
             network: config.network,
             append_timeout: config.append_timeout,
             seed: config.seed,
+            flush: storage.flush,
         };
         let node = Arc::new(RaftNode::new(node_config, Arc::clone(&disk), Arc::clone(&connector)));
         node.set_producer_limits(keel_raft::producers::ProducerLimits {

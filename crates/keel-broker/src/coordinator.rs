@@ -628,6 +628,10 @@ mod tests {
         fn exists(&self, path: &Path) -> std::io::Result<bool> {
             self.inner.exists(path)
         }
+        fn sync_filesystem(&self, _dir: &Path) -> std::io::Result<()> {
+            // Flushes must go through the gate, one file at a time.
+            Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "gated disk"))
+        }
     }
 
     impl DiskFile for GatedFile {

@@ -149,6 +149,7 @@ pub struct Metrics {
 struct StateGauges {
     ready: Gauge,
     raft_groups: Gauge,
+    raft_groups_quiescent: Gauge,
     memory_resident_bytes: Gauge,
     memory_anonymous_bytes: Gauge,
     partitions_led: Gauge,
@@ -250,6 +251,11 @@ impl Metrics {
             "raft_groups",
             "Raft groups open on this node (partitions hosted, __meta included)",
             m.state.raft_groups.clone(),
+        );
+        r.register(
+            "raft_groups_quiescent",
+            "Raft groups quiescent on this node (idle: no raft heartbeats or election timers)",
+            m.state.raft_groups_quiescent.clone(),
         );
         r.register("partitions_led", "Partitions this node leads", m.state.partitions_led.clone());
         r.register(
@@ -511,6 +517,7 @@ impl Metrics {
         let per_partition = groups.len() < self.partition_series_max;
         s.ready.set(i64::from(*inner.ready.borrow()));
         s.raft_groups.set(gauge(groups.len() as u64));
+        s.raft_groups_quiescent.set(gauge(groups.iter().filter(|g| inner.node.is_quiescent(**g)).count() as u64));
         let (resident, anonymous) = process_memory();
         s.memory_resident_bytes.set(gauge(resident));
         s.memory_anonymous_bytes.set(gauge(anonymous));

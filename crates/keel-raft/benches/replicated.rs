@@ -59,6 +59,7 @@ async fn start_node(id: u64, dir: &std::path::Path) -> (Arc<RaftNode>, String) {
         network: Default::default(),
         append_timeout: Duration::from_secs(30),
         seed: id * 7919,
+        flush: keel_raft::FlushScope::Node,
     };
     let node = Arc::new(RaftNode::new(config, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default())));
     let service = node.service().into_server();

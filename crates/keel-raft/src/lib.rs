@@ -26,10 +26,10 @@ pub mod types;
 
 pub use leadership::NOBODY;
 pub use network::{Connector, NetworkConfig, RaftService, TcpConnector, VerifiedNode};
-pub use node::{AppendError, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
+pub use node::{AppendError, FlushScope, NodeConfig, NodeError, PendingAppend, RaftNode, RaftTimings};
 pub use quiesce::QuiesceFaults;
 pub use sequencer::ProducerRefusal;
-pub use store::{Faults, FlushObserver, IoMode, PartitionStore};
+pub use store::{Faults, FlushObserver, IoMode, NodeFlusher, PartitionStore};
 pub use types::{Appended, GroupId, KeelRaft, Node, NodeId};
 
 #[cfg(test)]

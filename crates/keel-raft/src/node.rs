@@ -18,7 +18,7 @@ use crate::network::{Connector, GroupNetwork, Groups, NetworkConfig, Peers, Raft
 use crate::producers::{ProducerLimits, Stamped};
 use crate::quiesce::Quiescence;
 use crate::sequencer::{Answer, Check, ProducerRefusal, Sequencer};
-use crate::store::{Faults, FlushObserver, IoMode, PartitionStore};
+use crate::store::{Faults, FlushObserver, IoMode, NodeFlusher, PartitionStore};
 use crate::types::{Appended, BatchData, GroupId, Node, NodeId, Raft, Runtime};
 
 /// Raft timing, in milliseconds. openraft does not coalesce heartbeats across groups, so with
@@ -65,6 +65,19 @@ pub struct NodeConfig {
     /// Seed of openraft's randomness (election timeouts). Production takes it from the OS; the
     /// simulation from its run seed.
     pub seed: u64,
+    /// Whether the flushes of all partitions are coalesced into node-wide ones
+    /// ([`crate::store::NodeFlusher`]) or each partition flushes its own file.
+    pub flush: FlushScope,
+}
+
+/// How a node's partitions are made durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FlushScope {
+    /// One flusher per node: several dirty partitions are flushed by one syncfs.
+    #[default]
+    Node,
+    /// Every partition msyncs its own file.
+    Partition,
 }
 
 /// Why an append was not acknowledged.
@@ -201,6 +214,8 @@ pub struct RaftNode {
     flush_observer: Mutex<Option<Arc<dyn FlushObserver>>>,
     /// Which groups are quiescent, and which peers' nodes are alive.
     quiescence: Arc<Quiescence>,
+    /// The node-wide flusher, started with the first group (it needs the runtime).
+    node_flusher: std::sync::OnceLock<Arc<NodeFlusher>>,
 }
 
 impl RaftNode {
@@ -231,6 +246,7 @@ impl RaftNode {
             producer_limits: Mutex::new(ProducerLimits::default()),
             flush_observer: Mutex::new(None),
             quiescence,
+            node_flusher: std::sync::OnceLock::new(),
         }
     }
 
@@ -301,8 +317,13 @@ impl RaftNode {
         }
         let dir = self.group_dir(group);
         let faults = *self.faults.lock().unwrap_or_else(|e| e.into_inner());
-        let store = PartitionStore::open_with_faults(Arc::clone(&self.disk), dir, log, self.config.io, faults)
-            .map_err(|source| NodeError::Storage { group, source })?;
+        let node_flusher = (self.config.flush == FlushScope::Node).then(|| {
+            let start = || NodeFlusher::start(Arc::clone(&self.disk), self.config.data_dir.clone(), self.config.io);
+            Arc::clone(self.node_flusher.get_or_init(start))
+        });
+        let store =
+            PartitionStore::open_on_node(Arc::clone(&self.disk), dir, log, self.config.io, faults, node_flusher)
+                .map_err(|source| NodeError::Storage { group, source })?;
         store.set_producer_limits(*self.producer_limits.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(observer) = self.flush_observer.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             store.set_flush_observer(observer);

@@ -109,6 +109,62 @@ impl Disk for FileDisk {
     fn exists(&self, path: &Path) -> io::Result<bool> {
         path.try_exists()
     }
+
+    fn sync_filesystem(&self, dir: &Path) -> io::Result<()> {
+        if !syncfs_reports_errors() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "syncfs does not report write-back errors before Linux 5.8",
+            ));
+        }
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let handle = File::open(dir)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs(2) on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Whether this kernel's syncfs(2) returns write-back errors (Linux 5.8 and later): before, it
+/// returned success after a failed write-back, which would acknowledge lost data.
+fn syncfs_reports_errors() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        // SAFETY: uname(2) fills the zeroed struct it is given; nothing else is touched.
+        let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+        if unsafe { libc::uname(&mut name) } != 0 {
+            return false;
+        }
+        // SAFETY: uname NUL-terminates `release` within the array.
+        let release = unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }.to_string_lossy().into_owned();
+        kernel_at_least(&release, (5, 8))
+    })
+}
+
+/// Whether a kernel release string (`6.18.44-fc-v1272`) is at least `min` (major, minor).
+fn kernel_at_least(release: &str, min: (u32, u32)) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
+    matches!((major, minor), (Some(a), Some(b)) if (a, b) >= min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_at_least;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(kernel_at_least("6.18.44-fc-v1272", (5, 8)));
+        assert!(kernel_at_least("5.8.0", (5, 8)));
+        assert!(kernel_at_least("5.10.0-28-amd64", (5, 8)));
+        assert!(!kernel_at_least("5.4.0-150-generic", (5, 8)));
+        assert!(!kernel_at_least("4.19.0", (5, 8)));
+        assert!(!kernel_at_least("garbage", (5, 8)));
+    }
 }
 
 /// A file and its current mapping. Growing the file replaces the mapping; readers keep the old

@@ -431,6 +431,24 @@ impl Disk for SimDisk {
             .collect())
     }
 
+    /// Every file's data and length, as a flush of each would (directory operations stay
+    /// pending: the contract leaves them to `sync_dir`, so the simulation still catches a
+    /// missing one).
+    fn sync_filesystem(&self, _dir: &Path) -> io::Result<()> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.tick()?;
+        s.flushes += 1;
+        if s.lying_flush {
+            return Ok(());
+        }
+        for inode in s.inodes.values_mut() {
+            let len = inode.volatile.len() as u64;
+            flush_inode(inode, 0, len);
+        }
+        Ok(())
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut guard = self.lock();
         let s = &mut *guard;
@@ -476,6 +494,30 @@ impl SimFile {
         let s = &mut *s;
         let inode = s.inodes.get_mut(&self.ino).ok_or_else(|| not_found(&self.path))?;
         f(inode, &mut s.flushes)
+    }
+}
+
+/// Makes `[offset, offset + len)` of a file durable, and its length (fdatasync semantics).
+fn flush_inode(i: &mut Inode, offset: u64, len: u64) {
+    i.durable.resize(i.volatile.len(), 0);
+    let end = offset.saturating_add(len).min(i.volatile.len() as u64);
+    if end > offset {
+        let pages: Vec<u64> = i.dirty_pages.range(offset / PAGE_BYTES..=(end - 1) / PAGE_BYTES).copied().collect();
+        for page in pages {
+            let start = (page * PAGE_BYTES) as usize;
+            let stop = (start + PAGE_BYTES as usize).min(i.volatile.len());
+            i.durable[start..stop].copy_from_slice(&i.volatile[start..stop]);
+            i.dirty_pages.remove(&page);
+        }
+    }
+    // Pages past the new end are gone for good.
+    let pages_in_file = (i.volatile.len() as u64).div_ceil(PAGE_BYTES);
+    i.dirty_pages.retain(|&p| p < pages_in_file);
+    if let Some((w, l)) = i.last_write
+        && w >= offset
+        && w + l as u64 <= end
+    {
+        i.last_write = None;
     }
 }
 
@@ -541,28 +583,7 @@ impl DiskFile for SimFile {
         }
         self.with(true, |i, flushes| {
             *flushes += 1;
-            // fdatasync semantics: the length is made durable with the data.
-            i.durable.resize(i.volatile.len(), 0);
-            let end = offset.saturating_add(len).min(i.volatile.len() as u64);
-            if end > offset {
-                let pages: Vec<u64> =
-                    i.dirty_pages.range(offset / PAGE_BYTES..=(end - 1) / PAGE_BYTES).copied().collect();
-                for page in pages {
-                    let start = (page * PAGE_BYTES) as usize;
-                    let stop = (start + PAGE_BYTES as usize).min(i.volatile.len());
-                    i.durable[start..stop].copy_from_slice(&i.volatile[start..stop]);
-                    i.dirty_pages.remove(&page);
-                }
-            }
-            // Pages past the new end are gone for good.
-            let pages_in_file = (i.volatile.len() as u64).div_ceil(PAGE_BYTES);
-            i.dirty_pages.retain(|&p| p < pages_in_file);
-            if let Some((w, l)) = i.last_write
-                && w >= offset
-                && w + l as u64 <= end
-            {
-                i.last_write = None;
-            }
+            flush_inode(i, offset, len);
             Ok(())
         })
     }

@@ -62,6 +62,7 @@ impl TestNode {
             network: Default::default(),
             append_timeout: Duration::from_secs(5),
             seed: id * 7919,
+            flush: keel_raft::FlushScope::Node,
         };
         let node = Arc::new(RaftNode::new(config, Arc::clone(&disk), Arc::new(TcpConnector::default())));
         let (stop, stopped) = oneshot::channel::<()>();

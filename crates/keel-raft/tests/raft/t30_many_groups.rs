@@ -157,6 +157,9 @@ impl Disk for SlowSyncDisk {
     fn exists(&self, path: &std::path::Path) -> std::io::Result<bool> {
         self.inner.exists(path)
     }
+    fn sync_filesystem(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.sync_filesystem(dir)
+    }
 }
 
 /// Issue 12 item 6: a segment roll (several syncs) on one group runs off the async workers, so

@@ -238,3 +238,43 @@ fn sim_disk_crash_drops_unsynced_directories_with_their_contents() {
         assert_eq!(&f.read(0, 12).unwrap()[..], b"acknowledged", "synced all the way up, it survives");
     }
 }
+
+/// A node-wide flush: every file's writes and length are durable after `sync_filesystem`, as
+/// after a flush of each; directory operations are not (they still need `sync_dir`).
+#[test]
+fn sim_disk_sync_filesystem_flushes_every_file_but_not_directories() {
+    use keel_storage::CrashMode;
+    let disk = SimDisk::new(11);
+    let dir = PathBuf::from("/n");
+    disk.create_dir_all(&dir).unwrap();
+    disk.sync_dir(Path::new("/")).unwrap();
+    let (a, b) = (disk.create(&dir.join("a")).unwrap(), disk.create(&dir.join("b")).unwrap());
+    disk.sync_dir(&dir).unwrap();
+    a.set_len(8192).unwrap();
+    b.set_len(4096).unwrap();
+    a.write(4096, b"partition a").unwrap();
+    b.write(0, b"partition b").unwrap();
+    disk.sync_filesystem(&dir).unwrap();
+    let _late = disk.create(&dir.join("created after")).unwrap();
+    a.write(0, b"after the sync").unwrap();
+    disk.crash_with(CrashMode::DropUnflushed);
+    let (a, b) = (disk.open(&dir.join("a")).unwrap(), disk.open(&dir.join("b")).unwrap());
+    assert_eq!(&a.read(4096, 11).unwrap()[..], b"partition a");
+    assert_eq!(&b.read(0, 11).unwrap()[..], b"partition b");
+    assert_eq!(&a.read(0, 14).unwrap()[..], &[0u8; 14], "a write after the sync is not durable");
+}
+
+/// The real one runs (this machine's kernel reports write-back errors from syncfs) or says it
+/// cannot, never silently skips.
+#[test]
+fn file_disk_sync_filesystem_runs_or_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = FileDisk::new();
+    let f = disk.create(&tmp.path().join("f")).unwrap();
+    f.set_len(4096).unwrap();
+    f.write(0, b"x").unwrap();
+    match disk.sync_filesystem(tmp.path()) {
+        Ok(()) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::Unsupported, "{e}"),
+    }
+}
