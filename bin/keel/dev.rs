@@ -73,6 +73,11 @@ struct StartArgs {
     /// certificates in DIR/tls and serves TLS).
     #[arg(long)]
     insecure: bool,
+    /// A node config file (TOML, as `keel server --config`) every node reads, for settings that
+    /// have no flag here (`flush_scope`, `raft_quiesce`, timings, limits…); the addresses, data
+    /// directories and TLS files `keel dev` passes as flags win over the file's.
+    #[arg(long, value_name = "FILE")]
+    node_config: Option<PathBuf>,
 }
 
 /// Where `keel dev` keeps its CA and certificates.
@@ -134,12 +139,22 @@ pub struct Supervisor {
     dir: PathBuf,
     /// The nodes serve TLS with the certificates in `tls_dir(dir)`; `None`: plaintext.
     tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The config file every node reads (`--node-config`).
+    node_config: Option<PathBuf>,
     nodes: Vec<Slot>,
     /// The cluster was healthy once. Before that, a node exiting fails the start (the cause is
     /// likely to hit every node: a port in use, a bad data dir) instead of being reported.
     started: bool,
     /// The thread every node is forked from (see `start_node`).
     thread: ThreadId,
+}
+
+/// The absolute path of `--node-config` (nodes may run in another directory), checked to exist
+/// before any node starts.
+fn node_config(file: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let Some(file) = file else { return Ok(None) };
+    let path = std::fs::canonicalize(file).with_context(|| format!("--node-config {}", file.display()))?;
+    Ok(Some(path))
 }
 
 fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
@@ -244,6 +259,7 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
         voters,
         dir: args.dir.clone(),
         tls,
+        node_config: node_config(args.node_config.as_deref())?,
         nodes,
         started: false,
         thread: std::thread::current().id(),
@@ -463,6 +479,9 @@ impl Supervisor {
                 .args(["--superusers", "dev"]);
         } else {
             command.arg("--insecure");
+        }
+        if let Some(file) = &self.node_config {
+            command.arg("--config").arg(file);
         }
         let child = command
             .arg("--data-dir")

@@ -108,8 +108,8 @@ struct FileConfig {
     /// Whether idle partitions stop their raft heartbeats and election timers (node heartbeats
     /// keep their liveness).
     raft_quiesce: Option<bool>,
-    /// `node` (the default: one syncfs covers every dirty partition of the node) or `partition`
-    /// (each partition msyncs its own file).
+    /// `partition` (the default: each partition msyncs its own file) or `node` (one syncfs
+    /// covers every dirty partition of the node).
     flush_scope: Option<String>,
     /// How long a produce waits for its commit.
     append_timeout_ms: Option<u64>,
@@ -452,8 +452,8 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         args.insecure || file.insecure.unwrap_or(false),
     )?;
     let flush = match file.flush_scope.as_deref() {
-        None | Some("node") => keel_raft::FlushScope::Node,
-        Some("partition") => keel_raft::FlushScope::Partition,
+        Some("node") => keel_raft::FlushScope::Node,
+        None | Some("partition") => keel_raft::FlushScope::Partition,
         Some(other) => anyhow::bail!("flush_scope is `node` or `partition` (got {other:?})"),
     };
     Ok((config, Listen { client: listen, peer: peer_listen, metrics, tls }, grace, flush))

@@ -73,7 +73,8 @@ async fn node_main(
         network: keel_raft::NetworkConfig::default(),
         append_timeout: Duration::from_secs(3),
         seed,
-        flush: keel_raft::FlushScope::Node,
+        // The broker workload flushes node-wide; this one keeps the per-partition default covered.
+        flush: keel_raft::FlushScope::Partition,
     };
     let node = Arc::new(RaftNode::new(config, Arc::new(disk) as Arc<dyn Disk>, Arc::new(TurmoilConnector)));
     node.set_faults(faults);

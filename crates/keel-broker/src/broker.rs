@@ -139,7 +139,7 @@ pub struct StorageMode {
     pub faults: Faults,
     /// Injected coordinator bugs (negative controls only).
     pub coordinator: CoordinatorFaults,
-    /// Whether partitions' flushes are coalesced node-wide (the default) or per partition.
+    /// Whether partitions' flushes are coalesced node-wide or made per partition (the default).
     pub flush: keel_raft::FlushScope,
 }
 
@@ -149,7 +149,7 @@ impl Default for StorageMode {
             io: IoMode::Blocking,
             faults: Faults::default(),
             coordinator: CoordinatorFaults::default(),
-            flush: keel_raft::FlushScope::Node,
+            flush: keel_raft::FlushScope::Partition,
         }
     }
 }

@@ -74,9 +74,10 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum FlushScope {
     /// One flusher per node: several dirty partitions are flushed by one syncfs.
-    #[default]
     Node,
-    /// Every partition msyncs its own file.
+    /// Every partition msyncs its own file (the default: end to end on the 2-core development
+    /// machine, node-wide flushing gained nothing; see DESIGN.md).
+    #[default]
     Partition,
 }
 
