@@ -158,6 +158,8 @@ requests!(
     VoteRequest,
     InstallSnapshotRequest,
     TransferLeaderRequest,
+    NodeHeartbeatRequest,
+    QuiesceRequest,
 );
 
 fn enc<M: Message + Name>(m: M) -> (String, Vec<u8>) {
@@ -356,6 +358,11 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             data: Bytes::from_static(b"snapshot bytes"),
         }),
         enc(pb::TransferLeaderRequest { group_id: 9, from_leader: vote, to_node_id: 3, last_log_id: log_id }),
+        enc(pb::NodeHeartbeatRequest { from: 2 }),
+        enc(pb::QuiesceRequest {
+            from: 2,
+            groups: (1..4).map(|g| pb::QuiescentGroup { group_id: g, vote, last_log_id: log_id }).collect(),
+        }),
     ]
 }
 
