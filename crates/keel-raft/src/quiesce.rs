@@ -237,9 +237,9 @@ impl Quiescence {
         if lock(&self.faults).writes_do_not_wake {
             return;
         }
-        let woke = self.wake(group, raft);
-        let recently = self.woken_at(group).is_some_and(|at| at.elapsed() < self.lease);
-        if !woke && !recently {
+        self.wake(group, raft);
+        // Woken just now or within the lease (a wake-up sets `woken`): its raft lease may be stale.
+        if self.woken_at(group).is_none_or(|at| at.elapsed() >= self.lease) {
             return;
         }
         let lease = self.lease;

@@ -118,6 +118,16 @@ pub fn values(batch: &keel_record::Batch) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// Starts nodes 1..=n on loopback, each on a fresh `FileDisk` under `dir/node-<id>`.
+pub async fn start_nodes(dir: &std::path::Path, cfg: &ClusterConfig, n: u64) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=n {
+        let disk: Arc<dyn Disk> = Arc::new(keel_storage::FileDisk::new());
+        nodes.push(TestNode::start(id, "127.0.0.1:0", disk, dir.join(format!("node-{id}")), cfg).await);
+    }
+    nodes
+}
+
 pub fn members(nodes: &[&TestNode]) -> BTreeMap<NodeId, Node> {
     nodes.iter().map(|n| (n.id, Node { addr: n.addr.clone() })).collect()
 }

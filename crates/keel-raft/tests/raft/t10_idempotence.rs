@@ -45,11 +45,7 @@ fn refusal(r: Result<Appended, AppendError>) -> ProducerRefusal {
 async fn retries_are_written_once_across_a_leader_crash() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = ClusterConfig::default();
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let disk: Arc<dyn Disk> = Arc::new(FileDisk::new());
-        nodes.push(TestNode::start(id, "127.0.0.1:0", disk, tmp.path().join(format!("node-{id}")), &cfg).await);
-    }
+    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
     for n in &nodes {
         n.node.open_group(GROUP).await.unwrap();
     }

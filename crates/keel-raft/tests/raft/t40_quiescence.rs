@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_storage::{Disk, FileDisk};
-
-use crate::common::{ClusterConfig, TestNode, append, batch, members, read_all, wait_high_watermark, wait_leader};
+use crate::common::{
+    ClusterConfig, TestNode, append, batch, members, read_all, start_nodes, wait_high_watermark, wait_leader,
+};
 
 const GROUPS: u64 = 12;
 
@@ -29,11 +29,7 @@ async fn wait_quiescent(nodes: &[&TestNode], what: &str) {
 async fn idle_groups_quiesce_wake_for_writes_and_fail_over() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = ClusterConfig::default();
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let disk: Arc<dyn Disk> = Arc::new(FileDisk::new());
-        nodes.push(TestNode::start(id, "127.0.0.1:0", disk, tmp.path().join(format!("node-{id}")), &cfg).await);
-    }
+    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
     for n in &nodes {
         for g in 1..=GROUPS {
             n.node.open_group(g).await.unwrap();

@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use keel_record::{BatchBuilder, NewRecord};
-use keel_storage::{Disk, FileDisk};
 
 const GROUP: u64 = 12;
 
@@ -31,11 +30,7 @@ fn mebibyte_batch(tag: u64) -> Bytes {
 async fn a_follower_further_behind_than_one_rpc_catches_up() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = ClusterConfig::default();
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let disk: Arc<dyn Disk> = Arc::new(FileDisk::new());
-        nodes.push(TestNode::start(id, "127.0.0.1:0", disk, tmp.path().join(format!("node-{id}")), &cfg).await);
-    }
+    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
     for n in &nodes {
         n.node.open_group(GROUP).await.unwrap();
     }
@@ -79,11 +74,7 @@ async fn a_leader_without_its_quorum_steps_down() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = ClusterConfig::default();
     let lease = Duration::from_millis(cfg.timings.election_max_ms);
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let disk: Arc<dyn Disk> = Arc::new(FileDisk::new());
-        nodes.push(TestNode::start(id, "127.0.0.1:0", disk, tmp.path().join(format!("node-{id}")), &cfg).await);
-    }
+    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
     for n in &nodes {
         n.node.open_group(GROUP).await.unwrap();
     }
