@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use keel_proto::v1 as pb;
 use keel_raft::types::{Raft, ReadPolicy};
 use keel_raft::{AppendError, Connector, Faults, GroupId, IoMode, Node, NodeConfig, NodeId, RaftNode};
@@ -58,6 +59,9 @@ const HOPS_MAX: u32 = 2;
 
 /// Bytes of a node key.
 const NODE_KEY_BYTES: usize = 32;
+
+/// Partitions a node opens at once when the metadata assigns it new ones.
+const GROUPS_OPENING_MAX: usize = 4;
 
 /// A running node; clones share it.
 #[derive(Clone)]
@@ -1263,17 +1267,24 @@ impl Inner {
         }
         let wanted = meta.groups_of(me);
         let open = self.node.group_ids();
-        for (group, (topic_name, partition, topic)) in &wanted {
-            if open.contains(group) {
-                continue;
-            }
-            let log = self.log_config(topic);
-            let span = info_span!("partition", topic = topic_name, partition, group);
-            match self.node.open_group_with(*group, log).instrument(span).await {
-                Ok(()) => {
-                    let replicas = topic.partitions[*partition as usize].replicas.clone();
-                    self.spawn("group-init", Arc::clone(self).ensure_initialized(*group, replicas));
-                }
+        // Several at a time: each open waits for the disk (creating a partition syncs files and
+        // directories), and one at a time made creating 3,000 partitions take 20 s per node.
+        let opening: Vec<(GroupId, Vec<NodeId>, LogConfig, tracing::Span)> = wanted
+            .iter()
+            .filter(|(group, _)| !open.contains(*group))
+            .map(|(group, (topic_name, partition, topic))| {
+                let replicas = topic.partitions[*partition as usize].replicas.clone();
+                let span = info_span!("partition", topic = topic_name, partition, group);
+                (*group, replicas, self.log_config(topic), span)
+            })
+            .collect();
+        let opening = opening.into_iter().map(|(group, replicas, log, span)| async move {
+            (group, replicas, self.node.open_group_with(group, log).instrument(span).await)
+        });
+        let mut opened = futures_util::stream::iter(opening).buffer_unordered(GROUPS_OPENING_MAX);
+        while let Some((group, replicas, result)) = opened.next().await {
+            match result {
+                Ok(()) => self.spawn("group-init", Arc::clone(self).ensure_initialized(group, replicas)),
                 Err(e) => warn!(group, error = %e, "opening a partition failed"),
             }
         }

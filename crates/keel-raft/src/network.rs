@@ -98,6 +98,8 @@ struct Peer {
     client: Option<RaftClient<Channel>>,
     failures: u32,
     retry_at: Option<tokio::time::Instant>,
+    /// When the current connection last delivered an answer.
+    answered: Option<tokio::time::Instant>,
 }
 
 /// This node's connections to its peers, shared by every raft group on the node.
@@ -130,10 +132,12 @@ impl Peers {
             client: None,
             failures: 0,
             retry_at: None,
+            answered: None,
         });
         if peer.addr != addr {
             peer.addr = addr.to_owned();
             peer.client = None;
+            peer.answered = None;
         }
     }
 
@@ -181,6 +185,7 @@ impl Peers {
         let mut peers = self.lock();
         if let Some(peer) = peers.get_mut(&target) {
             peer.client = None;
+            peer.answered = None;
             peer.failures = peer.failures.saturating_add(1);
             let shift = peer.failures.min(16) - 1;
             let wait = self.inner.config.backoff_min.saturating_mul(1 << shift).min(self.inner.config.backoff_max);
@@ -193,6 +198,27 @@ impl Peers {
         if let Some(peer) = self.lock().get_mut(&target) {
             peer.failures = 0;
             peer.retry_at = None;
+            peer.answered = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// The peer answered (with an error status): its connection works.
+    fn answered(&self, target: NodeId) {
+        if let Some(peer) = self.lock().get_mut(&target) {
+            peer.answered = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// An RPC sent at `sent` got no answer in time. The connection is dropped only if nothing
+    /// at all came back on it since: a stuck stream (a simulated connection that lost a packet
+    /// never recovers) answers nothing, while a peer that is merely slow for one group keeps
+    /// answering the others. Dropping and backing off the connection that thousands of groups
+    /// share because one of their RPCs was late turned a busy moment into every group on the
+    /// peer failing at once, campaigning, and a busier moment (found creating 10,000 partitions).
+    fn timed_out(&self, target: NodeId, sent: tokio::time::Instant) {
+        let alive = self.lock().get(&target).is_some_and(|p| p.answered.is_some_and(|at| at >= sent));
+        if !alive {
+            self.failed(target, "deadline");
         }
     }
 
@@ -204,6 +230,7 @@ impl Peers {
     {
         let client = self.client(target)?;
         let deadline = self.inner.config.rpc_timeout.min(option.hard_ttl());
+        let sent = tokio::time::Instant::now();
         match tokio::time::timeout(deadline, rpc(client)).await {
             Ok(Ok(response)) => {
                 self.succeeded(target);
@@ -220,11 +247,12 @@ impl Peers {
                     self.failed(target, status.message());
                     Err(RPCError::Unreachable(Unreachable::new(&NetError(format!("node {target}: {status}")))))
                 } else {
+                    self.answered(target);
                     Err(RPCError::Network(NetworkError::new(&NetError(format!("node {target}: {status}")))))
                 }
             }
             Err(_) => {
-                self.failed(target, "deadline");
+                self.timed_out(target, sent);
                 Err(RPCError::Unreachable(Unreachable::new(&NetError(format!(
                     "node {target}: no answer within {deadline:?}"
                 )))))

@@ -193,6 +193,9 @@ pub enum NodeError {
     /// The group is not hosted here.
     #[error("raft group {0} is not hosted on this node")]
     UnknownGroup(GroupId),
+    /// Another call is opening the group right now.
+    #[error("raft group {0} is being opened")]
+    Opening(GroupId),
 }
 
 /// One node: its raft groups, their storage, and its connections to peers.
@@ -202,6 +205,8 @@ pub struct RaftNode {
     peers: Peers,
     groups: Groups,
     stores: Mutex<BTreeMap<GroupId, PartitionStore>>,
+    /// Groups whose storage is being opened (it awaits the disk): never two stores on one dir.
+    opening: Mutex<BTreeSet<GroupId>>,
     /// Advances per group started, so every group draws its own election timeouts.
     seed: Mutex<u64>,
     faults: Mutex<Faults>,
@@ -243,6 +248,7 @@ impl RaftNode {
             seed,
             faults: Mutex::new(Faults::default()),
             step_down_started: AtomicBool::new(false),
+            opening: Mutex::new(BTreeSet::new()),
             sequencers: Mutex::new(BTreeMap::new()),
             producer_limits: Mutex::new(ProducerLimits::default()),
             flush_observer: Mutex::new(None),
@@ -316,15 +322,38 @@ impl RaftNode {
         if self.groups.get(group).is_ok() {
             return Ok(());
         }
+        if !self.opening.lock().unwrap_or_else(|e| e.into_inner()).insert(group) {
+            return Err(NodeError::Opening(group));
+        }
+        // Cleared however this ends, a cancelled open included.
+        struct Opening<'a>(&'a Mutex<BTreeSet<GroupId>>, GroupId);
+        impl Drop for Opening<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let _opening = Opening(&self.opening, group);
+        self.open_new_group(group, log).await
+    }
+
+    async fn open_new_group(&self, group: GroupId, log: LogConfig) -> Result<(), NodeError> {
         let dir = self.group_dir(group);
         let faults = *self.faults.lock().unwrap_or_else(|e| e.into_inner());
         let node_flusher = (self.config.flush == FlushScope::Node).then(|| {
             let start = || NodeFlusher::start(Arc::clone(&self.disk), self.config.data_dir.clone(), self.config.io);
             Arc::clone(self.node_flusher.get_or_init(start))
         });
-        let store =
-            PartitionStore::open_on_node(Arc::clone(&self.disk), dir, log, self.config.io, faults, node_flusher)
-                .map_err(|source| NodeError::Storage { group, source })?;
+        let (disk, io) = (Arc::clone(&self.disk), self.config.io);
+        let open = move || PartitionStore::open_on_node(disk, dir, log, io, faults, node_flusher);
+        // Opening reads (or creates and syncs) files: off the async workers in production, so
+        // that a node opening thousands of partitions keeps serving the ones it has.
+        let store = match io {
+            IoMode::Inline => open(),
+            IoMode::Blocking => tokio::task::spawn_blocking(open)
+                .await
+                .map_err(|e| NodeError::Storage { group, source: std::io::Error::other(e.to_string()) })?,
+        }
+        .map_err(|source| NodeError::Storage { group, source })?;
         store.set_producer_limits(*self.producer_limits.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(observer) = self.flush_observer.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             store.set_flush_observer(observer);
@@ -339,12 +368,14 @@ impl RaftNode {
         let span = info_span!("group", node = self.config.node_id, group);
         // openraft draws election timeouts from the runtime's RNG, seeded in this scope and
         // inherited by every task the raft core spawns.
+        let blank = store.is_blank();
         let raft = Runtime::scope(
             seed,
             Raft::new(self.config.node_id, config, network, store.log_store(), store.state_machine()).instrument(span),
         )
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+        self.quiescence.open_dormant(group, &raft, blank);
         self.groups.insert(group, raft);
         self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(group, store);
         info!(node = self.config.node_id, group, "group opened");
@@ -408,6 +439,7 @@ impl RaftNode {
         for (id, node) in &members {
             self.peers.set_addr(*id, &node.addr);
         }
+        self.quiescence.wake(group, &raft);
         match raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(e) if matches!(e.api_error(), Some(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
@@ -596,6 +628,12 @@ impl RaftNode {
     /// Whether a group is quiescent on this node.
     pub fn is_quiescent(&self, group: GroupId) -> bool {
         self.quiescence.is_quiescent(group)
+    }
+
+    /// Whether a group opened blank here still waits, ticker off, to be initialized or to hear
+    /// from a member.
+    pub fn is_dormant(&self, group: GroupId) -> bool {
+        self.quiescence.is_dormant(group)
     }
 
     /// Groups hosted here.

@@ -56,6 +56,10 @@ enum State {
     Leader { voters: Vec<NodeId> },
     /// Quiescent, following `leader`.
     Follower { leader: NodeId },
+    /// Never initialized here: no vote, no log, no membership, so nothing to time. A new
+    /// partition's replicas wait like this for its first replica's election; ticking them all
+    /// at once was most of the cost of creating thousands of partitions.
+    Dormant,
 }
 
 /// What to do with a vote request that reached a group.
@@ -127,6 +131,22 @@ impl Quiescence {
         lock(&self.groups).remove(&group);
     }
 
+    /// A group just opened whose store is blank (nothing written, never voted): its ticker
+    /// stops until it is initialized here or hears from a member, which wakes it as a quiescent
+    /// group. (Not decided from openraft's metrics: right after `Raft::new` they still show the
+    /// defaults, whatever the store holds.)
+    pub(crate) fn open_dormant(&self, group: GroupId, raft: &Raft, blank: bool) {
+        if self.enabled && blank {
+            lock(&self.groups).insert(group, State::Dormant);
+            raft.runtime_config().tick(false);
+        }
+    }
+
+    /// Whether a group waits blank here, ticker off.
+    pub(crate) fn is_dormant(&self, group: GroupId) -> bool {
+        matches!(lock(&self.groups).get(&group), Some(State::Dormant))
+    }
+
     /// Whether a group is quiescent here.
     pub(crate) fn is_quiescent(&self, group: GroupId) -> bool {
         matches!(lock(&self.groups).get(&group), Some(State::Leader { .. } | State::Follower { .. }))
@@ -187,7 +207,7 @@ impl Quiescence {
     /// Leaves quiescence (ticker on). Returns whether it was quiescent.
     pub(crate) fn wake(&self, group: GroupId, raft: &Raft) -> bool {
         let mut groups = lock(&self.groups);
-        let was = matches!(groups.get(&group), Some(State::Leader { .. } | State::Follower { .. }));
+        let was = matches!(groups.get(&group), Some(State::Leader { .. } | State::Follower { .. } | State::Dormant));
         if was {
             groups.insert(group, State::Active { idle: None, woken: Some(Instant::now()) });
             raft.runtime_config().tick(true);
@@ -269,6 +289,10 @@ impl Quiescence {
                 if candidate != leader && self.alive(leader) {
                     return VoteAction::Refuse;
                 }
+                self.wake(group, raft);
+                VoteAction::Pass
+            }
+            Some(State::Dormant) => {
                 self.wake(group, raft);
                 VoteAction::Pass
             }
@@ -375,7 +399,7 @@ fn wake_stale(q: &Quiescence, all: &Groups) {
         let wake = match state {
             State::Leader { voters } => !q.node_quorum(&voters),
             State::Follower { leader } => !q.alive(leader),
-            State::Active { .. } => false,
+            State::Active { .. } | State::Dormant => false,
         };
         if wake && q.wake(group, &raft) {
             info!(group, "quiescent group woken: a node it needs is not heard from");

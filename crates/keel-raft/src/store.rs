@@ -299,6 +299,16 @@ impl PartitionStore {
         Ok(PartitionStore { shared })
     }
 
+    /// Whether this replica holds nothing at all: no vote, no log entry, no snapshot (a
+    /// partition just created here, never initialized nor contacted).
+    pub fn is_blank(&self) -> bool {
+        let s = &self.shared;
+        lock(&s.vote).is_none()
+            && lock(&s.log).written().index == 0
+            && lock(&s.last_purged).is_none()
+            && lock(&s.sm).snapshot.is_none()
+    }
+
     /// openraft's log storage for this partition.
     pub fn log_store(&self) -> LogStore {
         LogStore { shared: Arc::clone(&self.shared) }

@@ -36,6 +36,8 @@ async fn idle_groups_quiesce_wake_for_writes_and_fail_over() {
         }
     }
     let refs: Vec<&TestNode> = nodes.iter().collect();
+    // Blank groups wait without ticking until they are initialized or contacted.
+    assert!(refs.iter().all(|n| (1..=GROUPS).all(|g| n.node.is_dormant(g))), "blank groups are dormant");
     for g in 1..=GROUPS {
         refs[(g % 3) as usize].node.initialize_group(g, members(&refs)).await.unwrap();
     }
@@ -93,6 +95,52 @@ async fn idle_groups_quiesce_wake_for_writes_and_fail_over() {
         assert!(all.iter().all(|a| a == &all[0]), "group {g}: replicas agree");
         let expect = 2 + u64::from(g == 1) + u64::from(led.contains(&g));
         assert_eq!(all[0].len() as u64, expect, "group {g}: every acknowledged record, once");
+    }
+    for n in &mut nodes {
+        n.stop(false).await;
+    }
+}
+
+/// A group with anything on disk is never dormant: after a whole-cluster restart no replica
+/// would tick, and no group would ever elect a leader again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_elect_after_a_whole_cluster_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig::default();
+    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
+    const FEW: u64 = 4;
+    for n in &nodes {
+        for g in 1..=FEW {
+            n.node.open_group(g).await.unwrap();
+        }
+    }
+    {
+        let refs: Vec<&TestNode> = nodes.iter().collect();
+        for g in 1..=FEW {
+            refs[(g % 3) as usize].node.initialize_group(g, members(&refs)).await.unwrap();
+            wait_leader(&refs, g).await;
+            append(&refs, g, batch(g * 100, 1)).await.unwrap();
+            for n in &refs {
+                wait_high_watermark(n, g, 1).await;
+            }
+        }
+    }
+    for n in &mut nodes {
+        n.stop(false).await;
+    }
+    for n in &mut nodes {
+        let (id, addr, disk, dir) = (n.id, n.addr.clone(), Arc::clone(&n.disk), n.dir.clone());
+        *n = TestNode::start(id, &addr, disk, dir, &cfg).await;
+        for g in 1..=FEW {
+            n.node.open_group(g).await.unwrap();
+            assert!(!n.node.is_dormant(g), "node {id} group {g}: it has a log, so it times elections");
+        }
+    }
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    for g in 1..=FEW {
+        wait_leader(&refs, g).await;
+        let appended = append(&refs, g, batch(g * 100 + 1, 1)).await.unwrap();
+        assert_eq!(appended.base_offset, 1, "group {g}: the record written before the restart is kept");
     }
     for n in &mut nodes {
         n.stop(false).await;
