@@ -14,6 +14,7 @@ mod dev_control;
 mod dlq;
 mod group;
 mod health;
+mod partition;
 mod procstat;
 mod server;
 mod tools;
@@ -96,6 +97,13 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
+    /// Partitions: `keel partition move TOPIC/P --replicas a,b,c`.
+    Partition {
+        #[command(subcommand)]
+        command: partition::PartitionCommand,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
     /// The cluster's health.
     Cluster {
         #[command(subcommand)]
@@ -158,6 +166,7 @@ fn main() -> std::process::ExitCode {
         Command::CancelDelayed { ids, connection } => tools::cancel_delayed(ids, &connection, cli.output),
         Command::Group { command, connection } => group::run(command, &connection, cli.output),
         Command::Dlq { command, connection } => dlq::run(command, &connection, cli.output),
+        Command::Partition { command, connection } => partition::run(command, &connection, cli.output),
         Command::Audit { args, connection } => match audit::run(args, &connection, cli.output) {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::FAILURE,

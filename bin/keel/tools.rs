@@ -446,6 +446,11 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
     let view = runtime()?.block_on(admin.describe_cluster())?;
     let unreachable: Vec<u64> = view.nodes.iter().filter(|n| !n.reachable).map(|n| n.node_id).collect();
     let partitions: usize = view.topics.iter().map(|t| t.partitions.len()).sum();
+    let moving: Vec<(&str, &keel_proto::v1::PartitionDescription)> = view
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().filter(|p| !p.moving_to.is_empty()).map(|p| (t.name.as_str(), p)))
+        .collect();
     let mut problems = Vec::new();
     if view.controller_leader.is_none() {
         problems.push("the metadata controller has no leader".to_owned());
@@ -475,6 +480,10 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
                 "partitions": partitions,
                 "leaderless": view.leaderless,
                 "under_replicated": view.under_replicated,
+                "moves": moving.iter().map(|(topic, p)| json!({
+                    "topic": topic, "partition": p.partition, "replicas": p.replicas,
+                    "moving_to": p.moving_to, "in_sync": p.in_sync, "leader": p.leader_id,
+                })).collect::<Vec<_>>(),
             })
         ),
         Output::Text => {
@@ -501,6 +510,20 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
                 view.leaderless,
                 view.under_replicated
             );
+            if !moving.is_empty() {
+                let mut moves = crate::tools::table();
+                moves.set_header(["moving", "from", "to", "in sync", "leader"]);
+                for (topic, p) in &moving {
+                    moves.add_row([
+                        format!("{topic}/{}", p.partition),
+                        ids(&p.replicas),
+                        ids(&p.moving_to),
+                        ids(&p.in_sync),
+                        p.leader_id.map_or("-".to_owned(), |l| l.to_string()),
+                    ]);
+                }
+                println!("{moves}");
+            }
             if healthy {
                 println!("healthy");
             } else {

@@ -265,6 +265,7 @@ impl Broker {
         inner.spawn("register", Arc::clone(&inner).register());
         inner.spawn("retention", Arc::clone(&inner).retention_loop());
         inner.spawn("leader-balance", Arc::clone(&inner).leader_balance_loop());
+        inner.spawn("moves", Arc::clone(&inner).move_loop());
         Ok(Broker { inner })
     }
 
@@ -1012,7 +1013,7 @@ impl Inner {
     /// Whether the command at `offset` (committed and applied here) was applied or refused,
     /// found by replaying the committed records from `before` (the metadata it was planned
     /// from) up to it. The latest metadata cannot tell: it may include other commands since.
-    fn outcome_at(&self, before: &Metadata, offset: u64) -> Result<Option<MetaError>, Status> {
+    pub(crate) fn outcome_at(&self, before: &Metadata, offset: u64) -> Result<Option<MetaError>, Status> {
         let store = self.node.store(META_GROUP).map_err(|_| not_leader("the metadata log", None))?;
         let mut replayed = before.clone();
         while replayed.applied_offset <= offset {
@@ -1269,11 +1270,14 @@ impl Inner {
         let open = self.node.group_ids();
         // Several at a time: each open waits for the disk (creating a partition syncs files and
         // directories), and one at a time made creating 3,000 partitions take 20 s per node.
-        let opening: Vec<(GroupId, Vec<NodeId>, LogConfig, tracing::Span)> = wanted
+        let opening: Vec<(GroupId, Option<Vec<NodeId>>, LogConfig, tracing::Span)> = wanted
             .iter()
             .filter(|(group, _)| !open.contains(*group))
             .map(|(group, (topic_name, partition, topic))| {
-                let replicas = topic.partitions[*partition as usize].replicas.clone();
+                let p = &topic.partitions[*partition as usize];
+                // A replica a move brings in joins through the leader: initialising it alone
+                // would start a second group under the same id.
+                let replicas = p.initialisable().then(|| p.replicas.clone());
                 let span = info_span!("partition", topic = topic_name, partition, group);
                 (*group, replicas, self.log_config(topic), span)
             })
@@ -1284,7 +1288,11 @@ impl Inner {
         let mut opened = futures_util::stream::iter(opening).buffer_unordered(GROUPS_OPENING_MAX);
         while let Some((group, replicas, result)) = opened.next().await {
             match result {
-                Ok(()) => self.spawn("group-init", Arc::clone(self).ensure_initialized(group, replicas)),
+                Ok(()) => {
+                    if let Some(replicas) = replicas {
+                        self.spawn("group-init", Arc::clone(self).ensure_initialized(group, replicas));
+                    }
+                }
                 Err(e) => warn!(group, error = %e, "opening a partition failed"),
             }
         }
@@ -1359,7 +1367,12 @@ impl Inner {
             tokio::time::sleep(interval).await;
             let meta = self.metadata();
             for (group, (_, partition, topic)) in meta.groups_of(me) {
-                let preferred = topic.partitions[partition as usize].replicas[0];
+                let p = &topic.partitions[partition as usize];
+                // Mid-move the driver decides who leads (a leader it removes steps down itself).
+                if p.target.is_some() {
+                    continue;
+                }
+                let preferred = p.replicas[0];
                 if preferred == me {
                     continue;
                 }

@@ -31,6 +31,7 @@ pub mod metadata;
 pub mod metrics;
 mod metrics_groups;
 mod metrics_http;
+mod moves;
 pub mod producer_ids;
 mod publisher;
 pub mod quota;

@@ -86,6 +86,29 @@ pub struct Partition {
     pub group: GroupId,
     /// Node ids of the replicas; the first is the preferred leader.
     pub replicas: Vec<NodeId>,
+    /// The replicas a move in progress goes to (`keel partition move`): every node of both
+    /// sets hosts the partition until the group's leader has made `target` its voters and the
+    /// controller recorded [`Command::FinishMove`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<NodeId>>,
+    /// Moves finished so far. A partition that was ever moved is never initialised again: a
+    /// replica that joins it blank must be brought in by the leader, never start a group alone.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub moves: u32,
+}
+
+impl Partition {
+    /// Every node that hosts the partition: its replicas and, during a move, its target.
+    pub fn hosts(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let target = self.target.iter().flatten().filter(|n| !self.replicas.contains(n));
+        self.replicas.iter().chain(target).copied()
+    }
+
+    /// Whether a replica may initialise the group's first membership: only the replicas it was
+    /// created with, before it was ever moved.
+    pub fn initialisable(&self) -> bool {
+        self.moves == 0 && self.target.is_none()
+    }
 }
 
 /// A topic.
@@ -196,6 +219,28 @@ pub enum Command {
     RemoveAcl {
         /// The rule.
         rule: crate::acl::AclRule,
+    },
+    /// Starts moving a partition to other replicas. Applied only if the partition's replicas are
+    /// still `from` and no move is in progress, so a stale or repeated proposal changes nothing.
+    MovePartition {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Its replicas when the move was planned.
+        from: Vec<NodeId>,
+        /// Where it goes (the first is the preferred leader).
+        to: Vec<NodeId>,
+    },
+    /// Records a finished move: the group's voters are `to`, so they become the replicas and the
+    /// others drop their copy. Applied only if `to` is the move's target.
+    FinishMove {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The target the group's voters now are.
+        to: Vec<NodeId>,
     },
 }
 
@@ -394,6 +439,39 @@ impl Metadata {
                 }
                 Ok(())
             }
+            Command::MovePartition { topic, partition, from, to } => {
+                self.check_move(topic, *partition, to)?;
+                let current = self.partition(topic, *partition)?;
+                if let Some(target) = &current.target {
+                    // Redirecting would strand a replica the first move already made a voter: it
+                    // would drop its copy while the group still counts on it.
+                    return Err(MetaError::Precondition(format!(
+                        "{topic}/{partition} is moving to {target:?} already; a partition moves once at a time"
+                    )));
+                }
+                if current.replicas != *from {
+                    return Err(MetaError::Precondition(format!(
+                        "{topic}/{partition} has replicas {:?}, not the {from:?} this move was planned from",
+                        current.replicas
+                    )));
+                }
+                let target = (current.replicas != *to).then(|| to.clone());
+                self.partition_mut(topic, *partition)?.target = target;
+                Ok(())
+            }
+            Command::FinishMove { topic, partition, to } => {
+                let current = self.partition_mut(topic, *partition)?;
+                if current.target.as_ref() != Some(to) {
+                    return Err(MetaError::Precondition(format!(
+                        "{topic}/{partition} is not moving to {to:?} (target {:?})",
+                        current.target
+                    )));
+                }
+                current.replicas = to.clone();
+                current.target = None;
+                current.moves = current.moves.saturating_add(1);
+                Ok(())
+            }
             Command::AllocateProducerIds { first, count } => {
                 if *count == 0 || *count > PRODUCER_IDS_PER_ALLOCATION_MAX {
                     return Err(MetaError::Invalid(format!(
@@ -483,7 +561,7 @@ impl Metadata {
             .map(|replicas| {
                 let group = self.next_group;
                 self.next_group += 1;
-                Partition { group, replicas: replicas.clone() }
+                Partition { group, replicas: replicas.clone(), target: None, moves: 0 }
             })
             .collect()
     }
@@ -510,6 +588,40 @@ impl Metadata {
             }
         }
         Ok(())
+    }
+
+    /// Checks that `topic`/`partition` may move to `to`: as many distinct, registered nodes as
+    /// the topic's replication factor (a move never changes how many copies there are).
+    pub fn check_move(&self, topic: &str, partition: u32, to: &[NodeId]) -> Result<(), MetaError> {
+        let t = self.topics.get(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
+        self.partition(topic, partition)?;
+        if to.len() != t.replication_factor as usize {
+            return Err(MetaError::Invalid(format!(
+                "{topic} has replication factor {}; a move names that many replicas, not {}",
+                t.replication_factor,
+                to.len()
+            )));
+        }
+        self.check_assignment(&[to.to_vec()], t.replication_factor)
+    }
+
+    fn partition_mut(&mut self, topic: &str, partition: u32) -> Result<&mut Partition, MetaError> {
+        let t = self.topics.get_mut(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
+        let count = t.partitions.len();
+        t.partitions.get_mut(partition as usize).ok_or_else(|| {
+            MetaError::Invalid(format!("topic {topic:?} has {count} partitions; {partition} is not one"))
+        })
+    }
+
+    /// Partitions with a move in progress: (topic, partition, the partition).
+    pub fn moving(&self) -> impl Iterator<Item = (&str, u32, &Partition)> + '_ {
+        self.topics.iter().flat_map(|(name, t)| {
+            t.partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.target.is_some())
+                .map(|(i, p)| (name.as_str(), i as u32, p))
+        })
     }
 
     /// The partitions of `__consumer_offsets`, once the controller created it.
@@ -540,12 +652,13 @@ impl Metadata {
         })
     }
 
-    /// Every (group, replicas) hosted by `node`, excluding the metadata group.
+    /// Every group hosted by `node` (a replica, or the target of a move), excluding the metadata
+    /// group.
     pub fn groups_of(&self, node: NodeId) -> BTreeMap<GroupId, (&str, u32, &Topic)> {
         let mut out = BTreeMap::new();
         for (name, topic) in &self.topics {
             for (i, p) in topic.partitions.iter().enumerate() {
-                if p.replicas.contains(&node) {
+                if p.hosts().any(|n| n == node) {
                     out.insert(p.group, (name.as_str(), i as u32, topic));
                 }
             }
@@ -654,6 +767,10 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+fn is_zero32(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Checks a stable producer identity: 1 to `PRODUCER_IDENTITY_BYTES_MAX` bytes, no control
 /// characters (it is printed in logs and listings).
 pub fn validate_producer_identity(identity: &str) -> Result<(), MetaError> {
@@ -715,6 +832,64 @@ mod tests {
                 assignment,
             },
         )
+    }
+
+    fn apply_next(m: &mut Metadata, command: Command) -> Result<(), MetaError> {
+        let offset = m.applied_offset;
+        m.apply(offset, &command)
+    }
+
+    fn move_to(from: &[NodeId], to: &[NodeId]) -> Command {
+        Command::MovePartition { topic: "a".into(), partition: 0, from: from.to_vec(), to: to.to_vec() }
+    }
+
+    #[test]
+    fn a_move_is_recorded_once_and_finishes_only_as_planned() {
+        let mut m = cluster(4);
+        create(&mut m, "a", 1, 3).unwrap();
+        let from = m.partition("a", 0).unwrap().replicas.clone();
+        let spare = (1..=4).find(|n| !from.contains(n)).unwrap();
+        let to = vec![spare, from[1], from[2]];
+        assert!(m.partition("a", 0).unwrap().initialisable());
+
+        // Refused moves change nothing but the applied offset.
+        let before = m.clone();
+        for bad in [
+            move_to(&from, &[spare, from[1]]),
+            move_to(&from, &[spare, spare, from[1]]),
+            move_to(&from, &[9, from[1], from[2]]),
+            move_to(&[from[1], from[0], from[2]], &to),
+            Command::MovePartition { topic: "nope".into(), partition: 0, from: from.clone(), to: to.clone() },
+            Command::MovePartition { topic: "a".into(), partition: 1, from: from.clone(), to: to.clone() },
+            Command::FinishMove { topic: "a".into(), partition: 0, to: to.clone() },
+        ] {
+            assert!(apply_next(&mut m, bad.clone()).is_err(), "{bad:?}");
+            assert_eq!(Metadata { applied_offset: before.applied_offset, ..m.clone() }, before, "{bad:?}");
+            m.applied_offset = before.applied_offset;
+        }
+
+        apply_next(&mut m, move_to(&from, &to)).unwrap();
+        let p = m.partition("a", 0).unwrap().clone();
+        assert_eq!((p.replicas.clone(), p.target.clone()), (from.clone(), Some(to.clone())));
+        assert!(!p.initialisable(), "a replica a move brings in must not initialise the group alone");
+        // Every node of both sets hosts the partition until the move finishes.
+        for n in 1..=4 {
+            assert!(m.groups_of(n).contains_key(&p.group), "node {n}");
+        }
+        // Once at a time: the same proposal again, or another target, is refused.
+        assert!(apply_next(&mut m, move_to(&from, &to)).is_err());
+        assert!(apply_next(&mut m, move_to(&from, &[from[0], spare, from[2]])).is_err());
+        assert!(apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: 0, to: from.clone() }).is_err());
+
+        apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: 0, to: to.clone() }).unwrap();
+        let p = m.partition("a", 0).unwrap().clone();
+        assert_eq!((p.replicas.clone(), p.target.clone(), p.moves), (to.clone(), None, 1));
+        assert!(!m.groups_of(from[0]).contains_key(&p.group), "the replica moved off drops the partition");
+        assert!(!p.initialisable(), "a moved partition is never initialised again");
+        // A finish applied twice is refused (the controller answers a repeat before proposing).
+        assert!(apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: 0, to }).is_err());
+        // Moving back is a move like any other.
+        apply_next(&mut m, move_to(&p.replicas, &from)).unwrap();
     }
 
     #[test]

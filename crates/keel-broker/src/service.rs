@@ -438,25 +438,29 @@ impl Api {
         }
     }
 
+    fn describe_partition(
+        &self,
+        partition: u32,
+        p: &metadata::Partition,
+        status: &Statuses,
+    ) -> pb::PartitionDescription {
+        let s = status.get(&p.group);
+        let leader_id = s.and_then(|s| s.leader);
+        pb::PartitionDescription {
+            partition,
+            replicas: p.replicas.clone(),
+            leader_id,
+            leader_addr: leader_id.and_then(|l| self.inner.addr_of(l)).unwrap_or_default(),
+            high_watermark: s.map_or(0, |s| s.high_watermark),
+            log_start_offset: s.map_or(0, |s| s.log_start_offset),
+            in_sync: s.map(|s| s.in_sync.clone()).unwrap_or_default(),
+            moving_to: p.target.clone().unwrap_or_default(),
+        }
+    }
+
     fn describe(&self, name: &str, topic: &Topic, status: &Statuses) -> pb::TopicDescription {
-        let partitions = topic
-            .partitions
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let s = status.get(&p.group);
-                let leader_id = s.and_then(|s| s.leader);
-                pb::PartitionDescription {
-                    partition: i as u32,
-                    replicas: p.replicas.clone(),
-                    leader_id,
-                    leader_addr: leader_id.and_then(|l| self.inner.addr_of(l)).unwrap_or_default(),
-                    high_watermark: s.map_or(0, |s| s.high_watermark),
-                    log_start_offset: s.map_or(0, |s| s.log_start_offset),
-                    in_sync: s.map(|s| s.in_sync.clone()).unwrap_or_default(),
-                }
-            })
-            .collect();
+        let partitions =
+            topic.partitions.iter().enumerate().map(|(i, p)| self.describe_partition(i as u32, p, status)).collect();
         pb::TopicDescription {
             name: name.to_owned(),
             replication_factor: topic.replication_factor,
@@ -1199,6 +1203,33 @@ impl pb::admin_server::Admin for Api {
         self.audit_partition(request).instrument(span).await.map(Response::new)
     }
 
+    async fn move_partition(
+        &self,
+        request: Request<pb::MovePartitionRequest>,
+    ) -> Result<Response<pb::MovePartitionResponse>, Status> {
+        self.allow(&request, Resource::Cluster, Operation::Admin)?;
+        let r = request.get_ref();
+        if r.topic.is_empty() {
+            return Err(Status::invalid_argument("topic name must not be empty"));
+        }
+        self.inner.check_serving()?;
+        // Checked here too, so a bad request is refused without a trip to the controller.
+        self.inner.metadata().check_move(&r.topic, r.partition, &r.replicas).map_err(crate::error::meta_status)?;
+        if !self.inner.leads_meta() {
+            let hops = hops(&request);
+            let (topic, partition, to) = (r.topic.clone(), r.partition, r.replicas.clone());
+            let call = |channel, request| async move { AdminClient::new(channel).move_partition(request).await };
+            let applied = move |m: &Metadata, _: &pb::MovePartitionResponse| {
+                m.partition(&topic, partition).is_ok_and(|p| p.replicas == to || p.target.as_ref() == Some(&to))
+            };
+            return self.forward_admin(request, hops, call, applied).await;
+        }
+        let r = request.into_inner();
+        let p = self.inner.move_partition(&r.topic, r.partition, r.replicas).await?;
+        let description = self.describe_partition(r.partition, &p, &Statuses::new());
+        Ok(Response::new(pb::MovePartitionResponse { partition: Some(description) }))
+    }
+
     async fn add_acl(&self, request: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
         self.allow(&request, Resource::Cluster, Operation::Admin)?;
         let rule = acl_from_pb(request.get_ref().rule.as_ref())?;
@@ -1328,6 +1359,16 @@ impl pb::controller_server::Controller for Api {
         self.inner.register_node(request.into_inner(), hops).await?;
         let cluster_id = self.inner.metadata().cluster_id.clone().unwrap_or_default();
         Ok(Response::new(pb::RegisterNodeResponse { cluster_id }))
+    }
+
+    async fn finish_move(
+        &self,
+        request: Request<pb::FinishMoveRequest>,
+    ) -> Result<Response<pb::FinishMoveResponse>, Status> {
+        let hops = hops(&request);
+        let r = request.into_inner();
+        self.inner.finish_move(&r.topic, r.partition, r.replicas, hops).await?;
+        Ok(Response::new(pb::FinishMoveResponse {}))
     }
 
     async fn meta_position(

@@ -174,6 +174,27 @@ impl Admin {
         Ok(topic)
     }
 
+    /// Starts moving a partition to `replicas` (as many as its replication factor; the first is
+    /// the preferred leader) and returns it as recorded: `moving_to` names the target until the
+    /// move is done (watch [`Admin::describe_topic`]). Asking again for the same replicas, or
+    /// for the move in progress, changes nothing, so a retry after a lost answer is safe.
+    pub async fn move_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: &[u64],
+    ) -> Result<pb::PartitionDescription, ClientError> {
+        let request = pb::MovePartitionRequest { topic: topic.to_owned(), partition, replicas: replicas.to_vec() };
+        let response = self
+            .core
+            .call_any("move partition", |channel| {
+                let request = request.clone();
+                async move { Core::admin(channel).move_partition(request).await }
+            })
+            .await?;
+        response.partition.ok_or_else(|| ClientError::Protocol("move partition answered no partition".into()))
+    }
+
     /// Nodes, topics, leaders, and the counts of under-replicated and leaderless partitions.
     pub async fn describe_cluster(&self) -> Result<pb::DescribeClusterResponse, ClientError> {
         let response = self

@@ -128,6 +128,8 @@ requests!(
     TxnCheckAnswer,
     ListTxnsRequest,
     ResumeTxnRequest,
+    MovePartitionRequest,
+    FinishMoveRequest,
     FetchRequest,
     SubscribeRequest,
     CreateTopicRequest,
@@ -342,6 +344,8 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         }),
         enc(pb::MetaPositionRequest {}),
         enc(pb::AllocateProducerIdsRequest { count: 1000 }),
+        enc(pb::MovePartitionRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
+        enc(pb::FinishMoveRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
         enc(pb::LocalStatusRequest {}),
         enc(pb::AppendEntriesRequest {
             group_id: 9,

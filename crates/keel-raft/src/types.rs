@@ -39,6 +39,8 @@ pub type Vote = openraft::type_config::alias::VoteOf<KeelRaft>;
 pub type Entry = openraft::type_config::alias::EntryOf<KeelRaft>;
 /// Membership of a group.
 pub type Membership = openraft::Membership<NodeId, Node>;
+/// A change to a group's membership (learners in, voters replaced, nodes out).
+pub type ChangeMembers = openraft::ChangeMembers<NodeId, Node>;
 /// Membership with the log id that introduced it.
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<KeelRaft>;
 /// Snapshot metadata.

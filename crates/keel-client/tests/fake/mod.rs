@@ -155,6 +155,7 @@ impl Cluster {
                     high_watermark: p.next_offset,
                     log_start_offset: p.log_start,
                     in_sync: vec![p.advertised],
+                    moving_to: vec![],
                 })
                 .collect(),
         }
@@ -492,6 +493,13 @@ impl Admin for Node {
 
     async fn add_acl(&self, _: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
         Err(Status::unimplemented("the fake broker has no ACLs"))
+    }
+
+    async fn move_partition(
+        &self,
+        _: Request<pb::MovePartitionRequest>,
+    ) -> Result<Response<pb::MovePartitionResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has one replica per partition"))
     }
 
     async fn remove_acl(&self, _: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {

@@ -1,0 +1,171 @@
+//! Partition moves (`keel partition move`). The controller records where a partition goes
+//! (`MovePartition`); the partition's raft leader carries the move out — the new replicas join
+//! as learners, catch up, and become the voters by joint consensus — and reports it finished
+//! (`FinishMove`), after which the old replicas drop their copy. Every step is either a `__meta`
+//! record or raft membership state, and each is idempotent, so whichever node leads the group
+//! after a crash anywhere mid-move resumes from what it finds.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::v1 as pb;
+use keel_raft::types::ChangeMembers;
+use keel_raft::{GroupId, Node, NodeId};
+use tokio::task::JoinSet;
+use tonic::Status;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::broker::Inner;
+use crate::error::meta_status;
+use crate::metadata::{Command, Partition};
+
+/// Longest a new replica may take to catch up before the leader gives up this attempt (and
+/// tries again on its next pass): a learner that is down must not pin the driver forever.
+const CATCH_UP_MAX: Duration = Duration::from_secs(600);
+/// How often each node looks for moves whose groups it leads: leadership changes are not
+/// metadata changes, so a new leader would otherwise find its moves only at the next one.
+const MOVE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Inner {
+    /// Starts moving `topic`/`partition` to `to` (controller leader only) and returns the
+    /// partition as recorded. Asking for the replicas it has, or for the move in progress,
+    /// changes nothing.
+    pub(crate) async fn move_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        to: Vec<NodeId>,
+    ) -> Result<Partition, Status> {
+        let _turn = self.controller_turn().await?;
+        let meta = self.metadata();
+        meta.check_move(topic, partition, &to).map_err(meta_status)?;
+        let current = meta.partition(topic, partition).map_err(meta_status)?;
+        let settled = current.target.is_none() && current.replicas == to;
+        if settled || current.target.as_ref() == Some(&to) {
+            return Ok(current.clone());
+        }
+        let command = Command::MovePartition { topic: topic.to_owned(), partition, from: current.replicas.clone(), to };
+        let offset = self.propose(&command).await?;
+        if let Some(refusal) = self.outcome_at(&meta, offset)? {
+            return Err(meta_status(refusal));
+        }
+        self.metadata().partition(topic, partition).cloned().map_err(meta_status)
+    }
+
+    /// Records that `topic`/`partition`'s group now has `to` as its voters: on the controller
+    /// leader, appends `FinishMove`; elsewhere forwards the report there.
+    pub(crate) async fn finish_move(
+        &self,
+        topic: &str,
+        partition: u32,
+        to: Vec<NodeId>,
+        hops: u32,
+    ) -> Result<(), Status> {
+        if !self.leads_meta() {
+            let message = pb::FinishMoveRequest { topic: topic.to_owned(), partition, replicas: to.clone() };
+            let request = self.forwardable(message, hops)?;
+            self.forward_to_controller(request, |channel, request| async move {
+                pb::controller_client::ControllerClient::new(channel).finish_move(request).await.map(|_| ())
+            })
+            .await?;
+            self.wait_meta(|m| m.partition(topic, partition).is_ok_and(|p| p.target.is_none())).await;
+            return Ok(());
+        }
+        let _turn = self.controller_turn().await?;
+        let meta = self.metadata();
+        let current = meta.partition(topic, partition).map_err(meta_status)?;
+        if current.target.is_none() && current.replicas == to {
+            return Ok(());
+        }
+        let command = Command::FinishMove { topic: topic.to_owned(), partition, to };
+        let offset = self.propose(&command).await?;
+        match self.outcome_at(&meta, offset)? {
+            None => Ok(()),
+            Some(refusal) => Err(meta_status(refusal)),
+        }
+    }
+
+    /// Drives every move whose group this node leads, one task per group.
+    pub(crate) async fn move_loop(self: Arc<Self>) {
+        let me = self.config.node_id;
+        let mut rx = self.meta.subscribe();
+        let mut driving: JoinSet<GroupId> = JoinSet::new();
+        let mut busy: HashSet<GroupId> = HashSet::new();
+        loop {
+            while let Some(done) = driving.try_join_next() {
+                if let Ok(group) = done {
+                    busy.remove(&group);
+                }
+            }
+            let meta = rx.borrow_and_update().clone();
+            for (topic, partition, p) in meta.moving() {
+                let Some(target) = p.target.clone() else { continue };
+                if busy.contains(&p.group) || self.node.leader(p.group) != Some(me) {
+                    continue;
+                }
+                busy.insert(p.group);
+                let inner = Arc::clone(&self);
+                let (group, topic) = (p.group, topic.to_owned());
+                let span = info_span!("move", topic = %topic, partition, group);
+                driving.spawn(
+                    async move {
+                        if let Err(reason) = inner.drive_move(group, &topic, partition, target).await {
+                            warn!(%reason, "moving the partition did not finish this time; retrying");
+                        }
+                        group
+                    }
+                    .instrument(span),
+                );
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(MOVE_SCAN_INTERVAL) => {}
+                Some(Ok(group)) = driving.join_next(), if !driving.is_empty() => { busy.remove(&group); }
+            }
+        }
+    }
+
+    /// One pass of a move on the group's leader: learners in, caught up, voters replaced,
+    /// leftover learners out, then the controller told. Each step looks at the group's current
+    /// membership first, so a pass after a crash skips what is done.
+    async fn drive_move(&self, group: GroupId, topic: &str, partition: u32, target: Vec<NodeId>) -> Result<(), String> {
+        let raft = self.node.raft(group).map_err(|e| e.to_string())?;
+        self.node.wake(group).await;
+        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
+        let (voters, joint) = {
+            let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
+            let membership = metrics.membership_config.membership();
+            (membership.voter_ids().collect::<BTreeSet<_>>(), membership.get_joint_config().len() > 1)
+        };
+        // Every replica that is not a voter yet is (re-)added and awaited: a learner a previous
+        // leader added may not have caught up, and a voter must never be one that has not.
+        for id in wanted.difference(&voters) {
+            let addr = self.peer_addr_of(*id).ok_or_else(|| format!("node {id} has no peer address yet"))?;
+            info!(node = id, "adding the new replica as a learner and waiting for it to catch up");
+            match tokio::time::timeout(CATCH_UP_MAX, raft.add_learner(*id, Node::new(addr), true)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("adding node {id} as a learner: {e}")),
+                Err(_) => return Err(format!("node {id} did not catch up within {CATCH_UP_MAX:?}")),
+            }
+        }
+        if voters != wanted || joint {
+            info!(voters = ?wanted, "making the new replicas the voters");
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
+                .await
+                .map_err(|e| format!("changing the voters to {wanted:?}: {e}"))?;
+        }
+        let stray: BTreeSet<NodeId> = {
+            let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
+            metrics.membership_config.membership().learner_ids().filter(|id| !wanted.contains(id)).collect()
+        };
+        if !stray.is_empty() {
+            raft.change_membership(ChangeMembers::RemoveNodes(stray.clone()), false)
+                .await
+                .map_err(|e| format!("removing the learners {stray:?}: {e}"))?;
+        }
+        self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
+        info!("partition moved");
+        Ok(())
+    }
+}
