@@ -136,6 +136,8 @@ pub struct BrokerStats {
     pub member_lives: u64,
     /// Nacks acknowledged to members, redelivered records processed, and records dead-lettered.
     pub retries: (u64, u64, u64),
+    /// Partition moves recorded (runs of five nodes only).
+    pub moves: u64,
 }
 
 /// The wall clock of a simulated broker: turmoil's, which starts at [`EPOCH_SECS`], plus the
@@ -191,6 +193,8 @@ pub(crate) struct State {
     pub(crate) outbox: crate::outbox::OutboxView,
     /// The transactional client and what it saw.
     pub(crate) txn: crate::txn::TxnView,
+    /// Partition moves the controller recorded.
+    pub(crate) moves: u64,
 }
 
 impl State {
@@ -675,6 +679,7 @@ pub(crate) fn lagging(state: &Shared, registry: &Registry) -> Vec<String> {
         (s.nodes, s.replicas.clone())
     };
     let registry = registry.borrow();
+    let placements = crate::moves::placements(&registry).unwrap_or_default();
     let mut out: Vec<String> =
         (1..=nodes).filter(|id| !registry.contains_key(id)).map(|id| format!("n{id} is down")).collect();
     for (id, (_, broker)) in registry.iter() {
@@ -682,7 +687,16 @@ pub(crate) fn lagging(state: &Shared, registry: &Registry) -> Vec<String> {
             out.push(format!("n{id} is not ready"));
         }
     }
-    for (&group, holders) in &replicas {
+    for (&group, created_on) in &replicas {
+        // Partitions move: the metadata says where each is now, and every move must finish.
+        let holders = match placements.get(&group) {
+            Some((holders, Some(target))) => {
+                out.push(format!("group {group} is still moving from {holders:?} to {target:?}"));
+                holders
+            }
+            Some((holders, None)) => holders,
+            None => created_on,
+        };
         let mut ends: BTreeMap<NodeId, u64> = BTreeMap::new();
         for (id, (_, broker)) in registry.iter() {
             match (broker.raft_node().store(group), holders.contains(id)) {
@@ -743,7 +757,10 @@ fn sample(registry: &Registry, state: &Shared, high_watermarks: &mut HighWaterma
             state.borrow_mut().violations.push(format!("n{id} stopped: {reason}"));
         }
         for group in groups.iter().copied().chain([keel_broker::META_GROUP]) {
-            let Ok(store) = broker.raft_node().store(group) else { continue };
+            let Ok(store) = broker.raft_node().store(group) else {
+                high_watermarks.forget(*id, *boot, group);
+                continue;
+            };
             let high_watermark = *store.high_watermark().borrow();
             if let Some(violation) = high_watermarks.observe(*id, *boot, group, high_watermark) {
                 state.borrow_mut().violations.push(violation);
@@ -856,6 +873,11 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         sim.client(format!("member{k}"), member);
     }
     trace(format!("{members} group members"));
+    let moving = nodes > u64::from(REPLICATION);
+    if moving {
+        let mover = crate::moves::mover_main(seed ^ 0x30e, config.safety, REPLICATION, Rc::clone(&state));
+        sim.client("mover", mover);
+    }
     let mut hosts: Vec<String> = (1..=nodes).map(host_name).collect();
     hosts.push("admin".into());
     hosts.extend((1..=config.producers).map(|k| format!("producer{k}")));
@@ -864,6 +886,9 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
     hosts.push("outbox".into());
     hosts.push("txn".into());
     hosts.extend((1..=members).map(|k| format!("member{k}")));
+    if moving {
+        hosts.push("mover".into());
+    }
 
     let mut ctx = Driver {
         state: &state,
@@ -919,6 +944,7 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         zombie_commits: (s.members.zombie_commits, s.members.zombie_fenced),
         member_lives: s.members.lives,
         retries: (s.members.nacks, s.members.redelivered, s.members.dead.len() as u64),
+        moves: s.moves,
         ..BrokerStats::default()
     };
     for op in &s.history {
@@ -960,10 +986,16 @@ fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u6
     let mut duplicates = 0;
     let mut high_watermarks = BTreeMap::new();
     let mut logs = Vec::new();
+    // The replicas are where the final metadata puts them (partitions move during the run).
+    let placements = crate::moves::placements(registry).unwrap_or_default();
     for (&partition, &group) in &state.groups {
         let mut replicas: BTreeMap<NodeId, checker::Records> = BTreeMap::new();
         let mut stamped = Vec::new();
-        let holders = state.replicas.get(&group).cloned().unwrap_or_default();
+        let holders = placements
+            .get(&group)
+            .map(|(replicas, _)| replicas.clone())
+            .or_else(|| state.replicas.get(&group).cloned())
+            .unwrap_or_default();
         for (id, (_, broker)) in registry.iter().filter(|(id, _)| holders.contains(id)) {
             let records = checker::read_committed_stamped(broker.raft_node(), group)
                 .map_err(|e| format!("n{id} partition {partition} (group {group}): {e}"))?;

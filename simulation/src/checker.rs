@@ -217,6 +217,12 @@ pub struct HighWatermarks {
 }
 
 impl HighWatermarks {
+    /// Forgets a group a node no longer hosts: a partition moved off and back again starts
+    /// that replica over, empty.
+    pub fn forget(&mut self, node: NodeId, boot: u64, group: GroupId) {
+        self.seen.remove(&(node, boot, group));
+    }
+
     /// Records a sample; returns the violation if it went backwards.
     pub fn observe(&mut self, node: NodeId, boot: u64, group: GroupId, high_watermark: u64) -> Option<String> {
         let last = self.seen.entry((node, boot, group)).or_insert(high_watermark);

@@ -14,6 +14,7 @@ pub mod checker;
 pub mod cluster;
 pub mod delayed;
 pub mod groups;
+mod moves;
 pub mod nemesis;
 pub mod net;
 pub mod outbox;
@@ -69,6 +70,9 @@ pub enum Workload {
     /// The negative control: a write to a quiescent partition leader does not wake its raft
     /// group, so once a partition goes quiet it never takes a write again.
     BrokerQuiescentWritesDoNotWake,
+    /// The negative control: partition moves reported finished before the new replicas caught
+    /// up, so the replicas moved off drop copies the new ones lack.
+    BrokerMoveFinishedEarly,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -96,6 +100,7 @@ impl Workload {
             Workload::BrokerOutboxLyingFlush => "broker-outbox-lying-flush",
             Workload::BrokerQuiescentWritesDoNotWake => "broker-quiescent-writes-do-not-wake",
             Workload::BrokerNodeFlushWrongFilesystem => "broker-node-flush-wrong-filesystem",
+            Workload::BrokerMoveFinishedEarly => "broker-move-finished-early",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -337,6 +342,13 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         Workload::BrokerDelayedWallClock => {
             let config = broker::BrokerSim {
                 coordinator: keel_broker::CoordinatorFaults { timers_wall_clock_only: true, ..Default::default() },
+                ..broker::BrokerSim::default()
+            };
+            broker::run_broker(seed, config, trace).err()
+        }
+        Workload::BrokerMoveFinishedEarly => {
+            let config = broker::BrokerSim {
+                coordinator: keel_broker::CoordinatorFaults { move_finished_early: true, ..Default::default() },
                 ..broker::BrokerSim::default()
             };
             broker::run_broker(seed, config, trace).err()

@@ -71,6 +71,8 @@ enum WorkloadArg {
     BrokerNodeFlushWrongFilesystem,
     /// The negative control: writes to a quiescent leader do not wake its group (must fail).
     BrokerQuiescentWritesDoNotWake,
+    /// The negative control: moves reported finished before the new replicas caught up.
+    BrokerMoveFinishedEarly,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -110,6 +112,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerOutboxLyingFlush => Workload::BrokerOutboxLyingFlush,
         WorkloadArg::BrokerQuiescentWritesDoNotWake => Workload::BrokerQuiescentWritesDoNotWake,
         WorkloadArg::BrokerNodeFlushWrongFilesystem => Workload::BrokerNodeFlushWrongFilesystem,
+        WorkloadArg::BrokerMoveFinishedEarly => Workload::BrokerMoveFinishedEarly,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -106,6 +106,9 @@ pub(crate) struct Inner {
     pub(crate) booted: (i64, tokio::time::Instant),
     /// Bugs injected into the coordinators (negative controls only).
     pub(crate) coordinator_faults: CoordinatorFaults,
+    /// The `__meta` offset up to which the hosted partitions match the metadata (see
+    /// [`crate::moves`]: a move's leader waits for its new replicas to reach the move).
+    pub(crate) reconciled: std::sync::atomic::AtomicU64,
     /// The highest high watermark seen per partition (they only grow): commits are checked
     /// against it without asking the partition's replicas each time.
     pub(crate) high_watermarks: Mutex<BTreeMap<GroupId, u64>>,
@@ -238,6 +241,7 @@ impl Broker {
             txns: Mutex::new(BTreeMap::new()),
             booted,
             coordinator_faults: storage.coordinator,
+            reconciled: std::sync::atomic::AtomicU64::new(0),
             high_watermarks: Mutex::new(BTreeMap::new()),
             lag_timestamps: Mutex::new(crate::lag::TimestampCache::default()),
             in_flight_bytes: ByteBudget::new(limits.in_flight_bytes_max),
@@ -1246,11 +1250,20 @@ impl Inner {
 
     /// Keeps the local partition groups equal to the metadata's assignment.
     async fn reconcile_loop(self: Arc<Self>) {
+        // Not before the metadata has caught up: a restarted node replays `__meta` from the
+        // start, and its intermediate states put partitions where they were before later moves
+        // (acting on them would drop the copy of a partition this node holds as a voter now).
+        // A node the cluster does not admit (another data dir under its id) never gets here.
+        let mut ready = self.ready.subscribe();
+        if ready.wait_for(|r| *r).await.is_err() {
+            return;
+        }
         let mut rx = self.meta.subscribe();
         let mut cleaned_upto: GroupId = META_GROUP + 1;
         loop {
             let meta = rx.borrow_and_update().clone();
             self.reconcile(&meta, &mut cleaned_upto).await;
+            self.reconciled.store(meta.applied_offset, std::sync::atomic::Ordering::Release);
             if rx.changed().await.is_err() {
                 return;
             }

@@ -60,6 +60,10 @@ pub struct CoordinatorFaults {
     /// Acknowledge an END that contradicts how its transaction already ended (answering with
     /// the transaction's status) instead of refusing it.
     pub txn_contradictions_accepted: bool,
+    /// Report a partition move finished as soon as the new replicas are added as learners,
+    /// before they caught up and became voters: the replicas moved off drop their copy while
+    /// the new ones may lack acknowledged records.
+    pub move_finished_early: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.

@@ -95,6 +95,11 @@ pub struct Partition {
     /// replica that joins it blank must be brought in by the leader, never start a group alone.
     #[serde(default, skip_serializing_if = "is_zero32")]
     pub moves: u32,
+    /// Nodes a finished move took the partition off. None of them may hold it again: its raft
+    /// group knows a replica by its node id alone, so a copy made afresh on a node that an old
+    /// membership still lists could vote, or ack a stale leader, as if it were the old one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<NodeId>,
 }
 
 impl Partition {
@@ -467,6 +472,8 @@ impl Metadata {
                         current.target
                     )));
                 }
+                let off: Vec<NodeId> = current.replicas.iter().copied().filter(|n| !to.contains(n)).collect();
+                current.retired.extend(off);
                 current.replicas = to.clone();
                 current.target = None;
                 current.moves = current.moves.saturating_add(1);
@@ -561,7 +568,7 @@ impl Metadata {
             .map(|replicas| {
                 let group = self.next_group;
                 self.next_group += 1;
-                Partition { group, replicas: replicas.clone(), target: None, moves: 0 }
+                Partition { group, replicas: replicas.clone(), target: None, moves: 0, retired: Vec::new() }
             })
             .collect()
     }
@@ -602,7 +609,15 @@ impl Metadata {
                 to.len()
             )));
         }
-        self.check_assignment(&[to.to_vec()], t.replication_factor)
+        self.check_assignment(&[to.to_vec()], t.replication_factor)?;
+        let p = self.partition(topic, partition)?;
+        if let Some(n) = to.iter().find(|n| p.retired.contains(n)) {
+            return Err(MetaError::Precondition(format!(
+                "node {n} held {topic}/{partition} before a move took it off; a partition does not \
+                 return to a node it left (its raft group would take the new copy for the old one)"
+            )));
+        }
+        Ok(())
     }
 
     fn partition_mut(&mut self, topic: &str, partition: u32) -> Result<&mut Partition, MetaError> {
@@ -888,8 +903,12 @@ mod tests {
         assert!(!p.initialisable(), "a moved partition is never initialised again");
         // A finish applied twice is refused (the controller answers a repeat before proposing).
         assert!(apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: 0, to }).is_err());
-        // Moving back is a move like any other.
-        apply_next(&mut m, move_to(&p.replicas, &from)).unwrap();
+        assert_eq!(p.retired, vec![from[0]]);
+        // Never back to a node it left; elsewhere, a move like any other.
+        assert!(apply_next(&mut m, move_to(&p.replicas, &from)).is_err());
+        let mut reordered = p.replicas.clone();
+        reordered.rotate_left(1);
+        apply_next(&mut m, move_to(&p.replicas, &reordered)).unwrap();
     }
 
     #[test]

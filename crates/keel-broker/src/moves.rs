@@ -23,6 +23,8 @@ use crate::metadata::{Command, Partition};
 /// Longest a new replica may take to catch up before the leader gives up this attempt (and
 /// tries again on its next pass): a learner that is down must not pin the driver forever.
 const CATCH_UP_MAX: Duration = Duration::from_secs(600);
+/// How long a node may take to say how far it reconciled.
+const RECONCILED_ASK_MAX: Duration = Duration::from_secs(2);
 /// How often each node looks for moves whose groups it leads: leadership changes are not
 /// metadata changes, so a new leader would otherwise find its moves only at the next one.
 const MOVE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
@@ -112,6 +114,8 @@ impl Inner {
                     async move {
                         if let Err(reason) = inner.drive_move(group, &topic, partition, target).await {
                             warn!(%reason, "moving the partition did not finish this time; retrying");
+                            // Not at once: the cause (a node down, metadata behind) takes time.
+                            tokio::time::sleep(MOVE_SCAN_INTERVAL).await;
                         }
                         group
                     }
@@ -138,6 +142,23 @@ impl Inner {
             let membership = metrics.membership_config.membership();
             (membership.voter_ids().collect::<BTreeSet<_>>(), membership.get_joint_config().len() > 1)
         };
+        // A new replica must have reconciled up to this move first: one that was a replica
+        // before and has yet to apply the move that took it off would otherwise drop that old
+        // copy after the leader counted it as caught up (the log of a voter would go back).
+        let needed = self.metadata().applied_offset;
+        for id in wanted.difference(&voters) {
+            let reached = self.reconciled_on(*id).await?;
+            if reached < needed {
+                return Err(format!("node {id} has reconciled the metadata up to {reached}, not yet to {needed}"));
+            }
+        }
+        if self.coordinator_faults.move_finished_early {
+            for id in wanted.difference(&voters) {
+                let addr = self.peer_addr_of(*id).ok_or_else(|| format!("node {id} has no peer address yet"))?;
+                raft.add_learner(*id, Node::new(addr), false).await.map_err(|e| e.to_string())?;
+            }
+            return self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned());
+        }
         // Every replica that is not a voter yet is (re-)added and awaited: a learner a previous
         // leader added may not have caught up, and a voter must never be one that has not.
         for id in wanted.difference(&voters) {
@@ -164,8 +185,65 @@ impl Inner {
                 .await
                 .map_err(|e| format!("removing the learners {stray:?}: {e}"))?;
         }
+        self.check_committed_voters(group, &raft, &wanted).await?;
         self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
         info!("partition moved");
         Ok(())
+    }
+
+    /// Checks that the group's voters are `wanted` in a membership that is *committed*: the
+    /// metrics show the latest membership in the log, and one that a crash of this leader can
+    /// still undo must not let the old replicas drop their copies (the simulation found a blank
+    /// re-added replica voting in the configuration that came back).
+    async fn check_committed_voters(
+        &self,
+        group: GroupId,
+        raft: &keel_raft::types::Raft,
+        wanted: &BTreeSet<NodeId>,
+    ) -> Result<(), String> {
+        let settled = |metrics: &keel_raft::types::Metrics| {
+            let membership = metrics.membership_config.membership();
+            let uniform = membership.get_joint_config().len() == 1;
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let no_learners = membership.learner_ids().next().is_none();
+            let index = metrics.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+            (uniform && voters == *wanted && no_learners, index)
+        };
+        let (right, index) = settled(&self.node.metrics(group).map_err(|e| e.to_string())?);
+        if !right {
+            return Err(format!("the group's membership is not {wanted:?} alone yet"));
+        }
+        raft.wait(Some(CATCH_UP_MAX))
+            .applied_index_at_least(Some(index), "membership committed")
+            .await
+            .map_err(|e| format!("the membership change was not committed: {e}"))?;
+        let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
+        let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
+        match settled(&metrics) {
+            (true, now) if now == index && applied >= index => Ok(()),
+            _ => Err("the group's membership changed while waiting for it to commit".to_owned()),
+        }
+    }
+
+    /// How far `node` has reconciled its partitions with the metadata.
+    async fn reconciled_on(&self, node: NodeId) -> Result<u64, String> {
+        if node == self.config.node_id {
+            return Ok(self.reconciled.load(std::sync::atomic::Ordering::Acquire));
+        }
+        let addr = self.peer_addr_of(node).ok_or_else(|| format!("node {node} has no peer address yet"))?;
+        let channel = self.channel(&addr).map_err(|s| s.message().to_owned())?;
+        let mut client = pb::node_status_client::NodeStatusClient::new(channel);
+        let call = client.reconciled(pb::ReconciledRequest {});
+        match tokio::time::timeout(RECONCILED_ASK_MAX, call).await {
+            Ok(Ok(r)) => Ok(r.into_inner().reconciled_offset),
+            Ok(Err(status)) => {
+                self.forget_broken(&addr, &status);
+                Err(format!("node {node}: {}", status.message()))
+            }
+            Err(_) => {
+                self.drop_channel(&addr);
+                Err(format!("node {node} did not say how far it reconciled in time"))
+            }
+        }
     }
 }

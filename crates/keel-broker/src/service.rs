@@ -1413,6 +1413,14 @@ impl pb::node_status_server::NodeStatus for Api {
     ) -> Result<Response<pb::LocalStatusResponse>, Status> {
         Ok(Response::new(local_status(&self.inner)))
     }
+
+    async fn reconciled(
+        &self,
+        _request: Request<pb::ReconciledRequest>,
+    ) -> Result<Response<pb::ReconciledResponse>, Status> {
+        let reconciled_offset = self.inner.reconciled.load(std::sync::atomic::Ordering::Acquire);
+        Ok(Response::new(pb::ReconciledResponse { reconciled_offset }))
+    }
 }
 
 #[cfg(test)]

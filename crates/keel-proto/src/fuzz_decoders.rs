@@ -156,6 +156,7 @@ requests!(
     MetaPositionRequest,
     AllocateProducerIdsRequest,
     LocalStatusRequest,
+    ReconciledRequest,
     AppendEntriesRequest,
     VoteRequest,
     InstallSnapshotRequest,
@@ -347,6 +348,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         enc(pb::MovePartitionRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
         enc(pb::FinishMoveRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
         enc(pb::LocalStatusRequest {}),
+        enc(pb::ReconciledRequest {}),
         enc(pb::AppendEntriesRequest {
             group_id: 9,
             vote,

@@ -289,10 +289,11 @@ impl RaftNode {
         self.config.log.batch_bytes_max()
     }
 
-    fn raft_config(&self) -> Result<Arc<Config>, NodeError> {
+    fn raft_config(&self, group: GroupId) -> Result<Arc<Config>, NodeError> {
         let t = self.config.timings;
         let config = Config {
-            cluster_name: "keel".into(),
+            // openraft names its spans by it: each group's logs say which group they are.
+            cluster_name: format!("group-{group}"),
             heartbeat_interval: t.heartbeat_ms,
             election_timeout_min: t.election_min_ms,
             election_timeout_max: t.election_max_ms,
@@ -359,7 +360,7 @@ impl RaftNode {
             store.set_flush_observer(observer);
         }
         let network = GroupNetwork::new(self.peers.clone(), group);
-        let config = self.raft_config()?;
+        let config = self.raft_config(group)?;
         let seed = {
             let mut s = self.seed.lock().unwrap_or_else(|e| e.into_inner());
             *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407 ^ group);
