@@ -10,7 +10,7 @@ use keel_proto::v1 as pb;
 use serde_json::json;
 
 use crate::Output;
-use crate::tools::{Connection, runtime};
+use crate::tools::{Connection, ids, runtime};
 
 /// How often a waiting move asks how far it got.
 const POLL: Duration = Duration::from_millis(500);
@@ -66,9 +66,12 @@ pub fn run(command: PartitionCommand, connection: &Connection, output: Output) -
                 })
             ),
             Output::Text if done.moving_to.is_empty() => {
-                println!("{topic}/{number}: replicas {:?}, leader {:?}", done.replicas, done.leader_id);
+                let leader = done.leader_id.map_or("being elected".to_owned(), |l| l.to_string());
+                println!("{topic}/{number}: replicas {}, leader {leader}", ids(&done.replicas));
             }
-            Output::Text => println!("{topic}/{number}: moving from {:?} to {:?}", done.replicas, done.moving_to),
+            Output::Text => {
+                println!("{topic}/{number}: moving from {} to {}", ids(&done.replicas), ids(&done.moving_to));
+            }
         }
         Ok(())
     })
@@ -105,9 +108,9 @@ async fn follow(
                 let caught_up = to.iter().filter(|n| p.in_sync.contains(n)).count();
                 bar.set_position(caught_up as u64);
                 bar.set_message(format!(
-                    "{topic}/{partition}: {:?} -> {:?}, leader {}, high watermark {}",
-                    p.replicas,
-                    p.moving_to,
+                    "{topic}/{partition}: {} -> {}, leader {}, high watermark {}",
+                    ids(&p.replicas),
+                    ids(&p.moving_to),
                     p.leader_id.map_or("none".to_owned(), |l| l.to_string()),
                     p.high_watermark
                 ));
