@@ -146,7 +146,13 @@ impl Inner {
     /// One pass of a move on the group's leader: learners in, caught up, voters replaced,
     /// leftover learners out, then the controller told. Each step looks at the group's current
     /// membership first, so a pass after a crash skips what is done.
-    async fn drive_move(&self, group: GroupId, topic: &str, partition: u32, target: Vec<NodeId>) -> Result<Pass, String> {
+    async fn drive_move(
+        &self,
+        group: GroupId,
+        topic: &str,
+        partition: u32,
+        target: Vec<NodeId>,
+    ) -> Result<Pass, String> {
         let raft = self.node.raft(group).map_err(|e| e.to_string())?;
         self.node.wake(group).await;
         let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
@@ -256,8 +262,7 @@ impl Inner {
         let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
         let replication = metrics.replication.as_ref()?;
         target.iter().copied().find(|id| {
-            voters.contains(id)
-                && replication.get(id).is_some_and(|m| m.as_ref().is_some_and(|m| m.index >= applied))
+            voters.contains(id) && replication.get(id).is_some_and(|m| m.as_ref().is_some_and(|m| m.index >= applied))
         })
     }
 

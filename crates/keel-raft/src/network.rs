@@ -198,8 +198,8 @@ impl Peers {
         if let Some(peer) = self.lock().get_mut(&target) {
             peer.failures = 0;
             peer.retry_at = None;
-            peer.answered = Some(tokio::time::Instant::now());
         }
+        self.answered(target);
     }
 
     /// The peer answered (with an error status): its connection works.

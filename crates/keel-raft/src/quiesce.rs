@@ -285,14 +285,8 @@ impl Quiescence {
                 self.wake(group, raft);
                 VoteAction::Refuse
             }
-            Some(State::Follower { leader }) => {
-                if candidate != leader && self.alive(leader) {
-                    return VoteAction::Refuse;
-                }
-                self.wake(group, raft);
-                VoteAction::Pass
-            }
-            Some(State::Dormant) => {
+            Some(State::Follower { leader }) if candidate != leader && self.alive(leader) => VoteAction::Refuse,
+            Some(State::Follower { .. } | State::Dormant) => {
                 self.wake(group, raft);
                 VoteAction::Pass
             }
