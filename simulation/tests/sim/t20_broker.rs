@@ -73,10 +73,11 @@ fn broker_seeds_pass_and_replay() {
 /// (the white-box durable-quorum check catches it too, but comes second in the report). Every
 /// seed of 0..16 is caught; some report another symptom of the same bug first (since dormant
 /// replicas, seed 0 a producer id held twice), so the pinned seeds are ones whose first symptom
-/// is a lost write.
+/// is a lost write, and three-node ones (every fourth seed runs five nodes, whose histories
+/// change whenever partition moves do).
 #[test]
 fn ack_before_flush_loses_writes() {
-    for seed in [1u64, 2, 3] {
+    for seed in [1u64, 2, 4] {
         let report = run(Workload::BrokerAckBeforeFlush, seed);
         let violation = report.violation.unwrap_or_default();
         assert!(violation.contains("lost write"), "seed {seed}: expected lost writes, got {violation:?}");
