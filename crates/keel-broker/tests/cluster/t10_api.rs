@@ -188,8 +188,16 @@ async fn topics_produce_and_fetch() {
     assert_eq!(r.next_offset, 1);
     assert_eq!(r.high_watermark, 1);
 
-    // The cluster view.
-    let view = admin.describe_cluster(pb::DescribeClusterRequest {}).await.unwrap().into_inner();
+    // The cluster view, once the internal topics' partitions (opened when each node turned
+    // ready, which may be after `orders` got its leaders) have theirs too.
+    let mut view = admin.describe_cluster(pb::DescribeClusterRequest {}).await.unwrap().into_inner();
+    for _ in 0..100 {
+        if view.leaderless == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        view = admin.describe_cluster(pb::DescribeClusterRequest {}).await.unwrap().into_inner();
+    }
     assert_eq!(view.nodes.len(), 3);
     assert!(view.nodes.iter().all(|n| n.reachable && n.controller_voter));
     assert!(!view.cluster_id.is_empty());
