@@ -29,6 +29,14 @@ const RECONCILED_ASK_MAX: Duration = Duration::from_secs(2);
 /// metadata changes, so a new leader would otherwise find its moves only at the next one.
 const MOVE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How a pass of a move on the leader ended.
+enum Pass {
+    /// The move is recorded as finished.
+    Finished,
+    /// This leader, which the move removes, handed leadership to a replica that stays.
+    HandedOver,
+}
+
 impl Inner {
     /// Starts moving `topic`/`partition` to `to` (controller leader only) and returns the
     /// partition as recorded. Asking for the replicas it has, or for the move in progress,
@@ -112,10 +120,15 @@ impl Inner {
                 let span = info_span!("move", topic = %topic, partition, group);
                 driving.spawn(
                     async move {
-                        if let Err(reason) = inner.drive_move(group, &topic, partition, target).await {
-                            warn!(%reason, "moving the partition did not finish this time; retrying");
-                            // Not at once: the cause (a node down, metadata behind) takes time.
-                            tokio::time::sleep(MOVE_SCAN_INTERVAL).await;
+                        match inner.drive_move(group, &topic, partition, target).await {
+                            Ok(Pass::Finished) => {}
+                            // Not at once: the new leader takes over, or the cause (a node
+                            // down, metadata behind) takes time to go away.
+                            Ok(Pass::HandedOver) => tokio::time::sleep(MOVE_SCAN_INTERVAL).await,
+                            Err(reason) => {
+                                warn!(%reason, "moving the partition did not finish this time; retrying");
+                                tokio::time::sleep(MOVE_SCAN_INTERVAL).await;
+                            }
                         }
                         group
                     }
@@ -133,7 +146,13 @@ impl Inner {
     /// One pass of a move on the group's leader: learners in, caught up, voters replaced,
     /// leftover learners out, then the controller told. Each step looks at the group's current
     /// membership first, so a pass after a crash skips what is done.
-    async fn drive_move(&self, group: GroupId, topic: &str, partition: u32, target: Vec<NodeId>) -> Result<(), String> {
+    async fn drive_move(
+        &self,
+        group: GroupId,
+        topic: &str,
+        partition: u32,
+        target: Vec<NodeId>,
+    ) -> Result<Pass, String> {
         let raft = self.node.raft(group).map_err(|e| e.to_string())?;
         self.node.wake(group).await;
         let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
@@ -157,7 +176,8 @@ impl Inner {
                 let addr = self.peer_addr_of(*id).ok_or_else(|| format!("node {id} has no peer address yet"))?;
                 raft.add_learner(*id, Node::new(addr), false).await.map_err(|e| e.to_string())?;
             }
-            return self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned());
+            self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
+            return Ok(Pass::Finished);
         }
         // Every replica that is not a voter yet is (re-)added and awaited: a learner a previous
         // leader added may not have caught up, and a voter must never be one that has not.
@@ -168,6 +188,16 @@ impl Inner {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("adding node {id} as a learner: {e}")),
                 Err(_) => return Err(format!("node {id} did not catch up within {CATCH_UP_MAX:?}")),
+            }
+        }
+        if (voters != wanted || joint) && !wanted.contains(&self.config.node_id) {
+            // A leader that removes itself steps down only once the change committed, and the
+            // partition then waits an election timeout for a leader. A voter that stays takes
+            // over first (if caught up) and makes the change itself.
+            if let Some(successor) = self.caught_up_successor(group, &voters, &target) {
+                info!(to = successor, "handing leadership to a replica that stays, before the change");
+                let _ = raft.trigger().transfer_leader(successor).await;
+                return Ok(Pass::HandedOver);
             }
         }
         if voters != wanted || joint {
@@ -188,7 +218,7 @@ impl Inner {
         self.check_committed_voters(group, &raft, &wanted).await?;
         self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
         info!("partition moved");
-        Ok(())
+        Ok(Pass::Finished)
     }
 
     /// Checks that the group's voters are `wanted` in a membership that is *committed*: the
@@ -223,6 +253,17 @@ impl Inner {
             (true, now) if now == index && applied >= index => Ok(()),
             _ => Err("the group's membership changed while waiting for it to commit".to_owned()),
         }
+    }
+
+    /// The first replica of `target` that is a voter now and matched everything this leader
+    /// applied, if any.
+    fn caught_up_successor(&self, group: GroupId, voters: &BTreeSet<NodeId>, target: &[NodeId]) -> Option<NodeId> {
+        let metrics = self.node.metrics(group).ok()?;
+        let applied = metrics.last_applied.as_ref().map_or(0, |l| l.index);
+        let replication = metrics.replication.as_ref()?;
+        target.iter().copied().find(|id| {
+            voters.contains(id) && replication.get(id).is_some_and(|m| m.as_ref().is_some_and(|m| m.index >= applied))
+        })
     }
 
     /// How far `node` has reconciled its partitions with the metadata.
