@@ -492,7 +492,7 @@ impl RaftNode {
         let sequencer = Arc::clone(self.sequencers.lock().unwrap_or_else(|e| e.into_inner()).entry(group).or_default());
         // Held until raft has the batch queued: checks happen in log order.
         let mut sequencer = sequencer.lock().await;
-        self.wait_own_term_applied(group, &raft).await?;
+        self.wait_settled(group, &raft, &mut sequencer).await?;
         let check = store.with_producers(|table| sequencer.check(table, &stamped));
         match check {
             Check::Done(Ok(appended)) => Ok(PendingAppend { answer: Pending::Ready(appended), timeout }),
@@ -523,29 +523,41 @@ impl RaftNode {
         }
     }
 
-    /// Waits (bounded) until this node leads the group and has applied an entry of its own term,
-    /// so that the producer table holds every batch written before the term.
-    async fn wait_own_term_applied(&self, group: GroupId, raft: &Raft) -> Result<(), AppendError> {
+    /// Waits (bounded) until this node leads the group and has applied every entry its log held
+    /// when the term's first check began, so that the producer table holds every batch written
+    /// before the term and every one of the term raft was given before this node's last restart.
+    async fn wait_settled(&self, group: GroupId, raft: &Raft, sequencer: &mut Sequencer) -> Result<(), AppendError> {
         let me = self.config.node_id;
-        let ready = |m: &crate::types::Metrics| {
-            m.current_leader != Some(me) || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
-        };
-        {
+        let (term, last) = {
             // The common case, a settled leader, is read in place: no copy of the metrics and
             // no waiter per batch.
             let now = raft.metrics();
             let m = now.borrow_watched();
-            if m.current_leader == Some(me) && ready(&m) && self.leader_in(group, &m) == Some(me) {
+            if m.current_leader == Some(me)
+                && sequencer.settled_term == Some(m.current_term)
+                && self.leader_in(group, &m) == Some(me)
+            {
                 return Ok(());
             }
-        }
+            (m.current_term, m.last_log_index.unwrap_or(0))
+        };
+        // Done waiting when the leadership changed (answered below) or the log up to `last` is
+        // applied. A leader's log up to `last` holds every entry that can ever commit before it.
+        let ready = |m: &crate::types::Metrics| {
+            m.current_leader != Some(me)
+                || m.current_term != term
+                || m.last_applied.is_some_and(|l| l.leader_id.term == term && l.index >= last)
+        };
         let metrics = raft
             .wait(Some(self.config.append_timeout))
-            .metrics(ready, "an entry of the leader's term applied")
+            .metrics(ready, "the leader's log applied")
             .await
             .map_err(|_| AppendError::Timeout)?;
-        if metrics.current_leader == Some(me) && self.leader_in(group, &metrics) == Some(me) {
-            return Ok(());
+        if metrics.current_leader == Some(me) && metrics.current_term == term && ready(&metrics) {
+            sequencer.settled_term = Some(term);
+            if self.leader_in(group, &metrics) == Some(me) {
+                return Ok(());
+            }
         }
         let leader = metrics.current_leader.filter(|l| *l != me).map(|id| {
             let addr = metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone());

@@ -7,9 +7,12 @@
 //! that is held until raft has queued it, so the order batches are checked in is the order they
 //! are in the log.
 //!
-//! Sound only when the table holds every entry written before the leader's term: a batch is
-//! checked only once an entry of the leader's own term has been applied (its first, blank entry
-//! commits every earlier one). A batch handed to raft stays in flight until raft answers for it
+//! Sound only when the table holds every entry in the leader's log before its first check: a
+//! batch is checked only once the leader applied everything its log held when the term's first
+//! check began. "An entry of the leader's own term applied" is not enough: a leader restarted
+//! with its vote resumes its term without a new blank entry, over a log whose tail (of that same
+//! term) commits piecemeal, so an applied entry of the term may still have unapplied retries
+//! behind it (simulation seed 175). A batch handed to raft stays in flight until raft answers for it
 //! — applied, or failed because leadership was lost — whatever term it was handed in, and a
 //! retry of it waits for that answer instead of being written beside it.
 
@@ -81,6 +84,9 @@ pub(crate) struct Sequencer {
     /// Producers tracked after the last sweep of answered batches: the next sweep comes when
     /// twice as many are, so stale entries cost amortised constant time.
     swept_at: usize,
+    /// The term in which this node, as leader, applied everything its log held at the term's
+    /// first check: from then on the table and `in_flight` together hold every batch.
+    pub(crate) settled_term: Option<u64>,
 }
 
 fn refused(r: ProducerRefusal) -> Check {

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::*;
 use keel_raft::producers::ProducerLimits;
-use keel_raft::{AppendError, Appended, ProducerRefusal};
+use keel_raft::{AppendError, Appended, ProducerRefusal, RaftTimings};
 use keel_record::{BatchBuilder, NewRecord, ProducerStamp};
 use keel_storage::{Disk, FileDisk};
+use std::time::Duration;
 
 const GROUP: u64 = 11;
 const PRODUCER: i64 = 42;
@@ -130,6 +131,60 @@ async fn the_window_is_the_nodes_setting() {
     }
     assert_eq!(append(&refs, GROUP, stamped(0, 1)).await.unwrap().base_offset, 3, "inside the window");
     assert_eq!(refusal(append(&refs, GROUP, stamped(0, 0)).await), ProducerRefusal::StaleDuplicate);
+    for n in &mut nodes {
+        n.stop(false).await;
+    }
+}
+
+/// A leader restarted with its vote resumes its term without a new blank entry, over a log tail
+/// of that same term that its followers never got. That tail commits in pieces (openraft sends
+/// at most 300 entries per message), so an applied entry of the term does not mean the table
+/// holds the whole tail: a retry of its last batch must still get its original offsets, not be
+/// written a second time (the duplicate simulation seed 175 found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_at_a_leader_restarted_into_its_term_is_written_once() {
+    const TAIL: i32 = 400;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig { timings: RaftTimings { quiesce: false, ..test_timings() }, ..ClusterConfig::default() };
+    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
+    for n in &nodes {
+        n.node.open_group(GROUP).await.unwrap();
+    }
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    nodes[0].node.initialize_group(GROUP, members(&refs)).await.unwrap();
+    let leader = wait_leader(&refs, GROUP).await;
+    for n in 0..5 {
+        append(&refs, GROUP, stamped(0, n)).await.unwrap();
+    }
+    // The followers crash; the leader takes a tail of batches it can no longer commit.
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for &f in &followers {
+        nodes[f].stop(true).await;
+    }
+    let raft_last = nodes[leader].node.metrics(GROUP).unwrap().last_log_index.unwrap();
+    let mut pending = Vec::new();
+    for n in 5..5 + TAIL {
+        pending.push(nodes[leader].node.submit(GROUP, stamped(0, n)).await.expect("submitted within the lease"));
+    }
+    let raft = nodes[leader].node.raft(GROUP).unwrap();
+    let logged = raft.wait(Some(Duration::from_secs(10)));
+    logged.metrics(|m| m.last_log_index >= Some(raft_last + TAIL as u64), "the tail logged").await.unwrap();
+    drop(pending);
+    nodes[leader].stop(false).await;
+
+    // The leader and one follower come back: the leader resumes its term at once.
+    for i in [leader, followers[0]] {
+        let old = &nodes[i];
+        let (id, addr, disk, dir) = (old.id, old.addr.clone(), Arc::clone(&old.disk), old.dir.clone());
+        nodes[i] = TestNode::start(id, &addr, disk, dir, &cfg).await;
+        nodes[i].node.open_group(GROUP).await.unwrap();
+    }
+    let live = [&nodes[leader], &nodes[followers[0]]];
+    let last = 5 + TAIL - 1;
+    let retried = append(&live, GROUP, stamped(0, last)).await.unwrap();
+    assert_eq!(retried.base_offset, 3 * last as u64, "the retry is answered with the tail's offsets");
+    let next = append(&live, GROUP, stamped(0, last + 1)).await.unwrap();
+    assert_eq!(next.base_offset, 3 * (last as u64 + 1), "and the log holds each batch once");
     for n in &mut nodes {
         n.stop(false).await;
     }
