@@ -48,7 +48,7 @@ impl Default for ClusterSim {
 }
 
 fn members() -> BTreeMap<NodeId, Node> {
-    (1..=NODES).map(|id| (id, Node { addr: format!("{}:{PORT}", host_name(id)) })).collect()
+    (1..=NODES).map(|id| (id, Node::new(format!("{}:{PORT}", host_name(id))))).collect()
 }
 
 /// The running nodes, with the boot number of each (a restarted node is a new boot).

@@ -256,7 +256,7 @@ impl Broker {
         });
         if inner.config.is_voter() {
             let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
-            inner.node.open_group_with(META_GROUP, log).await?;
+            inner.node.open_group_with(META_GROUP, log, 0).await?;
             let members: Vec<NodeId> = inner.config.voters.keys().copied().collect();
             inner.spawn("meta-init", Arc::clone(&inner).ensure_initialized(META_GROUP, members));
             inner.spawn("meta-follow", Arc::clone(&inner).follow_local_meta());
@@ -1283,20 +1283,24 @@ impl Inner {
         let open = self.node.group_ids();
         // Several at a time: each open waits for the disk (creating a partition syncs files and
         // directories), and one at a time made creating 3,000 partitions take 20 s per node.
-        let opening: Vec<(GroupId, Option<Vec<NodeId>>, LogConfig, tracing::Span)> = wanted
+        let opening: Vec<(GroupId, u32, Option<Vec<NodeId>>, LogConfig, tracing::Span)> = wanted
             .iter()
-            .filter(|(group, _)| !open.contains(*group))
-            .map(|(group, (topic_name, partition, topic))| {
+            .filter_map(|(group, (topic_name, partition, topic))| {
                 let p = &topic.partitions[*partition as usize];
+                let generation = p.generation_of(me);
+                if open.contains(group) && self.node.generation(*group) == Some(generation) {
+                    return None;
+                }
                 // A replica a move brings in joins through the leader: initialising it alone
                 // would start a second group under the same id.
                 let replicas = p.initialisable().then(|| p.replicas.clone());
-                let span = info_span!("partition", topic = topic_name, partition, group);
-                (*group, replicas, self.log_config(topic), span)
+                let span = info_span!("partition", topic = topic_name, partition, group, generation);
+                Some((*group, generation, replicas, self.log_config(topic), span))
             })
             .collect();
-        let opening = opening.into_iter().map(|(group, replicas, log, span)| async move {
-            (group, replicas, self.node.open_group_with(group, log).instrument(span).await)
+        let opening = opening.into_iter().map(|(group, generation, replicas, log, span)| async move {
+            let opened = self.open_copy(group, generation, log).instrument(span).await;
+            (group, replicas, opened)
         });
         let mut opened = futures_util::stream::iter(opening).buffer_unordered(GROUPS_OPENING_MAX);
         while let Some((group, replicas, result)) = opened.next().await {
@@ -1330,6 +1334,22 @@ impl Inner {
                 warn!(group, error = %e, "removing a deleted partition failed");
             }
             *cleaned_upto += 1;
+        }
+    }
+
+    /// Opens copy `generation` of a partition here. A copy of an older generation is what is left
+    /// of this node's earlier membership (a move took the partition off and now brings it back):
+    /// the move that removed it finished, so no committed membership counts on it any more, and it
+    /// is dropped for the blank copy the leader will fill.
+    async fn open_copy(&self, group: GroupId, generation: u32, log: LogConfig) -> Result<(), keel_raft::NodeError> {
+        match self.node.open_group_with(group, log.clone(), generation).await {
+            // A newer copy than the metadata names means this view of it is behind: keep it.
+            Err(keel_raft::NodeError::Generation { have, .. }) if have < generation => {
+                info!(group, have, generation, "replacing an old copy of the partition with a new generation");
+                self.node.remove_group(group).await?;
+                self.node.open_group_with(group, log, generation).await
+            }
+            other => other,
         }
     }
 

@@ -95,11 +95,13 @@ pub struct Partition {
     /// replica that joins it blank must be brought in by the leader, never start a group alone.
     #[serde(default, skip_serializing_if = "is_zero32")]
     pub moves: u32,
-    /// Nodes a finished move took the partition off. None of them may hold it again: its raft
-    /// group knows a replica by its node id alone, so a copy made afresh on a node that an old
-    /// membership still lists could vote, or ack a stale leader, as if it were the old one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub retired: Vec<NodeId>,
+    /// The generation of the copy each host holds, where it is not 0 (the copies the partition
+    /// was created with). A node a move brings in gets a generation no copy of the partition
+    /// had before (the move's number), so that a node holding the partition again — after a
+    /// move took it off, or a lost disk — is never taken by the group for its old copy, whose
+    /// vote and log the new one does not have (`keel_raft::Node::generation`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub generations: BTreeMap<NodeId, u32>,
 }
 
 impl Partition {
@@ -107,6 +109,11 @@ impl Partition {
     pub fn hosts(&self) -> impl Iterator<Item = NodeId> + '_ {
         let target = self.target.iter().flatten().filter(|n| !self.replicas.contains(n));
         self.replicas.iter().chain(target).copied()
+    }
+
+    /// The generation of `node`'s copy.
+    pub fn generation_of(&self, node: NodeId) -> u32 {
+        self.generations.get(&node).copied().unwrap_or(0)
     }
 
     /// Whether a replica may initialise the group's first membership: only the replicas it was
@@ -461,7 +468,13 @@ impl Metadata {
                     )));
                 }
                 let target = (current.replicas != *to).then(|| to.clone());
-                self.partition_mut(topic, *partition)?.target = target;
+                let p = self.partition_mut(topic, *partition)?;
+                // Numbered after the move, so unique among the partition's copies ever made.
+                let generation = p.moves.saturating_add(1);
+                for joiner in to.iter().filter(|n| !p.replicas.contains(n)) {
+                    p.generations.insert(*joiner, generation);
+                }
+                p.target = target;
                 Ok(())
             }
             Command::FinishMove { topic, partition, to } => {
@@ -472,8 +485,7 @@ impl Metadata {
                         current.target
                     )));
                 }
-                let off: Vec<NodeId> = current.replicas.iter().copied().filter(|n| !to.contains(n)).collect();
-                current.retired.extend(off);
+                current.generations.retain(|n, _| to.contains(n));
                 current.replicas = to.clone();
                 current.target = None;
                 current.moves = current.moves.saturating_add(1);
@@ -568,7 +580,7 @@ impl Metadata {
             .map(|replicas| {
                 let group = self.next_group;
                 self.next_group += 1;
-                Partition { group, replicas: replicas.clone(), target: None, moves: 0, retired: Vec::new() }
+                Partition { group, replicas: replicas.clone(), target: None, moves: 0, generations: BTreeMap::new() }
             })
             .collect()
     }
@@ -610,13 +622,6 @@ impl Metadata {
             )));
         }
         self.check_assignment(&[to.to_vec()], t.replication_factor)?;
-        let p = self.partition(topic, partition)?;
-        if let Some(n) = to.iter().find(|n| p.retired.contains(n)) {
-            return Err(MetaError::Precondition(format!(
-                "node {n} held {topic}/{partition} before a move took it off; a partition does not \
-                 return to a node it left (its raft group would take the new copy for the old one)"
-            )));
-        }
         Ok(())
     }
 
@@ -903,9 +908,15 @@ mod tests {
         assert!(!p.initialisable(), "a moved partition is never initialised again");
         // A finish applied twice is refused (the controller answers a repeat before proposing).
         assert!(apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: 0, to }).is_err());
-        assert_eq!(p.retired, vec![from[0]]);
-        // Never back to a node it left; elsewhere, a move like any other.
-        assert!(apply_next(&mut m, move_to(&p.replicas, &from)).is_err());
+        // The node brought in holds the partition's second generation of copy; the others keep
+        // theirs (0).
+        assert_eq!(p.generations, BTreeMap::from([(spare, 1)]));
+        assert_eq!((p.generation_of(spare), p.generation_of(from[1])), (1, 0));
+        // Back to the node it left: that node's new copy is another generation than its old.
+        apply_next(&mut m, move_to(&p.replicas, &from)).unwrap();
+        apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: 0, to: from.clone() }).unwrap();
+        let p = m.partition("a", 0).unwrap().clone();
+        assert_eq!(p.generations, BTreeMap::from([(from[0], 2)]), "the spare's copy is gone with it");
         let mut reordered = p.replicas.clone();
         reordered.rotate_left(1);
         apply_next(&mut m, move_to(&p.replicas, &reordered)).unwrap();

@@ -5,7 +5,7 @@
 //! record or raft membership state, and each is idempotent, so whichever node leads the group
 //! after a crash anywhere mid-move resumes from what it finds.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +111,7 @@ impl Inner {
             let meta = rx.borrow_and_update().clone();
             for (topic, partition, p) in meta.moving() {
                 let Some(target) = p.target.clone() else { continue };
+                let generations: BTreeMap<NodeId, u32> = target.iter().map(|n| (*n, p.generation_of(*n))).collect();
                 if busy.contains(&p.group) || self.node.leader(p.group) != Some(me) {
                     continue;
                 }
@@ -120,7 +121,7 @@ impl Inner {
                 let span = info_span!("move", topic = %topic, partition, group);
                 driving.spawn(
                     async move {
-                        match inner.drive_move(group, &topic, partition, target).await {
+                        match inner.drive_move(group, &topic, partition, target, generations).await {
                             Ok(Pass::Finished) => {}
                             // Not at once: the new leader takes over, or the cause (a node
                             // down, metadata behind) takes time to go away.
@@ -143,23 +144,55 @@ impl Inner {
         }
     }
 
-    /// One pass of a move on the group's leader: learners in, caught up, voters replaced,
-    /// leftover learners out, then the controller told. Each step looks at the group's current
-    /// membership first, so a pass after a crash skips what is done.
+    /// One pass of a move on the group's leader: copies of a stale generation out, learners in,
+    /// caught up, voters replaced, leftover learners out, then the controller told. Each step
+    /// looks at the group's current membership first, so a pass after a crash skips what is done.
     async fn drive_move(
         &self,
         group: GroupId,
         topic: &str,
         partition: u32,
         target: Vec<NodeId>,
+        generations: BTreeMap<NodeId, u32>,
     ) -> Result<Pass, String> {
         let raft = self.node.raft(group).map_err(|e| e.to_string())?;
         self.node.wake(group).await;
-        let wanted: BTreeSet<NodeId> = target.iter().copied().collect();
-        let (voters, joint) = {
+        let wanted: BTreeSet<NodeId> = generations.keys().copied().collect();
+        let membership = || -> Result<_, String> {
             let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
-            let membership = metrics.membership_config.membership();
-            (membership.voter_ids().collect::<BTreeSet<_>>(), membership.get_joint_config().len() > 1)
+            Ok(metrics.membership_config.membership().clone())
+        };
+        // A member that is another copy than the one the move wants on its node (an old copy
+        // of a node the partition returns to) goes first: a membership names each node once.
+        let stale = |m: &keel_raft::types::Membership| -> BTreeSet<NodeId> {
+            m.nodes()
+                .filter(|(id, n)| generations.get(id).is_some_and(|g| *g != n.generation))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let current = membership()?;
+        let gone = stale(&current);
+        if !gone.is_empty() {
+            if gone.contains(&self.config.node_id) {
+                return Err("this leader is a stale copy of the partition; another must lead the move".to_owned());
+            }
+            info!(nodes = ?gone, "removing old copies on nodes the partition returns to");
+            let keep: BTreeSet<NodeId> = current.voter_ids().filter(|id| !gone.contains(id)).collect();
+            if current.voter_ids().any(|id| gone.contains(&id)) {
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(keep), false)
+                    .await
+                    .map_err(|e| format!("removing the old copies {gone:?}: {e}"))?;
+            }
+            let left: BTreeSet<NodeId> = stale(&membership()?);
+            if !left.is_empty() {
+                raft.change_membership(ChangeMembers::RemoveNodes(left), false)
+                    .await
+                    .map_err(|e| format!("removing the old copies {gone:?}: {e}"))?;
+            }
+        }
+        let (voters, joint) = {
+            let m = membership()?;
+            (m.voter_ids().collect::<BTreeSet<_>>(), m.get_joint_config().len() > 1)
         };
         // A new replica must have reconciled up to this move first: one that was a replica
         // before and has yet to apply the move that took it off would otherwise drop that old
@@ -171,24 +204,27 @@ impl Inner {
                 return Err(format!("node {id} has reconciled the metadata up to {reached}, not yet to {needed}"));
             }
         }
-        if self.coordinator_faults.move_finished_early {
-            for id in wanted.difference(&voters) {
-                let addr = self.peer_addr_of(*id).ok_or_else(|| format!("node {id} has no peer address yet"))?;
-                raft.add_learner(*id, Node::new(addr), false).await.map_err(|e| e.to_string())?;
-            }
-            self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
-            return Ok(Pass::Finished);
-        }
         // Every replica that is not a voter yet is (re-)added and awaited: a learner a previous
-        // leader added may not have caught up, and a voter must never be one that has not.
+        // leader added may not have caught up, and a voter must never be one that has not
+        // (unless the injected bug says otherwise: the simulation's negative control).
+        let early = self.coordinator_faults.move_finished_early;
         for id in wanted.difference(&voters) {
             let addr = self.peer_addr_of(*id).ok_or_else(|| format!("node {id} has no peer address yet"))?;
-            info!(node = id, "adding the new replica as a learner and waiting for it to catch up");
-            match tokio::time::timeout(CATCH_UP_MAX, raft.add_learner(*id, Node::new(addr), true)).await {
+            let node = Node::at(addr, generations.get(id).copied().unwrap_or(0));
+            info!(
+                node = id,
+                generation = node.generation,
+                "adding the new replica as a learner and waiting for it to catch up"
+            );
+            match tokio::time::timeout(CATCH_UP_MAX, raft.add_learner(*id, node, !early)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("adding node {id} as a learner: {e}")),
                 Err(_) => return Err(format!("node {id} did not catch up within {CATCH_UP_MAX:?}")),
             }
+        }
+        if early {
+            self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
+            return Ok(Pass::Finished);
         }
         if (voters != wanted || joint) && !wanted.contains(&self.config.node_id) {
             // A leader that removes itself steps down only once the change committed, and the
@@ -206,22 +242,19 @@ impl Inner {
                 .await
                 .map_err(|e| format!("changing the voters to {wanted:?}: {e}"))?;
         }
-        let stray: BTreeSet<NodeId> = {
-            let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
-            metrics.membership_config.membership().learner_ids().filter(|id| !wanted.contains(id)).collect()
-        };
+        let stray: BTreeSet<NodeId> = membership()?.learner_ids().filter(|id| !wanted.contains(id)).collect();
         if !stray.is_empty() {
             raft.change_membership(ChangeMembers::RemoveNodes(stray.clone()), false)
                 .await
                 .map_err(|e| format!("removing the learners {stray:?}: {e}"))?;
         }
-        self.check_committed_voters(group, &raft, &wanted).await?;
+        self.check_committed_voters(group, &raft, &generations).await?;
         self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
         info!("partition moved");
         Ok(Pass::Finished)
     }
 
-    /// Checks that the group's voters are `wanted` in a membership that is *committed*: the
+    /// Checks that the group's voters are `wanted` (those copies) in a membership that is *committed*: the
     /// metrics show the latest membership in the log, and one that a crash of this leader can
     /// still undo must not let the old replicas drop their copies (the simulation found a blank
     /// re-added replica voting in the configuration that came back).
@@ -229,15 +262,15 @@ impl Inner {
         &self,
         group: GroupId,
         raft: &keel_raft::types::Raft,
-        wanted: &BTreeSet<NodeId>,
+        wanted: &BTreeMap<NodeId, u32>,
     ) -> Result<(), String> {
         let settled = |metrics: &keel_raft::types::Metrics| {
             let membership = metrics.membership_config.membership();
             let uniform = membership.get_joint_config().len() == 1;
-            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-            let no_learners = membership.learner_ids().next().is_none();
+            let voters: BTreeMap<NodeId, u32> = membership.nodes().map(|(id, n)| (*id, n.generation)).collect();
+            let all_vote = membership.voter_ids().count() == voters.len();
             let index = metrics.membership_config.log_id().as_ref().map_or(0, |l| l.index);
-            (uniform && voters == *wanted && no_learners, index)
+            (uniform && voters == *wanted && all_vote, index)
         };
         let (right, index) = settled(&self.node.metrics(group).map_err(|e| e.to_string())?);
         if !right {

@@ -78,7 +78,7 @@ async fn cluster() -> Cluster {
     for id in 1..=3 {
         let (node, addr) = start_node(id, dir.path()).await;
         node.open_group(GROUP).await.expect("open group");
-        members.insert(id, Node { addr });
+        members.insert(id, Node::new(addr));
         nodes.push(node);
     }
     nodes[0].initialize_group(GROUP, members).await.expect("initialize group");

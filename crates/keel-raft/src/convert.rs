@@ -147,14 +147,17 @@ pub fn membership_to_pb(m: &Membership) -> pb::Membership {
             .iter()
             .map(|set| pb::membership::VoterSet { voters: set.iter().copied().collect() })
             .collect(),
-        nodes: m.nodes().map(|(id, n)| pb::Node { node_id: *id, addr: n.addr.clone() }).collect(),
+        nodes: m
+            .nodes()
+            .map(|(id, n)| pb::Node { node_id: *id, addr: n.addr.clone(), generation: n.generation })
+            .collect(),
     }
 }
 
 /// proto → openraft.
 pub fn membership_from_pb(m: pb::Membership) -> Result<Membership, ConvertError> {
     let configs: Vec<BTreeSet<u64>> = m.configs.into_iter().map(|c| c.voters.into_iter().collect()).collect();
-    let nodes: BTreeMap<u64, Node> = m.nodes.into_iter().map(|n| (n.node_id, Node { addr: n.addr })).collect();
+    let nodes: BTreeMap<u64, Node> = m.nodes.into_iter().map(|n| (n.node_id, Node::at(n.addr, n.generation))).collect();
     Membership::new(configs, nodes).map_err(|e| invalid(format!("membership: {e}")))
 }
 
@@ -204,10 +207,12 @@ pub fn decode_vote(bytes: &[u8]) -> Result<Vote, ConvertError> {
 /// A transfer-leader request to protobuf.
 pub fn transfer_leader_to_pb(
     group_id: u64,
+    target_generation: u32,
     r: &openraft::raft::TransferLeaderRequest<KeelRaft>,
 ) -> pb::TransferLeaderRequest {
     pb::TransferLeaderRequest {
         group_id,
+        target_generation,
         from_leader: Some(vote_to_pb(r.from_leader())),
         to_node_id: *r.to_node_id(),
         last_log_id: r.last_log_id().map(log_id_to_pb),
@@ -266,9 +271,7 @@ mod tests {
     use super::*;
 
     fn membership() -> Membership {
-        let nodes: BTreeMap<u64, Node> =
-            [(1, Node { addr: "a:1".into() }), (2, Node { addr: "b:2".into() }), (3, Node { addr: "c:3".into() })]
-                .into();
+        let nodes: BTreeMap<u64, Node> = [(1, Node::new("a:1")), (2, Node::at("b:2", 7)), (3, Node::new("c:3"))].into();
         Membership::new(vec![[1, 2, 3].into()], nodes).unwrap()
     }
 

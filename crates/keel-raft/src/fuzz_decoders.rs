@@ -108,8 +108,7 @@ fn check_request(name: &str, buf: &[u8]) -> TestCaseResult {
 const HEADER_AND_TAG: usize = keel_record::HEADER_LEN + 1;
 
 fn membership() -> Membership {
-    let nodes: BTreeMap<u64, Node> =
-        [(1, Node { addr: "a:1".into() }), (2, Node { addr: "b:2".into() }), (3, Node { addr: "c:3".into() })].into();
+    let nodes: BTreeMap<u64, Node> = [(1, Node::new("a:1")), (2, Node::at("b:2", 3)), (3, Node::new("c:3"))].into();
     Membership::new(vec![[1, 2, 3].into(), [2, 3].into()], nodes).unwrap()
 }
 

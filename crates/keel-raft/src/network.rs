@@ -269,9 +269,10 @@ fn bad_response(what: &str) -> RPCError<KeelRaft> {
     RPCError::Network(NetworkError::new(&NetError(format!("malformed response: {what}"))))
 }
 
-fn vote_request_to_pb(group_id: GroupId, rpc: &VoteRequest<KeelRaft>) -> pb::VoteRequest {
+fn vote_request_to_pb(to: Addressed, rpc: &VoteRequest<KeelRaft>) -> pb::VoteRequest {
     pb::VoteRequest {
-        group_id,
+        group_id: to.group,
+        target_generation: to.generation,
         vote: Some(convert::vote_to_pb(&rpc.vote)),
         last_log_id: rpc.last_log_id.as_ref().map(convert::log_id_to_pb),
         leadership_transfer: rpc.leadership_transfer,
@@ -321,11 +322,11 @@ impl Peers {
         &self,
         ballot: Ballot,
         target: NodeId,
-        group_id: GroupId,
+        to: Addressed,
         rpc: &VoteRequest<KeelRaft>,
         option: &RPCOption,
     ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let request = vote_request_to_pb(group_id, rpc);
+        let request = vote_request_to_pb(to, rpc);
         let response = self
             .call(target, option, |mut c| async move {
                 match ballot {
@@ -338,18 +339,29 @@ impl Peers {
     }
 }
 
-impl GroupRouter<KeelRaft, GroupId> for Peers {
+/// Where a group's raft RPC goes on its target node: the group, and the generation of the copy
+/// of it the sender's membership names there ([`Node::generation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addressed {
+    /// The group.
+    pub group: GroupId,
+    /// The copy's generation.
+    pub generation: u32,
+}
+
+impl GroupRouter<KeelRaft, Addressed> for Peers {
     type SnapshotData = Vec<u8>;
 
     async fn append_entries(
         &self,
         target: NodeId,
-        group_id: GroupId,
+        to: Addressed,
         rpc: AppendEntriesRequest<KeelRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<KeelRaft>, RPCError<KeelRaft>> {
         let request = pb::AppendEntriesRequest {
-            group_id,
+            group_id: to.group,
+            target_generation: to.generation,
             vote: Some(convert::vote_to_pb(&rpc.vote)),
             prev_log_id: rpc.prev_log_id.as_ref().map(convert::log_id_to_pb),
             entries: convert::entries_to_pb(&rpc.entries).map_err(convert_err)?,
@@ -373,11 +385,11 @@ impl GroupRouter<KeelRaft, GroupId> for Peers {
     async fn vote(
         &self,
         target: NodeId,
-        group_id: GroupId,
+        to: Addressed,
         rpc: VoteRequest<KeelRaft>,
         option: RPCOption,
     ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
-        self.ask_for_vote(Ballot::Vote, target, group_id, &rpc, &option).await
+        self.ask_for_vote(Ballot::Vote, target, to, &rpc, &option).await
     }
 
     /// A real RPC: openraft's default grants every pre-vote without asking, which defeats the
@@ -385,24 +397,25 @@ impl GroupRouter<KeelRaft, GroupId> for Peers {
     async fn pre_vote(
         &self,
         target: NodeId,
-        group_id: GroupId,
+        to: Addressed,
         rpc: VoteRequest<KeelRaft>,
         option: RPCOption,
     ) -> Result<VoteResponse<KeelRaft>, RPCError<KeelRaft>> {
-        self.ask_for_vote(Ballot::PreVote, target, group_id, &rpc, &option).await
+        self.ask_for_vote(Ballot::PreVote, target, to, &rpc, &option).await
     }
 
     async fn full_snapshot(
         &self,
         target: NodeId,
-        group_id: GroupId,
+        to: Addressed,
         vote: Vote,
         snapshot: SnapshotOf<KeelRaft, Vec<u8>>,
         _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<KeelRaft>, StreamingError<KeelRaft>> {
         let request = pb::InstallSnapshotRequest {
-            group_id,
+            group_id: to.group,
+            target_generation: to.generation,
             vote: Some(convert::vote_to_pb(&vote)),
             meta: Some(convert::snapshot_meta_to_pb(&snapshot.meta)),
             data: snapshot.snapshot.into(),
@@ -424,11 +437,11 @@ impl GroupRouter<KeelRaft, GroupId> for Peers {
     async fn transfer_leader(
         &self,
         target: NodeId,
-        group_id: GroupId,
+        to: Addressed,
         rpc: TransferLeaderRequest<KeelRaft>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<KeelRaft>, RPCError<KeelRaft>> {
-        let request = convert::transfer_leader_to_pb(group_id, &rpc);
+        let request = convert::transfer_leader_to_pb(to.group, to.generation, &rpc);
         let response = self.call(target, &option, |mut c| async move { c.transfer_leader(request).await }).await?;
         convert::transfer_leader_response_from_pb(response).map_err(convert_err)
     }
@@ -456,33 +469,50 @@ impl GroupNetwork {
 }
 
 impl RaftNetworkFactory<KeelRaft> for GroupNetwork {
-    type Network = GroupNetworkAdapter<KeelRaft, GroupId, Peers>;
+    type Network = GroupNetworkAdapter<KeelRaft, Addressed, Peers>;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
         self.peers.learn_addr(target, &node.addr);
-        GroupNetworkAdapter::new(self.peers.clone(), target, self.group_id)
+        let to = Addressed { group: self.group_id, generation: node.generation };
+        GroupNetworkAdapter::new(self.peers.clone(), target, to)
     }
 }
 
 /// The groups hosted on this node, by id: where incoming raft RPCs are routed.
 #[derive(Clone, Default)]
 pub struct Groups {
-    inner: Arc<RwLock<BTreeMap<GroupId, Raft>>>,
+    inner: Arc<RwLock<BTreeMap<GroupId, Hosted>>>,
+}
+
+/// A group's copy on this node.
+#[derive(Clone)]
+struct Hosted {
+    raft: Raft,
+    generation: u32,
 }
 
 impl Groups {
-    /// Adds (or replaces) a group.
-    pub fn insert(&self, group_id: GroupId, raft: Raft) {
-        self.inner.write().unwrap_or_else(|e| e.into_inner()).insert(group_id, raft);
+    /// Adds (or replaces) a group whose copy here is `generation`.
+    pub fn insert(&self, group_id: GroupId, raft: Raft, generation: u32) {
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).insert(group_id, Hosted { raft, generation });
     }
 
     /// Removes a group.
     pub fn remove(&self, group_id: GroupId) -> Option<Raft> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner()).remove(&group_id)
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).remove(&group_id).map(|h| h.raft)
     }
 
     /// The raft handle of a group.
     pub fn get(&self, group_id: GroupId) -> Result<Raft, Status> {
+        self.hosted(group_id).map(|h| h.raft)
+    }
+
+    /// The generation of the group's copy here.
+    pub fn generation(&self, group_id: GroupId) -> Result<u32, Status> {
+        self.hosted(group_id).map(|h| h.generation)
+    }
+
+    fn hosted(&self, group_id: GroupId) -> Result<Hosted, Status> {
         self.inner
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -491,9 +521,23 @@ impl Groups {
             .ok_or_else(|| Status::not_found(format!("raft group {group_id} is not hosted on this node")))
     }
 
+    /// The raft handle of a group, for an RPC meant for copy `generation` of it: a copy of
+    /// another generation must not answer (a blank copy would vote as if it had the old one's
+    /// log and vote; the old one must not take part in a membership it was removed from).
+    pub fn addressed(&self, group_id: GroupId, generation: u32) -> Result<Raft, Status> {
+        let hosted = self.hosted(group_id)?;
+        if hosted.generation != generation {
+            return Err(Status::failed_precondition(format!(
+                "raft group {group_id}: this node hosts copy {} of it, not copy {generation}",
+                hosted.generation
+            )));
+        }
+        Ok(hosted.raft)
+    }
+
     /// Every hosted group.
     pub fn all(&self) -> Vec<(GroupId, Raft)> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(g, r)| (*g, r.clone())).collect()
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(g, h)| (*g, h.raft.clone())).collect()
     }
 
     /// A handle that does not keep the groups alive (for the node's background tasks).
@@ -503,7 +547,7 @@ impl Groups {
 }
 
 /// [`Groups`] that are gone once the node that hosts them is.
-pub(crate) struct WeakGroups(Weak<RwLock<BTreeMap<GroupId, Raft>>>);
+pub(crate) struct WeakGroups(Weak<RwLock<BTreeMap<GroupId, Hosted>>>);
 
 impl WeakGroups {
     /// The groups, while their node exists.
@@ -526,8 +570,8 @@ impl RaftService {
     }
 
     /// The group's raft, woken if it was quiescent: a message from its leader arrived.
-    fn woken(&self, group: GroupId) -> Result<Raft, Status> {
-        let raft = self.groups.get(group)?;
+    fn woken(&self, group: GroupId, generation: u32) -> Result<Raft, Status> {
+        let raft = self.groups.addressed(group, generation)?;
         self.quiescence.wake(group, &raft);
         Ok(raft)
     }
@@ -539,7 +583,7 @@ impl RaftService {
     ) -> Result<Response<pb::VoteResponse>, Status> {
         check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
-        let raft = self.groups.get(r.group_id)?;
+        let raft = self.groups.addressed(r.group_id, r.target_generation)?;
         let candidate = r.vote.as_ref().map_or(crate::NOBODY, |v| v.node_id);
         let response = match self.quiescence.on_vote(r.group_id, candidate, &raft) {
             VoteAction::Refuse => Quiescence::refusal(&raft),
@@ -622,7 +666,7 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
-        let raft = self.groups.get(r.group_id)?;
+        let raft = self.groups.addressed(r.group_id, r.target_generation)?;
         let rpc = AppendEntriesRequest {
             vote: convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?,
             prev_log_id: r.prev_log_id.as_ref().map(convert::log_id_from_pb),
@@ -664,7 +708,7 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         check_claim(&request, request.get_ref().vote.as_ref())?;
         let r = request.into_inner();
-        let raft = self.woken(r.group_id)?;
+        let raft = self.woken(r.group_id, r.target_generation)?;
         let vote = convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?;
         let meta = convert::snapshot_meta_from_pb(r.meta).map_err(invalid)?;
         let snapshot = openraft::storage::Snapshot { meta, snapshot: r.data.to_vec() };
@@ -678,7 +722,7 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         check_claim(&request, request.get_ref().from_leader.as_ref())?;
         let r = request.into_inner();
-        let raft = self.woken(r.group_id)?;
+        let raft = self.woken(r.group_id, r.target_generation)?;
         let request = convert::transfer_leader_from_pb(&r).map_err(invalid)?;
         let response = raft.handle_transfer_leader(request).await.map_err(raft_failed)?;
         Ok(Response::new(convert::transfer_leader_response_to_pb(&response)))

@@ -1,7 +1,7 @@
 //! A node hosting many raft groups (one per partition), and the write API the broker uses.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -196,6 +196,47 @@ pub enum NodeError {
     /// Another call is opening the group right now.
     #[error("raft group {0} is being opened")]
     Opening(GroupId),
+    /// The group's copy here is another generation than the one asked for: the old copy must
+    /// be removed before the new one can be made.
+    #[error("raft group {group}: this node holds copy {have} of it, not copy {wanted}")]
+    Generation {
+        /// The group.
+        group: GroupId,
+        /// The generation of the copy on disk.
+        have: u32,
+        /// The generation asked for.
+        wanted: u32,
+    },
+}
+
+/// The file naming which generation of its group a copy is ([`Node::generation`]). Absent means
+/// generation 0: a group's first copies (most of them) never write it.
+const GENERATION_FILE: &str = "raft.generation";
+
+/// Checks that the copy in `dir` is generation `wanted`, claiming a blank copy for it.
+fn claim_generation(disk: &dyn Disk, dir: &Path, wanted: u32, blank: bool) -> std::io::Result<Option<u32>> {
+    let path = dir.join(GENERATION_FILE);
+    let have = if disk.exists(&path)? {
+        let bytes = keel_storage::read_whole(disk, &path)?;
+        let text = std::str::from_utf8(&bytes).ok().and_then(|t| t.strip_prefix("generation "));
+        let parsed = text.and_then(|t| t.trim_end().parse::<u32>().ok());
+        Some(parsed.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: not a generation", path.display()))
+        })?)
+    } else {
+        None
+    };
+    match have {
+        Some(have) if have != wanted => Ok(Some(have)),
+        Some(_) => Ok(None),
+        None if blank => {
+            if wanted != 0 {
+                keel_storage::write_atomic(disk, &path, format!("generation {wanted}\n").as_bytes())?;
+            }
+            Ok(None)
+        }
+        None => Ok((wanted != 0).then_some(0)),
+    }
 }
 
 /// One node: its raft groups, their storage, and its connections to peers.
@@ -315,13 +356,18 @@ impl RaftNode {
     /// initialized before resumes; a new one waits for [`RaftNode::initialize_group`] on one
     /// node, or for a leader to reach it.
     pub async fn open_group(&self, group: GroupId) -> Result<(), NodeError> {
-        self.open_group_with(group, self.config.log.clone()).await
+        self.open_group_with(group, self.config.log.clone(), 0).await
     }
 
-    /// [`RaftNode::open_group`] with this partition's own log settings (its topic's retention).
-    pub async fn open_group_with(&self, group: GroupId, log: LogConfig) -> Result<(), NodeError> {
-        if self.groups.get(group).is_ok() {
-            return Ok(());
+    /// [`RaftNode::open_group`] with this partition's own log settings (its topic's retention),
+    /// as copy `generation` of the group ([`Node::generation`]). A copy of another generation,
+    /// open or on disk, is [`NodeError::Generation`]: the caller removes it first.
+    pub async fn open_group_with(&self, group: GroupId, log: LogConfig, generation: u32) -> Result<(), NodeError> {
+        if let Ok(have) = self.groups.generation(group) {
+            return match have == generation {
+                true => Ok(()),
+                false => Err(NodeError::Generation { group, have, wanted: generation }),
+            };
         }
         if !self.opening.lock().unwrap_or_else(|e| e.into_inner()).insert(group) {
             return Err(NodeError::Opening(group));
@@ -334,10 +380,10 @@ impl RaftNode {
             }
         }
         let _opening = Opening(&self.opening, group);
-        self.open_new_group(group, log).await
+        self.open_new_group(group, log, generation).await
     }
 
-    async fn open_new_group(&self, group: GroupId, log: LogConfig) -> Result<(), NodeError> {
+    async fn open_new_group(&self, group: GroupId, log: LogConfig, generation: u32) -> Result<(), NodeError> {
         let dir = self.group_dir(group);
         let faults = *self.faults.lock().unwrap_or_else(|e| e.into_inner());
         let node_flusher = (self.config.flush == FlushScope::Node).then(|| {
@@ -345,7 +391,14 @@ impl RaftNode {
             Arc::clone(self.node_flusher.get_or_init(start))
         });
         let (disk, io) = (Arc::clone(&self.disk), self.config.io);
-        let open = move || PartitionStore::open_on_node(disk, dir, log, io, faults, node_flusher);
+        let open = move || {
+            let store = PartitionStore::open_on_node(Arc::clone(&disk), &dir, log, io, faults, node_flusher)?;
+            let mismatch = claim_generation(&*disk, &dir, generation, store.is_blank());
+            if !matches!(mismatch, Ok(None)) {
+                store.close();
+            }
+            Ok::<_, std::io::Error>((store, mismatch?))
+        };
         // Opening reads (or creates and syncs) files: off the async workers in production, so
         // that a node opening thousands of partitions keeps serving the ones it has.
         let store = match io {
@@ -355,6 +408,10 @@ impl RaftNode {
                 .map_err(|e| NodeError::Storage { group, source: std::io::Error::other(e.to_string()) })?,
         }
         .map_err(|source| NodeError::Storage { group, source })?;
+        let store = match store {
+            (store, None) => store,
+            (_, Some(have)) => return Err(NodeError::Generation { group, have, wanted: generation }),
+        };
         store.set_producer_limits(*self.producer_limits.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(observer) = self.flush_observer.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             store.set_flush_observer(observer);
@@ -377,9 +434,9 @@ impl RaftNode {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
         self.quiescence.open_dormant(group, &raft, blank);
-        self.groups.insert(group, raft);
+        self.groups.insert(group, raft, generation);
         self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(group, store);
-        info!(node = self.config.node_id, group, "group opened");
+        info!(node = self.config.node_id, group, generation, "group opened");
         if !self.step_down_started.swap(true, Ordering::AcqRel) {
             // Checked every heartbeat interval: a cut-off leader steps down within a heartbeat of
             // its lease running out.
@@ -393,6 +450,11 @@ impl RaftNode {
             tokio::spawn(task.instrument(info_span!("quiesce", node = self.config.node_id)));
         }
         Ok(())
+    }
+
+    /// The generation of the group's copy here, if it is open ([`Node::generation`]).
+    pub fn generation(&self, group: GroupId) -> Option<u32> {
+        self.groups.generation(group).ok()
     }
 
     /// Stops a group and deletes its data: the partition was deleted from the cluster.

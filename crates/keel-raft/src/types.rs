@@ -15,7 +15,7 @@ openraft::declare_raft_types!(
         D = BatchData,
         R = Appended,
         NodeId = u64,
-        Node = openraft::impls::BasicNode,
+        Node = Node,
         Term = u64,
         LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
         AsyncRuntime = Runtime,
@@ -45,8 +45,36 @@ pub type ChangeMembers = openraft::ChangeMembers<NodeId, Node>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<KeelRaft>;
 /// Snapshot metadata.
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<KeelRaft>;
-/// A node's address book entry.
-pub type Node = openraft::impls::BasicNode;
+/// A replica as a group's membership names it: where its node listens, and which copy of the
+/// group on that node it is. A node that hosts a group again (a move back, or a new disk after
+/// the old one was lost) hosts a new generation: raft RPCs carry the generation they are meant
+/// for, and a replica answers only its own, so a blank copy is never taken for the old one (whose
+/// vote and log it does not have).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    /// The node's peer address (`host:port`).
+    pub addr: String,
+    /// The generation of the group's copy on that node (0: the group's first copy there).
+    pub generation: u32,
+}
+
+impl Node {
+    /// The first copy (generation 0) on the node at `addr`.
+    pub fn new(addr: impl Into<String>) -> Node {
+        Node { addr: addr.into(), generation: 0 }
+    }
+
+    /// Copy `generation` on the node at `addr`.
+    pub fn at(addr: impl Into<String>, generation: u32) -> Node {
+        Node { addr: addr.into(), generation }
+    }
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.addr, self.generation)
+    }
+}
 /// The raft handle of one group.
 pub type Raft = openraft::Raft<KeelRaft, crate::store::StateMachine>;
 /// The committed part of a leader id: the term.

@@ -1,6 +1,7 @@
 //! Partition moves on four in-process nodes: a partition moves off its preferred leader onto the
 //! spare node while records are produced, every acknowledged record is on the new replica, the
-//! replica moved off drops its copy, and bad moves are refused.
+//! replica moved off drops its copy, and bad moves are refused. Then the partition moves back to
+//! the node it left, whose new copy is a new generation filled by the leader.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +30,44 @@ fn produce(value: String) -> pb::ProduceRequest {
 async fn describe(admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>) -> pb::PartitionDescription {
     let t = admin.describe_topic(pb::DescribeTopicRequest { name: "orders".into() }).await.unwrap().into_inner();
     t.topic.unwrap().partitions.remove(0)
+}
+
+/// Every record of `orders/0` below `end`, as the node at `addr` serves it.
+async fn read_from(addr: &str, end: u64) -> std::collections::BTreeMap<u64, String> {
+    let mut consumer = pb::consumer_client::ConsumerClient::new(channel(addr).await);
+    let mut got = std::collections::BTreeMap::new();
+    let mut offset = 0;
+    for _ in 0..200 {
+        if offset >= end {
+            break;
+        }
+        let request = pb::FetchRequest {
+            topic: "orders".into(),
+            partition: 0,
+            offset,
+            max_bytes: 0,
+            max_wait_ms: 500,
+            format: 0,
+        };
+        let r = consumer.fetch(request).await.unwrap().into_inner();
+        for rec in r.records {
+            got.insert(rec.offset, String::from_utf8(rec.value.unwrap().to_vec()).unwrap());
+        }
+        offset = r.next_offset;
+    }
+    got
+}
+
+/// Waits for the move in progress to finish; the partition then.
+async fn settled(admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>) -> pb::PartitionDescription {
+    for _ in 0..600 {
+        let p = describe(admin).await;
+        if p.moving_to.is_empty() {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the move did not finish within 60 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,17 +141,7 @@ async fn a_partition_moves_while_records_are_produced_and_loses_none() {
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     }
 
-    let mut done = None;
-    for _ in 0..600 {
-        let p = describe(&mut admin).await;
-        if p.moving_to.is_empty() {
-            done = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let done = done.expect("the move finished within 60 s");
-    assert_eq!(done.replicas, to);
+    assert_eq!(settled(&mut admin).await.replicas, to);
 
     let acked = producing.await.unwrap();
     assert_eq!(acked.len(), 400, "every record was acknowledged");
@@ -120,31 +149,8 @@ async fn a_partition_moves_while_records_are_produced_and_loses_none() {
     // Every acknowledged record is on the new replica, read from its own log.
     let group = cluster.brokers[0].metadata().partition("orders", 0).unwrap().group;
     let new_node = &cluster.brokers[(spare - 1) as usize];
-    let mut consumer = pb::consumer_client::ConsumerClient::new(channel(&cluster.addrs[(spare - 1) as usize]).await);
     let end = acked.iter().map(|(o, _)| o + 1).max().unwrap();
-    let mut got = std::collections::BTreeMap::new();
-    let mut offset = 0;
-    for _ in 0..200 {
-        if offset >= end {
-            break;
-        }
-        let r = consumer
-            .fetch(pb::FetchRequest {
-                topic: "orders".into(),
-                partition: 0,
-                offset,
-                max_bytes: 0,
-                max_wait_ms: 500,
-                format: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for rec in r.records {
-            got.insert(rec.offset, String::from_utf8(rec.value.unwrap().to_vec()).unwrap());
-        }
-        offset = r.next_offset;
-    }
+    let got = read_from(&cluster.addrs[(spare - 1) as usize], end).await;
     assert!(new_node.raft_node().group_ids().contains(&group), "the new replica hosts the group");
     for (offset, value) in &acked {
         assert_eq!(got.get(offset), Some(value), "acknowledged record at {offset} on node {spare}");
@@ -174,4 +180,14 @@ async fn a_partition_moves_while_records_are_produced_and_loses_none() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(written, "the moved partition takes writes");
+
+    // Back to the node it left. Its old copy is gone; the new one is the partition's second
+    // generation there (the copy a blank disk would also be), and only the leader fills it.
+    admin.move_partition(bad(from.clone())).await.unwrap();
+    assert_eq!(settled(&mut admin).await.replicas, from);
+    assert_eq!(old.raft_node().generation(group), Some(2), "node {} holds a new generation", from[0]);
+    let got = read_from(&cluster.addrs[(from[0] - 1) as usize], end).await;
+    for (offset, value) in &acked {
+        assert_eq!(got.get(offset), Some(value), "acknowledged record at {offset} back on node {}", from[0]);
+    }
 }

@@ -129,7 +129,7 @@ pub async fn start_nodes(dir: &std::path::Path, cfg: &ClusterConfig, n: u64) -> 
 }
 
 pub fn members(nodes: &[&TestNode]) -> BTreeMap<NodeId, Node> {
-    nodes.iter().map(|n| (n.id, Node { addr: n.addr.clone() })).collect()
+    nodes.iter().map(|n| (n.id, Node::new(n.addr.clone()))).collect()
 }
 
 /// Waits until some node of `nodes` leads `group` and every live node agrees; returns its index.

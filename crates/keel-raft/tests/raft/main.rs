@@ -7,4 +7,5 @@ mod t10_replication;
 mod t20_crash_and_snapshot;
 mod t30_many_groups;
 mod t40_quiescence;
+mod t50_generations;
 mod t90_issue_12;
