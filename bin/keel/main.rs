@@ -14,6 +14,7 @@ mod dev_control;
 mod dlq;
 mod group;
 mod health;
+mod node;
 mod partition;
 mod procstat;
 mod server;
@@ -97,6 +98,13 @@ enum Command {
         #[command(flatten)]
         connection: tools::Connection,
     },
+    /// Nodes: `keel node replace N` after node N lost its data dir.
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
+        #[command(flatten)]
+        connection: tools::Connection,
+    },
     /// Partitions: `keel partition move TOPIC/P --replicas a,b,c`.
     Partition {
         #[command(subcommand)]
@@ -167,6 +175,7 @@ fn main() -> std::process::ExitCode {
         Command::Group { command, connection } => group::run(command, &connection, cli.output),
         Command::Dlq { command, connection } => dlq::run(command, &connection, cli.output),
         Command::Partition { command, connection } => partition::run(command, &connection, cli.output),
+        Command::Node { command, connection } => node::run(command, &connection, cli.output),
         Command::Audit { args, connection } => match audit::run(args, &connection, cli.output) {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::FAILURE,

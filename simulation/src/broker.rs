@@ -41,7 +41,7 @@ use crate::nemesis::{NORMAL_LATENCY_MAX, Nemesis, Target, host_name};
 use crate::net::{PEER_PORT, PORT, TurmoilConnector, incoming};
 
 /// Metadata voters; a five-node run has two more brokers that follow the metadata from them.
-const VOTERS: u64 = 3;
+pub(crate) const VOTERS: u64 = 3;
 pub(crate) const PARTITIONS: u32 = 3;
 /// Replicas of each partition: with five nodes, every partition lives on three of them.
 const REPLICATION: u32 = 3;
@@ -195,6 +195,20 @@ pub(crate) struct State {
     pub(crate) txn: crate::txn::TxnView,
     /// Partition moves the controller recorded.
     pub(crate) moves: u64,
+    /// A node whose disk the mover wants lost next (the driver powers it off and wipes it).
+    pub(crate) lose_disk: Option<NodeId>,
+    /// When a disk was last lost (simulated time).
+    pub(crate) disk_lost_at: Option<Duration>,
+}
+
+/// Whether `copies` durable copies, found when a client learnt of an acknowledgement, make a
+/// quorum of three. A disk lost in the last `WRITE_BOUND` counts as one more copy: the leader
+/// may have counted it before it was lost, and the promise is for a majority of replicas that
+/// keep their disks (the black-box check still finds every such record on the final replicas).
+pub(crate) fn durable_quorum(state: &Shared, copies: usize) -> bool {
+    let now = turmoil::sim_elapsed().unwrap_or_default();
+    let lost = state.borrow().disk_lost_at.is_some_and(|at| now.saturating_sub(at) < WRITE_BOUND);
+    copies + usize::from(lost) >= (REPLICATION as usize) / 2 + 1
 }
 
 impl State {
@@ -418,7 +432,7 @@ pub(crate) fn complete(state: &Shared, disks: &[SimDisk], index: usize, result: 
             let copies = group.map_or(0, |g| {
                 checker::durable_copies(disks, &Path::new(DATA_DIR).join(format!("group-{g}")), stored.offset, &value)
             });
-            if copies < (REPLICATION as usize) / 2 + 1 {
+            if !durable_quorum(state, copies) {
                 state.borrow_mut().violations.push(format!(
                     "acknowledged without a durable quorum: {value} at {} of partition {partition} on {copies} disks",
                     stored.offset
@@ -762,7 +776,8 @@ fn sample(registry: &Registry, state: &Shared, high_watermarks: &mut HighWaterma
                 continue;
             };
             let high_watermark = *store.high_watermark().borrow();
-            if let Some(violation) = high_watermarks.observe(*id, *boot, group, high_watermark) {
+            let generation = broker.raft_node().generation(group).unwrap_or(0);
+            if let Some(violation) = high_watermarks.observe(*id, *boot, group, generation, high_watermark) {
                 state.borrow_mut().violations.push(violation);
             }
         }
@@ -918,6 +933,17 @@ fn run(seed: u64, config: BrokerSim, trace: &mut dyn FnMut(String)) -> Result<Br
         |sim, now, ctx| {
             if config.nemesis && ctx.state.borrow().topic_ready {
                 let mut nodes = Nodes { hosts: &hosts, disks: ctx.disks, registry: ctx.registry, state: ctx.state };
+                let lose = ctx.state.borrow().lose_disk;
+                if let Some(id) = lose.filter(|id| ctx.registry.borrow().contains_key(id)) {
+                    // Lost while running: it comes back (at the nemesis's next heal) blank.
+                    crate::nemesis::power_off(sim, &host_name(id), &hosts);
+                    ctx.registry.borrow_mut().remove(&id);
+                    ctx.disks[(id - 1) as usize].wipe();
+                    nemesis.down(id);
+                    ctx.state.borrow_mut().lose_disk = None;
+                    ctx.state.borrow_mut().disk_lost_at = Some(now);
+                    (ctx.trace)(format!("{now:?} n{id} loses its disk"));
+                }
                 nemesis.step(sim, now, &mut nodes, &mut *ctx.trace);
                 clocks.step(now, &mut *ctx.trace);
             }

@@ -209,25 +209,36 @@ pub fn text(value: Option<&[u8]>) -> String {
     value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
 }
 
-/// The high watermark of every (node, boot, group) seen so far: it must never move backwards
-/// within one boot of a node (a restart recomputes it from the log, which may start lower).
+/// The high watermark of every (node, boot, group, generation of the copy) seen so far: it must
+/// never move backwards within one boot of a node (a restart recomputes it from the log, which
+/// may start lower) and one copy (a partition that returns to a node starts a new copy, empty).
 #[derive(Debug, Default)]
 pub struct HighWatermarks {
-    seen: BTreeMap<(NodeId, u64, GroupId), u64>,
+    seen: BTreeMap<(NodeId, u64, GroupId, u32), u64>,
 }
 
 impl HighWatermarks {
     /// Forgets a group a node no longer hosts: a partition moved off and back again starts
     /// that replica over, empty.
     pub fn forget(&mut self, node: NodeId, boot: u64, group: GroupId) {
-        self.seen.remove(&(node, boot, group));
+        self.seen.retain(|(n, b, g, _), _| (*n, *b, *g) != (node, boot, group));
     }
 
-    /// Records a sample; returns the violation if it went backwards.
-    pub fn observe(&mut self, node: NodeId, boot: u64, group: GroupId, high_watermark: u64) -> Option<String> {
-        let last = self.seen.entry((node, boot, group)).or_insert(high_watermark);
+    /// Records a sample of copy `generation`; returns the violation if it went backwards.
+    pub fn observe(
+        &mut self,
+        node: NodeId,
+        boot: u64,
+        group: GroupId,
+        generation: u32,
+        high_watermark: u64,
+    ) -> Option<String> {
+        let last = self.seen.entry((node, boot, group, generation)).or_insert(high_watermark);
         let violation = (high_watermark < *last).then(|| {
-            format!("n{node} (boot {boot}) group {group}: high watermark went back from {last} to {high_watermark}")
+            format!(
+                "n{node} (boot {boot}) group {group} (copy {generation}): high watermark went back from {last} to \
+                 {high_watermark}"
+            )
         });
         *last = high_watermark;
         violation
@@ -363,9 +374,10 @@ mod tests {
         assert!(check_consumer_saw_committed(0, &seen, &log).is_ok());
         assert!(check_consumer_saw_committed(0, &seen, &records(&["a"])).is_err(), "read, then lost");
         let mut hw = HighWatermarks::default();
-        assert!(hw.observe(1, 1, 1, 5).is_none());
-        assert!(hw.observe(1, 2, 1, 3).is_none(), "a new boot starts over");
-        assert!(hw.observe(1, 2, 1, 2).is_some());
+        assert!(hw.observe(1, 1, 1, 0, 5).is_none());
+        assert!(hw.observe(1, 2, 1, 0, 3).is_none(), "a new boot starts over");
+        assert!(hw.observe(1, 2, 1, 0, 2).is_some());
+        assert!(hw.observe(1, 2, 1, 1, 0).is_none(), "a new copy of the group starts over");
         let stamped = |v: &[(&str, Option<(i64, i16)>)]| -> Vec<Stamped> {
             v.iter().enumerate().map(|(i, (v, p))| (i as u64, (*v).to_owned(), *p)).collect()
         };

@@ -371,7 +371,7 @@ impl Consumed {
     fn poll(&mut self, id: NodeId, boot: u64, node: &RaftNode, group: u64) {
         let Ok(store) = node.store(group) else { return };
         let high_watermark = *store.high_watermark().borrow();
-        if let Some(violation) = self.high_watermarks.observe(id, boot, group, high_watermark) {
+        if let Some(violation) = self.high_watermarks.observe(id, boot, group, 0, high_watermark) {
             self.violations.push(violation);
         }
         let next = self.next.entry(group).or_insert(0);

@@ -183,8 +183,9 @@ async fn handle(
                 let dir = state.borrow().members.offsets_group.map(|g| Path::new(DATA_DIR).join(format!("group-{g}")));
                 let copies =
                     dir.as_ref().map_or(0, |d| durable_nack_copies(disks, d, r.partition, r.offset, r.attempt));
+                let quorum = crate::broker::durable_quorum(state, copies);
                 let mut s = state.borrow_mut();
-                if copies < 2 {
+                if !quorum {
                     s.violations.push(format!(
                         "{host}: nack of {value} (attempt {}) acknowledged without a durable quorum ({copies} disks)",
                         r.attempt
@@ -339,8 +340,9 @@ fn acked(state: &Shared, disks: &[SimDisk], host: &str, committed: &BTreeMap<(St
     let dir = state.borrow().members.offsets_group.map(|g| Path::new(DATA_DIR).join(format!("group-{g}")));
     for ((_, partition), offset) in committed {
         let copies = dir.as_ref().map_or(0, |d| durable_commit_copies(disks, d, *partition, *offset));
+        let quorum = crate::broker::durable_quorum(state, copies);
         let mut s = state.borrow_mut();
-        if copies < 2 {
+        if !quorum {
             s.violations.push(format!(
                 "{host}: commit of offset {offset} on partition {partition} acknowledged without a durable quorum ({copies} disks)"
             ));

@@ -3,7 +3,9 @@
 //! the safety phase, the way `keel partition move` does, under the same nemesis: leaders crash
 //! mid-move, learners are cut off while they catch up. The checker then reads every partition
 //! from the replicas the final metadata names, and the liveness phase requires every move to
-//! have finished once the faults are healed.
+//! have finished once the faults are healed. Once a run, the mover has a node that is not a
+//! metadata voter lose its disk and replaces it (`keel node replace`): every copy it held is
+//! rebuilt by the partitions' leaders, which the checker then reads like any other replica.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,10 +30,18 @@ pub(crate) async fn mover_main(seed: u64, until: Duration, replication: u32, sta
     wait_topic(&state).await;
     let nodes = state.borrow().nodes;
     let admin = Admin::new(client_config(seed, nodes))?;
+    let mut lose_disk_at = Some(Duration::from_secs(rng.random_range(15..until.as_secs().saturating_sub(30).max(16))));
     loop {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..6_000))).await;
-        if turmoil::sim_elapsed().unwrap_or_default() >= until {
+        let now = turmoil::sim_elapsed().unwrap_or_default();
+        if now >= until {
             return Ok(());
+        }
+        if lose_disk_at.is_some_and(|at| now >= at) {
+            lose_disk_at = None;
+            let victim = rng.random_range(crate::broker::VOTERS + 1..=nodes);
+            lose_and_replace(&admin, &state, victim).await;
+            continue;
         }
         let partition = rng.random_range(0..PARTITIONS);
         let mut to: Vec<NodeId> = (1..=nodes).collect();
@@ -45,6 +55,28 @@ pub(crate) async fn mover_main(seed: u64, until: Duration, replication: u32, sta
             }
             Err(e) => log(&state, format!("mover: {TOPIC}/{partition} to {to:?} refused: {e}")),
         }
+    }
+}
+
+/// Has the driver wipe `victim`'s disk (while it runs), then replaces it until the cluster
+/// accepts: its partitions are then rebuilt on it.
+async fn lose_and_replace(admin: &Admin, state: &Shared, victim: NodeId) {
+    state.borrow_mut().lose_disk = Some(victim);
+    log(state, format!("mover: n{victim} is to lose its disk"));
+    // The driver acts between steps of the safety phase, once the node runs.
+    while state.borrow().lose_disk.is_some() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..60 {
+        match admin.replace_node(victim).await {
+            Ok(partitions) => {
+                log(state, format!("mover: n{victim} replaced; rebuilding {partitions:?}"));
+                state.borrow_mut().moves += partitions.len() as u64;
+                return;
+            }
+            Err(e) => log(state, format!("mover: replacing n{victim} refused: {e}")),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

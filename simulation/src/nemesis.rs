@@ -103,6 +103,11 @@ impl Nemesis {
         }
     }
 
+    /// Counts node `id`, powered off by someone else, as crashed: it restarts with the others.
+    pub fn down(&mut self, id: NodeId) {
+        self.crashed.insert(id);
+    }
+
     /// Called between simulation steps: heals the current fault when its time is up, and
     /// injects the next one when that is due.
     pub fn step(

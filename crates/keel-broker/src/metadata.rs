@@ -102,6 +102,9 @@ pub struct Partition {
     /// vote and log the new one does not have (`keel_raft::Node::generation`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub generations: BTreeMap<NodeId, u32>,
+    /// The last generation given out: each new copy takes the next, so none is ever reused.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub last_generation: u32,
 }
 
 impl Partition {
@@ -253,6 +256,13 @@ pub enum Command {
         partition: u32,
         /// The target the group's voters now are.
         to: Vec<NodeId>,
+    },
+    /// A node lost its data dir (`keel node replace`): its next registration may present a new
+    /// key, and every partition it holds gets a new generation of copy there, brought in by the
+    /// partition's leader as a move to the same replicas.
+    ReplaceNode {
+        /// The node.
+        node_id: NodeId,
     },
 }
 
@@ -469,12 +479,31 @@ impl Metadata {
                 }
                 let target = (current.replicas != *to).then(|| to.clone());
                 let p = self.partition_mut(topic, *partition)?;
-                // Numbered after the move, so unique among the partition's copies ever made.
-                let generation = p.moves.saturating_add(1);
+                if to.iter().any(|n| !p.replicas.contains(n)) {
+                    p.last_generation = p.last_generation.saturating_add(1);
+                }
                 for joiner in to.iter().filter(|n| !p.replicas.contains(n)) {
-                    p.generations.insert(*joiner, generation);
+                    p.generations.insert(*joiner, p.last_generation);
                 }
                 p.target = target;
+                Ok(())
+            }
+            Command::ReplaceNode { node_id } => {
+                let node = self.nodes.get_mut(node_id).ok_or_else(|| {
+                    MetaError::Precondition(format!("node {node_id} is not registered: nothing to replace"))
+                })?;
+                node.key_hash = None;
+                for topic in self.topics.values_mut() {
+                    for p in &mut topic.partitions {
+                        let last = p.target.clone().unwrap_or_else(|| p.replicas.clone());
+                        if !last.contains(node_id) {
+                            continue;
+                        }
+                        p.last_generation = p.last_generation.saturating_add(1);
+                        p.generations.insert(*node_id, p.last_generation);
+                        p.target = Some(last);
+                    }
+                }
                 Ok(())
             }
             Command::FinishMove { topic, partition, to } => {
@@ -580,7 +609,14 @@ impl Metadata {
             .map(|replicas| {
                 let group = self.next_group;
                 self.next_group += 1;
-                Partition { group, replicas: replicas.clone(), target: None, moves: 0, generations: BTreeMap::new() }
+                Partition {
+                    group,
+                    replicas: replicas.clone(),
+                    target: None,
+                    moves: 0,
+                    generations: BTreeMap::new(),
+                    last_generation: 0,
+                }
             })
             .collect()
     }
@@ -920,6 +956,43 @@ mod tests {
         let mut reordered = p.replicas.clone();
         reordered.rotate_left(1);
         apply_next(&mut m, move_to(&p.replicas, &reordered)).unwrap();
+    }
+
+    #[test]
+    fn a_replaced_node_gets_a_new_copy_of_every_partition_it_holds_and_may_change_its_key() {
+        let mut m = cluster(4);
+        let register = |key: &str| Command::RegisterNode {
+            node_id: 2,
+            addr: "127.0.0.1:9002".into(),
+            peer_addr: None,
+            key_hash: Some(key.into()),
+        };
+        apply_next(&mut m, register("old")).unwrap();
+        create(&mut m, "a", 4, 3).unwrap();
+        let before = m.clone();
+        assert!(apply_next(&mut m, Command::ReplaceNode { node_id: 9 }).is_err(), "an unknown node");
+        assert_eq!(Metadata { applied_offset: before.applied_offset, ..m.clone() }, before);
+        assert!(apply_next(&mut m, register("new")).is_err(), "a new key is refused before the replace");
+
+        apply_next(&mut m, Command::ReplaceNode { node_id: 2 }).unwrap();
+        for (i, p) in m.topics["a"].partitions.iter().enumerate() {
+            let was = &before.topics["a"].partitions[i];
+            if was.replicas.contains(&2) {
+                assert_eq!(p.target.as_ref(), Some(&was.replicas), "partition {i} moves to the same replicas");
+                assert_eq!((p.generation_of(2), p.last_generation), (1, 1), "partition {i}");
+                assert!(!p.initialisable(), "the blank copy joins through the leader");
+            } else {
+                assert_eq!(p, was, "partition {i} does not involve node 2");
+            }
+        }
+        apply_next(&mut m, register("new")).unwrap();
+        assert_eq!(m.nodes[&2].key_hash.as_deref(), Some("new"), "the new data dir's key is adopted");
+
+        let (i, p) = m.topics["a"].partitions.iter().enumerate().find(|(_, p)| p.target.is_some()).unwrap();
+        let to = p.replicas.clone();
+        apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: i as u32, to: to.clone() }).unwrap();
+        let p = m.partition("a", i as u32).unwrap();
+        assert_eq!((p.replicas.clone(), p.target.clone(), p.generation_of(2)), (to, None, 1));
     }
 
     #[test]

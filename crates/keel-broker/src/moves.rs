@@ -18,7 +18,15 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::broker::Inner;
 use crate::error::meta_status;
-use crate::metadata::{Command, Partition};
+use crate::metadata::{Command, META_GROUP, Metadata, Partition};
+
+/// The partitions (`topic/partition`) with a move in progress that ends with a copy on `node`.
+pub(crate) fn rebuilding(meta: &Metadata, node: NodeId) -> Vec<String> {
+    meta.moving()
+        .filter(|(_, _, p)| p.target.as_ref().is_some_and(|t| t.contains(&node)))
+        .map(|(topic, partition, _)| format!("{topic}/{partition}"))
+        .collect()
+}
 
 /// Longest a new replica may take to catch up before the leader gives up this attempt (and
 /// tries again on its next pass): a learner that is down must not pin the driver forever.
@@ -61,6 +69,31 @@ impl Inner {
             return Err(meta_status(refusal));
         }
         self.metadata().partition(topic, partition).cloned().map_err(meta_status)
+    }
+
+    /// Marks `node`'s data dir lost (controller leader only): its next registration may present
+    /// a new key, and every partition it holds moves to the same replicas with a new copy on
+    /// it. Returns those partitions (`topic/partition`).
+    pub(crate) async fn replace_node(&self, node: NodeId) -> Result<Vec<String>, Status> {
+        let _turn = self.controller_turn().await?;
+        let meta_voter = self
+            .node
+            .metrics(META_GROUP)
+            .is_ok_and(|m| m.membership_config.membership().voter_ids().any(|v| v == node));
+        if meta_voter {
+            return Err(Status::failed_precondition(format!(
+                "node {node} is a metadata voter: replacing a metadata voter is not supported yet (its \
+                 `__meta` copy would come back blank); move its partitions off with `keel partition move`"
+            )));
+        }
+        let meta = self.metadata();
+        let offset = self.propose(&Command::ReplaceNode { node_id: node }).await?;
+        if let Some(refusal) = self.outcome_at(&meta, offset)? {
+            return Err(meta_status(refusal));
+        }
+        let partitions = rebuilding(&self.metadata(), node);
+        info!(node, partitions = partitions.len(), "node replaced: its copies are rebuilt by their leaders");
+        Ok(partitions)
     }
 
     /// Records that `topic`/`partition`'s group now has `to` as its voters: on the controller

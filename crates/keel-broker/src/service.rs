@@ -1230,6 +1230,30 @@ impl pb::admin_server::Admin for Api {
         Ok(Response::new(pb::MovePartitionResponse { partition: Some(description) }))
     }
 
+    async fn replace_node(
+        &self,
+        request: Request<pb::ReplaceNodeRequest>,
+    ) -> Result<Response<pb::ReplaceNodeResponse>, Status> {
+        self.allow(&request, Resource::Cluster, Operation::Admin)?;
+        self.inner.check_serving()?;
+        let node = request.get_ref().node_id;
+        if !self.inner.metadata().nodes.contains_key(&node) {
+            return Err(Status::failed_precondition(format!("node {node} is not registered: nothing to replace")));
+        }
+        if !self.inner.leads_meta() {
+            let hops = hops(&request);
+            let call = |channel, request| async move { AdminClient::new(channel).replace_node(request).await };
+            // Read-your-writes: the node's old key is forgotten (until its new data dir registers).
+            let applied = move |m: &Metadata, r: &pb::ReplaceNodeResponse| {
+                m.nodes.get(&node).is_some_and(|n| n.key_hash.is_none())
+                    || r.partitions.iter().all(|p| crate::moves::rebuilding(m, node).contains(p))
+            };
+            return self.forward_admin(request, hops, call, applied).await;
+        }
+        let partitions = self.inner.replace_node(node).await?;
+        Ok(Response::new(pb::ReplaceNodeResponse { partitions }))
+    }
+
     async fn add_acl(&self, request: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
         self.allow(&request, Resource::Cluster, Operation::Admin)?;
         let rule = acl_from_pb(request.get_ref().rule.as_ref())?;

@@ -195,6 +195,18 @@ impl Admin {
         response.partition.ok_or_else(|| ClientError::Protocol("move partition answered no partition".into()))
     }
 
+    /// After `node` lost its data dir: admits its new data dir's key and rebuilds every partition
+    /// copy it held (each a move to the partition's own replicas: watch `moving_to`). Returns
+    /// those partitions as `topic/partition`. Only for a node whose data is gone.
+    pub async fn replace_node(&self, node: u64) -> Result<Vec<String>, ClientError> {
+        let request = pb::ReplaceNodeRequest { node_id: node };
+        let response = self
+            .core
+            .call_any("replace node", |channel| async move { Core::admin(channel).replace_node(request).await })
+            .await?;
+        Ok(response.partitions)
+    }
+
     /// Nodes, topics, leaders, and the counts of under-replicated and leaderless partitions.
     pub async fn describe_cluster(&self) -> Result<pb::DescribeClusterResponse, ClientError> {
         let response = self

@@ -152,6 +152,21 @@ impl SimDisk {
         self.lock().dead
     }
 
+    /// The disk is lost: power off, and the machine comes back with a new, empty disk (the
+    /// operator's `keel node replace` case). Handles from before are dead.
+    pub fn wipe(&self) {
+        let mut s = self.lock();
+        s.generation += 1;
+        s.dead = false;
+        s.ops_until_outage = None;
+        s.inodes.clear();
+        s.names.clear();
+        s.durable_names.clear();
+        s.pending.clear();
+        s.dirs.clear();
+        s.durable_dirs.clear();
+    }
+
     /// Power loss, with the crash mode chosen by the seeded RNG.
     pub fn crash(&self) -> CrashMode {
         let mode = match self.lock().rng.random_range(0..3) {
