@@ -208,7 +208,7 @@ pub(crate) struct State {
 pub(crate) fn durable_quorum(state: &Shared, copies: usize) -> bool {
     let now = turmoil::sim_elapsed().unwrap_or_default();
     let lost = state.borrow().disk_lost_at.is_some_and(|at| now.saturating_sub(at) < WRITE_BOUND);
-    copies + usize::from(lost) >= (REPLICATION as usize) / 2 + 1
+    copies + usize::from(lost) > (REPLICATION as usize) / 2
 }
 
 impl State {

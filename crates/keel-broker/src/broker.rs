@@ -1283,7 +1283,8 @@ impl Inner {
         let open = self.node.group_ids();
         // Several at a time: each open waits for the disk (creating a partition syncs files and
         // directories), and one at a time made creating 3,000 partitions take 20 s per node.
-        let opening: Vec<(GroupId, u32, Option<Vec<NodeId>>, LogConfig, tracing::Span)> = wanted
+        type Opening = (GroupId, u32, Option<Vec<NodeId>>, LogConfig, tracing::Span);
+        let opening: Vec<Opening> = wanted
             .iter()
             .filter_map(|(group, (topic_name, partition, topic))| {
                 let p = &topic.partitions[*partition as usize];

@@ -130,6 +130,7 @@ requests!(
     ResumeTxnRequest,
     MovePartitionRequest,
     FinishMoveRequest,
+    ReplaceNodeRequest,
     FetchRequest,
     SubscribeRequest,
     CreateTopicRequest,
@@ -187,7 +188,10 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
     let log_id = Some(pb::LogId { term: 3, index: 99 });
     let membership = pb::Membership {
         configs: vec![pb::membership::VoterSet { voters: vec![1, 2, 3] }],
-        nodes: vec![pb::Node { node_id: 1, addr: "a:1".into() }, pb::Node { node_id: 2, addr: "b:2".into() }],
+        nodes: vec![
+            pb::Node { node_id: 1, addr: "a:1".into(), generation: 0 },
+            pb::Node { node_id: 2, addr: "b:2".into(), generation: 3 },
+        ],
     };
     let meta = pb::SnapshotMeta {
         last_log_id: log_id,
@@ -347,6 +351,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         enc(pb::AllocateProducerIdsRequest { count: 1000 }),
         enc(pb::MovePartitionRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
         enc(pb::FinishMoveRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
+        enc(pb::ReplaceNodeRequest { node_id: 3 }),
         enc(pb::LocalStatusRequest {}),
         enc(pb::ReconciledRequest {}),
         enc(pb::AppendEntriesRequest {
@@ -355,15 +360,29 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             prev_log_id: log_id,
             entries: vec![Bytes::from(vec![2u8; 70]), Bytes::new(), Bytes::from_static(b"entry")],
             leader_commit: log_id,
+            target_generation: 2,
         }),
-        enc(pb::VoteRequest { group_id: 9, vote, last_log_id: log_id, leadership_transfer: true }),
+        enc(pb::VoteRequest {
+            group_id: 9,
+            vote,
+            last_log_id: log_id,
+            leadership_transfer: true,
+            target_generation: 1,
+        }),
         enc(pb::InstallSnapshotRequest {
             group_id: 9,
             vote,
             meta: Some(meta),
             data: Bytes::from_static(b"snapshot bytes"),
+            target_generation: 3,
         }),
-        enc(pb::TransferLeaderRequest { group_id: 9, from_leader: vote, to_node_id: 3, last_log_id: log_id }),
+        enc(pb::TransferLeaderRequest {
+            group_id: 9,
+            from_leader: vote,
+            to_node_id: 3,
+            last_log_id: log_id,
+            target_generation: 4,
+        }),
         enc(pb::NodeHeartbeatRequest { from: 2 }),
         enc(pb::QuiesceRequest {
             from: 2,

@@ -163,18 +163,33 @@ fn request_seeds() -> Vec<(String, Vec<u8>)> {
                     keel_record::raft_entry(&[0], 4, 19, 101).unwrap(),
                 ],
                 leader_commit: id,
+                target_generation: 1,
             }
             .encode_to_vec()
         }),
         enc(pb::VoteRequest::full_name(), &|| {
-            pb::VoteRequest { group_id: 3, vote, last_log_id: id, leadership_transfer: false }.encode_to_vec()
-        }),
-        enc(pb::InstallSnapshotRequest::full_name(), &|| {
-            pb::InstallSnapshotRequest { group_id: 3, vote, meta: Some(meta.clone()), data: Bytes::from(snapshot()) }
+            pb::VoteRequest { group_id: 3, vote, last_log_id: id, leadership_transfer: false, target_generation: 2 }
                 .encode_to_vec()
         }),
+        enc(pb::InstallSnapshotRequest::full_name(), &|| {
+            pb::InstallSnapshotRequest {
+                group_id: 3,
+                vote,
+                meta: Some(meta.clone()),
+                data: Bytes::from(snapshot()),
+                target_generation: 1,
+            }
+            .encode_to_vec()
+        }),
         enc(pb::TransferLeaderRequest::full_name(), &|| {
-            pb::TransferLeaderRequest { group_id: 3, from_leader: vote, to_node_id: 1, last_log_id: id }.encode_to_vec()
+            pb::TransferLeaderRequest {
+                group_id: 3,
+                from_leader: vote,
+                to_node_id: 1,
+                last_log_id: id,
+                target_generation: 1,
+            }
+            .encode_to_vec()
         }),
     ]
 }

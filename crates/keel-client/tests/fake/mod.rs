@@ -502,6 +502,13 @@ impl Admin for Node {
         Err(Status::unimplemented("the fake broker has one replica per partition"))
     }
 
+    async fn replace_node(
+        &self,
+        _: Request<pb::ReplaceNodeRequest>,
+    ) -> Result<Response<pb::ReplaceNodeResponse>, Status> {
+        Err(Status::unimplemented("the fake broker is one node"))
+    }
+
     async fn remove_acl(&self, _: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
         Err(Status::unimplemented("the fake broker has no ACLs"))
     }
