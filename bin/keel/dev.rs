@@ -50,9 +50,14 @@ pub struct DevArgs {
 /// Flags of `keel dev` itself (starting the cluster).
 #[derive(Debug, Args)]
 struct StartArgs {
-    /// How many nodes (all of them metadata voters).
+    /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     nodes: u64,
+    /// How many of them (the first ones) are metadata voters; the others hold partitions only
+    /// (admitted by the controller), and can be replaced after a lost disk (`keel node
+    /// replace`). Defaults to every node.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=9))]
+    voters: Option<u64>,
     /// Where data and logs go (and the control socket of `keel dev kill|restart|status`).
     #[arg(long, default_value = dev_control::DIR_DEFAULT)]
     dir: PathBuf,
@@ -136,6 +141,8 @@ struct Slot {
 pub struct Supervisor {
     exe: PathBuf,
     voters: String,
+    /// Whether some nodes are not voters (the controller must admit them).
+    admit: bool,
     dir: PathBuf,
     /// The nodes serve TLS with the certificates in `tls_dir(dir)`; `None`: plaintext.
     tls: Option<tonic::transport::ClientTlsConfig>,
@@ -208,7 +215,17 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
     let peer_addrs: Vec<String> = (0..args.nodes)
         .map(|i| SocketAddr::new(args.ip, u16::try_from(peer_port + i).unwrap_or(u16::MAX)).to_string())
         .collect();
-    let voters = peer_addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
+    let voter_count = args.voters.unwrap_or(args.nodes);
+    if voter_count > args.nodes {
+        bail!("--voters {voter_count} is more than the {} nodes", args.nodes);
+    }
+    let voters = peer_addrs
+        .iter()
+        .take(voter_count as usize)
+        .enumerate()
+        .map(|(i, a)| format!("{}@{a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
     let nodes = addrs
         .iter()
         .enumerate()
@@ -257,6 +274,7 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
     let supervisor = Supervisor {
         exe,
         voters,
+        admit: voter_count < args.nodes,
         dir: args.dir.clone(),
         tls,
         node_config: node_config(args.node_config.as_deref())?,
@@ -465,6 +483,9 @@ impl Supervisor {
             .arg("server")
             .args(["--node-id", &slot.id.to_string(), "--listen", &slot.addr, "--voters", &self.voters])
             .args(["--peer-listen", &slot.peer_addr, "--metrics-listen", &slot.metrics_addr]);
+        if self.admit {
+            command.args(["--admit-new-nodes", "true"]);
+        }
         if self.tls.is_some() {
             let tls = tls_dir(&self.dir);
             command

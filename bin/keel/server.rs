@@ -69,6 +69,10 @@ pub struct ServerArgs {
     /// Principal names that pass every ACL check (comma-separated, without `User:`).
     #[arg(long, env = "KEEL_SUPERUSERS", value_delimiter = ',')]
     superusers: Option<Vec<String>>,
+    /// Let the controller register node ids that are not metadata voters (nodes that hold
+    /// partitions only). Overrides the file's `admit_new_nodes`.
+    #[arg(long, env = "KEEL_ADMIT_NEW_NODES")]
+    admit_new_nodes: Option<bool>,
 }
 
 /// The TOML file, every key optional.
@@ -429,7 +433,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         seed: crate::clock::entropy(),
         // A secret, unlike the seed: from the OS's random source.
         new_node_key: rand::random(),
-        admit_new_nodes: file.admit_new_nodes.unwrap_or(false),
+        admit_new_nodes: args.admit_new_nodes.or(file.admit_new_nodes).unwrap_or(false),
         auth: keel_broker::AuthSettings {
             tokens_file: args.tokens_file.or(file.tokens_file),
             superusers: args
