@@ -475,6 +475,7 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
                 "controller_leader": view.controller_leader,
                 "nodes": view.nodes.iter().map(|n| json!({
                     "node_id": n.node_id, "addr": n.addr, "voter": n.controller_voter, "reachable": n.reachable,
+                    "decommissioned": n.decommissioned,
                 })).collect::<Vec<_>>(),
                 "topics": view.topics.len(),
                 "partitions": partitions,
@@ -489,7 +490,7 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
         Output::Text => {
             println!("cluster {}", view.cluster_id);
             let mut table = table();
-            table.set_header(["node", "address", "controller", "reachable"]);
+            table.set_header(["node", "address", "controller", "reachable", "state"]);
             for n in &view.nodes {
                 let role = match (n.controller_voter, view.controller_leader == Some(n.node_id)) {
                     (_, true) => "leader",
@@ -501,6 +502,7 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
                     n.addr.clone(),
                     role.to_owned(),
                     if n.reachable { "yes" } else { "NO" }.to_owned(),
+                    if n.decommissioned { "decommissioned" } else { "active" }.to_owned(),
                 ]);
             }
             println!("{table}");

@@ -3,7 +3,7 @@
 //! log (one command per record), so every node that replays the same log holds the same
 //! metadata. No I/O, no clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use keel_raft::{GroupId, NodeId};
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,10 @@ pub struct NodeInfo {
     /// Absent for a node registered before keys, until its next registration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_hash: Option<String>,
+    /// Being emptied (`keel node decommission`): no new replica goes to it, and the controller
+    /// moves every one it holds elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub decommissioned: bool,
 }
 
 /// A topic's own settings; `None` means the cluster default.
@@ -257,6 +261,12 @@ pub enum Command {
         /// The target the group's voters now are.
         to: Vec<NodeId>,
     },
+    /// Empties a node (`keel node decommission`): nothing new is placed on it, and the controller
+    /// moves each partition it holds elsewhere.
+    DecommissionNode {
+        /// The node.
+        node_id: NodeId,
+    },
     /// A node lost its data dir (`keel node replace`): its next registration may present a new
     /// key, and every partition it holds gets a new generation of copy there, brought in by the
     /// partition's leader as a move to the same replicas.
@@ -392,7 +402,9 @@ impl Metadata {
                 }
                 // A node registered before keys adopts the first key it registers with.
                 let key_hash = key_hash.clone().or(known);
-                self.nodes.insert(*node_id, NodeInfo { addr: addr.clone(), peer_addr: peer_addr.clone(), key_hash });
+                let decommissioned = self.nodes.get(node_id).is_some_and(|n| n.decommissioned);
+                let info = NodeInfo { addr: addr.clone(), peer_addr: peer_addr.clone(), key_hash, decommissioned };
+                self.nodes.insert(*node_id, info);
                 Ok(())
             }
             Command::CreateTopic { name, replication_factor, settings, assignment } => {
@@ -486,6 +498,13 @@ impl Metadata {
                     p.generations.insert(*joiner, p.last_generation);
                 }
                 p.target = target;
+                Ok(())
+            }
+            Command::DecommissionNode { node_id } => {
+                let node = self.nodes.get_mut(node_id).ok_or_else(|| {
+                    MetaError::Precondition(format!("node {node_id} is not registered: nothing to decommission"))
+                })?;
+                node.decommissioned = true;
                 Ok(())
             }
             Command::ReplaceNode { node_id } => {
@@ -641,6 +660,11 @@ impl Metadata {
             if let Some(unknown) = replicas.iter().find(|n| !self.nodes.contains_key(n)) {
                 return Err(MetaError::Precondition(format!("node {unknown} is not registered")));
             }
+            if let Some(leaving) = replicas.iter().find(|n| self.nodes.get(n).is_some_and(|i| i.decommissioned)) {
+                return Err(MetaError::Precondition(format!(
+                    "node {leaving} is decommissioned: no new replica goes to it"
+                )));
+            }
         }
         Ok(())
     }
@@ -667,6 +691,50 @@ impl Metadata {
         t.partitions.get_mut(partition as usize).ok_or_else(|| {
             MetaError::Invalid(format!("topic {topic:?} has {count} partitions; {partition} is not one"))
         })
+    }
+
+    /// The move that takes one partition off a decommissioned node, if one is due: the first
+    /// partition (not moving already) that a decommissioned node holds, with that node replaced
+    /// in its replica list by the active node holding the fewest replicas that it lacks. `None`
+    /// when there is nothing to move, or no node to move to (the status shows what is left).
+    pub fn plan_decommission_move(&self) -> Option<(String, u32, Vec<NodeId>)> {
+        let leaving: BTreeSet<NodeId> =
+            self.nodes.iter().filter(|(_, n)| n.decommissioned).map(|(id, _)| *id).collect();
+        if leaving.is_empty() {
+            return None;
+        }
+        let mut load: BTreeMap<NodeId, usize> =
+            self.nodes.iter().filter(|(_, n)| !n.decommissioned).map(|(id, _)| (*id, 0)).collect();
+        for p in self.topics.values().flat_map(|t| &t.partitions) {
+            for n in p.hosts() {
+                if let Some(count) = load.get_mut(&n) {
+                    *count += 1;
+                }
+            }
+        }
+        for (name, topic) in &self.topics {
+            for (i, p) in topic.partitions.iter().enumerate() {
+                if p.target.is_some() || !p.replicas.iter().any(|n| leaving.contains(n)) {
+                    continue;
+                }
+                let mut to = p.replicas.clone();
+                for k in 0..to.len() {
+                    if !leaving.contains(&to[k]) {
+                        continue;
+                    }
+                    let pick = load.iter().filter(|(n, _)| !to.contains(n)).min_by_key(|(n, c)| (**c, **n));
+                    let Some((pick, _)) = pick else { break };
+                    let pick = *pick;
+                    to[k] = pick;
+                    *load.entry(pick).or_default() += 1;
+                }
+                if to.iter().any(|n| leaving.contains(n)) {
+                    continue;
+                }
+                return Some((name.clone(), i as u32, to));
+            }
+        }
+        None
     }
 
     /// Partitions with a move in progress: (topic, partition, the partition).
@@ -727,7 +795,7 @@ impl Metadata {
     /// that leads the fewest partitions (then holds the fewest replicas) — so replicas and
     /// preferred leaders spread evenly as topics come and go.
     pub fn plan_assignment(&self, count: u32, replication_factor: u32) -> Result<Vec<Vec<NodeId>>, MetaError> {
-        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let nodes: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| !n.decommissioned).map(|(id, _)| *id).collect();
         if replication_factor == 0 {
             return Err(MetaError::Invalid("replication factor must be at least 1".into()));
         }
@@ -993,6 +1061,41 @@ mod tests {
         apply_next(&mut m, Command::FinishMove { topic: "a".into(), partition: i as u32, to: to.clone() }).unwrap();
         let p = m.partition("a", i as u32).unwrap();
         assert_eq!((p.replicas.clone(), p.target.clone(), p.generation_of(2)), (to, None, 1));
+    }
+
+    #[test]
+    fn a_decommissioned_node_is_emptied_one_move_at_a_time_and_gets_nothing_new() {
+        let mut m = cluster(4);
+        create(&mut m, "a", 4, 3).unwrap();
+        assert!(apply_next(&mut m, Command::DecommissionNode { node_id: 9 }).is_err());
+        apply_next(&mut m, Command::DecommissionNode { node_id: 2 }).unwrap();
+        // Nothing new goes to it: not by placement, not by a move.
+        assert!(m.plan_assignment(3, 3).unwrap().iter().all(|r| !r.contains(&2)));
+        let p = m.partition("a", 0).unwrap().clone();
+        let spare = (1..=4).find(|n| !p.replicas.contains(n)).unwrap();
+        if spare != 2 {
+            let onto_it = [2, spare, p.replicas.iter().copied().find(|n| *n != 2).unwrap()];
+            assert!(m.check_move("a", 0, &onto_it).is_err());
+        }
+        // Each planned move replaces node 2 in place by an active node the partition lacks.
+        let mut planned = 0;
+        while let Some((topic, partition, to)) = m.plan_decommission_move() {
+            let from = m.partition(&topic, partition).unwrap().replicas.clone();
+            assert!(!to.contains(&2) && from.contains(&2), "{from:?} -> {to:?}");
+            let slot = from.iter().position(|n| *n == 2).unwrap();
+            assert_eq!((&from[..slot], &from[slot + 1..]), (&to[..slot], &to[slot + 1..]), "only node 2 changes");
+            apply_next(&mut m, Command::MovePartition { topic: topic.clone(), partition, from, to: to.clone() })
+                .unwrap();
+            apply_next(&mut m, Command::FinishMove { topic, partition, to }).unwrap();
+            planned += 1;
+        }
+        assert_eq!(planned, 3, "node 2 held three of the four partitions");
+        assert!(m.groups_of(2).is_empty(), "node 2 holds nothing");
+        // A registration keeps the mark.
+        let again =
+            Command::RegisterNode { node_id: 2, addr: "127.0.0.1:9002".into(), peer_addr: None, key_hash: None };
+        apply_next(&mut m, again).unwrap();
+        assert!(m.nodes[&2].decommissioned);
     }
 
     #[test]

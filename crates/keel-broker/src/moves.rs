@@ -20,6 +20,20 @@ use crate::broker::Inner;
 use crate::error::meta_status;
 use crate::metadata::{Command, META_GROUP, Metadata, Partition};
 
+/// The partitions (`topic/partition`) that `node` holds (a replica, or the target of a move).
+pub(crate) fn held_by(meta: &Metadata, node: NodeId) -> Vec<String> {
+    meta.topics
+        .iter()
+        .flat_map(|(name, t)| {
+            t.partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.hosts().any(|n| n == node))
+                .map(move |(i, _)| format!("{name}/{i}"))
+        })
+        .collect()
+}
+
 /// The partitions (`topic/partition`) with a move in progress that ends with a copy on `node`.
 pub(crate) fn rebuilding(meta: &Metadata, node: NodeId) -> Vec<String> {
     meta.moving()
@@ -36,6 +50,10 @@ const RECONCILED_ASK_MAX: Duration = Duration::from_secs(2);
 /// How often each node looks for moves whose groups it leads: leadership changes are not
 /// metadata changes, so a new leader would otherwise find its moves only at the next one.
 const MOVE_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Moves off decommissioned nodes under way at once: each new replica catches up over the
+/// network and the disk, and production must keep its throughput meanwhile.
+const DECOMMISSION_MOVES_MAX: usize = 4;
 
 /// How a pass of a move on the leader ended.
 enum Pass {
@@ -96,6 +114,37 @@ impl Inner {
         Ok(partitions)
     }
 
+    /// Marks `node` decommissioned (controller leader only); returns the partitions it holds,
+    /// which [`Inner::move_loop`] then moves off it.
+    pub(crate) async fn decommission_node(&self, node: NodeId) -> Result<Vec<String>, Status> {
+        let _turn = self.controller_turn().await?;
+        let meta = self.metadata();
+        if !meta.nodes.get(&node).is_some_and(|n| n.decommissioned) {
+            let offset = self.propose(&Command::DecommissionNode { node_id: node }).await?;
+            if let Some(refusal) = self.outcome_at(&meta, offset)? {
+                return Err(meta_status(refusal));
+            }
+            info!(node, "node decommissioned: its partitions move to the other nodes");
+        }
+        Ok(held_by(&self.metadata(), node))
+    }
+
+    /// On the controller leader: starts the next move off a decommissioned node, if one is due
+    /// and fewer than [`DECOMMISSION_MOVES_MAX`] such moves are under way.
+    async fn next_decommission_move(&self) {
+        let meta = self.metadata();
+        let leaving = |n: &NodeId| meta.nodes.get(n).is_some_and(|i| i.decommissioned);
+        let under_way = meta.moving().filter(|(_, _, p)| p.replicas.iter().any(leaving)).count();
+        if under_way >= DECOMMISSION_MOVES_MAX {
+            return;
+        }
+        let Some((topic, partition, to)) = meta.plan_decommission_move() else { return };
+        match self.move_partition(&topic, partition, to.clone()).await {
+            Ok(_) => info!(topic, partition, ?to, "moving a partition off a decommissioned node"),
+            Err(status) => warn!(topic, partition, ?to, %status, "a move off a decommissioned node did not start"),
+        }
+    }
+
     /// Records that `topic`/`partition`'s group now has `to` as its voters: on the controller
     /// leader, appends `FinishMove`; elsewhere forwards the report there.
     pub(crate) async fn finish_move(
@@ -142,6 +191,9 @@ impl Inner {
                 }
             }
             let meta = rx.borrow_and_update().clone();
+            if self.leads_meta() {
+                self.next_decommission_move().await;
+            }
             for (topic, partition, p) in meta.moving() {
                 let Some(target) = p.target.clone() else { continue };
                 let generations: BTreeMap<NodeId, u32> = target.iter().map(|n| (*n, p.generation_of(*n))).collect();

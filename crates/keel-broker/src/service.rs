@@ -1254,6 +1254,28 @@ impl pb::admin_server::Admin for Api {
         Ok(Response::new(pb::ReplaceNodeResponse { partitions }))
     }
 
+    async fn decommission_node(
+        &self,
+        request: Request<pb::DecommissionNodeRequest>,
+    ) -> Result<Response<pb::DecommissionNodeResponse>, Status> {
+        self.allow(&request, Resource::Cluster, Operation::Admin)?;
+        self.inner.check_serving()?;
+        let node = request.get_ref().node_id;
+        if !self.inner.metadata().nodes.contains_key(&node) {
+            return Err(Status::failed_precondition(format!("node {node} is not registered: nothing to decommission")));
+        }
+        if !self.inner.leads_meta() {
+            let hops = hops(&request);
+            let call = |channel, request| async move { AdminClient::new(channel).decommission_node(request).await };
+            let applied = move |m: &Metadata, _: &pb::DecommissionNodeResponse| {
+                m.nodes.get(&node).is_some_and(|n| n.decommissioned)
+            };
+            return self.forward_admin(request, hops, call, applied).await;
+        }
+        let partitions = self.inner.decommission_node(node).await?;
+        Ok(Response::new(pb::DecommissionNodeResponse { partitions }))
+    }
+
     async fn add_acl(&self, request: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
         self.allow(&request, Resource::Cluster, Operation::Admin)?;
         let rule = acl_from_pb(request.get_ref().rule.as_ref())?;
@@ -1319,7 +1341,13 @@ impl pb::admin_server::Admin for Api {
             // A voter's client address is known once it registered (`voters` names peer ones).
             nodes.insert(
                 *id,
-                pb::NodeDescription { node_id: *id, addr: String::new(), controller_voter: true, reachable: false },
+                pb::NodeDescription {
+                    node_id: *id,
+                    addr: String::new(),
+                    controller_voter: true,
+                    reachable: false,
+                    decommissioned: false,
+                },
             );
         }
         for (id, n) in &meta.nodes {
@@ -1328,8 +1356,10 @@ impl pb::admin_server::Admin for Api {
                 addr: String::new(),
                 controller_voter: false,
                 reachable: false,
+                decommissioned: false,
             });
             entry.addr = n.addr.clone();
+            entry.decommissioned = n.decommissioned;
         }
         for (id, node) in nodes.iter_mut() {
             node.reachable = reachable.get(id).copied().unwrap_or(false);

@@ -207,6 +207,20 @@ impl Admin {
         Ok(response.partitions)
     }
 
+    /// Empties `node`: nothing new goes to it, and the controller moves each partition it holds
+    /// elsewhere. Returns the partitions it holds now (`topic/partition`); watch
+    /// [`Admin::describe_cluster`] until none lists it. Asking again changes nothing.
+    pub async fn decommission_node(&self, node: u64) -> Result<Vec<String>, ClientError> {
+        let request = pb::DecommissionNodeRequest { node_id: node };
+        let response =
+            self.core
+                .call_any("decommission node", |channel| async move {
+                    Core::admin(channel).decommission_node(request).await
+                })
+                .await?;
+        Ok(response.partitions)
+    }
+
     /// Nodes, topics, leaders, and the counts of under-replicated and leaderless partitions.
     pub async fn describe_cluster(&self) -> Result<pb::DescribeClusterResponse, ClientError> {
         let response = self

@@ -509,6 +509,13 @@ impl Admin for Node {
         Err(Status::unimplemented("the fake broker is one node"))
     }
 
+    async fn decommission_node(
+        &self,
+        _: Request<pb::DecommissionNodeRequest>,
+    ) -> Result<Response<pb::DecommissionNodeResponse>, Status> {
+        Err(Status::unimplemented("the fake broker is one node"))
+    }
+
     async fn remove_acl(&self, _: Request<pb::AclRequest>) -> Result<Response<pb::AclResponse>, Status> {
         Err(Status::unimplemented("the fake broker has no ACLs"))
     }
