@@ -696,6 +696,7 @@ pub(crate) fn lagging(state: &Shared, registry: &Registry) -> Vec<String> {
     let placements = crate::moves::placements(&registry).unwrap_or_default();
     let mut out: Vec<String> =
         (1..=nodes).filter(|id| !registry.contains_key(id)).map(|id| format!("n{id} is down")).collect();
+    out.extend(crate::moves::left_on_decommissioned(&registry));
     for (id, (_, broker)) in registry.iter() {
         if !*broker.ready().borrow() {
             out.push(format!("n{id} is not ready"));
@@ -1068,7 +1069,11 @@ fn check(state: &State, registry: &BTreeMap<NodeId, (u64, Broker)>) -> Result<u6
     }
     // The coordinator's log, from its most advanced replica, audited record by record.
     if let Some(group) = state.members.offsets_group {
-        let holders = state.replicas.get(&group).cloned().unwrap_or_default();
+        let holders = placements
+            .get(&group)
+            .map(|(replicas, _)| replicas.clone())
+            .or_else(|| state.replicas.get(&group).cloned())
+            .unwrap_or_default();
         let mut longest = Vec::new();
         for (id, (_, broker)) in registry.iter().filter(|(id, _)| holders.contains(id)) {
             let log = crate::groups::read_offsets_log(broker.raft_node(), group)

@@ -5,7 +5,9 @@
 //! from the replicas the final metadata names, and the liveness phase requires every move to
 //! have finished once the faults are healed. Once a run, the mover has a node that is not a
 //! metadata voter lose its disk and replaces it (`keel node replace`): every copy it held is
-//! rebuilt by the partitions' leaders, which the checker then reads like any other replica.
+//! rebuilt by the partitions' leaders, which the checker then reads like any other replica. And
+//! once a run it decommissions a node (`keel node decommission`): the controller moves every
+//! partition off it, and moves onto it are refused from then on.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -30,12 +32,26 @@ pub(crate) async fn mover_main(seed: u64, until: Duration, replication: u32, sta
     wait_topic(&state).await;
     let nodes = state.borrow().nodes;
     let admin = Admin::new(client_config(seed, nodes))?;
-    let mut lose_disk_at = Some(Duration::from_secs(rng.random_range(15..until.as_secs().saturating_sub(30).max(16))));
+    let last = until.as_secs().saturating_sub(30).max(16);
+    let mut lose_disk_at = Some(Duration::from_secs(rng.random_range(15..last)));
+    let mut decommission_at = Some(Duration::from_secs(rng.random_range(10..last)));
     loop {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..6_000))).await;
         let now = turmoil::sim_elapsed().unwrap_or_default();
         if now >= until {
             return Ok(());
+        }
+        if decommission_at.is_some_and(|at| now >= at) {
+            decommission_at = None;
+            let leaving = rng.random_range(1..=nodes);
+            match admin.decommission_node(leaving).await {
+                Ok(partitions) => {
+                    log(&state, format!("mover: n{leaving} decommissioned; moving off {partitions:?}"));
+                    state.borrow_mut().moves += partitions.len() as u64;
+                }
+                Err(e) => log(&state, format!("mover: decommissioning n{leaving} refused: {e}")),
+            }
+            continue;
         }
         if lose_disk_at.is_some_and(|at| now >= at) {
             lose_disk_at = None;
@@ -78,6 +94,25 @@ async fn lose_and_replace(admin: &Admin, state: &Shared, victim: NodeId) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// What decommissioned nodes still hold (they must end up holding nothing), from the most
+/// advanced metadata among the live brokers.
+pub(crate) fn left_on_decommissioned(registry: &BTreeMap<NodeId, (u64, Broker)>) -> Vec<String> {
+    let Some(meta) = registry.values().map(|(_, b)| b.metadata()).max_by_key(|m| m.applied_offset) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (id, _) in meta.nodes.iter().filter(|(_, n)| n.decommissioned) {
+        for (name, topic) in &meta.topics {
+            for (i, p) in topic.partitions.iter().enumerate() {
+                if p.hosts().any(|n| n == *id) {
+                    out.push(format!("n{id} is decommissioned but still holds {name}/{i}"));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Every group's placement, from the most advanced metadata among the live brokers (`None`

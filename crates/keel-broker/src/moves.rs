@@ -242,6 +242,15 @@ impl Inner {
     ) -> Result<Pass, String> {
         let raft = self.node.raft(group).map_err(|e| e.to_string())?;
         self.node.wake(group).await;
+        let term = {
+            let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
+            if metrics.current_leader != Some(self.config.node_id) {
+                return Err("this node does not lead the group".to_owned());
+            }
+            metrics.current_term
+        };
+        let fence = || self.still_driving(group, (topic, partition), &target, &generations, term);
+        fence().await?;
         let wanted: BTreeSet<NodeId> = generations.keys().copied().collect();
         let membership = || -> Result<_, String> {
             let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
@@ -264,12 +273,14 @@ impl Inner {
             info!(nodes = ?gone, "removing old copies on nodes the partition returns to");
             let keep: BTreeSet<NodeId> = current.voter_ids().filter(|id| !gone.contains(id)).collect();
             if current.voter_ids().any(|id| gone.contains(&id)) {
+                fence().await?;
                 raft.change_membership(ChangeMembers::ReplaceAllVoters(keep), false)
                     .await
                     .map_err(|e| format!("removing the old copies {gone:?}: {e}"))?;
             }
             let left: BTreeSet<NodeId> = stale(&membership()?);
             if !left.is_empty() {
+                fence().await?;
                 raft.change_membership(ChangeMembers::RemoveNodes(left), false)
                     .await
                     .map_err(|e| format!("removing the old copies {gone:?}: {e}"))?;
@@ -323,12 +334,14 @@ impl Inner {
         }
         if voters != wanted || joint {
             info!(voters = ?wanted, "making the new replicas the voters");
+            fence().await?;
             raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
                 .await
                 .map_err(|e| format!("changing the voters to {wanted:?}: {e}"))?;
         }
         let stray: BTreeSet<NodeId> = membership()?.learner_ids().filter(|id| !wanted.contains(id)).collect();
         if !stray.is_empty() {
+            fence().await?;
             raft.change_membership(ChangeMembers::RemoveNodes(stray.clone()), false)
                 .await
                 .map_err(|e| format!("removing the learners {stray:?}: {e}"))?;
@@ -337,6 +350,35 @@ impl Inner {
         self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
         info!("partition moved");
         Ok(Pass::Finished)
+    }
+
+    /// Fences a membership change: this node's metadata has caught up with what the controller
+    /// has committed, the move is still the one this pass drives (`target`, `generations`), and
+    /// this node still leads the group in the term it led when the pass began. A driver acting on
+    /// metadata older than a later move would take the group back to this move's replicas
+    /// (the simulation's seed 7: a decommission's result undone by a stale replace), while the
+    /// metadata says the copies it names are gone.
+    async fn still_driving(
+        &self,
+        group: GroupId,
+        (topic, partition): (&str, u32),
+        target: &[NodeId],
+        generations: &BTreeMap<NodeId, u32>,
+        term: u64,
+    ) -> Result<(), String> {
+        let committed = self.meta_position(0).await.map_err(|s| format!("asking the controller: {}", s.message()))?;
+        self.wait_applied(committed).await.map_err(|s| s.message().to_owned())?;
+        let meta = self.metadata();
+        let p = meta.partition(topic, partition).map_err(|e| e.to_string())?;
+        let now: BTreeMap<NodeId, u32> = target.iter().map(|n| (*n, p.generation_of(*n))).collect();
+        if p.target.as_deref() != Some(target) || now != *generations {
+            return Err(format!("the move to {target:?} is no longer the one in progress (now {:?})", p.target));
+        }
+        let metrics = self.node.metrics(group).map_err(|e| e.to_string())?;
+        if metrics.current_leader != Some(self.config.node_id) || metrics.current_term != term {
+            return Err("leadership of the group changed during the pass".to_owned());
+        }
+        Ok(())
     }
 
     /// Checks that the group's voters are `wanted` (those copies) in a membership that is *committed*: the
