@@ -131,6 +131,7 @@ requests!(
     MovePartitionRequest,
     FinishMoveRequest,
     ReplaceNodeRequest,
+    DecommissionNodeRequest,
     FetchRequest,
     SubscribeRequest,
     CreateTopicRequest,
@@ -352,6 +353,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         enc(pb::MovePartitionRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
         enc(pb::FinishMoveRequest { topic: "orders".into(), partition: 3, replicas: vec![2, 3, 4] }),
         enc(pb::ReplaceNodeRequest { node_id: 3 }),
+        enc(pb::DecommissionNodeRequest { node_id: 4 }),
         enc(pb::LocalStatusRequest {}),
         enc(pb::ReconciledRequest {}),
         enc(pb::AppendEntriesRequest {
