@@ -550,6 +550,7 @@ impl Admin for Node {
                 addr: addr.clone(),
                 controller_voter: true,
                 reachable: true,
+                decommissioned: false,
             })
             .collect();
         Ok(Response::new(pb::DescribeClusterResponse {
