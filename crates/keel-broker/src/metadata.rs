@@ -514,13 +514,17 @@ impl Metadata {
                 node.key_hash = None;
                 for topic in self.topics.values_mut() {
                     for p in &mut topic.partitions {
-                        let last = p.target.clone().unwrap_or_else(|| p.replicas.clone());
-                        if !last.contains(node_id) {
+                        // Every copy the node hosts, one a move takes it off included: the
+                        // membership may still list the old one, which a blank copy of the
+                        // same generation would answer for (seed 15: a follower's log went back).
+                        if !p.hosts().any(|n| n == *node_id) {
                             continue;
                         }
                         p.last_generation = p.last_generation.saturating_add(1);
                         p.generations.insert(*node_id, p.last_generation);
-                        p.target = Some(last);
+                        if p.target.is_none() {
+                            p.target = Some(p.replicas.clone());
+                        }
                     }
                 }
                 Ok(())
