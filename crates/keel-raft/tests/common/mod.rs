@@ -79,6 +79,12 @@ impl TestNode {
         TestNode { id, addr, node, disk, dir, stop: Some(stop), server: Some(server) }
     }
 
+    /// Starts this (stopped) node again on its address, disk and data dir.
+    pub async fn restart(&mut self, cfg: &ClusterConfig) {
+        let (id, addr, disk, dir) = (self.id, self.addr.clone(), Arc::clone(&self.disk), self.dir.clone());
+        *self = TestNode::start(id, &addr, disk, dir, cfg).await;
+    }
+
     /// Stops the server and every raft core. With `crash`, nothing is flushed on the way out.
     pub async fn stop(&mut self, crash: bool) {
         if crash {
@@ -126,6 +132,19 @@ pub async fn start_nodes(dir: &std::path::Path, cfg: &ClusterConfig, n: u64) -> 
         nodes.push(TestNode::start(id, "127.0.0.1:0", disk, dir.join(format!("node-{id}")), cfg).await);
     }
     nodes
+}
+
+/// Starts nodes 1..=n (as [`start_nodes`]) with `group` open on each and initialised with all
+/// of them as voters; returns them and the index of the group's leader.
+pub async fn start_group(dir: &std::path::Path, cfg: &ClusterConfig, n: u64, group: GroupId) -> (Vec<TestNode>, usize) {
+    let nodes = start_nodes(dir, cfg, n).await;
+    for node in &nodes {
+        node.node.open_group(group).await.unwrap();
+    }
+    let refs: Vec<&TestNode> = nodes.iter().collect();
+    nodes[0].node.initialize_group(group, members(&refs)).await.unwrap();
+    let leader = wait_leader(&refs, group).await;
+    (nodes, leader)
 }
 
 pub fn members(nodes: &[&TestNode]) -> BTreeMap<NodeId, Node> {

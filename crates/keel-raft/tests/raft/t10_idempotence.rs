@@ -146,13 +146,8 @@ async fn a_retry_at_a_leader_restarted_into_its_term_is_written_once() {
     const TAIL: i32 = 400;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = ClusterConfig { timings: RaftTimings { quiesce: false, ..test_timings() }, ..ClusterConfig::default() };
-    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
-    for n in &nodes {
-        n.node.open_group(GROUP).await.unwrap();
-    }
+    let (mut nodes, leader) = start_group(tmp.path(), &cfg, 3, GROUP).await;
     let refs: Vec<&TestNode> = nodes.iter().collect();
-    nodes[0].node.initialize_group(GROUP, members(&refs)).await.unwrap();
-    let leader = wait_leader(&refs, GROUP).await;
     for n in 0..5 {
         append(&refs, GROUP, stamped(0, n)).await.unwrap();
     }
@@ -174,9 +169,7 @@ async fn a_retry_at_a_leader_restarted_into_its_term_is_written_once() {
 
     // The leader and one follower come back: the leader resumes its term at once.
     for i in [leader, followers[0]] {
-        let old = &nodes[i];
-        let (id, addr, disk, dir) = (old.id, old.addr.clone(), Arc::clone(&old.disk), old.dir.clone());
-        nodes[i] = TestNode::start(id, &addr, disk, dir, &cfg).await;
+        nodes[i].restart(&cfg).await;
         nodes[i].node.open_group(GROUP).await.unwrap();
     }
     let live = [&nodes[leader], &nodes[followers[0]]];

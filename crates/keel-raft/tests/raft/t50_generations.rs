@@ -8,13 +8,12 @@
 use crate::common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use keel_raft::types::ChangeMembers;
 use keel_raft::{Node, NodeError};
-use keel_storage::{Disk, FileDisk, LogConfig};
+use keel_storage::LogConfig;
 
 const GROUP: u64 = 5;
 
@@ -22,13 +21,8 @@ const GROUP: u64 = 5;
 async fn a_wiped_replica_comes_back_as_a_new_generation_and_only_through_the_leader() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = ClusterConfig::default();
-    let mut nodes = start_nodes(tmp.path(), &cfg, 3).await;
-    for n in &nodes {
-        n.node.open_group(GROUP).await.unwrap();
-    }
+    let (mut nodes, first_leader) = start_group(tmp.path(), &cfg, 3, GROUP).await;
     let refs: Vec<&TestNode> = nodes.iter().collect();
-    nodes[0].node.initialize_group(GROUP, members(&refs)).await.unwrap();
-    let first_leader = wait_leader(&refs, GROUP).await;
     for tag in 0..50u64 {
         append(&refs, GROUP, batch(tag, 2)).await.unwrap();
     }
@@ -37,10 +31,9 @@ async fn a_wiped_replica_comes_back_as_a_new_generation_and_only_through_the_lea
     let wiped = (first_leader + 1) % 3;
     let other = 3 - first_leader - wiped;
     nodes[wiped].stop(true).await;
-    let (id, addr, dir) = (nodes[wiped].id, nodes[wiped].addr.clone(), nodes[wiped].dir.clone());
-    std::fs::remove_dir_all(&dir).unwrap();
-    let disk: Arc<dyn Disk> = Arc::new(FileDisk::new());
-    nodes[wiped] = TestNode::start(id, &addr, disk, dir, &cfg).await;
+    let (id, addr) = (nodes[wiped].id, nodes[wiped].addr.clone());
+    std::fs::remove_dir_all(&nodes[wiped].dir).unwrap();
+    nodes[wiped].restart(&cfg).await;
     nodes[wiped].node.open_group_with(GROUP, LogConfig::default(), 1).await.unwrap();
     match nodes[wiped].node.open_group_with(GROUP, LogConfig::default(), 0).await {
         Err(NodeError::Generation { have: 1, wanted: 0, .. }) => {}
@@ -58,9 +51,7 @@ async fn a_wiped_replica_comes_back_as_a_new_generation_and_only_through_the_lea
     assert_eq!(blank.vote.leader_id().term, 0, "and granted no vote");
 
     // The old leader comes back; the two old members go on without the blank copy.
-    let old = &nodes[first_leader];
-    let (lid, laddr, ldisk, ldir) = (old.id, old.addr.clone(), Arc::clone(&old.disk), old.dir.clone());
-    nodes[first_leader] = TestNode::start(lid, &laddr, ldisk, ldir, &cfg).await;
+    nodes[first_leader].restart(&cfg).await;
     nodes[first_leader].node.open_group(GROUP).await.unwrap();
     let refs: Vec<&TestNode> = nodes.iter().collect();
     let members_left = [refs[first_leader], refs[other]];
