@@ -3,11 +3,12 @@
 //! the safety phase, the way `keel partition move` does, under the same nemesis: leaders crash
 //! mid-move, learners are cut off while they catch up. The checker then reads every partition
 //! from the replicas the final metadata names, and the liveness phase requires every move to
-//! have finished once the faults are healed. Once a run, the mover has a node that is not a
-//! metadata voter lose its disk and replaces it (`keel node replace`): every copy it held is
-//! rebuilt by the partitions' leaders, which the checker then reads like any other replica. And
-//! once a run it decommissions a node (`keel node decommission`): the controller moves every
-//! partition off it, and moves onto it are refused from then on.
+//! have finished once the faults are healed. Once a run, the mover has a node (a metadata voter
+//! or not) lose its disk and replaces it (`keel node replace`): every copy it held, `__meta`'s
+//! included, is rebuilt by the groups' leaders, which the checker then reads like any other
+//! replica. Once a run it decommissions a node (`keel node decommission`): the controller moves
+//! every partition, and its vote in the metadata, off it, and moves onto it are refused from then
+//! on. And twice a run it changes the metadata voters (three or five of the nodes).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use keel_broker::Broker;
+use keel_broker::{Broker, META_TOPIC};
 
 use crate::broker::{PARTITIONS, Shared, TOPIC, client_config, log, wait_topic};
 
@@ -35,6 +36,7 @@ pub(crate) async fn mover_main(seed: u64, until: Duration, replication: u32, sta
     let last = until.as_secs().saturating_sub(30).max(16);
     let mut lose_disk_at = Some(Duration::from_secs(rng.random_range(15..last)));
     let mut decommission_at = Some(Duration::from_secs(rng.random_range(10..last)));
+    let mut voters_at: Vec<Duration> = (0..2).map(|_| Duration::from_secs(rng.random_range(5..last))).collect();
     loop {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..6_000))).await;
         let now = turmoil::sim_elapsed().unwrap_or_default();
@@ -55,8 +57,24 @@ pub(crate) async fn mover_main(seed: u64, until: Duration, replication: u32, sta
         }
         if lose_disk_at.is_some_and(|at| now >= at) {
             lose_disk_at = None;
-            let victim = rng.random_range(crate::broker::VOTERS + 1..=nodes);
+            // Any node, a metadata voter included: its copy of `__meta` is replaced too.
+            let victim = rng.random_range(1..=nodes);
             lose_and_replace(&admin, &state, victim).await;
+            continue;
+        }
+        if let Some(i) = voters_at.iter().position(|at| now >= *at) {
+            voters_at.remove(i);
+            // Three or five voters, any of the nodes (a decommissioned one is refused).
+            let mut to: Vec<NodeId> = (1..=nodes).collect();
+            to.shuffle(&mut rng);
+            to.truncate(if rng.random_bool(0.5) { 3 } else { 5 });
+            match admin.move_partition(META_TOPIC, 0, &to).await {
+                Ok(p) => {
+                    log(&state, format!("mover: the metadata voters go from {:?} to {to:?}", p.replicas));
+                    state.borrow_mut().moves += 1;
+                }
+                Err(e) => log(&state, format!("mover: metadata voters {to:?} refused: {e}")),
+            }
             continue;
         }
         let partition = rng.random_range(0..PARTITIONS);
@@ -111,6 +129,9 @@ pub(crate) fn left_on_decommissioned(registry: &BTreeMap<NodeId, (u64, Broker)>)
                 }
             }
         }
+        if meta.hosts_meta(*id) == Some(true) {
+            out.push(format!("n{id} is decommissioned but still votes in the metadata"));
+        }
     }
     out
 }
@@ -120,10 +141,9 @@ pub(crate) fn left_on_decommissioned(registry: &BTreeMap<NodeId, (u64, Broker)>)
 pub(crate) fn placements(registry: &BTreeMap<NodeId, (u64, Broker)>) -> Option<BTreeMap<GroupId, Placement>> {
     let meta = registry.values().map(|(_, b)| b.metadata()).max_by_key(|m| m.applied_offset)?;
     let mut out = BTreeMap::new();
-    for topic in meta.topics.values() {
-        for p in &topic.partitions {
-            out.insert(p.group, (p.replicas.clone(), p.target.clone()));
-        }
+    // The metadata's own group, once its voters are recorded (they move like replicas).
+    for p in meta.topics.values().flat_map(|t| &t.partitions).chain(meta.controller.as_ref()) {
+        out.insert(p.group, (p.replicas.clone(), p.target.clone()));
     }
     Some(out)
 }

@@ -254,17 +254,22 @@ impl Broker {
             tokens,
             denials_logged: Mutex::new(BTreeMap::new()),
         });
-        if inner.config.is_voter() {
-            let log = LogConfig { retention_bytes: None, retention_ms: None, ..inner.config.log.clone() };
-            inner.node.open_group_with(META_GROUP, log, 0).await?;
-            let members: Vec<NodeId> = inner.config.voters.keys().copied().collect();
-            inner.spawn("meta-init", Arc::clone(&inner).ensure_initialized(META_GROUP, members));
-            inner.spawn("meta-follow", Arc::clone(&inner).follow_local_meta());
-            inner.spawn("cluster-id", Arc::clone(&inner).name_cluster());
-            inner.spawn("internal-topics", Arc::clone(&inner).create_internal_topics());
-        } else {
-            inner.spawn("meta-follow", Arc::clone(&inner).follow_remote_meta());
+        // The copy of `__meta` on disk is resumed whatever the configuration says now (voters
+        // change at run time); a configured voter without one asks the cluster first.
+        match inner.node.stored_generation(META_GROUP)? {
+            Some(generation) => {
+                inner.node.open_group_with(META_GROUP, inner.meta_log(), generation).await?;
+                if generation == 0 && inner.config.is_voter() {
+                    let members: Vec<NodeId> = inner.config.voters.keys().copied().collect();
+                    inner.spawn("meta-init", Arc::clone(&inner).ensure_initialized(META_GROUP, members));
+                }
+            }
+            None if inner.config.is_voter() => inner.spawn("meta-bootstrap", Arc::clone(&inner).bootstrap_meta()),
+            None => {}
         }
+        inner.spawn("meta-follow", Arc::clone(&inner).follow_meta());
+        inner.spawn("cluster-id", Arc::clone(&inner).name_cluster());
+        inner.spawn("internal-topics", Arc::clone(&inner).create_internal_topics());
         inner.spawn("reconcile", Arc::clone(&inner).reconcile_loop());
         inner.spawn("register", Arc::clone(&inner).register());
         inner.spawn("retention", Arc::clone(&inner).retention_loop());
@@ -467,9 +472,50 @@ impl Inner {
             .or_else(|| self.config.voters.get(&node).cloned())
     }
 
-    /// The leader of the metadata group, as far as this node knows.
+    /// The leader of the metadata group, as far as this node's copy of it knows.
     pub(crate) fn meta_leader(&self) -> Option<NodeId> {
-        if self.config.is_voter() { self.node.leader(META_GROUP) } else { None }
+        self.node.leader(META_GROUP)
+    }
+
+    /// Whether this node's copy of `__meta` is a voter of the metadata group now.
+    pub(crate) fn votes_in_meta(&self) -> bool {
+        let me = self.config.node_id;
+        self.node.metrics(META_GROUP).is_ok_and(|m| {
+            let membership = m.membership_config.membership();
+            membership.voter_ids().any(|v| v == me)
+                && membership.get_node(&me).map(|n| n.generation) == self.node.generation(META_GROUP)
+        })
+    }
+
+    /// The metadata's voters and where to reach them (not this node): the recorded ones, and the
+    /// configured ones (a node whose metadata is empty or behind knows only those).
+    pub(crate) fn meta_voter_addrs(&self) -> Vec<(NodeId, String)> {
+        let mut voters: BTreeMap<NodeId, String> = BTreeMap::new();
+        if let Some(c) = &self.metadata().controller {
+            for n in c.hosts() {
+                if let Some(addr) = self.peer_addr_of(n) {
+                    voters.insert(n, addr);
+                }
+            }
+        }
+        for (id, addr) in &self.config.voters {
+            voters.entry(*id).or_insert_with(|| addr.clone());
+        }
+        voters.remove(&self.config.node_id);
+        voters.into_iter().collect()
+    }
+
+    /// The metadata's voters as recorded, else as configured.
+    pub(crate) fn meta_voters(&self) -> Vec<NodeId> {
+        match &self.metadata().controller {
+            Some(c) => c.replicas.clone(),
+            None => self.config.voters.keys().copied().collect(),
+        }
+    }
+
+    /// `__meta`'s log settings: nothing is ever deleted from it.
+    fn meta_log(&self) -> LogConfig {
+        LogConfig { retention_bytes: None, retention_ms: None, ..self.config.log.clone() }
     }
 
     pub(crate) fn leads_meta(&self) -> bool {
@@ -484,10 +530,10 @@ impl Inner {
         {
             return vec![(leader, addr)];
         }
-        if self.config.is_voter() {
+        if self.votes_in_meta() {
             return Vec::new();
         }
-        self.config.voters.iter().map(|(id, a)| (*id, a.clone())).collect()
+        self.meta_voter_addrs()
     }
 
     /// Initializes a new group's first membership. The preferred (first) replica does it at
@@ -578,81 +624,196 @@ impl Inner {
         }
     }
 
-    /// Voters replay their own replica of `__meta` as it commits.
-    async fn follow_local_meta(self: Arc<Self>) {
-        let Ok(store) = self.node.store(META_GROUP) else { return };
-        let mut hw = store.high_watermark();
+    /// Replays `__meta` as it commits: from this node's own copy while it votes in the
+    /// metadata group (or its copy has more than this node applied), and otherwise by long
+    /// polls of the voters. A copy comes and goes as the voters change at run time, and a new
+    /// one is blank until the leader has filled it, so the source is chosen again every round.
+    async fn follow_meta(self: Arc<Self>) {
+        let mut turn = 0usize;
         loop {
-            let target = *hw.borrow_and_update();
-            let applied = self.metadata().applied_offset;
-            if applied < target {
-                match store.read_committed(applied, 1 << 20) {
-                    Ok(batches) if !batches.is_empty() => {
-                        self.apply_meta_batches(&batches);
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.fail(format!("reading __meta: {e}"));
-                        return;
+            if let Ok(store) = self.node.store(META_GROUP) {
+                let mut hw = store.high_watermark();
+                let target = *hw.borrow_and_update();
+                let applied = self.metadata().applied_offset;
+                if applied < target {
+                    match store.read_committed(applied, 1 << 20) {
+                        Ok(batches) if !batches.is_empty() => {
+                            self.apply_meta_batches(&batches);
+                            continue;
+                        }
+                        Ok(_) => {}
+                        // The copy was removed (or replaced) since it was looked up.
+                        Err(_) if self.node.store(META_GROUP).is_err() => continue,
+                        Err(e) => {
+                            self.fail(format!("reading __meta: {e}"));
+                            return;
+                        }
                     }
                 }
+                if self.votes_in_meta() {
+                    // Woken by a commit. A quiet second may also mean this copy was taken out of
+                    // the voters, in which case the records after that never reach it: then one
+                    // look at another voter (the leader knows everything committed already).
+                    let quiet = tokio::time::timeout(Duration::from_secs(1), hw.changed()).await.is_err();
+                    if quiet && !self.leads_meta() && !self.fetch_meta_from_voter(turn, 0).await {
+                        turn = turn.wrapping_add(1);
+                    }
+                    continue;
+                }
             }
-            if hw.changed().await.is_err() {
-                return;
+            let wait_ms = if self.node.store(META_GROUP).is_ok() { 1_000 } else { 5_000 };
+            if !self.fetch_meta_from_voter(turn, wait_ms).await {
+                turn = turn.wrapping_add(1);
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 
-    /// Other nodes fetch `__meta` from the voters (long poll).
-    async fn follow_remote_meta(self: Arc<Self>) {
-        let voters: Vec<String> = self.config.voters.values().cloned().collect();
-        let mut turn = 0usize;
-        loop {
-            let addr = &voters[turn % voters.len()];
-            let request = pb::FetchRequest {
-                topic: META_TOPIC.into(),
-                partition: 0,
-                offset: self.metadata().applied_offset,
-                max_bytes: 1 << 20,
-                max_wait_ms: 5_000,
-                format: pb::FetchFormat::Batches as i32,
-            };
-            let result = match self.channel(addr) {
-                Ok(channel) => {
-                    // A fetch answers with at least one whole batch, whatever max_bytes says.
-                    let mut client = pb::consumer_client::ConsumerClient::new(channel)
-                        .max_decoding_message_size(self.message_limits().1);
-                    tokio::time::timeout(Duration::from_secs(10), client.fetch(request)).await
-                }
-                Err(e) => Ok(Err(e)),
-            };
-            match result {
-                Ok(Ok(response)) => {
-                    // All or nothing: dropping a bad batch and applying the rest would skip
-                    // records (which replay refuses as a gap); a bad answer is retried elsewhere.
-                    let batches: Result<Vec<_>, _> =
-                        response.into_inner().batches.into_iter().map(keel_record::Batch::from_bytes).collect();
-                    match batches {
-                        Ok(batches) => {
-                            self.apply_meta_batches(&batches);
-                            continue;
-                        }
-                        Err(e) => warn!(addr, error = %e, "a voter sent an invalid __meta batch; asking another"),
+    /// One long poll of `__meta` at a voter (the `turn`th); whether it answered.
+    async fn fetch_meta_from_voter(&self, turn: usize, wait_ms: u32) -> bool {
+        let voters = self.meta_voter_addrs();
+        let Some((_, addr)) = voters.get(turn % voters.len().max(1)) else { return false };
+        let request = pb::FetchRequest {
+            topic: META_TOPIC.into(),
+            partition: 0,
+            offset: self.metadata().applied_offset,
+            max_bytes: 1 << 20,
+            max_wait_ms: wait_ms,
+            format: pb::FetchFormat::Batches as i32,
+        };
+        let result = match self.channel(addr) {
+            Ok(channel) => {
+                // A fetch answers with at least one whole batch, whatever max_bytes says.
+                let mut client = pb::consumer_client::ConsumerClient::new(channel)
+                    .max_decoding_message_size(self.message_limits().1);
+                let deadline = Duration::from_millis(u64::from(wait_ms)) + Duration::from_secs(5);
+                tokio::time::timeout(deadline, client.fetch(request)).await
+            }
+            Err(e) => Ok(Err(e)),
+        };
+        match result {
+            Ok(Ok(response)) => {
+                // All or nothing: dropping a bad batch and applying the rest would skip
+                // records (which replay refuses as a gap); a bad answer is retried elsewhere.
+                let batches: Result<Vec<_>, _> =
+                    response.into_inner().batches.into_iter().map(keel_record::Batch::from_bytes).collect();
+                match batches {
+                    Ok(batches) => {
+                        self.apply_meta_batches(&batches);
+                        return true;
                     }
-                }
-                Ok(Err(status)) => {
-                    self.forget_broken(addr, &status);
-                    debug!(addr, %status, "fetching __meta failed");
-                }
-                Err(_) => {
-                    debug!(addr, "fetching __meta timed out");
-                    self.drop_channel(addr);
+                    Err(e) => warn!(addr, error = %e, "a voter sent an invalid __meta batch; asking another"),
                 }
             }
-            turn += 1;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(Err(status)) => {
+                self.forget_broken(addr, &status);
+                debug!(addr, %status, "fetching __meta failed");
+            }
+            Err(_) => {
+                debug!(addr, "fetching __meta timed out");
+                self.drop_channel(addr);
+            }
         }
+        false
+    }
+
+    /// A configured voter that holds no copy of `__meta` opens a blank one only where that
+    /// cannot stand in for a copy it had before: when every other configured voter is blank too
+    /// (a new cluster), or when the controller leader says this node never registered (it was
+    /// not running when the cluster formed without it). A registered node lost its disk: its
+    /// old copy voted and acknowledged entries, and a blank one under the same generation
+    /// could elect a second leader or lose a commit. It waits for `keel node replace`, which
+    /// brings in a new generation of copy.
+    async fn bootstrap_meta(self: Arc<Self>) {
+        let me = self.config.node_id;
+        let key_hash = {
+            let identity = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+            crate::config::node_key_hash(&identity.key_bytes())
+        };
+        let mut told = false;
+        loop {
+            let mut initialized = false;
+            let mut answered = 0;
+            let others: Vec<(NodeId, String)> =
+                self.config.voters.iter().filter(|(id, _)| **id != me).map(|(i, a)| (*i, a.clone())).collect();
+            for (id, addr) in &others {
+                let Ok(channel) = self.channel(addr) else { continue };
+                let mut client = pb::node_status_client::NodeStatusClient::new(channel);
+                let call = client.meta_copy(pb::MetaCopyRequest { node_id: me, key_hash: key_hash.clone() });
+                match tokio::time::timeout(Duration::from_secs(2), call).await {
+                    Ok(Ok(answer)) => {
+                        let answer = answer.into_inner();
+                        answered += 1;
+                        initialized |= answer.initialized;
+                        match answer.may_open_blank {
+                            Some(false) => {
+                                // Its copy comes when the metadata names a new one (reconcile).
+                                warn!(
+                                    leader = id,
+                                    "this node's data dir holds no copy of __meta, and the cluster knew it with \
+                                     another (a lost disk, or it left the voters): it votes again only with a \
+                                     new copy, which `keel node replace {me}` brings in after a lost disk"
+                                );
+                                return;
+                            }
+                            Some(true) => {
+                                info!(leader = id, "the cluster formed without this voter; joining with a blank copy");
+                                return self.open_blank_meta().await;
+                            }
+                            None => {}
+                        }
+                    }
+                    Ok(Err(status)) => debug!(node = id, %status, "asking a voter about __meta failed"),
+                    Err(_) => debug!(node = id, "asking a voter about __meta timed out"),
+                }
+            }
+            if answered == others.len() && !initialized {
+                info!("every configured voter is blank: a new cluster");
+                return self.open_blank_meta().await;
+            }
+            if !told {
+                info!("waiting for every configured voter, or the controller leader, to answer before opening __meta");
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn open_blank_meta(self: Arc<Self>) {
+        loop {
+            match self.node.open_group_with(META_GROUP, self.meta_log(), 0).await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "opening __meta failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        let members: Vec<NodeId> = self.config.voters.keys().copied().collect();
+        self.ensure_initialized(META_GROUP, members).await;
+    }
+
+    /// What this node tells a configured voter without a copy of `__meta` ([`Inner::bootstrap_meta`]).
+    pub(crate) async fn meta_copy(&self, request: pb::MetaCopyRequest) -> pb::MetaCopyResponse {
+        let initialized =
+            self.metadata().applied_offset > 0 || self.node.is_initialized(META_GROUP).await.unwrap_or(false);
+        let mut may_open_blank = None;
+        if self.leads_meta()
+            && let Ok(_turn) = self.controller_turn().await
+        {
+            let meta = self.metadata();
+            // Known with this very data dir's key: it registered while it waited to open a copy.
+            let this_dir_or_unknown = match meta.nodes.get(&request.node_id) {
+                None => true,
+                Some(n) => n.key_hash.as_deref() == Some(request.key_hash.as_str()),
+            };
+            let named_elsewhere = meta
+                .controller
+                .as_ref()
+                .is_some_and(|c| !c.hosts().any(|n| n == request.node_id) || c.generation_of(request.node_id) != 0);
+            may_open_blank = Some(this_dir_or_unknown && !named_elsewhere);
+        }
+        pb::MetaCopyResponse { initialized, may_open_blank }
     }
 
     /// The leader of `__meta` names a new cluster.
@@ -1314,6 +1475,7 @@ impl Inner {
                 Err(e) => warn!(group, error = %e, "opening a partition failed"),
             }
         }
+        self.reconcile_meta_copy(meta).await;
         self.start_group_coordinators();
         self.start_timer_coordinators();
         self.start_txn_coordinators();
@@ -1335,6 +1497,29 @@ impl Inner {
                 warn!(group, error = %e, "removing a deleted partition failed");
             }
             *cleaned_upto += 1;
+        }
+    }
+
+    /// Keeps this node's copy of `__meta` as the recorded voters say: a node a voter change
+    /// brings in opens the copy the metadata names (blank; the leader fills it), and one it took
+    /// out drops its copy. Before the voters are recorded the configured voters keep theirs.
+    async fn reconcile_meta_copy(&self, meta: &Metadata) {
+        let me = self.config.node_id;
+        let Some(controller) = &meta.controller else { return };
+        if controller.hosts().any(|n| n == me) {
+            let generation = controller.generation_of(me);
+            if self.node.generation(META_GROUP) == Some(generation) {
+                return;
+            }
+            let span = info_span!("meta-copy", generation);
+            if let Err(e) = self.open_copy(META_GROUP, generation, self.meta_log()).instrument(span).await {
+                warn!(generation, error = %e, "opening a copy of __meta failed");
+            }
+        } else if matches!(self.node.stored_generation(META_GROUP), Ok(Some(_))) {
+            info!("this node left the metadata voters: dropping its copy of __meta");
+            if let Err(e) = self.node.remove_group(META_GROUP).await {
+                warn!(error = %e, "removing the copy of __meta failed");
+            }
         }
     }
 
@@ -1449,7 +1634,7 @@ impl Inner {
             if partition != 0 {
                 return Err(Status::not_found("__meta has one partition, 0"));
             }
-            return Ok((META_GROUP, self.config.voters.keys().copied().collect(), None));
+            return Ok((META_GROUP, self.meta_voters(), None));
         }
         if topic.is_empty() {
             return Err(Status::invalid_argument("topic name must not be empty"));

@@ -70,6 +70,8 @@ fn seeds() -> Vec<Vec<u8>> {
         Command::MovePartition { topic: "orders".into(), partition: 0, from: vec![1, 2, 3], to: vec![3, 2, 1] },
         Command::FinishMove { topic: "orders".into(), partition: 0, to: vec![3, 2, 1] },
         Command::ReplaceNode { node_id: 2 },
+        Command::RecordVoters { voters: vec![1, 2, 3] },
+        Command::MovePartition { topic: "__meta".into(), partition: 0, from: vec![1, 2, 3], to: vec![1, 2, 3, 4, 5] },
         Command::DecommissionNode { node_id: 3 },
         Command::DeleteTopic { name: "orders".into() },
         // Applies to a fresh cluster (ids start at 0); the other is refused there.

@@ -33,6 +33,9 @@ pub const PRODUCER_IDENTITY_BYTES_MAX: usize = 255;
 /// node's metadata, kept for good (an identity is never forgotten, or a new instance could no
 /// longer fence an old one), so a client inventing names must not grow it without bound.
 pub const PRODUCER_IDENTITIES_MAX: usize = 100_000;
+/// Most metadata voters: every `__meta` commit waits for a majority of them, and more than
+/// seven buys no availability a cluster of this kind needs.
+pub const META_VOTERS_MAX: usize = 7;
 
 /// A stable producer identity's current id and epoch, and the request that gave them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,6 +277,12 @@ pub enum Command {
         /// The node.
         node_id: NodeId,
     },
+    /// Records the metadata group's voters (its configured ones, before any change), so that
+    /// they can be replaced and moved like a partition's replicas. Applied only once.
+    RecordVoters {
+        /// The voters of `__meta`'s group as its leader saw them.
+        voters: Vec<NodeId>,
+    },
 }
 
 /// Why a command or a request is refused.
@@ -341,6 +350,10 @@ pub struct Metadata {
     pub producer_identities: BTreeMap<String, IdentityHolder>,
     /// The access rules (see [`crate::acl`]).
     pub acls: std::collections::BTreeSet<crate::acl::AclRule>,
+    /// The metadata group's own "partition" (`__meta`/0, group 0), once its voters are recorded
+    /// ([`Command::RecordVoters`]): its replicas are the voters, moved, replaced and
+    /// decommissioned like any partition's. `None` means the voters of the configuration.
+    pub controller: Option<Partition>,
 }
 
 impl Metadata {
@@ -375,6 +388,24 @@ impl Metadata {
                 if self.cluster_id.is_none() {
                     self.cluster_id = Some(cluster_id.clone());
                 }
+                Ok(())
+            }
+            Command::RecordVoters { voters } => {
+                if self.controller.is_some() {
+                    return Err(MetaError::Precondition("the metadata voters are recorded already".into()));
+                }
+                check_distinct(voters)?;
+                if voters.is_empty() || voters.len() > META_VOTERS_MAX {
+                    return Err(MetaError::Invalid(format!("the metadata has 1 to {META_VOTERS_MAX} voters")));
+                }
+                self.controller = Some(Partition {
+                    group: META_GROUP,
+                    replicas: voters.clone(),
+                    target: None,
+                    moves: 0,
+                    generations: BTreeMap::new(),
+                    last_generation: 0,
+                });
                 Ok(())
             }
             Command::AddAcl { rule } => {
@@ -512,19 +543,18 @@ impl Metadata {
                     MetaError::Precondition(format!("node {node_id} is not registered: nothing to replace"))
                 })?;
                 node.key_hash = None;
-                for topic in self.topics.values_mut() {
-                    for p in &mut topic.partitions {
-                        // Every copy the node hosts, one a move takes it off included: the
-                        // membership may still list the old one, which a blank copy of the
-                        // same generation would answer for (seed 15: a follower's log went back).
-                        if !p.hosts().any(|n| n == *node_id) {
-                            continue;
-                        }
-                        p.last_generation = p.last_generation.saturating_add(1);
-                        p.generations.insert(*node_id, p.last_generation);
-                        if p.target.is_none() {
-                            p.target = Some(p.replicas.clone());
-                        }
+                let partitions = self.topics.values_mut().flat_map(|t| &mut t.partitions);
+                for p in partitions.chain(self.controller.as_mut()) {
+                    // Every copy the node hosts, one a move takes it off included: the
+                    // membership may still list the old one, which a blank copy of the
+                    // same generation would answer for (seed 15: a follower's log went back).
+                    if !p.hosts().any(|n| n == *node_id) {
+                        continue;
+                    }
+                    p.last_generation = p.last_generation.saturating_add(1);
+                    p.generations.insert(*node_id, p.last_generation);
+                    if p.target.is_none() {
+                        p.target = Some(p.replicas.clone());
                     }
                 }
                 Ok(())
@@ -655,12 +685,7 @@ impl Metadata {
             if replicas.len() != replication_factor as usize {
                 return Err(MetaError::Invalid("every partition needs replication_factor replicas".into()));
             }
-            let mut seen = replicas.clone();
-            seen.sort_unstable();
-            seen.dedup();
-            if seen.len() != replicas.len() {
-                return Err(MetaError::Invalid("a partition's replicas must be distinct nodes".into()));
-            }
+            check_distinct(replicas)?;
             if let Some(unknown) = replicas.iter().find(|n| !self.nodes.contains_key(n)) {
                 return Err(MetaError::Precondition(format!("node {unknown} is not registered")));
             }
@@ -674,8 +699,19 @@ impl Metadata {
     }
 
     /// Checks that `topic`/`partition` may move to `to`: as many distinct, registered nodes as
-    /// the topic's replication factor (a move never changes how many copies there are).
+    /// the topic's replication factor (a move never changes how many copies there are). The
+    /// metadata's voters (`__meta`/0) may grow or shrink, to 1 to [`META_VOTERS_MAX`].
     pub fn check_move(&self, topic: &str, partition: u32, to: &[NodeId]) -> Result<(), MetaError> {
+        if topic == META_TOPIC {
+            self.partition(topic, partition)?;
+            if to.is_empty() || to.len() > META_VOTERS_MAX {
+                return Err(MetaError::Invalid(format!(
+                    "the metadata has 1 to {META_VOTERS_MAX} voters, not {}",
+                    to.len()
+                )));
+            }
+            return self.check_assignment(&[to.to_vec()], to.len() as u32);
+        }
         let t = self.topics.get(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
         self.partition(topic, partition)?;
         if to.len() != t.replication_factor as usize {
@@ -690,6 +726,13 @@ impl Metadata {
     }
 
     fn partition_mut(&mut self, topic: &str, partition: u32) -> Result<&mut Partition, MetaError> {
+        if topic == META_TOPIC {
+            return match (partition, self.controller.as_mut()) {
+                (0, Some(p)) => Ok(p),
+                (0, None) => Err(voters_unrecorded()),
+                _ => Err(MetaError::Invalid("__meta has one partition, 0".into())),
+            };
+        }
         let t = self.topics.get_mut(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
         let count = t.partitions.len();
         t.partitions.get_mut(partition as usize).ok_or_else(|| {
@@ -716,40 +759,50 @@ impl Metadata {
                 }
             }
         }
-        for (name, topic) in &self.topics {
-            for (i, p) in topic.partitions.iter().enumerate() {
-                if p.target.is_some() || !p.replicas.iter().any(|n| leaving.contains(n)) {
-                    continue;
-                }
-                let mut to = p.replicas.clone();
-                for k in 0..to.len() {
-                    if !leaving.contains(&to[k]) {
-                        continue;
-                    }
-                    let pick = load.iter().filter(|(n, _)| !to.contains(n)).min_by_key(|(n, c)| (**c, **n));
-                    let Some((pick, _)) = pick else { break };
-                    let pick = *pick;
-                    to[k] = pick;
-                    *load.entry(pick).or_default() += 1;
-                }
-                if to.iter().any(|n| leaving.contains(n)) {
-                    continue;
-                }
-                return Some((name.clone(), i as u32, to));
+        // The metadata's voters first: a decommissioned voter leaves the controller too.
+        let controller = self.controller.iter().map(|p| (META_TOPIC, 0, p));
+        let partitions = self
+            .topics
+            .iter()
+            .flat_map(|(name, t)| t.partitions.iter().enumerate().map(|(i, p)| (name.as_str(), i as u32, p)));
+        for (name, i, p) in controller.chain(partitions) {
+            if p.target.is_some() || !p.replicas.iter().any(|n| leaving.contains(n)) {
+                continue;
             }
+            let mut to = p.replicas.clone();
+            for k in 0..to.len() {
+                if !leaving.contains(&to[k]) {
+                    continue;
+                }
+                let pick = load.iter().filter(|(n, _)| !to.contains(n)).min_by_key(|(n, c)| (**c, **n));
+                let Some((pick, _)) = pick else { break };
+                let pick = *pick;
+                to[k] = pick;
+                *load.entry(pick).or_default() += 1;
+            }
+            if to.iter().any(|n| leaving.contains(n)) {
+                continue;
+            }
+            return Some((name.to_owned(), i, to));
         }
         None
     }
 
-    /// Partitions with a move in progress: (topic, partition, the partition).
+    /// Partitions with a move in progress: (topic, partition, the partition), the metadata's
+    /// voters (`__meta`/0) included.
     pub fn moving(&self) -> impl Iterator<Item = (&str, u32, &Partition)> + '_ {
-        self.topics.iter().flat_map(|(name, t)| {
-            t.partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.target.is_some())
-                .map(|(i, p)| (name.as_str(), i as u32, p))
-        })
+        let controller = self.controller.iter().map(|p| (META_TOPIC, 0, p));
+        let partitions = self
+            .topics
+            .iter()
+            .flat_map(|(name, t)| t.partitions.iter().enumerate().map(|(i, p)| (name.as_str(), i as u32, p)));
+        controller.chain(partitions).filter(|(_, _, p)| p.target.is_some())
+    }
+
+    /// Whether `node` hosts a copy of `__meta` as the metadata records it (`None`: the voters
+    /// are not recorded; the configuration's are the voters).
+    pub fn hosts_meta(&self, node: NodeId) -> Option<bool> {
+        self.controller.as_ref().map(|c| c.hosts().any(|n| n == node))
     }
 
     /// The partitions of `__consumer_offsets`, once the controller created it.
@@ -772,8 +825,15 @@ impl Metadata {
         self.topics.iter().filter(|(_, t)| !t.internal).map(|(n, t)| (n.clone(), t.partitions.len() as u32)).collect()
     }
 
-    /// The partition → group of a topic.
+    /// The partition → group of a topic (`__meta`/0: the metadata voters, once recorded).
     pub fn partition(&self, topic: &str, partition: u32) -> Result<&Partition, MetaError> {
+        if topic == META_TOPIC {
+            return match (partition, self.controller.as_ref()) {
+                (0, Some(p)) => Ok(p),
+                (0, None) => Err(voters_unrecorded()),
+                _ => Err(MetaError::Invalid("__meta has one partition, 0".into())),
+            };
+        }
         let t = self.topics.get(topic).ok_or_else(|| MetaError::UnknownTopic(topic.to_owned()))?;
         t.partitions.get(partition as usize).ok_or_else(|| {
             MetaError::Invalid(format!("topic {topic:?} has {} partitions; {partition} is not one", t.partitions.len()))
@@ -887,6 +947,19 @@ pub fn validate_topic_name(name: &str) -> Result<(), MetaError> {
     }
     if name.starts_with("__") {
         return Err(MetaError::Invalid(format!("topic names starting with \"__\" are reserved ({name:?})")));
+    }
+    Ok(())
+}
+
+fn voters_unrecorded() -> MetaError {
+    MetaError::Precondition("the metadata voters are not recorded yet; ask the controller leader".into())
+}
+
+/// Refuses a replica list naming a node twice.
+fn check_distinct(replicas: &[NodeId]) -> Result<(), MetaError> {
+    let seen: BTreeSet<NodeId> = replicas.iter().copied().collect();
+    if seen.len() != replicas.len() {
+        return Err(MetaError::Invalid("a partition's replicas must be distinct nodes".into()));
     }
     Ok(())
 }
@@ -1028,6 +1101,55 @@ mod tests {
         let mut reordered = p.replicas.clone();
         reordered.rotate_left(1);
         apply_next(&mut m, move_to(&p.replicas, &reordered)).unwrap();
+    }
+
+    #[test]
+    fn the_metadata_voters_are_recorded_once_then_grow_shrink_and_are_replaced_like_replicas() {
+        let mut m = cluster(5);
+        let meta_move = |from: &[NodeId], to: &[NodeId]| Command::MovePartition {
+            topic: META_TOPIC.into(),
+            partition: 0,
+            from: from.to_vec(),
+            to: to.to_vec(),
+        };
+        assert!(m.partition(META_TOPIC, 0).is_err(), "not recorded: the configuration's voters");
+        assert!(apply_next(&mut m, meta_move(&[1, 2, 3], &[1, 2, 3, 4, 5])).is_err(), "not before the record");
+        assert!(apply_next(&mut m, Command::RecordVoters { voters: vec![] }).is_err());
+        assert!(apply_next(&mut m, Command::RecordVoters { voters: vec![1, 1, 2] }).is_err());
+        apply_next(&mut m, Command::RecordVoters { voters: vec![1, 2, 3] }).unwrap();
+        let recorded = m.controller.clone();
+        assert!(apply_next(&mut m, Command::RecordVoters { voters: vec![4] }).is_err(), "only once");
+        assert_eq!(m.controller, recorded);
+        assert_eq!((m.hosts_meta(1), m.hosts_meta(4)), (Some(true), Some(false)));
+
+        // Grow to five: the joiners get a new generation; the voters are not partition copies.
+        assert!(apply_next(&mut m, meta_move(&[1, 2, 3], &[1, 2, 3, 4, 5, 6, 7, 8])).is_err(), "too many");
+        assert!(apply_next(&mut m, meta_move(&[1, 2, 3], &[1, 2, 9])).is_err(), "an unknown node");
+        assert!(apply_next(&mut m, meta_move(&[2, 3, 4], &[1, 2, 3, 4, 5])).is_err(), "planned from stale voters");
+        apply_next(&mut m, meta_move(&[1, 2, 3], &[1, 2, 3, 4, 5])).unwrap();
+        assert_eq!(m.moving().map(|(t, p, _)| (t.to_owned(), p)).collect::<Vec<_>>(), [(META_TOPIC.to_owned(), 0)]);
+        assert_eq!(m.hosts_meta(5), Some(true), "a joiner hosts a copy during the change");
+        let c = m.partition(META_TOPIC, 0).unwrap();
+        assert_eq!((c.generation_of(4), c.generation_of(5), c.generation_of(1)), (1, 1, 0));
+        apply_next(&mut m, Command::FinishMove { topic: META_TOPIC.into(), partition: 0, to: vec![1, 2, 3, 4, 5] })
+            .unwrap();
+        assert!(m.topics.is_empty(), "no topic holds the voters");
+
+        // A voter that lost its disk gets a new copy, as a partition replica would.
+        apply_next(&mut m, Command::ReplaceNode { node_id: 3 }).unwrap();
+        let c = m.partition(META_TOPIC, 0).unwrap();
+        assert_eq!((c.target.clone(), c.generation_of(3)), (Some(vec![1, 2, 3, 4, 5]), 2));
+        apply_next(&mut m, Command::FinishMove { topic: META_TOPIC.into(), partition: 0, to: vec![1, 2, 3, 4, 5] })
+            .unwrap();
+
+        // A decommissioned voter is replaced by a node that is not one, if there is one.
+        apply_next(&mut m, Command::DecommissionNode { node_id: 2 }).unwrap();
+        assert_eq!(m.plan_decommission_move(), None, "every active node votes already");
+        apply_next(&mut m, meta_move(&[1, 2, 3, 4, 5], &[3, 4, 5])).unwrap();
+        apply_next(&mut m, Command::FinishMove { topic: META_TOPIC.into(), partition: 0, to: vec![3, 4, 5] }).unwrap();
+        assert_eq!((m.hosts_meta(1), m.hosts_meta(2)), (Some(false), Some(false)));
+        apply_next(&mut m, Command::DecommissionNode { node_id: 3 }).unwrap();
+        assert_eq!(m.plan_decommission_move(), Some((META_TOPIC.to_owned(), 0, vec![1, 4, 5])));
     }
 
     #[test]

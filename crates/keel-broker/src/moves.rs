@@ -18,20 +18,20 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::broker::Inner;
 use crate::error::meta_status;
-use crate::metadata::{Command, META_GROUP, Metadata, Partition};
+use crate::metadata::{Command, META_GROUP, META_TOPIC, Metadata, Partition};
 
-/// The partitions (`topic/partition`) that `node` holds (a replica, or the target of a move).
+/// The partitions (`topic/partition`) that `node` holds (a replica, or the target of a move),
+/// `__meta/0` for a recorded metadata voter.
 pub(crate) fn held_by(meta: &Metadata, node: NodeId) -> Vec<String> {
-    meta.topics
-        .iter()
-        .flat_map(|(name, t)| {
-            t.partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.hosts().any(|n| n == node))
-                .map(move |(i, _)| format!("{name}/{i}"))
-        })
-        .collect()
+    let controller = meta.hosts_meta(node).unwrap_or(false).then(|| format!("{META_TOPIC}/0"));
+    let partitions = meta.topics.iter().flat_map(|(name, t)| {
+        t.partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.hosts().any(|n| n == node))
+            .map(move |(i, _)| format!("{name}/{i}"))
+    });
+    controller.into_iter().chain(partitions).collect()
 }
 
 /// The partitions (`topic/partition`) with a move in progress that ends with a copy on `node`.
@@ -74,6 +74,9 @@ impl Inner {
         to: Vec<NodeId>,
     ) -> Result<Partition, Status> {
         let _turn = self.controller_turn().await?;
+        if topic == META_TOPIC {
+            self.record_voters().await?;
+        }
         let meta = self.metadata();
         meta.check_move(topic, partition, &to).map_err(meta_status)?;
         let current = meta.partition(topic, partition).map_err(meta_status)?;
@@ -94,16 +97,8 @@ impl Inner {
     /// it. Returns those partitions (`topic/partition`).
     pub(crate) async fn replace_node(&self, node: NodeId) -> Result<Vec<String>, Status> {
         let _turn = self.controller_turn().await?;
-        let meta_voter = self
-            .node
-            .metrics(META_GROUP)
-            .is_ok_and(|m| m.membership_config.membership().voter_ids().any(|v| v == node));
-        if meta_voter {
-            return Err(Status::failed_precondition(format!(
-                "node {node} is a metadata voter: replacing a metadata voter is not supported yet (its \
-                 `__meta` copy would come back blank); move its partitions off with `keel partition move`"
-            )));
-        }
+        // A voter's copy of `__meta` is replaced like a partition's: the voters must be on record.
+        self.record_voters().await?;
         let meta = self.metadata();
         let offset = self.propose(&Command::ReplaceNode { node_id: node }).await?;
         if let Some(refusal) = self.outcome_at(&meta, offset)? {
@@ -114,10 +109,32 @@ impl Inner {
         Ok(partitions)
     }
 
+    /// Records the metadata group's voters (controller leader, in its turn) unless they are: a
+    /// voter change or replacement starts from them.
+    async fn record_voters(&self) -> Result<(), Status> {
+        let meta = self.metadata();
+        if meta.controller.is_some() {
+            return Ok(());
+        }
+        let metrics = self.node.metrics(META_GROUP).map_err(|e| Status::unavailable(e.to_string()))?;
+        let membership = metrics.membership_config.membership();
+        if membership.get_joint_config().len() > 1 || membership.learner_ids().next().is_some() {
+            return Err(Status::unavailable("the metadata group is changing its voters; retry"));
+        }
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let offset = self.propose(&Command::RecordVoters { voters }).await?;
+        match self.outcome_at(&meta, offset)? {
+            None => Ok(()),
+            Some(refusal) => Err(meta_status(refusal)),
+        }
+    }
+
     /// Marks `node` decommissioned (controller leader only); returns the partitions it holds,
     /// which [`Inner::move_loop`] then moves off it.
     pub(crate) async fn decommission_node(&self, node: NodeId) -> Result<Vec<String>, Status> {
         let _turn = self.controller_turn().await?;
+        // A decommissioned voter leaves the metadata group too, which needs the voters on record.
+        self.record_voters().await?;
         let meta = self.metadata();
         if !meta.nodes.get(&node).is_some_and(|n| n.decommissioned) {
             let offset = self.propose(&Command::DecommissionNode { node_id: node }).await?;

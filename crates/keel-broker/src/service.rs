@@ -476,8 +476,8 @@ impl Api {
         let inner = &self.inner;
         let mut nodes: BTreeMap<NodeId, String> =
             meta.nodes.iter().filter_map(|(id, n)| Some((*id, n.peer_addr.clone()?))).collect();
-        for (id, addr) in &inner.config.voters {
-            nodes.entry(*id).or_insert_with(|| addr.clone());
+        for (id, addr) in inner.meta_voter_addrs() {
+            nodes.entry(id).or_insert(addr);
         }
         let calls = nodes.iter().map(|(id, addr)| {
             let (id, addr) = (*id, addr.clone());
@@ -1149,8 +1149,28 @@ impl pb::admin_server::Admin for Api {
         self.inner.check_serving()?;
         let name = request.into_inner().name;
         let meta = self.inner.metadata();
-        let topic =
-            meta.topics.get(&name).ok_or_else(|| Status::not_found(format!("topic {name:?} does not exist")))?;
+        // `__meta` describes as one internal partition whose replicas are the metadata voters
+        // (what `keel partition move __meta/0` changes).
+        let controller = (name == metadata::META_TOPIC).then(|| {
+            let p = meta.controller.clone().unwrap_or_else(|| metadata::Partition {
+                group: META_GROUP,
+                replicas: self.inner.meta_voters(),
+                target: None,
+                moves: 0,
+                generations: BTreeMap::new(),
+                last_generation: 0,
+            });
+            Topic {
+                replication_factor: p.replicas.len() as u32,
+                settings: TopicSettings::default(),
+                partitions: vec![p],
+                internal: true,
+            }
+        });
+        let topic = controller
+            .as_ref()
+            .or_else(|| meta.topics.get(&name))
+            .ok_or_else(|| Status::not_found(format!("topic {name:?} does not exist")))?;
         let (statuses, _) = self.gather(&meta).await;
         Ok(Response::new(pb::DescribeTopicResponse { topic: Some(self.describe(&name, topic, &statuses)) }))
     }
@@ -1213,8 +1233,12 @@ impl pb::admin_server::Admin for Api {
             return Err(Status::invalid_argument("topic name must not be empty"));
         }
         self.inner.check_serving()?;
-        // Checked here too, so a bad request is refused without a trip to the controller.
-        self.inner.metadata().check_move(&r.topic, r.partition, &r.replicas).map_err(crate::error::meta_status)?;
+        // Checked here too, so a bad request is refused without a trip to the controller (which
+        // records the metadata voters first if they are not yet: then only it can check).
+        let meta = self.inner.metadata();
+        if r.topic != metadata::META_TOPIC || meta.controller.is_some() {
+            meta.check_move(&r.topic, r.partition, &r.replicas).map_err(crate::error::meta_status)?;
+        }
         if !self.inner.leads_meta() {
             let hops = hops(&request);
             let (topic, partition, to) = (r.topic.clone(), r.partition, r.replicas.clone());
@@ -1337,12 +1361,12 @@ impl pb::admin_server::Admin for Api {
         let meta = inner.metadata();
         let (statuses, reachable) = self.gather(&meta).await;
         let mut nodes: BTreeMap<NodeId, pb::NodeDescription> = BTreeMap::new();
-        for id in inner.config.voters.keys() {
+        for id in inner.meta_voters() {
             // A voter's client address is known once it registered (`voters` names peer ones).
             nodes.insert(
-                *id,
+                id,
                 pb::NodeDescription {
-                    node_id: *id,
+                    node_id: id,
                     addr: String::new(),
                     controller_voter: true,
                     reachable: false,
@@ -1474,6 +1498,10 @@ impl pb::node_status_server::NodeStatus for Api {
     ) -> Result<Response<pb::ReconciledResponse>, Status> {
         let reconciled_offset = self.inner.reconciled.load(std::sync::atomic::Ordering::Acquire);
         Ok(Response::new(pb::ReconciledResponse { reconciled_offset }))
+    }
+
+    async fn meta_copy(&self, request: Request<pb::MetaCopyRequest>) -> Result<Response<pb::MetaCopyResponse>, Status> {
+        Ok(Response::new(self.inner.meta_copy(request.into_inner()).await))
     }
 }
 

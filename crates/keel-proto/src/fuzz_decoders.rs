@@ -159,6 +159,7 @@ requests!(
     AllocateProducerIdsRequest,
     LocalStatusRequest,
     ReconciledRequest,
+    MetaCopyRequest,
     AppendEntriesRequest,
     VoteRequest,
     InstallSnapshotRequest,
@@ -356,6 +357,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
         enc(pb::DecommissionNodeRequest { node_id: 4 }),
         enc(pb::LocalStatusRequest {}),
         enc(pb::ReconciledRequest {}),
+        enc(pb::MetaCopyRequest { node_id: 3, key_hash: "ab".repeat(32) }),
         enc(pb::AppendEntriesRequest {
             group_id: 9,
             vote,

@@ -216,17 +216,7 @@ const GENERATION_FILE: &str = "raft.generation";
 /// Checks that the copy in `dir` is generation `wanted`, claiming a blank copy for it.
 fn claim_generation(disk: &dyn Disk, dir: &Path, wanted: u32, blank: bool) -> std::io::Result<Option<u32>> {
     let path = dir.join(GENERATION_FILE);
-    let have = if disk.exists(&path)? {
-        let bytes = keel_storage::read_whole(disk, &path)?;
-        let text = std::str::from_utf8(&bytes).ok().and_then(|t| t.strip_prefix("generation "));
-        let parsed = text.and_then(|t| t.trim_end().parse::<u32>().ok());
-        Some(parsed.ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: not a generation", path.display()))
-        })?)
-    } else {
-        None
-    };
-    match have {
+    match read_generation(disk, dir)? {
         Some(have) if have != wanted => Ok(Some(have)),
         Some(_) => Ok(None),
         None if blank => {
@@ -237,6 +227,20 @@ fn claim_generation(disk: &dyn Disk, dir: &Path, wanted: u32, blank: bool) -> st
         }
         None => Ok((wanted != 0).then_some(0)),
     }
+}
+
+/// The generation a copy's file names, if it has one.
+fn read_generation(disk: &dyn Disk, dir: &Path) -> std::io::Result<Option<u32>> {
+    let path = dir.join(GENERATION_FILE);
+    if !disk.exists(&path)? {
+        return Ok(None);
+    }
+    let bytes = keel_storage::read_whole(disk, &path)?;
+    let text = std::str::from_utf8(&bytes).ok().and_then(|t| t.strip_prefix("generation "));
+    let parsed = text.and_then(|t| t.trim_end().parse::<u32>().ok());
+    parsed.map(Some).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: not a generation", path.display()))
+    })
 }
 
 /// One node: its raft groups, their storage, and its connections to peers.
@@ -455,6 +459,20 @@ impl RaftNode {
     /// The generation of the group's copy here, if it is open ([`Node::generation`]).
     pub fn generation(&self, group: GroupId) -> Option<u32> {
         self.groups.generation(group).ok()
+    }
+
+    /// The generation of the copy of `group` this node holds, open or only on disk; `None` when
+    /// it holds none (never had one, or removed it).
+    pub fn stored_generation(&self, group: GroupId) -> Result<Option<u32>, NodeError> {
+        if let Some(generation) = self.generation(group) {
+            return Ok(Some(generation));
+        }
+        let dir = self.group_dir(group);
+        let storage = |source| NodeError::Storage { group, source };
+        if !self.disk.exists(&dir).map_err(storage)? || self.disk.list(&dir).map_err(storage)?.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(read_generation(&*self.disk, &dir).map_err(storage)?.unwrap_or(0)))
     }
 
     /// Stops a group and deletes its data: the partition was deleted from the cluster.

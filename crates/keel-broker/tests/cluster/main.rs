@@ -11,3 +11,4 @@ mod t30_group_lag;
 mod t40_group_retry;
 mod t50_delayed;
 mod t60_moves;
+mod t70_voters;

@@ -1,0 +1,125 @@
+//! The metadata voters change at run time on five in-process nodes: three configured voters
+//! grow to five, a voter's copy of `__meta` is replaced by a new generation (what `keel node
+//! replace` does after a lost disk), and the voters shrink to three others, the ones taken
+//! out dropping their copy. Topics are created through every stage, from voters and others.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{channel, start_with_voters};
+use keel_broker::{META_GROUP, META_TOPIC};
+use keel_proto::v1 as pb;
+use tonic::Code;
+
+type Admin = pb::admin_client::AdminClient<tonic::transport::Channel>;
+
+async fn voters(admin: &mut Admin) -> pb::PartitionDescription {
+    let t = admin.describe_topic(pb::DescribeTopicRequest { name: META_TOPIC.into() }).await.unwrap().into_inner();
+    t.topic.unwrap().partitions.remove(0)
+}
+
+/// Asks for the voters `to` (retrying while a leader is elected) and waits for the change to end.
+async fn change_voters(admin: &mut Admin, to: &[u64]) {
+    let request = || pb::MovePartitionRequest { topic: META_TOPIC.into(), partition: 0, replicas: to.to_vec() };
+    for attempt in 0.. {
+        match admin.move_partition(request()).await {
+            Ok(_) => break,
+            Err(status) if attempt < 100 && status.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("changing the voters to {to:?}: {status:?}"),
+        }
+    }
+    settle(admin, to).await;
+}
+
+async fn settle(admin: &mut Admin, to: &[u64]) {
+    for _ in 0..600 {
+        let p = voters(admin).await;
+        if p.moving_to.is_empty() {
+            assert_eq!(p.replicas, to, "the voters are the ones asked for");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the voter change to {to:?} did not finish within 60 s");
+}
+
+/// Creates a topic through `addr` (retrying while the controller changes hands).
+async fn create(addr: &str, name: &str) {
+    let mut admin = Admin::new(channel(addr).await);
+    let request = || pb::CreateTopicRequest { name: name.into(), partitions: 2, replication_factor: 3, config: None };
+    for attempt in 0..100 {
+        match admin.create_topic(request()).await {
+            Ok(_) => return,
+            Err(status) if status.code() == Code::AlreadyExists => return,
+            Err(status) if attempt < 99 => {
+                let _ = status;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("creating {name} through {addr}: {status:?}"),
+        }
+    }
+}
+
+/// The voters (and their copy generations) of the metadata group as node `i`'s copy has them.
+fn membership(cluster: &common::Cluster, i: usize) -> Vec<(u64, u32)> {
+    let metrics = cluster.brokers[i].raft_node().metrics(META_GROUP).unwrap();
+    let m = metrics.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = m.voter_ids().collect();
+    m.nodes().filter(|(id, _)| voters.contains(id)).map(|(id, n)| (*id, n.generation)).collect()
+}
+
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} did not happen within 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_voters_grow_are_replaced_and_shrink_while_the_cluster_serves() {
+    let cluster = start_with_voters(5, 3).await;
+    let mut admin = Admin::new(channel(&cluster.addrs[4]).await);
+    assert_eq!(voters(&mut admin).await.replicas, [1, 2, 3], "the configured voters");
+    let bad = |replicas: Vec<u64>| pb::MovePartitionRequest { topic: META_TOPIC.into(), partition: 0, replicas };
+    let status = admin.move_partition(bad(vec![1, 2, 9])).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "an unknown node: {status:?}");
+    let status = admin.move_partition(bad(vec![1, 1, 2])).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    change_voters(&mut admin, &[1, 2, 3, 4, 5]).await;
+    until("node 5's copy seeing five voters", || membership(&cluster, 4).len() == 5).await;
+    assert_eq!(membership(&cluster, 4), [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)]);
+    create(&cluster.addrs[4], "after-growing").await;
+
+    // A voter's copy replaced: the old one out, a blank one of a new generation filled in.
+    let replaced = admin.replace_node(pb::ReplaceNodeRequest { node_id: 2 }).await.unwrap().into_inner();
+    let _ = replaced;
+    settle(&mut admin, &[1, 2, 3, 4, 5]).await;
+    until("node 2's new copy", || cluster.brokers[1].raft_node().generation(META_GROUP) == Some(2)).await;
+    until("the voters' view of node 2's copy", || membership(&cluster, 0).contains(&(2, 2))).await;
+    create(&cluster.addrs[1], "after-replacing").await;
+
+    // Shrink to three that include none of the first two; they drop their copy.
+    change_voters(&mut admin, &[3, 4, 5]).await;
+    for i in [0, 1] {
+        until("a former voter dropping its copy", || cluster.brokers[i].raft_node().generation(META_GROUP).is_none())
+            .await;
+    }
+    assert_eq!(membership(&cluster, 2), [(3, 0), (4, 1), (5, 1)]);
+    // A former voter still reads the metadata (from the voters now) and forwards to the controller.
+    create(&cluster.addrs[0], "after-shrinking").await;
+    until("node 1 seeing the new topic", || cluster.brokers[0].metadata().topics.contains_key("after-shrinking")).await;
+    for b in &cluster.brokers {
+        let meta = b.metadata();
+        until("every node's metadata", || meta.applied_offset > 0).await;
+    }
+}
