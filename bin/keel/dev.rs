@@ -53,9 +53,10 @@ struct StartArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     nodes: u64,
-    /// How many of them (the first ones) are metadata voters; the others hold partitions only
-    /// (admitted by the controller), and can be replaced after a lost disk (`keel node
-    /// replace`). Defaults to every node.
+    /// How many of them (the first ones) start as metadata voters; the others hold partitions
+    /// only until `keel partition move __meta/0 --replicas ...` makes them voters. Defaults to
+    /// every node. A dev cluster admits new nodes (`keel server --admit-new-nodes`), so a node
+    /// started by hand with the cluster's `--voters` joins it.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=9))]
     voters: Option<u64>,
     /// Where data and logs go (and the control socket of `keel dev kill|restart|status`).
@@ -141,8 +142,6 @@ struct Slot {
 pub struct Supervisor {
     exe: PathBuf,
     voters: String,
-    /// Whether some nodes are not voters (the controller must admit them).
-    admit: bool,
     dir: PathBuf,
     /// The nodes serve TLS with the certificates in `tls_dir(dir)`; `None`: plaintext.
     tls: Option<tonic::transport::ClientTlsConfig>,
@@ -274,7 +273,6 @@ fn start(args: StartArgs, output: Output) -> anyhow::Result<()> {
     let supervisor = Supervisor {
         exe,
         voters,
-        admit: voter_count < args.nodes,
         dir: args.dir.clone(),
         tls,
         node_config: node_config(args.node_config.as_deref())?,
@@ -483,9 +481,9 @@ impl Supervisor {
             .arg("server")
             .args(["--node-id", &slot.id.to_string(), "--listen", &slot.addr, "--voters", &self.voters])
             .args(["--peer-listen", &slot.peer_addr, "--metrics-listen", &slot.metrics_addr]);
-        if self.admit {
-            command.args(["--admit-new-nodes", "true"]);
-        }
+        // Nodes beyond the voters, and any started by hand, join: a dev cluster is where one
+        // tries adding a node.
+        command.args(["--admit-new-nodes", "true"]);
         if self.tls.is_some() {
             let tls = tls_dir(&self.dir);
             command

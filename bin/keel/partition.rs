@@ -20,12 +20,14 @@ pub enum PartitionCommand {
     /// Move a partition to other replicas: `keel partition move orders/3 --replicas 2,3,4`. The
     /// new replicas catch up as learners, then replace the old ones as voters; the old ones then
     /// drop their copy. Waits for the end with a progress bar (unless --no-wait); running it
-    /// again while the move goes on just waits.
+    /// again while the move goes on just waits. `__meta/0` is the metadata log: its replicas
+    /// are the controller's voters, one to seven of them (`--replicas 1,2,3,4,5` grows three to
+    /// five; naming others moves the controller).
     Move {
         /// `TOPIC/PARTITION`.
         partition: String,
-        /// The new replicas' node ids, as many as the topic's replication factor; the first is
-        /// the preferred leader.
+        /// The new replicas' node ids, as many as the topic's replication factor (for `__meta/0`,
+        /// the new voters); the first is the preferred leader.
         #[arg(long, value_delimiter = ',', required = true)]
         replicas: Vec<u64>,
         /// Return once the move is recorded, without waiting for it to finish.

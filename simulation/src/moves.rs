@@ -129,7 +129,12 @@ pub(crate) fn left_on_decommissioned(registry: &BTreeMap<NodeId, (u64, Broker)>)
                 }
             }
         }
-        if meta.hosts_meta(*id) == Some(true) {
+        // Unless it is one of three voters and no other active node is free to take its place.
+        let stuck = meta.controller.as_ref().is_some_and(|c| {
+            let free = meta.nodes.iter().any(|(n, i)| !i.decommissioned && !c.hosts().any(|h| h == *n));
+            c.replicas.iter().filter(|n| !meta.nodes.get(n).is_some_and(|i| i.decommissioned)).count() < 3 && !free
+        });
+        if meta.hosts_meta(*id) == Some(true) && !stuck {
             out.push(format!("n{id} is decommissioned but still votes in the metadata"));
         }
     }

@@ -264,6 +264,9 @@ impl Broker {
                     inner.spawn("meta-init", Arc::clone(&inner).ensure_initialized(META_GROUP, members));
                 }
             }
+            None if inner.config.is_voter() && inner.coordinator_faults.blank_voter_rejoins => {
+                inner.spawn("meta-bootstrap", Arc::clone(&inner).open_blank_meta());
+            }
             None if inner.config.is_voter() => inner.spawn("meta-bootstrap", Arc::clone(&inner).bootstrap_meta()),
             None => {}
         }
@@ -522,17 +525,15 @@ impl Inner {
         self.meta_leader() == Some(self.config.node_id)
     }
 
-    /// Where to forward a controller request: the metadata leader, or (from a non-voter) each
-    /// voter in turn.
+    /// Where to forward a controller request: the metadata leader, or each voter in turn.
     pub(crate) fn controller_candidates(&self) -> Vec<(NodeId, String)> {
         if let Some(leader) = self.meta_leader()
             && let Some(addr) = self.peer_addr_of(leader)
         {
             return vec![(leader, addr)];
         }
-        if self.votes_in_meta() {
-            return Vec::new();
-        }
+        // Voters too: a copy that missed its removal from the voters (down meanwhile) believes
+        // it votes, while its campaigns fail and it never learns a leader.
         self.meta_voter_addrs()
     }
 

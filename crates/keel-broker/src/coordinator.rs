@@ -64,6 +64,9 @@ pub struct CoordinatorFaults {
     /// before they caught up and became voters: the replicas moved off drop their copy while
     /// the new ones may lack acknowledged records.
     pub move_finished_early: bool,
+    /// A configured metadata voter without a copy of `__meta` opens a blank one at once, without
+    /// asking the cluster: after a lost disk it votes as its old copy.
+    pub blank_voter_rejoins: bool,
 }
 
 /// Why an operation did not run or was not acknowledged.

@@ -780,6 +780,14 @@ impl Metadata {
                 to[k] = pick;
                 *load.entry(pick).or_default() += 1;
             }
+            // Voters with no node to go to shrink, while at least three stay (as many failures
+            // tolerated as with three): a voter blocks its node's retirement otherwise.
+            if name == META_TOPIC && to.iter().any(|n| leaving.contains(n)) {
+                let staying: Vec<NodeId> = to.iter().copied().filter(|n| !leaving.contains(n)).collect();
+                if staying.len() >= 3 {
+                    to = staying;
+                }
+            }
             if to.iter().any(|n| leaving.contains(n)) {
                 continue;
             }
@@ -1142,14 +1150,19 @@ mod tests {
         apply_next(&mut m, Command::FinishMove { topic: META_TOPIC.into(), partition: 0, to: vec![1, 2, 3, 4, 5] })
             .unwrap();
 
-        // A decommissioned voter is replaced by a node that is not one, if there is one.
+        // A decommissioned voter is replaced by a node that is not one, if there is one; else
+        // the voters shrink, but never below three.
         apply_next(&mut m, Command::DecommissionNode { node_id: 2 }).unwrap();
-        assert_eq!(m.plan_decommission_move(), None, "every active node votes already");
+        assert_eq!(m.plan_decommission_move(), Some((META_TOPIC.to_owned(), 0, vec![1, 3, 4, 5])));
         apply_next(&mut m, meta_move(&[1, 2, 3, 4, 5], &[3, 4, 5])).unwrap();
         apply_next(&mut m, Command::FinishMove { topic: META_TOPIC.into(), partition: 0, to: vec![3, 4, 5] }).unwrap();
         assert_eq!((m.hosts_meta(1), m.hosts_meta(2)), (Some(false), Some(false)));
         apply_next(&mut m, Command::DecommissionNode { node_id: 3 }).unwrap();
         assert_eq!(m.plan_decommission_move(), Some((META_TOPIC.to_owned(), 0, vec![1, 4, 5])));
+        apply_next(&mut m, meta_move(&[3, 4, 5], &[1, 4, 5])).unwrap();
+        apply_next(&mut m, Command::FinishMove { topic: META_TOPIC.into(), partition: 0, to: vec![1, 4, 5] }).unwrap();
+        apply_next(&mut m, Command::DecommissionNode { node_id: 4 }).unwrap();
+        assert_eq!(m.plan_decommission_move(), None, "three voters, and no node to go to");
     }
 
     #[test]

@@ -123,3 +123,73 @@ async fn the_metadata_voters_grow_are_replaced_and_shrink_while_the_cluster_serv
         until("every node's metadata", || meta.applied_offset > 0).await;
     }
 }
+
+/// A voter's disk is lost while the cluster limps: node 2 is down and misses a topic committed
+/// by nodes 1 and 3; then node 3 loses its disk and node 1 goes down, and node 2 comes back. If
+/// node 3's blank copy voted as its old one, node 2 (which lacks the topic) would be elected by
+/// it and the committed topic would be gone. Returns whether node 2 became the controller
+/// without the topic within a few election timeouts; then brings node 1 back, replaces node 3,
+/// and checks the topic on every node.
+async fn lose_a_voter_disk(faults: keel_broker::CoordinatorFaults) -> bool {
+    let mut cluster = common::start_faulty(3, 3, |_| {}, faults).await;
+    create(&cluster.addrs[0], "before").await;
+    cluster.crash(1).await;
+    create(&cluster.addrs[0], "during").await;
+    cluster.crash(2).await;
+    cluster.restart(2, true).await;
+    cluster.crash(0).await;
+    cluster.restart(1, false).await;
+    let mut stale_leader = false;
+    for _ in 0..40 {
+        let b = &cluster.brokers[1];
+        if b.raft_node().leader(META_GROUP) == Some(2) && !b.metadata().topics.contains_key("during") {
+            // Give it the time to apply what it has before judging.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stale_leader = !b.metadata().topics.contains_key("during");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if stale_leader {
+        return true;
+    }
+    cluster.restart(0, false).await;
+    let mut admin = Admin::new(channel(&cluster.addrs[0]).await);
+    for attempt in 0..200 {
+        match admin.replace_node(pb::ReplaceNodeRequest { node_id: 3 }).await {
+            Ok(r) => {
+                assert!(r.into_inner().partitions.contains(&"__meta/0".to_owned()), "node 3's copy of __meta");
+                break;
+            }
+            Err(status) if attempt < 199 => {
+                let _ = status;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("replacing node 3: {status:?}"),
+        }
+    }
+    settle(&mut admin, &[1, 2, 3]).await;
+    until("node 3's new copy voting", || membership(&cluster, 0).contains(&(3, 1))).await;
+    for i in 0..3 {
+        let b = cluster.brokers[i].clone();
+        until("every node seeing both topics", || {
+            let m = b.metadata();
+            m.topics.contains_key("before") && m.topics.contains_key("during")
+        })
+        .await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_that_lost_its_disk_never_votes_as_its_old_copy() {
+    assert!(!lose_a_voter_disk(Default::default()).await, "a stale node was elected with the blank voter's vote");
+}
+
+/// The negative control of the test above: with the blank copy opened at once (the behaviour
+/// before `bootstrap_meta`), the committed topic is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_blank_voter_elects_a_stale_leader() {
+    let faults = keel_broker::CoordinatorFaults { blank_voter_rejoins: true, ..Default::default() };
+    assert!(lose_a_voter_disk(faults).await, "the blank voter's vote should have elected node 2 without the topic");
+}

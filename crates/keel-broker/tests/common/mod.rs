@@ -26,6 +26,78 @@ pub struct Cluster {
     pub addrs: Vec<String>,
     /// Peer addresses.
     pub peer_addrs: Vec<String>,
+    /// Each node's configuration as started, for [`Cluster::restart`].
+    configs: Vec<BrokerConfig>,
+    /// Each node's client and peer servers.
+    servers: Vec<Vec<tokio::task::JoinHandle<()>>>,
+    coordinator: keel_broker::CoordinatorFaults,
+    clock: Arc<dyn Clock>,
+}
+
+impl Cluster {
+    /// Stops node `i` as a crash would: nothing flushed, its listeners closed.
+    pub async fn crash(&mut self, i: usize) {
+        self.brokers[i].halt().await;
+        for server in self.servers[i].drain(..) {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
+    /// Starts node `i` again on its addresses (crash it first). With `wipe`, its data dir is
+    /// deleted first and the new one gets another key, as a replaced disk would. Returns without
+    /// waiting for the node to be ready (a wiped node is not, until it is replaced).
+    pub async fn restart(&mut self, i: usize, wipe: bool) {
+        let mut config = self.configs[i].clone();
+        if wipe {
+            std::fs::remove_dir_all(&config.data_dir).unwrap();
+            config.new_node_key = keel_broker::node_key_from_seed(config.node_id + 1_000);
+        }
+        let (broker, servers) =
+            serve(config, self.coordinator, Arc::clone(&self.clock), &self.addrs[i], &self.peer_addrs[i]).await;
+        self.brokers[i] = broker;
+        self.servers[i] = servers;
+    }
+}
+
+/// A listener on `addr` that can take the address of one just closed.
+fn rebind(addr: &str) -> tokio::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr.parse().unwrap()).unwrap();
+    socket.listen(1024).unwrap()
+}
+
+/// Starts a broker and serves its client and peer APIs on `addr` and `peer_addr`.
+async fn serve(
+    config: BrokerConfig,
+    coordinator: keel_broker::CoordinatorFaults,
+    clock: Arc<dyn Clock>,
+    addr: &str,
+    peer_addr: &str,
+) -> (Broker, Vec<tokio::task::JoinHandle<()>>) {
+    let (listener, peer_listener) = (rebind(addr), rebind(peer_addr));
+    let storage = keel_broker::StorageMode { coordinator, ..keel_broker::StorageMode::default() };
+    let broker =
+        Broker::start_with(config, storage, Arc::new(FileDisk::new()), Arc::new(TcpConnector::default()), clock)
+            .await
+            .unwrap();
+    let routes = broker.router().unwrap();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let client = tokio::spawn({
+        let server = broker.server().add_routes(routes);
+        async move {
+            let _ = server.serve_with_incoming(incoming).await;
+        }
+    });
+    let incoming = tonic::transport::server::TcpIncoming::from(peer_listener);
+    let peer = tokio::spawn({
+        let server = broker.server().add_routes(broker.peer_router());
+        async move {
+            let _ = server.serve_with_incoming(incoming).await;
+        }
+    });
+    (broker, vec![client, peer])
 }
 
 pub async fn start(nodes: u64) -> Cluster {
@@ -61,18 +133,21 @@ pub async fn start_clocked(
     clock: Arc<dyn Clock>,
 ) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    let mut listeners = Vec::new();
-    let mut peer_listeners = Vec::new();
+    // Ports picked by the system, then closed and bound again by each node's server.
+    let mut addrs = Vec::new();
+    let mut peer_addrs = Vec::new();
     for _ in 0..nodes {
-        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-        peer_listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        for list in [&mut addrs, &mut peer_addrs] {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            list.push(probe.local_addr().unwrap().to_string());
+        }
     }
-    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    let peer_addrs: Vec<String> = peer_listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
     let voters: BTreeMap<u64, String> =
         peer_addrs.iter().enumerate().take(voters as usize).map(|(i, a)| (i as u64 + 1, a.clone())).collect();
     let mut brokers = Vec::new();
-    for (i, (listener, peer_listener)) in listeners.into_iter().zip(peer_listeners).enumerate() {
+    let mut configs = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..nodes as usize {
         let id = i as u64 + 1;
         let config = BrokerConfig {
             node_id: id,
@@ -97,28 +172,16 @@ pub async fn start_clocked(
         };
         let mut config = config;
         tweak(&mut config);
-        let storage = keel_broker::StorageMode { coordinator, ..keel_broker::StorageMode::default() };
-        let broker = Broker::start_with(
-            config,
-            storage,
-            Arc::new(FileDisk::new()),
-            Arc::new(TcpConnector::default()),
-            Arc::clone(&clock),
-        )
-        .await
-        .unwrap();
-        let routes = broker.router().unwrap();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        tokio::spawn(broker.server().add_routes(routes).serve_with_incoming(incoming));
-        let incoming = tonic::transport::server::TcpIncoming::from(peer_listener);
-        tokio::spawn(broker.server().add_routes(broker.peer_router()).serve_with_incoming(incoming));
+        let (broker, served) = serve(config.clone(), coordinator, Arc::clone(&clock), &addrs[i], &peer_addrs[i]).await;
         brokers.push(broker);
+        configs.push(config);
+        servers.push(served);
     }
     for b in &brokers {
         let mut ready = b.ready();
         tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r)).await.unwrap().unwrap();
     }
-    Cluster { _dir: dir, brokers, addrs, peer_addrs }
+    Cluster { _dir: dir, brokers, addrs, peer_addrs, configs, servers, coordinator, clock }
 }
 
 pub async fn channel(addr: &str) -> Channel {
