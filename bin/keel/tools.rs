@@ -444,7 +444,16 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
     let ClusterCommand::Status = command;
     let admin = Admin::new(connection.config()?)?;
     let view = runtime()?.block_on(admin.describe_cluster())?;
-    let unreachable: Vec<u64> = view.nodes.iter().filter(|n| !n.reachable).map(|n| n.node_id).collect();
+    // A decommissioned node that holds nothing any more is retired: stopping it is the point.
+    let holds = |id: u64| {
+        view.topics.iter().flat_map(|t| &t.partitions).any(|p| p.replicas.contains(&id) || p.moving_to.contains(&id))
+    };
+    let unreachable: Vec<u64> = view
+        .nodes
+        .iter()
+        .filter(|n| !n.reachable && !(n.decommissioned && !n.controller_voter && !holds(n.node_id)))
+        .map(|n| n.node_id)
+        .collect();
     let partitions: usize = view.topics.iter().map(|t| t.partitions.len()).sum();
     let moving: Vec<(&str, &keel_proto::v1::PartitionDescription)> = view
         .topics
