@@ -32,6 +32,10 @@ pub enum BenchCommand {
     /// What idle partitions cost: the nodes' CPU, memory, open files and threads before and
     /// after creating a topic of many partitions, and how long their leader elections took.
     Idle(crate::bench_idle::IdleBenchArgs),
+    /// Move a partition of a gigabyte (`--bytes`) to another node while producers write other
+    /// partitions: how long the move takes under the catch-up throttle, and their throughput
+    /// during it against just before.
+    Move(crate::bench_move::MoveBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +89,7 @@ pub fn run(what: BenchCommand, output: Output) -> anyhow::Result<()> {
         BenchCommand::GroupFailover(args) => crate::bench_groups::group_failover(args, output),
         BenchCommand::Delayed(args) => crate::bench_delayed::delayed(args, output),
         BenchCommand::Idle(args) => crate::bench_idle::idle(args, output),
+        BenchCommand::Move(args) => crate::bench_move::move_bench(args, output),
     }
 }
 

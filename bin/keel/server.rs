@@ -132,6 +132,7 @@ struct FileConfig {
     /// Idempotent producers' dedup state per partition (README, "Idempotent producers"); set
     /// them alike on every node.
     producer_window: Option<usize>,
+    catch_up_bytes_per_sec: Option<u64>,
     producers_per_partition_max: Option<usize>,
     producer_id_expiration_ms: Option<i64>,
     /// Partitions of `__consumer_offsets` (used once, when the cluster creates it).
@@ -347,6 +348,7 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         file.subscribes_per_connection_max.unwrap_or(limits.subscribes_per_connection_max);
     limits.subscribe_buffer_bytes_max = file.subscribe_buffer_bytes_max.unwrap_or(limits.subscribe_buffer_bytes_max);
     limits.producer_window = file.producer_window.unwrap_or(limits.producer_window);
+    limits.catch_up_bytes_per_sec = file.catch_up_bytes_per_sec.unwrap_or(limits.catch_up_bytes_per_sec);
     limits.producers_per_partition_max = file.producers_per_partition_max.unwrap_or(limits.producers_per_partition_max);
     limits.producer_id_expiration_ms = file.producer_id_expiration_ms.unwrap_or(limits.producer_id_expiration_ms);
     limits.partitions_max = file.partitions_max.unwrap_or(limits.partitions_max);

@@ -110,6 +110,10 @@ pub enum TopicCommand {
 pub enum ClusterCommand {
     /// Nodes, controller, leaderless and under-replicated partitions. Exits 1 when unhealthy.
     Status,
+    /// Spread replicas, then preferred leaders, evenly over the active nodes: shows the plan,
+    /// then moves partitions a few at a time (`--dry-run` to only look), each new replica's
+    /// catch-up paced by the nodes' `catch_up_bytes_per_sec`.
+    Rebalance(crate::rebalance::RebalanceArgs),
 }
 
 #[derive(Debug, Args)]
@@ -441,19 +445,17 @@ pub fn topic(command: TopicCommand, connection: &Connection, output: Output) -> 
 
 /// `keel cluster status`: returns whether the cluster is healthy.
 pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output) -> anyhow::Result<bool> {
-    let ClusterCommand::Status = command;
+    if let ClusterCommand::Rebalance(args) = command {
+        return crate::rebalance::run(args, connection, output).map(|()| true);
+    }
     let admin = Admin::new(connection.config()?)?;
     let view = runtime()?.block_on(admin.describe_cluster())?;
     // A decommissioned node that holds nothing any more is retired: stopping it is the point.
     let holds = |id: u64| {
         view.topics.iter().flat_map(|t| &t.partitions).any(|p| p.replicas.contains(&id) || p.moving_to.contains(&id))
     };
-    let unreachable: Vec<u64> = view
-        .nodes
-        .iter()
-        .filter(|n| !n.reachable && !(n.decommissioned && !n.controller_voter && !holds(n.node_id)))
-        .map(|n| n.node_id)
-        .collect();
+    let retired = |n: &keel_proto::v1::NodeDescription| n.decommissioned && !n.controller_voter && !holds(n.node_id);
+    let unreachable: Vec<u64> = view.nodes.iter().filter(|n| !n.reachable && !retired(n)).map(|n| n.node_id).collect();
     let partitions: usize = view.topics.iter().map(|t| t.partitions.len()).sum();
     let moving: Vec<(&str, &keel_proto::v1::PartitionDescription)> = view
         .topics

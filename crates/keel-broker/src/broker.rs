@@ -202,6 +202,7 @@ impl Broker {
             producers_max: config.limits.producers_per_partition_max,
             expiration_ms: config.limits.producer_id_expiration_ms,
         });
+        node.set_catch_up_rate(config.limits.catch_up_bytes_per_sec);
         // Before any group opens: faults and the flush observer apply to groups opened from then on.
         node.set_faults(storage.faults);
         let metrics = Arc::new(Metrics::new(config.node_id, config.limits.metrics_partition_series_max));

@@ -46,6 +46,9 @@ pub struct Limits {
     /// Per-partition metric series are exported only while the node hosts fewer partitions than
     /// this (per-topic aggregates always are): it bounds what one scrape costs Prometheus.
     pub metrics_partition_series_max: usize,
+    /// Bytes per second a node sends, over all partitions, to replicas catching up after a
+    /// move, a replace or a decommission (0: unthrottled). Production traffic is not counted.
+    pub catch_up_bytes_per_sec: u64,
 }
 
 impl Default for Limits {
@@ -67,6 +70,7 @@ impl Default for Limits {
             producers_per_partition_max: 10_000,
             producer_id_expiration_ms: 24 * 3_600_000,
             metrics_partition_series_max: 1_000,
+            catch_up_bytes_per_sec: keel_raft::throttle::CATCH_UP_BYTES_PER_SEC_DEFAULT,
         }
     }
 }

@@ -321,6 +321,8 @@ impl Inner {
         // leader added may not have caught up, and a voter must never be one that has not
         // (unless the injected bug says otherwise: the simulation's negative control).
         let early = self.coordinator_faults.move_finished_early;
+        // Their catch-up is paced (`catch_up_bytes_per_sec`) until they vote.
+        let throttled: Vec<_> = wanted.difference(&voters).map(|id| self.node.throttle_catch_up(group, *id)).collect();
         for id in wanted.difference(&voters) {
             let addr = self.peer_addr_of(*id).ok_or_else(|| format!("node {id} has no peer address yet"))?;
             let node = Node::at(addr, generations.get(id).copied().unwrap_or(0));
@@ -335,6 +337,8 @@ impl Inner {
                 Err(_) => return Err(format!("node {id} did not catch up within {CATCH_UP_MAX:?}")),
             }
         }
+        // Caught up: from here they become voters, whose replication is never paced.
+        drop(throttled);
         if early {
             self.finish_move(topic, partition, target, 0).await.map_err(|s| s.message().to_owned())?;
             return Ok(Pass::Finished);

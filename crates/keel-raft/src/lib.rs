@@ -22,6 +22,7 @@ pub mod quiesce;
 pub mod sequencer;
 pub mod state_machine;
 pub mod store;
+pub mod throttle;
 pub mod types;
 
 pub use leadership::NOBODY;

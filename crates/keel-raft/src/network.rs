@@ -112,6 +112,8 @@ struct PeersInner {
     connector: Arc<dyn Connector>,
     config: NetworkConfig,
     peers: Mutex<BTreeMap<NodeId, Peer>>,
+    /// Paces the log sent to replicas catching up after a move.
+    throttle: crate::throttle::CatchUpThrottle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +123,13 @@ struct NetError(String);
 impl Peers {
     /// Connections made through `connector`.
     pub fn new(connector: Arc<dyn Connector>, config: NetworkConfig) -> Peers {
-        Peers { inner: Arc::new(PeersInner { connector, config, peers: Mutex::new(BTreeMap::new()) }) }
+        let throttle = crate::throttle::CatchUpThrottle::default();
+        Peers { inner: Arc::new(PeersInner { connector, config, peers: Mutex::new(BTreeMap::new()), throttle }) }
+    }
+
+    /// The catch-up throttle of this node's outgoing log.
+    pub fn throttle(&self) -> &crate::throttle::CatchUpThrottle {
+        &self.inner.throttle
     }
 
     /// Records (or updates) where a peer listens.
@@ -367,6 +375,10 @@ impl GroupRouter<KeelRaft, Addressed> for Peers {
             entries: convert::entries_to_pb(&rpc.entries).map_err(convert_err)?,
             leader_commit: rpc.leader_commit.as_ref().map(convert::log_id_to_pb),
         };
+        if !request.entries.is_empty() {
+            let bytes: usize = request.entries.iter().map(prost::Message::encoded_len).sum();
+            self.inner.throttle.admit(to.group, target, bytes).await;
+        }
         let response = self.call(target, &option, |mut c| async move { c.append_entries(request).await }).await?;
         use pb::append_entries_response::Result as R;
         match response.result {

@@ -461,6 +461,18 @@ impl RaftNode {
         self.groups.generation(group).ok()
     }
 
+    /// Sets the catch-up budget (bytes per second this node sends to replicas catching up
+    /// after a move; 0: unthrottled).
+    pub fn set_catch_up_rate(&self, bytes_per_sec: u64) {
+        self.peers.throttle().set_rate(bytes_per_sec);
+    }
+
+    /// Throttles the log this node sends `target` for `group` (a replica a move brings in)
+    /// while the guard lives.
+    pub fn throttle_catch_up(&self, group: GroupId, target: NodeId) -> crate::throttle::Throttled {
+        self.peers.throttle().throttle(group, target)
+    }
+
     /// The generation of the copy of `group` this node holds, open or only on disk; `None` when
     /// it holds none (never had one, or removed it).
     pub fn stored_generation(&self, group: GroupId) -> Result<Option<u32>, NodeError> {
