@@ -331,10 +331,13 @@ impl Inner {
                 generation = node.generation,
                 "adding the new replica as a learner and waiting for it to catch up"
             );
-            match tokio::time::timeout(CATCH_UP_MAX, raft.add_learner(*id, node, !early)).await {
+            match tokio::time::timeout(CATCH_UP_MAX, raft.add_learner(*id, node, false)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("adding node {id} as a learner: {e}")),
-                Err(_) => return Err(format!("node {id} did not catch up within {CATCH_UP_MAX:?}")),
+                Err(_) => return Err(format!("node {id} could not be added as a learner in {CATCH_UP_MAX:?}")),
+            }
+            if !early {
+                self.wait_caught_up(group, &raft, *id).await?;
             }
         }
         // Caught up: from here they become voters, whose replication is never paced.
@@ -434,6 +437,30 @@ impl Inner {
             (true, now) if now == index && applied >= index => Ok(()),
             _ => Err("the group's membership changed while waiting for it to commit".to_owned()),
         }
+    }
+
+    /// Waits until learner `id` holds this leader's log up to where it ended when the wait
+    /// began, twice (the second round covers what was written during the first). openraft's
+    /// own "caught up" (`add_learner` blocking) means within 5,000 entries, which for a partition
+    /// of 1 MiB batches is gigabytes: the move would then finish with a voter far behind, at full
+    /// speed past the throttle, and the partition down to its other replicas until it caught up.
+    async fn wait_caught_up(&self, group: GroupId, raft: &keel_raft::types::Raft, id: NodeId) -> Result<(), String> {
+        for _ in 0..2 {
+            let target = self.node.metrics(group).map_err(|e| e.to_string())?.last_log_index;
+            let matched = |m: &keel_raft::types::Metrics| {
+                m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index)
+            };
+            raft.wait(Some(CATCH_UP_MAX))
+                .metrics(|m| m.replication.is_none() || matched(m) >= target, "learner caught up")
+                .await
+                .map_err(|e| format!("node {id} did not catch up: {e}"))?;
+            let now = self.node.metrics(group).map_err(|e| e.to_string())?;
+            if now.replication.is_none() {
+                return Err("this node stopped leading the group while the learner caught up".to_owned());
+            }
+            info!(node = id, matched = ?matched(&now), ?target, "the new replica caught up to the leader's log");
+        }
+        Ok(())
     }
 
     /// The first replica of `target` that is a voter now and matched everything this leader
