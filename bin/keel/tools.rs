@@ -486,7 +486,7 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
                 "controller_leader": view.controller_leader,
                 "nodes": view.nodes.iter().map(|n| json!({
                     "node_id": n.node_id, "addr": n.addr, "voter": n.controller_voter, "reachable": n.reachable,
-                    "decommissioned": n.decommissioned,
+                    "decommissioned": n.decommissioned, "retired": retired(n),
                 })).collect::<Vec<_>>(),
                 "topics": view.topics.len(),
                 "partitions": partitions,
@@ -513,7 +513,13 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
                     n.addr.clone(),
                     role.to_owned(),
                     if n.reachable { "yes" } else { "NO" }.to_owned(),
-                    if n.decommissioned { "decommissioned" } else { "active" }.to_owned(),
+                    // Retired: emptied, so it may be stopped (its id stays taken).
+                    match (n.decommissioned, retired(n)) {
+                        (true, true) => "retired",
+                        (true, false) => "decommissioning",
+                        (false, _) => "active",
+                    }
+                    .to_owned(),
                 ]);
             }
             println!("{table}");
