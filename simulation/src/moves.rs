@@ -146,8 +146,8 @@ pub(crate) fn left_on_decommissioned(registry: &BTreeMap<NodeId, (u64, Broker)>)
 pub(crate) fn placements(registry: &BTreeMap<NodeId, (u64, Broker)>) -> Option<BTreeMap<GroupId, Placement>> {
     let meta = registry.values().map(|(_, b)| b.metadata()).max_by_key(|m| m.applied_offset)?;
     let mut out = BTreeMap::new();
-    // The metadata's own group, once its voters are recorded (they move like replicas).
-    for p in meta.topics.values().flat_map(|t| &t.partitions).chain(meta.controller.as_ref()) {
+    // The metadata's own group too, once its voters are recorded (they move like replicas).
+    for (_, _, p) in meta.all_partitions() {
         out.insert(p.group, (p.replicas.clone(), p.target.clone()));
     }
     Some(out)

@@ -115,6 +115,11 @@ pub struct Partition {
 }
 
 impl Partition {
+    /// A new partition's record: its first copies (generation 0), never moved.
+    pub fn new(group: GroupId, replicas: Vec<NodeId>) -> Partition {
+        Partition { group, replicas, target: None, moves: 0, generations: BTreeMap::new(), last_generation: 0 }
+    }
+
     /// Every node that hosts the partition: its replicas and, during a move, its target.
     pub fn hosts(&self) -> impl Iterator<Item = NodeId> + '_ {
         let target = self.target.iter().flatten().filter(|n| !self.replicas.contains(n));
@@ -398,14 +403,7 @@ impl Metadata {
                 if voters.is_empty() || voters.len() > META_VOTERS_MAX {
                     return Err(MetaError::Invalid(format!("the metadata has 1 to {META_VOTERS_MAX} voters")));
                 }
-                self.controller = Some(Partition {
-                    group: META_GROUP,
-                    replicas: voters.clone(),
-                    target: None,
-                    moves: 0,
-                    generations: BTreeMap::new(),
-                    last_generation: 0,
-                });
+                self.controller = Some(Partition::new(META_GROUP, voters.clone()));
                 Ok(())
             }
             Command::AddAcl { rule } => {
@@ -662,14 +660,7 @@ impl Metadata {
             .map(|replicas| {
                 let group = self.next_group;
                 self.next_group += 1;
-                Partition {
-                    group,
-                    replicas: replicas.clone(),
-                    target: None,
-                    moves: 0,
-                    generations: BTreeMap::new(),
-                    last_generation: 0,
-                }
+                Partition::new(group, replicas.clone())
             })
             .collect()
     }
@@ -760,12 +751,7 @@ impl Metadata {
             }
         }
         // The metadata's voters first: a decommissioned voter leaves the controller too.
-        let controller = self.controller.iter().map(|p| (META_TOPIC, 0, p));
-        let partitions = self
-            .topics
-            .iter()
-            .flat_map(|(name, t)| t.partitions.iter().enumerate().map(|(i, p)| (name.as_str(), i as u32, p)));
-        for (name, i, p) in controller.chain(partitions) {
+        for (name, i, p) in self.all_partitions() {
             if p.target.is_some() || !p.replicas.iter().any(|n| leaving.contains(n)) {
                 continue;
             }
@@ -799,12 +785,18 @@ impl Metadata {
     /// Partitions with a move in progress: (topic, partition, the partition), the metadata's
     /// voters (`__meta`/0) included.
     pub fn moving(&self) -> impl Iterator<Item = (&str, u32, &Partition)> + '_ {
+        self.all_partitions().filter(|(_, _, p)| p.target.is_some())
+    }
+
+    /// Every partition as (topic, partition, the partition): the metadata's voters (`__meta`/0,
+    /// once recorded) first, then the topics'.
+    pub fn all_partitions(&self) -> impl Iterator<Item = (&str, u32, &Partition)> + '_ {
         let controller = self.controller.iter().map(|p| (META_TOPIC, 0, p));
         let partitions = self
             .topics
             .iter()
             .flat_map(|(name, t)| t.partitions.iter().enumerate().map(|(i, p)| (name.as_str(), i as u32, p)));
-        controller.chain(partitions).filter(|(_, _, p)| p.target.is_some())
+        controller.chain(partitions)
     }
 
     /// Whether `node` hosts a copy of `__meta` as the metadata records it (`None`: the voters

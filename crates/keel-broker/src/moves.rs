@@ -23,15 +23,7 @@ use crate::metadata::{Command, META_GROUP, META_TOPIC, Metadata, Partition};
 /// The partitions (`topic/partition`) that `node` holds (a replica, or the target of a move),
 /// `__meta/0` for a recorded metadata voter.
 pub(crate) fn held_by(meta: &Metadata, node: NodeId) -> Vec<String> {
-    let controller = meta.hosts_meta(node).unwrap_or(false).then(|| format!("{META_TOPIC}/0"));
-    let partitions = meta.topics.iter().flat_map(|(name, t)| {
-        t.partitions
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.hosts().any(|n| n == node))
-            .map(move |(i, _)| format!("{name}/{i}"))
-    });
-    controller.into_iter().chain(partitions).collect()
+    meta.all_partitions().filter(|(_, _, p)| p.hosts().any(|n| n == node)).map(|(t, i, _)| format!("{t}/{i}")).collect()
 }
 
 /// The partitions (`topic/partition`) with a move in progress that ends with a copy on `node`.

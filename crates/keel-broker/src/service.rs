@@ -1152,14 +1152,10 @@ impl pb::admin_server::Admin for Api {
         // `__meta` describes as one internal partition whose replicas are the metadata voters
         // (what `keel partition move __meta/0` changes).
         let controller = (name == metadata::META_TOPIC).then(|| {
-            let p = meta.controller.clone().unwrap_or_else(|| metadata::Partition {
-                group: META_GROUP,
-                replicas: self.inner.meta_voters(),
-                target: None,
-                moves: 0,
-                generations: BTreeMap::new(),
-                last_generation: 0,
-            });
+            let p = meta
+                .controller
+                .clone()
+                .unwrap_or_else(|| metadata::Partition::new(META_GROUP, self.inner.meta_voters()));
             Topic {
                 replication_factor: p.replicas.len() as u32,
                 settings: TopicSettings::default(),
