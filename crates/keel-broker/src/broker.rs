@@ -797,11 +797,8 @@ impl Inner {
 
     /// What this node tells a configured voter without a copy of `__meta` ([`Inner::bootstrap_meta`]).
     pub(crate) async fn meta_copy(&self, request: pb::MetaCopyRequest) -> pb::MetaCopyResponse {
-        // Committed, not merely initialised: voters that all start at once initialise the
-        // membership before some have asked, and counting that copy would leave the late ones
-        // waiting for a leader that cannot be elected without them (CI caught the deadlock).
-        let committed = self.node.metrics(META_GROUP).is_ok_and(|m| m.last_applied.is_some());
-        let initialized = self.metadata().applied_offset > 0 || committed;
+        let initialized =
+            self.metadata().applied_offset > 0 || self.node.is_initialized(META_GROUP).await.unwrap_or(false);
         let mut may_open_blank = None;
         if self.leads_meta()
             && let Ok(_turn) = self.controller_turn().await
