@@ -797,8 +797,7 @@ impl Inner {
 
     /// What this node tells a configured voter without a copy of `__meta` ([`Inner::bootstrap_meta`]).
     pub(crate) async fn meta_copy(&self, request: pb::MetaCopyRequest) -> pb::MetaCopyResponse {
-        let initialized =
-            self.metadata().applied_offset > 0 || self.node.is_initialized(META_GROUP).await.unwrap_or(false);
+        let initialized = self.metadata().applied_offset > 0 || self.meta_copy_took_part();
         let mut may_open_blank = None;
         if self.leads_meta()
             && let Ok(_turn) = self.controller_turn().await
@@ -816,6 +815,24 @@ impl Inner {
             may_open_blank = Some(this_dir_or_unknown && !named_elsewhere);
         }
         pb::MetaCopyResponse { initialized, may_open_blank }
+    }
+
+    /// Whether this node's copy of `__meta` shows that the group has done anything a lost copy
+    /// could have taken part in: a leader was elected (its vote committed), it voted for
+    /// another node, or it holds or applied entries past the initial membership. A copy that is
+    /// merely initialised and campaigning for itself does not count: voters started together
+    /// initialise before the late ones ask, and counting that copy left the late ones waiting
+    /// for a leader that could not be elected without them (CI caught the deadlock). Counting
+    /// only what was applied was not enough either: a copy just restarted has applied nothing
+    /// until a leader commits again, and a lost-disk voter asking then voted as its old copy
+    /// (the simulation caught two leaders' logs diverging).
+    fn meta_copy_took_part(&self) -> bool {
+        let Ok(m) = self.node.metrics(META_GROUP) else { return false };
+        let voted_for_another = m.vote.leader_id().term > 0 && m.vote.leader_id().voted_for != self.config.node_id;
+        m.vote.is_committed()
+            || voted_for_another
+            || m.last_applied.is_some()
+            || m.last_log_index.is_some_and(|i| i > 0)
     }
 
     /// The leader of `__meta` names a new cluster.

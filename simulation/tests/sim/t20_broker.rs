@@ -233,11 +233,11 @@ fn a_node_wide_flush_of_the_wrong_filesystem_is_caught() {
 
 /// Partition moves (five-node seeds): a move reported finished as soon as the new replicas are
 /// added, before they caught up and became voters, lets the replicas moved off drop copies the
-/// new ones lack; the checker finds acknowledged writes that no replica holds (seeds 7 and 19;
-/// seeds 3 to 27 of the five-node kind all fail, some first on another check).
+/// new ones lack; the checker finds acknowledged writes that no replica holds (seeds 11, 19
+/// and 27; seeds 3 to 27 of the five-node kind all fail, the others first on another check).
 #[test]
 fn moves_finished_before_the_new_replicas_caught_up_are_caught() {
-    for seed in [7u64, 19] {
+    for seed in [11u64, 19] {
         let violation = run(Workload::BrokerMoveFinishedEarly, seed).violation.unwrap_or_default();
         assert!(violation.contains("lost write"), "seed {seed}: {violation:?}");
     }

@@ -193,3 +193,17 @@ async fn negative_control_a_blank_voter_elects_a_stale_leader() {
     let faults = keel_broker::CoordinatorFaults { blank_voter_rejoins: true, ..Default::default() };
     assert!(lose_a_voter_disk(faults).await, "the blank voter's vote should have elected node 2 without the topic");
 }
+
+/// Voters of a new cluster that start at different moments still form it. Started last to
+/// first, the others have asked around before node 1 comes up; node 1 then finds them all
+/// blank, opens its copy and campaigns at once, and the others, asking again, must not take
+/// that fresh copy for a formed cluster and wait for a leader it cannot elect without them
+/// (the readiness wait of `start_last_first` fails the test if they do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_started_one_after_another_form_a_new_cluster() {
+    for gap in [Duration::from_millis(300), Duration::from_millis(900)] {
+        let cluster = common::start_last_first(3, gap).await;
+        let mut admin = pb::admin_client::AdminClient::new(channel(&cluster.addrs[0]).await);
+        assert_eq!(voters(&mut admin).await.replicas.len(), 3, "gap {gap:?}");
+    }
+}

@@ -132,6 +132,23 @@ pub async fn start_clocked(
     coordinator: keel_broker::CoordinatorFaults,
     clock: Arc<dyn Clock>,
 ) -> Cluster {
+    launch(nodes, voters, tweak, coordinator, clock, None).await
+}
+
+/// `nodes` voters started last to first, `gap` apart: the first voter (the one that
+/// initialises a new group at once) comes up after the others already asked around.
+pub async fn start_last_first(nodes: u64, gap: Duration) -> Cluster {
+    launch(nodes, nodes, |_| {}, keel_broker::CoordinatorFaults::default(), Arc::new(FixedClock), Some(gap)).await
+}
+
+async fn launch(
+    nodes: u64,
+    voters: u64,
+    tweak: impl Fn(&mut BrokerConfig),
+    coordinator: keel_broker::CoordinatorFaults,
+    clock: Arc<dyn Clock>,
+    last_first: Option<Duration>,
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     // Ports picked by the system, then closed and bound again by each node's server.
     let mut addrs = Vec::new();
@@ -144,10 +161,12 @@ pub async fn start_clocked(
     }
     let voters: BTreeMap<u64, String> =
         peer_addrs.iter().enumerate().take(voters as usize).map(|(i, a)| (i as u64 + 1, a.clone())).collect();
-    let mut brokers = Vec::new();
-    let mut configs = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..nodes as usize {
+    let mut started = BTreeMap::new();
+    let order: Vec<usize> = match last_first {
+        Some(_) => (0..nodes as usize).rev().collect(),
+        None => (0..nodes as usize).collect(),
+    };
+    for i in order {
         let id = i as u64 + 1;
         let config = BrokerConfig {
             node_id: id,
@@ -173,6 +192,15 @@ pub async fn start_clocked(
         let mut config = config;
         tweak(&mut config);
         let (broker, served) = serve(config.clone(), coordinator, Arc::clone(&clock), &addrs[i], &peer_addrs[i]).await;
+        started.insert(i, (broker, config, served));
+        if let Some(gap) = last_first {
+            tokio::time::sleep(gap).await;
+        }
+    }
+    let mut brokers = Vec::new();
+    let mut configs = Vec::new();
+    let mut servers = Vec::new();
+    for (broker, config, served) in started.into_values() {
         brokers.push(broker);
         configs.push(config);
         servers.push(served);
