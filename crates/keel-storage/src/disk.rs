@@ -67,9 +67,6 @@ pub trait DiskFile: Send + Sync + fmt::Debug {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes `[offset, offset + len)` and the file length durable; returns only when they are.
     fn flush(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// A hint that `[offset, offset + len)` will be written soon (the real disk pre-faults it in
-    /// the background); implementations may ignore it.
-    fn will_write(&self, _offset: u64, _len: u64) {}
 }
 
 /// Replaces `path` with `data` so that a crash leaves either the old or the new content, whole:

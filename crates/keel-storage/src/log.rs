@@ -483,11 +483,6 @@ impl SegmentLog {
             return self.fail(StorageError::Io { op: "write", path, source: e });
         }
         seg.data_end += batch.len() as u64;
-        // Keep pre-faulted space ahead of the writes, one step at a time.
-        const STEP: u64 = crate::file_disk::PREFAULT_AHEAD_BYTES / 2;
-        if seg.data_end / STEP > position / STEP {
-            seg.file.will_write((seg.data_end / STEP + 1) * STEP, STEP);
-        }
         seg.add_to_index(&h, position, interval);
         seg.end = LogPosition { offset: h.next_offset(), index: h.raft_index + 1 };
         let written = seg.end;
