@@ -449,7 +449,12 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
         return crate::rebalance::run(args, connection, output).map(|()| true);
     }
     let admin = Admin::new(connection.config()?)?;
-    let view = runtime()?.block_on(admin.describe_cluster())?;
+    let runtime = runtime()?;
+    let view = runtime.block_on(admin.describe_cluster())?;
+    // The metadata voters are not among the topics; a change of them (`keel partition move
+    // __meta/0`) is a move like any other. Best effort: a caller not allowed to describe
+    // `__meta` still gets the rest.
+    let voters = runtime.block_on(admin.describe_topic(keel_broker::META_TOPIC)).ok();
     // A decommissioned node that holds nothing any more is retired: stopping it is the point.
     let holds = |id: u64| {
         view.topics.iter().flat_map(|t| &t.partitions).any(|p| p.replicas.contains(&id) || p.moving_to.contains(&id))
@@ -460,6 +465,7 @@ pub fn cluster(command: ClusterCommand, connection: &Connection, output: Output)
     let moving: Vec<(&str, &keel_proto::v1::PartitionDescription)> = view
         .topics
         .iter()
+        .chain(voters.iter())
         .flat_map(|t| t.partitions.iter().filter(|p| !p.moving_to.is_empty()).map(|p| (t.name.as_str(), p)))
         .collect();
     let mut problems = Vec::new();
