@@ -838,7 +838,7 @@ impl RaftLogStorage<KeelRaft> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let bytes: u64 = entries.iter().map(convert::entry_bytes).sum();
-        // Most appends are a memory write into the mapped segment; one that rolls the segment or
+        // Most appends are a write into the page cache (no disk wait); one that rolls the segment or
         // grows its file syncs several times, which must not stall the async worker (and every
         // other group's heartbeats on it).
         let target = if lock(&self.shared.log).needs_room(bytes) {

@@ -70,8 +70,7 @@ pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 
 /// What a new segment file of a partition that is not rolling from a full segment reserves
 /// (header page included): with thousands of partitions per node, most are idle, and each
-/// reserving `preallocate_step_bytes` (16 MiB) of disk and pre-faulted page cache would cost
-/// tens of gigabytes for nothing.
+/// reserving `preallocate_step_bytes` (16 MiB) of disk would cost tens of gigabytes for nothing.
 pub const PREALLOCATE_FIRST_BYTES: u64 = 64 * 1024;
 
 impl LogConfig {
@@ -490,7 +489,7 @@ impl SegmentLog {
         Ok(Appended { header: h, written })
     }
 
-    /// Whether appending `len` more bytes means disk work beyond a memory write: rolling the
+    /// Whether appending `len` more bytes means disk work beyond a page-cache write: rolling the
     /// segment (syncs, a new file, a directory sync) or growing the active file. Callers on an
     /// async runtime do such appends on a blocking thread.
     pub fn needs_room(&self, len: u64) -> bool {

@@ -15,8 +15,8 @@ const GROUPS: GroupId = 100;
 const NODES: u64 = 3;
 /// How long the cluster sits idle while its CPU time is measured.
 const IDLE_MS: u64 = 5_000;
-/// Segments small enough that 300 partitions preallocate (and pre-fault, in background threads
-/// of this process) 300 MiB, not 19 GiB: the idle figure must be heartbeats, not page faults.
+/// Segments small enough that 300 partitions preallocate 300 MiB, not 19 GiB: the idle figure
+/// must be heartbeats, not disk allocation.
 const SEGMENT_BYTES_MAX: u64 = 1024 * 1024;
 
 /// This process's CPU time (user + system) so far, in clock ticks: fields 14 and 15 of

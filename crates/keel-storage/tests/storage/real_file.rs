@@ -69,7 +69,7 @@ fn corruption_on_a_real_file_is_detected() {
 }
 
 /// Thousands of partitions per node are mostly idle: a new log must not reserve a whole
-/// preallocation step of disk (and pre-faulted page cache) before anything is written, while a
+/// preallocation step of disk before anything is written, while a
 /// busy one grows to full steps and a segment rolled from a full one starts at a full step.
 #[test]
 fn idle_logs_reserve_little_and_busy_ones_grow_in_steps() {
