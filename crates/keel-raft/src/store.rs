@@ -77,8 +77,8 @@ pub struct Faults {
 /// Told about every completed flush of a partition, for the node's metrics. Called on the
 /// flusher's path, so it must be cheap and never block.
 pub trait FlushObserver: Send + Sync + 'static {
-    /// A flush made `bytes` more of the log durable and took `took` (msync, and the wait for a
-    /// blocking thread in production).
+    /// A flush made `bytes` more of the log durable and took `took` (the msync or syncfs; a
+    /// node-wide round also counts its wait for a blocking thread).
     fn flushed(&self, bytes: u64, took: std::time::Duration);
 }
 
@@ -113,6 +113,11 @@ struct Shared {
     node_flusher: Option<Arc<NodeFlusher>>,
     /// Whether this partition is in the node flusher's queue.
     queued: std::sync::atomic::AtomicBool,
+    /// Whether a flush runs on a blocking thread for this partition (per-partition flushes in
+    /// production). Its own lock, taken after an append released the log's: a flush that finds
+    /// nothing left to flush clears it under this lock, so an append either sees it cleared (and
+    /// starts a flush) or was already visible to that last look.
+    flush_running: Mutex<bool>,
 }
 
 /// Flushes of every partition of a node, coalesced: a round takes every partition with
@@ -296,8 +301,9 @@ impl PartitionStore {
             flush_observer: std::sync::OnceLock::new(),
             node_flusher,
             queued: std::sync::atomic::AtomicBool::new(false),
+            flush_running: Mutex::new(false),
         });
-        if shared.node_flusher.is_none() {
+        if shared.node_flusher.is_none() && shared.io == IoMode::Inline {
             tokio::spawn(flusher(Arc::downgrade(&shared), Arc::clone(&shared.flush_needed)));
         }
         Ok(PartitionStore { shared })
@@ -430,9 +436,69 @@ impl Drop for Shared {
 impl Shared {
     /// Asks for a flush of everything written so far.
     fn request_flush(self: &Arc<Self>) {
-        match &self.node_flusher {
-            Some(node) => node.enqueue(self),
-            None => self.flush_needed.notify_one(),
+        match (&self.node_flusher, self.io) {
+            (Some(node), _) => node.enqueue(self),
+            (None, IoMode::Inline) => self.flush_needed.notify_one(),
+            (None, IoMode::Blocking) => {
+                let mut running = lock(&self.flush_running);
+                if *running || self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                *running = true;
+                drop(running);
+                let shared = Arc::clone(self);
+                // The blocking thread flushes and completes the waiters itself: no flusher task
+                // to wake first and none to wake after (at one record in flight, those two
+                // hand-offs per flush per replica were a tenth of the context switches).
+                tokio::task::spawn_blocking(move || shared.flush_on_this_thread());
+            }
+        }
+    }
+
+    /// A flush run on a blocking thread: flushes until nothing written is left unflushed, then
+    /// clears `flush_running` (see there for why no append is missed).
+    fn flush_on_this_thread(&self) {
+        loop {
+            if self.faults.ack_before_flush {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            loop {
+                let ticket = lock(&self.log).begin_flush();
+                let ticket = match ticket {
+                    Ok(Some(t)) => t,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.complete_waiters(Err(e.to_string()));
+                        *lock(&self.flush_running) = false;
+                        return;
+                    }
+                };
+                let started = tokio::time::Instant::now();
+                let result = ticket.run();
+                if result.is_ok()
+                    && let Some(observer) = self.flush_observer.get()
+                {
+                    observer.flushed(ticket.bytes(), started.elapsed());
+                }
+                let durable = lock(&self.log).complete_flush(ticket, result).map_err(|e| e.to_string());
+                let failed = durable.is_err();
+                self.complete_waiters(durable);
+                if failed {
+                    *lock(&self.flush_running) = false;
+                    return;
+                }
+            }
+            let mut running = lock(&self.flush_running);
+            let log = lock(&self.log);
+            let (written, durable) = (log.written(), log.durable());
+            drop(log);
+            if written.index <= durable.index {
+                *running = false;
+                drop(running);
+                // Waiters registered after their append was flushed by an earlier round.
+                self.complete_waiters(Ok(durable));
+                return;
+            }
         }
     }
 
@@ -584,6 +650,8 @@ impl Shared {
 }
 
 /// Runs flushes while there is unflushed data: one msync covers every append made before it.
+/// The simulation's per-partition flusher (inline IO); production flushes on a blocking thread
+/// straight from the append (`Shared::flush_on_this_thread`).
 async fn flusher(weak: std::sync::Weak<Shared>, notify: Arc<Notify>) {
     loop {
         notify.notified().await;
@@ -1020,6 +1088,35 @@ mod tests {
             ..PartitionState::default()
         };
         (state.snapshot_meta(), state.encode_snapshot())
+    }
+
+    /// Appends racing the per-partition flush on its blocking thread: every flush callback
+    /// completes, in order, and only once its entry is durable; nothing is left unflushed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_flushes_complete_every_append_racing_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk: Arc<dyn Disk> = Arc::new(keel_storage::FileDisk::new());
+        let store = PartitionStore::open(disk, tmp.path().join("p"), LogConfig::default(), IoMode::Blocking).unwrap();
+        let mut log = store.log_store();
+        let mut flushed = Vec::new();
+        for index in 0..2_000u64 {
+            let (tx, rx) = <KeelRaft as openraft::type_config::TypeConfigExt>::oneshot();
+            log.append([Entry::new_blank(log_id(1, index))], IOFlushed::signal(tx)).await.unwrap();
+            flushed.push((index, rx));
+            if index % 7 == 0 {
+                // Lets some flushes finish between appends, others overlap them.
+                tokio::task::yield_now().await;
+            }
+        }
+        for (index, rx) in flushed {
+            let done = tokio::time::timeout(std::time::Duration::from_secs(30), rx).await;
+            assert!(matches!(done, Ok(Ok(Ok(())))), "the append of entry {index} was never reported flushed");
+            assert!(lock(&store.shared.log).durable().index > index, "entry {index} reported flushed before durable");
+        }
+        let log = lock(&store.shared.log);
+        assert_eq!(log.durable(), log.written());
+        drop(log);
+        assert!(!*lock(&store.shared.flush_running), "no flush is left running once all is durable");
     }
 
     /// A power loss at every step of `install_snapshot`: whatever survives, the reopened store
