@@ -38,6 +38,10 @@ pub const APPEND_ENTRIES_BYTES_MAX: usize = 8 << 20;
 /// page cache on the async worker ([`LogStore::limited_get_log_entries`]).
 const RECENT_ENTRIES: u64 = 256;
 
+/// At most this many recent entries are read for apply on the async worker (that read has no
+/// byte bound: a longer run, e.g. after a restart, goes to a blocking thread).
+const APPLY_INLINE_ENTRIES: u64 = 16;
+
 const _: () = assert!(
     APPEND_ENTRIES_BYTES_MAX < crate::network::RPC_MESSAGE_BYTES_MAX / 2
         && keel_record::BATCH_BYTES_MAX < crate::network::RPC_MESSAGE_BYTES_MAX / 2,
@@ -502,6 +506,12 @@ impl Shared {
         }
     }
 
+    /// Whether the entry at `index` is among the last [`RECENT_ENTRIES`] written: still in the
+    /// page cache, cheap enough to read on an async worker.
+    fn is_recent(&self, index: u64) -> bool {
+        lock(&self.log).written().index.saturating_sub(index) <= RECENT_ENTRIES
+    }
+
     /// Completes every waiter the durable end covers (or fails them all on error).
     fn complete_waiters(&self, durable: Result<LogPosition, String>) {
         let mut done = Vec::new();
@@ -841,6 +851,17 @@ impl RaftLogReader<KeelRaft> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        // openraft reads what it applies through here, on every replica, right after the
+        // commit: like a replication read of recent entries, that is page-cache work cheaper
+        // than two thread hand-offs (`limited_get_log_entries`). Whole, since this read has no
+        // byte limit: it must stay a few recent entries to run on the worker.
+        let (from, to) = {
+            let log = lock(&self.shared.log);
+            range_to(&range, log.start().index, log.written().index)
+        };
+        if to.saturating_sub(from) <= APPLY_INLINE_ENTRIES && self.shared.is_recent(from) {
+            return self.shared.read_entries(&range, usize::MAX);
+        }
         self.shared.blocking(move |shared| shared.read_entries(&range, usize::MAX)).await
     }
 
@@ -853,8 +874,7 @@ impl RaftLogReader<KeelRaft> for LogStore {
     /// the leader's context switches at one record in flight). Older entries, which may have to
     /// come from disk, are read off the workers.
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
-        let recent = lock(&self.shared.log).written().index.saturating_sub(start) <= RECENT_ENTRIES;
-        if recent {
+        if self.shared.is_recent(start) {
             return self.shared.read_entries(&(start..end), APPEND_ENTRIES_BYTES_MAX);
         }
         self.shared.blocking(move |shared| shared.read_entries(&(start..end), APPEND_ENTRIES_BYTES_MAX)).await
