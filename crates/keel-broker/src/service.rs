@@ -99,7 +99,17 @@ impl Broker {
     ) -> tonic::transport::server::Router<
         tower_layer::Stack<tonic::service::InterceptorLayer<crate::tls::PeerGate>, tower_layer::Identity>,
     > {
-        self.server().layer(tonic::service::InterceptorLayer::new(crate::tls::PeerGate)).add_routes(self.peer_router())
+        // A raft RPC that times out is cancelled (RST_STREAM); when this node is busy, many are
+        // cancelled before it accepted them. h2 answers more than 20 such streams (its guard
+        // against rapid-reset floods) with GOAWAY, which cut the connection that every raft
+        // group shares with that peer: all of them failed at once, campaigned, and made the node
+        // busier (creating 10,000 partitions never got a leader). A peer may reset as many as
+        // it may open; the client listener keeps h2's default.
+        let resets = 4 * self.inner.config.limits.streams_per_connection_max as usize;
+        self.server()
+            .http2_max_pending_accept_reset_streams(Some(resets))
+            .layer(tonic::service::InterceptorLayer::new(crate::tls::PeerGate))
+            .add_routes(self.peer_router())
     }
 
     /// The peer listener's services: raft, Controller, NodeStatus, and the client services for
