@@ -854,3 +854,36 @@ async fn audit_partition_reports_producer_ranges_in_chunks() {
         assert_eq!(admin.audit_partition(r.clone()).await.unwrap_err().code(), code, "{r:?}");
     }
 }
+
+/// A peer cancels many raft RPCs before the node got to them (each RPC that times out on a
+/// busy node is reset): the connection, which every raft group on the pair shares, must stay
+/// up. h2's default answers the 21st such reset with GOAWAY, which failed every group at once
+/// and turned creating 10,000 partitions into an election storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_connection_survives_rpcs_cancelled_before_they_were_served() {
+    let cluster = start(1).await;
+    let tcp = tokio::net::TcpStream::connect(&cluster.peer_addrs[0]).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = || {
+        http::Request::post(format!("http://{}/keel.v1.NodeStatus/LocalStatus", cluster.peer_addrs[0]))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    };
+    // Opened and reset back to back, so most resets arrive before the node accepts the stream.
+    for _ in 0..500 {
+        let (response, body) = send.send_request(request(), false).unwrap();
+        drop((response, body));
+        send = send.ready().await.unwrap();
+    }
+    let (response, mut body) = send.send_request(request(), false).unwrap();
+    // An empty LocalStatusRequest: one uncompressed gRPC frame of length 0.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), response).await.expect("no answer in 10 s");
+    let answered = answered.expect("the connection was closed after the cancelled RPCs");
+    assert_eq!(answered.status(), http::StatusCode::OK);
+    connection.abort();
+}

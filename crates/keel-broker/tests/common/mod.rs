@@ -60,6 +60,21 @@ impl Cluster {
     }
 }
 
+/// A free port on 127.0.0.1 below the kernel's ephemeral range (32768 and up by default). A port
+/// the system picks (`:0`) is in that range, and an outgoing connection of a test running
+/// alongside could take it before the node binds it (AddrInUse).
+fn free_addr() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id() % 12_000;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (start + n) % 12_000;
+        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return probe.local_addr().unwrap().to_string();
+        }
+    }
+}
+
 /// A listener on `addr` that can take the address of one just closed.
 fn rebind(addr: &str) -> tokio::net::TcpListener {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -92,7 +107,8 @@ async fn serve(
     });
     let incoming = tonic::transport::server::TcpIncoming::from(peer_listener);
     let peer = tokio::spawn({
-        let server = broker.server().add_routes(broker.peer_router());
+        // What `keel server` serves on its peer listener, limits included.
+        let server = broker.peer_server();
         async move {
             let _ = server.serve_with_incoming(incoming).await;
         }
@@ -150,13 +166,12 @@ async fn launch(
     last_first: Option<Duration>,
 ) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    // Ports picked by the system, then closed and bound again by each node's server.
+    // Free ports, closed again and bound by each node's server.
     let mut addrs = Vec::new();
     let mut peer_addrs = Vec::new();
     for _ in 0..nodes {
         for list in [&mut addrs, &mut peer_addrs] {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            list.push(probe.local_addr().unwrap().to_string());
+            list.push(free_addr());
         }
     }
     let voters: BTreeMap<u64, String> =
