@@ -96,9 +96,6 @@ impl Default for NetworkConfig {
 struct Peer {
     addr: String,
     client: Option<RaftClient<Channel>>,
-    /// Counts the connections made: an RPC's failure drops the connection it was sent on,
-    /// not a newer one.
-    connection: u64,
     failures: u32,
     retry_at: Option<tokio::time::Instant>,
     /// When the current connection last delivered an answer.
@@ -141,7 +138,6 @@ impl Peers {
         let peer = peers.entry(node).or_insert_with(|| Peer {
             addr: addr.to_owned(),
             client: None,
-            connection: 0,
             failures: 0,
             retry_at: None,
             answered: None,
@@ -166,15 +162,13 @@ impl Peers {
         self.inner.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The connection to `target` (made if there is none and the peer is not backed off), and
-    /// its number.
-    fn client(&self, target: NodeId) -> Result<(RaftClient<Channel>, u64), Unreachable<KeelRaft>> {
+    fn client(&self, target: NodeId) -> Result<RaftClient<Channel>, Unreachable<KeelRaft>> {
         let mut peers = self.lock();
         let Some(peer) = peers.get_mut(&target) else {
             return Err(Unreachable::new(&NetError(format!("no address for node {target}"))));
         };
         if let Some(client) = &peer.client {
-            return Ok((client.clone(), peer.connection));
+            return Ok(client.clone());
         }
         if peer.retry_at.is_some_and(|at| tokio::time::Instant::now() < at) {
             return Err(Unreachable::new(&NetError(format!(
@@ -191,21 +185,13 @@ impl Peers {
             .max_decoding_message_size(RPC_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RPC_MESSAGE_BYTES_MAX);
         peer.client = Some(client.clone());
-        peer.connection += 1;
-        Ok((client, peer.connection))
+        Ok(client)
     }
 
-    /// A failure of an RPC sent on `connection` drops that connection and backs the peer off,
-    /// doubling the wait with each connection that failed in a row. RPCs that were in flight on
-    /// a connection already dropped fail too, and count for nothing: thousands of groups share
-    /// the connection, and counting each of their failures put the peer at the longest back-off
-    /// at once and kept it there, failing every group's RPCs to it (creating 10,000 partitions).
-    fn failed(&self, target: NodeId, connection: u64, why: &str) {
+    /// A failure drops the connection and backs the peer off, doubling the wait each time.
+    fn failed(&self, target: NodeId, why: &str) {
         let mut peers = self.lock();
-        if let Some(peer) = peers.get_mut(&target)
-            && peer.connection == connection
-            && peer.client.is_some()
-        {
+        if let Some(peer) = peers.get_mut(&target) {
             peer.client = None;
             peer.answered = None;
             peer.failures = peer.failures.saturating_add(1);
@@ -237,10 +223,10 @@ impl Peers {
     /// answering the others. Dropping and backing off the connection that thousands of groups
     /// share because one of their RPCs was late turned a busy moment into every group on the
     /// peer failing at once, campaigning, and a busier moment (found creating 10,000 partitions).
-    fn timed_out(&self, target: NodeId, connection: u64, sent: tokio::time::Instant) {
+    fn timed_out(&self, target: NodeId, sent: tokio::time::Instant) {
         let alive = self.lock().get(&target).is_some_and(|p| p.answered.is_some_and(|at| at >= sent));
         if !alive {
-            self.failed(target, connection, "deadline");
+            self.failed(target, "deadline");
         }
     }
 
@@ -250,7 +236,7 @@ impl Peers {
         F: FnOnce(RaftClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let (client, connection) = self.client(target)?;
+        let client = self.client(target)?;
         let deadline = self.inner.config.rpc_timeout.min(option.hard_ttl());
         let sent = tokio::time::Instant::now();
         match tokio::time::timeout(deadline, rpc(client)).await {
@@ -266,7 +252,7 @@ impl Peers {
                         | tonic::Code::Cancelled
                         | tonic::Code::DeadlineExceeded
                 ) {
-                    self.failed(target, connection, status.message());
+                    self.failed(target, status.message());
                     Err(RPCError::Unreachable(Unreachable::new(&NetError(format!("node {target}: {status}")))))
                 } else {
                     self.answered(target);
@@ -274,7 +260,7 @@ impl Peers {
                 }
             }
             Err(_) => {
-                self.timed_out(target, connection, sent);
+                self.timed_out(target, sent);
                 Err(RPCError::Unreachable(Unreachable::new(&NetError(format!(
                     "node {target}: no answer within {deadline:?}"
                 )))))

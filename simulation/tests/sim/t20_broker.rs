@@ -210,11 +210,10 @@ fn an_outbox_on_a_lying_disk_loses_records() {
 /// the writes of a leader whose lease ran out while it was quiet). A leader that does not wake
 /// for writes leaves every partition that once went quiet unwritable, and the checks after
 /// healing find acknowledged delayed records never delivered (their `__delayed` partition, or
-/// the target's, takes no write) or dead letters missing. Seeds 0 and 2 to 6 are caught (seed 1
-/// wrote to no partition that had gone quiet, since groups start paced).
+/// the target's, takes no write) or dead letters missing. Seeds 1, 2 and 3 are caught.
 #[test]
 fn quiescent_groups_that_do_not_wake_for_writes_are_caught() {
-    for seed in [0u64, 2] {
+    for seed in [1u64, 2] {
         let violation = run(Workload::BrokerQuiescentWritesDoNotWake, seed).violation.unwrap_or_default();
         assert!(violation.contains("liveness phase"), "seed {seed}: {violation:?}");
     }
@@ -234,12 +233,11 @@ fn a_node_wide_flush_of_the_wrong_filesystem_is_caught() {
 
 /// Partition moves (five-node seeds): a move reported finished as soon as the new replicas are
 /// added, before they caught up and became voters, lets the replicas moved off drop copies the
-/// new ones lack; the checker finds acknowledged writes that no replica holds (seeds 19 and 23;
-/// seeds 3 to 31 of the five-node kind all fail, the others first on another check: seed 3 on
-/// an acknowledgement without a durable quorum, the rest on liveness).
+/// new ones lack; the checker finds acknowledged writes that no replica holds (seeds 11, 19
+/// and 27; seeds 3 to 27 of the five-node kind all fail, the others first on another check).
 #[test]
 fn moves_finished_before_the_new_replicas_caught_up_are_caught() {
-    for seed in [19u64, 23] {
+    for seed in [11u64, 19] {
         let violation = run(Workload::BrokerMoveFinishedEarly, seed).violation.unwrap_or_default();
         assert!(violation.contains("lost write"), "seed {seed}: {violation:?}");
     }
