@@ -60,16 +60,8 @@ const HOPS_MAX: u32 = 2;
 /// Bytes of a node key.
 const NODE_KEY_BYTES: usize = 32;
 
-/// Partitions a node opens at once when the metadata assigns it new ones. Opening also paces
-/// how fast new groups start: 16 at a time overran a CPU-starved node creating 10,000.
+/// Partitions a node opens at once when the metadata assigns it new ones.
 const GROUPS_OPENING_MAX: usize = 4;
-
-/// New raft groups a node starts (initialises and campaigns for) at once; each holds its place
-/// until it settled (quiescent, or led when quiescence is off). Without a bound, a topic of
-/// 10,000 partitions started 10,000 elections and heartbeating groups together: the nodes
-/// could not answer in time, every RPC timed out, no group ever got quiet, and no partition
-/// (nor the metadata) had a leader after minutes. Created partitions wait their turn instead.
-const NEW_GROUPS_SETTLING_MAX: usize = 128;
 
 /// A running node; clones share it.
 #[derive(Clone)]
@@ -124,8 +116,6 @@ pub(crate) struct Inner {
     pub(crate) lag_timestamps: Mutex<crate::lag::TimestampCache>,
     /// Bytes of produce requests waiting for their commit, node-wide (`in_flight_bytes_max`).
     pub(crate) in_flight_bytes: ByteBudget,
-    /// Places for new groups starting at once ([`NEW_GROUPS_SETTLING_MAX`]).
-    new_groups: Arc<Semaphore>,
     /// Bytes fetched for Subscribe streams and not yet taken by their clients.
     pub(crate) subscribe_buffer: Arc<Semaphore>,
     /// Open Subscribe streams per client connection (its peer address).
@@ -256,7 +246,6 @@ impl Broker {
             high_watermarks: Mutex::new(BTreeMap::new()),
             lag_timestamps: Mutex::new(crate::lag::TimestampCache::default()),
             in_flight_bytes: ByteBudget::new(limits.in_flight_bytes_max),
-            new_groups: Arc::new(Semaphore::new(NEW_GROUPS_SETTLING_MAX)),
             subscribe_buffer: Arc::new(Semaphore::new(limits.subscribe_buffer_bytes_max.min(Semaphore::MAX_PERMITS))),
             subscribes: Mutex::new(BTreeMap::new()),
             stopping: watch::channel(false).0,
@@ -562,19 +551,6 @@ impl Inner {
             Ok(true) | Err(_) => return,
             Ok(false) => {}
         }
-        // The metadata group is never kept waiting behind a big topic.
-        let place = match group {
-            META_GROUP => None,
-            _ => match Arc::clone(&self.new_groups).acquire_owned().await {
-                Ok(place) => Some(place),
-                Err(_) => return,
-            },
-        };
-        // A member may have reached it while it waited for its place.
-        match self.node.is_initialized(group).await {
-            Ok(true) | Err(_) => return,
-            Ok(false) => {}
-        }
         let mut members = BTreeMap::new();
         for id in &replicas {
             let Some(addr) = self.peer_addr_of(*id) else {
@@ -590,30 +566,8 @@ impl Inner {
                 if let Ok(raft) = self.node.raft(group) {
                     let _ = raft.trigger().elect(false).await;
                 }
-                if place.is_some() {
-                    self.settled(group).await;
-                }
             }
             Err(e) => warn!(group, error = %e, "initializing a group failed"),
-        }
-    }
-
-    /// Returns once a group just started settled: quiescent (its heartbeats stopped), or, with
-    /// quiescence off, led by some node; in any case after a few election timeouts.
-    async fn settled(&self, group: GroupId) {
-        let timings = &self.config.timings;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(timings.election_max_ms * 4);
-        let poll = Duration::from_millis(timings.heartbeat_ms.clamp(10, 100));
-        while tokio::time::Instant::now() < deadline {
-            let done = match timings.quiesce {
-                true => self.node.is_quiescent(group),
-                false => self.node.leader(group).is_some(),
-            };
-            // A group removed meanwhile (its topic deleted) settles nothing.
-            if done || self.node.raft(group).is_err() {
-                return;
-            }
-            tokio::time::sleep(poll).await;
         }
     }
 
