@@ -466,31 +466,9 @@ impl Shared {
             if self.faults.ack_before_flush {
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
-            loop {
-                let ticket = lock(&self.log).begin_flush();
-                let ticket = match ticket {
-                    Ok(Some(t)) => t,
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.complete_waiters(Err(e.to_string()));
-                        *lock(&self.flush_running) = false;
-                        return;
-                    }
-                };
-                let started = tokio::time::Instant::now();
-                let result = ticket.run();
-                if result.is_ok()
-                    && let Some(observer) = self.flush_observer.get()
-                {
-                    observer.flushed(ticket.bytes(), started.elapsed());
-                }
-                let durable = lock(&self.log).complete_flush(ticket, result).map_err(|e| e.to_string());
-                let failed = durable.is_err();
-                self.complete_waiters(durable);
-                if failed {
-                    *lock(&self.flush_running) = false;
-                    return;
-                }
+            if !self.flush_until_durable() {
+                *lock(&self.flush_running) = false;
+                return;
             }
             let mut running = lock(&self.flush_running);
             let log = lock(&self.log);
@@ -502,6 +480,42 @@ impl Shared {
                 // Waiters registered after their append was flushed by an earlier round.
                 self.complete_waiters(Ok(durable));
                 return;
+            }
+        }
+    }
+
+    /// Flushes on the calling thread until everything written is durable, completing waiters
+    /// as it goes; false if a flush failed (its waiters are failed). Both per-partition flushers
+    /// run it: the simulation's task with inline IO, production's blocking thread.
+    fn flush_until_durable(&self) -> bool {
+        loop {
+            let ticket = lock(&self.log).begin_flush();
+            let ticket = match ticket {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    let durable = lock(&self.log).durable();
+                    self.complete_waiters(Ok(durable));
+                    return true;
+                }
+                Err(e) => {
+                    self.complete_waiters(Err(e.to_string()));
+                    return false;
+                }
+            };
+            // tokio time, not the wall clock: the simulation drives it, and the observation
+            // changes nothing that is flushed.
+            let started = tokio::time::Instant::now();
+            let result = ticket.run();
+            if result.is_ok()
+                && let Some(observer) = self.flush_observer.get()
+            {
+                observer.flushed(ticket.bytes(), started.elapsed());
+            }
+            let durable = lock(&self.log).complete_flush(ticket, result).map_err(|e| e.to_string());
+            let failed = durable.is_err();
+            self.complete_waiters(durable);
+            if failed {
+                return false;
             }
         }
     }
@@ -674,7 +688,7 @@ async fn flusher(weak: std::sync::Weak<Shared>, notify: Arc<Notify>) {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
         let Some(shared) = weak.upgrade() else { return };
-        flush_all(&shared).await;
+        shared.flush_until_durable();
     }
 }
 
@@ -766,59 +780,6 @@ fn run_tickets(disk: &dyn Disk, root: &Path, tickets: &[FlushTicket]) -> Vec<io:
         }
     }
     tickets.iter().map(FlushTicket::run).collect()
-}
-
-/// Flushes until everything written is durable, completing waiters as it goes.
-async fn flush_all(shared: &Arc<Shared>) {
-    loop {
-        let ticket = lock(&shared.log).begin_flush();
-        let ticket = match ticket {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                let durable = lock(&shared.log).durable();
-                shared.complete_waiters(Ok(durable));
-                break;
-            }
-            Err(e) => {
-                shared.complete_waiters(Err(e.to_string()));
-                break;
-            }
-        };
-        // tokio time, not the wall clock: the simulation drives it, and the observation changes
-        // nothing that is flushed.
-        let started = tokio::time::Instant::now();
-        let (ticket, result) = match shared.io {
-            IoMode::Inline => {
-                let r = ticket.run();
-                (ticket, r)
-            }
-            IoMode::Blocking => {
-                match tokio::task::spawn_blocking(move || {
-                    let r = ticket.run();
-                    (ticket, r)
-                })
-                .await
-                {
-                    Ok(done) => done,
-                    Err(e) => {
-                        shared.complete_waiters(Err(format!("flush task failed: {e}")));
-                        break;
-                    }
-                }
-            }
-        };
-        if result.is_ok()
-            && let Some(observer) = shared.flush_observer.get()
-        {
-            observer.flushed(ticket.bytes(), started.elapsed());
-        }
-        let durable = lock(&shared.log).complete_flush(ticket, result).map_err(|e| e.to_string());
-        let failed = durable.is_err();
-        shared.complete_waiters(durable);
-        if failed {
-            break;
-        }
-    }
 }
 
 fn read_optional(disk: &dyn Disk, path: &Path) -> io::Result<Option<bytes::Bytes>> {
