@@ -112,6 +112,8 @@ struct FileConfig {
     /// Whether idle partitions stop their raft heartbeats and election timers (node heartbeats
     /// keep their liveness).
     raft_quiesce: Option<bool>,
+    /// Whether the AppendEntries of many partitions to the same peer travel in one RPC.
+    raft_coalesce: Option<bool>,
     /// `partition` (the default: each partition msyncs its own file) or `node` (one syncfs
     /// covers every dirty partition of the node).
     flush_scope: Option<String>,
@@ -425,7 +427,10 @@ fn resolve(args: ServerArgs) -> anyhow::Result<Resolved> {
         voters,
         timings,
         log,
-        network: NetworkConfig::default(),
+        network: NetworkConfig {
+            coalesce_append_entries: file.raft_coalesce.unwrap_or(NetworkConfig::default().coalesce_append_entries),
+            ..NetworkConfig::default()
+        },
         append_timeout: Duration::from_millis(file.append_timeout_ms.unwrap_or(10_000)),
         retention_interval: Duration::from_secs(30),
         limits,

@@ -28,6 +28,8 @@ const AT_STARTUP: &[&str] = &[
     "keel_node_ready",
     "keel_raft_groups",
     "keel_raft_groups_quiescent",
+    "keel_raft_append_batches_total",
+    "keel_raft_append_batch_requests_total",
     "keel_partitions_led",
     "keel_partitions_leaderless",
     "keel_partitions_under_replicated",

@@ -150,6 +150,9 @@ struct StateGauges {
     ready: Gauge,
     raft_groups: Gauge,
     raft_groups_quiescent: Gauge,
+    /// Counters kept by the raft node and copied at each scrape.
+    raft_append_batches: Counter,
+    raft_append_batch_requests: Counter,
     memory_resident_bytes: Gauge,
     memory_anonymous_bytes: Gauge,
     partitions_led: Gauge,
@@ -256,6 +259,16 @@ impl Metrics {
             "raft_groups_quiescent",
             "Raft groups quiescent on this node (idle: no raft heartbeats or election timers)",
             m.state.raft_groups_quiescent.clone(),
+        );
+        r.register(
+            "raft_append_batches",
+            "AppendEntries batches sent to peers (each carries the requests of many groups)",
+            m.state.raft_append_batches.clone(),
+        );
+        r.register(
+            "raft_append_batch_requests",
+            "Groups' AppendEntries requests sent in batches (divided by raft_append_batches: requests per batch)",
+            m.state.raft_append_batch_requests.clone(),
         );
         r.register("partitions_led", "Partitions this node leads", m.state.partitions_led.clone());
         r.register(
@@ -518,6 +531,9 @@ impl Metrics {
         s.ready.set(i64::from(*inner.ready.borrow()));
         s.raft_groups.set(gauge(groups.len() as u64));
         s.raft_groups_quiescent.set(gauge(groups.iter().filter(|g| inner.node.is_quiescent(**g)).count() as u64));
+        let (batches, batched) = inner.node.append_batches();
+        s.raft_append_batches.inc_by(batches.saturating_sub(s.raft_append_batches.get()));
+        s.raft_append_batch_requests.inc_by(batched.saturating_sub(s.raft_append_batch_requests.get()));
         let (resident, anonymous) = process_memory();
         s.memory_resident_bytes.set(gauge(resident));
         s.memory_anonymous_bytes.set(gauge(anonymous));

@@ -81,6 +81,9 @@ pub struct NetworkConfig {
     pub backoff_min: Duration,
     /// Longest delay between dials of a failing peer.
     pub backoff_max: Duration,
+    /// Whether the AppendEntries of many groups to the same peer travel together in one
+    /// `AppendEntriesBatch` RPC (off: one RPC per group's request, as before it existed).
+    pub coalesce_append_entries: bool,
 }
 
 impl Default for NetworkConfig {
@@ -89,6 +92,7 @@ impl Default for NetworkConfig {
             rpc_timeout: Duration::from_millis(1_000),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
+            coalesce_append_entries: true,
         }
     }
 }
@@ -100,7 +104,39 @@ struct Peer {
     retry_at: Option<tokio::time::Instant>,
     /// When the current connection last delivered an answer.
     answered: Option<tokio::time::Instant>,
+    /// AppendEntries waiting to go out in the next batch to this peer.
+    queue: Vec<Queued>,
+    /// Whether a task that sends the queue is on its way.
+    scheduled: bool,
+    /// The peer answered a batch with UNIMPLEMENTED (a node of an older version, during a
+    /// rolling upgrade): one RPC per request until the connection is dialled again.
+    no_batches: bool,
 }
+
+/// An AppendEntries waiting for its batch.
+struct Queued {
+    request: pb::AppendEntriesRequest,
+    bytes: usize,
+    answer: tokio::sync::oneshot::Sender<Answer>,
+}
+
+/// How a request sent in a batch was answered.
+enum Answer {
+    /// The group's answer.
+    Response(pb::AppendEntriesResponse),
+    /// The peer's node answered for the group with an error: the connection works.
+    Refused(Status),
+    /// The batch did not get through (the connection was dropped, or the peer answered nothing
+    /// in time).
+    Lost(String),
+}
+
+/// Most requests in one AppendEntries batch a node accepts.
+pub const APPEND_BATCH_ITEMS_MAX: usize = 4_096;
+/// Most requests a node puts in one batch it sends.
+const APPEND_BATCH_SEND_ITEMS: usize = 1_024;
+/// Most bytes of requests a node puts in one batch it sends (a larger request goes alone).
+const APPEND_BATCH_SEND_BYTES: usize = crate::store::APPEND_ENTRIES_BYTES_MAX;
 
 /// This node's connections to its peers, shared by every raft group on the node.
 #[derive(Clone)]
@@ -114,6 +150,9 @@ struct PeersInner {
     peers: Mutex<BTreeMap<NodeId, Peer>>,
     /// Paces the log sent to replicas catching up after a move.
     throttle: crate::throttle::CatchUpThrottle,
+    /// AppendEntries batches sent, and the requests in them.
+    batches: std::sync::atomic::AtomicU64,
+    batched: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +163,16 @@ impl Peers {
     /// Connections made through `connector`.
     pub fn new(connector: Arc<dyn Connector>, config: NetworkConfig) -> Peers {
         let throttle = crate::throttle::CatchUpThrottle::default();
-        Peers { inner: Arc::new(PeersInner { connector, config, peers: Mutex::new(BTreeMap::new()), throttle }) }
+        Peers {
+            inner: Arc::new(PeersInner {
+                connector,
+                config,
+                peers: Mutex::new(BTreeMap::new()),
+                throttle,
+                batches: std::sync::atomic::AtomicU64::new(0),
+                batched: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
     }
 
     /// The catch-up throttle of this node's outgoing log.
@@ -141,11 +189,15 @@ impl Peers {
             failures: 0,
             retry_at: None,
             answered: None,
+            queue: Vec::new(),
+            scheduled: false,
+            no_batches: false,
         });
         if peer.addr != addr {
             peer.addr = addr.to_owned();
             peer.client = None;
             peer.answered = None;
+            peer.no_batches = false;
         }
     }
 
@@ -194,6 +246,7 @@ impl Peers {
         if let Some(peer) = peers.get_mut(&target) {
             peer.client = None;
             peer.answered = None;
+            peer.no_batches = false;
             peer.failures = peer.failures.saturating_add(1);
             let shift = peer.failures.min(16) - 1;
             let wait = self.inner.config.backoff_min.saturating_mul(1 << shift).min(self.inner.config.backoff_max);
@@ -318,6 +371,210 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Sends one AppendEntries in the next batch to `target`, with the same deadline, errors and
+    /// connection handling as [`Peers::call`].
+    async fn call_batched(
+        &self,
+        target: NodeId,
+        option: &RPCOption,
+        request: pb::AppendEntriesRequest,
+    ) -> Result<pb::AppendEntriesResponse, RPCError<KeelRaft>> {
+        // Dials, or refuses while the peer is backed off, exactly as a call on its own would.
+        self.client(target)?;
+        let deadline = self.inner.config.rpc_timeout.min(option.hard_ttl());
+        let sent = tokio::time::Instant::now();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let bytes = prost::Message::encoded_len(&request);
+        let unbatched = {
+            let mut peers = self.lock();
+            match peers.get_mut(&target) {
+                Some(peer) if !peer.no_batches => {
+                    peer.queue.push(Queued { request, bytes, answer });
+                    if !std::mem::replace(&mut peer.scheduled, true) {
+                        tokio::spawn(send_batches(self.clone(), target));
+                    }
+                    None
+                }
+                _ => Some(request),
+            }
+        };
+        let outcome = match unbatched {
+            Some(request) => return self.call_unbatched(target, option, request).await,
+            None => tokio::time::timeout(deadline, answered).await,
+        };
+        match outcome {
+            Ok(Ok(Answer::Response(response))) => {
+                self.succeeded(target);
+                Ok(response)
+            }
+            Ok(Ok(Answer::Refused(status))) => {
+                self.answered(target);
+                let error = NetError(format!("node {target}: {status}"));
+                Err(match status.code() {
+                    tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&error)),
+                    _ => RPCError::Network(NetworkError::new(&error)),
+                })
+            }
+            Ok(Ok(Answer::Lost(why))) => {
+                Err(RPCError::Unreachable(Unreachable::new(&NetError(format!("node {target}: {why}")))))
+            }
+            Ok(Err(_)) => Err(RPCError::Unreachable(Unreachable::new(&NetError(format!(
+                "node {target}: the batch carrying this request was dropped"
+            ))))),
+            Err(_) => {
+                self.timed_out(target, sent);
+                Err(RPCError::Unreachable(Unreachable::new(&NetError(format!(
+                    "node {target}: no answer within {deadline:?}"
+                )))))
+            }
+        }
+    }
+
+    async fn call_unbatched(
+        &self,
+        target: NodeId,
+        option: &RPCOption,
+        request: pb::AppendEntriesRequest,
+    ) -> Result<pb::AppendEntriesResponse, RPCError<KeelRaft>> {
+        self.call(target, option, |mut c| async move { c.append_entries(request).await }).await
+    }
+
+    /// Takes the next batch off `target`'s queue; when more is left than one batch carries,
+    /// another sender is started for the rest.
+    fn next_batch(&self, target: NodeId) -> Vec<Queued> {
+        let mut peers = self.lock();
+        let Some(peer) = peers.get_mut(&target) else { return Vec::new() };
+        let (mut items, mut bytes) = (0, 0);
+        for queued in &peer.queue {
+            if items > 0 && (items == APPEND_BATCH_SEND_ITEMS || bytes + queued.bytes > APPEND_BATCH_SEND_BYTES) {
+                break;
+            }
+            items += 1;
+            bytes += queued.bytes;
+        }
+        let rest = peer.queue.split_off(items);
+        let batch = std::mem::replace(&mut peer.queue, rest);
+        if peer.queue.is_empty() {
+            peer.scheduled = false;
+        } else {
+            tokio::spawn(send_batches(self.clone(), target));
+        }
+        batch
+    }
+
+    /// Sends one batch and hands each answer to its caller as it arrives.
+    async fn send_batch(&self, target: NodeId, batch: Vec<Queued>) {
+        let client = match self.client(target) {
+            Ok(client) => client,
+            Err(e) => return answer_all(batch, || Answer::Lost(e.to_string())),
+        };
+        let mut waiting: Vec<Option<tokio::sync::oneshot::Sender<Answer>>> = Vec::with_capacity(batch.len());
+        let mut requests = Vec::with_capacity(batch.len());
+        for queued in batch {
+            waiting.push(Some(queued.answer));
+            requests.push(queued.request);
+        }
+        self.inner.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.batched.fetch_add(requests.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let sent = tokio::time::Instant::now();
+        let deadline = self.inner.config.rpc_timeout;
+        let lost = match tokio::time::timeout(deadline, self.stream_batch(target, client, requests, &mut waiting)).await
+        {
+            Ok(Ok(())) => return,
+            Ok(Err(BatchFailed::Unimplemented)) => {
+                // The requests went into the refused call; openraft sends them again (after its
+                // back-off), then one RPC each.
+                if let Some(peer) = self.lock().get_mut(&target) {
+                    peer.no_batches = true;
+                }
+                debug!(target, "peer does not take AppendEntries batches; sending one RPC per group");
+                "the peer takes no batches: sent again on their own".to_owned()
+            }
+            Ok(Err(BatchFailed::Transport(status))) => {
+                self.failed(target, status.message());
+                format!("batch failed: {status}")
+            }
+            Ok(Err(BatchFailed::Incomplete)) => "the batch's answers ended early".to_owned(),
+            Err(_) => {
+                self.timed_out(target, sent);
+                format!("no answer to the batch within {deadline:?}")
+            }
+        };
+        for answer in waiting.iter_mut().filter_map(Option::take) {
+            let _ = answer.send(Answer::Lost(lost.clone()));
+        }
+    }
+
+    async fn stream_batch(
+        &self,
+        target: NodeId,
+        mut client: RaftClient<Channel>,
+        requests: Vec<pb::AppendEntriesRequest>,
+        waiting: &mut [Option<tokio::sync::oneshot::Sender<Answer>>],
+    ) -> Result<(), BatchFailed> {
+        let mut answers = match client.append_entries_batch(pb::AppendEntriesBatchRequest { requests }).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unimplemented => return Err(BatchFailed::Unimplemented),
+            Err(status) => return Err(BatchFailed::Transport(status)),
+        };
+        let mut left = waiting.len();
+        while left > 0 {
+            let message = match answers.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(BatchFailed::Incomplete),
+                Err(status) => return Err(BatchFailed::Transport(status)),
+            };
+            self.answered(target);
+            for item in message.items {
+                let Some(answer) = waiting.get_mut(item.index as usize).and_then(Option::take) else {
+                    warn!(target, index = item.index, "a batch answer for no request, or a second one; ignored");
+                    continue;
+                };
+                left -= 1;
+                use pb::append_entries_batch_item::Outcome;
+                let _ = answer.send(match item.outcome {
+                    Some(Outcome::Response(response)) => Answer::Response(response),
+                    Some(Outcome::Error(e)) => Answer::Refused(Status::new(tonic::Code::from(e.code), e.message)),
+                    None => Answer::Refused(Status::internal("a batch answer without an outcome")),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// AppendEntries batches sent to peers, and the requests they carried.
+    pub fn append_batches(&self) -> (u64, u64) {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&self.inner.batches), load(&self.inner.batched))
+    }
+}
+
+/// Why a batch got no (complete) answer.
+enum BatchFailed {
+    /// The peer does not know the RPC.
+    Unimplemented,
+    Transport(Status),
+    Incomplete,
+}
+
+fn answer_all(batch: Vec<Queued>, answer: impl Fn() -> Answer) {
+    for queued in batch {
+        let _ = queued.answer.send(answer());
+    }
+}
+
+/// A sender of `target`'s AppendEntries queue. It first lets the tasks that are ready run (a
+/// spawned task would otherwise run next, in tokio's LIFO slot, and carry only the request that
+/// started it), so that the requests of every group replicating at this moment go together.
+async fn send_batches(peers: Peers, target: NodeId) {
+    tokio::task::yield_now().await;
+    let batch = peers.next_batch(target);
+    if !batch.is_empty() {
+        peers.send_batch(target, batch).await;
+    }
+}
+
 /// Which of the two vote RPCs to send; they carry the same messages.
 #[derive(Debug, Clone, Copy)]
 enum Ballot {
@@ -379,7 +636,11 @@ impl GroupRouter<KeelRaft, Addressed> for Peers {
             let bytes: usize = request.entries.iter().map(prost::Message::encoded_len).sum();
             self.inner.throttle.admit(to.group, target, bytes).await;
         }
-        let response = self.call(target, &option, |mut c| async move { c.append_entries(request).await }).await?;
+        let response = if self.inner.config.coalesce_append_entries {
+            self.call_batched(target, &option, request).await?
+        } else {
+            self.call(target, &option, |mut c| async move { c.append_entries(request).await }).await?
+        };
         use pb::append_entries_response::Result as R;
         match response.result {
             Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
@@ -573,12 +834,15 @@ impl WeakGroups {
 pub struct RaftService {
     groups: Groups,
     quiescence: Arc<Quiescence>,
+    /// Whether AppendEntries batches are taken; a node with coalescing off answers them
+    /// UNIMPLEMENTED, as a node from before batches did, and its peers fall back to one RPC each.
+    batches: bool,
 }
 
 impl RaftService {
     /// A service routing to `groups`, waking quiescent ones first.
-    pub(crate) fn new(groups: Groups, quiescence: Arc<Quiescence>) -> RaftService {
-        RaftService { groups, quiescence }
+    pub(crate) fn new(groups: Groups, quiescence: Arc<Quiescence>, batches: bool) -> RaftService {
+        RaftService { groups, quiescence, batches }
     }
 
     /// The group's raft, woken if it was quiescent: a message from its leader arrived.
@@ -611,6 +875,41 @@ impl RaftService {
         Ok(Response::new(vote_response_to_pb(response)))
     }
 
+    /// One group's AppendEntries, sent alone or in a batch.
+    async fn append_one(
+        &self,
+        verified: Option<VerifiedNode>,
+        r: pb::AppendEntriesRequest,
+    ) -> Result<pb::AppendEntriesResponse, Status> {
+        check_claim_of(verified, r.vote.as_ref())?;
+        let raft = self.groups.addressed(r.group_id, r.target_generation)?;
+        let rpc = AppendEntriesRequest {
+            vote: convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?,
+            prev_log_id: r.prev_log_id.as_ref().map(convert::log_id_from_pb),
+            entries: convert::entries_from_pb(r.entries).map_err(invalid)?,
+            leader_commit: r.leader_commit.as_ref().map(convert::log_id_from_pb),
+        };
+        self.quiescence.on_append(
+            r.group_id,
+            &raft,
+            &rpc.vote,
+            rpc.prev_log_id.as_ref(),
+            rpc.leader_commit.as_ref(),
+            !rpc.entries.is_empty(),
+        );
+        let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        use pb::append_entries_response::{Conflict, PartialSuccess, Result as R, Success};
+        let result = match response {
+            AppendEntriesResponse::Success => R::Success(Success {}),
+            AppendEntriesResponse::PartialSuccess(m) => {
+                R::PartialSuccess(PartialSuccess { matching: m.as_ref().map(convert::log_id_to_pb) })
+            }
+            AppendEntriesResponse::Conflict => R::Conflict(Conflict {}),
+            AppendEntriesResponse::HigherVote(v) => R::HigherVote(convert::vote_to_pb(&v)),
+        };
+        Ok(pb::AppendEntriesResponse { result: Some(result) })
+    }
+
     /// The tonic server for it.
     pub fn into_server(self) -> pb::raft_server::RaftServer<RaftService> {
         pb::raft_server::RaftServer::new(self)
@@ -631,7 +930,12 @@ pub struct VerifiedNode(pub NodeId);
 
 /// Refuses a request whose claimed node is not the one its connection proved.
 fn check_claim<T>(request: &Request<T>, vote: Option<&pb::Vote>) -> Result<(), Status> {
-    let Some(VerifiedNode(proved)) = request.extensions().get::<VerifiedNode>().copied() else {
+    check_claim_of(request.extensions().get::<VerifiedNode>().copied(), vote)
+}
+
+/// [`check_claim`] with the connection's proof taken out of its request already.
+fn check_claim_of(verified: Option<VerifiedNode>, vote: Option<&pb::Vote>) -> Result<(), Status> {
+    let Some(VerifiedNode(proved)) = verified else {
         return Ok(());
     };
     let claimed = vote.map(|v| v.node_id);
@@ -676,34 +980,53 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
-        check_claim(&request, request.get_ref().vote.as_ref())?;
-        let r = request.into_inner();
-        let raft = self.groups.addressed(r.group_id, r.target_generation)?;
-        let rpc = AppendEntriesRequest {
-            vote: convert::vote_from_pb(r.vote.as_ref()).map_err(invalid)?,
-            prev_log_id: r.prev_log_id.as_ref().map(convert::log_id_from_pb),
-            entries: convert::entries_from_pb(r.entries).map_err(invalid)?,
-            leader_commit: r.leader_commit.as_ref().map(convert::log_id_from_pb),
-        };
-        self.quiescence.on_append(
-            r.group_id,
-            &raft,
-            &rpc.vote,
-            rpc.prev_log_id.as_ref(),
-            rpc.leader_commit.as_ref(),
-            !rpc.entries.is_empty(),
-        );
-        let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
-        use pb::append_entries_response::{Conflict, PartialSuccess, Result as R, Success};
-        let result = match response {
-            AppendEntriesResponse::Success => R::Success(Success {}),
-            AppendEntriesResponse::PartialSuccess(m) => {
-                R::PartialSuccess(PartialSuccess { matching: m.as_ref().map(convert::log_id_to_pb) })
-            }
-            AppendEntriesResponse::Conflict => R::Conflict(Conflict {}),
-            AppendEntriesResponse::HigherVote(v) => R::HigherVote(convert::vote_to_pb(&v)),
-        };
-        Ok(Response::new(pb::AppendEntriesResponse { result: Some(result) }))
+        let verified = request.extensions().get::<VerifiedNode>().copied();
+        Ok(Response::new(self.append_one(verified, request.into_inner()).await?))
+    }
+
+    type AppendEntriesBatchStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::AppendEntriesBatchResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn append_entries_batch(
+        &self,
+        request: Request<pb::AppendEntriesBatchRequest>,
+    ) -> Result<Response<Self::AppendEntriesBatchStream>, Status> {
+        use futures_util::StreamExt;
+        use pb::append_entries_batch_item::Outcome;
+        if !self.batches {
+            return Err(Status::unimplemented("this node takes AppendEntries one group at a time"));
+        }
+        let verified = request.extensions().get::<VerifiedNode>().copied();
+        let requests = request.into_inner().requests;
+        if requests.len() > APPEND_BATCH_ITEMS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} requests in one AppendEntries batch; at most {APPEND_BATCH_ITEMS_MAX}",
+                requests.len()
+            )));
+        }
+        // Every group's request runs at once; answers go back as they are ready, several in one
+        // message when they are ready together.
+        let answers: futures_util::stream::FuturesUnordered<_> = requests
+            .into_iter()
+            .zip(0u32..)
+            .map(|(request, index)| {
+                let service = self.clone();
+                async move {
+                    let outcome = match service.append_one(verified, request).await {
+                        Ok(response) => Outcome::Response(response),
+                        Err(status) => Outcome::Error(pb::RpcError {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        }),
+                    };
+                    pb::AppendEntriesBatchItem { index, outcome: Some(outcome) }
+                }
+            })
+            .collect();
+        let stream =
+            answers.ready_chunks(APPEND_BATCH_ITEMS_MAX).map(|items| Ok(pb::AppendEntriesBatchResponse { items }));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {

@@ -321,7 +321,12 @@ impl RaftNode {
 
     /// The gRPC service receiving raft RPCs for every group on this node.
     pub fn service(&self) -> RaftService {
-        RaftService::new(self.groups.clone(), Arc::clone(&self.quiescence))
+        RaftService::new(self.groups.clone(), Arc::clone(&self.quiescence), self.config.network.coalesce_append_entries)
+    }
+
+    /// AppendEntries batches this node sent to peers, and the requests they carried.
+    pub fn append_batches(&self) -> (u64, u64) {
+        self.peers.append_batches()
     }
 
     /// This node's id.

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_raft::{
-    AppendError, Appended, GroupId, IoMode, Node, NodeConfig, NodeId, RaftNode, RaftTimings, TcpConnector,
+    AppendError, Appended, GroupId, IoMode, NetworkConfig, Node, NodeConfig, NodeId, RaftNode, RaftTimings,
+    TcpConnector,
 };
 use keel_record::{BatchBuilder, NewRecord};
 use keel_storage::{Disk, LogConfig};
@@ -36,11 +37,17 @@ pub struct ClusterConfig {
     pub log: LogConfig,
     pub io: IoMode,
     pub timings: RaftTimings,
+    pub network: NetworkConfig,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { log: LogConfig::default(), io: IoMode::Blocking, timings: test_timings() }
+        ClusterConfig {
+            log: LogConfig::default(),
+            io: IoMode::Blocking,
+            timings: test_timings(),
+            network: NetworkConfig::default(),
+        }
     }
 }
 
@@ -59,7 +66,7 @@ impl TestNode {
             timings: cfg.timings,
             log: cfg.log.clone(),
             io: cfg.io,
-            network: Default::default(),
+            network: cfg.network,
             append_timeout: Duration::from_secs(5),
             seed: id * 7919,
             flush: keel_raft::FlushScope::Node,

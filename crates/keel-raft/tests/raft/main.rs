@@ -8,4 +8,5 @@ mod t20_crash_and_snapshot;
 mod t30_many_groups;
 mod t40_quiescence;
 mod t50_generations;
+mod t60_coalesced;
 mod t90_issue_12;
