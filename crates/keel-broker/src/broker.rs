@@ -770,6 +770,14 @@ impl Inner {
                 }
             }
             if answered == others.len() && !initialized {
+                if let Some(cluster) = self.known_cluster() {
+                    // This data dir belongs to a cluster already: its `__meta` was moved off the
+                    // configured voters, and a blank copy here would start a second cluster beside
+                    // it (broker sim seed 27: a power cut of every node after such a move). The
+                    // metadata names this node's next copy, if any (reconcile).
+                    info!(cluster, "no configured voter holds __meta: it lives on other nodes now; following it");
+                    return;
+                }
                 info!("every configured voter is blank: a new cluster");
                 return self.open_blank_meta().await;
             }
@@ -797,7 +805,10 @@ impl Inner {
 
     /// What this node tells a configured voter without a copy of `__meta` ([`Inner::bootstrap_meta`]).
     pub(crate) async fn meta_copy(&self, request: pb::MetaCopyRequest) -> pb::MetaCopyResponse {
-        let initialized = self.metadata().applied_offset > 0 || self.meta_copy_took_part();
+        // A node that knows its cluster's name says so even without a copy: the cluster exists
+        // (its `__meta` may have moved to other nodes), and no configured voter may start one.
+        let initialized =
+            self.metadata().applied_offset > 0 || self.meta_copy_took_part() || self.known_cluster().is_some();
         let mut may_open_blank = None;
         if self.leads_meta()
             && let Ok(_turn) = self.controller_turn().await
@@ -815,6 +826,11 @@ impl Inner {
             may_open_blank = Some(this_dir_or_unknown && !named_elsewhere);
         }
         pb::MetaCopyResponse { initialized, may_open_blank }
+    }
+
+    /// The cluster this node's data dir belongs to, once it has seen it named.
+    fn known_cluster(&self) -> Option<String> {
+        self.identity.lock().unwrap_or_else(|e| e.into_inner()).cluster_id.clone()
     }
 
     /// Whether this node's copy of `__meta` shows that the group has done anything a lost copy
