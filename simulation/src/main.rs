@@ -73,6 +73,8 @@ enum WorkloadArg {
     BrokerQuiescentWritesDoNotWake,
     /// The negative control: moves reported finished before the new replicas caught up.
     BrokerMoveFinishedEarly,
+    /// The negative control: AppendEntries batch answers handed to the wrong groups.
+    BrokerBatchAnswersMisrouted,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -113,6 +115,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerQuiescentWritesDoNotWake => Workload::BrokerQuiescentWritesDoNotWake,
         WorkloadArg::BrokerNodeFlushWrongFilesystem => Workload::BrokerNodeFlushWrongFilesystem,
         WorkloadArg::BrokerMoveFinishedEarly => Workload::BrokerMoveFinishedEarly,
+        WorkloadArg::BrokerBatchAnswersMisrouted => Workload::BrokerBatchAnswersMisrouted,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

@@ -153,6 +153,8 @@ struct PeersInner {
     /// AppendEntries batches sent, and the requests in them.
     batches: std::sync::atomic::AtomicU64,
     batched: std::sync::atomic::AtomicU64,
+    /// A negative control's bug ([`crate::Faults::batch_answers_misrouted`]).
+    answers_misrouted: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,8 +173,14 @@ impl Peers {
                 throttle,
                 batches: std::sync::atomic::AtomicU64::new(0),
                 batched: std::sync::atomic::AtomicU64::new(0),
+                answers_misrouted: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Injects the misrouted-answers bug: for a negative control only.
+    pub(crate) fn set_answers_misrouted(&self, on: bool) {
+        self.inner.answers_misrouted.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The catch-up throttle of this node's outgoing log.
@@ -526,8 +534,13 @@ impl Peers {
                 Err(status) => return Err(BatchFailed::Transport(status)),
             };
             self.answered(target);
+            let misrouted = self.inner.answers_misrouted.load(std::sync::atomic::Ordering::Relaxed);
             for item in message.items {
-                let Some(answer) = waiting.get_mut(item.index as usize).and_then(Option::take) else {
+                let index = match misrouted {
+                    true => (item.index as usize + 1) % waiting.len(),
+                    false => item.index as usize,
+                };
+                let Some(answer) = waiting.get_mut(index).and_then(Option::take) else {
                     warn!(target, index = item.index, "a batch answer for no request, or a second one; ignored");
                     continue;
                 };
