@@ -491,8 +491,9 @@ impl Inner {
         })
     }
 
-    /// The metadata's voters and where to reach them (not this node): the recorded ones, and the
-    /// configured ones (a node whose metadata is empty or behind knows only those).
+    /// The metadata's voters and where to reach them (not this node): the recorded ones, the
+    /// configured ones, and where this data dir last saw `__meta` (a node whose metadata is empty
+    /// or behind knows only the last two).
     pub(crate) fn meta_voter_addrs(&self) -> Vec<(NodeId, String)> {
         let mut voters: BTreeMap<NodeId, String> = BTreeMap::new();
         if let Some(c) = &self.metadata().controller {
@@ -503,6 +504,9 @@ impl Inner {
             }
         }
         for (id, addr) in &self.config.voters {
+            voters.entry(*id).or_insert_with(|| addr.clone());
+        }
+        for (id, addr) in &self.identity.lock().unwrap_or_else(|e| e.into_inner()).meta_hosts {
             voters.entry(*id).or_insert_with(|| addr.clone());
         }
         voters.remove(&self.config.node_id);
@@ -597,6 +601,7 @@ impl Inner {
         }
         if next.applied_offset != before {
             self.check_cluster_id(&next);
+            self.remember_meta_hosts(&next);
             self.meta.send_replace(Arc::new(next));
         }
     }
@@ -623,6 +628,29 @@ impl Inner {
                     self.fail(reason);
                 }
             }
+        }
+    }
+
+    /// A data dir remembers where `__meta` lives (stored only when that changes): after a move
+    /// took it off the configured voters, a node restarted without a copy asks there, where
+    /// otherwise it would only ask configured voters that hold none (broker sim seed 27: a power
+    /// cut of every node after such a move left the cluster without metadata).
+    fn remember_meta_hosts(&self, meta: &Metadata) {
+        let Some(controller) = &meta.controller else { return };
+        let hosts: BTreeMap<NodeId, String> = controller
+            .hosts()
+            .filter_map(|n| {
+                let addr = meta.nodes.get(&n).and_then(|node| node.peer_addr.clone());
+                addr.or_else(|| self.config.voters.get(&n).cloned()).map(|a| (n, a))
+            })
+            .collect();
+        let mut identity = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts.is_empty() || identity.meta_hosts == hosts {
+            return;
+        }
+        identity.meta_hosts = hosts;
+        if let Err(e) = identity.store(&*self.disk, &self.config.data_dir) {
+            warn!(error = %e, "recording where __meta lives failed; a restart looks at the configured voters");
         }
     }
 

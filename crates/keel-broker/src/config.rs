@@ -353,6 +353,11 @@ pub struct Identity {
     /// start, and the metadata adopts it at the next registration).
     #[serde(default)]
     pub node_key: Option<String>,
+    /// Where `__meta`'s copies were (peer addresses) when this node last saw them change: a
+    /// restarted node that holds no copy looks for the metadata there as well as at the
+    /// configured voters, which may no longer host it after a move.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta_hosts: BTreeMap<NodeId, String>,
 }
 
 const IDENTITY_FILE: &str = "keel.id";
@@ -400,7 +405,8 @@ pub fn claim_data_dir(
             Ok((identity, false))
         }
         None => {
-            let identity = Identity { node_id, cluster_id: None, node_key: Some(hex(new_key)) };
+            let identity =
+                Identity { node_id, cluster_id: None, node_key: Some(hex(new_key)), meta_hosts: BTreeMap::new() };
             identity.store(disk, data_dir)?;
             Ok((identity, true))
         }
