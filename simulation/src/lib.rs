@@ -73,9 +73,9 @@ pub enum Workload {
     /// The negative control: partition moves reported finished before the new replicas caught
     /// up, so the replicas moved off drop copies the new ones lack.
     BrokerMoveFinishedEarly,
-    /// The negative control: the answers of an AppendEntries batch go to the wrong groups'
-    /// callers, so leaders count followers as holding entries they were never sent.
-    BrokerBatchAnswersMisrouted,
+    /// The negative control: every answer of an AppendEntries batch is read as a success, so
+    /// leaders count followers as holding entries they refused.
+    BrokerBatchFailuresReadAsSuccess,
     /// A partition leader cut off one way (its messages to its followers dropped): produce must
     /// resume at a new leader within a bound.
     OneWayCut,
@@ -104,7 +104,7 @@ impl Workload {
             Workload::BrokerQuiescentWritesDoNotWake => "broker-quiescent-writes-do-not-wake",
             Workload::BrokerNodeFlushWrongFilesystem => "broker-node-flush-wrong-filesystem",
             Workload::BrokerMoveFinishedEarly => "broker-move-finished-early",
-            Workload::BrokerBatchAnswersMisrouted => "broker-batch-answers-misrouted",
+            Workload::BrokerBatchFailuresReadAsSuccess => "broker-batch-failures-read-as-success",
             Workload::OneWayCut => "one-way-cut",
         }
     }
@@ -296,9 +296,9 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
             };
             broker::run_broker(seed, config, trace).err()
         }
-        Workload::BrokerBatchAnswersMisrouted => {
+        Workload::BrokerBatchFailuresReadAsSuccess => {
             let config = broker::BrokerSim {
-                faults: keel_raft::Faults { batch_answers_misrouted: true, ..Default::default() },
+                faults: keel_raft::Faults { batch_failures_read_as_success: true, ..Default::default() },
                 crash_all_weight: 6,
                 safety: std::time::Duration::from_secs(40),
                 ..broker::BrokerSim::default()

@@ -73,8 +73,8 @@ enum WorkloadArg {
     BrokerQuiescentWritesDoNotWake,
     /// The negative control: moves reported finished before the new replicas caught up.
     BrokerMoveFinishedEarly,
-    /// The negative control: AppendEntries batch answers handed to the wrong groups.
-    BrokerBatchAnswersMisrouted,
+    /// The negative control: every AppendEntries batch answer read as a success.
+    BrokerBatchFailuresReadAsSuccess,
     /// A partition leader's messages to its followers dropped for 20 s: produce must resume.
     OneWayCut,
 }
@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<ExitCode> {
         WorkloadArg::BrokerQuiescentWritesDoNotWake => Workload::BrokerQuiescentWritesDoNotWake,
         WorkloadArg::BrokerNodeFlushWrongFilesystem => Workload::BrokerNodeFlushWrongFilesystem,
         WorkloadArg::BrokerMoveFinishedEarly => Workload::BrokerMoveFinishedEarly,
-        WorkloadArg::BrokerBatchAnswersMisrouted => Workload::BrokerBatchAnswersMisrouted,
+        WorkloadArg::BrokerBatchFailuresReadAsSuccess => Workload::BrokerBatchFailuresReadAsSuccess,
         WorkloadArg::OneWayCut => Workload::OneWayCut,
     };
     let seeds = match (args.seed, &args.seeds) {

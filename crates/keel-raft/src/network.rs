@@ -153,8 +153,8 @@ struct PeersInner {
     /// AppendEntries batches sent, and the requests in them.
     batches: std::sync::atomic::AtomicU64,
     batched: std::sync::atomic::AtomicU64,
-    /// A negative control's bug ([`crate::Faults::batch_answers_misrouted`]).
-    answers_misrouted: std::sync::atomic::AtomicBool,
+    /// A negative control's bug ([`crate::Faults::batch_failures_read_as_success`]).
+    failures_read_as_success: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,14 +173,14 @@ impl Peers {
                 throttle,
                 batches: std::sync::atomic::AtomicU64::new(0),
                 batched: std::sync::atomic::AtomicU64::new(0),
-                answers_misrouted: std::sync::atomic::AtomicBool::new(false),
+                failures_read_as_success: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
 
-    /// Injects the misrouted-answers bug: for a negative control only.
-    pub(crate) fn set_answers_misrouted(&self, on: bool) {
-        self.inner.answers_misrouted.store(on, std::sync::atomic::Ordering::Relaxed);
+    /// Injects the misread-answers bug: for a negative control only.
+    pub(crate) fn set_failures_read_as_success(&self, on: bool) {
+        self.inner.failures_read_as_success.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The catch-up throttle of this node's outgoing log.
@@ -534,19 +534,19 @@ impl Peers {
                 Err(status) => return Err(BatchFailed::Transport(status)),
             };
             self.answered(target);
-            let misrouted = self.inner.answers_misrouted.load(std::sync::atomic::Ordering::Relaxed);
+            let misread = self.inner.failures_read_as_success.load(std::sync::atomic::Ordering::Relaxed);
             for item in message.items {
-                let index = match misrouted {
-                    true => (item.index as usize + 1) % waiting.len(),
-                    false => item.index as usize,
-                };
-                let Some(answer) = waiting.get_mut(index).and_then(Option::take) else {
+                let Some(answer) = waiting.get_mut(item.index as usize).and_then(Option::take) else {
                     warn!(target, index = item.index, "a batch answer for no request, or a second one; ignored");
                     continue;
                 };
                 left -= 1;
                 use pb::append_entries_batch_item::Outcome;
                 let _ = answer.send(match item.outcome {
+                    _ if misread => {
+                        let success = pb::append_entries_response::Result::Success(Default::default());
+                        Answer::Response(pb::AppendEntriesResponse { result: Some(success) })
+                    }
                     Some(Outcome::Response(response)) => Answer::Response(response),
                     Some(Outcome::Error(e)) => Answer::Refused(Status::new(tonic::Code::from(e.code), e.message)),
                     None => Answer::Refused(Status::internal("a batch answer without an outcome")),

@@ -311,7 +311,7 @@ impl RaftNode {
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
         self.quiescence.set_faults(faults.quiesce);
-        self.peers.set_answers_misrouted(faults.batch_answers_misrouted);
+        self.peers.set_failures_read_as_success(faults.batch_failures_read_as_success);
     }
 
     /// Sets the bounds of the producer tables of groups opened from now on: the cluster's

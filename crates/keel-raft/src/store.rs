@@ -74,9 +74,9 @@ pub struct Faults {
     /// of another file system than the partitions' would: their waiters complete, their bytes
     /// stay volatile.
     pub node_flush_wrong_filesystem: bool,
-    /// The answers of an AppendEntries batch go to the wrong groups' callers (each to the next
-    /// request's): a leader counts a follower as holding entries it was never sent.
-    pub batch_answers_misrouted: bool,
+    /// Every answer of an AppendEntries batch is read as a success (a demultiplexer that mixes
+    /// answers up): leaders count followers as holding entries they refused.
+    pub batch_failures_read_as_success: bool,
     /// Quiescence bugs ([`crate::quiesce::QuiesceFaults`]).
     pub quiesce: crate::quiesce::QuiesceFaults,
 }

@@ -231,6 +231,19 @@ fn a_node_wide_flush_of_the_wrong_filesystem_is_caught() {
     }
 }
 
+/// The AppendEntries of many groups travel in batches; the crash checks must see a batch whose
+/// answers are mixed up: read as successes, they let leaders count followers that refused
+/// entries (a conflict, a higher vote) and commit without a quorum's copies. Seeds 0 and 1 are
+/// caught that way; others trip openraft's own assertions first (seed 2 takes the simulated
+/// runtime down with it, so it is not run here).
+#[test]
+fn batch_answers_read_as_successes_are_caught() {
+    for seed in [0u64, 1] {
+        let violation = run(Workload::BrokerBatchFailuresReadAsSuccess, seed).violation.unwrap_or_default();
+        assert!(violation.contains("without a durable quorum"), "seed {seed}: {violation:?}");
+    }
+}
+
 /// Partition moves (five-node seeds): a move reported finished as soon as the new replicas are
 /// added, before they caught up and became voters, lets the replicas moved off drop copies the
 /// new ones lack; the checker finds acknowledged writes that no replica holds (seeds 11, 19
