@@ -108,6 +108,8 @@ struct Peer {
     queue: Vec<Queued>,
     /// Whether a task that sends the queue is on its way.
     scheduled: bool,
+    /// Batches sent to this peer whose answers are not all in.
+    batches_out: usize,
     /// The peer answered a batch with UNIMPLEMENTED (a node of an older version, during a
     /// rolling upgrade): one RPC per request until the connection is dialled again.
     no_batches: bool,
@@ -199,6 +201,7 @@ impl Peers {
             answered: None,
             queue: Vec::new(),
             scheduled: false,
+            batches_out: 0,
             no_batches: false,
         });
         if peer.addr != addr {
@@ -400,7 +403,10 @@ impl Peers {
                 Some(peer) if !peer.no_batches => {
                     peer.queue.push(Queued { request, bytes, answer });
                     if !std::mem::replace(&mut peer.scheduled, true) {
-                        tokio::spawn(send_batches(self.clone(), target));
+                        // With nothing on its way to the peer the request goes at once (a lone
+                        // write pays no extra hop); otherwise others may join it first.
+                        let gather = peer.batches_out > 0;
+                        tokio::spawn(send_batches(self.clone(), target, gather));
                     }
                     None
                 }
@@ -463,10 +469,13 @@ impl Peers {
         }
         let rest = peer.queue.split_off(items);
         let batch = std::mem::replace(&mut peer.queue, rest);
+        if !batch.is_empty() {
+            peer.batches_out += 1;
+        }
         if peer.queue.is_empty() {
             peer.scheduled = false;
         } else {
-            tokio::spawn(send_batches(self.clone(), target));
+            tokio::spawn(send_batches(self.clone(), target, false));
         }
         batch
     }
@@ -577,14 +586,32 @@ fn answer_all(batch: Vec<Queued>, answer: impl Fn() -> Answer) {
     }
 }
 
-/// A sender of `target`'s AppendEntries queue. It first lets the tasks that are ready run (a
-/// spawned task would otherwise run next, in tokio's LIFO slot, and carry only the request that
-/// started it), so that the requests of every group replicating at this moment go together.
-async fn send_batches(peers: Peers, target: NodeId) {
-    tokio::task::yield_now().await;
+/// A sender of `target`'s AppendEntries queue. With `gather` (batches are already out to the
+/// peer) it first lets the tasks that are ready run (a spawned task would otherwise run next, in
+/// tokio's LIFO slot, and carry only the request that started it), so that the requests of every
+/// group replicating at this moment go together.
+async fn send_batches(peers: Peers, target: NodeId, gather: bool) {
+    if gather {
+        tokio::task::yield_now().await;
+    }
     let batch = peers.next_batch(target);
     if !batch.is_empty() {
+        let _out = BatchOut { peers: &peers, target };
         peers.send_batch(target, batch).await;
+    }
+}
+
+/// Counts a batch out to its peer until its last answer is in (or it is given up on).
+struct BatchOut<'a> {
+    peers: &'a Peers,
+    target: NodeId,
+}
+
+impl Drop for BatchOut<'_> {
+    fn drop(&mut self) {
+        if let Some(peer) = self.peers.lock().get_mut(&self.target) {
+            peer.batches_out = peer.batches_out.saturating_sub(1);
+        }
     }
 }
 
