@@ -477,10 +477,15 @@ mod tests {
         let (again, new) = claim_data_dir(&disk, dir, 3, &[9; 32]).unwrap();
         assert!(!new);
         assert_eq!(again.key_bytes(), vec![7; 32], "a restart must not change the key");
-        Identity { node_id: 3, cluster_id: Some("c".into()), node_key: None }.store(&disk, dir).unwrap();
+        // As a directory from before keys (and before `meta_hosts`) wrote it.
+        keel_storage::write_atomic(&disk, &dir.join(IDENTITY_FILE), br#"{"node_id":3,"cluster_id":"c"}"#).unwrap();
         let (upgraded, _) = claim_data_dir(&disk, dir, 3, &[9; 32]).unwrap();
         assert_eq!(upgraded.key_bytes(), vec![9; 32]);
         assert_eq!(upgraded.cluster_id.as_deref(), Some("c"));
+        assert!(upgraded.meta_hosts.is_empty());
+        let moved = Identity { meta_hosts: BTreeMap::from([(4, "10.0.0.4:9100".to_owned())]), ..upgraded };
+        moved.store(&disk, dir).unwrap();
+        assert_eq!(Identity::load(&disk, dir).unwrap(), Some(moved), "where __meta lives survives a restart");
         assert_ne!(node_key_hash(&[7; 32]), node_key_hash(&[9; 32]));
         assert_eq!(node_key_hash(&[]).len(), 64);
     }
