@@ -161,6 +161,7 @@ requests!(
     ReconciledRequest,
     MetaCopyRequest,
     AppendEntriesRequest,
+    AppendEntriesBatchRequest,
     VoteRequest,
     InstallSnapshotRequest,
     TransferLeaderRequest,
@@ -365,6 +366,19 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
             entries: vec![Bytes::from(vec![2u8; 70]), Bytes::new(), Bytes::from_static(b"entry")],
             leader_commit: log_id,
             target_generation: 2,
+        }),
+        enc(pb::AppendEntriesBatchRequest {
+            requests: vec![
+                pb::AppendEntriesRequest {
+                    group_id: 9,
+                    vote,
+                    prev_log_id: log_id,
+                    entries: vec![Bytes::from_static(b"entry")],
+                    leader_commit: log_id,
+                    target_generation: 2,
+                },
+                pb::AppendEntriesRequest { group_id: 10, vote, ..Default::default() },
+            ],
         }),
         enc(pb::VoteRequest {
             group_id: 9,

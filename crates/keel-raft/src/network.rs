@@ -119,6 +119,8 @@ struct Peer {
 struct Queued {
     request: pb::AppendEntriesRequest,
     bytes: usize,
+    /// What the peer's bounded decoder counts for it: its entries and nested messages.
+    elements: usize,
     answer: tokio::sync::oneshot::Sender<Answer>,
 }
 
@@ -139,6 +141,12 @@ pub const APPEND_BATCH_ITEMS_MAX: usize = 4_096;
 const APPEND_BATCH_SEND_ITEMS: usize = 1_024;
 /// Most bytes of requests a node puts in one batch it sends (a larger request goes alone).
 const APPEND_BATCH_SEND_BYTES: usize = crate::store::APPEND_ENTRIES_BYTES_MAX;
+/// Most elements (entries and nested messages) in one batch a node sends: half of what the
+/// peer's bounded decoder takes in one request (a batch of 1,024 requests of 300 entries each
+/// would be refused whole).
+const APPEND_BATCH_SEND_ELEMENTS: usize = keel_proto::bounded::REQUEST_ELEMENTS_MAX / 2;
+/// Nested messages of one AppendEntries besides its entries (itself, vote, log ids), rounded up.
+const APPEND_ELEMENTS_PER_REQUEST: usize = 8;
 
 /// This node's connections to its peers, shared by every raft group on the node.
 #[derive(Clone)]
@@ -401,7 +409,8 @@ impl Peers {
             let mut peers = self.lock();
             match peers.get_mut(&target) {
                 Some(peer) if !peer.no_batches => {
-                    peer.queue.push(Queued { request, bytes, answer });
+                    let elements = request.entries.len() + APPEND_ELEMENTS_PER_REQUEST;
+                    peer.queue.push(Queued { request, bytes, elements, answer });
                     if !std::mem::replace(&mut peer.scheduled, true) {
                         // With nothing on its way to the peer the request goes at once (a lone
                         // write pays no extra hop); otherwise others may join it first.
@@ -459,13 +468,17 @@ impl Peers {
     fn next_batch(&self, target: NodeId) -> Vec<Queued> {
         let mut peers = self.lock();
         let Some(peer) = peers.get_mut(&target) else { return Vec::new() };
-        let (mut items, mut bytes) = (0, 0);
+        let (mut items, mut bytes, mut elements) = (0, 0, 0);
         for queued in &peer.queue {
-            if items > 0 && (items == APPEND_BATCH_SEND_ITEMS || bytes + queued.bytes > APPEND_BATCH_SEND_BYTES) {
+            let full = items == APPEND_BATCH_SEND_ITEMS
+                || bytes + queued.bytes > APPEND_BATCH_SEND_BYTES
+                || elements + queued.elements > APPEND_BATCH_SEND_ELEMENTS;
+            if items > 0 && full {
                 break;
             }
             items += 1;
             bytes += queued.bytes;
+            elements += queued.elements;
         }
         let rest = peer.queue.split_off(items);
         let batch = std::mem::replace(&mut peer.queue, rest);
