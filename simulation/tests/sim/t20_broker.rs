@@ -74,10 +74,11 @@ fn broker_seeds_pass_and_replay() {
 /// seed of 0..16 is caught; some report another symptom of the same bug first (since dormant
 /// replicas, seed 0 a producer id held twice), so the pinned seeds are ones whose first symptom
 /// is a lost write, and three-node ones (every fourth seed runs five nodes, whose histories
-/// change whenever partition moves do).
+/// change whenever partition moves do); seed 1 reports a retry-state symptom first since
+/// AppendEntries batching.
 #[test]
 fn ack_before_flush_loses_writes() {
-    for seed in [1u64, 2, 4] {
+    for seed in [2u64, 4, 5] {
         let report = run(Workload::BrokerAckBeforeFlush, seed);
         let violation = report.violation.unwrap_or_default();
         assert!(violation.contains("lost write"), "seed {seed}: expected lost writes, got {violation:?}");
@@ -150,7 +151,8 @@ fn a_successor_sharing_its_predecessors_epoch_is_caught() {
 /// (0, 1 and 4 send no repeated publish; 3 runs five nodes, whose histories change with moves).
 #[test]
 fn dead_letters_published_without_their_stamp_are_caught() {
-    for seed in [5u64, 6] {
+    // Re-pinned when AppendEntries batching changed the timings (6 stopped writing a duplicate).
+    for seed in [4u64, 5] {
         let violation = run(Workload::BrokerDeadLetterUnstamped, seed).violation.unwrap_or_default();
         // The same fault unstamps fired delayed records: either duplicate is the bug caught.
         let caught = violation.contains("dead letter published twice") || violation.contains("delivered twice");
@@ -233,12 +235,12 @@ fn a_node_wide_flush_of_the_wrong_filesystem_is_caught() {
 
 /// The AppendEntries of many groups travel in batches; the crash checks must see a batch whose
 /// answers are mixed up: read as successes, they let leaders count followers that refused
-/// entries (a conflict, a higher vote) and commit without a quorum's copies. Seeds 0 and 1 are
-/// caught that way; others trip openraft's own assertions first (seed 2 takes the simulated
-/// runtime down with it, so it is not run here).
+/// entries (a conflict, a higher vote) and commit without a quorum's copies. Seed 0 is caught
+/// that way; seeds 1 to 3 trip openraft's own assertions first, whose panic then aborts the
+/// process while turmoil's runtime unwinds, so they cannot run in this binary.
 #[test]
 fn batch_answers_read_as_successes_are_caught() {
-    for seed in [0u64, 1] {
+    for seed in [0u64] {
         let violation = run(Workload::BrokerBatchFailuresReadAsSuccess, seed).violation.unwrap_or_default();
         assert!(violation.contains("without a durable quorum"), "seed {seed}: {violation:?}");
     }
