@@ -3,7 +3,9 @@
 //! `Record`s (2 bytes each on the wire, ~100 bytes each in memory) would take ~800 MiB. A request
 //! is therefore walked first, against the schema in [`crate::FILE_DESCRIPTOR_SET`], counting the
 //! elements prost would allocate, and refused above [`REQUEST_ELEMENTS_MAX`] before any
-//! allocation. Responses are not bounded: a client decodes what the node it chose sends.
+//! allocation. So are the answers of the `Raft` service, which nodes decode from each other (a
+//! batch answer repeats an item per group). Other responses are not bounded: a client decodes
+//! what the node it chose sends, and a fetch may rightly hold more records than a request may.
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -20,6 +22,9 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 /// ~10 MiB more than its size. Larger batches of records travel pre-encoded (`batch`), which
 /// decodes without a struct per record.
 pub const REQUEST_ELEMENTS_MAX: usize = 100_000;
+
+/// The service nodes speak to each other: its answers are bounded like requests.
+const PEER_SERVICE: &str = "Raft";
 
 /// How deep messages may nest (prost's own recursion limit).
 const DEPTH_MAX: u32 = 100;
@@ -75,8 +80,9 @@ struct Field {
 #[derive(Debug, Default)]
 struct Schema {
     by_name: HashMap<String, usize>,
-    /// Names of the messages servers decode: the input types of every service method.
-    requests: HashSet<String>,
+    /// Names of the messages decoded bounded: the input types of every service method, and the
+    /// output types of the peer-to-peer `Raft` service.
+    bounded: HashSet<String>,
     messages: Vec<HashMap<u32, Field>>,
 }
 
@@ -101,8 +107,13 @@ fn schema() -> &'static Schema {
                 pending.push(message);
             }
         }
-        for method in set.file.iter().flat_map(|f| &f.service).flat_map(|s| &s.method) {
-            schema.requests.insert(method.input_type().trim_start_matches('.').to_owned());
+        for service in set.file.iter().flat_map(|f| &f.service) {
+            for method in &service.method {
+                schema.bounded.insert(method.input_type().trim_start_matches('.').to_owned());
+                if service.name() == PEER_SERVICE {
+                    schema.bounded.insert(method.output_type().trim_start_matches('.').to_owned());
+                }
+            }
         }
         for (index, message) in pending.iter().enumerate() {
             for descriptor in &message.field {
@@ -250,9 +261,10 @@ pub fn check(full_name: &str, buf: &[u8], max: usize) -> Result<usize, BoundsErr
     Ok(walk.elements)
 }
 
-/// Whether servers decode `full_name` (the input of some service method), so it is bounded.
-pub fn is_request(full_name: &str) -> bool {
-    schema().requests.contains(full_name)
+/// Whether `full_name` is decoded bounded: a request of any service, or an answer one node sends
+/// another.
+pub fn is_bounded(full_name: &str) -> bool {
+    schema().bounded.contains(full_name)
 }
 
 /// Decodes a request after [`check`] with [`REQUEST_ELEMENTS_MAX`].
@@ -290,7 +302,8 @@ where
     }
 }
 
-/// Decodes `U`, bounding requests (see [`is_request`]) by [`REQUEST_ELEMENTS_MAX`] first.
+/// Decodes `U`, bounding requests and peer answers (see [`is_bounded`]) by
+/// [`REQUEST_ELEMENTS_MAX`] first.
 #[derive(Debug, Clone, Copy)]
 pub struct BoundedDecoder<U>(PhantomData<U>);
 
@@ -300,7 +313,7 @@ impl<U: Message + Default + Name> Decoder for BoundedDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         let name = U::full_name();
-        if is_request(&name) {
+        if is_bounded(&name) {
             // tonic hands over one contiguous message; if it ever did not, copy it once.
             if buf.chunk().len() == buf.remaining() {
                 check(&name, buf.chunk(), REQUEST_ELEMENTS_MAX)?;
@@ -345,9 +358,11 @@ mod tests {
             "keel.v1.AppendEntriesRequest",
             "keel.v1.RegisterNodeRequest",
         ] {
-            assert!(is_request(name), "{name}");
+            assert!(is_bounded(name), "{name}");
         }
-        assert!(!is_request("keel.v1.FetchResponse"), "responses come from a node the client chose");
+        assert!(!is_bounded("keel.v1.FetchResponse"), "responses come from a node the client chose");
+        assert!(is_bounded("keel.v1.AppendEntriesBatchResponse"), "nodes decode each other's raft answers");
+        assert!(is_bounded("keel.v1.VoteResponse"));
         assert_eq!(pb::ProduceRequest::full_name(), "keel.v1.ProduceRequest");
     }
 

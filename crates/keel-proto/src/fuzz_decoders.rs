@@ -63,7 +63,7 @@ const REFUSED_BOUND: AllocBound = AllocBound { bytes_per_input_byte: 0, bytes_fi
 
 fn check_request<M: Message + Default + Name + PartialEq + std::fmt::Debug>(buf: &[u8]) -> TestCaseResult {
     let name = M::full_name();
-    prop_assert!(bounded::is_request(&name), "{} is not a request the codec bounds", name);
+    prop_assert!(bounded::is_bounded(&name), "{} is not a request the codec bounds", name);
     // The schema is built on first use: build it before measuring.
     let elements = bounded::check(&name, buf, usize::MAX);
     let (decoded, peak) = measure(|| bounded::decode::<M>(buf));

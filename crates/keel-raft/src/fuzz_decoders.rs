@@ -1,10 +1,11 @@
 //! Fuzz targets for what a raft node decodes from its peers and its own files: each raft request
-//! (AppendEntries, Vote and PreVote, InstallSnapshot, TransferLeader) through the bounded decode
-//! and the conversions its handler runs (`convert::*_from_pb`, the entries' batches and their
-//! membership payloads, the snapshot data); the TransferLeader answer a peer sends back; the vote
-//! file (`convert::decode_vote`), the purge mark (a `LogId`) and the snapshot file
-//! (`PartitionState::decode_snapshot`). Each must not panic, must fail with a typed error, and must
-//! not allocate more than its wire bytes and its element count justify.
+//! (AppendEntries alone and in a batch, Vote and PreVote, InstallSnapshot, TransferLeader) through
+//! the bounded decode and the conversions its handler runs (`convert::*_from_pb`, the entries'
+//! batches and their membership payloads, the snapshot data); the TransferLeader and
+//! AppendEntries-batch answers a peer sends back; the vote file (`convert::decode_vote`), the purge
+//! mark (a `LogId`) and the snapshot file (`PartitionState::decode_snapshot`). Each must not panic,
+//! must fail with a typed error, and must not allocate more than its wire bytes and its element
+//! count justify.
 //!
 //! CI runs 8,000 to 16,000 cases per target, about 2 s for this file in the debug profile (the
 //! fuzz files of all crates together stay near 12 s, well inside CI's share of one minute). A
@@ -57,11 +58,17 @@ fn check_within<T>(what: &str, name: &str, buf: &[u8], decode: impl FnOnce() -> 
 fn serve(name: &str, buf: &[u8]) -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     if name == pb::AppendEntriesRequest::full_name() {
-        let r = bounded::decode::<pb::AppendEntriesRequest>(buf).map_err(|x| e(&x))?;
-        convert::vote_from_pb(r.vote.as_ref()).map_err(|x| e(&x))?;
-        let _ = r.prev_log_id.as_ref().map(convert::log_id_from_pb);
-        let _ = r.leader_commit.as_ref().map(convert::log_id_from_pb);
-        convert::entries_from_pb(r.entries).map_err(|x| e(&x))?;
+        append_one(bounded::decode::<pb::AppendEntriesRequest>(buf).map_err(|x| e(&x))?)?;
+    } else if name == pb::AppendEntriesBatchRequest::full_name() {
+        let r = bounded::decode::<pb::AppendEntriesBatchRequest>(buf).map_err(|x| e(&x))?;
+        if r.requests.len() > crate::network::APPEND_BATCH_ITEMS_MAX {
+            return Err(format!("{} requests in one batch", r.requests.len()));
+        }
+        // Each item is answered on its own: one refused item does not stop the others.
+        let refused: Vec<String> = r.requests.into_iter().filter_map(|item| append_one(item).err()).collect();
+        if !refused.is_empty() {
+            return Err(refused.join("; "));
+        }
     } else if name == pb::VoteRequest::full_name() {
         let r = bounded::decode::<pb::VoteRequest>(buf).map_err(|x| e(&x))?;
         convert::vote_from_pb(r.vote.as_ref()).map_err(|x| e(&x))?;
@@ -81,6 +88,21 @@ fn serve(name: &str, buf: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// What the AppendEntries handler converts of one group's request, alone or inside a batch.
+fn append_one(r: pb::AppendEntriesRequest) -> Result<(), String> {
+    convert::vote_from_pb(r.vote.as_ref()).map_err(|x| x.to_string())?;
+    let _ = r.prev_log_id.as_ref().map(convert::log_id_from_pb);
+    let _ = r.leader_commit.as_ref().map(convert::log_id_from_pb);
+    convert::entries_from_pb(r.entries).map_err(|x| x.to_string())?;
+    Ok(())
+}
+
+/// Elements inside the membership payloads of a request's entries, which the walk of the
+/// request sees only as bytes.
+fn entry_elements(r: &pb::AppendEntriesRequest) -> usize {
+    r.entries.iter().map(|b| elements(&pb::Membership::full_name(), b.get(HEADER_AND_TAG..).unwrap_or(&[]))).sum()
+}
+
 fn check_request(name: &str, buf: &[u8]) -> TestCaseResult {
     // The request's own elements, plus those inside its entries and snapshot data, which the
     // walk of the request sees only as bytes.
@@ -88,11 +110,12 @@ fn check_request(name: &str, buf: &[u8]) -> TestCaseResult {
     if let Ok(r) = pb::AppendEntriesRequest::decode(buf)
         && name == pb::AppendEntriesRequest::full_name()
     {
-        n += r
-            .entries
-            .iter()
-            .map(|b| elements(&pb::Membership::full_name(), b.get(HEADER_AND_TAG..).unwrap_or(&[])))
-            .sum::<usize>();
+        n += entry_elements(&r);
+    }
+    if let Ok(r) = pb::AppendEntriesBatchRequest::decode(buf)
+        && name == pb::AppendEntriesBatchRequest::full_name()
+    {
+        n += r.requests.iter().map(entry_elements).sum::<usize>();
     }
     if let Ok(r) = pb::InstallSnapshotRequest::decode(buf)
         && name == pb::InstallSnapshotRequest::full_name()
@@ -151,21 +174,24 @@ fn request_seeds() -> Vec<(String, Vec<u8>)> {
     let id = Some(pb::LogId { term: 4, index: 16 });
     let meta = convert::snapshot_meta_to_pb(&PartitionState::decode_snapshot(&snapshot()).unwrap().snapshot_meta());
     let enc = |name: String, m: &dyn Fn() -> Vec<u8>| (name, m());
+    let append = |group_id| pb::AppendEntriesRequest {
+        group_id,
+        vote,
+        prev_log_id: id,
+        entries: vec![
+            Bytes::from(membership_entry()),
+            Bytes::from(data_entry()),
+            keel_record::raft_entry(&[0], 4, 19, 101).unwrap(),
+        ],
+        leader_commit: id,
+        target_generation: 1,
+    };
     vec![
-        enc(pb::AppendEntriesRequest::full_name(), &|| {
-            pb::AppendEntriesRequest {
-                group_id: 3,
-                vote,
-                prev_log_id: id,
-                entries: vec![
-                    Bytes::from(membership_entry()),
-                    Bytes::from(data_entry()),
-                    keel_record::raft_entry(&[0], 4, 19, 101).unwrap(),
-                ],
-                leader_commit: id,
-                target_generation: 1,
-            }
-            .encode_to_vec()
+        enc(pb::AppendEntriesRequest::full_name(), &|| append(3).encode_to_vec()),
+        enc(pb::AppendEntriesBatchRequest::full_name(), &|| {
+            // A heartbeat (no entries) beside two groups' entries, as a batch carries them.
+            let heartbeat = pb::AppendEntriesRequest { entries: vec![], ..append(5) };
+            pb::AppendEntriesBatchRequest { requests: vec![append(3), heartbeat, append(4)] }.encode_to_vec()
         }),
         enc(pb::VoteRequest::full_name(), &|| {
             pb::VoteRequest { group_id: 3, vote, last_log_id: id, leadership_transfer: false, target_generation: 2 }
@@ -236,11 +262,30 @@ fn check_small_files(bytes: &[u8]) -> TestCaseResult {
         prop_assert_eq!(convert::decode_vote(&convert::encode_vote(&v)).ok(), Some(v));
     }
     check_within("purge mark", &pb::LogId::full_name(), bytes, || pb::LogId::decode(bytes))?.ok();
+    // Peer answers go through the bounded codec, like requests.
     let answer = check_within("transfer-leader answer", &pb::TransferLeaderResponse::full_name(), bytes, || {
-        pb::TransferLeaderResponse::decode(bytes).map(convert::transfer_leader_response_from_pb)
+        bounded::decode::<pb::TransferLeaderResponse>(bytes).map(convert::transfer_leader_response_from_pb)
     })?;
     drop(answer);
+    let batch = check_within("batch answer", &pb::AppendEntriesBatchResponse::full_name(), bytes, || {
+        bounded::decode::<pb::AppendEntriesBatchResponse>(bytes)
+    })?;
+    drop(batch);
     Ok(())
+}
+
+fn batch_answer() -> Vec<u8> {
+    use pb::append_entries_batch_item::Outcome;
+    use pb::append_entries_response::{Conflict, Result as R};
+    let conflict = pb::AppendEntriesResponse { result: Some(R::Conflict(Conflict {})) };
+    let refused = pb::RpcError { code: tonic::Code::Unavailable as i32, message: "group 4 is not here".into() };
+    pb::AppendEntriesBatchResponse {
+        items: vec![
+            pb::AppendEntriesBatchItem { index: 0, outcome: Some(Outcome::Response(conflict)) },
+            pb::AppendEntriesBatchItem { index: 2, outcome: Some(Outcome::Error(refused)) },
+        ],
+    }
+    .encode_to_vec()
 }
 
 proptest! {
@@ -284,7 +329,7 @@ proptest! {
     }
 
     #[test]
-    fn fuzz_vote_purge_mark_and_transfer_answer(input in prop_oneof![
+    fn fuzz_vote_purge_mark_and_peer_answers(input in prop_oneof![
         arbitrary_bytes(64),
         mutations().prop_map(|m| mutate(&convert::encode_vote(&convert::vote_from_pb(Some(&pb::Vote { term: 9, node_id: 3, committed: true })).unwrap()), &m)),
         mutations().prop_map(|m| mutate(&pb::TransferLeaderResponse {
@@ -293,6 +338,7 @@ proptest! {
                 actual: None,
             })),
         }.encode_to_vec(), &m)),
+        mutations().prop_map(|m| mutate(&batch_answer(), &m)),
     ]) {
         check_small_files(&input)?;
     }
@@ -352,4 +398,21 @@ fn a_snapshot_of_many_empty_producers_stays_within_the_bound() {
     let state = state.unwrap();
     assert_eq!(state.producers.len(), 6, "empty producers are all producer 0");
     assert!(peak <= raft_bound(0).limit(bytes.len()), "{peak} bytes allocated for a {}-byte snapshot", bytes.len());
+}
+
+/// Regression (fuzz finding, when the batch answer joined the harness): peers' answers were
+/// decoded by prost with no bound, so a batch answer of empty items (2 bytes each on the wire)
+/// with a malformed byte at its end allocated every item before prost refused it — up to
+/// gigabytes for an answer at the RPC size limit. The `Raft` service's answers are now walked
+/// first, like requests.
+#[test]
+fn a_batch_answer_of_many_empty_items_is_refused_before_it_is_allocated() {
+    let answer = [&[0x0a, 0][..].repeat(REQUEST_ELEMENTS_MAX + 1), &[0x0f][..]].concat();
+    elements(&pb::Membership::full_name(), &[]);
+    let (decoded, peak) = measure(|| bounded::decode::<pb::AppendEntriesBatchResponse>(&answer));
+    assert!(decoded.is_err());
+    assert!(peak <= raft_bound(0).bytes_fixed, "{peak} bytes allocated before a malformed answer was refused");
+    // Unbounded, the same answer costs far more than its wire bytes: what the walk prevents.
+    let (_, unbounded) = measure(|| pb::AppendEntriesBatchResponse::decode(&answer[..]));
+    assert!(unbounded > 10 * answer.len(), "{unbounded} bytes for {} wire bytes", answer.len());
 }

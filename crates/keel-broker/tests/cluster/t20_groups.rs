@@ -294,7 +294,13 @@ async fn compact_and_replay(faults: keel_broker::CoordinatorFaults) -> Vec<Strin
     c.heartbeat(pb::HeartbeatRequest { member_epoch: -1, ..join(&old, "o", &["events"]) }).await.unwrap();
 
     let (_, mut c) = coordinator(&cluster, "busy").await;
-    let a = c.heartbeat(join("busy", "a", &["events"])).await.unwrap().into_inner();
+    // The member only commits from here on: a session longer than the 200 commits take on a
+    // loaded CI machine keeps it in the group without heartbeats (10 s was once too short).
+    let a = c
+        .heartbeat(pb::HeartbeatRequest { session_timeout_ms: 300_000, ..join("busy", "a", &["events"]) })
+        .await
+        .unwrap()
+        .into_inner();
     let metadata = "m".repeat(2_000);
     for i in 0..200u64 {
         let mut request = commit("busy", "a", a.member_epoch, "events", (i % 2) as u32, i / 10);
