@@ -51,6 +51,10 @@ pub struct ProduceBenchArgs {
     /// Largest batch the producer sends, in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     batch_bytes: usize,
+    /// Batches the producer keeps unacknowledged per partition (its `in_flight_max`); fewer
+    /// make records wait, and batch, while a partition's earlier batches are out.
+    #[arg(long, default_value_t = ProducerConfig::default().in_flight_max)]
+    batches_in_flight: usize,
     /// The producer's idempotence: on (the default), off, or both — one run each, off first,
     /// and the cost of idempotence as a ratio of their throughputs.
     #[arg(long, value_enum, default_value_t = Idempotence::On)]
@@ -168,6 +172,7 @@ async fn measure_produce(
         linger: Duration::from_millis(args.linger_ms.unwrap_or(if args.in_flight == 1 { 0 } else { 1 })),
         batch_bytes_max: args.batch_bytes,
         buffer_records_max: args.in_flight.max(1),
+        in_flight_max: args.batches_in_flight,
         idempotence,
         ..ProducerConfig::default()
     };
