@@ -235,6 +235,17 @@ pub fn run_watching(workload: Workload, seed: u64, tail_lines: usize, watch: &mu
     RunReport { seed, trace_hash: hasher.finish(), events, violation, tail: tail.into_iter().collect() }
 }
 
+/// The broker workload for a negative control: crashes of every node come often, so a short run
+/// is enough for the control's fault to lose writes.
+fn crash_heavy(faults: keel_raft::Faults) -> broker::BrokerSim {
+    broker::BrokerSim {
+        faults,
+        crash_all_weight: 6,
+        safety: std::time::Duration::from_secs(40),
+        ..broker::BrokerSim::default()
+    }
+}
+
 fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) -> Option<String> {
     match workload {
         Workload::Storage => keel_storage::testing::crash_workload(seed, trace).err(),
@@ -249,14 +260,8 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
         }
         Workload::Broker => broker::run_broker(seed, broker::BrokerSim::default(), trace).err(),
         Workload::BrokerAckBeforeFlush => {
-            let config = broker::BrokerSim {
-                faults: keel_raft::Faults { ack_before_flush: true, ..Default::default() },
-                crash_all_weight: 6,
-                // Crashes of every node come often: a short run is enough to lose writes.
-                safety: std::time::Duration::from_secs(40),
-                ..broker::BrokerSim::default()
-            };
-            broker::run_broker(seed, config, trace).err()
+            let faults = keel_raft::Faults { ack_before_flush: true, ..Default::default() };
+            broker::run_broker(seed, crash_heavy(faults), trace).err()
         }
         Workload::BrokerGroupAckBeforeCommit => {
             let config = broker::BrokerSim {
@@ -288,22 +293,12 @@ fn run_workload(workload: Workload, seed: u64, trace: &mut dyn FnMut(String)) ->
             broker::run_broker(seed, config, trace).err()
         }
         Workload::BrokerNodeFlushWrongFilesystem => {
-            let config = broker::BrokerSim {
-                faults: keel_raft::Faults { node_flush_wrong_filesystem: true, ..Default::default() },
-                crash_all_weight: 6,
-                safety: std::time::Duration::from_secs(40),
-                ..broker::BrokerSim::default()
-            };
-            broker::run_broker(seed, config, trace).err()
+            let faults = keel_raft::Faults { node_flush_wrong_filesystem: true, ..Default::default() };
+            broker::run_broker(seed, crash_heavy(faults), trace).err()
         }
         Workload::BrokerBatchFailuresReadAsSuccess => {
-            let config = broker::BrokerSim {
-                faults: keel_raft::Faults { batch_failures_read_as_success: true, ..Default::default() },
-                crash_all_weight: 6,
-                safety: std::time::Duration::from_secs(40),
-                ..broker::BrokerSim::default()
-            };
-            broker::run_broker(seed, config, trace).err()
+            let faults = keel_raft::Faults { batch_failures_read_as_success: true, ..Default::default() };
+            broker::run_broker(seed, crash_heavy(faults), trace).err()
         }
         Workload::BrokerQuiescentWritesDoNotWake => {
             let quiesce = keel_raft::QuiesceFaults { writes_do_not_wake: true };
