@@ -37,6 +37,21 @@ pub struct RaftTimings {
     pub quiesce: bool,
 }
 
+impl RaftTimings {
+    /// How recently a follower must have acknowledged replication for its heartbeat to be
+    /// skipped (openraft's `heartbeat_min_interval`): a busy group's AppendEntries already prove
+    /// the leader alive and renew its lease, so its heartbeats were a tenth of the peer traffic
+    /// of the 100-partition bench. Half a heartbeat interval, or 0 (every heartbeat sent) when
+    /// the election timeout leaves no room for the longer gap a skipped heartbeat allows
+    /// (openraft refuses a gap that reaches it: interval + min interval + one tick).
+    pub fn heartbeat_min_interval_ms(&self) -> u64 {
+        let min_interval = self.heartbeat_ms / 2;
+        let tick = self.heartbeat_ms * 13 / 64 + 1;
+        let gap = min_interval + self.heartbeat_ms + tick;
+        if gap < self.election_min_ms { min_interval } else { 0 }
+    }
+}
+
 impl Default for RaftTimings {
     fn default() -> RaftTimings {
         RaftTimings { heartbeat_ms: 500, election_min_ms: 1_500, election_max_ms: 3_000, quiesce: true }
@@ -346,6 +361,7 @@ impl RaftNode {
             // openraft names its spans by it: each group's logs say which group they are.
             cluster_name: format!("group-{group}"),
             heartbeat_interval: t.heartbeat_ms,
+            heartbeat_min_interval: Some(t.heartbeat_min_interval_ms()),
             election_timeout_min: t.election_min_ms,
             election_timeout_max: t.election_max_ms,
             enable_pre_vote: Some(true),
@@ -791,5 +807,37 @@ impl RaftNode {
         for store in stores.values() {
             store.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// openraft refuses a suppression gap that reaches the election timeout; every timing a
+    /// node may be configured with must still give a config it accepts.
+    #[test]
+    fn heartbeat_suppression_never_makes_openraft_refuse_the_timings() {
+        let mut suppressed = 0;
+        for heartbeat_ms in [1, 10, 50, 100, 250, 400, 500, 1_000] {
+            for election_min_ms in [heartbeat_ms + 1, heartbeat_ms * 2, heartbeat_ms * 3, 1_500, 10_000] {
+                let t =
+                    RaftTimings { heartbeat_ms, election_min_ms, election_max_ms: election_min_ms * 2, quiesce: true };
+                let min_interval = t.heartbeat_min_interval_ms();
+                suppressed += usize::from(min_interval > 0);
+                let config = Config {
+                    heartbeat_interval: t.heartbeat_ms,
+                    heartbeat_min_interval: Some(min_interval),
+                    election_timeout_min: t.election_min_ms,
+                    election_timeout_max: t.election_max_ms,
+                    ..Config::default()
+                };
+                assert!(config.validate().is_ok(), "{t:?} gave heartbeat_min_interval {min_interval}");
+            }
+        }
+        assert!(suppressed > 10, "suppression stays on where the timings allow it");
+        assert_eq!(RaftTimings::default().heartbeat_min_interval_ms(), 250);
+        let tight = RaftTimings { heartbeat_ms: 400, election_min_ms: 500, election_max_ms: 1_000, quiesce: true };
+        assert_eq!(tight.heartbeat_min_interval_ms(), 0, "no room: every heartbeat is sent");
     }
 }
